@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Set up a fresh Debian/Ubuntu machine for pylmserv development and its tests:
+# system tools (Nix as the hash oracle, compilers, ccache), the package with its test
+# extras, and the real llama.cpp source (inside llama-cpp-python's sdist) cached for the
+# end-to-end build test. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends \
+  nix-bin git unzip zstd ccache ninja-build cmake curl gcc g++ make >/dev/null
+python3 -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+python3 -m pip install -q -e '.[test]'
+cache="${PYLMSERV_TEST_CACHE:-$HOME/.cache/pylmserv-tests}"
+mkdir -p "$cache"
+ver=$(python3 -c 'from tests.support.llama_source import SDIST_VERSION; print(SDIST_VERSION)' 2>/dev/null || echo 0.3.36)
+if [ ! -f "$cache/llama_cpp_python-$ver.tar.gz" ]; then
+  python3 -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$ver" -d "$cache"
+fi
+echo "setup done"

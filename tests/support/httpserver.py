@@ -1,0 +1,77 @@
+"""A real HTTP server on 127.0.0.1 serving a directory, with Range and ETag support."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+
+class RangeHandler(SimpleHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+    def send_head(self):
+        path = self.translate_path(self.path)
+        if os.path.isdir(path) or not os.path.isfile(path):
+            return super().send_head()
+        f = open(path, "rb")
+        st = os.fstat(f.fileno())
+        size = st.st_size
+        etag = '"' + hashlib.sha1(f"{st.st_mtime_ns}-{size}".encode()).hexdigest()[:16] + '"'
+        start, end = 0, size - 1
+        rng = self.headers.get("Range")
+        if_range = self.headers.get("If-Range")
+        status = 200
+        if rng and rng.startswith("bytes=") and (if_range is None or if_range == etag):
+            a, _, b = rng[6:].partition("-")
+            start = int(a) if a else max(0, size - int(b))
+            end = min(int(b), size - 1) if (a and b) else size - 1
+            if start >= size:
+                f.close()
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{size}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return None
+            status = 206
+        self.send_response(status)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("ETag", etag)
+        self.send_header("Content-Length", str(end - start + 1))
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+        self.end_headers()
+        f.seek(start)
+        self._remaining = end - start + 1
+        return f
+
+    def copyfile(self, source, outputfile):
+        remaining = getattr(self, "_remaining", None)
+        if remaining is None:
+            return super().copyfile(source, outputfile)
+        while remaining > 0:
+            chunk = source.read(min(1 << 16, remaining))
+            if not chunk:
+                break
+            outputfile.write(chunk)
+            remaining -= len(chunk)
+
+
+@contextlib.contextmanager
+def serve_directory(root):
+    """Yield the base URL (http://127.0.0.1:PORT) of a server for `root`."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(RangeHandler, directory=str(root)))
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
