@@ -1,0 +1,239 @@
+"""archive.extract: real archives; `nix-prefetch-url --unpack` is the oracle for the tar policy."""
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from pylmserv.archive import detect_format, extract
+from pylmserv.errors import UsageError, VerificationError
+from pylmserv.hashing import Hash
+from pylmserv.nar import nar_hash
+
+
+# -- archive builders -----------------------------------------------------------------
+
+def _tar_bytes(members, fmt=tarfile.PAX_FORMAT) -> bytes:
+    """members: list of (name, kind, payload, mode); kind in file|dir|sym|hard|fifo."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for name, kind, payload, mode in members:
+            info = tarfile.TarInfo(name)
+            info.mode = mode
+            if kind == "file":
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+                continue
+            info.type = {"dir": tarfile.DIRTYPE, "sym": tarfile.SYMTYPE, "hard": tarfile.LNKTYPE,
+                         "fifo": tarfile.FIFOTYPE, "chr": tarfile.CHRTYPE}[kind]
+            if kind in ("sym", "hard"):
+                info.linkname = payload
+            tar.addfile(info)
+    return buf.getvalue()
+
+
+def write_tar(path: Path, members, compression: str = "gz") -> Path:
+    raw = _tar_bytes(members)
+    if compression == "gz":
+        import gzip
+        data = gzip.compress(raw)
+    elif compression == "xz":
+        import lzma
+        data = lzma.compress(raw)
+    elif compression == "bz2":
+        import bz2
+        data = bz2.compress(raw)
+    elif compression == "zst":
+        data = zstandard.ZstdCompressor().compress(raw)
+    else:
+        data = raw
+    path.write_bytes(data)
+    return path
+
+
+def write_zip(path: Path, members) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, kind, payload, mode in members:
+            info = zipfile.ZipInfo(name + ("/" if kind == "dir" and not name.endswith("/") else ""))
+            info.create_system = 3  # unix: external_attr carries st_mode
+            ftype = {"file": 0o100000, "dir": 0o040000, "sym": 0o120000}[kind]
+            info.external_attr = ((ftype | mode) << 16) | (0x10 if kind == "dir" else 0)
+            data = payload.encode() if isinstance(payload, str) else payload
+            zf.writestr(info, b"" if kind == "dir" else data)
+    return path
+
+
+RICH_TREE = [
+    ("pkg-1.0", "dir", None, 0o755),
+    ("pkg-1.0/README", "file", b"hello\n", 0o644),
+    ("pkg-1.0/run.sh", "file", b"#!/bin/sh\necho hi\n", 0o755),
+    ("pkg-1.0/group-exec-only", "file", b"x", 0o654),
+    ("pkg-1.0/empty", "file", b"", 0o644),
+    ("pkg-1.0/emptydir", "dir", None, 0o755),
+    ("pkg-1.0/sub/deep/file.txt", "file", b"deep\n" * 100, 0o600),
+    ("pkg-1.0/link-rel", "sym", "README", 0o777),
+    ("pkg-1.0/link-abs", "sym", "/etc/passwd", 0o777),
+    ("pkg-1.0/link-dangling", "sym", "nowhere/at/all", 0o777),
+    ("pkg-1.0/hard", "hard", "pkg-1.0/run.sh", 0o755),
+]
+MULTI_ROOT = [
+    ("a.txt", "file", b"a", 0o644),
+    ("bin", "dir", None, 0o755),
+    ("bin/tool", "file", b"\x7fELF", 0o755),
+]
+
+
+def nix_prefetch_unpack(path: Path) -> Hash:
+    out = subprocess.run(["nix-prefetch-url", "--unpack", "--type", "sha256", path.resolve().as_uri()],
+                         capture_output=True, text=True, timeout=120, check=True)
+    return Hash.parse(out.stdout.strip().splitlines()[-1], algo="sha256")
+
+
+# -- oracle tests -----------------------------------------------------------------------
+
+@pytest.mark.nix
+@pytest.mark.parametrize("compression", ["gz", "xz", "bz2", "zst"])
+def test_tar_single_root_matches_nix_prefetch_url(nix, tmp_path, compression):
+    archive = write_tar(tmp_path / f"pkg.tar.{compression}", RICH_TREE, compression)
+    out = extract(archive, tmp_path / "out", policy="tar", strip_single_root=True)
+    assert (out / "README").read_bytes() == b"hello\n"
+    assert os.readlink(out / "link-abs") == "/etc/passwd"
+    assert nar_hash(out) == nix_prefetch_unpack(archive)
+
+
+@pytest.mark.nix
+def test_tar_several_roots_not_stripped_matches_nix(nix, tmp_path):
+    archive = write_tar(tmp_path / "multi.tar.gz", MULTI_ROOT)
+    out = extract(archive, tmp_path / "out", policy="tar", strip_single_root=True)
+    assert sorted(os.listdir(out)) == ["a.txt", "bin"]
+    assert nar_hash(out) == nix_prefetch_unpack(archive)
+
+
+@pytest.mark.nix
+def test_tar_single_top_level_file_becomes_the_file(nix, tmp_path):
+    archive = write_tar(tmp_path / "one.tar.gz", [("only.bin", "file", b"payload", 0o755)])
+    out = extract(archive, tmp_path / "out", policy="tar", strip_single_root=True)
+    assert out.is_file() and out.read_bytes() == b"payload"
+    assert nar_hash(out) == nix_prefetch_unpack(archive)
+
+
+@pytest.mark.nix
+def test_tar_without_directory_entries_matches_nix(nix, tmp_path):
+    # GitHub tarballs always list directories; many hand-made ones do not.
+    members = [m for m in RICH_TREE if m[1] != "dir" or m[0].endswith("emptydir")]
+    archive = write_tar(tmp_path / "nodirs.tar.gz", members)
+    out = extract(archive, tmp_path / "out", policy="tar", strip_single_root=True)
+    assert nar_hash(out) == nix_prefetch_unpack(archive)
+
+
+@pytest.mark.nix
+@pytest.mark.parametrize("members", [RICH_TREE[:-1], MULTI_ROOT], ids=["single-root", "several-roots"])
+def test_zip_matches_nix_prefetch_url(nix, tmp_path, members):
+    archive = write_zip(tmp_path / "pkg.zip", members)
+    out = extract(archive, tmp_path / "out", policy="tar", strip_single_root=True)
+    assert nar_hash(out) == nix_prefetch_unpack(archive)
+
+
+def test_zip_keeps_exec_bits_and_symlinks(tmp_path):
+    archive = write_zip(tmp_path / "t.zip", [("d", "dir", None, 0o755), ("d/x", "file", "#!", 0o755),
+                                             ("d/y", "file", "y", 0o644), ("d/l", "sym", "y", 0o777)])
+    out = extract(archive, tmp_path / "out", policy="data")
+    assert os.stat(out / "d/x").st_mode & 0o100
+    assert not os.stat(out / "d/y").st_mode & 0o100
+    assert os.readlink(out / "d/l") == "y"
+
+
+def test_detect_by_magic_not_suffix(tmp_path):
+    archive = write_tar(tmp_path / "misnamed.zip", MULTI_ROOT, "xz")
+    assert detect_format(archive) == "xz"
+    out = extract(archive, tmp_path / "out")
+    assert (out / "bin/tool").read_bytes() == b"\x7fELF"
+    z = write_zip(tmp_path / "archive.bin", MULTI_ROOT)
+    assert detect_format(z) == "zip"
+
+
+def test_plain_tar_and_zstd_stream(tmp_path):
+    big = os.urandom(3 << 20)
+    archive = write_tar(tmp_path / "big.tar.zst", [("big.bin", "file", big, 0o644)], "zst")
+    out = extract(archive, tmp_path / "out")
+    assert (out / "big.bin").read_bytes() == big
+    plain = write_tar(tmp_path / "p.tar", MULTI_ROOT, "none")
+    assert detect_format(plain) == "tar"
+    assert (extract(plain, tmp_path / "p") / "a.txt").read_bytes() == b"a"
+
+
+# -- refusals (policy data and tar) -------------------------------------------------------
+
+@pytest.mark.parametrize("policy", ["data", "tar"])
+@pytest.mark.parametrize("members", [
+    [("../evil", "file", b"x", 0o644)],
+    [("a/../../evil", "file", b"x", 0o644)],
+    [("link", "sym", "/tmp", 0o777), ("link/evil", "file", b"x", 0o644)],
+    [("link", "sym", "..", 0o777), ("link/evil", "file", b"x", 0o644)],
+    [("dev", "chr", None, 0o644)],
+    [("pipe", "fifo", None, 0o644)],
+], ids=["dotdot", "nested-dotdot", "through-abs-symlink", "through-rel-symlink", "device", "fifo"])
+def test_unsafe_tar_refused_and_nothing_left(tmp_path, policy, members):
+    archive = write_tar(tmp_path / "evil.tar.gz", members)
+    (tmp_path / "dest").mkdir()
+    with pytest.raises(VerificationError) as exc:
+        extract(archive, tmp_path / "dest" / "out", policy=policy)
+    assert "refusing" in exc.value.message
+    assert os.listdir(tmp_path / "dest") == []  # no half-extracted tree, no temp dir
+    assert not (tmp_path / "evil").exists()
+
+
+@pytest.mark.parametrize("members", [
+    [("/abs/evil", "file", b"x", 0o644)],
+    [("l", "sym", "/etc/passwd", 0o777)],
+    [("d/l", "sym", "../../x", 0o777)],
+], ids=["absolute-name", "absolute-symlink", "symlink-escapes"])
+def test_data_policy_refuses_what_tar_policy_keeps(tmp_path, members):
+    archive = write_tar(tmp_path / "t.tar.gz", members)
+    with pytest.raises(VerificationError):
+        extract(archive, tmp_path / "data-out", policy="data")
+    out = extract(archive, tmp_path / "tar-out", policy="tar")
+    assert out.is_dir()
+    assert not Path("/abs/evil").exists()
+    if members[0][0].startswith("/"):
+        assert (out / "abs/evil").read_bytes() == b"x"  # rooted in dest, as Nix does
+
+
+@pytest.mark.parametrize("name", ["../evil", "/abs"])
+def test_zip_unsafe_names_refused(tmp_path, name):
+    archive = write_zip(tmp_path / "e.zip", [(name, "file", "x", 0o644)])
+    with pytest.raises(VerificationError):
+        extract(archive, tmp_path / "out", policy="data")
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_archive_is_a_one_line_verification_error(tmp_path):
+    good = write_tar(tmp_path / "g.tar.gz", [("f", "file", os.urandom(200_000), 0o644)])
+    bad = tmp_path / "bad.tar.gz"
+    bad.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    with pytest.raises(VerificationError) as exc:
+        extract(bad, tmp_path / "out")
+    assert "corrupt" in exc.value.message and "\n" not in exc.value.message
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_not_an_archive_and_existing_dest(tmp_path):
+    page = tmp_path / "index.html"
+    page.write_text("<html>not found</html>")
+    with pytest.raises(UsageError, match="not a supported archive"):
+        extract(page, tmp_path / "out")
+    archive = write_tar(tmp_path / "m.tar.gz", MULTI_ROOT)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep")
+    with pytest.raises(UsageError, match="already exists"):
+        extract(archive, tmp_path / "full")
+    assert (tmp_path / "full" / "x").read_text() == "keep"
+    (tmp_path / "empty").mkdir()
+    assert (extract(archive, tmp_path / "empty") / "a.txt").exists()
