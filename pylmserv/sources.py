@@ -1,0 +1,173 @@
+"""Make a locked source present and verified in the store; return its path.
+
+  mode flat  -> blobs/sha256/<hex>                 (the file itself, e.g. cosmocc zip)
+  mode nar   -> sources/<nix32>-<name>             (the unpacked tree or git checkout)
+
+A tree is fetched (archive download, or git clone at the locked rev), unpacked with
+Nix's semantics, NAR-hashed and compared with the lock before an atomic rename into
+place, so the store only ever holds verified content. Present entries are returned
+without touching the network. A file lock per entry makes concurrent calls safe.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional, Tuple
+
+from .resolvers import git as gitutil
+from .archive import extract
+from .config import LockEntry
+from .errors import NetworkError, UsageError, VerificationError
+from .hashing import Hash
+from .nar import nar_hash
+from .paths import ensure_home, subdir
+
+log = logging.getLogger("pylmserv.sources")
+
+GITHUB = "https://github.com"
+
+
+def github_base() -> str:
+    """https://github.com, or PYLMSERV_GITHUB_URL (a mirror; tests use a loopback server)."""
+    return (os.environ.get("PYLMSERV_GITHUB_URL") or GITHUB).rstrip("/")
+
+
+def mirror_url(url: str) -> str:
+    """Rewrite a github.com URL onto PYLMSERV_GITHUB_URL when that is set."""
+    base = github_base()
+    if base != GITHUB and url.startswith(GITHUB + "/"):
+        return base + url[len(GITHUB):]
+    return url
+
+
+def store_path(entry: LockEntry, root: Optional[Path] = None) -> Path:
+    """Where `entry` lives once verified (whether or not it is there yet)."""
+    home = root or ensure_home()
+    if entry.mode == "flat":
+        return home / "blobs" / entry.hash.algo / entry.hash.hex
+    return home / "sources" / f"{entry.hash.nix32}-{entry.name}"
+
+
+def is_git_entry(entry: LockEntry) -> bool:
+    kind = entry.get("type")
+    return kind == "git" or (kind == "github" and bool(entry.get("submodules")))
+
+
+def ensure_source(entry: LockEntry, root: Optional[Path] = None) -> Path:
+    """Return the store path of `entry`, fetching and verifying it first if needed."""
+    from filelock import FileLock
+
+    root = Path(root) if root else ensure_home()
+    target = store_path(entry, root)
+    if os.path.lexists(target):
+        return target
+    tmp = subdir("tmp", root)
+    with FileLock(str(tmp / f"{target.name}.lock"), timeout=3600):
+        if os.path.lexists(target):  # another process finished it while we waited
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f"{entry.name}.", dir=tmp) as work:
+            staged = fetch_entry(entry, Path(work))
+            got = nar_hash(staged, entry.hash.algo) if entry.mode == "nar" else _flat(staged, entry.hash.algo)
+            check_hash(entry, got)
+            if entry.mode == "flat":
+                os.chmod(staged, 0o444)
+            os.replace(staged, target)
+    log.info("%s: verified %s", entry.name, entry.hash.sri)
+    return target
+
+
+def check_hash(entry: LockEntry, got: Hash) -> None:
+    if got != entry.hash:
+        raise VerificationError(
+            f"{entry.kind}.{entry.name}: hash mismatch for {entry.url}: expected {entry.hash.sri}, got {got.sri}",
+            hint=f"If the upstream changed on purpose, run `pylmserv prefetch --refresh {entry.name}`; "
+                 "otherwise the download is corrupt or was tampered with.")
+
+
+def fetch_entry(entry: LockEntry, work: Path) -> Path:
+    """Fetch `entry` into `work` (unverified); returns the file or tree to hash."""
+    if is_git_entry(entry):
+        if not entry.rev:
+            raise UsageError(f"{entry.kind}.{entry.name}: git source without rev in the lock",
+                             hint=f"Run `pylmserv prefetch --refresh {entry.name}`.")
+        return gitutil.checkout(mirror_url(entry.get("git_url") or entry.url), entry.rev, work / "checkout",
+                                submodules=bool(entry.get("submodules")))
+    archive = work / "download"
+    download(mirror_url(entry.url), archive)
+    if entry.mode == "flat":
+        return archive
+    return extract(archive, work / "tree", policy="tar", strip_single_root=True)
+
+
+def _flat(path: Path, algo: str) -> Hash:
+    from .hashing import file_hash
+    return file_hash(path, algo)
+
+
+# -- downloading ---------------------------------------------------------------------
+# A small private streaming download; pylmserv.download (the model engine) adds
+# ranges, resume and parallel parts. Sources are fetched whole and verified after.
+
+def download(url: str, out: Path, headers: Optional[dict] = None, algo: str = "sha256") -> Tuple[Hash, int]:
+    """Stream `url` (https, http, file://) to `out`; returns (flat hash, size)."""
+    import hashlib
+
+    h = hashlib.new(algo)
+    size = 0
+    with open(out, "wb") as f:
+        for chunk in _chunks(url, headers or {}):
+            f.write(chunk)
+            h.update(chunk)
+            size += len(chunk)
+    return Hash.from_hashlib(h), size
+
+
+def _chunks(url: str, headers: dict):
+    if url.startswith("file://"):
+        from urllib.parse import unquote, urlparse
+
+        path = unquote(urlparse(url).path)
+        try:
+            f = open(path, "rb")
+        except OSError as exc:
+            raise NetworkError(f"cannot read {url}: {exc.strerror}", hint="Check the file:// path in the config.") from None
+        with f:
+            while True:
+                chunk = f.read(1 << 20)
+                if not chunk:
+                    return
+                yield chunk
+    import requests
+
+    try:
+        with requests.get(url, headers=headers, stream=True, timeout=(15, 60)) as resp:
+            if resp.status_code >= 400:
+                raise NetworkError(f"HTTP {resp.status_code} for {_redact(url)}",
+                                   hint="Check the URL and ref in pylmserv.toml (a 404 usually means a wrong tag or file).")
+            yield from resp.iter_content(1 << 20)
+    except requests.RequestException as exc:
+        raise NetworkError(f"cannot download {_redact(url)}: {type(exc).__name__}",
+                           hint="Check the network connection and the URL.") from None
+
+
+def _redact(url: str) -> str:
+    """Never print credentials that may sit in a URL."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.username or parts.password:
+        netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+def remove_store_path(path: Path) -> None:
+    """Delete a store entry (read-only files included)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        path.unlink()
