@@ -1,0 +1,327 @@
+"""A real HTTP/1.1 server on 127.0.0.1 that injects download faults on demand.
+
+Files are served from memory (bytes) or disk (Path, sent with sendfile when no fault
+shapes the body). Tests flip fault switches on `server.faults` and read counters
+(`bytes_sent`, `requests`) to prove what went over the wire.
+
+Faults (all off by default):
+  cut_at / cut_times         close the connection after N body bytes, for the next K responses
+  ignore_range               answer every Range request with 200 and the whole file
+  wrong_content_range        206 whose Content-Range (and body) start one byte early
+  range_416                  416 to every Range request except the bytes=0-0 probe
+  max_parallel / parallel_status
+                             403 (or 429) when more ranged requests than this run at once
+  html                       200 with an HTML error page instead of the file
+  empty                      200 with an empty body
+  rate                       bytes per second per connection
+  stall_after / stall_times / stall_seconds
+                             stop sending after N body bytes for S seconds, K times
+  signed_ttl                 /signed/PATH redirects to /s/TOKEN/PATH; a token is valid
+                             for this many requests, then 403 (an expired signed URL)
+Other routes: /redirect/PATH -> 302 to PATH on `redirect_base` (another server = a CDN).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import os
+import re
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Dict, List, Optional, Union
+
+
+@dataclass
+class Faults:
+    cut_at: Optional[int] = None
+    cut_times: int = 0
+    ignore_range: bool = False
+    wrong_content_range: bool = False
+    range_416: bool = False
+    max_parallel: Optional[int] = None
+    parallel_status: int = 403
+    html: bool = False
+    empty: bool = False
+    rate: Optional[float] = None
+    stall_after: Optional[int] = None
+    stall_times: int = 0
+    stall_seconds: float = 5.0
+    signed_ttl: Optional[int] = None
+    no_etag: bool = False
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    headers: Dict[str, str]
+    status: int = 0
+    sent: int = 0
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        pass  # clients that hang up mid-body are the point of this server
+
+
+class FaultServer:
+    def __init__(self, port: int = 0):
+        self.files: Dict[str, Union[bytes, Path]] = {}
+        self.etags: Dict[str, str] = {}
+        self.faults = Faults()
+        self.requests: List[Request] = []
+        self.bytes_sent = 0
+        self.redirect_base: Optional[str] = None
+        self.lock = threading.Lock()
+        self.active_ranges = 0
+        self.tokens: Dict[str, int] = {}
+        self._token_ids = itertools.count(1)
+        self.httpd = _QuietServer(("127.0.0.1", port), _handler_for(self))
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def url(self, path: str) -> str:
+        return f"{self.base}/{path.lstrip('/')}"
+
+    def add(self, path: str, data: Union[bytes, Path]) -> str:
+        """Serve `data` at /path (a new ETag each time it changes); returns the URL."""
+        path = "/" + path.lstrip("/")
+        with self.lock:
+            self.files[path] = data
+            digest = hashlib.sha256(data if isinstance(data, bytes) else str(Path(data).stat().st_mtime_ns).encode())
+            self.etags[path] = '"' + digest.hexdigest()[:20] + '"'
+        return self.url(path)
+
+    def reset_counters(self) -> None:
+        with self.lock:
+            self.requests.clear()
+            self.bytes_sent = 0
+
+    def ranged_requests(self) -> List[Request]:
+        return [r for r in self.requests if "Range" in r.headers]
+
+    def start(self):
+        self.thread.start()
+        return self
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@contextlib.contextmanager
+def fault_server():
+    server = FaultServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+HTML_PAGE = b"<!DOCTYPE html><html><head><title>Proxy error</title></head><body>Access denied by proxy</body></html>\n"
+
+
+def _handler_for(server: FaultServer):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        srv = server
+
+        def log_message(self, *args):
+            pass
+
+        def do_HEAD(self):
+            self._serve(head=True)
+
+        def do_GET(self):
+            self._serve(head=False)
+
+        # -- routing -------------------------------------------------------
+        def _serve(self, head: bool):
+            srv = self.srv
+            req = Request(self.command, self.path, dict(self.headers.items()))
+            with srv.lock:
+                srv.requests.append(req)
+            path = self.path.split("?", 1)[0]
+            f = srv.faults
+            if path.startswith("/redirect/"):
+                return self._redirect(req, (srv.redirect_base or srv.base) + path[len("/redirect"):])
+            if path.startswith("/signed/"):
+                with srv.lock:
+                    token = f"t{next(srv._token_ids)}"
+                    srv.tokens[token] = f.signed_ttl or 10**9
+                return self._redirect(req, f"{srv.base}/s/{token}{path[len('/signed'):]}")
+            m = re.match(r"^/s/(t\d+)(/.*)$", path)
+            if m:
+                with srv.lock:
+                    left = srv.tokens.get(m.group(1), 0)
+                    srv.tokens[m.group(1)] = left - 1
+                if left <= 0:
+                    return self._simple(req, 403, b"signature expired\n")
+                path = m.group(2)
+            with srv.lock:
+                data = srv.files.get(path)
+                etag = srv.etags.get(path)
+            if data is None:
+                return self._simple(req, 404, b"not found\n")
+            if f.html:
+                return self._simple(req, 200, HTML_PAGE, ctype="text/html")
+            if f.empty:
+                return self._simple(req, 200, b"")
+            size = len(data) if isinstance(data, bytes) else Path(data).stat().st_size
+            rng = self.headers.get("Range")
+            if_range = self.headers.get("If-Range")
+            start, end, status = 0, size - 1, 200
+            if rng and not f.ignore_range and (if_range is None or if_range == etag):
+                mm = re.match(r"bytes=(\d*)-(\d*)$", rng.strip())
+                if mm:
+                    a, b = mm.group(1), mm.group(2)
+                    start = int(a) if a else max(0, size - int(b))
+                    end = min(int(b), size - 1) if (a and b) else size - 1
+                    probe = (start == 0 and end == 0)
+                    if start >= size or (f.range_416 and not probe):
+                        return self._simple(req, 416, b"", extra={"Content-Range": f"bytes */{size}"})
+                    status = 206
+            parallel = status == 206 and not (start == 0 and end == 0)
+            if parallel:
+                with srv.lock:
+                    srv.active_ranges += 1
+                    over = f.max_parallel is not None and srv.active_ranges > f.max_parallel
+                if over:
+                    with srv.lock:
+                        srv.active_ranges -= 1
+                    return self._simple(req, f.parallel_status, b"too many connections\n",
+                                        extra={"Retry-After": "0"} if f.parallel_status == 429 else None)
+            try:
+                shown_start = start
+                if status == 206 and f.wrong_content_range and start > 0:
+                    shown_start = start - 1
+                req.status = status
+                self.send_response(status)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Accept-Ranges", "bytes")
+                if etag and not f.no_etag:
+                    self.send_header("ETag", etag)
+                self.send_header("Content-Length", str(end - shown_start + 1))
+                if status == 206:
+                    self.send_header("Content-Range", f"bytes {shown_start}-{end}/{size}")
+                self.end_headers()
+                if not head:
+                    self._body(req, data, shown_start, end + 1)
+            finally:
+                if parallel:
+                    with srv.lock:
+                        srv.active_ranges -= 1
+
+        # -- bodies ----------------------------------------------------------
+        def _body(self, req: Request, data, start: int, stop: int) -> None:
+            srv, f = self.srv, self.srv.faults
+            cut = stall = None
+            with srv.lock:
+                if f.cut_at is not None and f.cut_times > 0:
+                    f.cut_times -= 1
+                    cut = f.cut_at
+                if f.stall_after is not None and f.stall_times > 0:
+                    f.stall_times -= 1
+                    stall = f.stall_after
+                rate = f.rate
+            plain = cut is None and stall is None and rate is None and not isinstance(data, bytes)
+            if plain:
+                return self._sendfile(req, Path(data), start, stop)
+            pos, sent = start, 0
+            chunk = 16 << 10
+            t0 = time.monotonic()
+            fh = open(data, "rb") if not isinstance(data, bytes) else None
+            try:
+                while pos < stop:
+                    n = min(chunk, stop - pos)
+                    if cut is not None:
+                        n = min(n, cut - sent)
+                        if n <= 0:
+                            self._abort()
+                            return
+                    if stall is not None and sent >= stall:
+                        time.sleep(f.stall_seconds)
+                        self._abort()
+                        return
+                    if stall is not None:
+                        n = min(n, max(1, stall - sent))
+                    if fh is None:
+                        piece = data[pos:pos + n]
+                    else:
+                        fh.seek(pos)
+                        piece = fh.read(n)
+                    try:
+                        self.wfile.write(piece)
+                    except OSError:
+                        return
+                    pos += len(piece)
+                    sent += len(piece)
+                    self._count(req, len(piece))
+                    if rate:
+                        ahead = sent / rate - (time.monotonic() - t0)
+                        if ahead > 0:
+                            time.sleep(ahead)
+                if cut is not None and sent >= cut:
+                    self._abort()
+            finally:
+                if fh is not None:
+                    fh.close()
+
+        def _sendfile(self, req: Request, path: Path, start: int, stop: int) -> None:
+            self.wfile.flush()
+            with open(path, "rb") as fh:
+                pos = start
+                while pos < stop:
+                    try:
+                        n = os.sendfile(self.connection.fileno(), fh.fileno(), pos, min(stop - pos, 8 << 20))
+                    except OSError:
+                        return
+                    if n == 0:
+                        return
+                    pos += n
+                    self._count(req, n)
+
+        def _count(self, req: Request, n: int) -> None:
+            with self.srv.lock:
+                self.srv.bytes_sent += n
+                req.sent += n
+
+        def _abort(self) -> None:
+            """Drop the connection mid-body (RST, like a dying proxy)."""
+            self.close_connection = True
+            try:
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+        def _simple(self, req: Request, status: int, body: bytes, ctype: str = "text/plain", extra=None):
+            req.status = status
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            for k, v in (extra or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            if self.command != "HEAD" and body:
+                self.wfile.write(body)
+                self._count(req, len(body))
+
+        def _redirect(self, req: Request, location: str):
+            req.status = 302
+            self.send_response(302)
+            self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    return Handler
