@@ -1,0 +1,119 @@
+# llamafile from the locked source, built with the locked cosmocc.
+#
+# llamafile's build/config.mk wants its toolchain at .cosmocc/<version> and downloads it
+# when missing; we pre-seed that path with the cosmocc derivation so nothing is fetched.
+# Its outputs are APE binaries (zip-appended, polyglot headers): no strip, no patchelf.
+#
+# useCuda: also compile ggml-cuda.so with nvcc inside the derivation (the flags of
+# llamafile/cuda.sh, minus -march=native and -arch=all) and embed it in the llamafile's
+# zip with zipalign, where llamafile looks for it at run time.
+{
+  lib,
+  stdenvNoCC,
+  cosmocc,
+  cudaPackages ? { },
+  autoAddDriverRunpath ? null,
+
+  src, # the locked source (nix/sources.nix)
+  version,
+  cosmoccVersion ? cosmocc.version,
+
+  useCuda ? false,
+  cudaCapabilities ? (cudaPackages.flags or cudaPackages.cudaFlags or { cudaCapabilities = [ ]; }).cudaCapabilities,
+  effectiveStdenv ? if useCuda then cudaPackages.backendStdenv else stdenvNoCC,
+}:
+
+let
+  dropDot = lib.replaceStrings [ "." ] [ "" ];
+  # One real-architecture cubin per capability, plus PTX for the newest (forward compat).
+  newest = dropDot (lib.last cudaCapabilities);
+  gencodeFlags =
+    map (c: "-gencode=arch=compute_${dropDot c},code=sm_${dropDot c}") cudaCapabilities
+    ++ [ "-gencode=arch=compute_${newest},code=compute_${newest}" ];
+  nvccFlags = gencodeFlags ++ [
+    "--shared"
+    "--forward-unknown-to-host-compiler"
+    "-use_fast_math"
+    "--compiler-options=-fPIC,-O3"
+    "-DNDEBUG"
+    "-DGGML_BUILD=1"
+    "-DGGML_SHARED=1"
+    "-DGGML_CUDA_MMV_Y=1"
+    "-DGGML_MULTIPLATFORM"
+    "-DGGML_CUDA_DMMV_X=32"
+    "-DK_QUANTS_PER_ITERATION=2"
+    "-DGGML_CUDA_PEER_MAX_BATCH_SIZE=128"
+    "-DGGML_USE_TINYBLAS"
+  ];
+in
+
+assert !useCuda || cudaCapabilities != [ ] || throw "llamafile-cuda: cudaCapabilities is empty";
+
+effectiveStdenv.mkDerivation {
+  pname = "llamafile" + lib.optionalString useCuda "-cuda";
+  inherit version src;
+
+  nativeBuildInputs = lib.optionals useCuda [ cudaPackages.cuda_nvcc autoAddDriverRunpath ];
+  buildInputs = lib.optionals useCuda (with cudaPackages; [ cuda_cudart libcublas ]);
+
+  # Where llamafile's Makefile expects cosmocc; its download rule targets this directory
+  # and never fires when it exists. The download script is replaced by one that fails
+  # loudly, so a changed Makefile cannot quietly reach for the network.
+  postPatch = ''
+    mkdir -p .cosmocc
+    rm -rf .cosmocc/${cosmoccVersion}
+    ln -s ${cosmocc} .cosmocc/${cosmoccVersion}
+    if [ -e build/download-cosmocc.sh ]; then
+      printf '%s\n' '#!/bin/sh' 'echo "pylmserv: cosmocc is pre-seeded at .cosmocc/${cosmoccVersion}; no downloads in a Nix build" >&2' 'exit 1' > build/download-cosmocc.sh
+      chmod +x build/download-cosmocc.sh
+    fi
+  '';
+
+  # cosmocc's tools are APE programs: the shell runs them and the APE loader unpacks
+  # itself under $HOME or $TMPDIR, which must be writable (HOME is /homeless-shelter).
+  preConfigure = ''
+    export HOME=$TMPDIR
+    export TMPDIR
+  '';
+  dontConfigure = true;
+
+  enableParallelBuilding = true;
+  makeFlags = [ "PREFIX=${placeholder "out"}" ];
+
+  postBuild = lib.optionalString useCuda ''
+    # Compile ggml-cuda.so the way llamafile does at run time: its sources flattened
+    # into one directory, then nvcc for the pinned GPU architectures.
+    mkdir -p cuda-build
+    for f in llama.cpp/ggml-cuda.cu llama.cpp/ggml-cuda.h llama.cpp/ggml-impl.h \
+             llama.cpp/ggml-alloc.h llama.cpp/ggml-common.h llama.cpp/ggml-backend.h \
+             llama.cpp/ggml-backend-impl.h llama.cpp/ggml.h llamafile/tinyblas.h \
+             llamafile/tinyblas.cu llamafile/llamafile.h; do
+      if [ -e "$f" ]; then cp "$f" cuda-build/; fi
+    done
+    (cd cuda-build && nvcc ${lib.concatStringsSep " " nvccFlags} -o ggml-cuda.so ggml-cuda.cu -lcuda)
+  '';
+
+  postInstall = lib.optionalString useCuda ''
+    install -Dm755 cuda-build/ggml-cuda.so $out/lib/ggml-cuda.so
+    # Embed it: llamafile extracts /zip/ggml-cuda.so and dlopen()s it.
+    $out/bin/zipalign -j0 $out/bin/llamafile cuda-build/ggml-cuda.so
+  '';
+
+  dontStrip = true;
+  dontPatchELF = true;
+  dontPatchShebangs = true;
+
+  passthru = {
+    inherit cosmocc cosmoccVersion useCuda;
+    cosmoccSeed = ".cosmocc/${cosmoccVersion}";
+    nvccFlags = if useCuda then nvccFlags else [ ];
+  };
+
+  meta = {
+    description = "llamafile ${version}${lib.optionalString useCuda " with embedded ggml-cuda.so"}, pinned by pylmserv.lock";
+    homepage = "https://github.com/Mozilla-Ocho/llamafile";
+    license = lib.licenses.asl20;
+    mainProgram = "llamafile";
+    platforms = if useCuda then [ "x86_64-linux" ] else lib.platforms.linux ++ lib.platforms.darwin;
+  };
+}
