@@ -1,0 +1,540 @@
+"""Build llama.cpp with CMake for one backend: option mapping, preflight, configure,
+build, install, stamp.
+
+The option mapping is a pure function of (backend, what the source tree's CMake files
+declare, the user's choices), so it is unit-tested per backend and per upstream version
+without a GPU. Which spelling a switch has (GGML_CUDA vs LLAMA_CUDA, LLAMA_USE_PREBUILT_UI
+vs ..._WEBUI, LLAMA_OPENSSL vs LLAMA_CURL) is read from the pinned tree itself.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
+
+from ..errors import BuildError, ToolMissingError, UsageError
+from . import stamp as stamps
+
+log = logging.getLogger("pylmserv.build")
+
+BACKENDS = ("cpu", "blas", "cuda", "rocm", "vulkan", "metal")
+DEFAULT_TARGETS = ("llama-cli", "llama-server", "llama-bench")
+MAPPING_VERSION = 1  # bump when the option mapping changes: new build keys, no stale reuse
+LOG_NAME = "pylmserv-build.log"
+CONFIGURE_TIMEOUT = 900
+BUILD_TIMEOUT = 6 * 3600
+
+# Where the CMake switches of a llama.cpp tree are declared (paths vary by version).
+CMAKE_FILES = ("CMakeLists.txt", "ggml/CMakeLists.txt", "tools/ui/CMakeLists.txt", "tools/server/CMakeLists.txt",
+               "examples/server/CMakeLists.txt", "ggml/src/ggml-hip/CMakeLists.txt",
+               "ggml/src/ggml-cuda/CMakeLists.txt", "common/CMakeLists.txt")
+
+# Legacy spellings users still paste from old guides -> today's names (translated only
+# when the tree declares the new name and not the old one).
+RENAMED = {
+    "LLAMA_CUBLAS": "GGML_CUDA", "LLAMA_CUDA": "GGML_CUDA", "GGML_CUBLAS": "GGML_CUDA",
+    "LLAMA_HIPBLAS": "GGML_HIP", "GGML_HIPBLAS": "GGML_HIP", "LLAMA_HIP_UMA": "GGML_HIP_UMA",
+    "LLAMA_METAL": "GGML_METAL", "LLAMA_METAL_EMBED_LIBRARY": "GGML_METAL_EMBED_LIBRARY",
+    "LLAMA_VULKAN": "GGML_VULKAN", "LLAMA_NATIVE": "GGML_NATIVE", "LLAMA_BLAS": "GGML_BLAS",
+    "LLAMA_BLAS_VENDOR": "GGML_BLAS_VENDOR", "LLAMA_RPC": "GGML_RPC", "LLAMA_SYCL": "GGML_SYCL",
+    "LLAMA_CUDA_F16": "GGML_CUDA_F16", "LLAMA_AVX2": "GGML_AVX2", "LLAMA_AVX512": "GGML_AVX512",
+    "LLAMA_OPENMP": "GGML_OPENMP", "LLAMA_LTO": "GGML_LTO", "LLAMA_CCACHE": "GGML_CCACHE",
+    "LLAMA_BUILD_WEBUI": "LLAMA_BUILD_UI", "LLAMA_USE_PREBUILT_WEBUI": "LLAMA_USE_PREBUILT_UI",
+    "LLAMA_CURL": "LLAMA_OPENSSL", "AMDGPU_TARGETS": "GPU_TARGETS",
+}
+
+# Switches of the current tree (the vendored llama.cpp of llama-cpp-python 0.3.36 and the
+# locked b9941): used by --dry-run before the source is in the store.
+_CURRENT = frozenset("""
+LLAMA_BUILD_TESTS LLAMA_BUILD_EXAMPLES LLAMA_BUILD_TOOLS LLAMA_BUILD_SERVER LLAMA_BUILD_COMMON LLAMA_BUILD_APP
+LLAMA_BUILD_UI LLAMA_USE_PREBUILT_UI LLAMA_OPENSSL LLAMA_BUILD_NUMBER LLAMA_BUILD_COMMIT BUILD_SHARED_LIBS
+GGML_NATIVE GGML_CPU_ALL_VARIANTS GGML_BACKEND_DL GGML_BLAS GGML_BLAS_VENDOR GGML_CUDA GGML_HIP GGML_VULKAN
+GGML_METAL GGML_METAL_EMBED_LIBRARY GGML_CCACHE GPU_TARGETS AMDGPU_TARGETS
+""".split())
+# Mid-2024 .. 2025 trees: ggml names, LLAMA_CURL, the web UI still called WEBUI.
+_GGML_CURL = (_CURRENT - {"LLAMA_OPENSSL", "LLAMA_BUILD_UI", "LLAMA_USE_PREBUILT_UI", "LLAMA_BUILD_APP",
+                          "GPU_TARGETS"}) | {"LLAMA_CURL"}
+# Trees before the ggml rename (b3173, June 2024).
+_LEGACY = frozenset("""
+LLAMA_BUILD_TESTS LLAMA_BUILD_EXAMPLES LLAMA_BUILD_SERVER BUILD_SHARED_LIBS LLAMA_NATIVE LLAMA_BLAS
+LLAMA_BLAS_VENDOR LLAMA_CUDA LLAMA_HIPBLAS LLAMA_VULKAN LLAMA_METAL LLAMA_METAL_EMBED_LIBRARY LLAMA_CCACHE
+LLAMA_CURL AMDGPU_TARGETS
+""".split())
+
+
+@dataclass(frozen=True)
+class SourceFeatures:
+    """The CMake cache variables a llama.cpp tree declares, and where we learned them."""
+
+    names: FrozenSet[str]
+    origin: str
+
+    def has(self, name: str) -> bool:
+        return name in self.names
+
+    @property
+    def ggml(self) -> str:
+        """The prefix of backend switches: GGML (since b3173) or LLAMA (before)."""
+        return "GGML" if "GGML_NATIVE" in self.names or "GGML_CUDA" in self.names else "LLAMA"
+
+
+_DECL = re.compile(r"""\boption\s*\(\s*([A-Za-z0-9_]+)|\bset\s*\(\s*([A-Za-z0-9_]+)\s+[^)]*\bCACHE\b"""
+                   r"""|\bDEFINED\s+([A-Z][A-Za-z0-9_]+)|\bllama_option_depr\s*\(\s*\w+\s+([A-Z0-9_]+)""")
+
+
+def scan_features(source_dir: Path) -> SourceFeatures:
+    """Read the switches a tree declares from its CMake files (no CMake run needed)."""
+    names = set()
+    for rel in CMAKE_FILES:
+        try:
+            text = (Path(source_dir) / rel).read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        for m in _DECL.finditer(text):
+            names.add(next(g for g in m.groups() if g))
+        if "GPU_TARGETS" in text:
+            names.add("GPU_TARGETS" if re.search(r"(?<!AMD)GPU_TARGETS", text) else "AMDGPU_TARGETS")
+    # llama_option_depr(... LLAMA_CURL) marks a name as *ignored*, not as a switch.
+    ignored = set(re.findall(r"llama_option_depr\s*\(\s*WARNING\s+(\w+)\s*\)", _read(source_dir, "CMakeLists.txt")))
+    deprecated = set(re.findall(r"llama_option_depr\s*\(\s*\w+\s+(\w+)\s+\w+\s*\)", _read(source_dir, "CMakeLists.txt")))
+    names -= ignored | deprecated
+    if not names:
+        raise UsageError(f"{source_dir}: not a llama.cpp source tree (no CMakeLists.txt with llama options)",
+                         hint="Pass the top directory of a llama.cpp checkout to --source.")
+    return SourceFeatures(frozenset(names), f"scanned {source_dir}")
+
+
+def _read(root: Path, rel: str) -> str:
+    try:
+        return (Path(root) / rel).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def builtin_features(rev: Optional[str]) -> SourceFeatures:
+    """Best guess from a release tag (bNNNN) when the tree is not unpacked yet (dry runs)."""
+    n = build_number(rev)
+    if n is not None and n < 3173:
+        return SourceFeatures(_LEGACY, f"built-in profile for {rev} (pre-ggml names)")
+    if n is not None and n < 7000:
+        return SourceFeatures(_GGML_CURL, f"built-in profile for {rev} (ggml names, LLAMA_CURL)")
+    return SourceFeatures(_CURRENT, f"built-in profile for {rev or 'a current tree'}")
+
+
+def build_number(rev: Optional[str]) -> Optional[int]:
+    m = re.fullmatch(r"b(\d+)", rev or "")
+    return int(m.group(1)) if m else None
+
+
+# -- the option mapping -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Request:
+    """What the user asked for, resolved once and passed down (immutable)."""
+
+    backend: str = "cpu"
+    targets: Tuple[str, ...] = DEFAULT_TARGETS
+    cuda_arch: Optional[str] = None  # "86;89" or "86,89"
+    gpu_targets: Optional[str] = None  # "gfx1100,gfx90a"
+    portable: bool = False
+    jobs: Optional[int] = None
+    cmake_args: Tuple[str, ...] = ()
+    build_type: str = "Release"
+
+
+@dataclass(frozen=True)
+class Detected:
+    """Machine facts the mapping depends on (filled by the caller; tests pass them in)."""
+
+    platform: str = sys.platform
+    openssl: bool = False
+    blas_vendor: Optional[str] = None
+    cuda_archs: Tuple[str, ...] = ()  # from nvidia-smi compute_cap
+    gfx_targets: Tuple[str, ...] = ()  # from rocminfo
+    source_date_epoch: bool = False
+
+
+@dataclass(frozen=True)
+class Mapping_:
+    defines: Tuple[Tuple[str, str], ...]
+    env: Tuple[Tuple[str, str], ...] = ()
+    notes: Tuple[str, ...] = ()
+
+    def as_dict(self) -> Dict[str, str]:
+        return dict(self.defines)
+
+
+def map_options(req: Request, features: SourceFeatures, det: Detected,
+                rev: Optional[str] = None) -> Mapping_:
+    """The -D switches for `req` on a tree with `features`: pure, deterministic, ordered."""
+    if req.backend not in BACKENDS:
+        raise UsageError(f"unknown backend {req.backend!r}", hint="Use one of: " + ", ".join(BACKENDS) + ".")
+    P = features.ggml
+    d: Dict[str, str] = {}
+    notes: List[str] = []
+    env: Dict[str, str] = {}
+
+    def put(name: str, value: str) -> None:
+        if features.has(name) or name.startswith("CMAKE_"):
+            d[name] = value
+
+    d["CMAKE_BUILD_TYPE"] = req.build_type
+    # Only the programs: no tests, no examples, no downloads during the build.
+    for name in ("LLAMA_BUILD_TESTS", "LLAMA_BUILD_EXAMPLES"):
+        put(name, "OFF")
+    for name in ("LLAMA_BUILD_TOOLS", "LLAMA_BUILD_SERVER", "LLAMA_BUILD_COMMON"):
+        put(name, "ON")
+    for current, legacy in (("LLAMA_BUILD_UI", "LLAMA_BUILD_WEBUI"), ("LLAMA_USE_PREBUILT_UI", "LLAMA_USE_PREBUILT_WEBUI")):
+        # npm build / HF bucket download of the web UI: neither is pinned, so neither runs
+        if features.has(current):
+            d[current] = "OFF"
+        elif features.has(legacy):
+            d[legacy] = "OFF"
+    if features.has("LLAMA_OPENSSL"):
+        d["LLAMA_OPENSSL"] = "ON" if det.openssl else "OFF"
+        if not det.openssl:
+            notes.append("OpenSSL headers not found: LLAMA_OPENSSL=OFF (llama-server/-cli cannot download over https; "
+                         "pylmserv fetch does that)")
+    elif features.has("LLAMA_CURL"):
+        d["LLAMA_CURL"] = "OFF"  # needs libcurl-dev; pylmserv fetches models itself
+    n = build_number(rev)
+    if n is not None and features.has("LLAMA_BUILD_NUMBER"):
+        d["LLAMA_BUILD_NUMBER"] = str(n)
+        d["LLAMA_BUILD_COMMIT"] = rev or "unknown"
+
+    portable = req.portable
+    if portable:
+        put(f"{P}_NATIVE", "OFF")
+        if features.has("GGML_CPU_ALL_VARIANTS") and features.has("GGML_BACKEND_DL") and det.platform != "darwin":
+            d["GGML_BACKEND_DL"] = "ON"
+            d["GGML_CPU_ALL_VARIANTS"] = "ON"
+            d["BUILD_SHARED_LIBS"] = "ON"  # GGML_BACKEND_DL requires it
+        else:
+            notes.append("this llama.cpp has no GGML_CPU_ALL_VARIANTS/GGML_BACKEND_DL: portable = generic CPU code")
+            put("BUILD_SHARED_LIBS", "OFF")
+    else:
+        put(f"{P}_NATIVE", "ON")
+        put("BUILD_SHARED_LIBS", "OFF")  # self-contained binaries: install is a copy
+        if det.source_date_epoch:
+            notes.append("SOURCE_DATE_EPOCH is set: upstream would silently turn GGML_NATIVE off; "
+                         "pylmserv passes GGML_NATIVE=ON explicitly (use --portable for a portable build)")
+
+    b = req.backend
+    if b == "blas":
+        vendor = det.blas_vendor or ("Apple" if det.platform == "darwin" else "OpenBLAS")
+        put(f"{P}_BLAS", "ON")
+        put(f"{P}_BLAS_VENDOR", vendor)
+    elif b == "cuda":
+        put(f"{P}_CUDA", "ON")
+        archs = _split_list(req.cuda_arch)
+        if archs:
+            d["CMAKE_CUDA_ARCHITECTURES"] = ";".join(a.replace(".", "") for a in archs)
+        elif det.cuda_archs:
+            d["CMAKE_CUDA_ARCHITECTURES"] = ";".join(sorted(set(det.cuda_archs)))
+            notes.append(f"CUDA architectures from nvidia-smi: {d['CMAKE_CUDA_ARCHITECTURES']}")
+        else:
+            notes.append("no --cuda-arch and no GPU detected: upstream's default architecture list (slower build)")
+    elif b == "rocm":
+        hip = "GGML_HIP" if features.has("GGML_HIP") else (f"{P}_HIPBLAS")
+        d[hip] = "ON"
+        targets = _split_list(req.gpu_targets) or list(det.gfx_targets)
+        if targets:
+            var = "GPU_TARGETS" if features.has("GPU_TARGETS") else "AMDGPU_TARGETS"
+            d[var] = ";".join(targets)
+            if not req.gpu_targets:
+                notes.append(f"GPU targets from rocminfo: {d[var]}")
+        else:
+            notes.append("no --gpu-targets and rocminfo found no GPU: upstream's default target list")
+    elif b == "vulkan":
+        put(f"{P}_VULKAN", "ON")
+    elif b == "metal":
+        if det.platform != "darwin":
+            raise UsageError("the metal backend needs macOS", hint="Use --backend cpu, vulkan, cuda or rocm here.")
+        put(f"{P}_METAL", "ON")
+        put(f"{P}_METAL_EMBED_LIBRARY", "ON")  # one self-contained binary, no .metal file beside it
+
+    for raw in req.cmake_args:
+        name, value, note = translate_arg(raw, features)
+        if note:
+            notes.append(note)
+        if name is not None:
+            d[name] = value
+    return Mapping_(tuple(d.items()), tuple(sorted(env.items())), tuple(notes))
+
+
+def translate_arg(raw: str, features: SourceFeatures) -> Tuple[Optional[str], str, Optional[str]]:
+    """`-DNAME=VALUE` or `NAME=VALUE` (legacy names translated) -> (name, value, note)."""
+    text = raw[2:] if raw.startswith("-D") else raw
+    if "=" not in text:
+        raise UsageError(f"--cmake-arg {raw!r}: expected -DNAME=VALUE", hint="e.g. --cmake-arg -DGGML_CUDA_F16=ON")
+    name, value = text.split("=", 1)
+    name = name.split(":", 1)[0]  # -DNAME:BOOL=ON
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise UsageError(f"--cmake-arg {raw!r}: {name!r} is not a CMake variable name")
+    new = RENAMED.get(name)
+    if new and not features.has(name) and features.has(new):
+        if name == "LLAMA_CURL":
+            return new, value, f"{name} is ignored by this llama.cpp; using {new}={value} instead"
+        return new, value, f"translated legacy {name} -> {new}"
+    if new and not features.has(name) and name == "LLAMA_CURL":
+        return None, value, "LLAMA_CURL is ignored by this llama.cpp (no replacement switch): dropped"
+    if not features.has(name) and not name.startswith(("CMAKE_", "BUILD_")):
+        return name, value, f"{name} is not declared by this llama.cpp (passed through; CMake may ignore it)"
+    return name, value, None
+
+
+def _split_list(text: Optional[str]) -> List[str]:
+    return [p.strip() for p in re.split(r"[;,\s]+", text or "") if p.strip()]
+
+
+# -- commands -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Commands:
+    configure: Tuple[str, ...]
+    build: Tuple[str, ...]
+    env: Tuple[Tuple[str, str], ...] = ()
+
+    def lines(self) -> List[str]:
+        prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env)
+        return [(prefix + " " if prefix else "") + shlex.join(self.configure), shlex.join(self.build)]
+
+
+def make_commands(cmake: str, ninja: Optional[str], source: Path, build_dir: Path, mapping: Mapping_,
+                  targets: Sequence[str], jobs: Optional[int], launcher: Optional[str],
+                  backend: str, env: Mapping[str, str] = ()) -> Commands:
+    argv = [cmake, "-S", str(source), "-B", str(build_dir)]
+    if ninja:
+        argv += ["-G", "Ninja"]
+        if os.path.basename(ninja) != "ninja" or not shutil.which("ninja"):
+            argv.append(f"-DCMAKE_MAKE_PROGRAM={ninja}")
+    defines = dict(mapping.defines)
+    if launcher:
+        langs = ["C", "CXX"] + (["CUDA"] if backend == "cuda" else []) + (["HIP"] if backend == "rocm" else [])
+        for lang in langs:
+            defines.setdefault(f"CMAKE_{lang}_COMPILER_LAUNCHER", launcher)
+    argv += [f"-D{k}={v}" for k, v in defines.items()]
+    build = [cmake, "--build", str(build_dir), "--config", defines.get("CMAKE_BUILD_TYPE", "Release"),
+             "--target", *targets, "-j", str(jobs or os.cpu_count() or 2)]
+    return Commands(tuple(argv), tuple(build), tuple(sorted(dict(env).items())))
+
+
+def backend_env(backend: str, rocm=None, base: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+    """Environment upstream documents for a backend (ROCm: HIPCXX, HIP_PATH, HIP_DEVICE_LIB_PATH)."""
+    base = base if base is not None else os.environ
+    env: Dict[str, str] = {}
+    if backend == "rocm" and rocm is not None:
+        if rocm.hip_clang and not base.get("HIPCXX"):
+            env["HIPCXX"] = rocm.hip_clang
+        if rocm.rocm_path and not base.get("HIP_PATH"):
+            env["HIP_PATH"] = rocm.rocm_path
+        if rocm.device_lib_path and not base.get("HIP_DEVICE_LIB_PATH"):
+            env["HIP_DEVICE_LIB_PATH"] = rocm.device_lib_path
+    return env
+
+
+# -- preflight ----------------------------------------------------------------------------
+
+NIX_HINT = "or enter a shell that has it: `nix develop .#{shell}`"
+
+
+def preflight(backend: str, tc, platform: str = sys.platform) -> List[str]:
+    """Warnings; raises ToolMissingError naming every missing tool with how to get it."""
+    from .toolchain import MIN_CMAKE, version_str
+
+    missing: List[str] = []
+    warnings: List[str] = []
+    shell = {"cuda": "cuda", "rocm": "rocm", "vulkan": "vulkan"}.get(backend, "default")
+    nix = NIX_HINT.format(shell=shell) if shell != "default" else "or `nix develop`"
+    if not tc.cmake.found:
+        missing.append(f"cmake >= {version_str(MIN_CMAKE)} (pip install cmake ninja - the PyPI wheels; "
+                       f"or apt-get install cmake; {nix})")
+    elif not tc.cmake.version or tc.cmake.version < MIN_CMAKE:
+        missing.append(f"cmake >= {version_str(MIN_CMAKE)}: {tc.cmake.path} is {version_str(tc.cmake.version)} "
+                       f"(pip install -U cmake puts a newer one first)")
+    for comp, pkg in ((tc.cc, "a C compiler"), (tc.cxx, "a C++ compiler")):
+        if not comp.found:
+            how = "xcode-select --install" if platform == "darwin" else "apt-get install build-essential"
+            missing.append(f"{pkg} ({comp.name}: {how}; or set CC/CXX)")
+    vendors = tc.extra.get("gpu_vendors", ())
+    if backend == "cuda":
+        if not tc.extra["nvcc"].found:
+            missing.append("nvcc, the CUDA toolkit (https://developer.nvidia.com/cuda-downloads, "
+                           f"apt-get install nvidia-cuda-toolkit; {nix})")
+        mismatch = _vendor_mismatch("cuda", "nvidia", vendors)
+        if mismatch:
+            (missing if not tc.extra["nvcc"].found else warnings).append(mismatch)
+    elif backend == "rocm":
+        rocm = tc.extra["rocm"]
+        if not rocm.found:
+            missing.append(f"hipcc / ROCm (https://rocm.docs.amd.com, apt-get install rocm-hip-sdk; {nix})")
+        mismatch = _vendor_mismatch("rocm", "amd", vendors)
+        if mismatch:
+            (missing if not rocm.found else warnings).append(mismatch)
+    elif backend == "vulkan":
+        if not tc.extra["glslc"].found:
+            missing.append(f"glslc, the Vulkan shader compiler (apt-get install glslc libvulkan-dev, "
+                           f"or the LunarG Vulkan SDK; {nix})")
+    elif backend == "metal":
+        xcode = tc.extra["xcode"]
+        if not xcode.found or not xcode.metal:
+            missing.append("Xcode with the metal compiler (install Xcode, then `xcode-select -s "
+                           "/Applications/Xcode.app`; the command-line tools alone lack `metal`)")
+    elif backend == "blas":
+        if not tc.extra.get("blas_vendor"):
+            missing.append("a BLAS library (apt-get install libopenblas-dev; macOS uses Accelerate)")
+    if missing:
+        raise ToolMissingError(f"cannot build llama.cpp ({backend}): missing " + "; ".join(missing),
+                               hint="Install the tools named above and rerun; `pylmserv build --dry-run` shows "
+                                    "what was detected.")
+    if not tc.ninja.found:
+        warnings.append("ninja not found: using CMake's default generator (pip install ninja for faster builds)")
+    return warnings
+
+
+def _vendor_mismatch(backend: str, want: str, vendors: Sequence[str]) -> Optional[str]:
+    if not vendors or want in vendors:
+        return None
+    other = [v for v in vendors if v in ("nvidia", "amd")]
+    if not other:
+        return None
+    names = {"nvidia": "NVIDIA", "amd": "AMD"}
+    suggest = {"nvidia": "cuda", "amd": "rocm"}
+    got = other[0]
+    return (f"--backend {backend} needs an {names[want]} GPU, but this machine's GPU is {names[got]}: "
+            f"use --backend {suggest[got]} (or vulkan)")
+
+
+# -- running ------------------------------------------------------------------------------
+
+def run_logged(argv: Sequence[str], log_file: Path, env: Mapping[str, str], timeout: float, what: str) -> None:
+    """Run a step, appending its output to `log_file`; progress on the logger every few seconds."""
+    start = time.monotonic()
+    last = start
+    with open(log_file, "ab") as fh:
+        fh.write(f"\n$ {shlex.join(argv)}\n".encode())
+        fh.flush()
+        try:
+            proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, env=dict(env))
+        except OSError as exc:
+            raise ToolMissingError(f"cannot run {argv[0]}: {exc.strerror}") from None
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                fh.write(line)
+                now = time.monotonic()
+                if now - last >= 5 or log.isEnabledFor(logging.DEBUG):
+                    text = line.decode("utf-8", "replace").rstrip()
+                    if text:
+                        log.info("%s: %s", what, text[:200])
+                    last = now
+                if now - start > timeout:
+                    proc.kill()
+                    raise BuildError(f"{what} timed out after {timeout:.0f} s; log: {log_file}")
+            rc = proc.wait()
+        except BaseException:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            raise
+    if rc != 0:
+        first = first_error(log_file)
+        raise BuildError(f"{what} failed (exit {rc}); full log: {log_file}\n{first}".rstrip(),
+                         hint="Fix the cause shown above and rerun: the build continues where it stopped.")
+
+
+_ERROR = re.compile(r"(CMake Error|error:|Error \d+|FAILED:|fatal error|undefined reference|ninja: build stopped)")
+
+
+def first_error(log_file: Path, context: int = 12) -> str:
+    """The last step's first error line and what follows it (the log holds every step)."""
+    try:
+        text = Path(log_file).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    lines = text.splitlines()
+    start = max((i for i, ln in enumerate(lines) if ln.startswith("$ ")), default=0)
+    lines = lines[start:]
+    for i, line in enumerate(lines):
+        if _ERROR.search(line):
+            return "\n".join(lines[i:i + context])
+    return "\n".join(lines[-context:])
+
+
+def exe_name(target: str, platform: str = sys.platform) -> str:
+    return target + (".exe" if platform == "win32" else "")
+
+
+def find_outputs(build_dir: Path, targets: Sequence[str]) -> Dict[str, Path]:
+    """Built binaries: bin/<target> (single-config) or bin/Release/<target> (multi-config)."""
+    out = {}
+    for t in targets:
+        for cand in (build_dir / "bin" / exe_name(t), build_dir / "bin" / "Release" / exe_name(t)):
+            if cand.exists():
+                out[t] = cand
+                break
+    return out
+
+
+def shared_libs(build_dir: Path) -> List[Path]:
+    """Libraries a shared/portable build puts beside the binaries (libggml*.so, backends)."""
+    bindir = build_dir / "bin"
+    pats = ("*.so", "*.so.*", "*.dylib", "*.dll")
+    return sorted({p for pat in pats for p in bindir.glob(pat) if p.is_file()})
+
+
+# -- install ------------------------------------------------------------------------------
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        sa, sb = a.stat(), b.stat()
+    except OSError:
+        return False
+    return sa.st_size == sb.st_size and int(sa.st_mtime) == int(sb.st_mtime)
+
+
+def _copy_atomic(src: Path, dest: Path) -> None:
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    shutil.copy2(src, tmp)
+    os.replace(tmp, dest)
+
+
+def install_files(binaries: Mapping[str, Path], bindir: Path, with_libs: Optional[Path] = None) -> Dict[str, Path]:
+    """Copy built binaries (and shared libraries beside them) into `bindir`; unchanged files
+    are left alone, so re-installing an up-to-date build is a handful of stat() calls."""
+    bindir.mkdir(parents=True, exist_ok=True)
+    out = {}
+    files = [(name, Path(src)) for name, src in binaries.items()]
+    files += [(None, lib) for lib in (shared_libs(with_libs.parent) if with_libs else [])]
+    for name, src in files:
+        dest = bindir / src.name
+        if not _same_file(src, dest):
+            _copy_atomic(src, dest)
+        if name:
+            out[name] = dest
+    return out
+
+
+def point_current(target: Path) -> Path:
+    """Make `<target.parent>/current` a relative link to `target` (atomic replace)."""
+    link = target.parent / "current"
+    try:
+        if os.readlink(link) == target.name:
+            return link
+    except OSError:
+        pass
+    tmp = target.parent / f".current.{os.getpid()}.tmp"
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    os.symlink(target.name, tmp)
+    os.replace(tmp, link)
+    return link

@@ -1,0 +1,378 @@
+"""Detect the build toolchain and the GPUs of this machine.
+
+Pure functions returning frozen dataclasses; each takes an optional `env` (whose PATH
+is searched) and `run` (how to run a probe command) so tests can point them at stand-in
+scripts. `pylmserv doctor` imports these too. Nothing here raises for a missing tool:
+absence is data (`found=False`); the builder's preflight turns it into an error.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+Runner = Callable[[Sequence[str], float], Tuple[int, str]]
+
+MIN_CMAKE = (3, 18)  # ggml-cuda needs 3.18; llama.cpp itself 3.14
+MIN_NINJA = (1, 10)
+PROBE_TIMEOUT = 20.0
+
+
+def default_run(argv: Sequence[str], timeout: float = PROBE_TIMEOUT) -> Tuple[int, str]:
+    """Run a probe; (returncode, stdout+stderr). Never raises for a missing/broken tool."""
+    try:
+        proc = subprocess.run(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL, timeout=timeout)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return 127, str(exc)
+    return proc.returncode, proc.stdout.decode("utf-8", "replace")
+
+
+def which(name: str, env: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    path = (env if env is not None else os.environ).get("PATH", os.defpath)
+    return shutil.which(name, path=path)
+
+
+def parse_version(text: str) -> Optional[Tuple[int, ...]]:
+    m = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", text or "")
+    if not m:
+        return None
+    return tuple(int(x) for x in m.groups() if x is not None)
+
+
+def version_str(v: Optional[Tuple[int, ...]]) -> str:
+    return ".".join(map(str, v)) if v else "?"
+
+
+@dataclass(frozen=True)
+class Tool:
+    """One external tool: where it is and what version it reports."""
+
+    name: str
+    path: Optional[str] = None
+    version: Optional[Tuple[int, ...]] = None
+    origin: str = "system"  # system | pip-wheel | env
+    detail: str = ""
+
+    @property
+    def found(self) -> bool:
+        return self.path is not None
+
+    def describe(self) -> str:
+        if not self.found:
+            return f"{self.name}: not found"
+        ver = f" {version_str(self.version)}" if self.version else ""
+        origin = f" ({self.origin})" if self.origin != "system" else ""
+        return f"{self.name}{ver}: {self.path}{origin}"
+
+
+def probe_tool(name: str, args: Sequence[str] = ("--version",), env=None, run: Runner = default_run,
+               exe: Optional[str] = None, origin: str = "system") -> Tool:
+    path = exe or which(name, env)
+    if not path:
+        return Tool(name)
+    rc, out = run([path, *args], PROBE_TIMEOUT)
+    first = next((ln.strip() for ln in out.splitlines() if ln.strip()), "")
+    return Tool(name, path, parse_version(out) if rc == 0 else None, origin, first)
+
+
+def _wheel_bin(module: str, attr: str) -> Optional[Path]:
+    """The binary dir of the `cmake`/`ninja` PyPI wheels, when installed (the bootstrap)."""
+    try:
+        mod = __import__(module)
+        return Path(getattr(mod, attr))
+    except (ImportError, AttributeError, TypeError):
+        return None
+
+
+def detect_cmake(env=None, run: Runner = default_run, use_wheel: bool = True) -> Tool:
+    """System cmake if new enough, else the `cmake` wheel from PyPI (pip install cmake)."""
+    tool = probe_tool("cmake", env=env, run=run)
+    if tool.found and tool.version and tool.version >= MIN_CMAKE:
+        return tool
+    if use_wheel:
+        bindir = _wheel_bin("cmake", "CMAKE_BIN_DIR")
+        exe = bindir / ("cmake.exe" if sys.platform == "win32" else "cmake") if bindir else None
+        if exe and exe.exists():
+            wheel = probe_tool("cmake", env=env, run=run, exe=str(exe), origin="pip-wheel")
+            if wheel.version and wheel.version >= MIN_CMAKE:
+                return wheel
+    return tool
+
+
+def detect_ninja(env=None, run: Runner = default_run, use_wheel: bool = True) -> Tool:
+    tool = probe_tool("ninja", env=env, run=run)
+    if tool.found and tool.version and tool.version >= MIN_NINJA:
+        return tool
+    if use_wheel:
+        bindir = _wheel_bin("ninja", "BIN_DIR")
+        exe = bindir / ("ninja.exe" if sys.platform == "win32" else "ninja") if bindir else None
+        if exe and exe.exists():
+            wheel = probe_tool("ninja", env=env, run=run, exe=str(exe), origin="pip-wheel")
+            if wheel.version:
+                return wheel
+    return tool
+
+
+def detect_compilers(env=None, run: Runner = default_run) -> Tuple[Tool, Tool]:
+    """(C, C++) compilers: $CC/$CXX if set, else cc/gcc/clang and c++/g++/clang++."""
+    env = env if env is not None else os.environ
+    out = []
+    for var, names in (("CC", ("cc", "gcc", "clang")), ("CXX", ("c++", "g++", "clang++"))):
+        if env.get(var):
+            exe = env[var].split()[0]
+            path = (exe if os.access(exe, os.X_OK) else None) if os.path.isabs(exe) else which(exe, env)
+            t = probe_tool(exe, env=env, run=run, exe=path, origin="env") if path else Tool(exe, origin="env")
+            out.append(t)
+            continue
+        t = Tool(names[0])
+        for n in names:
+            t = probe_tool(n, env=env, run=run)
+            if t.found:
+                break
+        out.append(t)
+    return out[0], out[1]
+
+
+def detect_ccache(env=None, run: Runner = default_run) -> Tool:
+    tool = probe_tool("ccache", env=env, run=run)
+    if tool.found:
+        return tool
+    return probe_tool("sccache", env=env, run=run)
+
+
+def detect_nvcc(env=None, run: Runner = default_run) -> Tool:
+    """nvcc on PATH, else under $CUDA_PATH/$CUDA_HOME or /usr/local/cuda; version from "release X.Y"."""
+    env_ = env if env is not None else os.environ
+    exe = which("nvcc", env)
+    origin = "system"
+    if not exe:
+        for root in (env_.get("CUDA_PATH"), env_.get("CUDA_HOME"), "/usr/local/cuda"):
+            if root and (Path(root) / "bin" / "nvcc").exists():
+                exe, origin = str(Path(root) / "bin" / "nvcc"), "env"
+                break
+    if not exe:
+        return Tool("nvcc")
+    rc, out = run([exe, "--version"], PROBE_TIMEOUT)
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    version = (int(m.group(1)), int(m.group(2))) if m and rc == 0 else None
+    return Tool("nvcc", exe, version, origin, out.strip().splitlines()[-1] if out.strip() else "")
+
+
+def detect_glslc(env=None, run: Runner = default_run) -> Tool:
+    return probe_tool("glslc", env=env, run=run)
+
+
+@dataclass(frozen=True)
+class RocmInfo:
+    hipcc: Tool
+    rocminfo: Tool
+    rocm_path: Optional[str]  # ROCM_PATH/HIP_PATH or /opt/rocm when it exists
+    hip_clang: Optional[str]  # $ROCM/llvm/bin/clang: what upstream sets HIPCXX to
+    device_lib_path: Optional[str]  # amdgcn bitcode (HIP_DEVICE_LIB_PATH)
+    gfx_targets: Tuple[str, ...] = ()
+
+    @property
+    def found(self) -> bool:
+        return self.hipcc.found or self.hip_clang is not None
+
+
+def detect_rocm(env=None, run: Runner = default_run) -> RocmInfo:
+    env_ = env if env is not None else os.environ
+    hipcc = probe_tool("hipcc", env=env, run=run)
+    rocminfo = Tool("rocminfo", which("rocminfo", env))
+    root = env_.get("ROCM_PATH") or env_.get("HIP_PATH")
+    if not root and hipcc.found:
+        root = str(Path(os.path.realpath(hipcc.path)).parent.parent)
+    if not root and Path("/opt/rocm").exists():
+        root = "/opt/rocm"
+    clang = None
+    dev_lib = env_.get("HIP_DEVICE_LIB_PATH")
+    if root:
+        cand = Path(root) / "llvm" / "bin" / "clang"
+        clang = str(cand) if cand.exists() else None
+        if not dev_lib:
+            for sub in ("amdgcn/bitcode", "lib/llvm/lib/clang/amdgcn/bitcode", "llvm/lib/clang/amdgcn/bitcode"):
+                if (Path(root) / sub).is_dir():
+                    dev_lib = str(Path(root) / sub)
+                    break
+    gfx: Tuple[str, ...] = ()
+    if rocminfo.found:
+        rc, out = run([rocminfo.path], PROBE_TIMEOUT)
+        if rc == 0:
+            gfx = parse_rocminfo(out)
+    return RocmInfo(hipcc, rocminfo, root, clang, dev_lib, gfx)
+
+
+def parse_rocminfo(text: str) -> Tuple[str, ...]:
+    """gfx targets of GPU agents in `rocminfo` output (CPU agents list no gfx name)."""
+    seen: List[str] = []
+    for m in re.finditer(r"^\s*Name:\s+(gfx[0-9a-f]+)\s*$", text, re.M):
+        if m.group(1) not in seen and m.group(1) != "gfx000":
+            seen.append(m.group(1))
+    return tuple(seen)
+
+
+@dataclass(frozen=True)
+class NvidiaGpu:
+    name: str
+    compute_cap: str  # "8.6"
+
+    @property
+    def arch(self) -> str:  # CMAKE_CUDA_ARCHITECTURES spelling: "86"
+        return self.compute_cap.replace(".", "")
+
+
+def detect_nvidia_gpus(env=None, run: Runner = default_run) -> Tuple[NvidiaGpu, ...]:
+    exe = which("nvidia-smi", env)
+    if not exe:
+        return ()
+    rc, out = run([exe, "--query-gpu=name,compute_cap", "--format=csv,noheader"], PROBE_TIMEOUT)
+    if rc != 0:
+        return ()
+    return parse_nvidia_smi(out)
+
+
+def parse_nvidia_smi(text: str) -> Tuple[NvidiaGpu, ...]:
+    gpus = []
+    for line in text.splitlines():
+        if "," not in line:
+            continue
+        name, cap = line.rsplit(",", 1)
+        cap = cap.strip()
+        if re.fullmatch(r"\d+\.\d+", cap):
+            gpus.append(NvidiaGpu(name.strip(), cap))
+    return tuple(gpus)
+
+
+PCI_VENDORS = {"0x10de": "nvidia", "0x1002": "amd", "0x1022": "amd", "0x8086": "intel", "0x106b": "apple"}
+
+
+def detect_gpu_vendors(env=None, run: Runner = default_run, sysfs: Path = Path("/sys/class/drm"),
+                       platform: str = sys.platform) -> Tuple[str, ...]:
+    """Which GPU vendors this machine has: nvidia-smi, rocminfo, then PCI display devices."""
+    vendors: List[str] = []
+    if detect_nvidia_gpus(env, run):
+        vendors.append("nvidia")
+    rocminfo = which("rocminfo", env)
+    if rocminfo:
+        rc, out = run([rocminfo], PROBE_TIMEOUT)
+        if rc == 0 and parse_rocminfo(out):
+            vendors.append("amd")
+    try:
+        cards = sorted(Path(sysfs).glob("card[0-9]*/device/vendor"))
+    except OSError:
+        cards = []
+    for vendor_file in cards:
+        try:
+            v = PCI_VENDORS.get(vendor_file.read_text().strip().lower())
+        except OSError:
+            continue
+        if v and v not in vendors:
+            vendors.append(v)
+    if platform == "darwin" and "apple" not in vendors:
+        vendors.append("apple")
+    return tuple(vendors)
+
+
+@dataclass(frozen=True)
+class Xcode:
+    developer_dir: Optional[str]
+    metal: bool  # the `metal` shader compiler is reachable through xcrun
+
+    @property
+    def found(self) -> bool:
+        return self.developer_dir is not None
+
+
+def detect_xcode(env=None, run: Runner = default_run, platform: str = sys.platform) -> Xcode:
+    if platform != "darwin":
+        return Xcode(None, False)
+    sel = which("xcode-select", env)
+    dev = None
+    if sel:
+        rc, out = run([sel, "-p"], PROBE_TIMEOUT)
+        dev = out.strip() if rc == 0 and out.strip() else None
+    metal = False
+    xcrun = which("xcrun", env)
+    if xcrun:
+        rc, _ = run([xcrun, "--find", "metal"], PROBE_TIMEOUT)
+        metal = rc == 0
+    return Xcode(dev, metal)
+
+
+def detect_openssl_headers(env=None, platform: str = sys.platform) -> bool:
+    """Cheap (stat only): are OpenSSL development headers where CMake looks by default?"""
+    env_ = env if env is not None else os.environ
+    roots = [env_.get("OPENSSL_ROOT_DIR"), "/usr", "/usr/local", "/opt/homebrew/opt/openssl@3",
+             "/usr/local/opt/openssl@3"]
+    roots += [p.rstrip("/").rsplit("/lib/pkgconfig", 1)[0] for p in env_.get("PKG_CONFIG_PATH", "").split(":") if p]
+    return any(r and (Path(r) / "include" / "openssl" / "ssl.h").exists() for r in roots)
+
+
+def detect_blas(platform: str = sys.platform) -> Optional[str]:
+    """The BLAS vendor upstream would use: Apple (Accelerate) on macOS, OpenBLAS when its headers exist."""
+    if platform == "darwin":
+        return "Apple"
+    for inc in ("/usr/include/openblas", "/usr/include/x86_64-linux-gnu/openblas-pthread",
+                "/usr/include/aarch64-linux-gnu/openblas-pthread", "/usr/local/include/openblas"):
+        if Path(inc, "cblas.h").exists():
+            return "OpenBLAS"
+    if Path("/usr/include/cblas.h").exists() or Path("/usr/include/openblas/cblas.h").exists():
+        return "OpenBLAS"
+    return None
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    """What one build needs to know about the machine, detected once."""
+
+    cmake: Tool
+    ninja: Tool
+    cc: Tool
+    cxx: Tool
+    ccache: Tool
+    extra: Dict[str, object] = field(default_factory=dict)  # backend-specific: nvcc, rocm, glslc, xcode, gpus
+
+    def describe(self) -> List[str]:
+        lines = [t.describe() for t in (self.cmake, self.ninja, self.cc, self.cxx, self.ccache)]
+        for key, value in self.extra.items():
+            if isinstance(value, Tool):
+                lines.append(value.describe())
+            elif isinstance(value, RocmInfo):
+                lines.append(value.hipcc.describe())
+                lines.append(f"rocm: {value.rocm_path or 'not found'}; gfx targets: {','.join(value.gfx_targets) or 'none detected'}")
+            elif isinstance(value, Xcode):
+                lines.append(f"xcode: {value.developer_dir or 'not found'}; metal compiler: {'yes' if value.metal else 'no'}")
+            elif key == "nvidia_gpus":
+                lines.append("nvidia gpus: " + (", ".join(f"{g.name} (sm_{g.arch})" for g in value) or "none detected"))
+            elif key == "gpu_vendors":
+                lines.append("gpu vendors: " + (", ".join(value) or "none detected"))
+            else:
+                lines.append(f"{key}: {value}")
+        return lines
+
+
+def detect_toolchain(backend: str, env=None, run: Runner = default_run, platform: str = sys.platform,
+                     sysfs: Path = Path("/sys/class/drm")) -> Toolchain:
+    cc, cxx = detect_compilers(env, run)
+    extra: Dict[str, object] = {}
+    if backend == "cuda":
+        extra["nvcc"] = detect_nvcc(env, run)
+        extra["nvidia_gpus"] = detect_nvidia_gpus(env, run)
+    elif backend == "rocm":
+        extra["rocm"] = detect_rocm(env, run)
+    elif backend == "vulkan":
+        extra["glslc"] = detect_glslc(env, run)
+    elif backend == "metal":
+        extra["xcode"] = detect_xcode(env, run, platform)
+    elif backend == "blas":
+        extra["blas_vendor"] = detect_blas(platform)
+    if backend in ("cuda", "rocm", "vulkan"):
+        extra["gpu_vendors"] = detect_gpu_vendors(env, run, sysfs, platform)
+    return Toolchain(detect_cmake(env, run), detect_ninja(env, run), cc, cxx, detect_ccache(env, run), extra)

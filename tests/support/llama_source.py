@@ -1,0 +1,169 @@
+"""The real llama.cpp source for tests: the tree vendored in the llama-cpp-python sdist,
+repacked as a tarball with one top directory and served on 127.0.0.1 like any pinned
+source, with a pylmserv.toml/lock pair that points at it.
+
+Also `built_llama_cpp()`: one CPU build of llama-cli + llama-server through the normal
+locked-source path, reused by every slow test of a session (the serve tests too). It
+uses a persistent PYLMSERV_HOME and CCACHE_DIR under ~/.cache/pylmserv-tests so reruns
+are a cache hit; a fresh CI machine builds cold (about 12 minutes on 2 cores).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterator, Optional, Tuple
+
+SDIST_VERSION = "0.3.36"
+CACHE = Path(os.environ.get("PYLMSERV_TEST_CACHE", Path.home() / ".cache" / "pylmserv-tests"))
+SDIST = CACHE / f"llama_cpp_python-{SDIST_VERSION}.tar.gz"
+VENDOR_PREFIX = f"llama_cpp_python-{SDIST_VERSION}/vendor/llama.cpp/"
+TOP = f"llama.cpp-vendored-{SDIST_VERSION}"
+TARBALL = CACHE / f"{TOP}.tar.gz"
+PERSISTENT_HOME = CACHE / "home"
+CCACHE_DIR = CACHE / "ccache"
+TEST_TARGETS = ("llama-cli", "llama-server")  # small on purpose: CI builds this cold
+SOURCE_REV = f"vendored-{SDIST_VERSION}"
+
+
+def have_sdist() -> bool:
+    return SDIST.is_file()
+
+
+def require_sdist():
+    """Fail in CI (setup-dev.sh caches it), skip on a developer machine without it."""
+    import pytest
+
+    if not have_sdist():
+        if os.environ.get("CI"):
+            pytest.fail(f"{SDIST} missing: scripts/setup-dev.sh downloads it")
+        pytest.skip(f"{SDIST} not cached (pip download --no-deps --no-binary :all: llama-cpp-python=={SDIST_VERSION})")
+
+
+def vendored_tarball() -> Path:
+    """vendor/llama.cpp of the sdist as <TOP>/... in a .tar.gz (built once, then cached)."""
+    if TARBALL.is_file():
+        return TARBALL
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = TARBALL.with_name(f".{TARBALL.name}.{os.getpid()}.tmp")
+    with tarfile.open(SDIST, "r:gz") as src, tarfile.open(tmp, "w:gz", compresslevel=6) as dst:
+        for member in src:
+            if not member.name.startswith(VENDOR_PREFIX) or member.name == VENDOR_PREFIX:
+                continue
+            rel = member.name[len(VENDOR_PREFIX):]
+            info = tarfile.TarInfo(f"{TOP}/{rel}")
+            for attr in ("size", "mtime", "mode", "type", "linkname"):
+                setattr(info, attr, getattr(member, attr))
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            dst.addfile(info, src.extractfile(member) if member.isfile() else None)
+    os.replace(tmp, TARBALL)
+    return TARBALL
+
+
+def tarball_nar_hash():
+    """NAR hash of the unpacked tarball (Nix fetchzip semantics), cached beside it."""
+    from pylmserv.archive import extract
+    from pylmserv.hashing import Hash, file_hash
+    from pylmserv.nar import nar_hash
+
+    tarball = vendored_tarball()
+    flat = file_hash(tarball)
+    sidecar = tarball.with_name(tarball.name + ".nar")
+    if sidecar.is_file():
+        flat_text, nar_text = sidecar.read_text().split()
+        if flat_text == flat.sri:
+            return Hash.parse(nar_text)
+    with tempfile.TemporaryDirectory(dir=CACHE) as work:
+        tree = extract(tarball, Path(work) / "tree", policy="tar", strip_single_root=True)
+        got = nar_hash(tree)
+    sidecar.write_text(f"{flat.sri} {got.sri}\n")
+    return got
+
+
+def write_project(directory: Path, base_url: str, nar=None) -> Tuple[Path, Path]:
+    """pylmserv.toml + pylmserv.lock in `directory` whose llama-cpp points at `base_url`."""
+    from pylmserv.config import Lock, LockEntry
+
+    directory.mkdir(parents=True, exist_ok=True)
+    url = f"{base_url.rstrip('/')}/{TARBALL.name}"
+    config = directory / "pylmserv.toml"
+    config.write_text(f'[sources.llama-cpp]\ntype = "url"\nurl = "{url}"\nunpack = true\n'
+                      f'version = "{SOURCE_REV}"\n')
+    entry = LockEntry("sources", "llama-cpp", url, nar or tarball_nar_hash(), "nar", rev=SOURCE_REV,
+                      extra={"type": "url", "unpack": True, "version": SOURCE_REV})
+    lock = Lock(path=directory / "pylmserv.lock").with_entry(entry)
+    lock.write()
+    return config, lock.path
+
+
+@contextlib.contextmanager
+def served_project(directory: Path, tarball: Optional[Path] = None) -> Iterator[Tuple[Path, Path, str]]:
+    """Serve the vendored tarball (or `tarball` under its name) on 127.0.0.1 and write a
+    project pointing at it; yields (config, lock, base_url)."""
+    from tests.support.httpserver import serve_directory
+
+    www = directory / "www"
+    www.mkdir(parents=True, exist_ok=True)
+    nar = tarball_nar_hash()
+    target = www / TARBALL.name
+    if not target.exists():
+        os.symlink(tarball or TARBALL, target)
+    with serve_directory(www) as base:
+        config, lock = write_project(directory / "project", base, nar)
+        yield config, lock, base
+
+
+def build_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    env = dict(os.environ)
+    env.update({"PYLMSERV_HOME": str(PERSISTENT_HOME), "CCACHE_DIR": str(CCACHE_DIR)})
+    env.pop("SOURCE_DATE_EPOCH", None)
+    env.update(extra or {})
+    return env
+
+
+def run_build(config: Path, lock: Path, *args: str, env: Optional[Dict[str, str]] = None,
+              timeout: float = 3600) -> subprocess.CompletedProcess:
+    """`pylmserv --config C --lock L build --json ...` as a user runs it (-j2: shared 2-core machines)."""
+    argv = [sys.executable, "-m", "pylmserv", "--config", str(config), "--lock", str(lock), "build", "--json",
+            "-j", os.environ.get("PYLMSERV_TEST_JOBS", "2"), *args]
+    for t in TEST_TARGETS:
+        argv += ["--target", t]
+    return subprocess.run(argv, capture_output=True, text=True, env=env or build_env(), timeout=timeout)
+
+
+_BUILT: Dict[str, dict] = {}
+
+
+def built_llama_cpp(workdir: Optional[Path] = None) -> dict:
+    """A CPU llama.cpp (llama-cli + llama-server) built from the served vendored source.
+
+    Returns the `--json` result (paths, build_dir, cache_hit, ...). Memoised per process,
+    so every slow test of a session shares one build.
+    """
+    if "cpu" in _BUILT:
+        return _BUILT["cpu"]
+    require_sdist()
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="pylmserv-llama-"))
+    with served_project(workdir) as (config, lock, _):
+        proc = run_build(config, lock)
+    if proc.returncode != 0:
+        raise AssertionError(f"pylmserv build failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    result = json.loads(proc.stdout)
+    result["config"], result["lock"] = str(config), str(lock)
+    _BUILT["cpu"] = result
+    return result
+
+
+def remove_tree(path: Path) -> None:
+    def onerror(func, p, exc):
+        os.chmod(p, 0o700)
+        func(p)
+
+    shutil.rmtree(path, onerror=onerror)
