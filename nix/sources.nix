@@ -82,18 +82,24 @@ let
       submodules = entry.submodules or false;
       viaGit = type == "git" || (type == "github" && submodules);
       gitUrl =
-        if type == "github" then "https://github.com/${entry.owner}/${entry.repo}.git" else url;
+        entry.git_url or (if type == "github" then "https://github.com/${entry.owner}/${entry.repo}.git" else url);
       rev = entry.rev or null;
       tree =
         if viaGit then
           if isCommit rev then
-            (builtins.fetchGit {
-              url = gitUrl;
-              inherit rev submodules;
-              name = "source";
-              narHash = hash;
-              allRefs = true;
-            }).outPath
+            let
+              checkout = builtins.fetchGit ({
+                url = gitUrl;
+                inherit rev submodules;
+                name = "source";
+                allRefs = true;
+              } // (if hash == "" then { } else { narHash = hash; }));
+            in
+            # The empty-hash trick, for git too: report what the checkout hashes to.
+            if hash == "" then
+              throw "pylmserv.lock: [${kind}.${name}] has an empty hash; hash mismatch in fixed-output derivation '${gitUrl}?rev=${rev}':\n  got:    ${checkout.narHash}"
+            else
+              checkout.outPath
           else
             throw "pylmserv.lock: [${kind}.${name}] is fetched with git (submodules = ${builtins.toJSON submodules}) but rev ${builtins.toJSON rev} is not a full commit hash; run `pylmserv prefetch --refresh`"
         else

@@ -1,0 +1,199 @@
+"""A copy of pylmserv's flake next to a lock whose pins point at 127.0.0.1 (tests only).
+
+The served things are real: a GGUF-looking model file, a GitHub-style release tarball
+(single top-level directory, an executable and a symlink inside), a zip with a single
+top-level directory, a flat toolchain zip and a local git repository. Their pins are
+computed by pylmserv itself (its downloader, its unpacker with Nix's single-root strip,
+its NAR serialiser) and written with pylmserv.config.Lock, so a Nix build that succeeds
+means Nix accepted pylmserv's hashes. Contents are random per world, so a store path
+left by an earlier run can never make a build pass without a fetch.
+"""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import tarfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List
+
+from pylmserv.config import Lock, LockEntry
+from pylmserv.hashing import Hash
+from pylmserv.nar import nar_hash
+
+REPO = Path(__file__).resolve().parents[2]
+STANDIN = REPO / "tests" / "nixpkgs-standin"
+FLAKE_FILES = ("flake.nix", "flake.lock", "nix", "pyproject.toml")
+COSMOCC_VERSION = "3.3.6"
+
+
+@dataclass
+class World:
+    flake: Path
+    lock: Lock
+    model_bytes: bytes
+    expected: Dict[str, Hash] = field(default_factory=dict)  # output name -> pylmserv's hash
+
+    def entry(self, output: str) -> LockEntry:
+        kind, _, name = output.partition("-")
+        return self.lock.entry("models" if kind == "model" else "sources", name)
+
+    @property
+    def outputs(self) -> List[str]:
+        return sorted(self.expected)
+
+
+def nix(*args: str, cwd=None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a Nix command offline (env from the `nix` fixture; loopback never proxied)."""
+    env = dict(os.environ)
+    for key in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        env.pop(key, None)
+    env["no_proxy"] = "127.0.0.1,localhost"
+    return subprocess.run(list(args), capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+
+
+def fixed_path(hash_: Hash, name: str, recursive: bool) -> str:
+    """Nix's own answer: the store path of a fixed-output derivation with this hash/name."""
+    args = ["nix-store", "--print-fixed-path"] + (["--recursive"] if recursive else []) + ["sha256", hash_.sri, name]
+    proc = nix(*args)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def copy_flake(dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in FLAKE_FILES:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name)
+        else:
+            shutil.copy2(src, dest / name)
+    return dest
+
+
+def _tree(root: Path, top: str, salt: bytes) -> Path:
+    base = root / top
+    (base / "src").mkdir(parents=True)
+    (base / "bin").mkdir()
+    (base / "README.md").write_bytes(b"fixture " + salt.hex().encode() + b"\n")
+    (base / "src" / "main.c").write_bytes(b"int main(void) { return 0; }\n/* " + salt.hex().encode() + b" */\n")
+    run = base / "bin" / "run.sh"
+    run.write_bytes(b"#!/bin/sh\necho run\n")
+    run.chmod(0o755)
+    (base / "LINK").symlink_to("README.md")
+    return base
+
+
+def _tarball(tree: Path, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(out, "w:gz") as tar:
+        tar.add(tree, arcname=tree.name)
+
+
+def _zip_with_root(tree: Path, out: Path) -> None:
+    """A zip with one top-level directory, unix modes kept (like GitHub's zipballs)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
+        for path in sorted(tree.rglob("*")):
+            if path.is_symlink() or path.is_dir():
+                continue
+            info = zipfile.ZipInfo(f"{tree.name}/{path.relative_to(tree)}")
+            info.external_attr = (0o100000 | (path.stat().st_mode & 0o777)) << 16
+            zf.writestr(info, path.read_bytes())
+
+
+def _flat_zip(out: Path, salt: bytes) -> None:
+    """A toolchain-like zip without a top-level directory (cosmocc's layout)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        info = zipfile.ZipInfo("bin/cosmocc")
+        info.external_attr = (0o100755) << 16
+        zf.writestr(info, b"#!/bin/sh\necho cosmocc " + salt.hex().encode() + b"\n")
+    out.write_bytes(buf.getvalue())
+
+
+def _git_repo(path: Path, salt: bytes) -> str:
+    path.mkdir(parents=True)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "-C", str(path)]
+    subprocess.run(git[:-2] + ["init", "-q", str(path)], check=True, timeout=60)
+    (path / "gadget.txt").write_bytes(b"gadget " + salt.hex().encode() + b"\n")
+    tool = path / "tool.sh"
+    tool.write_bytes(b"#!/bin/sh\n")
+    tool.chmod(0o755)
+    subprocess.run(git + ["add", "-A"], check=True, timeout=60)
+    subprocess.run(git + ["commit", "-qm", "fixture"], check=True, timeout=60)
+    return subprocess.run(git + ["rev-parse", "HEAD"], check=True, capture_output=True, text=True,
+                          timeout=60).stdout.strip()
+
+
+def _pylmserv_hash(entry: LockEntry, work: Path) -> Hash:
+    """The pin as pylmserv computes it: its fetch + unpack (+ git checkout), then NAR or flat."""
+    from pylmserv.hashing import file_hash
+    from pylmserv.sources import fetch_entry
+
+    work.mkdir(parents=True)
+    staged = fetch_entry(entry, work)
+    return nar_hash(staged) if entry.mode == "nar" else file_hash(staged)
+
+
+def build_world(tmp: Path, www: Path, base_url: str) -> World:
+    """Serve fixtures from `www` (already served at base_url) and write a lock for them."""
+    salt = os.urandom(8)
+    stage = tmp / "stage"
+    placeholder = Hash.of_bytes(b"placeholder")
+    entries: List[LockEntry] = []
+
+    model = b"GGUF" + os.urandom(64 * 1024)
+    (www / "models").mkdir()
+    (www / "models" / "tiny.gguf").write_bytes(model)
+    entries.append(LockEntry("models", "tiny", f"{base_url}/models/tiny.gguf", placeholder, "flat", rev="main",
+                             size=len(model), extra={"hf": "acme/tiny-GGUF", "file": "tiny.gguf"}))
+
+    # Catalog-shaped sources: llama-cpp and llamafile as GitHub tarballs, cosmocc flat.
+    for name, owner, repo, ref in (("llama-cpp", "ggml-org", "llama.cpp", "b1"), ("llamafile", "Mozilla-Ocho", "llamafile", "0.1")):
+        tree = _tree(stage / name, f"{repo}-{ref}", salt + name.encode())
+        rel = f"gh/{owner}/{repo}/archive/{ref}.tar.gz"
+        _tarball(tree, www / rel)
+        extra = {"type": "github", "owner": owner, "repo": repo, "ref": ref, "submodules": False}
+        if name == "llamafile":
+            extra["cosmocc"] = COSMOCC_VERSION
+        entries.append(LockEntry("sources", name, f"{base_url}/{rel}", placeholder, "nar", rev=ref, extra=extra))
+
+    cosmocc_name = "cosmocc-" + COSMOCC_VERSION.replace(".", "_")
+    (www / "cosmo").mkdir()
+    _flat_zip(www / "cosmo" / f"cosmocc-{COSMOCC_VERSION}.zip", salt)
+    entries.append(LockEntry("sources", cosmocc_name, f"{base_url}/cosmo/cosmocc-{COSMOCC_VERSION}.zip", placeholder,
+                             "flat", extra={"type": "url", "unpack": False, "version": COSMOCC_VERSION}))
+
+    tool_tree = _tree(stage / "tool", "tool-2.0", salt + b"tool")
+    _zip_with_root(tool_tree, www / "zips" / "tool-2.0.zip")
+    entries.append(LockEntry("sources", "tool", f"{base_url}/zips/tool-2.0.zip", placeholder, "nar",
+                             extra={"type": "url", "unpack": True}))
+
+    rev = _git_repo(tmp / "git" / "gadget", salt)
+    entries.append(LockEntry("sources", "gadget", (tmp / "git" / "gadget").as_uri(), placeholder, "nar", rev=rev,
+                             extra={"type": "git", "ref": "HEAD", "submodules": False}))
+
+    flake = copy_flake(tmp / "flake")
+    lock = Lock(path=flake / "pylmserv.lock")
+    expected: Dict[str, Hash] = {}
+    for entry in entries:
+        got = _pylmserv_hash(entry, tmp / "work" / entry.name)
+        entry = LockEntry(entry.kind, entry.name, entry.url, got, entry.mode, entry.rev, entry.size, entry.extra)
+        lock = lock.with_entry(entry)
+        expected[("model-" if entry.kind == "models" else "source-") + entry.name] = got
+    lock.write()
+    return World(flake=flake, lock=lock, model_bytes=model, expected=expected)
+
+
+def set_hash(world: World, output: str, new: str) -> None:
+    """Rewrite one entry's hash in the lock text (new may be "" for the empty-hash trick,
+    which pylmserv itself would never write)."""
+    entry = world.entry(output)
+    text = (world.flake / "pylmserv.lock").read_text()
+    old = f'hash = "{entry.hash.sri}"'
+    assert text.count(old) == 1, f"{output}: hash line not unique in the lock"
+    (world.flake / "pylmserv.lock").write_text(text.replace(old, f'hash = "{new}"'))

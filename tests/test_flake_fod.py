@@ -1,0 +1,99 @@
+"""Real Nix builds of the flake's fixed-output derivations, from a lock pylmserv wrote.
+
+Models, a GitHub-style tarball, a zip, a flat toolchain zip and a git checkout are
+served on 127.0.0.1 (git: file://); pylmserv computes their pins (tests/support/
+flakeworld.py); the repo's flake is copied next to that lock and `nix build` must
+accept every hash, land on the store path nixpkgs' fetchers would use, refuse an
+altered hash, and report pylmserv's hash back for an empty one. The repo's own
+flake.lock (real nixpkgs pin) is used unchanged: these outputs never fetch nixpkgs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+
+from pylmserv import nixmsg
+from pylmserv.hashing import Hash
+from tests.support import flakeworld as fw
+
+pytestmark = pytest.mark.nix
+
+
+@pytest.fixture
+def world(nix, tmp_path, http_dir):
+    root, base = http_dir
+    return fw.build_world(tmp_path, root, base)
+
+
+def _ref(world, output):
+    return f"path:{world.flake}#{output}"
+
+
+def _build(world, *outputs):
+    return fw.nix("nix", "build", "--no-link", "--json", *[_ref(world, o) for o in outputs])
+
+
+def _out_path(world, output):
+    proc = _build(world, output)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)[0]["outputs"]["out"]
+
+
+def test_nix_builds_every_fixed_output_with_pylmserv_hashes(world):
+    proc = _build(world, *world.outputs)
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)) == len(world.outputs)
+    paths = {output: _out_path(world, output) for output in world.outputs}  # all built now: no fetches
+
+    for output in world.outputs:
+        entry = world.entry(output)
+        got = paths[output]
+        if entry.mode == "flat":
+            # What nixpkgs' fetchurl { url; hash; } would produce: flat hash, base name.
+            name = entry.get("file") or entry.url.rsplit("/", 1)[-1]
+            assert got == fw.fixed_path(entry.hash, name, recursive=False), output
+            assert Hash.parse(fw.nix("nix", "hash", "file", got).stdout.strip()) == world.expected[output]
+        else:
+            # What fetchFromGitHub / fetchzip / fetchgit would produce: NAR hash, "source".
+            assert got == fw.fixed_path(entry.hash, "source", recursive=True), output
+            assert Hash.parse(fw.nix("nix", "hash", "path", got).stdout.strip()) == world.expected[output]
+
+    with open(paths["model-tiny"], "rb") as f:
+        assert f.read() == world.model_bytes
+
+
+def test_built_tree_keeps_modes_and_symlinks_like_fetchzip(world):
+    tree = _out_path(world, "source-llama-cpp")
+
+    # The single top-level directory is stripped, the exec bit and the symlink survive.
+    assert sorted(os.listdir(tree)) == ["LINK", "README.md", "bin", "src"]
+    assert os.access(os.path.join(tree, "bin", "run.sh"), os.X_OK)
+    assert os.readlink(os.path.join(tree, "LINK")) == "README.md"
+
+
+@pytest.mark.parametrize("output", ["model-tiny", "source-llama-cpp", "source-tool", "source-cosmocc-3_3_6",
+                                    "source-gadget"])
+def test_nix_refuses_an_altered_hash(world, output):
+    wrong = Hash.of_bytes(b"tampered " + output.encode())
+    fw.set_hash(world, output, wrong.sri)
+    proc = _build(world, output)
+    assert proc.returncode != 0
+    assert "mismatch" in proc.stderr, proc.stderr
+    true_hash = world.expected[output]
+    if output == "source-gadget":
+        # builtins.fetchGit: "NAR hash mismatch in input ..., expected 'X', got 'Y'"
+        assert re.search(r"got '" + re.escape(true_hash.sri) + "'", proc.stderr), proc.stderr
+    else:
+        assert nixmsg.got_hash(proc.stderr) == true_hash
+
+
+@pytest.mark.parametrize("output", ["model-tiny", "source-llamafile", "source-tool", "source-cosmocc-3_3_6",
+                                    "source-gadget"])
+def test_empty_hash_trick_reports_pylmserv_hash(world, output):
+    fw.set_hash(world, output, "")
+    proc = _build(world, output)
+    assert proc.returncode != 0
+    assert nixmsg.got_hash(proc.stderr) == world.expected[output], proc.stderr
