@@ -116,23 +116,55 @@ def pack(model: Union[str, Path], llamafile: Union[str, Path], output: Union[str
         raise UsageError(f"output {output} is one of the inputs", hint="Choose another -o path.")
     if output.is_dir():
         raise UsageError(f"output {output} is a directory", hint="Give a file path to -o.")
-    zip_info = read_central_directory(llamafile)
-
     arg_lines = ["-m", f"/zip/{model.name}", *args, "..."]
     args_blob = ("\n".join(arg_lines) + "\n").encode("utf-8")
+    files = [(p.name, p) for p in [model, *extra_files]]
+    size, entries, kept, replaced, zip64 = _write_archive(llamafile, output, files, [(".args", args_blob)], align, verify)
+    warnings = []
+    if replaced:
+        warnings.append(f"replaced {replaced} existing entr{'y' if replaced == 1 else 'ies'} of the same name "
+                        "(their old bytes stay in the file, unreferenced)")
+    if size >= WINDOWS_EXE_LIMIT:
+        warnings.append(f"{output.name} is {size / 2**30:.1f} GiB: Windows cannot run executables over 4 GiB; "
+                        "Windows users should run the bare llamafile with -m MODEL.gguf instead")
+    for w in warnings:
+        log.warning("warning: %s", w)
+    return PackResult(output=output, size=size, align=align, args=arg_lines, entries=entries,
+                      kept_entries=kept, zip64=zip64, warnings=warnings)
 
+
+def embed_files(binary: Union[str, Path], files: Sequence[Tuple[str, Union[str, Path]]],
+                output: Optional[Union[str, Path]] = None, align: int = DEFAULT_ALIGN) -> List[PackedEntry]:
+    """Add `files` ((name in the zip, path) pairs) to an APE/zip binary as aligned STORED
+    entries, replacing same-named ones; in place (atomically) unless `output` is given.
+    The llamafile builder embeds ggml-cuda.so / ggml-rocm.so with it."""
+    _check_align(align)
+    binary = Path(binary)
+    output = Path(output) if output is not None else binary
+    files = [(name, Path(p)) for name, p in files]
+    for _, p in files:
+        _check_readable(p, "file")
+    _check_readable(binary, "binary")
+    return _write_archive(binary, output, files, [], align, True)[1]
+
+
+def _write_archive(llamafile: Path, output: Path, files, blobs, align: int, verify: bool):
+    """Copy `llamafile` up to its central directory, append `files` then `blobs` aligned,
+    write the new central directory; temp file + verify + rename. Returns
+    (size, entries, kept_entries, replaced, zip64)."""
+    zip_info = read_central_directory(llamafile)
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".part", dir=output.parent)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "w+b") as out:
-            taken = set(names) | {".args"}
+            taken = {name for name, _ in files} | {name for name, _ in blobs}
             kept = [(n, r) for n, r in zip_info.records if n not in taken]
             replaced = len(zip_info.records) - len(kept)
             with open(llamafile, "rb") as src:
                 _copy_range(src, out, zip_info.cd_start)
-            entries = [_append_file(out, p.name, p, align) for p in [model, *extra_files]]
-            entries.append(_append_bytes(out, ".args", args_blob, align))
+            entries = [_append_file(out, name, path, align) for name, path in files]
+            entries += [_append_bytes(out, name, data, align) for name, data in blobs]
             zip64 = _write_central_directory(out, kept, entries)
             out.flush()
             os.fsync(out.fileno())
@@ -151,17 +183,7 @@ def pack(model: Union[str, Path], llamafile: Union[str, Path], output: Union[str
     except BaseException:
         _unlink(tmp)
         raise
-    warnings = []
-    if replaced:
-        warnings.append(f"replaced {replaced} existing entr{'y' if replaced == 1 else 'ies'} of the same name "
-                        "(their old bytes stay in the file, unreferenced)")
-    if size >= WINDOWS_EXE_LIMIT:
-        warnings.append(f"{output.name} is {size / 2**30:.1f} GiB: Windows cannot run executables over 4 GiB; "
-                        "Windows users should run the bare llamafile with -m MODEL.gguf instead")
-    for w in warnings:
-        log.warning("warning: %s", w)
-    return PackResult(output=output, size=size, align=align, args=arg_lines, entries=entries,
-                      kept_entries=len(kept), zip64=zip64, warnings=warnings)
+    return size, entries, len(kept), replaced, zip64
 
 
 def read_central_directory(path: Union[str, Path]) -> _Zip:
