@@ -109,7 +109,7 @@ def diagnose(machine: Optional[Machine] = None, config: Optional[Path] = None, l
         ("git", lambda: [tool_presence(machine, "git", "git sources (`type = \"git\"`) need it",
                                        "Install git (apt-get install git).")]),
         ("unzip", lambda: [tool_presence(machine, "unzip", "upstream llamafile Makefiles unzip cosmocc with it",
-                                         "Install unzip (apt-get install unzip).")]),
+                                         "Install unzip (apt-get install unzip).", version_args=("-v",))]),
         ("curl", lambda: [tool_presence(machine, "curl", "upstream scripts use it; pylmserv downloads by itself",
                                         "Install curl (apt-get install curl).")]),
         ("nix", lambda: check_nix(machine)),
@@ -152,11 +152,14 @@ def _version_of(machine: Machine, exe: str, args=("--version",)) -> str:
     return text.strip().splitlines()[0].strip() if text.strip() else ""
 
 
-def tool_presence(machine: Machine, name: str, why: str, hint: str, missing: str = WARN) -> Check:
+def tool_presence(machine: Machine, name: str, why: str, hint: str, missing: str = WARN,
+                  version_args: Sequence[str] = ("--version",)) -> Check:
     exe = machine.which(name)
     if not exe:
         return Check(name, missing, f"not found on PATH ({why})", hint)
-    version = _version_of(machine, exe)
+    version = _version_of(machine, exe, version_args)
+    if len(version) > 60:  # curl lists every library it links; the first words say enough
+        version = " ".join(version.split()[:2])
     return Check(name, OK, f"{exe}" + (f": {version}" if version else ""))
 
 
@@ -229,8 +232,8 @@ def check_nix(machine: Machine) -> List[Check]:
         checks.append(Check("nix-prefetch-git", OK, npg))
     else:
         checks.append(Check("nix-prefetch-git", WARN,
-                            "not found; `pylmserv prefetch --via nix` uses builtins.fetchGit / nix-prefetch-url instead",
-                            "Optional: `nix-env -iA nixpkgs.nix-prefetch-git` (or `nix profile install nixpkgs#nix-prefetch-git`)."))
+                            "not found; pylmserv does not need it (it hashes git checkouts itself)",
+                            "Optional, to cross-check git pins by hand: `nix profile install nixpkgs#nix-prefetch-git`."))
     return checks
 
 

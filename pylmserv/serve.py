@@ -231,32 +231,43 @@ class ServerProcess:
             pass
 
     def group_alive(self) -> bool:
+        """Does any process of the group still run? (Zombies awaiting their reaper run nothing.)"""
         try:
             os.killpg(self.pgid, 0)
-            return True
         except ProcessLookupError:
             return False
         except PermissionError:
             return True
+        if not os.path.isdir("/proc/self"):
+            return True
+        return any(True for _ in _running_members(self.pgid))
 
     def stop(self, sig: int = signal.SIGTERM, grace: float = STOP_GRACE_S) -> Optional[int]:
-        """Signal the group, wait up to `grace`, then SIGKILL whatever of it remains."""
+        """Signal the group, give the server `grace` seconds, then SIGKILL what remains of it."""
         if self.proc.poll() is None or self.group_alive():
             self.signal_group(sig)
-            deadline = time.monotonic() + grace
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None and not self.group_alive():
-                    break
-                time.sleep(0.05)
+            self._wait(lambda: self.proc.poll() is not None, grace)
             if self.group_alive():
-                log.warning("server did not stop within %.0fs; killing it", grace)
+                # The server is gone but left children behind, or it ignored the signal.
+                if self.proc.poll() is None:
+                    log.warning("server did not stop within %.0fs; killing it", grace)
+                else:
+                    self.signal_group(signal.SIGTERM)
+                    self._wait(lambda: not self.group_alive(), min(grace, 2.0))
                 self.signal_group(signal.SIGKILL)
+                self._wait(lambda: self.proc.poll() is not None and not self.group_alive(), 5.0)
         try:
             code = self.proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL cannot be ignored
             code = None
         self._close_log()
         return code
+
+    @staticmethod
+    def _wait(done: Callable[[], bool], seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not done() and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def _close_log(self) -> None:
         if self._log_handle is not None:
@@ -271,6 +282,21 @@ class ServerProcess:
             f.seek(max(0, f.tell() - 16384))
             text = f.read().decode("utf-8", "replace")
         return "\n".join(text.splitlines()[-lines:])
+
+
+def _running_members(pgid: int):
+    """PIDs of non-zombie processes in process group `pgid` (Linux /proc)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # fields after "(comm)": state, ppid, pgrp, ...
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            yield int(entry)
 
 
 def wait_healthy(server: ServerProcess, url: str, timeout: float, api_key: Optional[str] = None,

@@ -9,7 +9,6 @@ that use them say so in their names.
 """
 from __future__ import annotations
 
-import json
 import os
 import stat
 import sys
@@ -48,7 +47,7 @@ def nvidia_smi(bin_dir: Path, gpus: Sequence[Tuple[str, str, int]] = (RTX_3090,)
 
     broken=True: the driver is not loaded (the real message and exit status 9).
     """
-    data = json.dumps({"gpus": list(gpus), "driver": driver, "cuda": cuda, "broken": broken})
+    data = repr({"gpus": list(gpus), "driver": driver, "cuda": cuda, "broken": broken})
     return _write(bin_dir, "nvidia-smi", f'''
         import sys
         cfg = {data}
@@ -87,7 +86,7 @@ def nvidia_smi(bin_dir: Path, gpus: Sequence[Tuple[str, str, int]] = (RTX_3090,)
         print("|                                         |                        |               MIG M. |")
         print("|=========================================+========================+======================|")
         for i, (name, cap, mem) in enumerate(cfg["gpus"]):
-            print(f"| {{i:>3}}  {{name[:28]:<28}}Off |   00000000:{{i + 1:02X}}:00.0  On |                  N/A |")
+            print(f"| {{i:>3}}  {{name[:30]:<31}}Off |   00000000:{{i + 1:02X}}:00.0  On |                  N/A |")
             print(f"|  0%   45C    P8             25W /  350W |     512MiB / {{mem:>6}}MiB |      2%      Default |")
             print("|                                         |                        |                  N/A |")
             print("+-----------------------------------------+------------------------+----------------------+")
@@ -105,7 +104,7 @@ def nvidia_smi(bin_dir: Path, gpus: Sequence[Tuple[str, str, int]] = (RTX_3090,)
 def nvcc(bin_dir: Path, release: str = "12.4") -> Path:
     """`nvcc --version`, `--list-gpu-arch`, `--list-gpu-code` as the real release prints them."""
     built, full, build, year = NVCC_BUILDS[release]
-    data = json.dumps({"release": release, "built": built, "full": full, "build": build, "year": year,
+    data = repr({"release": release, "built": built, "full": full, "build": build, "year": year,
                        "arches": NVCC_ARCHES[release]})
     return _write(bin_dir, "nvcc", f'''
         import sys
@@ -130,7 +129,7 @@ def nvcc(bin_dir: Path, release: str = "12.4") -> Path:
 def rocminfo(bin_dir: Path, gpus: Sequence[Tuple[str, str]] = (("gfx1100", "Radeon RX 7900 XTX"),),
              cpu: str = "AMD Ryzen 9 5950X 16-Core Processor") -> Path:
     """`rocminfo`: HSA system attributes, a CPU agent, then one agent per GPU."""
-    data = json.dumps({"gpus": list(gpus), "cpu": cpu})
+    data = repr({"gpus": list(gpus), "cpu": cpu})
     return _write(bin_dir, "rocminfo", f'''
         cfg = {data}
         print("ROCk module is loaded")
@@ -191,7 +190,7 @@ def hipcc(bin_dir: Path, hip_version: str = "6.2.41133-dd7f95766") -> Path:
 def vulkaninfo(bin_dir: Path, devices: Iterable[Tuple[str, str, str]] = (
         ("NVIDIA GeForce RTX 3090", "PHYSICAL_DEVICE_TYPE_DISCRETE_GPU", "0x10de"),)) -> Path:
     """`vulkaninfo --summary` (Vulkan Instance Version 1.3.x, a Devices section)."""
-    data = json.dumps({"devices": list(devices)})
+    data = repr({"devices": list(devices)})
     return _write(bin_dir, "vulkaninfo", f'''
         cfg = {data}
         print("==========")
@@ -237,3 +236,89 @@ def path_with(*dirs: Path, base: Optional[str] = None) -> str:
     """A PATH of the given dirs then the system dirs that hold python/cc/git (not GPU tools)."""
     system = base if base is not None else os.pathsep.join(["/usr/local/sbin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"])
     return os.pathsep.join([str(d) for d in dirs] + [system])
+
+
+def llama_server(bin_dir: Path) -> Path:
+    """A stand-in `llama-server` for serve's lifecycle tests (the real one is exercised by the
+    slow end-to-end test). It speaks the real endpoints' shapes: GET /health answers 503
+    {"error": {"code": 503, "message": "Loading model", ...}} while "loading", then 200
+    {"status": "ok"}; POST /completion answers {"content": ...}. Behaviour knobs (env):
+
+      STANDIN_RECORD=FILE       write {"argv", "pid", "child", "polls_503"} as JSON (updated live)
+      STANDIN_LOAD_SECONDS=S    answer 503 for S seconds first
+      STANDIN_SPAWN_CHILD=1     start a child process (to prove the whole group is stopped)
+      STANDIN_IGNORE_TERM=1     ignore SIGINT/SIGTERM (to prove SIGKILL escalation)
+      STANDIN_EXIT_EARLY=N      print a load error and exit N before listening
+    """
+    return _write(bin_dir, "llama-server", '''
+        import json, os, signal, subprocess, sys, threading, time
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        args = sys.argv[1:]
+        def opt(name, default=None):
+            return args[args.index(name) + 1] if name in args else default
+
+        record = os.environ.get("STANDIN_RECORD")
+        state = {"argv": sys.argv, "pid": os.getpid(), "child": None, "polls_503": 0, "requests": []}
+        def save():
+            if record:
+                tmp = record + ".tmp"
+                with open(tmp, "w") as f:
+                    json.dump(state, f)
+                os.replace(tmp, record)
+
+        early = os.environ.get("STANDIN_EXIT_EARLY")
+        if early:
+            print("llama_model_load: error loading model: tensor 'token_embd.weight' not found", flush=True)
+            print("main: exiting due to model loading error", flush=True)
+            save()
+            sys.exit(int(early))
+        if os.environ.get("STANDIN_SPAWN_CHILD"):
+            child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+            state["child"] = child.pid
+        if os.environ.get("STANDIN_IGNORE_TERM"):
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        else:
+            def stop(signum, frame):
+                print(f"srv    operator(): operator(): cleaning up before exit...", flush=True)
+                os._exit(0)
+            signal.signal(signal.SIGINT, stop)
+            signal.signal(signal.SIGTERM, stop)
+        ready_at = time.monotonic() + float(os.environ.get("STANDIN_LOAD_SECONDS", "0"))
+        key = opt("--api-key")
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+            def reply(self, code, body):
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json; charset=utf-8")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+            def do_GET(self):
+                if self.path == "/health":
+                    if time.monotonic() < ready_at:
+                        state["polls_503"] += 1
+                        save()
+                        return self.reply(503, {"error": {"code": 503, "message": "Loading model",
+                                                          "type": "unavailable_error"}})
+                    return self.reply(200, {"status": "ok"})
+                self.reply(404, {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}})
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)) or 0)
+                if key and self.headers.get("Authorization") != "Bearer " + key:
+                    return self.reply(401, {"error": {"code": 401, "message": "Invalid API Key",
+                                                      "type": "authentication_error"}})
+                state["requests"].append(json.loads(body or b"{}"))
+                save()
+                self.reply(200, {"content": " once upon a time", "stop": True})
+
+        httpd = ThreadingHTTPServer((opt("--host", "127.0.0.1"), int(opt("--port", "8080"))), Handler)
+        save()
+        print(f"main: server is listening on http://{opt('--host')}:{opt('--port')} - starting the main loop",
+              flush=True)
+        httpd.serve_forever()
+    ''')

@@ -1,0 +1,373 @@
+"""`pylmserv doctor` against fabricated machines.
+
+GPU tools cannot exist here, so nvidia-smi / nvcc / rocminfo / hipcc / vulkaninfo / glslc
+are stand-in scripts printing the real tools' output format (tests/support/standin_tools.py);
+the tests using them say `standin` in their names. Everything else is real: the real
+compilers, cmake, git and Nix of this machine, real directories for the store and
+binfmt_misc, a real tmpfs for a nearly full disk where mounting is permitted.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pylmserv.doctor import FAIL, OK, WARN, Machine, check_lock, check_nix, check_store, diagnose
+from tests.conftest import run_cli
+from tests.support import standin_tools as st
+
+REPO = Path(__file__).resolve().parent.parent
+SYSTEM_NVCC = Path("/usr/local/cuda/bin/nvcc")  # toolchain.detect_nvcc also looks here, off PATH
+
+
+def machine(tmp_path, *bins, **kw) -> Machine:
+    env = {"PATH": st.path_with(*bins), "HOME": str(tmp_path)}
+    env.update(kw.pop("env", {}))
+    kw.setdefault("sysfs_drm", tmp_path / "no-drm")
+    kw.setdefault("binfmt_dir", tmp_path / "no-binfmt")
+    kw.setdefault("store_root", tmp_path / "store")
+    return Machine(environ=env, **kw)
+
+
+def by_name(checks):
+    return {c.name: c for c in checks}
+
+
+def gpu_checks(m, backend=None):
+    from pylmserv.doctor import check_gpus
+
+    return by_name(check_gpus(m, backend))
+
+
+# -- GPUs and toolchains (stand-ins) -------------------------------------------------------
+
+def test_standin_nvidia_gpu_with_matching_nvcc(tmp_path):
+    bins = tmp_path / "bin"
+    st.nvidia_smi(bins, gpus=[st.RTX_3090], driver="550.54.14", cuda="12.4")
+    st.nvcc(bins, "12.4")
+    checks = gpu_checks(machine(tmp_path, bins))
+    gpu = checks["gpu-nvidia"]
+    assert gpu.status == OK
+    assert "NVIDIA GeForce RTX 3090 (compute 8.6)" in gpu.detail
+    assert "driver 550.54.14" in gpu.detail and "CUDA <= 12.4" in gpu.detail
+    cuda = checks["cuda-toolkit"]
+    assert cuda.status == OK, cuda
+    assert "nvcc 12.4" in cuda.detail and str(bins / "nvcc") in cuda.detail
+
+
+def test_standin_nvcc_13_cannot_target_pascal(tmp_path):
+    bins = tmp_path / "bin"
+    st.nvidia_smi(bins, gpus=[st.GTX_1080], driver="580.65.06", cuda="13.0")
+    st.nvcc(bins, "13.0")
+    cuda = gpu_checks(machine(tmp_path, bins))["cuda-toolkit"]
+    assert cuda.status == WARN
+    assert "cannot target NVIDIA GeForce GTX 1080 (sm_61)" in cuda.detail
+    assert "sm_75 and newer" in cuda.detail
+    assert "CUDA 12.x" in cuda.hint
+
+
+def test_standin_driver_older_than_nvcc(tmp_path):
+    bins = tmp_path / "bin"
+    st.nvidia_smi(bins, gpus=[st.RTX_3090], driver="550.54.14", cuda="12.4")
+    st.nvcc(bins, "13.0")
+    cuda = gpu_checks(machine(tmp_path, bins))["cuda-toolkit"]
+    assert cuda.status == WARN
+    assert "driver supports CUDA <= 12.4 but nvcc is 13.0" in cuda.detail
+    assert "Update the NVIDIA driver" in cuda.hint
+
+
+def test_standin_nvidia_gpu_without_nvcc(tmp_path):
+    bins = tmp_path / "bin"
+    st.nvidia_smi(bins, gpus=[st.H100])
+    m = machine(tmp_path, bins)
+    checks = gpu_checks(m)
+    assert checks["gpu-nvidia"].status == OK and "H100" in checks["gpu-nvidia"].detail
+    cuda = checks["cuda-toolkit"]
+    if SYSTEM_NVCC.exists():
+        # This machine has a CUDA toolkit off PATH: doctor finds it and says it is not on PATH.
+        assert cuda.status == WARN and "(not on PATH)" in cuda.detail
+        assert f"Add {SYSTEM_NVCC.parent} to PATH" in cuda.hint
+    else:
+        assert cuda.status == WARN
+        assert cuda.detail == "NVIDIA GPU found, no CUDA toolkit (nvcc not found)"
+        assert "nix develop .#cuda" in cuda.hint
+    # Asked for CUDA explicitly, a missing nvcc is a failure (only where nvcc really is absent).
+    if not SYSTEM_NVCC.exists():
+        assert gpu_checks(m, "cuda")["cuda-toolkit"].status == FAIL
+
+
+def test_standin_amd_gpu_no_rocm_cuda_requested(tmp_path):
+    """The seed's story: an AMD card, no ROCm, and a CUDA build asked for."""
+    bins = tmp_path / "bin"
+    st.rocminfo(bins, gpus=[("gfx1100", "Radeon RX 7900 XTX")])
+    checks = gpu_checks(machine(tmp_path, bins), "cuda")
+    assert checks["gpu-amd"].status == OK and "gfx1100" in checks["gpu-amd"].detail
+    backend = checks["backend"]
+    assert backend.status == FAIL
+    assert backend.detail == "AMD GPU found; CUDA was requested"
+    assert "--backend rocm" in backend.hint
+    rocm = checks["rocm-toolkit"]
+    assert rocm.status == WARN and rocm.detail.startswith("AMD GPU found, no ROCm (hipcc not found)")
+
+
+def test_standin_amd_gpu_with_hipcc(tmp_path):
+    bins = tmp_path / "bin"
+    st.rocminfo(bins, gpus=[("gfx1100", "Radeon RX 7900 XTX"), ("gfx90a", "AMD Instinct MI210")])
+    st.hipcc(bins)
+    checks = gpu_checks(machine(tmp_path, bins), "rocm")
+    assert checks["backend"].status == OK
+    rocm = checks["rocm-toolkit"]
+    assert rocm.status == OK, rocm
+    assert "hipcc 6.2" in rocm.detail and "gfx1100, gfx90a" in rocm.detail
+
+
+def test_standin_rocm_requested_on_nvidia(tmp_path):
+    bins = tmp_path / "bin"
+    st.nvidia_smi(bins)
+    checks = gpu_checks(machine(tmp_path, bins), "rocm")
+    assert checks["backend"].status == FAIL
+    assert checks["backend"].detail == "NVIDIA GPU found; ROCm was requested"
+    assert checks["rocm-toolkit"].status == FAIL
+
+
+def test_standin_vulkan_needs_glslc(tmp_path):
+    bins = tmp_path / "bin"
+    st.vulkaninfo(bins, devices=[("AMD Radeon RX 6600 (RADV NAVI23)", "PHYSICAL_DEVICE_TYPE_DISCRETE_GPU", "0x1002")])
+    m = machine(tmp_path, bins)
+    checks = gpu_checks(m, "vulkan")
+    assert checks["gpu-vulkan"].detail == "devices: AMD Radeon RX 6600 (RADV NAVI23)"
+    assert checks["vulkan-toolkit"].status == FAIL and "glslc not found" in checks["vulkan-toolkit"].detail
+    st.glslc(bins)
+    assert gpu_checks(m, "vulkan")["vulkan-toolkit"].status == OK
+
+
+def test_standin_nvidia_smi_without_driver(tmp_path):
+    bins = tmp_path / "bin"
+    st.nvidia_smi(bins, broken=True)
+    gpu = gpu_checks(machine(tmp_path, bins))["gpu-nvidia"]
+    assert gpu.status == WARN
+    assert "couldn't communicate with the NVIDIA driver" in gpu.detail
+
+
+def test_no_gpu_tools_is_fine(tmp_path):
+    checks = gpu_checks(machine(tmp_path))
+    assert {c.status for c in checks.values()} == {OK}
+    assert "cuda-toolkit" not in checks and "backend" not in checks
+
+
+def test_cuda_requested_without_any_gpu_is_a_warning(tmp_path):
+    # A build host without a GPU may still build CUDA binaries for elsewhere.
+    backend = gpu_checks(machine(tmp_path), "cuda")["backend"]
+    assert backend.status == WARN and backend.detail == "no NVIDIA GPU found; CUDA was requested"
+
+
+# -- build tools ---------------------------------------------------------------------------
+
+def test_missing_compilers_fail(tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    m = Machine(environ={"PATH": str(bare)}, sysfs_drm=tmp_path, binfmt_dir=tmp_path / "x",
+                store_root=tmp_path / "store")
+    from pylmserv.doctor import check_build_tools
+
+    checks = by_name(check_build_tools(m))
+    assert checks["c-compiler"].status == FAIL and "apt-get install gcc" in checks["c-compiler"].hint
+    assert checks["c++-compiler"].status == FAIL
+    assert checks["ccache"].status == WARN
+    # cmake/ninja fall back to the PyPI wheels when installed (the builder's bootstrap).
+    import importlib.util
+
+    if importlib.util.find_spec("cmake") is None:
+        assert checks["cmake"].status == FAIL
+
+
+def test_real_build_tools_of_this_machine(tmp_path):
+    from pylmserv.doctor import check_build_tools
+
+    checks = by_name(check_build_tools(Machine.current(store_root=tmp_path)))
+    assert checks["c-compiler"].status == OK
+    assert checks["cmake"].status == OK and ">= 3.18 needed" in checks["cmake"].detail
+
+
+# -- Nix -----------------------------------------------------------------------------------
+
+@pytest.mark.skipif(shutil.which("nix") is None, reason="real Nix not installed")
+def test_nix_flakes_enabled_and_disabled(tmp_path):
+    base = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "NIX_REMOTE": ""}
+    on = by_name(check_nix(Machine(environ=dict(base, NIX_CONFIG="experimental-features = nix-command flakes"))))
+    assert on["nix"].status == OK and "Nix" in on["nix"].detail
+    assert on["nix-flakes"].status == OK
+    off = by_name(check_nix(Machine(environ=dict(base, NIX_CONFIG="experimental-features ="))))
+    assert off["nix-flakes"].status == WARN and "experimental-features = nix-command flakes" in off["nix-flakes"].hint
+
+
+def test_nix_missing_is_a_warning(tmp_path):
+    checks = check_nix(Machine(environ={"PATH": str(tmp_path)}))
+    assert [c.name for c in checks] == ["nix"] and checks[0].status == WARN
+
+
+# -- store --------------------------------------------------------------------------------
+
+def test_store_sizes(tmp_path):
+    root = tmp_path / "store"
+    (root / "blobs" / "sha256").mkdir(parents=True)
+    (root / "blobs" / "sha256" / ("a" * 64)).write_bytes(b"x" * 3 * 1024 * 1024)
+    (root / "builds" / "k").mkdir(parents=True)
+    (root / "builds" / "k" / "obj.o").write_bytes(b"y" * 2048)
+    (check,) = check_store(machine(tmp_path, store_root=root))
+    assert check.status == OK
+    assert str(root) in check.detail
+    assert "blobs 3.0 MiB" in check.detail and "builds 2.0 KiB" in check.detail
+
+
+def test_store_nearly_full_by_threshold(tmp_path):
+    """Free space under the threshold (PYLMSERV_DOCTOR_MIN_FREE raised above what is free)."""
+    root = tmp_path / "store"
+    root.mkdir()
+    free = shutil.disk_usage(root).free
+    (check,) = check_store(machine(tmp_path, store_root=root, env={"PYLMSERV_DOCTOR_MIN_FREE": str(free + (1 << 40))}))
+    assert check.status == WARN
+    assert "free space or set PYLMSERV_HOME" in check.hint
+
+
+def test_store_nearly_full_real_tmpfs(tmp_path):
+    """A real 2 MiB tmpfs as the store's filesystem (needs mount permission; skipped without)."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a tmpfs needs root")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount tmpfs here: {proc.stderr.strip()}")
+    try:
+        (mnt / "blobs").mkdir()
+        (mnt / "blobs" / "big").write_bytes(b"z" * (1024 * 1024))
+        (check,) = check_store(machine(tmp_path, store_root=mnt))
+        assert check.status == FAIL
+        assert "free of 2.0 MiB" in check.detail and "blobs 1.0 MiB" in check.detail
+        assert "PYLMSERV_HOME" in check.hint
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_store_not_created_yet_measures_parent(tmp_path):
+    (check,) = check_store(machine(tmp_path, store_root=tmp_path / "a" / "b" / "store"))
+    assert check.status == OK and "empty" in check.detail
+    assert not (tmp_path / "a").exists()  # doctor never creates the store
+
+
+def test_store_unreadable_disk_usage(tmp_path):
+    def broken(path):
+        raise PermissionError(13, "Permission denied")
+
+    (check,) = check_store(machine(tmp_path, disk_usage=broken))
+    assert check.status == FAIL and "cannot read disk usage" in check.detail
+
+
+# -- lock ----------------------------------------------------------------------------------
+
+def _project(tmp_path, lock_text=None):
+    cfg = tmp_path / "pylmserv.toml"
+    shutil.copy(REPO / "pylmserv.toml", cfg)
+    if lock_text is not None:
+        (tmp_path / "pylmserv.lock").write_text(lock_text)
+    return cfg
+
+
+def test_lock_in_sync(tmp_path):
+    cfg = _project(tmp_path, (REPO / "pylmserv.lock").read_text())
+    check = check_lock(cfg, None)
+    assert check.status == OK
+    assert "in sync" in check.detail and "gemma-2b" in check.detail  # the deliberately unpinned one
+
+
+def test_lock_missing(tmp_path):
+    check = check_lock(_project(tmp_path), None)
+    assert check.status == FAIL and check.hint == "Run `pylmserv prefetch` to create it."
+
+
+def test_lock_drift(tmp_path):
+    text = (REPO / "pylmserv.lock").read_text().replace('ref = "b9941"', 'ref = "b9000"')
+    check = check_lock(_project(tmp_path, text), None)
+    assert check.status == WARN
+    assert "source llama-cpp: config ref b9941 but lock ref b9000" in check.detail
+    assert "pylmserv prefetch" in check.hint
+
+
+def test_lock_unreadable(tmp_path):
+    check = check_lock(_project(tmp_path, "version = 1\n[sources\n"), None)
+    assert check.status == FAIL and "invalid TOML" in check.detail
+
+
+# -- the whole report, the CLI ------------------------------------------------------------
+
+def test_diagnose_survives_a_broken_probe(tmp_path, monkeypatch):
+    import pylmserv.doctor as doctor
+
+    def boom(machine, backend):
+        raise RuntimeError("probe exploded")
+
+    monkeypatch.setattr(doctor, "check_gpus", boom)
+    report = diagnose(machine(tmp_path), config=_project(tmp_path, (REPO / "pylmserv.lock").read_text()))
+    gpus = by_name(report.checks)["gpus"]
+    assert gpus.status == WARN and "probe exploded" in gpus.detail
+    assert "store" in by_name(report.checks)  # the rest still ran
+
+
+def test_cli_json_schema_and_exit_code(tmp_path, home):
+    proc = run_cli("doctor", "--json", cwd=REPO)
+    data = json.loads(proc.stdout)
+    assert list(data) == ["checks"]
+    names = []
+    for c in data["checks"]:
+        assert set(c) == {"name", "status", "detail", "hint"}
+        assert c["status"] in ("ok", "warn", "fail")
+        assert isinstance(c["detail"], str) and c["detail"]
+        assert c["status"] == "ok" or c["hint"], c
+        names.append(c["name"])
+    for expected in ("python", "pylmserv", "cmake", "ninja", "c-compiler", "c++-compiler", "ccache", "git", "unzip",
+                     "curl", "nix", "gpu-nvidia", "gpu-amd", "gpu-vulkan", "binfmt_misc", "store", "lock"):
+        assert expected in names
+    failed = any(c["status"] == "fail" for c in data["checks"])
+    assert proc.returncode == (1 if failed else 0)
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_fails_when_a_check_fails(tmp_path, home):
+    # No lock next to the config: the lock check fails, so doctor exits 1.
+    cfg = _project(tmp_path)
+    proc = run_cli("--config", cfg, "doctor", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "[FAIL] lock" in proc.stderr and "hint: Run `pylmserv prefetch` to create it." in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_backend_mismatch_standin(tmp_path, home):
+    bins = tmp_path / "bin"
+    st.rocminfo(bins)
+    env = {"PATH": st.path_with(bins, base=os.environ["PATH"].replace("/usr/local/bin", "/nonexistent"))}
+    proc = run_cli("doctor", "--json", "--backend", "cuda", env=env, cwd=REPO)
+    checks = {c["name"]: c for c in json.loads(proc.stdout)["checks"]}
+    assert checks["backend"]["status"] == "fail"
+    assert checks["backend"]["detail"] == "AMD GPU found; CUDA was requested"
+    assert proc.returncode == 1
+
+
+def test_no_color(tmp_path, home, monkeypatch):
+    from pylmserv.cli import cli
+
+    monkeypatch.chdir(REPO)
+    runner = CliRunner()
+    colored = runner.invoke(cli, ["doctor"], color=True, env={"NO_COLOR": ""})
+    plain = runner.invoke(cli, ["doctor"], color=True, env={"NO_COLOR": "1"})
+    out_colored = colored.stderr if hasattr(colored, "stderr") and colored.stderr_bytes is not None else colored.output
+    out_plain = plain.stderr if hasattr(plain, "stderr") and plain.stderr_bytes is not None else plain.output
+    assert "\x1b[" in out_colored
+    assert "\x1b[" not in out_plain and "[ok  ] python" in out_plain

@@ -1,0 +1,253 @@
+"""`pylmserv serve` lifecycle against a stand-in llama-server (tests/support/standin_tools.py).
+
+The stand-in is a real process speaking llama-server's /health and /completion shapes on
+127.0.0.1; the real llama-server is exercised by tests/test_serve_e2e.py (slow). These
+tests check what serve itself owns: refusing a public bind, waiting for /health, Ctrl-C
+and SIGTERM forwarding, SIGKILL escalation, and that no process is left behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from pylmserv.errors import UsageError
+from pylmserv.serve import (ServeOptions, ServerProcess, check_bind, is_loopback, server_command, urls_for)
+from tests.conftest import run_cli
+from tests.support import standin_tools as st
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def alive(pid) -> bool:
+    """Running (a zombie waiting for init to reap it counts as gone: it runs nothing)."""
+    if not pid:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_for(pred, timeout=20.0, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(interval)
+    return False
+
+
+@pytest.fixture
+def standin(tmp_path):
+    return st.llama_server(tmp_path / "bin")
+
+
+@pytest.fixture
+def model(tmp_path):
+    path = tmp_path / "tiny.gguf"
+    path.write_bytes(b"GGUF" + b"\0" * 60)
+    return path
+
+
+def start_serve(standin, model, tmp_path, *args, env=None):
+    """`python -m pylmserv serve ... --json` as a user would run it; returns (proc, port, record)."""
+    port = free_port()
+    record = tmp_path / "record.json"
+    full_env = dict(os.environ, STANDIN_RECORD=str(record), PYLMSERV_HOME=str(tmp_path / "home"))
+    full_env.update(env or {})
+    proc = subprocess.Popen([sys.executable, "-m", "pylmserv", "serve", str(model), "--server-bin", str(standin),
+                             "--port", str(port), "--json", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env)
+    return proc, port, record
+
+
+def read_ready(proc, timeout=30):
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    if not sel.select(timeout):
+        proc.kill()
+        raise AssertionError("serve never printed its ready line:\n" + proc.communicate()[1])
+    line = proc.stdout.readline()
+    if not line:
+        raise AssertionError("serve exited before ready:\n" + proc.communicate()[1])
+    return json.loads(line)
+
+
+# -- pure pieces ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("host,expected", [("127.0.0.1", True), ("127.0.0.53", True), ("::1", True),
+                                           ("localhost", True), ("0.0.0.0", False), ("::", False),
+                                           ("192.168.1.10", False), ("example.org", False)])
+def test_is_loopback(host, expected):
+    assert is_loopback(host) is expected
+
+
+def test_check_bind_refuses_public_without_flag():
+    with pytest.raises(UsageError) as exc:
+        check_bind("0.0.0.0", public=False, api_key=None)
+    assert "refusing to bind 0.0.0.0" in exc.value.message
+    assert "--public" in exc.value.hint and "--api-key" in exc.value.hint
+    check_bind("0.0.0.0", public=True, api_key="k")  # allowed on purpose
+    check_bind("127.0.0.1", public=False, api_key=None)
+
+
+def test_urls_name_loopback_for_wildcard_binds():
+    assert urls_for("0.0.0.0", 8080).base == "http://127.0.0.1:8080"
+    assert urls_for("::1", 9000).api == "http://[::1]:9000/v1"
+
+
+def test_server_command_passes_options_through(tmp_path):
+    opts = ServeOptions(model="m", host="127.0.0.1", port=8123, ngl=99, api_key="sekret",
+                        extra_args=("--ctx-size", "512"))
+    argv = server_command(Path("/x/llama-server"), Path("/m/tiny.gguf"), opts)
+    assert argv == ["/x/llama-server", "-m", "/m/tiny.gguf", "--host", "127.0.0.1", "--port", "8123",
+                    "-ngl", "99", "--api-key", "sekret", "--ctx-size", "512"]
+    lf = server_command(Path("/x/llamafile"), Path("/m/tiny.gguf"), ServeOptions(model="m", engine="llamafile"))
+    assert lf[:3] == ["/x/llamafile", "--server", "--nobrowser"]
+
+
+# -- the CLI, refusing bad input before starting anything ----------------------------------
+
+def test_cli_refuses_0_0_0_0_without_public(standin, model, tmp_path, home):
+    record = tmp_path / "record.json"
+    proc = run_cli("serve", model, "--server-bin", standin, "--host", "0.0.0.0", env={"STANDIN_RECORD": str(record)})
+    assert proc.returncode == 2
+    assert "error: refusing to bind 0.0.0.0" in proc.stderr
+    assert "--public" in proc.stderr and "--api-key" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not record.exists()  # the server was never started
+
+
+def test_cli_missing_model_file(standin, tmp_path, home):
+    proc = run_cli("serve", tmp_path / "nope.gguf", "--server-bin", standin)
+    assert proc.returncode == 2 and "model file not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_unknown_catalog_name(standin, home):
+    proc = run_cli("serve", "no-such-model", "--server-bin", standin)
+    assert proc.returncode == 2
+    assert "unknown model 'no-such-model'" in proc.stderr and "stories15m" in proc.stderr
+
+
+def test_cli_port_in_use(standin, model, home):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        proc = run_cli("serve", model, "--server-bin", standin, "--port", port)
+    assert proc.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr and "--port N" in proc.stderr
+
+
+def test_cli_server_bin_not_executable(model, tmp_path, home):
+    bad = tmp_path / "llama-server"
+    bad.write_text("not a program")
+    proc = run_cli("serve", model, "--server-bin", bad)
+    assert proc.returncode == 2 and "not executable" in proc.stderr
+
+
+# -- lifecycle -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_standin_ready_then_signal_stops_everything(standin, model, tmp_path, sig):
+    proc, port, record = start_serve(standin, model, tmp_path, "--ngl", "0", "--", "--ctx-size", "256",
+                                     env={"STANDIN_LOAD_SECONDS": "1.0", "STANDIN_SPAWN_CHILD": "1"})
+    try:
+        ready = read_ready(proc)
+        assert ready["url"] == f"http://127.0.0.1:{port}/" and ready["api"] == f"http://127.0.0.1:{port}/v1"
+        # Ready means /health already answers 200, after the 503s of loading.
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
+            assert resp.status == 200
+        state = json.loads(record.read_text())
+        assert state["polls_503"] >= 1
+        assert state["argv"][1:] == ["-m", str(model), "--host", "127.0.0.1", "--port", str(port),
+                                     "-ngl", "0", "--ctx-size", "256"]
+        server_pid, child_pid = state["pid"], state["child"]
+        assert alive(server_pid) and alive(child_pid)
+        # A completion over HTTP reaches the server.
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/completion", data=b'{"prompt": "hi"}',
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            assert json.loads(resp.read())["content"]
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "pylmserv: server stopped" in err and "Traceback" not in err
+    assert wait_for(lambda: not alive(server_pid) and not alive(child_pid), timeout=5), "a process was left behind"
+
+
+def test_standin_server_exits_before_ready(standin, model, tmp_path):
+    proc, port, record = start_serve(standin, model, tmp_path, env={"STANDIN_EXIT_EARLY": "1"})
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "error: the server exited with status 1 before it was ready" in err
+    assert "error loading model" in err  # the tail of the server's log, shown to the user
+    assert "llama-server-" in err and "Traceback" not in err
+    assert out == ""
+
+
+def test_standin_health_timeout(standin, model, tmp_path):
+    proc, port, record = start_serve(standin, model, tmp_path, "--timeout", "1",
+                                     env={"STANDIN_LOAD_SECONDS": "60", "STANDIN_SPAWN_CHILD": "1"})
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "did not become ready within 1s" in err and "HTTP 503" in err and "--timeout" in err
+    state = json.loads(record.read_text())
+    assert wait_for(lambda: not alive(state["pid"]) and not alive(state["child"]), timeout=5)
+
+
+def test_standin_sigint_while_loading(standin, model, tmp_path):
+    proc, port, record = start_serve(standin, model, tmp_path, env={"STANDIN_LOAD_SECONDS": "60"})
+    assert wait_for(lambda: record.exists() and json.loads(record.read_text())["polls_503"] >= 1)
+    pid = json.loads(record.read_text())["pid"]
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and out == ""  # never announced ready
+    assert wait_for(lambda: not alive(pid), timeout=5)
+
+
+def test_standin_pylmserv_killed_takes_the_server_with_it(standin, model, tmp_path):
+    """Even SIGKILL of pylmserv (no chance to clean up) stops the server: PR_SET_PDEATHSIG."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_PDEATHSIG is Linux-only")
+    proc, port, record = start_serve(standin, model, tmp_path)
+    read_ready(proc)
+    pid = json.loads(record.read_text())["pid"]
+    proc.kill()
+    proc.wait(timeout=10)
+    assert wait_for(lambda: not alive(pid), timeout=10), "llama-server outlived a SIGKILLed pylmserv"
+
+
+def test_standin_stubborn_server_is_killed(standin, tmp_path):
+    """A server that ignores SIGTERM is SIGKILLed after the grace period, with its group."""
+    record = tmp_path / "r.json"
+    port = free_port()
+    env = dict(os.environ, STANDIN_RECORD=str(record), STANDIN_IGNORE_TERM="1", STANDIN_SPAWN_CHILD="1")
+    server = ServerProcess([str(standin), "--host", "127.0.0.1", "--port", str(port)], log_file=tmp_path / "log",
+                           env=env)
+    assert wait_for(lambda: record.exists())
+    child = json.loads(record.read_text())["child"]
+    t0 = time.monotonic()
+    server.stop(signal.SIGTERM, grace=1.0)
+    assert time.monotonic() - t0 >= 0.9  # it did wait for a clean exit first
+    assert not server.group_alive()
+    assert wait_for(lambda: not alive(server.pid) and not alive(child), timeout=5)
