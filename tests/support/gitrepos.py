@@ -67,3 +67,29 @@ def add_submodule(repo: Path, sub: Path, where: str) -> str:
 
 def uri(repo: Path) -> str:
     return repo.resolve().as_uri()
+
+
+def publish_github(www: Path, owner: str, name: str, src: Path) -> None:
+    """Lay out `src` under a static web root the way github.com serves it, so that
+    PYLMSERV_GITHUB_URL=http://127.0.0.1:PORT works for both URLs pylmserv uses:
+      OWNER/NAME.git                      bare repo over git's dumb HTTP protocol
+      OWNER/NAME/archive/<commit>.tar.gz  `git archive` tarball with a NAME-<commit>/ root
+    Call again after changing `src` to republish."""
+    import shutil
+
+    bare = www / owner / f"{name}.git"
+    if bare.exists():
+        shutil.rmtree(bare)
+    bare.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["git", "clone", "-q", "--bare", str(src), str(bare)], check=True, timeout=120,
+                   env=dict(os.environ, **GIT_ENV))
+    git(bare, "update-server-info")
+    archive_dir = www / owner / name / "archive"
+    archive_dir.mkdir(parents=True, exist_ok=True)
+    for line in git(bare, "show-ref", "--dereference").splitlines():
+        sha = line.split()[0]
+        if git(bare, "cat-file", "-t", sha) != "commit":
+            continue
+        out = archive_dir / f"{sha}.tar.gz"
+        if not out.exists():
+            git(bare, "archive", "--format=tar.gz", f"--prefix={name}-{sha}/", "-o", str(out), sha)
