@@ -439,7 +439,36 @@ def _check_nvcc(machine: Machine, nvcc, nvidia, driver_cuda, requested: bool) ->
 # -- binfmt_misc ------------------------------------------------------------------------
 
 def check_binfmt(machine: Machine) -> Check:
-    raise NotImplementedError
+    """Will APE files (cosmocc's tools, llamafiles) run, or start WINE? (Linux only.)"""
+    if machine.system != "Linux":
+        return Check("binfmt_misc", OK, f"not used on {machine.system} (APE files run natively)")
+    from .builders import binfmt
+
+    report = binfmt.read_binfmt(machine.binfmt_dir, loader_hint=_ape_loader_in_store(machine))
+    if report.state == binfmt.APE_REGISTERED:
+        return Check("binfmt_misc", OK, report.summary)
+    if report.state == binfmt.MZ_HIJACKED:
+        # pylmserv's own llamafile build runs APE tools through a shell/the loader, but a
+        # llamafile started directly (./model.llamafile) would go to WINE: say how to fix it.
+        return Check("binfmt_misc", WARN, report.summary + " (pylmserv's builds work around it; running "
+                     "llamafiles directly does not)", "\n".join(report.fix))
+    # No rule for APE: shells still run APE files as scripts and pylmserv starts them via sh.
+    return Check("binfmt_misc", OK, report.summary, "\n".join(report.fix))
+
+
+def _ape_loader_in_store(machine: Machine) -> Optional[str]:
+    root = machine.store_root or _store_root(machine)
+    arch = platform.machine() or "x86_64"
+    for cand in sorted((root / "toolchains").glob(f"cosmocc-*/bin/ape-{arch}.elf"), reverse=True):
+        return str(cand)
+    return None
+
+
+def _store_root(machine: Machine) -> Path:
+    from . import paths
+
+    env_home = machine.environ.get("PYLMSERV_HOME")
+    return Path(env_home).expanduser() if env_home else paths.home()
 
 
 # -- store -----------------------------------------------------------------------------
@@ -467,10 +496,7 @@ def human_size(n: float) -> str:
 def check_store(machine: Machine) -> List[Check]:
     from . import paths
 
-    root = machine.store_root
-    if root is None:
-        env_home = machine.environ.get("PYLMSERV_HOME")
-        root = Path(env_home).expanduser() if env_home else paths.home()
+    root = machine.store_root or _store_root(machine)
     # The store may not exist yet: measure the nearest existing parent's filesystem.
     probe = root
     while not probe.exists() and probe != probe.parent:

@@ -371,3 +371,97 @@ def test_no_color(tmp_path, home, monkeypatch):
     out_plain = plain.stderr if hasattr(plain, "stderr") and plain.stderr_bytes is not None else plain.output
     assert "\x1b[" in out_colored
     assert "\x1b[" not in out_plain and "[ok  ] python" in out_plain
+
+
+# -- binfmt_misc (fabricated directories in the kernel's file format) ------------------------
+
+def fake_binfmt(root: Path, entries: dict, status: str = "enabled") -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "status").write_text(status + "\n")
+    (root / "register").write_text("")
+    for name, (interpreter, magic_hex) in entries.items():
+        (root / name).write_text(f"enabled\ninterpreter {interpreter}\nflags: \noffset 0\nmagic {magic_hex}\n")
+    return root
+
+
+def binfmt_check(tmp_path, directory):
+    from pylmserv.doctor import check_binfmt
+
+    return check_binfmt(machine(tmp_path, binfmt_dir=directory, system="Linux"))
+
+
+def test_binfmt_wine_registered_for_mz(tmp_path):
+    d = fake_binfmt(tmp_path / "binfmt", {"wine": ("/usr/bin/wine", "4d5a"),
+                                          "python3.11": ("/usr/bin/python3.11", "a70d0d0a")})
+    check = binfmt_check(tmp_path, d)
+    assert check.status == WARN
+    assert "wine (/usr/bin/wine)" in check.detail
+    lines = check.hint.splitlines()
+    assert f"sudo sh -c 'echo 0 > {d / 'wine'}'   # disable wine until reboot" in lines
+    assert "sudo update-binfmts --disable wine   # keep it disabled across reboots (binfmt-support)" in lines
+    assert any(":APE:M::MZqFpD::/usr/bin/ape:" in line for line in lines)
+
+
+def test_binfmt_run_detectors_for_mz(tmp_path):
+    d = fake_binfmt(tmp_path / "binfmt", {"cli": ("/usr/lib/binfmt-support/run-detectors", "4d5a")})
+    check = binfmt_check(tmp_path, d)
+    assert check.status == WARN and "run-detectors" in check.detail
+    assert "sudo update-binfmts --disable cli" in check.hint
+
+
+def test_binfmt_ape_registered(tmp_path):
+    d = fake_binfmt(tmp_path / "binfmt", {"APE": ("/usr/bin/ape", "4d5a71467044"),
+                                          "APE-jart": ("/usr/bin/ape", "6a6172747372")})
+    check = binfmt_check(tmp_path, d)
+    assert check.status == OK
+    assert "APE loader registered" in check.detail and "APE -> /usr/bin/ape" in check.detail
+
+
+def test_binfmt_neither(tmp_path):
+    d = fake_binfmt(tmp_path / "binfmt", {"python3.11": ("/usr/bin/python3.11", "a70d0d0a")})
+    check = binfmt_check(tmp_path, d)
+    assert check.status == OK
+    assert "no binfmt_misc rule for APE files" in check.detail
+    assert ":APE:M::MZqFpD::/usr/bin/ape:" in check.hint  # the fix is still there for --json users
+
+
+def test_binfmt_fix_names_the_stores_ape_loader(tmp_path):
+    import platform
+
+    store = tmp_path / "store"
+    loader = store / "toolchains" / "cosmocc-3.3.6-abc" / "bin" / f"ape-{platform.machine()}.elf"
+    loader.parent.mkdir(parents=True)
+    loader.write_bytes(b"\x7fELF")
+    d = fake_binfmt(tmp_path / "binfmt", {"wine": ("/usr/bin/wine", "4d5a")})
+    check = binfmt_check(tmp_path, d)
+    assert f"sudo cp {loader} /usr/bin/ape" in check.hint
+
+
+def test_binfmt_not_mounted(tmp_path):
+    check = binfmt_check(tmp_path, tmp_path / "absent")
+    assert check.status == OK and "not mounted" in check.detail
+
+
+def test_binfmt_skipped_off_linux(tmp_path):
+    from pylmserv.doctor import check_binfmt
+
+    check = check_binfmt(machine(tmp_path, system="Darwin"))
+    assert check.status == OK and "not used on Darwin" in check.detail
+
+
+def test_cli_prints_multi_line_fix(tmp_path, home, monkeypatch):
+    """The human report prints each fix command on its own line."""
+    from pylmserv import doctor
+    from pylmserv.cli import cli
+
+    d = fake_binfmt(tmp_path / "binfmt", {"wine": ("/usr/bin/wine", "4d5a")})
+    real_current = doctor.Machine.current.__func__
+    monkeypatch.setattr(doctor.Machine, "current",
+                        classmethod(lambda cls, **kw: real_current(cls, binfmt_dir=d, system="Linux", **kw)))
+    monkeypatch.chdir(REPO)
+    result = CliRunner().invoke(cli, ["doctor"], env={"NO_COLOR": "1"})
+    out = result.stderr if result.stderr_bytes is not None else result.output
+    wine_lines = [line for line in out.splitlines() if "wine" in line]
+    assert any(line.startswith("[warn] binfmt_misc") for line in wine_lines)
+    assert any(line.strip().startswith("hint: sudo sh -c 'echo 0 >") for line in wine_lines)
+    assert any(line.strip().startswith("sudo update-binfmts --disable wine") for line in wine_lines)

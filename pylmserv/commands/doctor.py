@@ -38,7 +38,11 @@ def command(g, as_json, backend):
             mark = click.style(mark, fg=fg, bold=c.status == FAIL) if color else mark
             click.echo(f"[{mark}] {c.name:<{width}}  {c.detail}", err=True)
             if c.hint and c.status != OK:
-                click.echo(f"       {'':<{width}}  hint: {c.hint}", err=True)
+                pad = " " * (width + 9)
+                lines = c.hint.splitlines()
+                click.echo(f"{pad}hint: {lines[0]}", err=True)
+                for line in lines[1:]:  # multi-step fixes: one command per line, copy-pasteable
+                    click.echo(f"{pad}      {line}", err=True)
         counts = {s: sum(c.status == s for c in report.checks) for s in (OK, WARN, FAIL)}
         click.echo(f"{counts[OK]} ok, {counts[WARN]} warnings, {counts[FAIL]} failed", err=True)
     return 1 if report.failed else 0
