@@ -381,7 +381,11 @@ class _Engine:
                 log.warning("restarting %s from scratch: %s", redact(self.url), exc.reason)
                 prev_etag = probe.etag
                 continue
-            verify(self.partial, got, total, self.expected, self.size, self.url)
+            try:
+                verify(self.partial, got, total, self.expected, self.size, self.url)
+            except VerificationError:
+                self.discard()  # bad bytes are never kept, not even for a resume
+                raise
             return got, total, self.received
 
     @staticmethod
@@ -824,12 +828,16 @@ def _transient_errors() -> tuple:
 
 
 def _iter_raw(r, limit: Optional[int] = None):
-    """Raw body chunks (no content decoding), stopping after `limit` bytes."""
+    """Raw body chunks as they arrive (no content decoding), stopping after `limit` bytes.
+
+    read1 returns what the socket has instead of blocking for a full chunk, so a cut or
+    a stall loses no byte already received: the resume starts exactly after it."""
     raw = r.raw
+    read = raw.read1 if hasattr(raw, "read1") else raw.read
     left = limit
     while left is None or left > 0:
         want = CHUNK if left is None else min(CHUNK, left)
-        data = raw.read(want, decode_content=False)
+        data = read(want, decode_content=False)
         if not data:
             return
         if left is not None:

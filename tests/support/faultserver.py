@@ -16,6 +16,7 @@ Faults (all off by default):
   rate                       bytes per second per connection
   stall_after / stall_times / stall_seconds
                              stop sending after N body bytes for S seconds, K times
+  fail_status / fail_times   answer the next K requests with this status (503)
   signed_ttl                 /signed/PATH redirects to /s/TOKEN/PATH; a token is valid
                              for this many requests, then 403 (an expired signed URL)
 Other routes: /redirect/PATH -> 302 to PATH on `redirect_base` (another server = a CDN).
@@ -53,6 +54,8 @@ class Faults:
     stall_seconds: float = 5.0
     signed_ttl: Optional[int] = None
     no_etag: bool = False
+    fail_status: int = 503
+    fail_times: int = 0
 
 
 @dataclass
@@ -81,6 +84,8 @@ class FaultServer:
         self.redirect_base: Optional[str] = None
         self.lock = threading.Lock()
         self.active_ranges = 0
+        self.peak_ranges = 0  # most ranged requests in flight at once
+        self.on_request = None  # callable(server, Request), run before each request is served
         self.tokens: Dict[str, int] = {}
         self._token_ids = itertools.count(1)
         self.httpd = _QuietServer(("127.0.0.1", port), _handler_for(self))
@@ -106,6 +111,7 @@ class FaultServer:
         with self.lock:
             self.requests.clear()
             self.bytes_sent = 0
+            self.peak_ranges = 0
 
     def ranged_requests(self) -> List[Request]:
         return [r for r in self.requests if "Range" in r.headers]
@@ -151,8 +157,16 @@ def _handler_for(server: FaultServer):
             req = Request(self.command, self.path, dict(self.headers.items()))
             with srv.lock:
                 srv.requests.append(req)
+            if srv.on_request is not None:
+                srv.on_request(srv, req)
             path = self.path.split("?", 1)[0]
             f = srv.faults
+            with srv.lock:
+                failing = f.fail_times > 0
+                if failing:
+                    f.fail_times -= 1
+            if failing:
+                return self._simple(req, f.fail_status, b"try again\n")
             if path.startswith("/redirect/"):
                 return self._redirect(req, (srv.redirect_base or srv.base) + path[len("/redirect"):])
             if path.startswith("/signed/"):
@@ -195,6 +209,7 @@ def _handler_for(server: FaultServer):
             if parallel:
                 with srv.lock:
                     srv.active_ranges += 1
+                    srv.peak_ranges = max(srv.peak_ranges, srv.active_ranges)
                     over = f.max_parallel is not None and srv.active_ranges > f.max_parallel
                 if over:
                     with srv.lock:

@@ -1,0 +1,285 @@
+"""The download engine against a real loopback HTTP server with faults injected on demand."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+import pylmserv.download as dl
+from pylmserv.download import DiskSpaceError, download
+from pylmserv.errors import NetworkError, VerificationError
+from pylmserv.hashing import EMPTY_SHA256, Hash
+from tests.support.faultserver import fault_server
+
+MB = 1 << 20
+
+
+@pytest.fixture
+def server():
+    with fault_server() as s:
+        yield s
+
+
+@pytest.fixture
+def data():
+    return os.urandom(4 * MB + 12345)
+
+
+@pytest.fixture
+def tmp(tmp_path):
+    return tmp_path / "tmp"
+
+
+def fetch(url, tmp_path, data=None, **kw):
+    kw.setdefault("progress", False)
+    kw.setdefault("tmp_dir", tmp_path / "tmp")
+    if data is not None:
+        kw.setdefault("expected", Hash.of_bytes(data))
+        kw.setdefault("size", len(data))
+    return download(url, tmp_path / "out.bin", **kw)
+
+
+def break_after_cuts(server, cut_at, parts):
+    """Cut the probe and every first part response at `cut_at`, then answer 503 forever:
+    the download fails with some bytes of every part on disk."""
+    server.faults.cut_at, server.faults.cut_times = cut_at, parts + 1
+
+    def hook(srv, req):
+        if len(srv.requests) > parts + 1:
+            srv.faults.fail_times = 10**6
+
+    server.on_request = hook
+
+
+def heal(server):
+    server.on_request = None
+    server.faults.fail_times = server.faults.cut_times = 0
+
+
+def leftovers(tmp_path):
+    d = tmp_path / "tmp"
+    return sorted(p.name for p in d.iterdir() if not p.name.endswith(".lock")) if d.exists() else []
+
+
+def test_parallel_ranges_write_one_verified_file(server, data, tmp_path):
+    url = server.add("f.bin", data)
+    r = fetch(url, tmp_path, data, connections=4)
+    assert (tmp_path / "out.bin").read_bytes() == data
+    assert r.sha256 == Hash.of_bytes(data) and r.size == len(data)
+    ranged = [q for q in server.ranged_requests() if q.headers["Range"] != "bytes=0-0"]
+    assert len(ranged) == 4
+    assert all(q.headers.get("If-Range") == server.etags["/f.bin"] for q in ranged)
+    assert server.bytes_sent == len(data) + 1  # the file once, plus the 1-byte probe
+    assert leftovers(tmp_path) == []
+
+
+def test_cut_mid_body_resumes_each_part_without_resending(server, data, tmp_path):
+    url = server.add("f.bin", data)
+    server.faults.cut_at, server.faults.cut_times = 300_000, 4
+    r = fetch(url, tmp_path, data, connections=4)
+    assert (tmp_path / "out.bin").read_bytes() == data
+    assert server.bytes_sent <= len(data) + 1  # resumed at the cut: no byte sent twice
+    assert r.bytes_downloaded == len(data)
+
+
+def test_server_ignoring_range_gets_one_plain_stream(server, data, tmp_path):
+    url = server.add("f.bin", data)
+    server.faults.ignore_range = True
+    fetch(url, tmp_path, data, connections=8)
+    assert (tmp_path / "out.bin").read_bytes() == data
+    assert [q.status for q in server.requests] == [200]  # the probe's 200 body is the download
+
+
+def test_wrong_content_range_is_never_spliced(server, data, tmp_path):
+    url = server.add("f.bin", data)
+    server.faults.wrong_content_range = True
+    fetch(url, tmp_path, data, connections=4)
+    assert (tmp_path / "out.bin").read_bytes() == data
+    # After the mismatch the engine stopped using ranges and streamed the file whole.
+    assert server.requests[-1].headers.get("Range") is None
+
+
+def test_416_on_ranges_falls_back_to_a_plain_stream(server, data, tmp_path):
+    url = server.add("f.bin", data)
+    server.faults.range_416 = True
+    fetch(url, tmp_path, data, connections=4)
+    assert (tmp_path / "out.bin").read_bytes() == data
+    assert 416 in [q.status for q in server.requests]
+
+
+def test_file_and_etag_changing_mid_download_restarts_from_the_new_file(server, tmp_path):
+    old, new = os.urandom(4 * MB), os.urandom(4 * MB)
+    url = server.add("f.bin", old)
+    server.faults.cut_at, server.faults.cut_times = 200_000, 3
+    seen = []
+
+    def swap(srv, req):
+        seen.append(req)
+        if len(seen) == 3:  # after the probe and the first part started: a new upload
+            srv.add("f.bin", new)
+
+    server.on_request = swap
+    r = fetch(url, tmp_path, connections=4)  # no expected hash: the result must be one whole version
+    assert (tmp_path / "out.bin").read_bytes() == new
+    assert r.sha256 == Hash.of_bytes(new)
+    # Some resumed part sent If-Range with the old ETag and got the whole new file (200).
+    assert any(q.status == 200 and "Range" in q.headers for q in server.requests)
+
+
+def test_partial_from_an_older_file_version_is_discarded(server, tmp_path, monkeypatch):
+    old, new = os.urandom(3 * MB), os.urandom(3 * MB)
+    url = server.add("f.bin", old)
+    monkeypatch.setattr(dl, "MAX_ATTEMPTS", 1)
+    break_after_cuts(server, 500_000, parts=3)
+    with pytest.raises(NetworkError, match="keeps failing"):
+        fetch(url, tmp_path, connections=3)
+    assert any(n.endswith(".state.json") for n in leftovers(tmp_path))  # partial kept for resume
+    server.add("f.bin", new)  # new content, new ETag
+    heal(server)
+    fetch(url, tmp_path, connections=3)
+    assert (tmp_path / "out.bin").read_bytes() == new
+
+
+def test_in_process_resume_fetches_only_missing_bytes(server, data, tmp_path, monkeypatch):
+    url = server.add("f.bin", data)
+    monkeypatch.setattr(dl, "MAX_ATTEMPTS", 1)
+    break_after_cuts(server, 400_000, parts=4)
+    with pytest.raises(NetworkError, match="keeps failing") as exc:
+        fetch(url, tmp_path, data, connections=4)
+    assert "partial download is kept" in exc.value.hint
+    first = sum(q.sent for q in server.requests if q.status == 206 and q.headers["Range"] != "bytes=0-0")
+    assert first == 4 * 400_000
+    assert not (tmp_path / "out.bin").exists()
+    heal(server)
+    server.reset_counters()
+    r = fetch(url, tmp_path, data, connections=4)
+    assert (tmp_path / "out.bin").read_bytes() == data
+    assert server.bytes_sent == len(data) - first + 1  # exactly the missing bytes (+ the probe's byte)
+    assert r.bytes_downloaded == server.bytes_sent - 1
+
+
+@pytest.mark.parametrize("status", [403, 429])
+def test_refused_parallel_ranges_fall_back_to_fewer_connections(server, data, tmp_path, status):
+    url = server.add("f.bin", data)
+    server.faults.max_parallel, server.faults.parallel_status = 2, status
+    server.faults.rate = 8 * MB  # keep parts in flight long enough to overlap
+    fetch(url, tmp_path, data, connections=4)
+    assert (tmp_path / "out.bin").read_bytes() == data
+    assert status in [q.status for q in server.requests]
+    assert server.bytes_sent == len(data) + 1 + sum(q.sent for q in server.requests if q.status == status)
+
+
+def test_rate_limited_connections_run_in_parallel(server, data, tmp_path):
+    url = server.add("f.bin", data)
+    server.faults.rate = 2 * MB
+    fetch(url, tmp_path, data, connections=4)
+    assert (tmp_path / "out.bin").read_bytes() == data
+    assert server.peak_ranges == 4
+
+
+def test_stalled_connection_is_restarted(server, data, tmp_path):
+    url = server.add("f.bin", data)
+    # 3 stalls: the 1-byte probe (harmless) and both parts, 100 kB into their bodies.
+    server.faults.stall_after, server.faults.stall_times, server.faults.stall_seconds = 100_000, 3, 3.0
+    fetch(url, tmp_path, data, connections=2, stall_timeout=0.5)
+    assert (tmp_path / "out.bin").read_bytes() == data
+    half = -(-len(data) // 2)
+    ranges = [q.headers["Range"] for q in server.ranged_requests()]
+    # Each stalled part was asked again from exactly where its bytes stopped.
+    assert f"bytes=100000-{half - 1}" in ranges
+    assert f"bytes={half + 100_000}-{len(data) - 1}" in ranges
+    assert server.bytes_sent == len(data) + 1
+
+
+def test_html_error_page_with_200_is_named_and_deleted(server, data, tmp_path):
+    url = server.add("f.bin", data)
+    server.faults.html = True
+    with pytest.raises(VerificationError) as exc:
+        fetch(url, tmp_path, expected=Hash.of_bytes(data))
+    assert "HTML page" in exc.value.message and Hash.of_bytes(data).hex in exc.value.message
+    assert not (tmp_path / "out.bin").exists() and leftovers(tmp_path) == []
+
+
+def test_empty_body_names_the_empty_hash(server, data, tmp_path):
+    url = server.add("f.bin", data)
+    server.faults.empty = True
+    with pytest.raises(VerificationError) as exc:
+        fetch(url, tmp_path, expected=Hash.of_bytes(data))
+    assert EMPTY_SHA256.hex in exc.value.message and "proxy" in exc.value.message
+
+
+def test_wrong_hash_deletes_data_and_reports_expected_and_got(server, data, tmp_path):
+    url = server.add("f.bin", data)
+    wrong = Hash.of_bytes(b"something else")
+    with pytest.raises(VerificationError) as exc:
+        fetch(url, tmp_path, expected=wrong, connections=4)
+    msg = exc.value.message
+    assert wrong.hex in msg and Hash.of_bytes(data).hex in msg
+    assert exc.value.exit_code == 4
+    assert not (tmp_path / "out.bin").exists() and leftovers(tmp_path) == []
+
+
+def test_size_mismatch_is_caught_before_downloading(server, data, tmp_path):
+    url = server.add("f.bin", data)
+    with pytest.raises(VerificationError, match="expected 123 bytes"):
+        fetch(url, tmp_path, size=123)
+    assert server.bytes_sent <= 1
+
+
+def test_5xx_is_retried_and_404_is_a_clear_error(server, data, tmp_path, monkeypatch):
+    url = server.add("f.bin", data)
+    monkeypatch.setattr(dl, "RETRY_BASE", 0.01)
+    server.faults.fail_times = 2
+    fetch(url, tmp_path, data)
+    assert [q.status for q in server.requests[:2]] == [503, 503]
+    assert (tmp_path / "out.bin").read_bytes() == data
+    with pytest.raises(NetworkError, match="HTTP 404"):
+        fetch(server.url("missing.bin"), tmp_path)
+
+
+def test_authorization_goes_to_the_origin_host_only(data, tmp_path):
+    with fault_server() as hub, fault_server() as cdn:
+        cdn.add("f.bin", data)
+        hub.redirect_base = cdn.base
+        fetch(hub.url("redirect/f.bin"), tmp_path, data, headers={"Authorization": "Bearer SECRET"},
+              connections=4)
+        assert (tmp_path / "out.bin").read_bytes() == data
+        assert hub.requests and all(q.headers.get("Authorization") == "Bearer SECRET" for q in hub.requests)
+        assert cdn.requests and not any("Authorization" in q.headers for q in cdn.requests)
+        # Parts went straight to the CDN URL found by the probe.
+        assert len([q for q in cdn.requests if q.headers.get("Range") != "bytes=0-0"]) == 4
+
+
+def test_expired_signed_url_is_re_resolved(server, data, tmp_path):
+    url = server.add("f.bin", data)
+    server.faults.signed_ttl = 2  # probe + one part per signed URL
+    server.faults.cut_at, server.faults.cut_times = 1_000_000, 3
+    fetch(server.url("signed/f.bin"), tmp_path, data, connections=1)
+    assert (tmp_path / "out.bin").read_bytes() == data
+    assert 403 in [q.status for q in server.requests]
+    assert len([q for q in server.requests if q.path.startswith("/signed/")]) >= 2
+
+
+def test_file_url(tmp_path, data):
+    src = tmp_path / "src.bin"
+    src.write_bytes(data)
+    r = download(src.as_uri(), tmp_path / "out.bin", expected=Hash.of_bytes(data), progress=False)
+    assert r.size == len(data) and (tmp_path / "out.bin").read_bytes() == data
+    with pytest.raises(VerificationError):
+        download(src.as_uri(), tmp_path / "bad.bin", expected=EMPTY_SHA256, progress=False)
+    assert not (tmp_path / "bad.bin").exists()
+
+
+def test_free_space_check_with_mocked_disk_usage(server, data, tmp_path, monkeypatch):
+    """Mock: a full disk cannot be made here without root; disk_usage reports 1 KiB free."""
+    import shutil
+    from collections import namedtuple
+
+    url = server.add("f.bin", data)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 * MB, 10 * MB, 1024))
+    with pytest.raises(DiskSpaceError, match="not enough free space"):
+        fetch(url, tmp_path, data)
+    assert server.bytes_sent <= 1
