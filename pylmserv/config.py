@@ -197,11 +197,14 @@ def _read_toml(path: Path, what: str, hint: str) -> dict:
     except FileNotFoundError:
         raise ConfigError(f"{what} not found: {path}", hint=hint) from None
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})", hint=hint) from None
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})",
+                          hint=hint if what != "lock" else "Regenerate it with `pylmserv prefetch --refresh`.") from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}", hint=f"Fix the syntax at that line and column of {path.name}.") from None
+        fix = (f"Fix the syntax at that line and column of {path.name}." if what != "lock" else
+               "The lock is generated: restore it from version control or regenerate it with `pylmserv prefetch --refresh`.")
+        raise ConfigError(f"{path}: invalid TOML: {exc}", hint=fix) from None
 
 
 def load_config(path: Path) -> Config:

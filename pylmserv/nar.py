@@ -16,7 +16,12 @@ import struct
 from pathlib import Path
 from typing import Callable, Optional, Union
 
+from .errors import UsageError
 from .hashing import Hash, file_hash
+
+
+class NarError(UsageError, ValueError):
+    """A path that cannot be serialised (fifo, socket, device) or changed while read."""
 
 PathLike = Union[str, "os.PathLike[str]", bytes]
 _ZEROS = bytes(8)
@@ -65,7 +70,8 @@ def _dump(path: bytes, write, buf: bytearray) -> None:
     elif stat.S_ISLNK(mode):
         write(_LINK_HEAD + _str(os.readlink(path)) + _S[")"])
     else:
-        raise ValueError(f"cannot put {os.fsdecode(path)!r} in a NAR: not a file, directory or symlink")
+        raise NarError(f"cannot put {os.fsdecode(path)!r} in a NAR: not a file, directory or symlink",
+                       hint="Remove sockets, fifos and device files from the tree first.")
 
 
 def _copy_file(path: bytes, size: int, write, buf: bytearray) -> None:
@@ -79,7 +85,7 @@ def _copy_file(path: bytes, size: int, write, buf: bytearray) -> None:
             done += n
             write(view[:n])
     if done != size:
-        raise ValueError(f"{os.fsdecode(path)!r} changed size while being hashed")
+        raise NarError(f"{os.fsdecode(path)!r} changed size while being hashed", hint="Hash it again when it is not being written.")
 
 
 def nar_hash(path: PathLike, algo: str = "sha256") -> Hash:
@@ -102,7 +108,6 @@ def hash_path(path: PathLike, mode: Optional[str] = None, algo: str = "sha256") 
         return nar_hash(path, algo)
     if mode == "flat":
         return file_hash(path, algo)
-    from .errors import UsageError
     raise UsageError(f"unknown hash mode {mode!r}", hint="Use --mode nar or --mode flat.")
 
 
