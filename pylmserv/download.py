@@ -42,7 +42,7 @@ RETRY_BASE = 0.2  # first backoff (seconds), doubled per failed attempt
 RETRY_CAP = 8.0
 MAX_ATTEMPTS = 8  # consecutive failed attempts of one part (reset by progress)
 MAX_RESTARTS = 4  # whole-file restarts (file changed, server misbehaving)
-STATE_INTERVAL = 0.5  # seconds between sidecar state saves
+STATE_INTERVAL = 0.25  # seconds between sidecar state saves (bounds what a kill re-sends)
 STATE_VERSION = 1
 
 

@@ -184,8 +184,8 @@ def _plan(item: str, project: Optional[Project], sha256: Optional[Hash], tofu: b
                                  hint="Pass --sha256 HASH (hex or SRI), or --trust-on-first-use to record "
                                       "the hash of what the server sends in the lock.")
             record = LockEntry("models", name, item, Hash("sha256", bytes(32)), "flat")
-            return _Plan(name, [_File(item, filename, None, None)], _is_archive(filename), record=record)
-        return _Plan(name, [_File(item, filename, sha256, None)], _is_archive(filename))
+            return _Plan(name, _url_files(item, filename, None, None, tofu), _is_archive(filename), record=record)
+        return _Plan(name, _url_files(item, filename, sha256, None, tofu), _is_archive(filename))
     if project is None:
         raise UsageError(f"unknown model {item!r}", hint="Give a name from pylmserv.lock, an hf:// path or a URL.")
     entry = project.lock.models.get(item)
@@ -198,7 +198,7 @@ def _plan(item: str, project: Optional[Project], sha256: Optional[Hash], tofu: b
                          hint="Known names: " + ", ".join(names) if names else "The catalog has no models.")
     if spec.sha256 is not None:
         url = _on_hub_endpoint(spec.resolve_url())
-        return _Plan(item, [_File(url, spec.filename, spec.sha256, spec.size)], _is_archive(spec.filename))
+        return _Plan(item, _url_files(url, spec.filename, spec.sha256, spec.size, tofu), _is_archive(spec.filename))
     if not tofu:
         raise UsageError(f"model {item!r} is in {project.config.path.name if project.config.path else 'the config'} "
                          f"but has no pin in the lock",
@@ -214,7 +214,29 @@ def _plan(item: str, project: Optional[Project], sha256: Optional[Hash], tofu: b
             plan.record = replace(plan.record, name=item)
         return plan
     record = LockEntry("models", item, spec.url or "", Hash("sha256", bytes(32)), "flat")
-    return _Plan(item, [_File(spec.url or "", spec.filename, None, spec.size)], _is_archive(spec.filename), record)
+    return _Plan(item, _url_files(spec.url or "", spec.filename, None, spec.size, True),
+                 _is_archive(spec.filename), record)
+
+
+def _url_files(url: str, filename: str, expected: Optional[Hash], size: Optional[int], tofu: bool) -> List[_File]:
+    """The file behind `url`, or every shard of its split set (same directory URL)."""
+    from .gguf import split_names
+
+    names = split_names(filename)
+    if len(names) == 1:
+        return [_File(url, filename, expected, size)]
+    base = url.split("?", 1)[0].rsplit("/", 1)[0]
+    files = []
+    for n in names:
+        if n == filename:
+            files.append(_File(url, n, expected, size))
+        else:
+            if not tofu:
+                raise UsageError(f"{filename} is part of a {len(names)}-file split set; {n} has no known sha256",
+                                 hint="Pin the whole set in the lock (shards), or pass --trust-on-first-use.")
+            files.append(_File(f"{base}/{quote(n)}", n, None, None))
+    files.sort(key=lambda f: names.index(f.filename))
+    return files
 
 
 def _lock_entry_for_url(project: Optional[Project], url: str) -> Optional[LockEntry]:

@@ -285,3 +285,12 @@ def _unlink(path: Path) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def write_tree_manifest(directory: Path, archive: Hash, files: Sequence[Tuple[str, int]]) -> None:
+    """Manifest of an entry unpacked from a verified archive: file sizes, archive hash."""
+    from .fsutil import atomic_write_text
+
+    data = {"archive": {"sha256": archive.hex}, "files": {rel: {"size": size} for rel, size in files},
+            "order": [rel for rel, _ in files]}
+    atomic_write_text(directory / MANIFEST, json.dumps(data, indent=1, sort_keys=True) + "\n")
