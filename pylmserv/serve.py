@@ -139,13 +139,40 @@ def resolve_server(engine: str, backend: str, server_bin: Optional[Path] = None,
         return path
     from .builders import build
 
-    kwargs = {"what": engine, "backend": backend}
-    if config is not None:
-        kwargs["config"] = config
-    if lock is not None:
-        kwargs["lock"] = lock
+    kwargs = {"what": engine, "backend": backend, "config": config, "lock": lock}
+    if engine == "llama.cpp":
+        # Reuse a finished build of the locked source that has llama-server (e.g. from
+        # `pylmserv build`, whatever targets it had); else build just llama-server.
+        kwargs["targets"] = existing_build_targets(backend, config, lock) or ("llama-server",)
     result = build(**kwargs)
     return pick_server_binary(engine, result)
+
+
+def existing_build_targets(backend: str, config: Optional[Path] = None, lock: Optional[Path] = None
+                           ) -> Optional[Tuple[str, ...]]:
+    """Targets of an up-to-date llama.cpp build of the locked source that includes llama-server.
+
+    Calling build() with those targets is then a cache hit: no second build for `serve`.
+    """
+    from .builders import stamp as stamps
+    from .config import load_project
+    from .paths import home
+
+    entry = load_project(config, lock).lock.entry("sources", "llama-cpp")
+    builds = home() / "builds"
+    if entry is None or not builds.is_dir():
+        return None
+    best = None
+    for stamp_file in builds.glob(f"llama.cpp-{backend}-*/{stamps.STAMP_NAME}"):
+        stamp = stamps.read_stamp(stamp_file)
+        if stamp is None or stamp.inputs.get("source") != entry.hash.sri or "llama-server" not in stamp.outputs:
+            continue
+        if not all(r.still_there() for r in stamp.outputs.values()):
+            continue
+        mtime = stamp_file.stat().st_mtime
+        if best is None or mtime > best[0]:
+            best = (mtime, tuple(stamp.inputs.get("targets") or ()))
+    return best[1] if best and best[1] else None
 
 
 def pick_server_binary(engine: str, result) -> Path:
@@ -158,6 +185,15 @@ def pick_server_binary(engine: str, result) -> Path:
             return Path(path)
     raise PylmservError(f"the {engine} build has no {wanted[0]} binary",
                         hint=f"Rebuild with `pylmserv build {engine} --target {wanted[0]}`.")
+
+
+def _needs_shell(binary: Path) -> bool:
+    """An APE (a llamafile) that execve() would hand to WINE or refuse (Linux binfmt_misc)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    from .builders import binfmt
+
+    return binfmt.is_ape(binary) and not binfmt.read_binfmt().direct_exec_ok
 
 
 def server_command(server: Path, model_path: Path, opts: ServeOptions) -> List[str]:
@@ -409,5 +445,7 @@ def serve(opts: ServeOptions, on_ready: Callable[[ServeUrls], None], config: Opt
     model_path = resolve_model(opts.model, config, lock, offline=opts.offline)
     server = resolve_server(opts.engine, opts.backend, opts.server_bin, config, lock)
     argv = server_command(server, model_path, opts)
+    if opts.engine == "llamafile" and _needs_shell(server):
+        argv = ["/bin/sh"] + argv  # APE files run as shell scripts when binfmt_misc cannot start them
     log.info("serving %s with %s", model_path, server)
     return run_server(argv, opts, on_ready)

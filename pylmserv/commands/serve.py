@@ -19,7 +19,7 @@ from ..serve import ENGINES, SERVER_BIN_ENV, ServeOptions, default_log_file, ser
 @click.option("--engine", default="llama.cpp", show_default=True, type=click.Choice(ENGINES))
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on. Anything but loopback needs --public.")
-@click.option("--port", default=8080, show_default=True, type=int)
+@click.option("--port", default=8080, show_default=True, type=int, envvar="PYLMSERV_PORT", help="Port to listen on (env PYLMSERV_PORT).")
 @click.option("--ngl", type=int, help="Layers to offload to the GPU (llama-server -ngl).")
 @click.option("--public", is_flag=True, help="Allow listening on a non-loopback address.")
 @click.option("--api-key", envvar="PYLMSERV_API_KEY", help="Require this key from clients (env PYLMSERV_API_KEY).")
