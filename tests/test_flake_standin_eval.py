@@ -305,3 +305,12 @@ def test_missing_cosmocc_pin_is_a_clear_evaluation_error(world):
                   f"path:{world.flake}#packages.x86_64-linux.llamafile.drvPath")
     assert proc.returncode != 0
     assert 'no [sources.cosmocc-*] with version = "9.9.9"' in proc.stderr
+
+
+def test_nix_flake_check_evaluates_every_output(world):
+    """`nix flake check --no-build`: schema of every output (apps, overlays, devShells,
+    checks) and instantiation of every derivation, against the stand-in."""
+    proc = fw.nix("nix", "flake", "check", "--no-build", "--no-write-lock-file", "--override-input", "nixpkgs",
+                  f"path:{fw.STANDIN}", f"path:{world.flake}")
+    assert proc.returncode == 0, proc.stderr
+    assert "evaluating 'packages.x86_64-linux.llamafile-cuda'" in proc.stderr or proc.stderr.count("error") == 0

@@ -3,9 +3,8 @@
 The served things are real: a GGUF-looking model file, a GitHub-style release tarball
 (single top-level directory, an executable and a symlink inside), a zip with a single
 top-level directory, a flat toolchain zip and a local git repository. Their pins are
-computed by pylmserv itself (its downloader, its unpacker with Nix's single-root strip,
-its NAR serialiser) and written with pylmserv.config.Lock, so a Nix build that succeeds
-means Nix accepted pylmserv's hashes. Contents are random per world, so a store path
+written by `pylmserv prefetch` (and re-checked with pylmserv's fetch + unpack + NAR), so
+a Nix build that succeeds means Nix accepted pylmserv's hashes. Contents are random per world, so a store path
 left by an earlier run can never make a build pass without a fetch.
 """
 from __future__ import annotations
@@ -20,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List
 
-from pylmserv.config import Lock, LockEntry
+from pylmserv.config import Lock, LockEntry, load_lock
 from pylmserv.hashing import Hash
 from pylmserv.nar import nar_hash
 
@@ -115,22 +114,23 @@ def _flat_zip(out: Path, salt: bytes) -> None:
     out.write_bytes(buf.getvalue())
 
 
-def _git_repo(path: Path, salt: bytes) -> str:
+def _git_repo(path: Path, salt: bytes, branch: str) -> str:
     path.mkdir(parents=True)
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "-C", str(path)]
-    subprocess.run(git[:-2] + ["init", "-q", str(path)], check=True, timeout=60)
+    subprocess.run(git + ["init", "-q"], check=True, timeout=60)
     (path / "gadget.txt").write_bytes(b"gadget " + salt.hex().encode() + b"\n")
     tool = path / "tool.sh"
     tool.write_bytes(b"#!/bin/sh\n")
     tool.chmod(0o755)
     subprocess.run(git + ["add", "-A"], check=True, timeout=60)
     subprocess.run(git + ["commit", "-qm", "fixture"], check=True, timeout=60)
+    subprocess.run(git + ["branch", branch], check=True, timeout=60)
     return subprocess.run(git + ["rev-parse", "HEAD"], check=True, capture_output=True, text=True,
                           timeout=60).stdout.strip()
 
 
 def _pylmserv_hash(entry: LockEntry, work: Path) -> Hash:
-    """The pin as pylmserv computes it: its fetch + unpack (+ git checkout), then NAR or flat."""
+    """The pin as pylmserv.sources computes it: its fetch + unpack (or git checkout), then NAR or flat."""
     from pylmserv.hashing import file_hash
     from pylmserv.sources import fetch_entry
 
@@ -139,53 +139,84 @@ def _pylmserv_hash(entry: LockEntry, work: Path) -> Hash:
     return nar_hash(staged) if entry.mode == "nar" else file_hash(staged)
 
 
+def _prefetch(config: Path, lock: Path) -> None:
+    """`pylmserv prefetch` as a user runs it: resolves refs, hashes, writes the lock."""
+    import sys
+
+    env = dict(os.environ, PYLMSERV_HOME=str(config.parent / "home"))
+    proc = subprocess.run([sys.executable, "-m", "pylmserv", "--config", str(config), "--lock", str(lock),
+                           "prefetch"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, f"pylmserv prefetch failed ({proc.returncode}):\n{proc.stderr}"
+
+
 def build_world(tmp: Path, www: Path, base_url: str) -> World:
-    """Serve fixtures from `www` (already served at base_url) and write a lock for them."""
+    """Serve fixtures from `www` (already served at base_url); `pylmserv prefetch` pins them.
+
+    Sources are `url` (unpack) and `git` types: a `github` type always records
+    github.com URLs in the lock (pylmserv fetches through PYLMSERV_GITHUB_URL), which
+    Nix could not reach here. The catalog's github entries are evaluated, not fetched,
+    by the stand-in tests."""
     salt = os.urandom(8)
     stage = tmp / "stage"
-    placeholder = Hash.of_bytes(b"placeholder")
-    entries: List[LockEntry] = []
 
     model = b"GGUF" + os.urandom(64 * 1024)
     (www / "models").mkdir()
     (www / "models" / "tiny.gguf").write_bytes(model)
-    entries.append(LockEntry("models", "tiny", f"{base_url}/models/tiny.gguf", placeholder, "flat", rev="main",
-                             size=len(model), extra={"hf": "acme/tiny-GGUF", "file": "tiny.gguf"}))
 
-    # Catalog-shaped sources: llama-cpp and llamafile as GitHub tarballs, cosmocc flat.
+    archives = {}
     for name, owner, repo, ref in (("llama-cpp", "ggml-org", "llama.cpp", "b1"), ("llamafile", "Mozilla-Ocho", "llamafile", "0.1")):
         tree = _tree(stage / name, f"{repo}-{ref}", salt + name.encode())
         rel = f"gh/{owner}/{repo}/archive/{ref}.tar.gz"
         _tarball(tree, www / rel)
-        extra = {"type": "github", "owner": owner, "repo": repo, "ref": ref, "submodules": False}
-        if name == "llamafile":
-            extra["cosmocc"] = COSMOCC_VERSION
-        entries.append(LockEntry("sources", name, f"{base_url}/{rel}", placeholder, "nar", rev=ref, extra=extra))
+        archives[name] = f"{base_url}/{rel}"
 
-    cosmocc_name = "cosmocc-" + COSMOCC_VERSION.replace(".", "_")
     (www / "cosmo").mkdir()
     _flat_zip(www / "cosmo" / f"cosmocc-{COSMOCC_VERSION}.zip", salt)
-    entries.append(LockEntry("sources", cosmocc_name, f"{base_url}/cosmo/cosmocc-{COSMOCC_VERSION}.zip", placeholder,
-                             "flat", extra={"type": "url", "unpack": False, "version": COSMOCC_VERSION}))
-
     tool_tree = _tree(stage / "tool", "tool-2.0", salt + b"tool")
     _zip_with_root(tool_tree, www / "zips" / "tool-2.0.zip")
-    entries.append(LockEntry("sources", "tool", f"{base_url}/zips/tool-2.0.zip", placeholder, "nar",
-                             extra={"type": "url", "unpack": True}))
+    _git_repo(tmp / "git" / "gadget", salt, "release")
 
-    rev = _git_repo(tmp / "git" / "gadget", salt)
-    entries.append(LockEntry("sources", "gadget", (tmp / "git" / "gadget").as_uri(), placeholder, "nar", rev=rev,
-                             extra={"type": "git", "ref": "HEAD", "submodules": False}))
+    cosmocc_name = "cosmocc-" + COSMOCC_VERSION.replace(".", "_")
+    config = tmp / "project" / "pylmserv.toml"
+    config.parent.mkdir()
+    config.write_text(f"""
+[models.tiny]
+url = "{base_url}/models/tiny.gguf"
 
+[sources.llama-cpp]
+type = "url"
+url = "{archives['llama-cpp']}"
+unpack = true
+
+[sources.llamafile]
+type = "url"
+url = "{archives['llamafile']}"
+unpack = true
+cosmocc = "{COSMOCC_VERSION}"
+
+[sources.{cosmocc_name}]
+type = "url"
+url = "{base_url}/cosmo/cosmocc-{COSMOCC_VERSION}.zip"
+version = "{COSMOCC_VERSION}"
+
+[sources.tool]
+type = "url"
+url = "{base_url}/zips/tool-2.0.zip"
+unpack = true
+
+[sources.gadget]
+type = "git"
+url = "{(tmp / 'git' / 'gadget').as_uri()}"
+ref = "release"
+""")
     flake = copy_flake(tmp / "flake")
-    lock = Lock(path=flake / "pylmserv.lock")
-    expected: Dict[str, Hash] = {}
-    for entry in entries:
-        got = _pylmserv_hash(entry, tmp / "work" / entry.name)
-        entry = LockEntry(entry.kind, entry.name, entry.url, got, entry.mode, entry.rev, entry.size, entry.extra)
-        lock = lock.with_entry(entry)
-        expected[("model-" if entry.kind == "models" else "source-") + entry.name] = got
-    lock.write()
+    _prefetch(config, flake / "pylmserv.lock")
+    lock = load_lock(flake / "pylmserv.lock", missing_ok=False)
+    expected = {f"model-{n}": e.hash for n, e in lock.models.items()}
+    expected.update({f"source-{n}": e.hash for n, e in lock.sources.items()})
+    # pylmserv's own fetch + unpack + NAR agrees with what prefetch wrote (a second opinion).
+    for name, entry in lock.sources.items():
+        assert _pylmserv_hash(entry, tmp / "work" / name) == entry.hash, name
     return World(flake=flake, lock=lock, model_bytes=model, expected=expected)
 
 
