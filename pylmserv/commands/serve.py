@@ -10,8 +10,20 @@ import click
 from ..serve import ENGINES, SERVER_BIN_ENV, ServeOptions, default_log_file, serve
 
 
+def _complete_models(ctx, param, incomplete):
+    """Shell completion for MODEL: catalog names (paths are completed by the shell itself)."""
+    try:
+        from ..config import load_project
+
+        project = load_project()
+        names = sorted(set(project.config.models) | set(project.lock.models))
+    except Exception:  # completion must never print a traceback into the user's shell
+        return []
+    return [n for n in names if n.startswith(incomplete)]
+
+
 @click.command("serve")
-@click.argument("model")
+@click.argument("model", shell_complete=_complete_models)
 @click.argument("extra_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- EXTRA_ARGS...]")
 @click.option("--backend", default="cpu", show_default=True,
               type=click.Choice(["cpu", "blas", "cuda", "rocm", "vulkan", "metal"]),
