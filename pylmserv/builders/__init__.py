@@ -66,7 +66,8 @@ def build(what: str = "llama.cpp", backend: str = "cpu", targets: Optional[Seque
         from .llamafile import build_llamafile
 
         return build_llamafile(backend=backend, jobs=jobs, prefix=prefix, dry_run=dry_run, force=force,
-                               config=config, lock=lock)
+                               config=config, lock=lock, source_dir=source_dir, cuda_arch=cuda_arch,
+                               gpu_targets=gpu_targets)
     if what != "llama.cpp":
         raise UsageError(f"unknown build target {what!r}", hint="Use `pylmserv build llama.cpp` or `pylmserv build llamafile`.")
     from .llama_cpp import BACKENDS, DEFAULT_TARGETS, Request

@@ -35,9 +35,10 @@ def command(obj, what, backend, targets, cuda_arch, gpu_targets, portable, jobs,
     from ..builders import build
     from ..errors import UsageError
 
-    if what == "llamafile" and (targets or cuda_arch or gpu_targets or portable or cmake_args or source_dir):
-        raise UsageError("--target/--cuda-arch/--gpu-targets/--portable/--cmake-arg/--source apply to llama.cpp only",
-                         hint="`pylmserv build llamafile` takes --backend, --jobs, --prefix, --force, --dry-run, --json.")
+    if what == "llamafile" and (targets or portable or cmake_args):
+        raise UsageError("--target/--portable/--cmake-arg apply to llama.cpp only",
+                         hint="`pylmserv build llamafile` takes --backend, --cuda-arch, --gpu-targets, --source, "
+                              "--jobs, --prefix, --force, --dry-run, --json.")
     result = build(what=what, backend=backend, targets=targets or None, cuda_arch=cuda_arch, gpu_targets=gpu_targets,
                    portable=portable, jobs=jobs, prefix=prefix, cmake_args=cmake_args, force=force, dry_run=dry_run,
                    source_dir=source_dir, config=obj.config if obj else None, lock=obj.lock if obj else None)
