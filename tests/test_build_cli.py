@@ -183,3 +183,20 @@ def test_failure_keeps_log_no_stamp_then_rerun_is_incremental(home, tmp_path):
     assert os.access(installed, os.X_OK)
     import subprocess
     assert subprocess.run([str(installed)], timeout=30).returncode == 0
+
+
+def test_step_timeout_kills_the_step_and_says_so(tmp_path):
+    """A silent step past its timeout is stopped (with its children) and reported with the log path."""
+    import sys
+    import time as _time
+
+    from pylmserv.builders.llama_cpp import run_logged
+    from pylmserv.errors import BuildError
+
+    log = tmp_path / "build.log"
+    t0 = _time.monotonic()
+    with pytest.raises(BuildError, match="timed out after 1 s") as err:
+        run_logged([sys.executable, "-c", "import subprocess; subprocess.run(['sleep', '30'])"], log,
+                   dict(os.environ), 1, "build")
+    assert _time.monotonic() - t0 < 15
+    assert str(log) in err.value.message

@@ -217,6 +217,7 @@ def map_options(req: Request, features: SourceFeatures, det: Detected,
             d["GGML_BACKEND_DL"] = "ON"
             d["GGML_CPU_ALL_VARIANTS"] = "ON"
             d["BUILD_SHARED_LIBS"] = "ON"  # GGML_BACKEND_DL requires it
+            d["CMAKE_BUILD_RPATH_USE_ORIGIN"] = "ON"  # $ORIGIN rpath: binaries + libs relocate together
         else:
             notes.append("this llama.cpp has no GGML_CPU_ALL_VARIANTS/GGML_BACKEND_DL: portable = generic CPU code")
             put("BUILD_SHARED_LIBS", "OFF")
@@ -416,40 +417,63 @@ def _vendor_mismatch(backend: str, want: str, vendors: Sequence[str]) -> Optiona
 # -- running ------------------------------------------------------------------------------
 
 def run_logged(argv: Sequence[str], log_file: Path, env: Mapping[str, str], timeout: float, what: str) -> None:
-    """Run a step, appending its output to `log_file`; progress on the logger every few seconds."""
-    start = time.monotonic()
-    last = start
+    """Run a step, appending its output to `log_file`; progress on the logger every few seconds.
+    A watchdog kills the step at `timeout` even when it prints nothing."""
+    import threading
+
+    last = time.monotonic()
     with open(log_file, "ab") as fh:
         fh.write(f"\n$ {shlex.join(argv)}\n".encode())
         fh.flush()
         try:
+            # own process group: a timeout or Ctrl-C stops the compilers too, not just ninja
             proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=dict(env))
+                                    stdin=subprocess.DEVNULL, env=dict(env), start_new_session=(os.name == "posix"))
         except OSError as exc:
             raise ToolMissingError(f"cannot run {argv[0]}: {exc.strerror}") from None
+        fired = threading.Event()
+
+        def kill():
+            fired.set()
+            _kill_group(proc)
+
+        watchdog = threading.Timer(timeout, kill)
+        watchdog.daemon = True
+        watchdog.start()
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
                 fh.write(line)
+                fh.flush()  # the log is where a user looks while a long step runs
                 now = time.monotonic()
                 if now - last >= 5 or log.isEnabledFor(logging.DEBUG):
                     text = line.decode("utf-8", "replace").rstrip()
                     if text:
                         log.info("%s: %s", what, text[:200])
                     last = now
-                if now - start > timeout:
-                    proc.kill()
-                    raise BuildError(f"{what} timed out after {timeout:.0f} s; log: {log_file}")
             rc = proc.wait()
-        except BaseException:
+        finally:
+            watchdog.cancel()
             if proc.poll() is None:
-                proc.kill()
+                _kill_group(proc)
                 proc.wait()
-            raise
+    if fired.is_set():
+        raise BuildError(f"{what} timed out after {timeout:.0f} s; full log: {log_file}",
+                         hint="Rerun (it continues where it stopped), or use fewer targets.")
     if rc != 0:
         first = first_error(log_file)
         raise BuildError(f"{what} failed (exit {rc}); full log: {log_file}\n{first}".rstrip(),
                          hint="Fix the cause shown above and rerun: the build continues where it stopped.")
+
+
+def _kill_group(proc) -> None:
+    try:
+        if os.name == "posix":
+            os.killpg(proc.pid, 9)
+        else:
+            proc.kill()
+    except OSError:
+        pass
 
 
 _ERROR = re.compile(r"(CMake Error|error:|Error \d+|FAILED:|fatal error|undefined reference|ninja: build stopped)")
