@@ -74,8 +74,16 @@ def test_built_tree_keeps_modes_and_symlinks_like_fetchzip(world):
     assert os.readlink(os.path.join(tree, "LINK")) == "README.md"
 
 
+def test_git_source_with_submodules_has_them_checked_out(world):
+    tree = _out_path(world, "source-stack")
+    assert world.lock.sources["stack"].get("submodules") is True
+    assert os.path.isfile(os.path.join(tree, "third_party", "sub", "s.c"))
+    assert not os.path.exists(os.path.join(tree, ".git"))
+    assert os.access(os.path.join(tree, "run"), os.X_OK)
+
+
 @pytest.mark.parametrize("output", ["model-tiny", "source-llama-cpp", "source-tool", "source-cosmocc-3_3_6",
-                                    "source-gadget"])
+                                    "source-gadget", "source-stack"])
 def test_nix_refuses_an_altered_hash(world, output):
     wrong = Hash.of_bytes(b"tampered " + output.encode())
     fw.set_hash(world, output, wrong.sri)
@@ -83,7 +91,7 @@ def test_nix_refuses_an_altered_hash(world, output):
     assert proc.returncode != 0
     assert "mismatch" in proc.stderr, proc.stderr
     true_hash = world.expected[output]
-    if output == "source-gadget":
+    if output in ("source-gadget", "source-stack"):
         # builtins.fetchGit: "NAR hash mismatch in input ..., expected 'X', got 'Y'"
         assert re.search(r"got '" + re.escape(true_hash.sri) + "'", proc.stderr), proc.stderr
     else:
@@ -91,7 +99,7 @@ def test_nix_refuses_an_altered_hash(world, output):
 
 
 @pytest.mark.parametrize("output", ["model-tiny", "source-llamafile", "source-tool", "source-cosmocc-3_3_6",
-                                    "source-gadget"])
+                                    "source-gadget", "source-stack"])
 def test_empty_hash_trick_reports_pylmserv_hash(world, output):
     fw.set_hash(world, output, "")
     proc = _build(world, output)

@@ -22,6 +22,8 @@ from typing import Dict, List
 from pylmserv.config import Lock, LockEntry, load_lock
 from pylmserv.hashing import Hash
 from pylmserv.nar import nar_hash
+from tests.support import gitrepos
+from tests.support.gitrepos import GIT_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 STANDIN = REPO / "tests" / "nixpkgs-standin"
@@ -51,6 +53,7 @@ def nix(*args: str, cwd=None, timeout: int = 600) -> subprocess.CompletedProcess
     for key in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         env.pop(key, None)
     env["no_proxy"] = "127.0.0.1,localhost"
+    env.update(GIT_ENV)  # file:// submodules for builtins.fetchGit
     return subprocess.run(list(args), capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
 
 
@@ -135,7 +138,16 @@ def _pylmserv_hash(entry: LockEntry, work: Path) -> Hash:
     from pylmserv.sources import fetch_entry
 
     work.mkdir(parents=True)
-    staged = fetch_entry(entry, work)
+    saved = {k: os.environ.get(k) for k in GIT_ENV}
+    os.environ.update(GIT_ENV)  # file:// submodules, as for the prefetch subprocess
+    try:
+        staged = fetch_entry(entry, work)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return nar_hash(staged) if entry.mode == "nar" else file_hash(staged)
 
 
@@ -143,7 +155,7 @@ def _prefetch(config: Path, lock: Path) -> None:
     """`pylmserv prefetch` as a user runs it: resolves refs, hashes, writes the lock."""
     import sys
 
-    env = dict(os.environ, PYLMSERV_HOME=str(config.parent / "home"))
+    env = dict(os.environ, PYLMSERV_HOME=str(config.parent / "home"), **GIT_ENV)
     proc = subprocess.run([sys.executable, "-m", "pylmserv", "--config", str(config), "--lock", str(lock),
                            "prefetch"], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, f"pylmserv prefetch failed ({proc.returncode}):\n{proc.stderr}"
@@ -175,6 +187,11 @@ def build_world(tmp: Path, www: Path, base_url: str) -> World:
     tool_tree = _tree(stage / "tool", "tool-2.0", salt + b"tool")
     _zip_with_root(tool_tree, www / "zips" / "tool-2.0.zip")
     _git_repo(tmp / "git" / "gadget", salt, "release")
+    # A git source with a submodule: builtins.fetchGit { submodules = true; } vs pylmserv.
+    sub = gitrepos.make_repo(tmp / "git" / "sub", {"s.c": f"int s; /* {salt.hex()} */\n"})
+    top = gitrepos.make_repo(tmp / "git" / "stack", {"t.c": "int t;\n", "run": ("exec", "#!/bin/sh\n")})
+    gitrepos.add_submodule(top, sub, "third_party/sub")
+    gitrepos.git(top, "branch", "release")
 
     cosmocc_name = "cosmocc-" + COSMOCC_VERSION.replace(".", "_")
     config = tmp / "project" / "pylmserv.toml"
@@ -208,6 +225,12 @@ unpack = true
 type = "git"
 url = "{(tmp / 'git' / 'gadget').as_uri()}"
 ref = "release"
+
+[sources.stack]
+type = "git"
+url = "{gitrepos.uri(top)}"
+ref = "release"
+submodules = true
 """)
     flake = copy_flake(tmp / "flake")
     _prefetch(config, flake / "pylmserv.lock")
