@@ -97,7 +97,7 @@ def fetch_entry(entry: LockEntry, work: Path) -> Path:
         return gitutil.checkout(mirror_url(entry.get("git_url") or entry.url), entry.rev, work / "checkout",
                                 submodules=bool(entry.get("submodules")))
     archive = work / "download"
-    download(mirror_url(entry.url), archive)
+    download(mirror_url(entry.url), archive)  # partials in the store's tmp/: resumable across runs
     if entry.mode == "flat":
         return archive
     return extract(archive, work / "tree", policy="tar", strip_single_root=True)
@@ -109,60 +109,15 @@ def _flat(path: Path, algo: str) -> Hash:
 
 
 # -- downloading ---------------------------------------------------------------------
-# A small private streaming download; pylmserv.download (the model engine) adds
-# ranges, resume and parallel parts. Sources are fetched whole and verified after.
 
-def download(url: str, out: Path, headers: Optional[dict] = None, algo: str = "sha256") -> Tuple[Hash, int]:
-    """Stream `url` (https, http, file://) to `out`; returns (flat hash, size)."""
-    import hashlib
+def download(url: str, out: Path, headers: Optional[dict] = None, tmp_dir: Optional[Path] = None) -> Tuple[Hash, int]:
+    """Fetch `url` (https, http, file://) to `out` with pylmserv.download's engine
+    (ranged, resumable, retried); returns (sha256, size). Verification against the lock
+    happens in the caller, on the file or on the unpacked tree."""
+    from .download import download as engine
 
-    h = hashlib.new(algo)
-    size = 0
-    with open(out, "wb") as f:
-        for chunk in _chunks(url, headers or {}):
-            f.write(chunk)
-            h.update(chunk)
-            size += len(chunk)
-    return Hash.from_hashlib(h), size
-
-
-def _chunks(url: str, headers: dict):
-    if url.startswith("file://"):
-        from urllib.parse import unquote, urlparse
-
-        path = unquote(urlparse(url).path)
-        try:
-            f = open(path, "rb")
-        except OSError as exc:
-            raise NetworkError(f"cannot read {url}: {exc.strerror}", hint="Check the file:// path in the config.") from None
-        with f:
-            while True:
-                chunk = f.read(1 << 20)
-                if not chunk:
-                    return
-                yield chunk
-    import requests
-
-    try:
-        with requests.get(url, headers=headers, stream=True, timeout=(15, 60)) as resp:
-            if resp.status_code >= 400:
-                raise NetworkError(f"HTTP {resp.status_code} for {_redact(url)}",
-                                   hint="Check the URL and ref in pylmserv.toml (a 404 usually means a wrong tag or file).")
-            yield from resp.iter_content(1 << 20)
-    except requests.RequestException as exc:
-        raise NetworkError(f"cannot download {_redact(url)}: {type(exc).__name__}",
-                           hint="Check the network connection and the URL.") from None
-
-
-def _redact(url: str) -> str:
-    """Never print credentials that may sit in a URL."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.username or parts.password:
-        netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
+    result = engine(url, out, headers=headers, tmp_dir=tmp_dir)
+    return result.sha256, result.size
 
 
 def remove_store_path(path: Path) -> None:

@@ -242,7 +242,7 @@ def test_hf_lfs_metadata_without_download_and_plain_git_fallback(tmp_path, monke
         assert lock.models["big"].rev == commit
         assert lock.models["big"].url == f"{hub.url}/org/models/resolve/{commit}/big.gguf"
         downloads = [p for m, p, _ in hub.requests if "/resolve/" in p]
-        assert downloads == [f"/org/models/resolve/{commit}/sub/small.gguf"]  # only the non-LFS file
+        assert set(downloads) == {f"/org/models/resolve/{commit}/sub/small.gguf"}  # only the non-LFS file
         hub.requests.clear()
         prefetch(config=cfg, via="python")  # unchanged: only the revision lookup
         assert all("/revision/" in p for _, p, _ in hub.requests)

@@ -102,7 +102,7 @@ def test_http_404_and_unreachable_are_network_errors(home, http_dir):
     _, base = http_dir
     with pytest.raises(NetworkError, match="HTTP 404"):
         ensure_source(flat_entry("gone", f"{base}/missing.zip", Hash.of_bytes(b"")))
-    with pytest.raises(NetworkError, match="cannot download"):
+    with pytest.raises(NetworkError, match="cannot reach"):
         ensure_source(flat_entry("down", "http://127.0.0.1:9/x.zip", Hash.of_bytes(b"")))
 
 

@@ -17,7 +17,7 @@ def hash_fetch(fetch: Fetch, work: Path) -> Hashed:
         if fetch.kind == "git":
             tree = gitops.checkout(fetch.url, fetch.rev, tmp / "checkout", submodules=fetch.submodules)
             return Hashed(nar_hash(tree))
-        h, size = download(fetch.url, tmp / "download", headers=fetch.headers)
+        h, size = download(fetch.url, tmp / "download", headers=fetch.headers, tmp_dir=tmp)
         if fetch.kind == "file":
             return Hashed(h, size)
         tree = extract(tmp / "download", tmp / "tree", policy="tar", strip_single_root=True)
