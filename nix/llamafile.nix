@@ -5,7 +5,8 @@
 # Its outputs are APE binaries (zip-appended, polyglot headers): no strip, no patchelf.
 #
 # useCuda: also compile ggml-cuda.so with nvcc inside the derivation (the flags of
-# llamafile/cuda.sh, minus -march=native and -arch=all) and embed it in the llamafile's
+# llamafile/cuda.sh: tinyBLAS, static cudart; minus -march=native and -arch=all, which
+# make builds machine-dependent) and embed it in the llamafile's
 # zip with zipalign, where llamafile looks for it at run time.
 {
   lib,
@@ -13,6 +14,7 @@
   cosmocc,
   cudaPackages ? { },
   autoAddDriverRunpath ? null,
+  addDriverRunpath ? { driverLink = "/run/opengl-driver"; },
 
   src, # the locked source (nix/sources.nix)
   version,
@@ -44,6 +46,9 @@ let
     "-DK_QUANTS_PER_ITERATION=2"
     "-DGGML_CUDA_PEER_MAX_BATCH_SIZE=128"
     "-DGGML_USE_TINYBLAS"
+    # The copy embedded in the llamafile is never fixed up, so it carries the driver
+    # path itself: cudart (static) dlopens libcuda.so.1 from there on NixOS.
+    "--linker-options=-rpath,${addDriverRunpath.driverLink}/lib"
   ];
 in
 
@@ -90,7 +95,7 @@ effectiveStdenv.mkDerivation {
              llamafile/tinyblas.cu llamafile/llamafile.h; do
       if [ -e "$f" ]; then cp "$f" cuda-build/; fi
     done
-    (cd cuda-build && nvcc ${lib.concatStringsSep " " nvccFlags} -o ggml-cuda.so ggml-cuda.cu -lcuda)
+    (cd cuda-build && nvcc ${lib.concatStringsSep " " nvccFlags} -o ggml-cuda.so ggml-cuda.cu)
   '';
 
   postInstall = lib.optionalString useCuda ''

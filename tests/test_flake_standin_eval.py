@@ -204,6 +204,7 @@ def test_llamafile_cuda_builds_ggml_cuda_with_nvcc_and_embeds_it(repo_flake):
     assert "cudaPackages-cuda_nvcc" in got["inputs"]
     assert "-gencode=arch=compute_89,code=sm_89" in got["nvccFlags"]
     assert "-march=native" not in " ".join(got["nvccFlags"])
+    assert "--linker-options=-rpath,/run/opengl-driver/lib" in got["nvccFlags"]
     assert "nvcc " in got["postBuild"] and "-o ggml-cuda.so ggml-cuda.cu" in got["postBuild"]
     assert "zipalign -j0 $out/bin/llamafile cuda-build/ggml-cuda.so" in got["postInstall"]
 

@@ -169,6 +169,7 @@ in
   nix-prefetch-git = leaf "nix-prefetch-git" { };
   blas = leaf "blas" { meta.available = true; };
   autoAddDriverRunpath = leaf "auto-add-driver-runpath-hook" { };
+  addDriverRunpath = { driverLink = "/run/opengl-driver"; };
   vulkan-headers = leaf "vulkan-headers" { };
   vulkan-loader = leaf "vulkan-loader" { };
   shaderc = leaf "shaderc" { };
