@@ -69,7 +69,10 @@ def test_parallel_ranges_write_one_verified_file(server, data, tmp_path):
     assert (tmp_path / "out.bin").read_bytes() == data
     assert r.sha256 == Hash.of_bytes(data) and r.size == len(data)
     ranged = [q for q in server.ranged_requests() if q.headers["Range"] != "bytes=0-0"]
-    assert len(ranged) == 4
+    # 1 MiB parts (the minimum), each asked once, by at most 4 connections at a time.
+    assert sorted(q.headers["Range"] for q in ranged) == sorted(f"bytes={a}-{min(a + MB, len(data)) - 1}"
+                                                                for a in range(0, len(data), MB))
+    assert server.peak_ranges <= 4
     assert all(q.headers.get("If-Range") == server.etags["/f.bin"] for q in ranged)
     assert server.bytes_sent == len(data) + 1  # the file once, plus the 1-byte probe
     assert leftovers(tmp_path) == []
@@ -173,7 +176,7 @@ def test_refused_parallel_ranges_fall_back_to_fewer_connections(server, data, tm
 
 def test_rate_limited_connections_run_in_parallel(server, data, tmp_path):
     url = server.add("f.bin", data)
-    server.faults.rate = 2 * MB
+    server.faults.rate = 4 * MB
     fetch(url, tmp_path, data, connections=4)
     assert (tmp_path / "out.bin").read_bytes() == data
     assert server.peak_ranges == 4
@@ -183,9 +186,9 @@ def test_stalled_connection_is_restarted(server, data, tmp_path):
     url = server.add("f.bin", data)
     # 3 stalls: the 1-byte probe (harmless) and both parts, 100 kB into their bodies.
     server.faults.stall_after, server.faults.stall_times, server.faults.stall_seconds = 100_000, 3, 3.0
-    fetch(url, tmp_path, data, connections=2, stall_timeout=0.5)
-    assert (tmp_path / "out.bin").read_bytes() == data
     half = -(-len(data) // 2)
+    fetch(url, tmp_path, data, connections=2, stall_timeout=0.5, min_part_size=half)  # 2 parts
+    assert (tmp_path / "out.bin").read_bytes() == data
     ranges = [q.headers["Range"] for q in server.ranged_requests()]
     # Each stalled part was asked again from exactly where its bytes stopped.
     assert f"bytes=100000-{half - 1}" in ranges
@@ -249,7 +252,7 @@ def test_authorization_goes_to_the_origin_host_only(data, tmp_path):
         assert hub.requests and all(q.headers.get("Authorization") == "Bearer SECRET" for q in hub.requests)
         assert cdn.requests and not any("Authorization" in q.headers for q in cdn.requests)
         # Parts went straight to the CDN URL found by the probe.
-        assert len([q for q in cdn.requests if q.headers.get("Range") != "bytes=0-0"]) == 4
+        assert len([q for q in cdn.requests if q.headers.get("Range") != "bytes=0-0"]) == 5
 
 
 def test_expired_signed_url_is_re_resolved(server, data, tmp_path):
