@@ -14,7 +14,7 @@ fetch, excluding interpreter start-up; the wall time including start-up is shown
 The server is tests/support/faultserver.py (sendfile when unthrottled).
 
 Usage: python benchmarks/bench_fetch.py [--capped-mb 32] [--cap-mbps 4] [--big-mb 512]
-                                        [--out benchmarks/results]
+                                        [--out benchmarks/out]
 """
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cap-mbps", type=float, default=4.0, help="per-connection cap (MiB/s)")
     ap.add_argument("--big-mb", type=int, default=512, help="file size for the unthrottled runs (MiB)")
     ap.add_argument("--reps", type=int, default=2, help="unthrottled repetitions (best is kept)")
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out")
     args = ap.parse_args(argv)
     if not shutil.which("curl"):
         raise SystemExit("curl is needed as the baseline")
