@@ -105,3 +105,30 @@ def test_empty_hash_trick_reports_pylmserv_hash(world, output):
     proc = _build(world, output)
     assert proc.returncode != 0
     assert nixmsg.got_hash(proc.stderr) == world.expected[output], proc.stderr
+
+
+def test_fixed_outputs_build_with_the_real_flake_lock_unchanged(world):
+    """The copied flake.lock pins github:NixOS/nixpkgs, unreachable here: building a
+    model and a source anyway shows these outputs never force nixpkgs."""
+    assert (world.flake / "flake.lock").read_bytes() == (fw.REPO / "flake.lock").read_bytes()
+    proc = _build(world, "model-tiny", "source-tool")
+    assert proc.returncode == 0, proc.stderr
+    assert "github.com" not in proc.stderr
+    assert (world.flake / "flake.lock").read_bytes() == (fw.REPO / "flake.lock").read_bytes()
+
+
+@pytest.mark.parametrize("section, old, new, output, message", [
+    ("# Generated", "version = 1", "version = 2", "model-tiny", "unsupported lock version 2 (this flake reads version 1)"),
+    ("[models.tiny]", 'mode = "flat"', 'mode = "zip"', "model-tiny", 'has mode "zip"; expected "flat" or "nar"'),
+    ("[sources.gadget]", 'rev = "', 'rev = "release" #', "source-gadget",
+     "is not a full commit hash; run `pylmserv prefetch --refresh`"),
+], ids=["lock-version", "mode", "git-rev"])
+def test_bad_lock_is_one_clear_evaluation_error(world, section, old, new, output, message):
+    lock = world.flake / "pylmserv.lock"
+    head, sep, tail = lock.read_text().partition(section)
+    assert sep == section and old in tail
+    lock.write_text(head + sep + tail.replace(old, new, 1))
+    proc = _build(world, output)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr
+    assert "pylmserv.lock" in proc.stderr
