@@ -292,3 +292,15 @@ def test_hf_unknown_revision(tmp_path, monkeypatch):
         cfg = write_config(tmp_path / "pylmserv.toml", '[models.big]\nhf = "org/models"\nfile = "big.gguf"\nrevision = "v9"\n')
         with pytest.raises(UsageError, match="no revision 'v9'"):
             prefetch(config=cfg, via="python")
+
+
+def test_hf_private_plain_git_file_with_token_under_auto(tmp_path, monkeypatch, nix):
+    """auto must not hand an authenticated download to nix-prefetch-url (it cannot send the token)."""
+    with serve_hub(token="hf_tok") as hub:
+        hub.add_file("org/models", "big.gguf", b"tiny", lfs=False)
+        hub.add_file("org/models", "sub/small.gguf", b"tiny2", lfs=False)
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_TOKEN", "hf_tok")
+        cfg = write_config(tmp_path / "pylmserv.toml", HF_CFG.format(rev="main"))
+        prefetch(config=cfg, via="auto")
+        assert load_lock(tmp_path / "pylmserv.lock").models["big"].hash == Hash.of_bytes(b"tiny")
