@@ -530,6 +530,7 @@ class _Engine:
         fd = os.open(self.partial, os.O_RDWR)
         self.fd = fd
         hasher = _TrailingHasher(fd, self._contiguous, cond)
+        self.hasher = hasher
         saver = threading.Thread(target=self._saver, daemon=True)
         syncer = threading.Thread(target=self._syncer, daemon=True)
         hasher.start()
@@ -700,9 +701,11 @@ class _Engine:
                                          "the partial download is kept for resume",
                                          hint="Free some space and run the same command again.") from None
                 raise
+            offset = part.start + part.done
             with self.cond:
                 part.done += n
                 self.cond.notify_all()
+            self.hasher.offer(offset, chunk)
             self.bar.update(n)
         if part.remaining and not self.stop.is_set():
             raise ConnectionError(f"body ended {part.remaining} bytes early")
@@ -804,7 +807,11 @@ class _Engine:
 
 
 class _TrailingHasher:
-    """SHA-256 of the file's contiguous downloaded prefix, read back while parts land."""
+    """SHA-256 of the file in order, while parts land.
+
+    A chunk that arrives exactly at the hash frontier is hashed from memory by the
+    connection that received it (offer); the rest of the finished prefix is read back
+    from the page cache by this thread as the frontier reaches it."""
 
     def __init__(self, fd: int, contiguous: Callable[[], int], cond: threading.Condition):
         self.fd = fd
@@ -812,11 +819,22 @@ class _TrailingHasher:
         self.cond = cond
         self.h = hashlib.sha256()
         self.pos = 0
+        self.lock = threading.Lock()
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
 
     def start(self):
         self.thread.start()
+
+    def offer(self, offset: int, chunk: bytes) -> None:
+        if not self.lock.acquire(blocking=False):
+            return  # the thread is hashing; it will read this chunk back instead
+        try:
+            if self.pos == offset:
+                self.h.update(chunk)
+                self.pos += len(chunk)
+        finally:
+            self.lock.release()
 
     def _loop(self):
         while not self._stop.is_set():
@@ -828,12 +846,15 @@ class _TrailingHasher:
             self._advance(min(target, self.pos + (8 << 20)))
 
     def _advance(self, target: int) -> None:
-        while self.pos < target:
-            data = os.pread(self.fd, min(1 << 20, target - self.pos), self.pos)
-            if not data:
-                raise OSError(f"partial file shorter than expected at {self.pos}")
-            self.h.update(data)
-            self.pos += len(data)
+        while True:
+            with self.lock:
+                if self.pos >= target:
+                    return
+                data = os.pread(self.fd, min(1 << 20, target - self.pos), self.pos)
+                if not data:
+                    raise OSError(f"partial file shorter than expected at {self.pos}")
+                self.h.update(data)
+                self.pos += len(data)
 
     def stop(self):
         self._stop.set()

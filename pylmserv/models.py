@@ -86,6 +86,8 @@ def fetch(items: Union[str, Sequence[str]], dest: Optional[Path] = None, connect
     project = _load_project(config, lock, items)
     plans = [_plan(item, project, expected if _is_url(item) else None, trust_on_first_use, offline)
              for item in items]
+    if any(plan.record is not None for plan in plans):
+        _tofu_lock_path(project)  # refuse before downloading, not after
     results = []
     for plan in plans:
         results.append(_fetch_plan(plan, project, dest, connections, offline, progress, home, link_mode))
@@ -548,16 +550,11 @@ def _place_dest(plan: _Plan, got, files: List[Path], dest: Path, link_mode, home
 
 def _record_tofu(plan: _Plan, got, project: Optional[Project]) -> None:
     """Trust on first use: write what was verified-by-download into the lock (atomic)."""
-    from .config import load_lock, packaged_dir
-
-    if project is None or project.lock.path is None:
-        raise UsageError("--trust-on-first-use needs a lock file to record the hash in",
-                         hint="Pass --lock PATH (it is created if missing).")
-    path = Path(project.lock.path)
-    if packaged_dir() in path.resolve().parents:
-        raise UsageError("refusing to record a trust-on-first-use pin in the packaged catalog's lock",
-                         hint="Pass --lock ./pylmserv.lock (and --config), or create pylmserv.toml here.")
     from filelock import FileLock
+
+    from .config import load_lock
+
+    path = _tofu_lock_path(project)
 
     first_file, first_hash, first_size = got[0]
     entry = replace(plan.record, hash=first_hash, size=first_size)
@@ -570,6 +567,19 @@ def _record_tofu(plan: _Plan, got, project: Optional[Project]) -> None:
         current = load_lock(path)  # re-read: another process may have written meanwhile
         current.with_entry(entry).write(path)
     log.info("recorded %s in %s (trust on first use): %s", entry.name, path, first_hash.sri)
+
+
+def _tofu_lock_path(project: Optional[Project]) -> Path:
+    from .config import packaged_dir
+
+    if project is None or project.lock.path is None:
+        raise UsageError("--trust-on-first-use needs a lock file to record the hash in",
+                         hint="Pass --lock PATH (it is created if missing).")
+    path = Path(project.lock.path)
+    if packaged_dir() in path.resolve().parents:
+        raise UsageError("refusing to record a trust-on-first-use pin in the packaged catalog's lock",
+                         hint="Pass --lock ./pylmserv.lock, or create pylmserv.toml here.")
+    return path
 
 
 def _canonical_url(url: str) -> str:

@@ -113,7 +113,7 @@ def install_blob(verified_file: Path, h: Hash, home: Optional[Path] = None) -> P
     If the blob is already there, the new copy is dropped: same hash, same bytes."""
     target = blob_path(h, home)
     target.parent.mkdir(parents=True, exist_ok=True)
-    if has_blob(h, home):
+    if has_blob(h, home, size=os.path.getsize(verified_file)):
         _unlink(verified_file)
         return target
     os.chmod(verified_file, 0o444)

@@ -233,3 +233,18 @@ def test_seed_compat_download_models(home, server, model, tmp_path, monkeypatch)
     monkeypatch.chdir(config.parent)
     [path] = download_models(["tiny"], tmp_path / "target")
     assert path == tmp_path / "target" / "tiny.gguf" and path.read_bytes() == model
+
+
+def test_url_trusted_on_first_use_needs_a_writable_lock_and_records_it(home, server, model, tmp_path, monkeypatch):
+    url = server.add("tiny.gguf", model)
+    monkeypatch.chdir(tmp_path)  # no pylmserv.toml here: the packaged catalog is read-only
+    with pytest.raises(UsageError, match="packaged catalog"):
+        fetch([url], trust_on_first_use=True, progress=False)
+    assert server.requests == []  # refused before downloading
+    lock = tmp_path / "my.lock"
+    [r] = fetch([url], trust_on_first_use=True, lock=lock, progress=False)
+    entry = load_lock(lock).models["tiny"]
+    assert entry.url == url and entry.hash == Hash.of_bytes(model) == r.sha256 and entry.size == len(model)
+    # Now pinned: a plain fetch of the URL uses the recorded hash.
+    [again] = fetch([url], lock=lock, progress=False)
+    assert again.bytes_downloaded == 0
