@@ -237,3 +237,62 @@ def test_not_an_archive_and_existing_dest(tmp_path):
     assert (tmp_path / "full" / "x").read_text() == "keep"
     (tmp_path / "empty").mkdir()
     assert (extract(archive, tmp_path / "empty") / "a.txt").exists()
+
+
+@pytest.mark.nix
+def test_dos_zip_without_unix_modes_matches_nix(nix, tmp_path):
+    archive = tmp_path / "dos.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for name, data in (("Dir/", b""), ("Dir/a.txt", b"a"), ("Dir/sub/b.exe", b"MZ"), ("Dir/implicit/c", b"c")):
+            info = zipfile.ZipInfo(name)
+            info.create_system = 0  # MS-DOS: no Unix mode in external_attr
+            info.external_attr = 0x10 if name.endswith("/") else 0x20
+            zf.writestr(info, data)
+    out = extract(archive, tmp_path / "out", policy="tar", strip_single_root=True)
+    assert (out / "implicit" / "c").read_bytes() == b"c"
+    assert nar_hash(out) == nix_prefetch_unpack(archive)
+
+
+@pytest.mark.nix
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])
+def test_long_and_odd_names_match_nix(nix, tmp_path, fmt):
+    long_dir = "pkg/" + "/".join(["d" * 40] * 4)
+    members = [("pkg", "dir", None, 0o755), (f"{long_dir}/{'f' * 120}", "file", b"long", 0o644),
+               ("pkg/sp ace & $(x)", "file", b"odd", 0o755), ("pkg/./dot/./x", "file", b"dot", 0o644),
+               ("pkg/dup", "file", b"first", 0o644), ("pkg/dup", "file", b"second wins", 0o755)]
+    if fmt == tarfile.USTAR_FORMAT:
+        members = [m for m in members if len(m[0]) < 100]
+    if fmt == tarfile.GNU_FORMAT:
+        members.append(("pkg/caf\udce9-latin1", "file", b"latin-1 name", 0o644))  # raw byte 0xe9
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt, encoding="utf-8", errors="surrogateescape") as tar:
+        for name, kind, payload, mode in members:
+            info = tarfile.TarInfo(name)
+            info.mode = mode
+            if kind == "dir":
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    archive = tmp_path / "odd.tar"
+    archive.write_bytes(buf.getvalue())
+    out = extract(archive, tmp_path / "out", policy="tar", strip_single_root=True)
+    assert (out / "dup").read_bytes() == b"second wins"
+    assert nar_hash(out) == nix_prefetch_unpack(archive)
+
+
+SDIST = Path.home() / ".cache" / "pylmserv-tests" / "llama_cpp_python-0.3.36.tar.gz"
+
+
+@pytest.mark.nix
+@pytest.mark.slow
+def test_real_llama_cpp_sdist_matches_nix_prefetch_url(nix, tmp_path):
+    """The real llama.cpp source (vendored in the llama-cpp-python sdist), ~3700 files."""
+    if not SDIST.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{SDIST} missing; scripts/setup-dev.sh caches it")
+        pytest.skip("llama-cpp-python sdist not cached")
+    out = extract(SDIST, tmp_path / "src", policy="tar", strip_single_root=True)
+    assert (out / "vendor" / "llama.cpp" / "CMakeLists.txt").exists()
+    assert nar_hash(out) == nix_prefetch_unpack(SDIST)
