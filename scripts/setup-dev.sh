@@ -9,7 +9,7 @@ SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends \
-  nix-bin git unzip zstd ccache ninja-build cmake curl gcc g++ make >/dev/null
+  nix-bin git unzip zstd ccache ninja-build cmake curl gcc g++ make python3-venv >/dev/null
 python3 -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 python3 -m pip install -q -e '.[test]'
 cache="${PYLMSERV_TEST_CACHE:-$HOME/.cache/pylmserv-tests}"
