@@ -64,10 +64,13 @@ def builds(home: Path) -> List[Built]:
         return out
     for d in sorted(base.iterdir()):
         engine = next((e for e in ENGINES if d.name.startswith(e + "-")), None)
-        current = d / "current"
-        if engine is None or not current.exists():
+        if engine is None:
             continue
-        target = current.resolve()
+        # llama.cpp: <engine>-<backend>/current -> <key>/; llamafile: <engine>-<backend>/bin/
+        current = d / "current"
+        target = current.resolve() if current.exists() else d
+        if not any(True for _ in _executables(target)):
+            continue
         names = tuple(sorted(p.name for p in _executables(target)))
         out.append(Built(engine, d.name[len(engine) + 1:], target, names))
     return out

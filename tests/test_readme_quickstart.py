@@ -46,7 +46,7 @@ def blocks(text: str, lang: str):
     return [b.strip("\n") for b in re.findall(rf"```{lang}\n(.*?)```", text, re.S)]
 
 
-def tests_section_command() -> str:
+def readme_tests_command() -> str:
     text = README.read_text()
     tests = text.split("## Tests", 1)[1].split("\n## ", 1)[0]
     return blocks(tests, "sh")[0]
@@ -76,7 +76,7 @@ def test_quickstart_has_the_two_commands():
     assert len(sh) >= 2, "quickstart needs the main-job command and the test command"
     main, tests = sh[0], sh[1]
     assert len(main.splitlines()) == 1 and "pylmserv serve" in main, "one copy-pasteable line that serves a model"
-    assert tests == tests_section_command() == "bash scripts/setup-dev.sh && python3 -m pytest"
+    assert tests == readme_tests_command() == "bash scripts/setup-dev.sh && python3 -m pytest"
 
 
 def test_quickstart_model_is_in_the_catalog_and_locked():

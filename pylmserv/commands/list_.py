@@ -40,13 +40,14 @@ def command(g, as_json):
             fetched += " [stale: the lock pins other bytes; run `pylmserv fetch " + e.name + "`]"
         echo(f"{e.name:<{width}}  {locked:<6}  {_size(e.size):>9}  {fetched}")
     echo("")
-    echo(f"{'SOURCE':<{width}}  {'LOCKED':<6}  {'PIN':<9}  FETCHED / BUILT")
-    for e in sources:
+    pins = [(e.pin or "-")[:20] for e in sources]  # a rev, a tag or a version
+    pw = max([3] + [len(p) for p in pins])
+    echo(f"{'SOURCE':<{width}}  {'LOCKED':<6}  {'PIN':<{pw}}  FETCHED / BUILT")
+    for e, pin in zip(sources, pins):
         locked = "yes" if e.locked else "no"
-        pin = (e.pin or "-")[:9]  # a rev, a tag or a version
         rows = [str(e.fetched_path) if e.fetched else "-"]
         rows += [f"built {b.engine} {b.backend}: {b.path}" for b in e.built]
-        echo(f"{e.name:<{width}}  {locked:<6}  {pin:<9}  {rows[0]}")
+        echo(f"{e.name:<{width}}  {locked:<6}  {pin:<{pw}}  {rows[0]}")
         for extra in rows[1:]:
-            echo(f"{'':<{width}}  {'':<6}  {'':<9}  {extra}")
+            echo(f"{'':<{width}}  {'':<6}  {'':<{pw}}  {extra}")
     return 0
