@@ -62,9 +62,11 @@ def extract(archive: Path, dest: Path, *, policy: str = "data", strip_single_roo
     """Unpack `archive` so that `dest` holds its contents; returns `dest`.
 
     `dest` must not exist (an empty directory is replaced). With strip_single_root,
-    exactly like `nix-prefetch-url --unpack`: if the archive has exactly one top-level
-    entry (directory, file or symlink), `dest` becomes that entry; otherwise `dest` is
-    the directory of all entries.
+    exactly like `nix-prefetch-url --unpack` (Nix 2.8, verified in tests/test_archive.py):
+    if the archive has exactly one top-level entry (directory, file or symlink), `dest`
+    becomes that entry; otherwise `dest` is the directory of all entries. (For archives
+    with one top-level directory this is also builtins.fetchTarball and nixpkgs' fetchzip;
+    those two refuse several entries, and fetchzip wraps a lone file in a directory.)
     """
     if policy not in POLICIES:
         raise UsageError(f"unknown extraction policy {policy!r}", hint="Use 'data' or 'tar'.")

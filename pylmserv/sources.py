@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 from .resolvers import git as gitutil
 from .archive import extract
 from .config import LockEntry
-from .errors import NetworkError, UsageError, VerificationError
+from .errors import UsageError, VerificationError
 from .hashing import Hash
 from .nar import nar_hash
 from .paths import ensure_home, subdir

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
