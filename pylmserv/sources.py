@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
+import re
 import tempfile
 from pathlib import Path
 from typing import Optional, Tuple
@@ -48,7 +48,8 @@ def store_path(entry: LockEntry, root: Optional[Path] = None) -> Path:
     home = root or ensure_home()
     if entry.mode == "flat":
         return home / "blobs" / entry.hash.algo / entry.hash.hex
-    return home / "sources" / f"{entry.hash.nix32}-{entry.name}"
+    safe = re.sub(r"[^A-Za-z0-9+._=-]", "_", entry.name).lstrip(".") or "source"  # a name is not a path
+    return home / "sources" / f"{entry.hash.nix32}-{safe}"
 
 
 def is_git_entry(entry: LockEntry) -> bool:
@@ -118,11 +119,3 @@ def download(url: str, out: Path, headers: Optional[dict] = None, tmp_dir: Optio
 
     result = engine(url, out, headers=headers, tmp_dir=tmp_dir)
     return result.sha256, result.size
-
-
-def remove_store_path(path: Path) -> None:
-    """Delete a store entry (read-only files included)."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif os.path.lexists(path):
-        path.unlink()
