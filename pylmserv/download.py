@@ -858,6 +858,8 @@ class _TrailingHasher:
 
     def stop(self):
         self._stop.set()
+        with self.cond:
+            self.cond.notify_all()  # wake the thread now, not at its next timeout
         if self.thread.is_alive():
             self.thread.join(5)
 

@@ -67,9 +67,11 @@ class _Plan:
 
 def fetch(items: Union[str, Sequence[str]], dest: Optional[Path] = None, connections: int = 8,
           offline: bool = False, sha256: Union[None, str, Hash] = None, trust_on_first_use: bool = False,
-          config: Optional[Path] = None, lock: Optional[Path] = None, progress: bool = True,
+          config: Optional[Path] = None, lock: Optional[Path] = None, json: bool = False, progress: bool = True,
           home: Optional[Path] = None, link_mode: Optional[str] = None) -> List[FetchResult]:
-    """Make every item present and verified in the store; returns one result per item."""
+    """Make every item present and verified in the store; returns one result per item.
+
+    With json=True the results come as the dicts `pylmserv fetch --json` prints."""
     if isinstance(items, str):
         items = [items]
     items = list(items)
@@ -91,7 +93,7 @@ def fetch(items: Union[str, Sequence[str]], dest: Optional[Path] = None, connect
     results = []
     for plan in plans:
         results.append(_fetch_plan(plan, project, dest, connections, offline, progress, home, link_mode))
-    return results
+    return [r.to_json() for r in results] if json else results
 
 
 def download_models(names: Iterable[str], target_dir: Union[str, Path]) -> List[Path]:
@@ -400,7 +402,8 @@ def _fetch_plan(plan: _Plan, project, dest, connections, offline, progress, home
         total = sum(p.stat().st_size for p in files)
     else:
         files = [store.link_named(plan.name, h, f.filename, home=home, mode=link_mode) for f, h, _ in got]
-        store.set_order(plan.name, [f.filename for f, _, _ in got], home=home)
+        if len(got) > 1:
+            store.set_order(plan.name, [f.filename for f, _, _ in got], home=home)
         if len(files) > 1 or _split(files[0]):
             from .gguf import check_split_set
 

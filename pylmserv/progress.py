@@ -48,8 +48,8 @@ class Progress:
                 if now - self._last_log >= self.interval:
                     self._last_log = now
                     log.info("%s", self.line(now))
-        if self.callback is not None:
-            self.callback(self.n, self.total)
+            if self.callback is not None:
+                self.callback(self.n, self.total)  # under the lock: callers see n grow in order
 
     def line(self, now: Optional[float] = None) -> str:
         elapsed = max(1e-6, (now or time.monotonic()) - self._started)

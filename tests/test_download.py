@@ -286,3 +286,26 @@ def test_free_space_check_with_mocked_disk_usage(server, data, tmp_path, monkeyp
     with pytest.raises(DiskSpaceError, match="not enough free space"):
         fetch(url, tmp_path, data)
     assert server.bytes_sent <= 1
+
+
+def test_progress_logs_a_line_when_not_a_terminal(caplog):
+    import io
+    import logging
+
+    from pylmserv.progress import Progress
+
+    caplog.set_level(logging.INFO, logger="pylmserv.progress")
+    bar = Progress("m.gguf", 4 * MB, stream=io.StringIO(), interval=0.0)
+    bar.update(MB)
+    bar.update(MB)
+    bar.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "pylmserv.progress"]
+    assert lines and lines[-1].startswith("m.gguf: 2.0/4.0 MiB (50%)")
+
+
+def test_download_reports_progress_from_all_connections(server, data, tmp_path):
+    url = server.add("f.bin", data)
+    seen = []
+    fetch(url, tmp_path, data, connections=4, on_progress=lambda n, total: seen.append((n, total)))
+    assert seen[-1] == (len(data), len(data))
+    assert [n for n, _ in seen] == sorted(n for n, _ in seen)
