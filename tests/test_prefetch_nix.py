@@ -132,3 +132,28 @@ def test_nix_backend_url_matches_python(nix, tmp_path, http_dir):
     assert entry.hash == Hash.of_bytes((www / "f.bin").read_bytes()) and entry.size == 10000
     out = subprocess.run(["nix", "hash", "file", str(www / "f.bin")], capture_output=True, text=True, check=True)
     assert entry.hash == Hash.parse(out.stdout.strip())
+
+
+def test_auto_keeps_python_result_when_nix_tool_is_broken_with_mock_nix_prefetch_url(tmp_path, http_dir,
+                                                                                   monkeypatch, caplog):
+    """MOCK nix-prefetch-url that fails like a Nix without a usable store; auto warns, does not fail."""
+    www, base = http_dir
+    (www / "f.bin").write_bytes(b"payload")
+    bindir = tmp_path / "mockbin"
+    bindir.mkdir()
+    (bindir / "nix-prefetch-url").write_text("#!/bin/sh\necho \"error: cannot open connection to remote store 'daemon'\" >&2\nexit 1\n")
+    (bindir / "nix-prefetch-url").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    cfg = tmp_path / "pylmserv.toml"
+    cfg.write_text(f'[models.f]\nurl = "{base}/f.bin"\n')
+    import logging
+    logger = logging.getLogger("pylmserv.prefetch")
+    logger.addHandler(caplog.handler)  # works even if the CLI set propagate=False in this process
+    try:
+        prefetch(config=cfg, via="auto")
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert load_lock(tmp_path / "pylmserv.lock").models["f"].hash == Hash.of_bytes(b"payload")
+    assert "not cross-checked" in caplog.text and "remote store" in caplog.text
+    with pytest.raises(NetworkError, match="nix-prefetch-url failed"):  # --via nix reports it
+        prefetch(config=cfg, via="nix", refresh=True)
