@@ -258,9 +258,11 @@ def test_pack_default_llamafile_missing_is_clear(tmp_path, home):
 
 def test_pack_default_llamafile_is_the_built_one(tmp_path, home):
     lf, model = _inputs(tmp_path)
-    prefix = home / "bin" / "llamafile-cpu" / "bin"
+    # the layout `pylmserv build llamafile` installs: bin/llamafile-<backend>/<key>/ + `current` link
+    prefix = home / "bin" / "llamafile-cpu" / "0123abcd"
     prefix.mkdir(parents=True)
     shutil.copy2(lf, prefix / "llamafile")
+    (prefix.parent / "current").symlink_to(prefix.name)
     out = tmp_path / "o"
     proc = run_cli("pack", model, "-o", out)
     assert proc.returncode == 0, proc.stderr
@@ -272,3 +274,40 @@ def test_pack_api_errors_are_pylmserv_errors(tmp_path):
     lf, model = _inputs(tmp_path)
     with pytest.raises(PylmservError):
         pack(model, tmp_path / "missing", tmp_path / "o")
+
+
+# -- the verifier itself catches corruption ---------------------------------------
+
+@pytest.mark.parametrize("mode", ["full", "sample"])
+def test_pack_verifier_detects_corrupted_data(tmp_path, mode):
+    from pylmserv.errors import VerificationError
+    from pylmserv.packer import verify_packed
+
+    lf, _ = _inputs(tmp_path)
+    model = tmp_path / "big.gguf"
+    make_gguf(model, 12 << 20)  # above the sample mode's whole-file threshold
+    out = tmp_path / "o"
+    result = pack(model, lf, out, verify=mode)
+    entries = result.entries
+    verify_packed(out, entries, 65536, mode=mode, sources={"big.gguf": model})  # intact: passes
+    e = entries[0]
+    with open(out, "r+b") as f:  # flip one byte at the start of the model's data
+        f.seek(e.data_offset + 10)
+        b = f.read(1)
+        f.seek(e.data_offset + 10)
+        f.write(bytes([b[0] ^ 0xFF]))
+    with pytest.raises(VerificationError):
+        verify_packed(out, entries, 65536, mode=mode, sources={"big.gguf": model})
+    with pytest.raises(VerificationError, match="aligned"):
+        verify_packed(out, entries, 1 << 20, mode="none")  # 64 KiB-aligned data is not 1 MiB-aligned
+
+
+def test_pack_verify_modes_via_cli(tmp_path):
+    lf, model = _inputs(tmp_path)
+    for mode in ("sample", "full", "none"):
+        out = tmp_path / f"o-{mode}"
+        proc = run_cli("pack", model, "--llamafile", lf, "-o", out, "--verify", mode)
+        assert proc.returncode == 0, proc.stderr
+        unzip_test(out)
+    proc = run_cli("pack", model, "--llamafile", lf, "-o", tmp_path / "x", "--verify", "bogus")
+    assert proc.returncode == 2 and not (tmp_path / "x").exists()

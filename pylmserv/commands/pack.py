@@ -17,9 +17,11 @@ import click
 @click.option("--arg", "args", multiple=True, metavar="ARG",
               help="A default argument for .args (repeatable), e.g. --arg --ctx-size --arg 4096.")
 @click.option("--align", default=65536, show_default=True, type=int, help="Alignment of each file's data (a power of two).")
-@click.option("--no-verify", is_flag=True, help="Skip re-reading the new entries to check their CRC-32.")
+@click.option("--verify", "verify", type=click.Choice(["sample", "full", "none"]), default="sample", show_default=True,
+              help="After writing: re-read sampled windows of large files (sample), every byte with a CRC-32 "
+                   "check (full: a second pass), or check only the zip structure and alignment (none).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-def command(model, extra_files, llamafile, output, args, align, no_verify, as_json):
+def command(model, extra_files, llamafile, output, args, align, verify, as_json):
     """Pack MODEL.gguf (and MORE_FILES) into a copy of a llamafile, writing -o OUT.
 
     Each file is stored uncompressed with its data on an --align boundary; `.args` gets
@@ -30,7 +32,7 @@ def command(model, extra_files, llamafile, output, args, align, no_verify, as_js
         from ..builders.llamafile import default_llamafile
 
         llamafile = default_llamafile()
-    result = pack(model, llamafile, output, extra_files=extra_files, args=args, align=align, verify=not no_verify)
+    result = pack(model, llamafile, output, extra_files=extra_files, args=args, align=align, verify=verify)
     if as_json:
         click.echo(json.dumps({
             "output": str(result.output), "size": result.size, "align": result.align, "args": result.args,
