@@ -14,14 +14,14 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 from urllib.parse import quote, unquote, urlsplit
 
 from . import store
 from .config import ARCHIVE_SUFFIXES, LockEntry, Project
-from .errors import NetworkError, UsageError, VerificationError
+from .errors import NetworkError, UsageError
 from .hashing import Hash
 
 log = logging.getLogger("pylmserv.models")

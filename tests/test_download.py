@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import os
-import time
-from pathlib import Path
 
 import pytest
 
@@ -256,7 +254,7 @@ def test_authorization_goes_to_the_origin_host_only(data, tmp_path):
 
 
 def test_expired_signed_url_is_re_resolved(server, data, tmp_path):
-    url = server.add("f.bin", data)
+    server.add("f.bin", data)
     server.faults.signed_ttl = 2  # probe + one part per signed URL
     server.faults.cut_at, server.faults.cut_times = 1_000_000, 3
     fetch(server.url("signed/f.bin"), tmp_path, data, connections=1)
@@ -309,3 +307,28 @@ def test_download_reports_progress_from_all_connections(server, data, tmp_path):
     fetch(url, tmp_path, data, connections=4, on_progress=lambda n, total: seen.append((n, total)))
     assert seen[-1] == (len(data), len(data))
     assert [n for n, _ in seen] == sorted(n for n, _ in seen)
+
+
+def test_enospc_while_writing_keeps_the_partial_mocked_pwrite(server, data, tmp_path, monkeypatch):
+    """Mock: os.pwrite fails with ENOSPC after 3 writes (a full disk cannot be made here)."""
+    import errno
+
+    url = server.add("f.bin", data)
+    real = os.pwrite
+    calls = []
+
+    def pwrite(fd, chunk, offset):
+        calls.append(offset)
+        if len(calls) > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, chunk, offset)
+
+    monkeypatch.setattr(dl.os, "pwrite", pwrite)
+    with pytest.raises(DiskSpaceError, match="no space left.*kept for resume"):
+        fetch(url, tmp_path, data, connections=2)
+    assert any(n.endswith(".state.json") for n in leftovers(tmp_path))
+    monkeypatch.setattr(dl.os, "pwrite", real)
+    server.reset_counters()
+    fetch(url, tmp_path, data, connections=2)
+    assert (tmp_path / "out.bin").read_bytes() == data
+    assert server.bytes_sent < len(data) + 1  # resumed: what was written is not fetched again

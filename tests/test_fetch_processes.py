@@ -10,8 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from pylmserv import store
 from pylmserv.config import Lock, LockEntry
 from pylmserv.hashing import Hash
