@@ -9,23 +9,56 @@ flake.lock (real nixpkgs pin) is used unchanged: these outputs never fetch nixpk
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
+import shutil
 
 import pytest
 
 from pylmserv import nixmsg
 from pylmserv.hashing import Hash
 from tests.support import flakeworld as fw
+from tests.support.httpserver import serve_directory
+from tests.support.nixenv import have_nix, nix_env
 
 pytestmark = pytest.mark.nix
 
 
 @pytest.fixture
-def world(nix, tmp_path, http_dir):
+def fresh_world(nix, tmp_path, http_dir):
+    """Served and pinned for this test alone: nothing of it can be in the store yet."""
     root, base = http_dir
     return fw.build_world(tmp_path, root, base)
+
+
+@pytest.fixture(scope="module")
+def shared_world(tmp_path_factory):
+    """One served + prefetched world for the tests that edit the lock (prefetch is slow)."""
+    if not have_nix():
+        if os.environ.get("CI"):
+            pytest.fail("nix-bin is not installed; .ci/run installs it")
+        pytest.skip("real Nix not installed (apt-get install nix-bin)")
+    patch = pytest.MonkeyPatch()
+    for key, value in nix_env().items():
+        patch.setenv(key, value)
+    tmp = tmp_path_factory.mktemp("flakeworld")
+    www = tmp / "www"
+    www.mkdir()
+    try:
+        with serve_directory(www) as base:
+            yield fw.build_world(tmp, www, base)
+    finally:
+        patch.undo()
+
+
+@pytest.fixture
+def world(nix, shared_world, tmp_path):
+    """The shared world with a private copy of the flake and its lock."""
+    flake = tmp_path / "flake"
+    shutil.copytree(shared_world.flake, flake, symlinks=True)
+    return dataclasses.replace(shared_world, flake=flake)
 
 
 def _ref(world, output):
@@ -42,7 +75,13 @@ def _out_path(world, output):
     return json.loads(proc.stdout)[0]["outputs"]["out"]
 
 
-def test_nix_builds_every_fixed_output_with_pylmserv_hashes(world):
+def test_nix_builds_every_fixed_output_with_pylmserv_hashes(fresh_world):
+    world = fresh_world
+    for output in world.outputs:  # not in the store: the build below must fetch and verify
+        entry = world.entry(output)
+        name = "source" if entry.mode == "nar" else (entry.get("file") or entry.url.rsplit("/", 1)[-1])
+        path = fw.fixed_path(entry.hash, name, recursive=entry.mode == "nar")
+        assert fw.nix("nix-store", "--check-validity", path).returncode != 0, path
     proc = _build(world, *world.outputs)
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(proc.stdout)) == len(world.outputs)

@@ -137,8 +137,11 @@ let
       });
     pytestCheckHook = pyLeaf "pytest-check-hook";
   } // builtins.listToAttrs (map (n: { name = n; value = pyLeaf n; }) [
+    # Names as nixpkgs' python3Packages spells them (checked against nixpkgs); a new
+    # pyproject dependency must be added here, and its nixpkgs attribute confirmed.
     "setuptools" "click" "requests" "tqdm" "tomli" "tomli-w" "filelock" "platformdirs"
-    "zstandard" "pytest" "hypothesis" "gguf" "numpy"
+    "zstandard" "zlib-ng" "pytest" "hypothesis" "gguf" "numpy" "wheel" "pip" "matplotlib" "pyyaml"
+    "psutil" "setuptools-scm" "typing-extensions" "huggingface-hub" "urllib3" "certifi"
   ]);
 
   python3 = python // {

@@ -152,12 +152,14 @@ def _pylmserv_hash(entry: LockEntry, work: Path) -> Hash:
 
 
 def _prefetch(config: Path, lock: Path) -> None:
-    """`pylmserv prefetch` as a user runs it: resolves refs, hashes, writes the lock."""
+    """`pylmserv prefetch` as a user runs it: resolves refs, hashes, writes the lock.
+    `--via python`: pylmserv's own hashing only, so Nix (the oracle in the tests) has
+    neither computed nor stored anything yet."""
     import sys
 
     env = dict(os.environ, PYLMSERV_HOME=str(config.parent / "home"), **GIT_ENV)
     proc = subprocess.run([sys.executable, "-m", "pylmserv", "--config", str(config), "--lock", str(lock),
-                           "prefetch"], capture_output=True, text=True, env=env, timeout=600)
+                           "prefetch", "--via", "python"], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, f"pylmserv prefetch failed ({proc.returncode}):\n{proc.stderr}"
 
 
