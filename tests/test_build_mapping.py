@@ -130,6 +130,14 @@ def test_cpu_native_current(current_tree):
     assert "GGML_CUDA" not in d and "LLAMA_CURL" not in d
 
 
+def test_build_commit_from_a_non_tag_rev(current_tree):
+    f = scan_features(current_tree)
+    d = defines(f, backend="cpu", rev="vendored-0.3.36")
+    assert d["LLAMA_BUILD_COMMIT"] == "vendored-0.3.36" and "LLAMA_BUILD_NUMBER" not in d
+    d = defines(f, backend="cpu", rev="0123456789abcdef0123456789abcdef01234567")
+    assert d["LLAMA_BUILD_COMMIT"] == "0123456789"
+
+
 def test_cpu_portable_uses_all_variants_and_dynamic_backends(current_tree):
     d = defines(scan_features(current_tree), backend="cpu", portable=True)
     assert d["GGML_NATIVE"] == "OFF"

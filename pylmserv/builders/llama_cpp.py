@@ -27,7 +27,7 @@ log = logging.getLogger("pylmserv.build")
 
 BACKENDS = ("cpu", "blas", "cuda", "rocm", "vulkan", "metal")
 DEFAULT_TARGETS = ("llama-cli", "llama-server", "llama-bench")
-MAPPING_VERSION = 1  # bump when the option mapping changes: new build keys, no stale reuse
+MAPPING_VERSION = 2  # bump when the option mapping changes: new build keys, no stale reuse
 LOG_NAME = "pylmserv-build.log"
 CONFIGURE_TIMEOUT = 900
 BUILD_TIMEOUT = 6 * 3600
@@ -205,10 +205,12 @@ def map_options(req: Request, features: SourceFeatures, det: Detected,
                          "pylmserv fetch does that)")
     elif features.has("LLAMA_CURL"):
         d["LLAMA_CURL"] = "OFF"  # needs libcurl-dev; pylmserv fetches models itself
+    # `llama-cli --version` names the locked rev (the tree has no .git for CMake to ask)
     n = build_number(rev)
     if n is not None and features.has("LLAMA_BUILD_NUMBER"):
         d["LLAMA_BUILD_NUMBER"] = str(n)
-        d["LLAMA_BUILD_COMMIT"] = rev or "unknown"
+    if rev and features.has("LLAMA_BUILD_COMMIT"):
+        d["LLAMA_BUILD_COMMIT"] = rev[:10] if re.fullmatch(r"[0-9a-f]{40}", rev) else rev
 
     portable = req.portable
     if portable:
