@@ -294,3 +294,20 @@ def test_llamafile_rocm_preflight_names_missing_hipcc(tmp_path, project, home):
     assert proc.returncode == 5, proc.stderr
     assert "error: --backend rocm needs hipcc" in proc.stderr and "hint:" in proc.stderr and "Traceback" not in proc.stderr
     assert tool_log(tmp_path) == []
+
+
+def test_llamafile_fixture_cli_json_build_then_noop(tmp_path, project, home):
+    cfg, lock = project()
+    env = {"PYLMSERV_BINFMT_DIR": str(fabricate(tmp_path, wine=WINE))}
+    first = run_cli("--config", cfg, "--lock", lock, "build", "llamafile", "-j", "2", "--json", env=env)
+    assert first.returncode == 0, first.stderr
+    doc = json.loads(first.stdout)
+    assert doc["what"] == "llamafile" and doc["backend"] == "cpu" and not doc["cache_hit"]
+    assert set(doc["paths"]) == {"llamafile", "zipalign", "llamafiler"}
+    assert all(Path(p).is_file() and os.access(p, os.X_OK) for p in doc["paths"].values())
+    second = run_cli("--config", cfg, "--lock", lock, "build", "llamafile", "-j", "2", "--json", env=env)
+    assert second.returncode == 0 and json.loads(second.stdout)["cache_hit"]
+    prefix = tmp_path / "inst"
+    third = run_cli("--config", cfg, "--lock", lock, "build", "llamafile", "--prefix", prefix, env=env)
+    assert third.returncode == 0, third.stderr
+    assert (prefix / "bin" / "llamafile").is_file() and (prefix / "bin" / "zipalign").is_file()
