@@ -311,3 +311,37 @@ def test_llamafile_fixture_cli_json_build_then_noop(tmp_path, project, home):
     third = run_cli("--config", cfg, "--lock", lock, "build", "llamafile", "--prefix", prefix, env=env)
     assert third.returncode == 0, third.stderr
     assert (prefix / "bin" / "llamafile").is_file() and (prefix / "bin" / "zipalign").is_file()
+
+
+def test_default_cuda_archs_follow_what_nvcc_supports():
+    from pylmserv.builders.llamafile import DEFAULT_CUDA_ARCHS, default_cuda_archs
+
+    cuda13 = "compute_75\ncompute_80\ncompute_86\ncompute_87\ncompute_89\ncompute_90\ncompute_100\ncompute_120\ncompute_121\n"
+    assert default_cuda_archs("/x/nvcc", run=lambda argv, t: (0, cuda13)) == ("75", "80", "86", "89", "90", "100", "120")
+    cuda12 = "".join(f"compute_{a}\n" for a in (50, 52, 60, 61, 70, 75, 80, 86, 89, 90))
+    assert default_cuda_archs("/x/nvcc", run=lambda argv, t: (0, cuda12))[:3] == ("60", "61", "70")
+    assert default_cuda_archs("/x/nvcc", run=lambda argv, t: (1, "nvcc fatal: Unknown option")) == DEFAULT_CUDA_ARCHS
+
+
+def test_llamafile_fixture_cuda_module_with_real_nvcc(tmp_path, project, home, monkeypatch):
+    """The GPU step with the real nvcc installed on this machine (compiling needs no GPU):
+    the exact flags pylmserv passes are accepted and give a real shared object, which
+    ends up inside the llamafile zip. The cosmocc side is still the fixture."""
+    from pylmserv.builders import toolchain
+    from pylmserv.builders.llamafile import default_cuda_archs
+
+    nvcc = toolchain.detect_nvcc()
+    if not nvcc.found:
+        pytest.skip("no real nvcc on this machine")
+    monkeypatch.setenv("HOME", str(tmp_path / "userhome"))  # nvcc may write caches under HOME
+    cfg, lock = project()
+    archs = default_cuda_archs()
+    dry = build_llamafile(backend="cuda", config=cfg, lock=lock, dry_run=True)
+    assert all(f"-gencode=arch=compute_{a},code=sm_{a}" in dry.commands[-2] for a in archs)
+    result = build_llamafile(backend="cuda", config=cfg, lock=lock, binfmt_dir=fabricate(tmp_path, wine=WINE),
+                             cuda_arch=archs[0])
+    dso = result.build_dir / "gpu" / "ggml-cuda.so"
+    data = dso.read_bytes()
+    assert data.startswith(b"\x7fELF") and b"ggml_cuda_fixture_probe" in data
+    assert aligned_entry(result.binaries["llamafile"], "ggml-cuda.so") == data
+    assert aligned_entry(result.binaries["llamafiler"], "ggml-cuda.so") == data

@@ -54,7 +54,10 @@ LOG_NAME = "pylmserv-build.log"
 MAKE_TIMEOUT = 6 * 3600
 GPU_TIMEOUT = 3 * 3600
 SEED_MARKER = ".pylmserv-seed.json"
-# Explicit architecture lists (no -arch=native: the DSO ships to other machines).
+# Explicit architecture lists (no -arch=native: the DSO ships to other machines). For CUDA
+# the default is the SMs of released GPU generations that this nvcc still supports
+# (`nvcc --list-gpu-arch`: CUDA 13 dropped everything below sm_75).
+PREFERRED_CUDA_ARCHS = ("60", "61", "70", "75", "80", "86", "89", "90", "100", "120")
 DEFAULT_CUDA_ARCHS = ("60", "61", "70", "75", "80", "86", "89", "90")
 DEFAULT_GFX_TARGETS = ("gfx906", "gfx908", "gfx90a", "gfx942", "gfx1030", "gfx1100", "gfx1101", "gfx1102")
 # The flags upstream's llamafile/cuda.c and cuda.sh pass (minus -march=native).
@@ -112,7 +115,8 @@ class Plan:
                     f"that exec the APE loader")
         out = [seed] + [s.line() for s in self.steps]
         if self.gpu is not None:
-            out.append(f"# copy {len(self.gpu_sources)} sources named in llamafile/cuda.c into {self.gpu_dso.parent}")
+            out.append(f"# copy the {len(self.gpu_sources) or ''} sources named in llamafile/cuda.c into "
+                       f"{self.gpu_dso.parent}".replace("the  ", "the "))
             out.append(self.gpu.line())
             out.append(f"# embed {self.gpu_dso.name} as an aligned STORED zip entry into: {', '.join(EMBED_INTO)}")
         return out
@@ -147,7 +151,7 @@ class LlamafileBuild:
         self.jobs = jobs or os.cpu_count() or 1
         self.prefix = Path(prefix).expanduser().resolve() if prefix else None
         self.source_dir = Path(source_dir).expanduser().resolve() if source_dir else None
-        self.cuda_archs = _split(cuda_arch) or (DEFAULT_CUDA_ARCHS if backend == "cuda" else ())
+        self.cuda_archs = _split(cuda_arch) or (default_cuda_archs() if backend == "cuda" else ())
         self.gfx = _split(gpu_targets) or (DEFAULT_GFX_TARGETS if backend == "rocm" else ())
         self.cuda_blas = cuda_blas if backend == "cuda" else None
         env_dir = os.environ.get("PYLMSERV_BINFMT_DIR")
@@ -521,6 +525,20 @@ def _gpu_sources(cuda_c: Path) -> List[Tuple[str, str]]:
     table: the same files llamafile extracts and compiles at run time."""
     text = cuda_c.read_text(encoding="utf-8", errors="replace")
     return [(m.group(1), m.group(2)) for m in _ZIP_SRC_RE.finditer(text)]
+
+
+def default_cuda_archs(nvcc: Optional[str] = None, run=None) -> Tuple[str, ...]:
+    """PREFERRED_CUDA_ARCHS that this nvcc can target, in order; DEFAULT_CUDA_ARCHS when
+    nvcc is missing or does not answer --list-gpu-arch (CUDA < 11)."""
+    from . import toolchain as tc
+
+    exe = nvcc or tc.detect_nvcc().path
+    if not exe:
+        return DEFAULT_CUDA_ARCHS
+    rc, out = (run or tc.default_run)([exe, "--list-gpu-arch"], tc.PROBE_TIMEOUT)
+    supported = set(re.findall(r"compute_(\d+)", out)) if rc == 0 else set()
+    archs = tuple(a for a in PREFERRED_CUDA_ARCHS if a in supported)
+    return archs or DEFAULT_CUDA_ARCHS
 
 
 def _split(value: Optional[str]) -> Tuple[str, ...]:

@@ -106,6 +106,15 @@ static const struct Source {
 """
 
 
+# Real CUDA, tiny: compiles with a real nvcc (no GPU needed) when one is installed.
+GGML_CUDA_CU = """\
+#include "ggml-cuda.h"
+#include "tinyblas.h"
+__global__ void ggml_fixture_scale(float *x) { x[threadIdx.x] *= 2.0f; }
+extern "C" int ggml_cuda_fixture_probe(void) { return GGML_CUDA_FIXTURE; }
+"""
+
+
 def tree_files(version: str = "3.3.6", broken: bool = False) -> Dict[str, tuple]:
     """path -> (text, mode)."""
     main = "#error fixture: this tree is meant to fail\n" if broken else "int main() { return 0; }\n"
@@ -122,8 +131,8 @@ def tree_files(version: str = "3.3.6", broken: bool = False) -> Dict[str, tuple]
         "llamafile/tinyblas.cu": ("// tinyblas.cu\n", 0o644),
         "llama.cpp/ggml.c": ("int ggml;\n", 0o644),
         "llama.cpp/ggml.h": ("// ggml.h\n", 0o644),
-        "llama.cpp/ggml-cuda.h": ("// ggml-cuda.h\n", 0o644),
-        "llama.cpp/ggml-cuda.cu": ('#include "ggml-cuda.h"\n#include "tinyblas.h"\n', 0o644),
+        "llama.cpp/ggml-cuda.h": ("#define GGML_CUDA_FIXTURE 42\n", 0o644),
+        "llama.cpp/ggml-cuda.cu": (GGML_CUDA_CU, 0o644),
     }
 
 
