@@ -115,8 +115,8 @@ class Plan:
                     f"that exec the APE loader")
         out = [seed] + [s.line() for s in self.steps]
         if self.gpu is not None:
-            out.append(f"# copy the {len(self.gpu_sources) or ''} sources named in llamafile/cuda.c into "
-                       f"{self.gpu_dso.parent}".replace("the  ", "the "))
+            count = f"{len(self.gpu_sources)} " if self.gpu_sources else ""
+            out.append(f"# copy the {count}sources named in llamafile/cuda.c into {self.gpu_dso.parent}")
             out.append(self.gpu.line())
             out.append(f"# embed {self.gpu_dso.name} as an aligned STORED zip entry into: {', '.join(EMBED_INTO)}")
         return out
