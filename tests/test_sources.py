@@ -131,3 +131,23 @@ def test_concurrent_processes(home, http_dir, tmp_path):
     outs = [p.communicate(timeout=120)[0].strip() for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert len(set(outs)) == 1 and nar_hash(Path(outs[0])) == expected
+
+
+@pytest.mark.nix
+@pytest.mark.parametrize("submodules", [False, True])
+def test_git_export_ignore_follows_builtins_fetchgit(home, tmp_path, nix, monkeypatch, submodules):
+    """Nix 2.8 exports a plain fetchGit with `git archive` (export-ignore applies) but checks
+    out when submodules = true (it does not); pylmserv must give the same narHash both ways."""
+    for k, v in gitrepos.GIT_ENV.items():
+        monkeypatch.setenv(k, v)
+    repo = gitrepos.make_repo(tmp_path / "r", {".gitattributes": "secret export-ignore\n", "secret": "s\n",
+                                               "keep": ("exec", "k\n"), "l": ("link", "keep")})
+    rev = gitrepos.head(repo)
+    flag = "true" if submodules else "false"
+    expr = f'(builtins.fetchGit {{ url = "{gitrepos.uri(repo)}"; rev = "{rev}"; submodules = {flag}; }}).narHash'
+    out = subprocess.run(["nix", "eval", "--raw", "--expr", expr], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    nix_hash = Hash.parse(out.stdout.strip())
+    path = ensure_source(nar_entry("r", gitrepos.uri(repo), nix_hash, rev=rev, type="git", submodules=submodules))
+    assert (path / "secret").exists() == submodules
+    assert nar_hash(path) == nix_hash

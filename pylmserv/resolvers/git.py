@@ -66,24 +66,38 @@ def resolve_ref(url: str, ref: str) -> str:
 
 
 def checkout(url: str, rev: str, dest: Path, submodules: bool = False) -> Path:
-    """Check out `rev` of `url` into `dest` (new), submodules recursively, then drop .git."""
-    dest.mkdir(parents=True)
-    _git(["init", "-q", str(dest)])
-    _git(["remote", "add", "origin", url], cwd=dest)  # relative submodule URLs resolve against it
+    """The tree of `rev` of `url` in `dest` (new), hashed the way builtins.fetchGit does:
+    with submodules, a checkout (submodules recursively) minus every `.git`; without,
+    `git archive` of the commit (Nix 2.8 exports it so, so export-ignore and export-subst
+    in .gitattributes apply; nixpkgs' fetchgit would keep those files)."""
+    repo = dest.with_name(dest.name + ".repo")
+    repo.mkdir(parents=True)
     try:
-        _git(["fetch", "-q", "--depth", "1", "origin", rev], cwd=dest)
-        target = "FETCH_HEAD"
-    except GitError:
-        # Servers that refuse fetching a bare SHA: fetch every branch and tag, then find it.
-        _git(["fetch", "-q", "--tags", "origin", "+refs/heads/*:refs/remotes/origin/*"], cwd=dest)
-        target = rev
-    _git(["checkout", "-q", target], cwd=dest)
-    head = _git(["rev-parse", "HEAD"], cwd=dest).strip()
-    if SHA_RE.match(rev) and head != rev:
-        raise UsageError(f"{url}: checked out {head} but the lock says {rev}")
-    if submodules:
-        _git(["submodule", "update", "-q", "--init", "--recursive"], cwd=dest)
-    strip_dot_git(dest)
+        _git(["init", "-q", str(repo)])
+        _git(["remote", "add", "origin", url], cwd=repo)  # relative submodule URLs resolve against it
+        try:
+            _git(["fetch", "-q", "--depth", "1", "origin", rev], cwd=repo)
+            target = "FETCH_HEAD"
+        except GitError:
+            # Servers that refuse fetching a bare SHA (or dumb HTTP): fetch every branch and tag.
+            _git(["fetch", "-q", "--tags", "origin", "+refs/heads/*:refs/remotes/origin/*"], cwd=repo)
+            target = rev
+        commit = _git(["rev-parse", "--verify", f"{target}^{{commit}}"], cwd=repo).strip()
+        if SHA_RE.match(rev) and commit != rev:
+            raise UsageError(f"{url}: fetched {commit} but the lock says {rev}")
+        if submodules:
+            _git(["checkout", "-q", commit], cwd=repo)
+            _git(["submodule", "update", "-q", "--init", "--recursive"], cwd=repo)
+            strip_dot_git(repo)
+            os.replace(repo, dest)
+        else:
+            from ..archive import extract
+
+            tar = repo / ".git" / "export.tar"
+            _git(["archive", "--format=tar", "-o", str(tar), commit], cwd=repo)
+            extract(tar, dest, policy="tar")
+    finally:
+        shutil.rmtree(repo, ignore_errors=True)
     return dest
 
 
