@@ -76,11 +76,13 @@ effectiveStdenv.mkDerivation {
 
   # cosmocc's tools are APE programs: the shell runs them and the APE loader unpacks
   # itself under $HOME or $TMPDIR, which must be writable (HOME is /homeless-shelter).
-  preConfigure = ''
+  # preBuild, not preConfigure: with dontConfigure the configure hooks never run; the
+  # export lasts through the install phase (zipalign is an APE program too).
+  dontConfigure = true;
+  preBuild = ''
     export HOME=$TMPDIR
     export TMPDIR
   '';
-  dontConfigure = true;
 
   enableParallelBuilding = true;
   makeFlags = [ "PREFIX=${placeholder "out"}" ];

@@ -67,7 +67,7 @@ in {
   cosmocc = { inherit (x.cosmocc) dontStrip dontPatchELF dontFixup dontPatchShebangs version installPhase;
               src = src x.cosmocc; srcPath = x.cosmocc.src.outPath; inputs = names x.cosmocc.nativeBuildInputs; };
   cosmoccs = map (n: { name = n; inherit (x.${n}) version; hash = x.${n}.src.outputHash; }) (withPrefix "cosmocc-" x);
-  llamafile = { inherit (x.llamafile) dontStrip dontPatchELF postPatch preConfigure cosmoccSeed makeFlags version pname;
+  llamafile = { inherit (x.llamafile) dontStrip dontPatchELF postPatch preBuild cosmoccSeed makeFlags version pname;
                 cosmocc = x.llamafile.cosmocc.outPath; cosmoccPath = x.cosmocc.outPath; src = src x.llamafile; };
   llamafileCuda = { inherit (x.llamafile-cuda) postBuild postInstall nvccFlags stdenv dontStrip pname;
                     inputs = names (x.llamafile-cuda.nativeBuildInputs ++ x.llamafile-cuda.buildInputs); };
@@ -192,7 +192,7 @@ def test_cosmo_binaries_are_never_stripped_and_cosmocc_is_pre_seeded(repo_flake,
     assert lf["cosmoccSeed"] == f".cosmocc/{version}"
     assert lf["cosmocc"] == lf["cosmoccPath"]  # the flake's cosmocc package, not another
     assert f"ln -s {lf['cosmoccPath']} .cosmocc/{version}" in lf["postPatch"]
-    assert "export HOME=$TMPDIR" in lf["preConfigure"]
+    assert "export HOME=$TMPDIR" in lf["preBuild"]
     assert lf["version"] == real_lock["sources"]["llamafile"]["rev"]
     assert any(f.startswith("PREFIX=/") for f in lf["makeFlags"])
 

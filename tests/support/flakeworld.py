@@ -37,6 +37,7 @@ class World:
     lock: Lock
     model_bytes: bytes
     expected: Dict[str, Hash] = field(default_factory=dict)  # output name -> pylmserv's hash
+    salt: str = ""  # random per world; the fixture cosmocc writes it into what it builds
 
     def entry(self, output: str) -> LockEntry:
         kind, _, name = output.partition("-")
@@ -107,14 +108,67 @@ def _zip_with_root(tree: Path, out: Path) -> None:
             zf.writestr(info, path.read_bytes())
 
 
+# The fixture cosmocc: like an APE program it needs a writable $HOME (the loader unpacks
+# itself there); it "compiles" by writing an APE-looking file that names the fixture.
+COSMOCC_SCRIPT = """#!/bin/sh
+set -e
+[ -w "$HOME" ] || { echo "fixture cosmocc: HOME=$HOME is not writable (APE loader)" >&2; exit 1; }
+mkdir -p "$HOME/.ape-fixture"
+out=""
+while [ $# -gt 0 ]; do case "$1" in -o) out="$2"; shift 2;; *) shift;; esac; done
+printf "MZqFpD='\\n# built by fixture cosmocc %s\\n" SALT > "$out"
+chmod +x "$out"
+"""
+
+
 def _flat_zip(out: Path, salt: bytes) -> None:
-    """A toolchain-like zip without a top-level directory (cosmocc's layout)."""
+    """A toolchain-like zip without a top-level directory (cosmocc's layout). Its tool is
+    stored without exec bits, as release zips may be: cosmocc.nix must fix them."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         info = zipfile.ZipInfo("bin/cosmocc")
-        info.external_attr = (0o100755) << 16
-        zf.writestr(info, b"#!/bin/sh\necho cosmocc " + salt.hex().encode() + b"\n")
+        info.external_attr = 0o100644 << 16
+        zf.writestr(info, COSMOCC_SCRIPT.replace("SALT", salt.hex()).encode())
+        zf.writestr(zipfile.ZipInfo("README.md"), b"fixture cosmocc\n")
     out.write_bytes(buf.getvalue())
+
+
+# A llamafile-shaped source: its Makefile wants cosmocc at .cosmocc/<version> and has a
+# rule that "downloads" it when missing (here: a different, marked toolchain).
+LLAMAFILE_MAKEFILE = """PREFIX = /usr/local
+COSMOCC = .cosmocc/{version}
+CC = $(COSMOCC)/bin/cosmocc
+
+all: o/llamafile
+
+.cosmocc/{version}:
+\tbuild/download-cosmocc.sh $@ {version} 0000
+
+o/llamafile: .cosmocc/{version} main.c
+\tmkdir -p o
+\t$(CC) -o $@ main.c
+
+install: o/llamafile
+\tmkdir -p $(PREFIX)/bin
+\tinstall -m755 o/llamafile $(PREFIX)/bin/llamafile
+"""
+
+DOWNLOAD_SCRIPT = """#!/bin/sh
+mkdir -p "$1/bin"
+printf '#!/bin/sh\\nwhile [ $# -gt 0 ]; do case "$1" in -o) printf DOWNLOADED > "$2"; shift 2;; *) shift;; esac; done\\n' > "$1/bin/cosmocc"
+chmod +x "$1/bin/cosmocc"
+"""
+
+
+def _llamafile_tree(root: Path, top: str, salt: bytes) -> Path:
+    base = root / top
+    (base / "build").mkdir(parents=True)
+    (base / "Makefile").write_text(LLAMAFILE_MAKEFILE.format(version=COSMOCC_VERSION))
+    (base / "main.c").write_text(f"int main(void) {{ return 0; }} /* {salt.hex()} */\n")
+    script = base / "build" / "download-cosmocc.sh"
+    script.write_text(DOWNLOAD_SCRIPT)
+    script.chmod(0o755)
+    return base
 
 
 def _git_repo(path: Path, salt: bytes, branch: str) -> str:
@@ -179,7 +233,8 @@ def build_world(tmp: Path, www: Path, base_url: str) -> World:
 
     archives = {}
     for name, owner, repo, ref in (("llama-cpp", "ggml-org", "llama.cpp", "b1"), ("llamafile", "Mozilla-Ocho", "llamafile", "0.1")):
-        tree = _tree(stage / name, f"{repo}-{ref}", salt + name.encode())
+        make_tree = _llamafile_tree if name == "llamafile" else _tree
+        tree = make_tree(stage / name, f"{repo}-{ref}", salt + name.encode())
         rel = f"gh/{owner}/{repo}/archive/{ref}.tar.gz"
         _tarball(tree, www / rel)
         archives[name] = f"{base_url}/{rel}"
@@ -242,7 +297,7 @@ submodules = true
     # pylmserv's own fetch + unpack + NAR agrees with what prefetch wrote (a second opinion).
     for name, entry in lock.sources.items():
         assert _pylmserv_hash(entry, tmp / "work" / name) == entry.hash, name
-    return World(flake=flake, lock=lock, model_bytes=model, expected=expected)
+    return World(flake=flake, lock=lock, model_bytes=model, expected=expected, salt=salt.hex())
 
 
 def set_hash(world: World, output: str, new: str) -> None:
