@@ -70,7 +70,7 @@ def ensure_source(entry: LockEntry, root: Optional[Path] = None) -> Path:
         if os.path.lexists(target):  # another process finished it while we waited
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=f"{entry.name}.", dir=tmp) as work:
+        with tempfile.TemporaryDirectory(prefix=f"{target.name[-60:]}.", dir=tmp) as work:
             staged = fetch_entry(entry, Path(work))
             got = nar_hash(staged, entry.hash.algo) if entry.mode == "nar" else _flat(staged, entry.hash.algo)
             check_hash(entry, got)
