@@ -13,7 +13,7 @@ with a fresh PYLMSERV_HOME; its throughput uses the `seconds` it reports (time i
 fetch, excluding interpreter start-up; the wall time including start-up is shown too).
 The server is tests/support/faultserver.py (sendfile when unthrottled).
 
-Usage: python benchmarks/bench_fetch.py [--capped-mb 64] [--cap-mbps 4] [--big-mb 512]
+Usage: python benchmarks/bench_fetch.py [--capped-mb 64] [--cap-mbps 4] [--big-mb 1024]
                                         [--out benchmarks/out]
 """
 from __future__ import annotations
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--capped-mb", type=int, default=64, help="file size for the capped runs (MiB)")
     ap.add_argument("--cap-mbps", type=float, default=4.0, help="per-connection cap (MiB/s)")
-    ap.add_argument("--big-mb", type=int, default=512, help="file size for the unthrottled runs (MiB)")
+    ap.add_argument("--big-mb", type=int, default=1024, help="file size for the unthrottled runs (MiB)")
     ap.add_argument("--reps", type=int, default=3, help="unthrottled repetitions (best is kept)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out")
     args = ap.parse_args(argv)

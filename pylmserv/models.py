@@ -304,7 +304,11 @@ def _plan_hf(item: str, project: Optional[Project], tofu: bool, offline: bool) -
                 if revision == entry.rev or offline:
                     return _plan_lock(entry.name, entry)
     if offline:
-        raise UsageError(f"{item}: not pinned in the lock, and resolving it needs the network",
+        stored = store.lookup(name)
+        if stored is not None and stored.files[0].path.name == filename and stored.files[0].sha256:
+            # Fetched before (hash verified then): the store alone answers.
+            return _Plan(name, [_File("", f.path.name, f.sha256, f.size) for f in stored.files])
+        raise UsageError(f"{item}: not in the store, and resolving it needs the network",
                          hint="Run once without --offline / HF_HUB_OFFLINE, or pin it in pylmserv.lock.")
     from .gguf import split_names
 

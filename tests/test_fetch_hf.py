@@ -100,3 +100,15 @@ def test_hf_config_name_trusted_on_first_use_records_canonical_url(home, hub, tm
     entry = load_lock(proj / "pylmserv.lock").models["m"]
     assert entry.url == f"https://huggingface.co/org/repo/resolve/{commit}/m.gguf"
     assert entry.rev == commit and entry.hash == Hash.of_bytes(data) and entry.get("hf") == "org/repo"
+
+
+def test_hf_item_offline_is_served_from_the_store(home, hub, tmp_path, monkeypatch):
+    data = write_gguf(tmp_path / "m.gguf", pad=1 << 20).read_bytes()
+    hub.add_file("org/repo", "m.gguf", data)
+    [first] = fetch(["hf://org/repo/m.gguf"], progress=False)
+    seen = len(hub.requests)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    [again] = fetch(["hf://org/repo/m.gguf"], progress=False)
+    assert again.path == first.path and again.bytes_downloaded == 0 and len(hub.requests) == seen
+    with pytest.raises(UsageError, match="not in the store"):
+        fetch(["hf://org/repo/other.gguf"], progress=False)
