@@ -96,7 +96,9 @@ def test_llamafile_fixture_build_loader_mode_when_wine_owns_mz(tmp_path, project
     home_env, tmp_env = f"HOME={result.build_dir / 'home'}", f"TMPDIR={result.build_dir / 'tmp'}"
     assert lines[0].startswith(f"ape-loader {home_env} {tmp_env} {store}/bin/make -C {src} -j2")
     assert any(ln.startswith("zipobj ") for ln in lines)
-    assert any(ln.startswith("ape-loader ") and f"{store}/bin/zipobj" in ln for ln in lines)  # via the shim
+    # zipobj went through its shim: the loader got `- <store>/bin/zipobj <the shim's own path>`
+    assert any(ln.startswith("ape-loader ") and f" - {store}/bin/zipobj .cosmocc/3.3.6/bin/zipobj -a x86_64" in ln
+               for ln in lines), lines
     assert any(ln.startswith("cosmoranlib ") for ln in lines)  # 0444 in the zip: ran because its bit was fixed
     # outputs: APE-shaped executables that are zips, installed and stamped
     llamafile = result.binaries["llamafile"]

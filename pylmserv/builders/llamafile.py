@@ -491,9 +491,11 @@ def _shim_tree(store: Path, dest: Path, loader: str, is_ape) -> int:
             if child.is_dir() and not child.is_symlink() and str(child) in has_ape:
                 mirror(child, target)
             elif str(child) in apes:
+                # `ape - PROG ARGV0 ...` keeps argv[0] = this shim, so tools that find their
+                # helpers relative to argv[0] (gcc -> libexec/.../cc1) find the shims too.
                 target.write_text("#!/bin/sh\n# pylmserv: run this APE tool through cosmocc's loader, so binfmt_misc "
                                   "(WINE, run-detectors) never sees it\n"
-                                  f"exec {shlex.quote(loader)} {shlex.quote(str(child))} \"$@\"\n")
+                                  f"exec {shlex.quote(loader)} - {shlex.quote(str(child))} \"$0\" \"$@\"\n")
                 os.chmod(target, 0o755)
             else:
                 os.symlink(child, target)

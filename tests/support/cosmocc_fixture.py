@@ -5,7 +5,8 @@ cares:
 - `bin/make`, `bin/zipobj`, `libexec/.../cc1` are shaped like APE files: they start with
   `MZqFpD='` and have no `#!` line, so execve() fails (ENOEXEC) unless binfmt_misc has an
   APE rule, while `sh FILE` runs them - exactly like real APE binaries.
-- `bin/ape-x86_64.elf` / `bin/ape-aarch64.elf` stand in for the APE loader: `LOADER PROG ARGS`.
+- `bin/ape-x86_64.elf` / `bin/ape-aarch64.elf` stand in for the APE loader: `LOADER PROG ARGS`
+  or `LOADER - PROG ARGV0 ARGS`.
 - `bin/cosmocc`/`bin/cosmoc++` are `#!/bin/sh` scripts (as the real ones are): a fake
   compiler/linker whose linked outputs are APE-shaped files with a ZIP appended.
 - `bin/cosmoranlib` is stored with mode 0444 (as in cosmocc 4.0.2's zip).
@@ -25,7 +26,9 @@ _LOG = 'if [ -n "$COSMOCC_FIXTURE_LOG" ]; then printf \'%s\\n\' "{tool} HOME=$HO
 
 MAKE = APE_HEAD + _LOG.format(tool="make") + 'exec /usr/bin/make "$@"\n'
 
-LOADER = "#!/bin/sh\n" + _LOG.format(tool="ape-loader") + 'prog="$1"; shift\nexec /bin/sh "$prog" "$@"\n'
+# `LOADER PROG ARGS` or `LOADER - PROG ARGV0 ARGS` (the real loader's two forms)
+LOADER = ("#!/bin/sh\n" + _LOG.format(tool="ape-loader")
+          + 'if [ "$1" = - ]; then prog="$2"; shift 3; else prog="$1"; shift; fi\nexec /bin/sh "$prog" "$@"\n')
 
 # cosmocc OUT: -c -o X.o SRC -> an object; -o X INPUTS -> an APE-shaped executable + zip
 COSMOCC = "#!/bin/sh\n" + _LOG.format(tool="cosmocc") + r'''
