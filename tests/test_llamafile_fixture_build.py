@@ -347,3 +347,15 @@ def test_llamafile_fixture_cuda_module_with_real_nvcc(tmp_path, project, home, m
     assert data.startswith(b"\x7fELF") and b"ggml_cuda_fixture_probe" in data
     assert aligned_entry(result.binaries["llamafile"], "ggml-cuda.so") == data
     assert aligned_entry(result.binaries["llamafiler"], "ggml-cuda.so") == data
+
+
+def test_llamafile_fixture_local_source_dir(tmp_path, project, home):
+    cfg, lock = project()
+    tree = write_tree(tmp_path / "local-tree")
+    binfmt = fabricate(tmp_path, wine=WINE)
+    result = build_llamafile(config=cfg, lock=lock, source_dir=tree, binfmt_dir=binfmt, jobs=1)
+    assert result.source == tree and "llamafile" in result.binaries
+    assert not (tree / ".cosmocc").exists() and not (tree / "o").exists()  # the user's tree is left alone
+    (tree / "llamafile" / "main.c").write_text("#error changed locally\n")
+    with pytest.raises(BuildError, match="make failed"):
+        build_llamafile(config=cfg, lock=lock, source_dir=tree, binfmt_dir=binfmt, jobs=1)

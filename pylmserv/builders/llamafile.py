@@ -374,8 +374,9 @@ class LlamafileBuild:
 
     def _copy_source(self, source: Path) -> None:
         """A writable copy of the (read-only, shared) store tree; kept between runs so a
-        failed build resumes where make stopped."""
-        if (self.src / "Makefile").is_file():
+        failed build resumes where make stopped. A local tree (source_dir) can change under
+        the same key, so it is copied afresh every time."""
+        if (self.src / "Makefile").is_file() and self.source_dir is None:
             return
         tmp = self.build_dir / "src.tmp"
         if tmp.exists():
