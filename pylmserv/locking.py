@@ -154,8 +154,7 @@ def _resolve(kind: str, spec, locked: Optional[LockEntry], opts: Options) -> Loc
     else:
         from .resolvers import git, github, url
         entry = {"github": github, "git": git, "url": url}[spec.type].resolve(spec, locked, opts)
-    if locked is None or locked.to_table() != entry.to_table():
-        log.info("%s.%s: %s", kind, spec.name, entry.hash.sri)
+    log.debug("%s.%s: %s", kind, spec.name, entry.hash.sri)
     return entry
 
 

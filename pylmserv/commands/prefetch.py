@@ -25,17 +25,18 @@ def command(opts, names, via, check, refresh, as_json):
                       check=check, refresh=refresh)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2, sort_keys=True))
-    if not opts.quiet:
+    if not opts.quiet and not check:
         for change in result.changes:
             if change.status != "unchanged" or opts.verbose:
                 click.echo(change.describe(), err=True)
-        for drift in result.drift:
-            click.echo(f"drift: {drift.describe()}", err=True)
+    for drift in result.drift:  # the point of --check: listed even with -q
+        click.echo(f"drift: {drift.describe()}", err=True)
     if check:
         if result.drift:
             raise VerificationError(f"{len(result.drift)} entr{'y' if len(result.drift) == 1 else 'ies'} drifted from "
                                     f"{result.lock_path}: " + "; ".join(d.name for d in result.drift),
-                                    hint="Run `pylmserv prefetch` (add --refresh NAME to force) to update the lock.")
+                                    hint="If these changes are intended, accept them with `pylmserv prefetch --refresh "
+                                         + " ".join(d.name for d in result.drift) + "`.")
         if not opts.quiet:
             click.echo(f"{result.lock_path}: {len(result.changes)} entries match", err=True)
     elif not opts.quiet:
