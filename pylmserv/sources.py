@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 from .resolvers import git as gitutil
 from .archive import extract
 from .config import LockEntry
-from .errors import UsageError, VerificationError
+from .errors import PylmservError, UsageError, VerificationError
 from .hashing import Hash
 from .nar import nar_hash
 from .paths import ensure_home, subdir
@@ -28,6 +28,7 @@ from .paths import ensure_home, subdir
 log = logging.getLogger("pylmserv.sources")
 
 GITHUB = "https://github.com"
+LOCK_TIMEOUT = 3600  # seconds to wait for another process fetching the same entry
 
 
 def github_base() -> str:
@@ -59,14 +60,20 @@ def is_git_entry(entry: LockEntry) -> bool:
 
 def ensure_source(entry: LockEntry, root: Optional[Path] = None) -> Path:
     """Return the store path of `entry`, fetching and verifying it first if needed."""
-    from filelock import FileLock
+    from filelock import FileLock, Timeout
 
     root = Path(root) if root else ensure_home()
     target = store_path(entry, root)
     if os.path.lexists(target):
         return target
     tmp = subdir("tmp", root)
-    with FileLock(str(tmp / f"{target.name}.lock"), timeout=3600):
+    lock = FileLock(str(tmp / f"{target.name}.lock"))
+    try:
+        lock.acquire(timeout=LOCK_TIMEOUT)
+    except Timeout:
+        raise PylmservError(f"{entry.name}: another pylmserv process has been fetching it for {LOCK_TIMEOUT}s",
+                            hint=f"Wait for it, or stop it and delete {lock.lock_file}.") from None
+    try:
         if os.path.lexists(target):  # another process finished it while we waited
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -77,6 +84,8 @@ def ensure_source(entry: LockEntry, root: Optional[Path] = None) -> Path:
             if entry.mode == "flat":
                 os.chmod(staged, 0o444)
             os.replace(staged, target)
+    finally:
+        lock.release()
     log.info("%s: verified %s", entry.name, entry.hash.sri)
     return target
 

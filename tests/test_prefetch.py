@@ -304,3 +304,9 @@ def test_hf_private_plain_git_file_with_token_under_auto(tmp_path, monkeypatch, 
         cfg = write_config(tmp_path / "pylmserv.toml", HF_CFG.format(rev="main"))
         prefetch(config=cfg, via="auto")
         assert load_lock(tmp_path / "pylmserv.lock").models["big"].hash == Hash.of_bytes(b"tiny")
+
+
+def test_public_api_name():
+    import pylmserv
+    import pylmserv.locking
+    assert pylmserv.prefetch is pylmserv.locking.prefetch

@@ -151,3 +151,23 @@ def test_git_export_ignore_follows_builtins_fetchgit(home, tmp_path, nix, monkey
     path = ensure_source(nar_entry("r", gitrepos.uri(repo), nix_hash, rev=rev, type="git", submodules=submodules))
     assert (path / "secret").exists() == submodules
     assert nar_hash(path) == nix_hash
+
+
+def test_lock_held_too_long_is_a_clean_error(home, http_dir, monkeypatch):
+    from filelock import FileLock
+
+    import pylmserv.sources as sources
+    from pylmserv.errors import PylmservError
+
+    root, base = http_dir
+    (root / "f.bin").write_bytes(b"x")
+    entry = flat_entry("f", f"{base}/f.bin", Hash.of_bytes(b"x"))
+    monkeypatch.setattr(sources, "LOCK_TIMEOUT", 0.2)
+    holder = FileLock(str(home / "tmp" / f"{store_path(entry).name}.lock"))
+    holder.acquire()
+    try:
+        with pytest.raises(PylmservError, match="another pylmserv process"):
+            ensure_source(entry)
+    finally:
+        holder.release()
+    assert ensure_source(entry).read_bytes() == b"x"
