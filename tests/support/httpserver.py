@@ -63,11 +63,22 @@ class RangeHandler(SimpleHTTPRequestHandler):
             remaining -= len(chunk)
 
 
+class QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        # Clients (Nix, curl, killed fetches) hang up mid-body on purpose; that is not an error.
+        import sys
+
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
+
+
 @contextlib.contextmanager
 def serve_directory(root):
     """Yield the base URL (http://127.0.0.1:PORT) of a server for `root`."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(RangeHandler, directory=str(root)))
-    server.daemon_threads = True
+    server = QuietServer(("127.0.0.1", 0), partial(RangeHandler, directory=str(root)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
