@@ -311,3 +311,26 @@ def test_pack_verify_modes_via_cli(tmp_path):
         unzip_test(out)
     proc = run_cli("pack", model, "--llamafile", lf, "-o", tmp_path / "x", "--verify", "bogus")
     assert proc.returncode == 2 and not (tmp_path / "x").exists()
+
+
+def test_pack_real_full_disk_on_small_tmpfs(tmp_path):
+    """ENOSPC from a real filesystem: a 2 MiB tmpfs (needs mount privileges; the
+    RLIMIT_FSIZE test above covers unprivileged runs)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, timeout=30)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
+    try:
+        lf, _ = _inputs(tmp_path)
+        model = tmp_path / "m.gguf"
+        make_gguf(model, 3_000_000)
+        (mnt / "old.llamafile").write_bytes(b"the previous good file")
+        cli = run_cli("pack", model, "--llamafile", lf, "-o", mnt / "old.llamafile")
+        assert cli.returncode == 1, cli.stderr
+        assert cli.stderr.startswith("error: cannot write") and "No space left on device" in cli.stderr
+        assert "Traceback" not in cli.stderr
+        assert sorted(p.name for p in mnt.iterdir()) == ["old.llamafile"]
+        assert (mnt / "old.llamafile").read_bytes() == b"the previous good file"
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True, timeout=30)
