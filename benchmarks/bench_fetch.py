@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     ap.add_argument("--capped-mb", type=int, default=64, help="file size for the capped runs (MiB)")
     ap.add_argument("--cap-mbps", type=float, default=4.0, help="per-connection cap (MiB/s)")
     ap.add_argument("--big-mb", type=int, default=1024, help="file size for the unthrottled runs (MiB)")
-    ap.add_argument("--reps", type=int, default=3, help="unthrottled repetitions (best is kept)")
+    ap.add_argument("--reps", type=int, default=5, help="unthrottled repetitions (best is kept)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out")
     args = ap.parse_args(argv)
     if not shutil.which("curl"):
