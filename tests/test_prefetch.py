@@ -310,3 +310,23 @@ def test_public_api_name():
     import pylmserv
     import pylmserv.locking
     assert pylmserv.prefetch is pylmserv.locking.prefetch
+
+
+def test_resolve_ref_kinds(tmp_path, gitenv):
+    from pylmserv.resolvers.git import resolve_ref
+
+    repo = gitrepos.make_repo(tmp_path / "r", {"a": "1"})
+    first = gitrepos.head(repo)
+    gitrepos.tag(repo, "light", annotated=False)
+    gitrepos.tag(repo, "heavy", annotated=True)
+    second = gitrepos.commit(repo, {"a": "2"})
+    gitrepos.git(repo, "branch", "heavy")  # a branch with a tag's name: the tag wins, as in git
+    url = gitrepos.uri(repo)
+    assert resolve_ref(url, "light") == first
+    assert resolve_ref(url, "heavy") == first  # annotated tag peeled to the commit, not the tag object
+    assert resolve_ref(url, "main") == second
+    assert resolve_ref(url, "refs/heads/heavy") == second
+    assert resolve_ref(url, "HEAD") == second
+    assert resolve_ref(url, first) == first  # a full SHA is taken as is
+    with pytest.raises(UsageError, match="not found"):
+        resolve_ref(url, first[:12])  # abbreviated SHAs are not resolvable remotely
