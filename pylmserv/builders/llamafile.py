@@ -38,7 +38,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from .. import paths
 from ..errors import BuildError, ConfigError, ToolMissingError, UsageError
@@ -65,10 +65,6 @@ GGML_GPU_DEFINES = ("-DNDEBUG", "-DGGML_BUILD=1", "-DGGML_SHARED=1", "-DGGML_MUL
                     "-DGGML_CUDA_DMMV_X=32", "-DGGML_CUDA_MMV_Y=1", "-DK_QUANTS_PER_ITERATION=2",
                     "-DGGML_CUDA_PEER_MAX_BATCH_SIZE=128")
 EMBED_INTO = ("llamafile", "llamafiler")  # executables that load the GPU module from /zip/
-
-
-def install_prefix(backend: str, root=None) -> Path:
-    return paths.ensure_home(root) / "bin" / f"{ENGINE}-{backend}"
 
 
 def default_llamafile(root=None) -> Path:
