@@ -98,8 +98,10 @@ def _parse_blocks(text: str) -> list:
     header = url = wanted_text = None
     start = None
     for m in _TOKENS.finditer(text):
-        kind = m.lastgroup
-        value = m.group(kind)
+        # Only the `wanted:` alternative can match with no group (its hash is optional,
+        # e.g. `specified: (empty)`), so no group means an unparseable wanted value.
+        kind = m.lastgroup or "wanted"
+        value = m.group(kind) if m.lastgroup else None
         if kind == "header":
             header, url, wanted_text, start = value, None, None, m.start()
             if value.startswith(("http://", "https://", "file://")):

@@ -66,3 +66,17 @@ def test_live_nix_fod_output_parses(nix, tmp_path):
     proc = subprocess.run(["nix-build", "--no-out-link", "--expr", expr], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert got_hash(proc.stderr) == Hash.of_bytes(b"live\n")
+
+
+def test_unparseable_specified_value_still_yields_got():
+    # Seen when a FOD is written with a placeholder instead of a hash: the wanted side is
+    # not a hash, but the got side must still be read (was an IndexError).
+    text = (
+        "error: hash mismatch in fixed-output derivation '/nix/store/abc-source.drv':\n"
+        "         specified: (empty)\n"
+        "            got:    sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=\n"
+    )
+    found = nixmsg.parse(text)
+    assert len(found) == 1
+    assert found[0].got == Hash.of_bytes(b"")
+    assert found[0].wanted is None
