@@ -76,7 +76,7 @@ def test_unparseable_specified_value_still_yields_got():
         "         specified: (empty)\n"
         "            got:    sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=\n"
     )
-    found = nixmsg.parse(text)
+    found = parse(text)
     assert len(found) == 1
     assert found[0].got == Hash.of_bytes(b"")
     assert found[0].wanted is None
