@@ -414,13 +414,9 @@ class _Engine:
                 r = self._get(self.url, {"Range": "bytes=0-0"} if use_ranges else {})
             except NetworkError:
                 raise
-            except Exception as exc:  # connection refused after urllib3's retries, DNS, TLS
-                attempt += 1
-                if attempt >= 3:
-                    raise NetworkError(f"cannot reach {redact(self.url)}: {_short(exc)}",
-                                       hint="Check the URL and your network/proxy settings.") from None
-                _sleep_backoff(attempt)
-                continue
+            except Exception as exc:  # refused, DNS, TLS: urllib3's Retry has already retried
+                raise NetworkError(f"cannot reach {redact(self.url)}: {_short(exc)}",
+                                   hint="Check the URL and your network/proxy settings.") from None
             status = r.status_code
             if status in (500, 502, 503, 504, 408, 429) and attempt < 3:
                 r.close()
@@ -935,7 +931,11 @@ def _sleep_backoff(attempt: int, retry_after=None, stop: Optional[threading.Even
 
 
 def _short(exc) -> str:
+    """One readable line: the OS error inside requests/urllib3 wrappers when there is one."""
     text = str(exc) if not isinstance(exc, str) else exc
+    m = re.search(r"\[Errno -?\d+\] [^'\")\]]+", text)
+    if m:
+        return m.group(0).strip()
     text = text.splitlines()[0] if text else type(exc).__name__
     return text[:200]
 

@@ -332,3 +332,9 @@ def test_enospc_while_writing_keeps_the_partial_mocked_pwrite(server, data, tmp_
     fetch(url, tmp_path, data, connections=2)
     assert (tmp_path / "out.bin").read_bytes() == data
     assert server.bytes_sent < len(data) + 1  # resumed: what was written is not fetched again
+
+
+def test_unreachable_server_is_one_clear_line(tmp_path):
+    with pytest.raises(NetworkError) as exc:
+        fetch("http://127.0.0.1:1/x.bin", tmp_path, expected=EMPTY_SHA256)
+    assert exc.value.message == "cannot reach http://127.0.0.1:1/x.bin: [Errno 111] Connection refused"
