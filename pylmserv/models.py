@@ -489,6 +489,7 @@ def _unpack(name: str, archive_hash: Hash, home: Path) -> Tuple[Path, List[Path]
     try:
         extract(store.blob_path(archive_hash, home), staging, policy="data")
         rels = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file() and not p.is_symlink())
+        rels.sort(key=lambda rel: not _gguf_name(rel))  # models first: lookup(name).path is one
         for rel in rels:
             if _gguf_name(rel):
                 read_header(staging / rel)

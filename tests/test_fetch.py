@@ -190,6 +190,11 @@ def test_archive_is_verified_then_unpacked(home, server, model, tmp_path):
     assert r.sha256 == Hash.of_bytes(blob)
     assert r.path == home / "models" / "pack" / "pack" / "tiny.gguf" and r.path.read_bytes() == model
     assert (tmp_path / "d" / "pack" / "pack" / "README").read_bytes() == b"hi"
+    assert store.lookup("pack").path == r.path
+    # Fetched again: the archive is in the store and already unpacked; nothing is sent.
+    server.reset_counters()
+    [again] = fetch([url], sha256=Hash.of_bytes(blob).sri, progress=False)
+    assert again.path == r.path and again.bytes_downloaded == 0 and server.requests == []
 
 
 @pytest.mark.parametrize("members, links", [
