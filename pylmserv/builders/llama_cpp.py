@@ -428,16 +428,15 @@ def run_logged(argv: Sequence[str], log_file: Path, env: Mapping[str, str], time
         fh.write(f"\n$ {shlex.join(argv)}\n".encode())
         fh.flush()
         try:
-            # own process group: a timeout or Ctrl-C stops the compilers too, not just ninja
             proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=dict(env), start_new_session=(os.name == "posix"))
+                                    stdin=subprocess.DEVNULL, env=dict(env))
         except OSError as exc:
             raise ToolMissingError(f"cannot run {argv[0]}: {exc.strerror}") from None
         fired = threading.Event()
 
         def kill():
             fired.set()
-            _kill_group(proc)
+            _stop(proc)
 
         watchdog = threading.Timer(timeout, kill)
         watchdog.daemon = True
@@ -457,7 +456,7 @@ def run_logged(argv: Sequence[str], log_file: Path, env: Mapping[str, str], time
         finally:
             watchdog.cancel()
             if proc.poll() is None:
-                _kill_group(proc)
+                _stop(proc)
                 proc.wait()
     if fired.is_set():
         raise BuildError(f"{what} timed out after {timeout:.0f} s; full log: {log_file}",
@@ -468,12 +467,13 @@ def run_logged(argv: Sequence[str], log_file: Path, env: Mapping[str, str], time
                          hint="Fix the cause shown above and rerun: the build continues where it stopped.")
 
 
-def _kill_group(proc) -> None:
+def _stop(proc, grace: float = 10.0) -> None:
+    """SIGTERM first: ninja and make pass it on and stop their compilers; SIGKILL if that is ignored."""
     try:
-        if os.name == "posix":
-            os.killpg(proc.pid, 9)
-        else:
-            proc.kill()
+        proc.terminate()
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
     except OSError:
         pass
 
