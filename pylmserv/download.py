@@ -509,7 +509,14 @@ class _Engine:
             parts = self._new_parts(size)
             self._check_space(size)
             self._preallocate(size)
-            self._save_state(parts, size)
+            try:
+                self._save_state(parts, size)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                self.discard()
+                raise DiskSpaceError(f"no space left on device in {self.partial.parent}",
+                                     hint="Free some space and run the command again.") from None
         else:
             have = sum(p.done for p in parts)
             log.info("resuming %s: %d of %d bytes already here", _name(self.url), have, size)
@@ -549,7 +556,10 @@ class _Engine:
             syncer.join(30)
             bar.close()
             if self.partial.exists() and any(p.remaining for p in parts) and not isinstance(self.error, (_Restart, VerificationError)):
-                self._save_state(parts, size)
+                try:
+                    self._save_state(parts, size)
+                except OSError as exc:  # e.g. the disk is full: the last saved state still holds
+                    log.warning("could not update the resume state of %s: %s", _name(self.url), exc.strerror)
             os.close(fd)
 
     def _new_parts(self, size: int) -> List[_Part]:
@@ -774,8 +784,12 @@ class _Engine:
         data = {"version": STATE_VERSION, "url": self.url, "etag": self.probe_etag,
                 "validator": self.validator, "size": size, "parts": snapshot}
         tmp = self.state_path.with_name(f"{self.state_path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, self.state_path)
+        try:
+            tmp.write_text(json.dumps(data))
+            os.replace(tmp, self.state_path)
+        except OSError:
+            _unlink(tmp)  # the previous state stays valid: it only undercounts
+            raise
 
     def _load_state(self, probe: _Probe) -> Optional[List[_Part]]:
         try:

@@ -338,3 +338,68 @@ def test_unreachable_server_is_one_clear_line(tmp_path):
     with pytest.raises(NetworkError) as exc:
         fetch("http://127.0.0.1:1/x.bin", tmp_path, expected=EMPTY_SHA256)
     assert exc.value.message == "cannot reach http://127.0.0.1:1/x.bin: [Errno 111] Connection refused"
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A real 6 MiB tmpfs (needs mount privileges; skipped where there are none)."""
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)], capture_output=True,
+                          timeout=30)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
+
+
+def test_real_full_disk_refuses_before_downloading(server, small_fs, tmp_path):
+    big = os.urandom(8 * MB)
+    url = server.add("big.bin", big)
+    with pytest.raises(DiskSpaceError, match="not enough free space"):
+        download(url, small_fs / "out.bin", expected=Hash.of_bytes(big), tmp_dir=small_fs / "tmp", progress=False)
+    assert server.bytes_sent <= 1
+
+
+def test_real_enospc_mid_download_keeps_the_partial_for_resume(server, data, small_fs, tmp_path):
+    """The disk fills up (another writer) after the size check: ENOSPC from the kernel."""
+    import threading
+    import time
+
+    url = server.add("f.bin", data)
+    server.faults.rate = 2 * MB
+    filler = small_fs / "filler"
+
+    def fill_up_after_1_5_mb():
+        while server.bytes_sent < 1.5 * MB:
+            time.sleep(0.01)
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+        try:
+            while True:
+                os.write(fd, b"\0" * (64 << 10))
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    threading.Thread(target=fill_up_after_1_5_mb, daemon=True).start()
+    with pytest.raises(DiskSpaceError, match="kept for resume"):
+        download(url, small_fs / "out.bin", expected=Hash.of_bytes(data), tmp_dir=small_fs / "tmp",
+                 connections=2, progress=False)
+    kept = [p.name for p in (small_fs / "tmp").iterdir()]
+    assert any(n.endswith(".part") for n in kept) and any(n.endswith(".state.json") for n in kept)
+    filler.unlink()
+    last = -1
+    while server.bytes_sent != last:  # let the first run's connections wind down
+        last = server.bytes_sent
+        time.sleep(0.3)
+    server.faults.rate = None
+    server.reset_counters()
+    download(url, small_fs / "out.bin", expected=Hash.of_bytes(data), tmp_dir=small_fs / "tmp",
+             connections=2, progress=False)
+    assert (small_fs / "out.bin").read_bytes() == data
+    assert server.bytes_sent <= len(data) - MB + 1  # the saved MiB is not fetched again (+1: the probe)
