@@ -207,3 +207,22 @@ def test_step_timeout_kills_the_step_and_says_so(tmp_path):
     assert _time.monotonic() - t0 < 15
     assert not (tmp_path / "out").exists()
     assert str(log) in err.value.message
+
+
+def test_seed_compatible_build_llama_cpp_installs_under_output_dir(home, tmp_path):
+    """build_llama_cpp(output_dir, cuda=False) still works: same build, binaries in output_dir/bin."""
+    import pylmserv
+
+    config, lock = project(tmp_path)
+    req = Request()  # the default targets, as the seed built them
+    b = LlamaCppBuild(req, config=config, lock=lock)
+    (b.build_dir / "bin").mkdir(parents=True)
+    outputs = {}
+    for t in req.targets:
+        outputs[t] = b.build_dir / "bin" / t
+        outputs[t].write_text(f"stand-in {t}\n")
+    stamps.write_stamp(b.stamp_path, stamps.make_stamp(b.inputs, outputs))
+    result = pylmserv.build_llama_cpp(tmp_path / "out", cuda=False, config=config, lock=lock)
+    assert result.cache_hit and result.backend == "cpu"
+    assert result.binaries == {t: tmp_path / "out" / "bin" / t for t in req.targets}
+    assert (tmp_path / "out" / "bin" / "llama-server").read_text() == "stand-in llama-server\n"

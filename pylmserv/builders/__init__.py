@@ -232,6 +232,10 @@ class LlamaCppBuild:
             log.warning("note: %s", note)
         self.build_dir.mkdir(parents=True, exist_ok=True)
         with FileLock(str(self.build_dir) + ".lock", timeout=6 * 3600):
+            if not self.force and self.source_dir is None:
+                stamp = stamps.read_stamp(self.stamp_path)  # another process may have just finished it
+                if stamps.is_up_to_date(stamp, self.req.targets, inputs=self.inputs):
+                    return self._finish(stamp.output_paths(), cache_hit=True, notes=("built by a concurrent run",))
             stamps.remove_stamp(self.stamp_path)  # a failed build must not look done
             log_file = self.build_dir / LOG_NAME
             log_file.write_text(f"# pylmserv build llama.cpp ({self.req.backend}) {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
