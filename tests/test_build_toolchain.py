@@ -4,6 +4,7 @@ No GPU here: nvidia-smi, rocminfo, nvcc and hipcc are stand-in scripts (named so
 print what the real tools print; detection runs them for real through PATH."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 from pathlib import Path
@@ -175,6 +176,10 @@ def test_preflight_rocm_on_an_nvidia_machine(bindir, tmp_path):
 def test_preflight_cuda_toolkit_present_but_amd_gpu_is_a_warning(bindir, tmp_path):
     base_tools(bindir)
     t = _toolchain(bindir, "cuda", tmp_path / "nodrm", rocminfo=ROCMINFO_OUT, nvcc=NVCC_OUT)
+    lib = tmp_path / "cuda" / "lib64" / "libcublas.so"  # a complete toolkit: cuBLAS present
+    lib.parent.mkdir(parents=True)
+    lib.write_bytes(b"")
+    t = dataclasses.replace(t, extra={**t.extra, "cublas": tc.detect_cublas(t.extra["nvcc"], roots=[lib.parent.parent])})
     warnings = preflight("cuda", t, platform="linux")
     assert any("GPU is AMD" in w for w in warnings)
 
@@ -198,3 +203,26 @@ def test_preflight_ok_with_standins_and_ninja_warning(bindir, tmp_path):
     t = tc.Toolchain(tc.detect_cmake(env_for(bindir), use_wheel=False), tc.Tool("ninja"),
                      *tc.detect_compilers(env_for(bindir)), tc.Tool("ccache"), {})
     assert any("ninja not found" in w for w in preflight("cpu", t, platform="linux"))
+
+
+def test_cublas_found_or_missing_in_a_toolkit_tree(tmp_path):
+    """A toolkit with nvcc but no cuBLAS fails at CMake configure (seen on this machine's
+    pip-installed CUDA 13): detection finds the library or reports it missing."""
+    root = tmp_path / "cuda"
+    nvcc = standin(root / "bin", "nvcc", NVCC_OUT)
+    (root / "targets" / "x86_64-linux" / "lib").mkdir(parents=True)
+    tool = tc.Tool("nvcc", str(nvcc), (12, 5))
+    assert not tc.detect_cublas(tool, roots=[root]).found
+    lib = root / "targets" / "x86_64-linux" / "lib" / "libcublas.so"
+    lib.write_bytes(b"")
+    assert tc.detect_cublas(tool, roots=[root]).path == str(lib)
+    assert tc.cuda_roots(tool, env={"CUDA_PATH": str(root)})[0] == root
+
+
+def test_preflight_cuda_without_cublas(bindir):
+    base_tools(bindir)
+    env = env_for(bindir)
+    t = tc.Toolchain(tc.detect_cmake(env), tc.detect_ninja(env), *tc.detect_compilers(env), tc.Tool("ccache"),
+                     {"nvcc": tc.Tool("nvcc", "/opt/cuda/bin/nvcc", (13, 0)), "cublas": tc.Tool("cublas")})
+    with pytest.raises(ToolMissingError, match="cuBLAS"):
+        preflight("cuda", t, platform="linux")

@@ -372,6 +372,10 @@ def preflight(backend: str, tc, platform: str = sys.platform) -> List[str]:
         if not tc.extra["nvcc"].found:
             missing.append("nvcc, the CUDA toolkit (https://developer.nvidia.com/cuda-downloads, "
                            f"apt-get install nvidia-cuda-toolkit; {nix})")
+        elif "cublas" in tc.extra and not tc.extra["cublas"].found:
+            missing.append(f"cuBLAS (libcublas), which ggml-cuda links: {tc.extra['nvcc'].path} has no libcublas "
+                           "beside it (install the full CUDA toolkit, e.g. cuda-libraries-dev or libcublas-dev; "
+                           f"{nix})")
         mismatch = _vendor_mismatch("cuda", "nvidia", vendors)
         if mismatch:
             (missing if not tc.extra["nvcc"].found else warnings).append(mismatch)

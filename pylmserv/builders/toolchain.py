@@ -164,6 +164,33 @@ def detect_nvcc(env=None, run: Runner = default_run) -> Tool:
     return Tool("nvcc", exe, version, origin, out.strip().splitlines()[-1] if out.strip() else "")
 
 
+def cuda_roots(nvcc: Tool, env=None) -> List[Path]:
+    """Where a CUDA toolkit may live, most specific first (nvcc may be a wrapper script)."""
+    env_ = env if env is not None else os.environ
+    roots: List[Path] = []
+    for r in (env_.get("CUDA_PATH"), env_.get("CUDA_HOME")):
+        if r:
+            roots.append(Path(r))
+    if nvcc.path:
+        roots.append(Path(os.path.realpath(nvcc.path)).parent.parent)
+    roots += [Path("/usr/local/cuda"), *sorted(Path("/usr/local").glob("cuda-*"), reverse=True), Path("/opt/cuda"),
+              Path("/usr")]
+    return list(dict.fromkeys(roots))
+
+
+def detect_cublas(nvcc: Tool, env=None, roots: Optional[Sequence[Path]] = None) -> Tool:
+    """cuBLAS, which ggml-cuda links: a toolkit with nvcc but without it fails at configure."""
+    names = ("libcublas.so", "libcublas_static.a", "cublas.lib")
+    for root in (roots if roots is not None else cuda_roots(nvcc, env)):
+        libdirs = [root / "lib64", root / "lib", root / "lib" / "x64", *sorted(root.glob("targets/*/lib")),
+                   *sorted(root.glob("lib/*-linux-gnu"))]
+        for d in libdirs:
+            for n in names:
+                if (d / n).exists():
+                    return Tool("cublas", str(d / n))
+    return Tool("cublas")
+
+
 def detect_glslc(env=None, run: Runner = default_run) -> Tool:
     return probe_tool("glslc", env=env, run=run)
 
@@ -364,6 +391,7 @@ def detect_toolchain(backend: str, env=None, run: Runner = default_run, platform
     extra: Dict[str, object] = {}
     if backend == "cuda":
         extra["nvcc"] = detect_nvcc(env, run)
+        extra["cublas"] = detect_cublas(extra["nvcc"], env)
         extra["nvidia_gpus"] = detect_nvidia_gpus(env, run)
     elif backend == "rocm":
         extra["rocm"] = detect_rocm(env, run)
