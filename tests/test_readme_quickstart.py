@@ -215,9 +215,11 @@ def test_quickstart_main_job_offline_variant(tmp_path):
                 if not line:
                     break
                 seen.append(line)
-                if "web UI:" in line:
+                if "Press Ctrl-C" in line:
                     break
-            assert any("web UI:" in s for s in seen), "serve never became ready:\n" + "".join(seen[-40:])
+            assert any("Press Ctrl-C" in s for s in seen), "serve never became ready:\n" + "".join(seen[-40:])
+            assert any(f"web UI:                 http://127.0.0.1:{port}/" in s for s in seen)
+            assert not any("configuring llama.cpp" in s for s in seen)  # reused the session's build
             assert any(f"http://127.0.0.1:{port}/v1" in s for s in seen)
             servers = pids_running(str(home / "models"))
             assert servers
