@@ -465,3 +465,27 @@ def test_cli_prints_multi_line_fix(tmp_path, home, monkeypatch):
     assert any(line.startswith("[warn] binfmt_misc") for line in wine_lines)
     assert any(line.strip().startswith("hint: sudo sh -c 'echo 0 >") for line in wine_lines)
     assert any(line.strip().startswith("sudo update-binfmts --disable wine") for line in wine_lines)
+
+
+def test_standin_metal_on_macos(tmp_path):
+    bins = tmp_path / "bin"
+    st.xcode(bins)
+    checks = gpu_checks(machine(tmp_path, bins, system="Darwin"), "metal")
+    assert checks["gpu-metal"].status == OK
+    assert checks["gpu-metal"].detail == "Metal via Xcode at /Applications/Xcode.app/Contents/Developer"
+    assert checks["backend"].status == OK
+
+
+def test_standin_macos_command_line_tools_only(tmp_path):
+    bins = tmp_path / "bin"
+    st.xcode(bins, developer_dir="/Library/Developer/CommandLineTools", metal=False)
+    metal = gpu_checks(machine(tmp_path, bins, system="Darwin"))["gpu-metal"]
+    assert metal.status == OK and "no `metal` compiler" in metal.detail
+
+
+def test_macos_without_xcode_and_metal_on_linux(tmp_path):
+    mac = gpu_checks(machine(tmp_path, system="Darwin"))["gpu-metal"]
+    assert mac.status == WARN and mac.hint == "xcode-select --install"
+    linux = gpu_checks(machine(tmp_path, system="Linux"), "metal")
+    assert "gpu-metal" not in linux
+    assert linux["backend"].status == FAIL and "Metal was requested on Linux" in linux["backend"].detail

@@ -322,3 +322,26 @@ def llama_server(bin_dir: Path) -> Path:
               flush=True)
         httpd.serve_forever()
     ''')
+
+
+def xcode(bin_dir: Path, developer_dir: str = "/Applications/Xcode.app/Contents/Developer",
+          metal: bool = True) -> Tuple[Path, Path]:
+    """`xcode-select -p` and `xcrun --find metal` as macOS prints them (Command Line Tools
+    alone have no `metal`: xcrun's real error and exit status 72)."""
+    sel = _write(bin_dir, "xcode-select", f'''
+        import sys
+        if sys.argv[1:] == ["-p"]:
+            print({developer_dir!r})
+        else:
+            sys.exit(1)
+    ''')
+    tool = f"{developer_dir}/Toolchains/XcodeDefault.xctoolchain/usr/bin/metal"
+    run = _write(bin_dir, "xcrun", f'''
+        import sys
+        if sys.argv[1:] == ["--find", "metal"] and {metal!r}:
+            print({tool!r})
+        else:
+            print('xcrun: error: unable to find utility "metal", not a developer tool or in PATH', file=sys.stderr)
+            sys.exit(72)
+    ''')
+    return sel, run
