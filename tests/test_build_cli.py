@@ -226,3 +226,49 @@ def test_seed_compatible_build_llama_cpp_installs_under_output_dir(home, tmp_pat
     assert result.cache_hit and result.backend == "cpu"
     assert result.binaries == {t: tmp_path / "out" / "bin" / t for t in req.targets}
     assert (tmp_path / "out" / "bin" / "llama-server").read_text() == "stand-in llama-server\n"
+
+
+def test_sigterm_to_pylmserv_stops_cmake_ninja_and_compilers(home, tmp_path):
+    """`cmake --build` does not forward signals: pylmserv must stop the whole tree itself."""
+    import signal
+    import subprocess
+    import sys
+    import time as _time
+
+    src = tmp_path / "standin-llama"
+    src.mkdir()
+    # a configure step that waits: the tree under `cmake` is cmake -> sh -> sleep
+    (src / "CMakeLists.txt").write_text(TINY_CMAKE.replace(
+        "project(standin_llama C)", "project(standin_llama C)\nexecute_process(COMMAND sh -c \"sleep 77; true\")"))
+    (src / "util.c").write_text("int util(void) { return 42; }\n")
+    (src / "cli.c").write_text("int main(void) { return 0; }\n")
+    env = dict(os.environ, PYLMSERV_HOME=str(home), CCACHE_DISABLE="1")
+    proc = subprocess.Popen([sys.executable, "-m", "pylmserv", "build", "--source", str(src), "--target", "llama-cli"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = _time.monotonic() + 60
+        while _time.monotonic() < deadline and not _sleepers("77"):
+            _time.sleep(0.2)
+        assert _sleepers("77"), "configure never started"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "interrupted" in err
+    _time.sleep(0.5)
+    assert not _sleepers("77")
+    assert not any(home.glob("builds/*/pylmserv-stamp.json"))
+
+
+def _sleepers(arg: str):
+    out = []
+    for e in os.listdir("/proc"):
+        if e.isdigit():
+            try:
+                cmd = Path(f"/proc/{e}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if cmd[:2] == [b"sleep", arg.encode()]:
+                out.append(int(e))
+    return out

@@ -471,15 +471,45 @@ def run_logged(argv: Sequence[str], log_file: Path, env: Mapping[str, str], time
                          hint="Fix the cause shown above and rerun: the build continues where it stopped.")
 
 
-def _stop(proc, grace: float = 10.0) -> None:
-    """SIGTERM first: ninja and make pass it on and stop their compilers; SIGKILL if that is ignored."""
+def _descendants(pid: int) -> List[int]:
+    """Child processes of `pid`, recursively (Linux /proc; elsewhere none are found)."""
+    children: Dict[int, List[int]] = {}
     try:
-        proc.terminate()
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
     except OSError:
-        pass
+        return []
+    for e in entries:
+        try:
+            with open(f"/proc/{e}/stat", "rb") as fh:
+                ppid = int(fh.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(e))
+    out, stack = [], [pid]
+    while stack:
+        for c in children.get(stack.pop(), []):
+            out.append(c)
+            stack.append(c)
+    return out
+
+
+def _stop(proc, grace: float = 10.0) -> None:
+    """SIGTERM to the step and everything under it (`cmake --build` does not pass it on to
+    ninja); SIGKILL whatever still runs after `grace` seconds."""
+    import signal
+
+    pids = [proc.pid] + _descendants(proc.pid)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            pids = [proc.pid] + _descendants(proc.pid)
 
 
 _ERROR = re.compile(r"(CMake Error|error:|Error \d+|FAILED:|fatal error|undefined reference|ninja: build stopped)")

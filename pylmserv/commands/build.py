@@ -32,8 +32,15 @@ BACKENDS = ("cpu", "blas", "cuda", "rocm", "vulkan", "metal")
 @click.pass_obj
 def command(obj, what, backend, targets, cuda_arch, gpu_targets, portable, jobs, prefix, cmake_args, source_dir,
             force, dry_run, as_json):
+    import signal
+
     from ..builders import build
     from ..errors import UsageError
+
+    def terminated(signum, frame):
+        raise KeyboardInterrupt  # unwinds the build: its steps are stopped, no stamp is written
+
+    signal.signal(signal.SIGTERM, terminated)
 
     if what == "llamafile" and (targets or portable or cmake_args):
         raise UsageError("--target/--portable/--cmake-arg apply to llama.cpp only",
