@@ -800,7 +800,8 @@ class _Engine:
             return None
         ok = (data.get("version") == STATE_VERSION and data.get("url") == self.url
               and data.get("size") == probe.size and st.st_size == probe.size
-              and (data.get("etag") == probe.etag) and (probe.etag or probe.last_modified))
+              and data.get("etag") == probe.etag and data.get("validator") == self.validator
+              and self.validator)  # no strong validator: no proof it is the same file, start over
         if not ok:
             log.info("discarding a partial download of %s: the file changed or the state is stale", _name(self.url))
             self.discard()
