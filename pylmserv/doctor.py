@@ -16,7 +16,7 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Callable, List, Mapping, Optional, Sequence
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 GiB = 1 << 30
@@ -494,8 +494,6 @@ def human_size(n: float) -> str:
 
 
 def check_store(machine: Machine) -> List[Check]:
-    from . import paths
-
     root = machine.store_root or _store_root(machine)
     # The store may not exist yet: measure the nearest existing parent's filesystem.
     probe = root

@@ -12,8 +12,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
-from collections import namedtuple
 from pathlib import Path
 
 import pytest

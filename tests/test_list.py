@@ -7,8 +7,6 @@ session's real llama.cpp build.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import pytest

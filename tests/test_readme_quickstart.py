@@ -26,7 +26,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import click
 import pytest
 
 from pylmserv.cli import cli
