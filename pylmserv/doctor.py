@@ -53,7 +53,10 @@ class Machine:
 
     @classmethod
     def current(cls, **overrides) -> "Machine":
-        return cls(environ=dict(os.environ), **overrides)
+        environ = dict(os.environ)
+        if environ.get("PYLMSERV_BINFMT_DIR"):  # read binfmt_misc elsewhere (tests, containers)
+            overrides.setdefault("binfmt_dir", Path(environ["PYLMSERV_BINFMT_DIR"]))
+        return cls(environ=environ, **overrides)
 
     @property
     def path(self) -> str:

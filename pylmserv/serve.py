@@ -187,13 +187,17 @@ def pick_server_binary(engine: str, result) -> Path:
                         hint=f"Rebuild with `pylmserv build {engine} --target {wanted[0]}`.")
 
 
-def _needs_shell(binary: Path) -> bool:
+BINFMT_DIR_ENV = "PYLMSERV_BINFMT_DIR"  # where binfmt_misc is read (default /proc/sys/fs/binfmt_misc)
+
+
+def _needs_shell(binary: Path, binfmt_dir: Optional[Path] = None) -> bool:
     """An APE (a llamafile) that execve() would hand to WINE or refuse (Linux binfmt_misc)."""
     if not sys.platform.startswith("linux"):
         return False
     from .builders import binfmt
 
-    return binfmt.is_ape(binary) and not binfmt.read_binfmt().direct_exec_ok
+    directory = binfmt_dir or os.environ.get(BINFMT_DIR_ENV) or None
+    return binfmt.is_ape(binary) and not binfmt.read_binfmt(directory).direct_exec_ok
 
 
 def server_command(server: Path, model_path: Path, opts: ServeOptions) -> List[str]:

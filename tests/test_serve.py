@@ -251,3 +251,49 @@ def test_standin_stubborn_server_is_killed(standin, tmp_path):
     assert time.monotonic() - t0 >= 0.9  # it did wait for a clean exit first
     assert not server.group_alive()
     assert wait_for(lambda: not alive(server.pid) and not alive(child), timeout=5)
+
+
+# -- llamafile engine: APE files and binfmt_misc --------------------------------------------
+
+def test_standin_llamafile_runs_through_sh_when_binfmt_cannot(tmp_path, model):
+    """With no APE rule in binfmt_misc (a fabricated, empty one), an APE llamafile cannot be
+    exec'd directly (ENOEXEC): serve starts it through /bin/sh and it serves."""
+    binfmt = tmp_path / "binfmt"
+    binfmt.mkdir()
+    (binfmt / "status").write_text("enabled\n")
+    (binfmt / "register").write_text("")
+    llamafile = st.ape_llamafile(tmp_path / "lf")
+    with pytest.raises(OSError):  # what a direct exec does here: ENOEXEC
+        subprocess.run([str(llamafile)], timeout=10)
+    proc, port, record = start_serve(llamafile, model, tmp_path, "--engine", "llamafile",
+                                     env={"PYLMSERV_BINFMT_DIR": str(binfmt)})
+    try:
+        read_ready(proc)
+        state = json.loads(record.read_text())
+        got = (tmp_path / "record.json.llamafile-args").read_text().split("\n")
+        assert got[:4] == ["--server", "--nobrowser", "-m", str(model)]  # llamafile's own server mode
+        assert state["argv"][1:3] == ["-m", str(model)]
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130
+    assert wait_for(lambda: not alive(state["pid"]), timeout=5)
+
+
+def test_needs_shell_follows_binfmt(tmp_path):
+    from pylmserv.serve import _needs_shell
+
+    llamafile = st.ape_llamafile(tmp_path / "lf")
+    ape = tmp_path / "ape"
+    ape.mkdir()
+    (ape / "status").write_text("enabled\n")
+    (ape / "APE").write_text("enabled\ninterpreter /usr/bin/ape\nflags: \noffset 0\nmagic 4d5a71467044\n")
+    wine = tmp_path / "wine"
+    wine.mkdir()
+    (wine / "status").write_text("enabled\n")
+    (wine / "wine").write_text("enabled\ninterpreter /usr/bin/wine\nflags: \noffset 0\nmagic 4d5a\n")
+    assert _needs_shell(llamafile, ape) is False
+    assert _needs_shell(llamafile, wine) is True
+    assert _needs_shell(tmp_path / "lf" / "inner" / "llama-server", wine) is False  # not an APE

@@ -345,3 +345,19 @@ def xcode(bin_dir: Path, developer_dir: str = "/Applications/Xcode.app/Contents/
             sys.exit(72)
     ''')
     return sel, run
+
+
+def ape_llamafile(bin_dir: Path) -> Path:
+    """A stand-in llamafile: like a real APE it starts with `MZqFpD='` (a DOS header that is
+    also a shell assignment), has no #! line, and runs as a shell script. Here the script
+    execs the stand-in llama-server, dropping llamafile's --server/--nobrowser."""
+    server = llama_server(bin_dir / "inner")
+    path = bin_dir / "standin.llamafile"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"MZqFpD='\n\x00\x00binary-looking bytes, as in a real APE header\n'\n"
+                     b"# STAND-IN llamafile (tests only)\n"
+                     b"[ -n \"$STANDIN_RECORD\" ] && printf '%s\\n' \"$@\" > \"$STANDIN_RECORD.llamafile-args\"\n"
+                     b"[ \"$1\" = --server ] && shift; [ \"$1\" = --nobrowser ] && shift\n"
+                     + f"exec {server} \"$@\"\n".encode())
+    path.chmod(0o755)
+    return path
