@@ -408,3 +408,11 @@ def test_real_enospc_mid_download_keeps_the_partial_for_resume(server, data, sma
              connections=2, progress=False)
     assert (small_fs / "out.bin").read_bytes() == data
     assert server.bytes_sent == len(data) - saved + 1  # what was saved is not fetched again (+1: the probe)
+
+
+def test_chunked_body_of_unknown_size(server, data, tmp_path):
+    url = server.add("f.bin", data)
+    server.faults.chunked = True
+    r = fetch(url, tmp_path, expected=Hash.of_bytes(data), connections=8)
+    assert r.size == len(data) and (tmp_path / "out.bin").read_bytes() == data
+    assert len(server.requests) == 1  # the probe's 200 stream was the download

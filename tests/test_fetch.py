@@ -253,3 +253,41 @@ def test_url_trusted_on_first_use_needs_a_writable_lock_and_records_it(home, ser
     # Now pinned: a plain fetch of the URL uses the recorded hash.
     [again] = fetch([url], lock=lock, progress=False)
     assert again.bytes_downloaded == 0
+
+
+def test_progress_bar_on_a_terminal(home, server, model, tmp_path):
+    """stderr on a real pseudo-terminal: tqdm draws a bar (aggregate of all connections)."""
+    import pty
+    import subprocess
+    import sys
+
+    url = server.add("tiny.gguf", model)
+    server.faults.rate = 1 << 20
+    import fcntl
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100x24 terminal
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pylmserv", "fetch", url, "--sha256", Hash.of_bytes(model).hex],
+                              stdout=subprocess.PIPE, stderr=slave, timeout=120, cwd=tmp_path,
+                              env={**os.environ, "PYLMSERV_HOME": str(home)})
+        os.close(slave)
+        slave = None
+        out = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        if slave is not None:
+            os.close(slave)
+        os.close(master)
+    assert proc.returncode == 0
+    text = out.decode(errors="replace")
+    assert "tiny.gguf:" in text and "100%" in text and "|" in text

@@ -17,6 +17,7 @@ Faults (all off by default):
   stall_after / stall_times / stall_seconds
                              stop sending after N body bytes for S seconds, K times
   fail_status / fail_times   answer the next K requests with this status (503)
+  chunked                    200, Transfer-Encoding: chunked, no length, no ranges, no ETag
   signed_ttl                 /signed/PATH redirects to /s/TOKEN/PATH; a token is valid
                              for this many requests, then 403 (an expired signed URL)
 Other routes: /redirect/PATH -> 302 to PATH on `redirect_base` (another server = a CDN).
@@ -56,6 +57,7 @@ class Faults:
     no_etag: bool = False
     fail_status: int = 503
     fail_times: int = 0
+    chunked: bool = False
 
 
 @dataclass
@@ -192,6 +194,8 @@ def _handler_for(server: FaultServer):
             if f.empty:
                 return self._simple(req, 200, b"")
             size = len(data) if isinstance(data, bytes) else Path(data).stat().st_size
+            if f.chunked:
+                return self._chunked(req, data if isinstance(data, bytes) else Path(data).read_bytes())
             rng = self.headers.get("Range")
             if_range = self.headers.get("If-Range")
             start, end, status = 0, size - 1, 200
@@ -305,6 +309,18 @@ def _handler_for(server: FaultServer):
                         return
                     pos += n
                     self._count(req, n)
+
+        def _chunked(self, req: Request, data: bytes) -> None:
+            req.status = 200
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for pos in range(0, len(data), 100_000):
+                piece = data[pos:pos + 100_000]
+                self.wfile.write(b"%x\r\n" % len(piece) + piece + b"\r\n")
+                self._count(req, len(piece))
+            self.wfile.write(b"0\r\n\r\n")
 
         def _count(self, req: Request, n: int) -> None:
             with self.srv.lock:
