@@ -409,9 +409,14 @@ def _fetch_plan(plan: _Plan, project, dest, connections, offline, progress, home
         if len(got) > 1:
             store.set_order(plan.name, [f.filename for f, _, _ in got], home=home)
         if len(files) > 1 or _split(files[0]):
+            from .errors import VerificationError
             from .gguf import check_split_set
 
-            check_split_set(files)
+            try:
+                check_split_set(files)
+            except VerificationError:
+                shutil.rmtree(store.entry_dir(plan.name, home), ignore_errors=True)  # no half-valid entry
+                raise
         path = files[0]
         total = sum(size for _, _, size in got)
     if plan.record is not None:
@@ -456,12 +461,12 @@ def _ensure_blob(f: _File, connections, offline, progress, home, check_gguf: boo
                 read_header(staged)
             blob = store.install_blob(staged, result.sha256, home)
         finally:
-            store_unlink(staged)
+            _unlink(staged)
     log.info("%s: verified sha256 %s (%d bytes) -> %s", f.filename, result.sha256.hex, result.size, blob)
     return result.sha256, result.size, result.bytes_downloaded
 
 
-def store_unlink(path: Path) -> None:
+def _unlink(path: Path) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:

@@ -291,3 +291,15 @@ def test_progress_bar_on_a_terminal(home, server, model, tmp_path):
     assert proc.returncode == 0
     text = out.decode(errors="replace")
     assert "tiny.gguf:" in text and "100%" in text and "|" in text
+
+
+def test_split_set_from_mixed_sets_leaves_no_entry(home, server, tmp_path):
+    names = [f"mix-{i:05d}-of-00002.gguf" for i in (1, 2)]
+    first = server.add(names[0], write_gguf(tmp_path / names[0], split=(0, 2)).read_bytes())
+    server.add(names[1], write_gguf(tmp_path / names[1], split=(1, 3)).read_bytes())  # from another set
+    config, lock = make_project(tmp_path, {"mix": first}, {})
+    before = lock.read_text()
+    with pytest.raises(VerificationError, match="split.count=3"):
+        fetch(["mix"], config=config, lock=lock, trust_on_first_use=True, progress=False)
+    assert not (home / "models" / "mix").exists() and store.lookup("mix") is None
+    assert lock.read_text() == before
