@@ -155,6 +155,7 @@ def existing_build_targets(backend: str, config: Optional[Path] = None, lock: Op
     Calling build() with those targets is then a cache hit: no second build for `serve`.
     """
     from .builders import stamp as stamps
+    from .builders.llama_cpp import MAPPING_VERSION
     from .config import load_project
     from .paths import home
 
@@ -166,6 +167,8 @@ def existing_build_targets(backend: str, config: Optional[Path] = None, lock: Op
     for stamp_file in builds.glob(f"llama.cpp-{backend}-*/{stamps.STAMP_NAME}"):
         stamp = stamps.read_stamp(stamp_file)
         if stamp is None or stamp.inputs.get("source") != entry.hash.sri or "llama-server" not in stamp.outputs:
+            continue
+        if stamp.inputs.get("mapping") != MAPPING_VERSION:  # made by an older pylmserv: would rebuild anyway
             continue
         if not all(r.still_there() for r in stamp.outputs.values()):
             continue

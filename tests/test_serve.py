@@ -297,3 +297,36 @@ def test_needs_shell_follows_binfmt(tmp_path):
     assert _needs_shell(llamafile, ape) is False
     assert _needs_shell(llamafile, wine) is True
     assert _needs_shell(tmp_path / "lf" / "inner" / "llama-server", wine) is False  # not an APE
+
+
+def test_existing_build_targets_picks_a_current_build_with_llama_server(tmp_path, home):
+    """serve reuses any up-to-date build of the locked source that has llama-server."""
+    from pylmserv.builders import stamp as stamps
+    from pylmserv.builders.llama_cpp import MAPPING_VERSION
+    from pylmserv.config import load_project
+    from pylmserv.serve import existing_build_targets
+
+    repo = Path(__file__).resolve().parent.parent
+    source = load_project(repo / "pylmserv.toml").lock.sources["llama-cpp"].hash.sri
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("llama-cli", "llama-server", "llama-bench"):
+        (out / name).write_bytes(b"\x7fELF")
+
+    def stamp(key, mapping, src, targets):
+        inputs = {"engine": "llama.cpp", "mapping": mapping, "source": src, "backend": "cpu", "targets": targets}
+        d = home / "builds" / f"llama.cpp-cpu-{key}"
+        d.mkdir(parents=True)
+        stamps.write_stamp(d / stamps.STAMP_NAME, stamps.make_stamp(inputs, {t: out / t for t in targets}))
+
+    cfg = repo / "pylmserv.toml"
+    assert existing_build_targets("cpu", cfg) is None
+    stamp("a", MAPPING_VERSION, "sha256-" + "A" * 43 + "=", ["llama-cli", "llama-server"])  # other source
+    stamp("b", MAPPING_VERSION - 1, source, ["llama-server", "llama-bench"])  # older mapping
+    stamp("c", MAPPING_VERSION, source, ["llama-cli"])  # no server
+    assert existing_build_targets("cpu", cfg) is None
+    stamp("d", MAPPING_VERSION, source, ["llama-cli", "llama-server"])
+    assert existing_build_targets("cpu", cfg) == ("llama-cli", "llama-server")
+    assert existing_build_targets("cuda", cfg) is None
+    (out / "llama-cli").unlink()  # an output gone: not up to date any more
+    assert existing_build_targets("cpu", cfg) is None
