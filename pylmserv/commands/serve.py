@@ -42,7 +42,7 @@ def _complete_models(ctx, param, incomplete):
 @click.option("--offline", is_flag=True, envvar="HF_HUB_OFFLINE", help="Use only models already in the store.")
 @click.option("--log", "log_path", type=click.Path(path_type=Path),
               help="Server log file (default: <store>/logs/llama-server-PORT.log; -v shows it live instead).")
-@click.option("--json", "as_json", is_flag=True, help="When ready, print {url, api, pid, model} as one JSON line on stdout.")
+@click.option("--json", "as_json", is_flag=True, help="When ready, print {url, api, model} as one JSON line on stdout.")
 @click.pass_obj
 def command(g, model, extra_args, backend, engine, host, port, ngl, public, api_key, server_bin, health_timeout,
             offline, log_path, as_json):
