@@ -144,9 +144,13 @@ def _offline_step(words, root_without_sudo: bool):
 
 
 def _copy_checkout(dest: Path) -> Path:
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.split("\n")
-    for rel in filter(None, files):
+    """A fresh copy of the checkout: tracked and untracked-but-not-ignored files."""
+    proc = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:  # not a git checkout (e.g. an unpacked tarball): copy the tree
+        skip = shutil.ignore_patterns(".git", ".venv", "__pycache__", "*.egg-info", "build", ".pytest_cache")
+        shutil.copytree(REPO, dest, ignore=skip)
+        return dest
+    for rel in filter(None, proc.stdout.split("\n")):
         src = REPO / rel
         if src.is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
