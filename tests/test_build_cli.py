@@ -187,7 +187,6 @@ def test_failure_keeps_log_no_stamp_then_rerun_is_incremental(home, tmp_path):
 
 def test_step_timeout_kills_the_step_and_says_so(tmp_path):
     """A silent step past its timeout is stopped (with its children) and reported with the log path."""
-    import sys
     import time as _time
 
     from pylmserv.builders.llama_cpp import run_logged

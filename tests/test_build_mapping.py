@@ -6,8 +6,6 @@ declared (the pre-b3173 LLAMA_* names, the LLAMA_CURL/WEBUI era)."""
 from __future__ import annotations
 
 import tarfile
-from pathlib import Path
-
 import pytest
 
 from pylmserv.builders.llama_cpp import (CMAKE_FILES, Detected, Request, builtin_features, make_commands,

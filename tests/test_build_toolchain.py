@@ -5,7 +5,6 @@ print what the real tools print; detection runs them for real through PATH."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import stat
 from pathlib import Path
 

@@ -16,12 +16,11 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import BuildError, ToolMissingError, UsageError
-from . import stamp as stamps
 
 log = logging.getLogger("pylmserv.build")
 
