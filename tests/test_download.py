@@ -293,10 +293,16 @@ def test_progress_logs_a_line_when_not_a_terminal(caplog):
     from pylmserv.progress import Progress
 
     caplog.set_level(logging.INFO, logger="pylmserv.progress")
-    bar = Progress("m.gguf", 4 * MB, stream=io.StringIO(), interval=0.0)
-    bar.update(MB)
-    bar.update(MB)
-    bar.close()
+    # Attach directly: an earlier in-process CLI run stops "pylmserv" propagating to root.
+    logger = logging.getLogger("pylmserv.progress")
+    logger.addHandler(caplog.handler)
+    try:
+        bar = Progress("m.gguf", 4 * MB, stream=io.StringIO(), interval=0.0)
+        bar.update(MB)
+        bar.update(MB)
+        bar.close()
+    finally:
+        logger.removeHandler(caplog.handler)
     lines = [r.getMessage() for r in caplog.records if r.name == "pylmserv.progress"]
     assert lines and lines[-1].startswith("m.gguf: 2.0/4.0 MiB (50%)")
 
