@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
+from . import gguf
 from .errors import PylmservError, UsageError, VerificationError
 
 log = logging.getLogger("pylmserv.pack")
@@ -31,7 +32,6 @@ try:  # zlib-ng's CRC-32 uses PCLMULQDQ/VPCLMULQDQ: ~20x zlib's, so the checksum
 except ImportError:  # pragma: no cover - same result, just slower
     from zlib import crc32
 
-GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGN = 65536
 CHUNK = 1 << 20  # copy buffer: constant memory whatever the model size
 WINDOWS_EXE_LIMIT = 1 << 32  # Windows refuses to run executables of 4 GiB or more
@@ -328,7 +328,7 @@ def _check_model(model: Path) -> None:
     _check_readable(model, "model")
     with open(model, "rb") as f:
         magic = f.read(4)
-    if magic != GGUF_MAGIC:
+    if magic != gguf.MAGIC:
         raise UsageError(f"{model} is not a GGUF model (starts with {magic!r}, expected b'GGUF')",
                          hint="Pass the .gguf file as MODEL; other files can follow it as extra files.")
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, Mapping, Optional
 
+from ..fsutil import atomic_write_text
+
 STAMP_VERSION = 1
 STAMP_NAME = "pylmserv-stamp.json"
 
@@ -103,12 +105,7 @@ def read_stamp(path: Path) -> Optional[Stamp]:
 def write_stamp(path: Path, stamp: Stamp) -> Path:
     """Atomic: a killed write leaves either the old stamp or none, never half a stamp."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(stamp.to_json())
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, stamp.to_json())
     return path
 
 
