@@ -16,17 +16,16 @@ import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Iterable, List, Optional, Sequence, Tuple, Union
 from urllib.parse import quote, unquote, urlsplit
 
-from . import store
+from . import hub, store
 from .config import ARCHIVE_SUFFIXES, LockEntry, Project
 from .errors import NetworkError, UsageError
 from .hashing import Hash
 
 log = logging.getLogger("pylmserv.models")
 
-HUB = "https://huggingface.co"
 OFFLINE_ENV = ("HF_HUB_OFFLINE", "PYLMSERV_OFFLINE")
 
 
@@ -129,31 +128,6 @@ def _load_project(config, lock, items) -> Optional[Project]:
         return None  # plain URLs work without any catalog
 
 
-def hub_endpoint() -> str:
-    return (os.environ.get("HF_ENDPOINT") or HUB).rstrip("/")
-
-
-def hub_headers(url: str) -> Dict[str, str]:
-    """Authorization for the Hub host only (download() drops it on other hosts)."""
-    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
-    if token and _origin(url) == _origin(hub_endpoint()):
-        return {"Authorization": f"Bearer {token}"}
-    return {}
-
-
-def _origin(url: str) -> tuple:
-    p = urlsplit(url)
-    return p.scheme, (p.hostname or "").lower(), p.port or {"http": 80, "https": 443}.get(p.scheme)
-
-
-def _on_hub_endpoint(url: str) -> str:
-    """Lock URLs name huggingface.co; HF_ENDPOINT (a mirror, a test stand-in) takes over."""
-    endpoint = hub_endpoint()
-    if endpoint != HUB and url.startswith(HUB + "/"):
-        return endpoint + url[len(HUB):]
-    return url
-
-
 def _filename_of(url: str) -> str:
     return unquote(urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1]) or "download"
 
@@ -201,7 +175,7 @@ def _plan(item: str, project: Optional[Project], sha256: Optional[Hash], tofu: b
         raise UsageError(f"unknown model {item!r}",
                          hint="Known names: " + ", ".join(names) if names else "The catalog has no models.")
     if spec.sha256 is not None:
-        url = _on_hub_endpoint(spec.resolve_url())
+        url = hub.on_endpoint(spec.resolve_url())
         return _Plan(item, _url_files(url, spec.filename, spec.sha256, spec.size, tofu), _is_archive(spec.filename))
     if not tofu:
         raise UsageError(f"model {item!r} is in {project.config.path.name if project.config.path else 'the config'} "
@@ -257,13 +231,13 @@ def _plan_lock(name: str, entry: LockEntry) -> _Plan:
         raise UsageError(f"models.{name}: mode {entry.mode!r} is not supported for models",
                          hint="Model pins are flat sha256 hashes of the file.")
     filename = _filename_of(entry.get("file") or entry.url)
-    files = [_File(_on_hub_endpoint(entry.url), filename, entry.hash, entry.size)]
+    files = [_File(hub.on_endpoint(entry.url), filename, entry.hash, entry.size)]
     shards = entry.get("shards")
     if isinstance(shards, list):
         for shard in shards:
             try:
                 url = shard["url"]
-                files.append(_File(_on_hub_endpoint(url), _filename_of(shard.get("file") or url),
+                files.append(_File(hub.on_endpoint(url), _filename_of(shard.get("file") or url),
                                    Hash.parse(shard["hash"]), shard.get("size")))
             except (KeyError, TypeError, UsageError):
                 raise UsageError(f"models.{name}: malformed shards list in the lock",
@@ -312,10 +286,13 @@ def _plan_hf(item: str, project: Optional[Project], tofu: bool, offline: bool) -
                          hint="Run once without --offline / HF_HUB_OFFLINE, or pin it in pylmserv.lock.")
     from .gguf import split_names
 
-    commit = _hub_commit(repo, revision)
+    commit = hub.resolve_commit(repo, revision, item)
     directory = path.rsplit("/", 1)[0] + "/" if "/" in path else ""
     wanted = [directory + n for n in split_names(filename)]
-    info = _hub_paths_info(repo, commit, wanted)
+    info = hub.file_info(repo, commit, wanted, item)
+    if info is None:
+        raise NetworkError(f"{item}: the Hub answered neither paths-info nor tree for {repo}",
+                           hint="Check HF_ENDPOINT: it must be a Hugging Face Hub (or a mirror with its API).")
     files = []
     for p in wanted:
         meta = info.get(p)
@@ -329,65 +306,12 @@ def _plan_hf(item: str, project: Optional[Project], tofu: bool, offline: bool) -
             raise UsageError(f"{repo}/{p}: the Hub publishes no sha256 for it (not an LFS file)",
                              hint="Pass --trust-on-first-use to record the hash of what is downloaded now.")
         size = lfs.get("size", meta.get("size"))
-        url = f"{hub_endpoint()}/{repo}/resolve/{quote(commit, safe='')}/{quote(p)}"
+        url = f"{hub.endpoint()}/{repo}/resolve/{quote(commit, safe='')}/{quote(p)}"
         files.append(_File(url, p.rsplit("/", 1)[-1], expected, int(size) if size is not None else None))
-    canonical = f"{HUB}/{repo}/resolve/{quote(commit, safe='')}/{quote(path)}"
+    canonical = f"{hub.HUB}/{repo}/resolve/{quote(commit, safe='')}/{quote(path)}"
     record = LockEntry("models", name, canonical, Hash("sha256", bytes(32)), "flat", rev=commit,
                        extra={"hf": repo, "file": path}) if tofu else None
     return _Plan(name, files, _is_archive(filename), record=record)
-
-
-def _hub_session():
-    import requests
-
-    from . import __version__
-
-    s = requests.Session()
-    s.headers["User-Agent"] = f"pylmserv/{__version__}"
-    return s
-
-
-def _hub_commit(repo: str, revision: str) -> str:
-    if len(revision) == 40 and all(c in "0123456789abcdef" for c in revision):
-        return revision
-    url = f"{hub_endpoint()}/api/models/{repo}/revision/{quote(revision, safe='')}"
-    data = _hub_json("GET", url)
-    sha = data.get("sha") if isinstance(data, dict) else None
-    if not isinstance(sha, str) or len(sha) != 40:
-        raise NetworkError(f"{repo}: the Hub did not resolve revision {revision!r}", hint="Check the revision name.")
-    return sha
-
-
-def _hub_paths_info(repo: str, commit: str, paths: List[str]) -> Dict[str, dict]:
-    url = f"{hub_endpoint()}/api/models/{repo}/paths-info/{commit}"
-    data = _hub_json("POST", url, data={"paths": paths, "expand": "true"})
-    if not isinstance(data, list):
-        raise NetworkError(f"{repo}: unexpected paths-info answer from the Hub")
-    return {d.get("path"): d for d in data if isinstance(d, dict) and d.get("type", "file") == "file"}
-
-
-def _hub_json(method: str, url: str, data=None):
-    import requests
-
-    from .download import redact
-
-    try:
-        r = _hub_session().request(method, url, data=data, headers=hub_headers(url), timeout=30)
-    except requests.exceptions.RequestException as exc:
-        raise NetworkError(f"cannot reach the Hub at {redact(url)}: {str(exc).splitlines()[0][:200]}",
-                           hint="Check the network, or set HF_ENDPOINT to a reachable mirror.") from None
-    if r.status_code in (401, 403):
-        raise NetworkError(f"HTTP {r.status_code} from {redact(url)}",
-                           hint="The repository is gated or private: set HF_TOKEN to a token with access.")
-    if r.status_code == 404:
-        raise NetworkError(f"HTTP 404 from {redact(url)}", hint="Check the repository name and revision.")
-    if r.status_code != 200:
-        raise NetworkError(f"HTTP {r.status_code} from {redact(url)}", hint="Try again later.")
-    try:
-        return r.json()
-    except ValueError:
-        raise NetworkError(f"{redact(url)} did not answer JSON (a proxy page?)",
-                           hint="Check proxy settings and HF_ENDPOINT.") from None
 
 
 # -- fetching ------------------------------------------------------------------------------
@@ -454,7 +378,7 @@ def _ensure_blob(f: _File, connections, offline, progress, home, check_gguf: boo
         staged = store.temp_path(f.filename, home)
         try:
             result = download(f.url, staged, expected=f.expected, size=f.size, connections=connections,
-                              headers=hub_headers(f.url), progress=progress, tmp_dir=store.tmp_dir(home))
+                              headers=hub.auth_headers(f.url), progress=progress, tmp_dir=store.tmp_dir(home))
             if check_gguf and _gguf_name(f.filename):
                 from .gguf import read_header
 
@@ -596,7 +520,7 @@ def _tofu_lock_path(project: Optional[Project]) -> Path:
 
 
 def _canonical_url(url: str) -> str:
-    endpoint = hub_endpoint()
-    if endpoint != HUB and url.startswith(endpoint + "/"):
-        return HUB + url[len(endpoint):]
+    endpoint = hub.endpoint()
+    if endpoint != hub.HUB and url.startswith(endpoint + "/"):
+        return hub.HUB + url[len(endpoint):]
     return url

@@ -70,7 +70,8 @@ def test_hf_missing_file_and_revision(home, hub, tmp_path):
     hub.add_file("org/repo", "m.gguf", write_gguf(tmp_path / "m.gguf").read_bytes(), lfs=True)
     with pytest.raises(NetworkError, match="no file nope.gguf"):
         fetch(["hf://org/repo/nope.gguf"], progress=False)
-    with pytest.raises(NetworkError, match="404"):
+    # A revision that does not exist is bad input (exit 2), as in `pylmserv prefetch`.
+    with pytest.raises(UsageError, match="org/repo has no revision 'no-such-branch'"):
         fetch(["hf://org/repo/m.gguf@no-such-branch"], progress=False)
 
 
