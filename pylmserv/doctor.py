@@ -166,11 +166,6 @@ def tool_presence(machine: Machine, name: str, why: str, hint: str, missing: str
     return Check(name, OK, f"{exe}" + (f": {version}" if version else ""))
 
 
-def _parse_version(text: str) -> Optional[tuple]:
-    m = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", text)
-    return tuple(int(x or 0) for x in m.groups()) if m else None
-
-
 # -- build tools (cmake, ninja, compilers, ccache) ----------------------------------
 
 def check_build_tools(machine: Machine) -> List[Check]:

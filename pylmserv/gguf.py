@@ -77,10 +77,6 @@ def _bad(path: Path, why: str) -> VerificationError:
                                   "check the URL and the pinned hash.")
 
 
-def is_gguf_name(name: str) -> bool:
-    return name.lower().endswith(".gguf")
-
-
 def read_header(path: Path) -> GGUFHeader:
     """Parse and sanity-check the GGUF header of `path`; VerificationError if it is not one."""
     path = Path(path)

@@ -13,7 +13,6 @@ import hashlib
 import os
 import stat
 import struct
-from pathlib import Path
 from typing import Callable, Optional, Union
 
 from .errors import UsageError
@@ -109,9 +108,3 @@ def hash_path(path: PathLike, mode: Optional[str] = None, algo: str = "sha256") 
     if mode == "flat":
         return file_hash(path, algo)
     raise UsageError(f"unknown hash mode {mode!r}", hint="Use --mode nar or --mode flat.")
-
-
-def write_nar(path: PathLike, out: Path) -> None:
-    """Write the NAR of `path` to the file `out` (for tests and debugging)."""
-    with open(out, "wb") as f:
-        dump(path, f.write)

@@ -126,10 +126,6 @@ def install_blob(verified_file: Path, h: Hash, home: Optional[Path] = None) -> P
     return target
 
 
-def remove_blob(h: Hash, home: Optional[Path] = None) -> None:
-    _unlink(blob_path(h, home))
-
-
 def blobs(home: Optional[Path] = None) -> List[Tuple[Hash, Path, int]]:
     base = (home or root()) / "blobs" / "sha256"
     out = []
@@ -266,18 +262,6 @@ def lookup(name: str, home: Optional[Path] = None) -> Optional[NamedEntry]:
     if not out:
         return None
     return NamedEntry(name, tuple(out), directory)
-
-
-def named_entries(home: Optional[Path] = None) -> List[NamedEntry]:
-    base = (home or root()) / "models"
-    out = []
-    if base.is_dir():
-        for d in sorted(base.iterdir()):
-            if d.is_dir() and not d.name.startswith("."):
-                entry = lookup(d.name, home)
-                if entry is not None:
-                    out.append(entry)
-    return out
 
 
 def _unlink(path: Path) -> None:
