@@ -408,24 +408,17 @@ def _append_file(out, name: str, path: Path, align: int) -> PackedEntry:
     with open(path, "rb", buffering=0) as src:  # unbuffered: _regions moves the fd offset with lseek
         size = os.fstat(src.fileno()).st_size
         at, data_at, crc_pos = _begin_entry(out, name, size, align)
-        view = memoryview(bytearray(CHUNK))
         value = 0
-        for start, end, is_hole in _regions(src.fileno(), 0, size):
-            if is_hole:
+        shrank = lambda: PackError(f"{path} shrank while it was being packed",  # noqa: E731
+                                   hint="Do not modify it while packing.")
+        for piece in _pieces(src, 0, size, shrank):
+            if isinstance(piece, int):
                 # A hole in a sparse input stays a hole in the output: seek, don't write zeros.
-                value = _crc_zeros(end - start, value)
-                out.seek(end - start, os.SEEK_CUR)
-                continue
-            src.seek(start)
-            pos = start
-            while pos < end:
-                n = src.readinto(view[:min(CHUNK, end - pos)])
-                if not n:
-                    raise PackError(f"{path} shrank while it was being packed", hint="Do not modify it while packing.")
-                chunk = view[:n]
-                value = crc32(chunk, value)
-                out.write(chunk)
-                pos += n
+                value = _crc_zeros(piece, value)
+                out.seek(piece, os.SEEK_CUR)
+            else:
+                value = crc32(piece, value)
+                out.write(piece)
     log.debug("packed %s: %d bytes at %d", name, size, data_at)
     return _finish_entry(out, name, at, data_at, crc_pos, size, value)
 
@@ -443,22 +436,28 @@ _ZEROS = memoryview(bytes(CHUNK))
 
 def _crc_of_range(f, start: int, end: int, path: Path, name: str) -> int:
     """CRC-32 of f[start:end], reading only data regions (holes are zeros)."""
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
     crc = 0
+    for piece in _pieces(f, start, end, lambda: VerificationError(f"{path}: {name} is truncated")):
+        crc = _crc_zeros(piece, crc) if isinstance(piece, int) else crc32(piece, crc)
+    return crc
+
+
+def _pieces(f, start: int, end: int, short_read):
+    """f[start:end] as hole lengths (int) and data chunks (a reused memoryview: use it at
+    once); `short_read()` is the error raised when the file ends early."""
+    view = memoryview(bytearray(CHUNK))
     for a, b, is_hole in _regions(f.fileno(), start, end):
         if is_hole:
-            crc = _crc_zeros(b - a, crc)
+            yield b - a
             continue
         f.seek(a)
         pos = a
         while pos < b:
             n = f.readinto(view[:min(CHUNK, b - pos)])
             if not n:
-                raise VerificationError(f"{path}: {name} is truncated")
-            crc = crc32(view[:n], crc)
+                raise short_read()
+            yield view[:n]
             pos += n
-    return crc
 
 
 def _regions(fd: int, start: int, size: int):
