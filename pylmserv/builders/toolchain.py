@@ -92,29 +92,24 @@ def _wheel_bin(module: str, attr: str) -> Optional[Path]:
 
 def detect_cmake(env=None, run: Runner = default_run, use_wheel: bool = True) -> Tool:
     """System cmake if new enough, else the `cmake` wheel from PyPI (pip install cmake)."""
-    tool = probe_tool("cmake", env=env, run=run)
-    if tool.found and tool.version and tool.version >= MIN_CMAKE:
-        return tool
-    if use_wheel:
-        bindir = _wheel_bin("cmake", "CMAKE_BIN_DIR")
-        exe = bindir / ("cmake.exe" if sys.platform == "win32" else "cmake") if bindir else None
-        if exe and exe.exists():
-            wheel = probe_tool("cmake", env=env, run=run, exe=str(exe), origin="pip-wheel")
-            if wheel.version and wheel.version >= MIN_CMAKE:
-                return wheel
-    return tool
+    return _system_or_wheel("cmake", "cmake", "CMAKE_BIN_DIR", MIN_CMAKE, MIN_CMAKE, env, run, use_wheel)
 
 
 def detect_ninja(env=None, run: Runner = default_run, use_wheel: bool = True) -> Tool:
-    tool = probe_tool("ninja", env=env, run=run)
-    if tool.found and tool.version and tool.version >= MIN_NINJA:
+    # Any ninja wheel will do: the wheels are all newer than MIN_NINJA.
+    return _system_or_wheel("ninja", "ninja", "BIN_DIR", MIN_NINJA, (0,), env, run, use_wheel)
+
+
+def _system_or_wheel(name: str, module: str, attr: str, minimum, wheel_minimum, env, run, use_wheel) -> Tool:
+    tool = probe_tool(name, env=env, run=run)
+    if tool.found and tool.version and tool.version >= minimum:
         return tool
     if use_wheel:
-        bindir = _wheel_bin("ninja", "BIN_DIR")
-        exe = bindir / ("ninja.exe" if sys.platform == "win32" else "ninja") if bindir else None
+        bindir = _wheel_bin(module, attr)
+        exe = bindir / (name + ".exe" if sys.platform == "win32" else name) if bindir else None
         if exe and exe.exists():
-            wheel = probe_tool("ninja", env=env, run=run, exe=str(exe), origin="pip-wheel")
-            if wheel.version:
+            wheel = probe_tool(name, env=env, run=run, exe=str(exe), origin="pip-wheel")
+            if wheel.version and wheel.version >= wheel_minimum:
                 return wheel
     return tool
 
