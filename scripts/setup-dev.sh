@@ -16,6 +16,8 @@ cache="${PYLMSERV_TEST_CACHE:-$HOME/.cache/pylmserv-tests}"
 mkdir -p "$cache"
 ver=$(python3 -c 'from tests.support.llama_source import SDIST_VERSION; print(SDIST_VERSION)' 2>/dev/null || echo 0.3.36)
 if [ ! -f "$cache/llama_cpp_python-$ver.tar.gz" ]; then
-  python3 -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$ver" -d "$cache"
+  # --no-binary for this one package only: ":all:" would also build its build requirements
+  # (CMake) from source, about an hour on a cold pip cache.
+  python3 -m pip download -q --no-deps --no-binary llama-cpp-python "llama-cpp-python==$ver" -d "$cache"
 fi
 echo "setup done"

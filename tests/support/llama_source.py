@@ -43,7 +43,7 @@ def require_sdist():
     if not have_sdist():
         if os.environ.get("CI"):
             pytest.fail(f"{SDIST} missing: scripts/setup-dev.sh downloads it")
-        pytest.skip(f"{SDIST} not cached (pip download --no-deps --no-binary :all: llama-cpp-python=={SDIST_VERSION})")
+        pytest.skip(f"{SDIST} not cached (pip download --no-deps --no-binary llama-cpp-python llama-cpp-python=={SDIST_VERSION})")
 
 
 def vendored_tarball() -> Path:
