@@ -27,6 +27,9 @@ from .errors import UsageError, VerificationError
 
 POLICIES = ("data", "tar")
 _CHUNK = 1 << 20
+_LINK_HINT = "Symlinks must stay inside the archive; extract with policy 'tar' only for trusted sources."
+_MALICIOUS = "The archive is malformed or malicious; do not use it."
+_MAX_HOPS = 40  # as the kernel's ELOOP limit
 
 # (magic, offset, kind)
 _MAGIC = (
@@ -87,6 +90,8 @@ def extract(archive: Path, dest: Path, *, policy: str = "data", strip_single_roo
                 _extract_zip(archive, root, policy)
             else:
                 _extract_tar(archive, kind, root, policy)
+            if policy == "data":
+                _check_symlinks_resolve(root, archive.name)
         except _decode_errors() as exc:
             raise VerificationError(f"{archive.name}: corrupt or truncated archive ({exc})",
                                     hint="Delete the file and download it again.") from None
@@ -131,7 +136,7 @@ def _prepare_parent(root: Path, rel: str, archive: str) -> Path:
         target = target / part
         if target.is_symlink():
             raise UnsafeArchiveError(f"{archive}: refusing to extract {rel!r} through symlink {part!r}",
-                                     hint="The archive is malformed or malicious; do not use it.")
+                                     hint=_MALICIOUS)
         if not target.is_dir():
             if os.path.lexists(target):
                 target.unlink()
@@ -148,14 +153,93 @@ def _clear(path: Path, keep_dir: bool = False) -> None:
 
 
 def _check_link(rel: str, target: str, policy: str, archive: str) -> None:
+    """Early, lexical refusal of an escaping symlink (data policy); the real check is
+    _check_symlinks_resolve, once the whole tree exists."""
     if policy != "data":
         return
-    hint = "Symlinks must stay inside the archive; extract with policy 'tar' only for trusted sources."
     if target.startswith("/"):
-        raise UnsafeArchiveError(f"{archive}: refusing symlink {rel!r} -> absolute {target!r}", hint=hint)
+        raise UnsafeArchiveError(f"{archive}: refusing symlink {rel!r} -> absolute {target!r}", hint=_LINK_HINT)
     resolved = os.path.normpath(os.path.join(os.path.dirname(rel), target))
     if resolved == ".." or resolved.startswith("../"):
-        raise UnsafeArchiveError(f"{archive}: refusing symlink {rel!r} -> {target!r} (outside the target)", hint=hint)
+        raise UnsafeArchiveError(f"{archive}: refusing symlink {rel!r} -> {target!r} (outside the target)",
+                                 hint=_LINK_HINT)
+
+
+class _Escapes(Exception):
+    pass
+
+
+def _resolve_in_tree(root: Path, rel: str) -> Optional[str]:
+    """Resolve `rel` the way the kernel would, but against the tree under `root` only:
+    symlinks in the tree are followed by reading them (never by the host), an absolute
+    target or a `..` above the root raises _Escapes, a loop raises _Escapes too.
+    Returns the resolved relative path, or None when a component does not exist."""
+    pending = [p for p in rel.split("/") if p not in ("", ".")]
+    pending.reverse()
+    done: list = []
+    hops = 0
+    while pending:
+        part = pending.pop()
+        if part == "..":
+            if not done:
+                raise _Escapes("above the archive root")
+            done.pop()
+            continue
+        here = root.joinpath(*done, part)
+        if here.is_symlink():
+            hops += 1
+            if hops > _MAX_HOPS:
+                raise _Escapes("a symlink loop")
+            target = os.readlink(here)
+            if target.startswith("/"):
+                raise _Escapes(f"absolute symlink {'/'.join(done + [part])!r}")
+            pending.extend(reversed([p for p in target.split("/") if p not in ("", ".")]))
+            continue
+        if not os.path.lexists(here):
+            return None
+        done.append(part)
+    return "/".join(done)
+
+
+def _check_symlinks_resolve(root: Path, archive: str) -> None:
+    """Data policy: every symlink of the finished tree, resolved through the tree's own
+    links (chains included), stays inside it. Lexical checks alone miss `a -> .`,
+    `b -> a/..` and friends."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath, name)
+            if not path.is_symlink():
+                continue
+            rel = path.relative_to(root).as_posix()
+            try:
+                _resolve_in_tree(root, rel)
+            except _Escapes as exc:
+                raise UnsafeArchiveError(f"{archive}: refusing symlink {rel!r} -> {os.readlink(path)!r}: "
+                                         f"it resolves outside the target ({exc})", hint=_LINK_HINT) from None
+
+
+def _hardlink_source(root: Path, rel: str, linkname: str, policy: str, archive: str) -> Path:
+    """The member a hard link names, looked up in the tree being built: every component
+    must be a real directory of the tree and the last a regular file or a symlink member
+    (libarchive then links the symlink itself); a path through a symlink member is
+    refused (as Nix does: "cannot extract through symlink")."""
+    linked = _safe_relpath(linkname, policy, archive)
+    if linked is None:
+        raise UnsafeArchiveError(f"{archive}: hard link {rel!r} -> {linkname!r} has no target", hint=_MALICIOUS)
+    here = root
+    for part in linked.split("/")[:-1]:
+        here = here / part
+        if here.is_symlink():
+            raise UnsafeArchiveError(f"{archive}: refusing hard link {rel!r} -> {linkname!r} "
+                                     f"through symlink {part!r}", hint=_MALICIOUS)
+    here = here / linked.split("/")[-1]
+    try:
+        st = os.lstat(here)
+    except OSError:
+        st = None
+    if st is None or not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+        raise UnsafeArchiveError(f"{archive}: hard link {rel!r} -> {linkname!r} has no target", hint=_MALICIOUS)
+    return here
 
 
 def _write_file(path: Path, src: BinaryIO, executable: bool) -> None:
@@ -218,12 +302,15 @@ def _extract_tar_member(tar, member, root: Path, policy: str, archive: str) -> N
         _clear(path)
         os.symlink(member.linkname, path)
     elif member.islnk():
-        linked = _safe_relpath(member.linkname, policy, archive)
-        source = root / linked if linked else None
-        if source is None or source.is_symlink() or not source.is_file():
-            raise UnsafeArchiveError(f"{archive}: hard link {member.name!r} -> {member.linkname!r} has no target",
-                                     hint="The archive is malformed; do not use it.")
+        source = _hardlink_source(root, rel, member.linkname, policy, archive)
+        if source == path:
+            return  # a link to itself: the file is already there
         _clear(path)
+        if source.is_symlink():  # a second symlink with the same target, never its referent
+            target = os.readlink(source)
+            _check_link(rel, target, policy, archive)
+            os.symlink(target, path)
+            return
         shutil.copyfile(source, path)
         os.chmod(path, 0o755 if member.mode & stat.S_IXUSR else 0o644)
     elif member.isreg():

@@ -296,3 +296,134 @@ def test_real_llama_cpp_sdist_matches_nix_prefetch_url(nix, tmp_path):
     out = extract(SDIST, tmp_path / "src", policy="tar", strip_single_root=True)
     assert (out / "vendor" / "llama.cpp" / "CMakeLists.txt").exists()
     assert nar_hash(out) == nix_prefetch_unpack(SDIST)
+
+
+# -- links resolved against the tree, never the host ---------------------------------------
+
+_HOST_SECRET = Path("/etc/passwd")
+
+# Each of these, extracted naively (links followed by the host), copies a host file into
+# the tree or points a model file outside it.
+_LINK_ATTACKS = {
+    "hardlink-through-abs-symlink": [
+        ("root", "dir", None, 0o755),
+        ("root/sym", "sym", "/etc", 0o777),
+        ("root/leak", "hard", "root/sym/passwd", 0o644)],
+    "hardlink-through-rel-symlink-chain": [
+        ("root", "dir", None, 0o755),
+        ("root/a", "sym", ".", 0o777),
+        ("root/b", "sym", "a/../..", 0o777),
+        ("root/leak", "hard", "root/b/etc/passwd", 0o644)],
+    "hardlink-through-inner-symlink": [
+        ("root", "dir", None, 0o755),
+        ("root/real/file", "file", b"inside", 0o644),
+        ("root/alias", "sym", "real", 0o777),
+        ("root/leak", "hard", "root/alias/file", 0o644)],
+    "hardlink-to-directory": [
+        ("root/d", "dir", None, 0o755),
+        ("root/leak", "hard", "root/d", 0o644)],
+}
+
+
+@pytest.mark.parametrize("policy", ["data", "tar"])
+@pytest.mark.parametrize("name", sorted(_LINK_ATTACKS))
+def test_hard_links_never_resolve_through_symlinks(tmp_path, policy, name):
+    archive = write_tar(tmp_path / "evil.tar.gz", _LINK_ATTACKS[name])
+    (tmp_path / "dest").mkdir()
+    with pytest.raises(VerificationError) as exc:
+        extract(archive, tmp_path / "dest" / "out", policy=policy)
+    assert "link" in exc.value.message
+    assert os.listdir(tmp_path / "dest") == []
+
+
+@pytest.mark.nix
+@pytest.mark.parametrize("name", sorted(_LINK_ATTACKS))
+def test_hard_link_refusals_agree_with_nix(nix, tmp_path, name):
+    """Nix's unpacker refuses each of these too: a refusal is not a pin Nix would make."""
+    archive = write_tar(tmp_path / "evil.tar.gz", _LINK_ATTACKS[name])
+    run = subprocess.run(["nix-prefetch-url", "--unpack", "--type", "sha256", archive.resolve().as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0, run.stdout
+
+
+def test_a_hard_link_to_a_real_member_still_works(tmp_path):
+    archive = write_tar(tmp_path / "ok.tar.gz", [
+        ("root/d/file", "file", b"payload", 0o755),
+        ("root/again", "hard", "root/d/file", 0o755),
+        ("root/self", "file", b"s", 0o644),
+        ("root/self", "hard", "root/self", 0o644)])
+    for policy in ("data", "tar"):
+        out = extract(archive, tmp_path / policy, policy=policy, strip_single_root=True)
+        assert (out / "again").read_bytes() == b"payload"
+        assert (out / "self").read_bytes() == b"s"
+
+
+# Symlinks that look harmless one at a time and escape once their chain is resolved.
+_ESCAPING_CHAINS = {
+    "dot-then-dotdot": [("r/a", "sym", ".", 0o777), ("r/b", "sym", "a/../..", 0o777)],
+    "via-dir-link": [("r/d/e", "dir", None, 0o755), ("r/e", "dir", None, 0o755),
+                     ("r/up", "sym", "d/e/../../..", 0o777),
+                     ("r/d", "sym", ".", 0o777)],
+    "two-hops": [("r/x", "sym", "y/..", 0o777), ("r/y", "sym", "z/../..", 0o777), ("r/z", "dir", None, 0o755),
+                 ("r/f", "sym", "x/..", 0o777)],
+    "loop": [("r/l1", "sym", "l2", 0o777), ("r/l2", "sym", "l1", 0o777)],
+}
+
+
+@pytest.mark.parametrize("fmt", ["tar", "zip"])
+@pytest.mark.parametrize("name", sorted(_ESCAPING_CHAINS))
+def test_data_policy_resolves_symlink_chains_against_the_tree(tmp_path, fmt, name):
+    members = _ESCAPING_CHAINS[name]
+    if fmt == "zip":
+        archive = write_zip(tmp_path / "evil.zip", members)
+    else:
+        archive = write_tar(tmp_path / "evil.tar.gz", members)
+    (tmp_path / "dest").mkdir()
+    with pytest.raises(VerificationError) as exc:
+        extract(archive, tmp_path / "dest" / "out", policy="data")
+    assert "symlink" in exc.value.message
+    assert os.listdir(tmp_path / "dest") == []
+
+
+def test_data_policy_keeps_links_that_stay_inside(tmp_path):
+    archive = write_tar(tmp_path / "ok.tar.gz", [
+        ("m/blobs/model.gguf", "file", b"GGUF", 0o644),
+        ("m/a", "sym", ".", 0o777),
+        ("m/latest", "sym", "a/blobs/model.gguf", 0o777),
+        ("m/deep/up", "sym", "../a/a/blobs", 0o777),
+        ("m/dangling", "sym", "missing/file", 0o777)])
+    out = extract(archive, tmp_path / "out", policy="data", strip_single_root=True)
+    assert (out / "latest").read_bytes() == b"GGUF"
+    assert (out / "deep/up/model.gguf").read_bytes() == b"GGUF"
+
+
+def test_no_host_file_reaches_a_source_tree(tmp_path):
+    """The tar policy (source trees, NAR-hashed by prefetch and build) is what an attacker
+    of a pinned source would use: host bytes must never land in the tree."""
+    secret = _HOST_SECRET.read_bytes() if _HOST_SECRET.exists() else None
+    for name, members in _LINK_ATTACKS.items():
+        archive = write_tar(tmp_path / f"{name}.tar.gz", members)
+        with pytest.raises(VerificationError):
+            extract(archive, tmp_path / f"out-{name}", policy="tar", strip_single_root=True)
+        for dirpath, _, files in os.walk(tmp_path):
+            for f in files:
+                p = Path(dirpath, f)
+                if not p.is_symlink() and secret is not None and p.suffix != ".gz":
+                    assert p.read_bytes() != secret, p
+
+
+@pytest.mark.nix
+def test_hard_link_to_a_symlink_member_is_that_symlink_as_nix_makes_it(nix, tmp_path):
+    """libarchive links the symlink itself (no host file is read): the tree gets a second
+    symlink with the same target, in the tar policy; the data policy refuses the target."""
+    archive = write_tar(tmp_path / "t.tar.gz", [
+        ("root/sym", "sym", "/etc/passwd", 0o777),
+        ("root/rel", "sym", "sym", 0o777),
+        ("root/again", "hard", "root/sym", 0o644),
+        ("root/again-rel", "hard", "root/rel", 0o644)])
+    out = extract(archive, tmp_path / "out", policy="tar", strip_single_root=True)
+    assert os.readlink(out / "again") == "/etc/passwd"
+    assert os.readlink(out / "again-rel") == "sym"
+    assert nar_hash(out) == nix_prefetch_unpack(archive)
+    with pytest.raises(VerificationError):
+        extract(archive, tmp_path / "data", policy="data")
