@@ -60,14 +60,18 @@ def build(what: str = "llama.cpp", backend: str = "cpu", targets: Optional[Seque
           cuda_arch: Optional[str] = None, gpu_targets: Optional[str] = None, portable: bool = False,
           jobs: Optional[int] = None, prefix: Optional[Path] = None, cmake_args: Sequence[str] = (),
           force: bool = False, dry_run: bool = False, source_dir: Optional[Path] = None,
-          config: Optional[Path] = None, lock: Optional[Path] = None) -> BuildResult:
+          config: Optional[Path] = None, lock: Optional[Path] = None, module_only: bool = False,
+          cuda_blas: Optional[str] = None) -> BuildResult:
     """Build `what` for `backend`; a no-op (cache_hit=True) when the stamp says it is done."""
     if what == "llamafile":
         from .llamafile import build_llamafile
 
         return build_llamafile(backend=backend, jobs=jobs, prefix=prefix, dry_run=dry_run, force=force,
                                config=config, lock=lock, source_dir=source_dir, cuda_arch=cuda_arch,
-                               gpu_targets=gpu_targets)
+                               gpu_targets=gpu_targets, module_only=module_only, cuda_blas=cuda_blas or "tinyblas")
+    if module_only or cuda_blas:
+        raise UsageError("--module-only and --cuda-blas apply to `pylmserv build llamafile` only",
+                         hint="llama.cpp's CUDA backend always links cuBLAS.")
     if what != "llama.cpp":
         raise UsageError(f"unknown build target {what!r}", hint="Use `pylmserv build llama.cpp` or `pylmserv build llamafile`.")
     from .llama_cpp import BACKENDS, DEFAULT_TARGETS, Request

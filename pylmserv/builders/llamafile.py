@@ -49,7 +49,7 @@ log = logging.getLogger("pylmserv.build")
 ENGINE = "llamafile"
 SOURCE_NAME = "llamafile"
 BACKENDS = ("cpu", "cuda", "rocm")
-MAPPING_VERSION = 1  # bump when the commands below change meaning (invalidates stamps)
+MAPPING_VERSION = 2  # bump when the commands below change meaning (invalidates stamps)
 LOG_NAME = "pylmserv-build.log"
 MAKE_TIMEOUT = 6 * 3600
 GPU_TIMEOUT = 3 * 3600
@@ -98,9 +98,12 @@ class Plan:
     binfmt_summary: str
     seed: Path  # <src>/.cosmocc/<version>
     steps: List[Step] = field(default_factory=list)
-    gpu: Optional[Step] = None
+    gpu: List[Step] = field(default_factory=list)  # compile (and link) of the GPU module
     gpu_dso: Optional[Path] = None
     gpu_sources: Tuple[Tuple[str, str], ...] = ()  # (path in tree, flat name)
+    driver_stub: Optional[Path] = None  # libcuda.so to generate for linking (toolkit has no stubs/)
+    link_dirs: Tuple[Path, ...] = ()  # where the module's NEEDED GPU libraries are at link time
+    module_only: bool = False
     notes: List[str] = field(default_factory=list)
 
     def lines(self, cosmocc_root: Path) -> List[str]:
@@ -109,12 +112,18 @@ class Plan:
         else:
             seed = (f"# seed {self.seed}: links into {cosmocc_root}, APE tools as #!/bin/sh shims "
                     f"that exec the APE loader")
-        out = [seed] + [s.line() for s in self.steps]
-        if self.gpu is not None:
+        out = [] if self.module_only else [seed] + [s.line() for s in self.steps]
+        if self.gpu:
             count = f"{len(self.gpu_sources)} " if self.gpu_sources else ""
             out.append(f"# copy the {count}sources named in llamafile/cuda.c into {self.gpu_dso.parent}")
-            out.append(self.gpu.line())
-            out.append(f"# embed {self.gpu_dso.name} as an aligned STORED zip entry into: {', '.join(EMBED_INTO)}")
+            out.append(self.gpu[0].line())
+            if self.driver_stub is not None:
+                out.append(f"# write {self.driver_stub} (SONAME libcuda.so.1) exporting the cu* driver symbols "
+                           f"{self.gpu[0].argv[-1].rsplit('/', 1)[-1]} needs: this toolkit has no stubs/libcuda.so")
+            out += [s.line() for s in self.gpu[1:]]
+            out.append(f"# check {self.gpu_dso.name}: every undefined cu*/cublas* symbol is provided by a NEEDED library")
+            if not self.module_only:
+                out.append(f"# embed {self.gpu_dso.name} as an aligned STORED zip entry into: {', '.join(EMBED_INTO)}")
         return out
 
 
@@ -122,7 +131,8 @@ def build_llamafile(backend: str = "cpu", jobs: Optional[int] = None, prefix: Op
                     dry_run: bool = False, force: bool = False, config: Optional[Path] = None,
                     lock: Optional[Path] = None, source_dir: Optional[Path] = None,
                     cuda_arch: Optional[str] = None, gpu_targets: Optional[str] = None,
-                    cuda_blas: str = "tinyblas", binfmt_dir: Optional[Path] = None, **ignored):
+                    cuda_blas: str = "tinyblas", binfmt_dir: Optional[Path] = None, module_only: bool = False,
+                    **ignored):
     """Build llamafile for `backend`; a no-op (cache_hit=True) when the stamp says it is done."""
     if backend not in BACKENDS:
         raise UsageError(f"llamafile has no backend {backend!r}", hint="Use --backend cpu, cuda or rocm.")
@@ -130,20 +140,23 @@ def build_llamafile(backend: str = "cpu", jobs: Optional[int] = None, prefix: Op
         raise UsageError(f"--jobs must be at least 1, got {jobs}")
     if cuda_blas not in ("tinyblas", "cublas"):
         raise UsageError(f"unknown CUDA BLAS {cuda_blas!r}", hint="Use tinyblas (no cuBLAS needed at run time) or cublas.")
+    if module_only and backend not in ("cuda", "rocm"):
+        raise UsageError("--module-only builds the GPU module (ggml-cuda.so / ggml-rocm.so)",
+                         hint="Use it with --backend cuda or --backend rocm.")
     for name in sorted(k for k, v in ignored.items() if v):
         log.debug("llamafile build: option %s does not apply; ignored", name)
     return LlamafileBuild(backend=backend, jobs=jobs, prefix=prefix, force=force, config=config, lock=lock,
                           source_dir=source_dir, cuda_arch=cuda_arch, gpu_targets=gpu_targets,
-                          cuda_blas=cuda_blas, binfmt_dir=binfmt_dir).run(dry_run)
+                          cuda_blas=cuda_blas, binfmt_dir=binfmt_dir, module_only=module_only).run(dry_run)
 
 
 class LlamafileBuild:
     def __init__(self, backend, jobs, prefix, force, config, lock, source_dir, cuda_arch, gpu_targets,
-                 cuda_blas, binfmt_dir):
+                 cuda_blas, binfmt_dir, module_only=False):
         from ..config import load_project
         from .cosmocc import find_entry
 
-        self.backend, self.force = backend, force
+        self.backend, self.force, self.module_only = backend, force, module_only
         self.jobs = jobs or os.cpu_count() or 1
         self.prefix = Path(prefix).expanduser().resolve() if prefix else None
         self.source_dir = Path(source_dir).expanduser().resolve() if source_dir else None
@@ -169,20 +182,25 @@ class LlamafileBuild:
             if not (self.source_dir / "Makefile").is_file():
                 raise UsageError(f"{self.source_dir}: no Makefile there", hint="Pass the top directory of a llamafile tree.")
             version = _configured_cosmocc(self.source_dir)
-        if not version:
-            raise ConfigError(f"[sources.{SOURCE_NAME}] does not say which cosmocc builds it",
-                              hint="Add cosmocc = \"X.Y.Z\" to [sources.llamafile] in pylmserv.toml and run `pylmserv prefetch`.")
-        self.cosmocc_version = str(version)
-        self.cosmocc_entry = find_entry(project.lock, self.cosmocc_version)
+        self.cosmocc_version, self.cosmocc_entry = None, None
+        if not module_only:  # the GPU module is nvcc/hipcc only: no cosmocc needed
+            if not version:
+                raise ConfigError(f"[sources.{SOURCE_NAME}] does not say which cosmocc builds it",
+                                  hint="Add cosmocc = \"X.Y.Z\" to [sources.llamafile] in pylmserv.toml and run "
+                                       "`pylmserv prefetch`.")
+            self.cosmocc_version = str(version)
+            self.cosmocc_entry = find_entry(project.lock, self.cosmocc_version)
         self.inputs = {
             "engine": ENGINE, "mapping": MAPPING_VERSION, "backend": backend,
             "source": self.entry.hash.sri if self.entry is not None else f"path:{self.source_dir}",
             "rev": self.entry.rev if self.entry is not None else None,
-            "cosmocc": self.cosmocc_entry.hash.sri, "cuda_archs": list(self.cuda_archs), "gfx": list(self.gfx),
-            "cuda_blas": self.cuda_blas, "platform": f"{sys.platform}-{_platform.machine()}",
+            "cosmocc": self.cosmocc_entry.hash.sri if self.cosmocc_entry else None,
+            "cuda_archs": list(self.cuda_archs), "gfx": list(self.gfx),
+            "cuda_blas": self.cuda_blas, "module_only": module_only, "platform": f"{sys.platform}-{_platform.machine()}",
         }
         self.key = stamps.build_key(self.inputs)
-        self.build_dir = self.home / "builds" / f"{ENGINE}-{backend}-{self.key}"
+        kind = f"{backend}-module" if module_only else backend
+        self.build_dir = self.home / "builds" / f"{ENGINE}-{kind}-{self.key}"
         self.stamp_path = self.build_dir / stamps.STAMP_NAME
         self.src = self.build_dir / "src"
         self.stage = self.build_dir / "stage"
@@ -207,10 +225,14 @@ class LlamafileBuild:
 
         return toolchain_dir(self.cosmocc_entry, self.home)
 
-    def _plan(self, cosmocc_root: Path, source: Path, force_loader: bool = False) -> Plan:
+    def _plan(self, cosmocc_root: Optional[Path], source: Path, force_loader: bool = False) -> Plan:
         from .binfmt import read_binfmt
         from .cosmocc import Cosmocc
 
+        if self.module_only:
+            plan = Plan(exec_mode="none", binfmt_summary="", seed=self.src, module_only=True)
+            self._plan_gpu(plan, source)
+            return plan
         cc = Cosmocc(self.cosmocc_version, cosmocc_root, self.cosmocc_entry.hash)
         report = read_binfmt(self.binfmt_dir, loader_hint=str(cc.loader()))
         mode = "direct" if report.direct_exec_ok and not force_loader else "loader"
@@ -229,6 +251,10 @@ class LlamafileBuild:
         return plan
 
     def _plan_gpu(self, plan: Plan, source: Path) -> None:
+        """The GPU module as llamafile/cuda.c would build it on the user's machine, with an
+        explicit architecture list. CUDA: compile, then link with upstream's libraries
+        (`-lcuda`, plus `-lcublas` unless tinyBLAS): without -lcuda the module leaves the
+        driver symbols (cuDeviceGet, cuMemCreate, ...) undefined and dlopen fails."""
         from . import toolchain as tc
 
         gpu_dir = self.build_dir / "gpu"
@@ -245,17 +271,40 @@ class LlamafileBuild:
             arch = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in self.cuda_archs]
             arch.append(f"-gencode=arch=compute_{self.cuda_archs[-1]},code=compute_{self.cuda_archs[-1]}")  # PTX for newer GPUs
             blas = ["-DGGML_USE_TINYBLAS"] if self.cuda_blas == "tinyblas" else ["-DGGML_USE_CUBLAS"]
-            libs = ["-lcublas"] if self.cuda_blas == "cublas" else []
+            link_dirs: List[Path] = []
+            libs: List[str] = []
+            if self.cuda_blas == "cublas":
+                cublas = tc.detect_cublas(nvcc)
+                if cublas.include:
+                    blas.append(f"-I{cublas.include}")
+                libs += cublas.link_args("cublas")
+                if cublas.found:
+                    link_dirs.append(Path(cublas.libdir))
+            stubs = tc.find_cuda_stubs(nvcc)
+            if stubs is None:
+                stubs = gpu_dir / "stubs"
+                plan.driver_stub = stubs / "libcuda.so"
+            link_dirs.insert(0, stubs)
+            libs = [f"-L{stubs}", "-lcuda"] + libs
+            obj = gpu_dir / (Path(flat_main).stem + ".o")
             dso = gpu_dir / "ggml-cuda.so"
-            argv = [exe, "--shared", *arch, "--forward-unknown-to-host-compiler", "-use_fast_math",
-                    "--compiler-options", "-fPIC -O3", *GGML_GPU_DEFINES, *blas, "-o", str(dso), flat_main, *libs]
+            compile_ = [exe, "-c", *arch, "--forward-unknown-to-host-compiler", "--compiler-options", "-fPIC -O3",
+                        *GGML_GPU_DEFINES, *blas, "-o", str(obj), flat_main]
+            ccache = tc.detect_ccache()
+            if ccache.found and ccache.name == "ccache":
+                compile_.insert(0, ccache.path)
+            link = [exe, "--shared", "-o", str(dso), str(obj), *libs]
+            plan.gpu = [Step(tuple(compile_), "nvcc", timeout=GPU_TIMEOUT),
+                        Step(tuple(link), "nvcc link", timeout=GPU_TIMEOUT)]
+            plan.link_dirs = tuple(link_dirs)
         else:
             rocm = tc.detect_rocm()
             exe = rocm.hipcc.path or "hipcc"
             dso = gpu_dir / "ggml-rocm.so"
             argv = [exe, "-O3", "-fPIC", "-shared", f"--offload-arch={','.join(self.gfx)}", *GGML_GPU_DEFINES,
                     "-DGGML_USE_HIPBLAS", "-DGGML_USE_TINYBLAS", "-o", str(dso), flat_main]
-        plan.gpu = Step(tuple(argv), "nvcc" if self.backend == "cuda" else "hipcc", timeout=GPU_TIMEOUT)
+            # Debian's hipcc picks the NVIDIA platform when it sees nvcc: this module is for AMD GPUs.
+            plan.gpu = [Step(tuple(argv), "hipcc", env=(("HIP_PLATFORM", "amd"),), timeout=GPU_TIMEOUT)]
         plan.gpu_dso = dso
 
     def _preflight(self) -> None:
@@ -266,6 +315,13 @@ class LlamafileBuild:
                                    "in $CUDA_PATH/bin or /usr/local/cuda/bin",
                                    hint="Install the CUDA toolkit (e.g. apt install nvidia-cuda-toolkit) or set CUDA_PATH; "
                                         "or build --backend cpu.")
+        if self.backend == "cuda" and self.cuda_blas == "cublas":
+            nvcc = tc.detect_nvcc()
+            if not tc.detect_cublas(nvcc).found:
+                raise ToolMissingError(f"--cuda-blas cublas needs cuBLAS, which is neither in the CUDA toolkit of "
+                                       f"{nvcc.path} nor installed from PyPI",
+                                       hint=f"pip install nvidia-cublas (CUDA {tc.version_str(nvcc.version)}), install "
+                                            "the toolkit's libcublas-dev, or use --cuda-blas tinyblas.")
         if self.backend == "rocm" and not tc.detect_rocm().hipcc.found:
             raise ToolMissingError("--backend rocm needs hipcc (ROCm), which was not found on PATH",
                                    hint="Install ROCm (hipcc) and put /opt/rocm/bin on PATH; or build --backend cpu.")
@@ -281,12 +337,16 @@ class LlamafileBuild:
         source = self._source_path()
         if not source.is_dir():
             notes.append(f"source not fetched yet (a dry run fetches nothing): would fetch {self.entry.url}")
-        root = self._toolchain_root()
-        if not root.is_dir():
-            notes.append(f"cosmocc {self.cosmocc_version} not unpacked yet: would fetch {self.cosmocc_entry.url}")
+        root = None
+        detected: Tuple[str, ...] = ()
+        if not self.module_only:
+            root = self._toolchain_root()
+            if not root.is_dir():
+                notes.append(f"cosmocc {self.cosmocc_version} not unpacked yet: would fetch {self.cosmocc_entry.url}")
         plan = self._plan(root, source)
         notes += plan.notes
-        detected = (f"cosmocc {self.cosmocc_version}: {root}", f"APE exec mode: {plan.exec_mode}")
+        if not self.module_only:
+            detected = (f"cosmocc {self.cosmocc_version}: {root}", f"APE exec mode: {plan.exec_mode}")
         return BuildResult(ENGINE, self.backend, {}, self.build_dir, self._prefix_dir(), time.monotonic() - self.start,
                            False, self.key, source, tuple(plan.lines(root)), detected, tuple(notes), dry_run=True)
 
@@ -312,6 +372,8 @@ class LlamafileBuild:
             source = ensure_source(self.entry, self.home)
         else:
             source = self.source_dir
+        if self.module_only:
+            return self._build_module_only(source)
         expected = _configured_cosmocc(source)
         if expected and expected != self.cosmocc_version:
             raise ConfigError(f"the llamafile tree builds with cosmocc {expected} (build/config.mk), "
@@ -351,7 +413,7 @@ class LlamafileBuild:
             if "llamafile" not in outputs:
                 raise BuildError(f"make install put no bin/llamafile under {self.stage}; log: {log_file}",
                                  hint="Check the log: the Makefile's install target did not run as expected.")
-            if plan.gpu is not None:
+            if plan.gpu:
                 self._build_gpu(plan, source, log_file, outputs)
             seconds = time.monotonic() - t0
             stamp = stamps.make_stamp(self.inputs, outputs, seconds=seconds,
@@ -360,6 +422,32 @@ class LlamafileBuild:
             stamps.write_stamp(self.stamp_path, stamp)
         return self._finish(outputs, cache_hit=False, notes=tuple(plan.notes), source=source,
                             commands=tuple(plan.lines(cc.root)))
+
+    def _build_module_only(self, source: Path):
+        """--module-only: just ggml-cuda.so / ggml-rocm.so (needs nvcc or hipcc, not cosmocc)."""
+        from filelock import FileLock
+
+        self.build_dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.build_dir) + ".lock", timeout=MAKE_TIMEOUT):
+            if not self.force and self.source_dir is None:
+                stamp = stamps.read_stamp(self.stamp_path)  # another process may have just finished it
+                if stamps.is_up_to_date(stamp, inputs=self.inputs):
+                    return self._finish(stamp.output_paths(), cache_hit=True, notes=("built by a concurrent run",),
+                                        commands=tuple(stamp.extra.get("commands", ())))
+            stamps.remove_stamp(self.stamp_path)
+            plan = self._plan(None, source)
+            log_file = self.build_dir / LOG_NAME
+            log_file.write_text(f"# pylmserv build llamafile --module-only ({self.backend}) "
+                                f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            t0 = time.monotonic()
+            outputs: Dict[str, Path] = {}
+            self._build_gpu(plan, source, log_file, outputs)
+            outputs = {plan.gpu_dso.name: plan.gpu_dso}
+            stamp = stamps.make_stamp(self.inputs, outputs, seconds=time.monotonic() - t0,
+                                      extra={"commands": plan.lines(None), "source": str(source)})
+            stamps.write_stamp(self.stamp_path, stamp)
+        return self._finish(outputs, cache_hit=False, notes=tuple(plan.notes), source=source,
+                            commands=tuple(plan.lines(None)))
 
     def _run_steps(self, plan: Plan, log_file: Path, run_logged) -> None:
         for step in plan.steps:
@@ -403,11 +491,20 @@ class LlamafileBuild:
             if not src.is_file():
                 raise BuildError(f"GPU source {rel} (named in llamafile/cuda.c) is missing from {source}")
             shutil.copyfile(src, gpu_dir / flat)
-        log.info("llamafile: compiling %s with %s for %s", plan.gpu_dso.name, plan.gpu.what,
+        log.info("llamafile: compiling %s with %s for %s", plan.gpu_dso.name, plan.gpu[0].what,
                  ", ".join(self.cuda_archs or self.gfx))
-        run_logged(plan.gpu.argv, log_file, dict(os.environ), plan.gpu.timeout, plan.gpu.what)
+        env = dict(os.environ)
+        if "CCACHE_BASEDIR" not in env:
+            env["CCACHE_BASEDIR"] = str(self.home)  # relative paths in the key: other build dirs hit too
+        for i, step in enumerate(plan.gpu):
+            if i == 1 and plan.driver_stub is not None:
+                write_driver_stub(gpu_dir / Path(plan.gpu[0].argv[plan.gpu[0].argv.index("-o") + 1]).name,
+                                  plan.driver_stub)
+            run_logged(step.argv, log_file, {**env, **dict(step.env)}, step.timeout, step.what)
         if not plan.gpu_dso.is_file():
-            raise BuildError(f"{plan.gpu.what} produced no {plan.gpu_dso}; log: {log_file}")
+            raise BuildError(f"{plan.gpu[-1].what} produced no {plan.gpu_dso}; log: {log_file}")
+        if self.backend == "cuda":
+            check_gpu_module_links(plan.gpu_dso, plan.link_dirs)
         for name in EMBED_INTO:
             if name in outputs:
                 embed_files(outputs[name], [(plan.gpu_dso.name, plan.gpu_dso)])
@@ -544,3 +641,46 @@ def _split(value: Optional[str]) -> Tuple[str, ...]:
     if not value:
         return ()
     return tuple(v.strip() for v in re.split(r"[;, ]+", value) if v.strip())
+
+
+# -- the CUDA module's link line ------------------------------------------------------------------
+
+_DRIVER_SYMBOL = re.compile(r"cu[A-Z][A-Za-z0-9_]*\Z")
+GPU_SYMBOLS = r"cu[A-Z]|cublas"  # driver API and cuBLAS; the runtime (cuda*) is linked statically
+
+
+def write_driver_stub(obj: Path, stub: Path, cc: Optional[str] = None) -> Path:
+    """A link-time stand-in for the driver's libcuda.so: a tiny shared object with SONAME
+    libcuda.so.1 exporting the cu* symbols `obj` leaves undefined (what a toolkit's
+    stubs/libcuda.so is). At run time the driver's own libcuda.so.1 is loaded instead."""
+    from . import toolchain as tc
+
+    names = sorted({s for s in tc.elf_symbols_of_object(obj) if _DRIVER_SYMBOL.match(s)})
+    stub.parent.mkdir(parents=True, exist_ok=True)
+    c_file = stub.parent / "libcuda-stub.c"
+    c_file.write_text("/* pylmserv: link-time stub of the CUDA driver (SONAME libcuda.so.1); never loaded. */\n"
+                      + "".join(f"void {n}(void) {{}}\n" for n in names))
+    cc = cc or tc.detect_compilers()[0].path or "cc"
+    rc, out = tc.default_run([cc, "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", str(stub), str(c_file)], 120)
+    if rc != 0 or not stub.is_file():
+        raise BuildError(f"cannot build the libcuda link stub with {cc}: {out.strip()[:300]}")
+    return stub
+
+
+def check_gpu_module_links(dso: Path, search_dirs) -> None:
+    """Every undefined cu*/cublas* symbol of `dso` must come from a NEEDED library, or
+    dlopen fails on every real machine (checked with readelf -d and nm -D)."""
+    from . import toolchain as tc
+
+    missing, found = tc.unprovided_symbols(dso, GPU_SYMBOLS, list(search_dirs) + _system_lib_dirs())
+    if missing:
+        shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+        raise BuildError(f"{dso.name} leaves {shown} undefined and no NEEDED library "
+                         f"({', '.join(sorted(found)) or 'none'}) provides them: dlopen would fail",
+                         hint="The link line needs -lcuda (and -lcublas with cuBLAS); this is a pylmserv bug, "
+                              "please report it with the build log.")
+
+
+def _system_lib_dirs() -> List[Path]:
+    return [Path(d) for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/lib")
+            if Path(d).is_dir()]

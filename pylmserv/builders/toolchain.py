@@ -173,8 +173,45 @@ def cuda_roots(nvcc: Tool, env=None) -> List[Path]:
     return list(dict.fromkeys(roots))
 
 
-def detect_cublas(nvcc: Tool, env=None, roots: Optional[Sequence[Path]] = None) -> Tool:
-    """cuBLAS, which ggml-cuda links: a toolkit with nvcc but without it fails at configure."""
+@dataclass(frozen=True)
+class Library(Tool):
+    """A library found on disk: `path` is the file; `include` its headers when they are elsewhere."""
+
+    include: Optional[str] = None
+
+    @property
+    def libdir(self) -> Optional[str]:
+        return str(Path(self.path).parent) if self.path else None
+
+    def link_args(self, lib: str) -> List[str]:
+        """-L/-l for this library; `-l:libX.so.N` when only the versioned file exists (the
+        NVIDIA PyPI wheels ship libcublas.so.13 without the libcublas.so link)."""
+        if not self.path:
+            return [f"-l{lib}"]
+        name = Path(self.path).name
+        flag = f"-l{lib}" if name in (f"lib{lib}.so", f"lib{lib}.a") else f"-l:{name}"
+        return [f"-L{self.libdir}", flag]
+
+
+def python_lib_dirs() -> List[Path]:
+    """site-packages directories of this Python (where `pip install nvidia-cublas` puts it)."""
+    import site
+
+    dirs = [Path(p) for p in sys.path if p and p.endswith(("site-packages", "dist-packages"))]
+    try:
+        dirs += [Path(p) for p in site.getsitepackages()]
+        dirs.append(Path(site.getusersitepackages()))
+    except AttributeError:  # virtualenv's old site module
+        pass
+    return list(dict.fromkeys(d for d in dirs if d.is_dir()))
+
+
+def detect_cublas(nvcc: Tool, env=None, roots: Optional[Sequence[Path]] = None,
+                  wheel_dirs: Optional[Sequence[Path]] = None) -> Library:
+    """cuBLAS, which ggml-cuda links, in either layout: a CUDA toolkit (lib64/libcublas.so,
+    what NVIDIA's installers and distros ship) or NVIDIA's PyPI wheel beside a toolkit
+    assembled from wheels (site-packages/nvidia/cu13/lib/libcublas.so.13, or
+    nvidia/cublas/lib for CUDA 12). A wheel for another CUDA major than nvcc's is skipped."""
     names = ("libcublas.so", "libcublas_static.a", "cublas.lib")
     for root in (roots if roots is not None else cuda_roots(nvcc, env)):
         libdirs = [root / "lib64", root / "lib", root / "lib" / "x64", *sorted(root.glob("targets/*/lib")),
@@ -182,8 +219,28 @@ def detect_cublas(nvcc: Tool, env=None, roots: Optional[Sequence[Path]] = None) 
         for d in libdirs:
             for n in names:
                 if (d / n).exists():
-                    return Tool("cublas", str(d / n))
-    return Tool("cublas")
+                    return Library("cublas", str(d / n), origin="toolkit")
+    major = str(nvcc.version[0]) if nvcc.version else None
+    for site_dir in (wheel_dirs if wheel_dirs is not None else python_lib_dirs()):
+        for lib in sorted(site_dir.glob("nvidia/*/lib/libcublas.so*")):
+            suffix = lib.name[len("libcublas.so"):].lstrip(".")
+            if major and suffix and suffix.split(".")[0] != major:
+                continue
+            include = lib.parent.parent / "include"
+            return Library("cublas", str(lib), origin="pip-wheel",
+                           include=str(include) if (include / "cublas_v2.h").exists() else None)
+    return Library("cublas")
+
+
+def find_cuda_stubs(nvcc: Tool, env=None, roots: Optional[Sequence[Path]] = None) -> Optional[Path]:
+    """The toolkit's stubs/ directory with the driver stub libcuda.so (for linking only:
+    at run time the driver's libcuda.so.1 is used). Toolkits assembled from NVIDIA's PyPI
+    wheels have none."""
+    for root in (roots if roots is not None else cuda_roots(nvcc, env)):
+        for d in (root / "lib64" / "stubs", root / "lib" / "stubs", *sorted(root.glob("targets/*/lib/stubs"))):
+            if (d / "libcuda.so").exists():
+                return d
+    return None
 
 
 def detect_glslc(env=None, run: Runner = default_run) -> Tool:
@@ -399,3 +456,58 @@ def detect_toolchain(backend: str, env=None, run: Runner = default_run, platform
     if backend in ("cuda", "rocm", "vulkan"):
         extra["gpu_vendors"] = detect_gpu_vendors(env, run, sysfs, platform)
     return Toolchain(detect_cmake(env, run), detect_ninja(env, run), cc, cxx, detect_ccache(env, run), extra)
+
+
+# -- ELF inspection (binutils' readelf and nm): does a built module link what it uses? --------
+
+def elf_needed(path: Path, run: Runner = default_run) -> List[str]:
+    """DT_NEEDED entries (`readelf -d`)."""
+    rc, out = run(["readelf", "-d", str(path)], PROBE_TIMEOUT)
+    return re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out) if rc == 0 else []
+
+
+def elf_soname(path: Path, run: Runner = default_run) -> Optional[str]:
+    rc, out = run(["readelf", "-d", str(path)], PROBE_TIMEOUT)
+    m = re.search(r"\(SONAME\)\s+Library soname: \[([^\]]+)\]", out) if rc == 0 else None
+    return m.group(1) if m else None
+
+
+def elf_symbols(path: Path, defined: bool, run: Runner = default_run) -> List[str]:
+    """Dynamic symbols of `path`: undefined ones (`nm -D --undefined-only`) or defined ones."""
+    flag = "--defined-only" if defined else "--undefined-only"
+    rc, out = run(["nm", "-D", flag, str(path)], PROBE_TIMEOUT)
+    if rc != 0:
+        return []
+    names = []
+    for line in out.splitlines():
+        parts = line.split()
+        if parts and (defined and len(parts) >= 3 and parts[1] not in ("U", "w", "v") or not defined and parts[0] in ("U", "w")):
+            names.append(parts[-1].split("@")[0])
+    return names
+
+
+def unprovided_symbols(dso: Path, pattern: str, search_dirs: Sequence[Path],
+                       run: Runner = default_run) -> Tuple[List[str], Dict[str, str]]:
+    """Undefined symbols of `dso` matching `pattern` that no NEEDED library provides.
+
+    NEEDED names are looked up in `search_dirs` (by file name, or by the SONAME of the
+    link-time file: a driver stub libcuda.so carries SONAME libcuda.so.1). Returns
+    (unprovided symbol names, NEEDED name -> file it was found as)."""
+    wanted = [s for s in elf_symbols(dso, defined=False, run=run) if re.match(pattern, s)]
+    found: Dict[str, str] = {}
+    provided = set()
+    for needed in elf_needed(dso, run=run):
+        for d in search_dirs:
+            cands = [Path(d) / needed] + sorted(Path(d).glob(needed.split(".so")[0] + ".so*"))
+            hit = next((c for c in cands if c.is_file() and (c.name == needed or elf_soname(c, run) == needed)), None)
+            if hit is not None:
+                found[needed] = str(hit)
+                provided.update(elf_symbols(hit, defined=True, run=run))
+                break
+    return sorted(s for s in wanted if s not in provided), found
+
+
+def elf_symbols_of_object(path: Path, run: Runner = default_run) -> List[str]:
+    """Undefined symbols of a relocatable object (`nm -u`; objects have no dynamic table)."""
+    rc, out = run(["nm", "-u", str(path)], PROBE_TIMEOUT)
+    return [ln.split()[-1] for ln in out.splitlines() if ln.strip()] if rc == 0 else []
