@@ -32,7 +32,7 @@ class ServeOptions:
     """Everything `serve` needs, resolved once by the CLI (or a caller) and passed down."""
 
     model: str
-    backend: str = "cpu"
+    backend: str = "auto"  # resolved by builders.resolve_backend when the server is built
     engine: str = "llama.cpp"
     host: str = "127.0.0.1"
     port: int = 8080
@@ -137,8 +137,9 @@ def resolve_server(engine: str, backend: str, server_bin: Optional[Path] = None,
             raise UsageError(f"server binary not found or not executable: {path}",
                              hint=f"Point --server-bin (or ${SERVER_BIN_ENV}) at a llama-server executable.")
         return path
-    from .builders import build
+    from .builders import build, resolve_backend
 
+    backend, _ = resolve_backend(engine, backend, config=config, lock=lock)
     kwargs = {"what": engine, "backend": backend, "config": config, "lock": lock}
     if engine == "llama.cpp":
         # Reuse a finished build of the locked source that has llama-server (e.g. from

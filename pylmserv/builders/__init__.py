@@ -6,9 +6,11 @@ CMake, no hashing of the tree. Heavy modules are imported only past that point.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import platform as _platform
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -40,6 +42,7 @@ class BuildResult:
     notes: Tuple[str, ...] = ()  # warnings and mapping decisions worth telling the user
     dry_run: bool = False
     current: Optional[Path] = None  # the `current` link of this engine/backend, default prefix only
+    auto: Optional[str] = None  # --backend auto: what it chose and why
 
     @property
     def paths(self) -> Dict[str, Path]:
@@ -52,7 +55,7 @@ class BuildResult:
             "paths": {k: str(v) for k, v in sorted(self.binaries.items())}, "key": self.key,
             "source": str(self.source) if self.source else None, "commands": list(self.commands),
             "current": str(self.current) if self.current else None, "notes": list(self.notes),
-            "dry_run": self.dry_run,
+            "dry_run": self.dry_run, "auto": self.auto,
         }
 
 
@@ -62,7 +65,16 @@ def build(what: str = "llama.cpp", backend: str = "cpu", targets: Optional[Seque
           force: bool = False, dry_run: bool = False, source_dir: Optional[Path] = None,
           config: Optional[Path] = None, lock: Optional[Path] = None, module_only: bool = False,
           cuda_blas: Optional[str] = None) -> BuildResult:
-    """Build `what` for `backend`; a no-op (cache_hit=True) when the stamp says it is done."""
+    """Build `what` for `backend` ("auto": what this machine has, see resolve_backend); a no-op
+    (cache_hit=True) when the stamp says it is done."""
+    backend, choice = resolve_backend(what, backend, source_dir=source_dir, config=config, lock=lock)
+    result = _build(what, backend, targets, cuda_arch, gpu_targets, portable, jobs, prefix, cmake_args, force,
+                    dry_run, source_dir, config, lock, module_only, cuda_blas)
+    return dataclasses.replace(result, auto=choice.describe()) if choice is not None else result
+
+
+def _build(what, backend, targets, cuda_arch, gpu_targets, portable, jobs, prefix, cmake_args, force, dry_run,
+           source_dir, config, lock, module_only, cuda_blas) -> BuildResult:
     if what == "llamafile":
         from .llamafile import build_llamafile
 
@@ -88,9 +100,42 @@ def build(what: str = "llama.cpp", backend: str = "cpu", targets: Optional[Seque
 
 def build_llama_cpp(output_dir, cuda: bool = False, backend: Optional[str] = None, jobs: Optional[int] = None,
                     force: bool = False, **kwargs) -> BuildResult:
-    """Seed-compatible entry: build llama.cpp and install its binaries under `output_dir`/bin."""
-    return build("llama.cpp", backend=backend or ("cuda" if cuda else "cpu"), jobs=jobs,
+    """Seed-compatible entry: build llama.cpp and install its binaries under `output_dir`/bin.
+    cuda=True meant "CUDA if available": that is --backend auto (cuda on an NVIDIA machine
+    with a usable toolkit, else the best this machine has)."""
+    return build("llama.cpp", backend=backend or ("auto" if cuda else "cpu"), jobs=jobs,
                  prefix=Path(output_dir), force=force, **kwargs)
+
+
+def resolve_backend(what: str, backend: str, source_dir: Optional[Path] = None, config: Optional[Path] = None,
+                    lock: Optional[Path] = None):
+    """(backend, BackendChoice or None): "auto" becomes what doctor's detection finds usable
+    here (toolchain.choose_backend); the choice and its reasons are logged."""
+    if backend != "auto":
+        return backend, None
+    from . import toolchain as tc
+
+    min_hip = tc.DEFAULT_MIN_HIP
+    tree = Path(source_dir) if source_dir else (_stored_llama_source(config, lock) if what == "llama.cpp" else None)
+    if tree is not None:
+        min_hip = tc.required_hip_version(tree) or min_hip
+    choice = tc.choose_backend(what, min_hip=min_hip)
+    log.warning("%s", choice.describe())
+    return choice.backend, choice
+
+
+def _stored_llama_source(config, lock) -> Optional[Path]:
+    """The locked llama.cpp tree when it is already in the store (auto reads its HIP minimum)."""
+    from ..config import load_project
+    from ..paths import home
+    from ..sources import store_path
+
+    try:
+        entry = load_project(config, lock).lock.entry("sources", SOURCE_NAME)
+    except ConfigError:
+        return None
+    path = store_path(entry, home()) if entry is not None and entry.mode == "nar" else None
+    return path if path is not None and path.is_dir() else None
 
 
 class LlamaCppBuild:
@@ -143,15 +188,26 @@ class LlamaCppBuild:
 
         req = self.req
         cuda_archs: Tuple[str, ...] = ()
+        nvcc_archs: Tuple[str, ...] = ()
         gfx: Tuple[str, ...] = ()
-        if req.backend == "cuda" and not req.cuda_arch:
-            cuda_archs = tuple(sorted({g.arch for g in tc.detect_nvidia_gpus()}))
+        cublas_wheel = None
+        if req.backend == "cuda":
+            nvcc = tc.Tool("nvcc", tc.which("nvcc"))  # stat only: no version probe on the fast path
+            cublas = tc.detect_cublas(nvcc)
+            if cublas.origin == "pip-wheel":
+                cublas_wheel = (cublas.path, cublas.include or "")
+            if not req.cuda_arch:
+                cuda_archs = tuple(sorted({g.arch for g in tc.detect_nvidia_gpus()}))
+                if not cuda_archs and nvcc.found:
+                    rc, out = tc.default_run([nvcc.path, "--list-gpu-arch"])
+                    nvcc_archs = tuple(sorted(set(re.findall(r"compute_(\d+)", out)), key=int)) if rc == 0 else ()
         if req.backend == "rocm" and not req.gpu_targets:
             gfx = tc.detect_rocm().gfx_targets
         return Detected(platform=sys.platform, openssl=tc.detect_openssl_headers(),
                         blas_vendor=tc.detect_blas() if req.backend == "blas" else None,
                         cuda_archs=cuda_archs, gfx_targets=gfx,
-                        source_date_epoch="SOURCE_DATE_EPOCH" in os.environ)
+                        source_date_epoch="SOURCE_DATE_EPOCH" in os.environ, nvcc_archs=nvcc_archs,
+                        cublas_wheel=cublas_wheel)
 
     def _inputs(self) -> dict:
         from .llama_cpp import MAPPING_VERSION
@@ -164,7 +220,8 @@ class LlamaCppBuild:
             "gpu_targets": req.gpu_targets, "portable": req.portable, "cmake_args": list(req.cmake_args),
             "build_type": req.build_type, "platform": f"{sys.platform}-{_platform.machine()}",
             "detected": {"openssl": det.openssl, "blas": det.blas_vendor, "cuda_archs": list(det.cuda_archs),
-                         "gfx": list(det.gfx_targets)},
+                         "gfx": list(det.gfx_targets), "nvcc_archs": list(det.nvcc_archs),
+                         "cublas_wheel": list(det.cublas_wheel) if det.cublas_wheel else None},
         }
 
     # -- the pipeline -------------------------------------------------------------------
@@ -208,6 +265,11 @@ class LlamaCppBuild:
             features = scan_features(source) if source.is_dir() else builtin_features(self.rev)
             if not source.is_dir():
                 notes.append(f"source not fetched yet (dry run fetches nothing): would fetch {self.entry.url}")
+        if source.is_dir():
+            try:
+                source_checks(self.req.backend, tc, source, self.req.cmake_args)
+            except ToolMissingError as exc:
+                notes.append(f"preflight would fail: {exc.message}")
         mapping, cmds, _ = self._plan(tc, source, features)
         detected = tuple(tc.describe()) + (f"options: {features.origin}",)
         return BuildResult("llama.cpp", self.req.backend, {}, self.build_dir, self._prefix_dir(),
@@ -230,6 +292,7 @@ class LlamaCppBuild:
             from ..sources import ensure_source
 
             source = ensure_source(self.entry, self.home)
+        source_checks(self.req.backend, tc, source, self.req.cmake_args)  # before configure: minutes before the compiler would fail
         features = scan_features(source)
         mapping, cmds, benv = self._plan(tc, source, features)
         for note in mapping.notes:
@@ -286,3 +349,30 @@ class LlamaCppBuild:
         return BuildResult("llama.cpp", self.req.backend, installed, self.build_dir, prefix,
                            time.monotonic() - self.start, cache_hit, self.key, source, commands, (),
                            tuple(notes), current=current)
+
+
+def source_checks(backend: str, tc, source: Path, cmake_args: Sequence[str] = ()) -> None:
+    """What the pinned source needs of the toolkit, read from the source itself: the HIP
+    version its ggml-hip/CMakeLists.txt requires, the vk:: names its ggml-vulkan uses.
+    Raises ToolMissingError (one line, the ways out in the hint); doctor says the same."""
+    from . import toolchain as tcm
+
+    if backend == "rocm":
+        rocm = tc.extra["rocm"]
+        needed = tcm.required_hip_version(source)
+        if needed and rocm.hipcc.found:
+            problem = tcm.hip_too_old(rocm.hipcc, tcm.hip_version(rocm.hipcc), needed,
+                                      "ggml/src/ggml-hip/CMakeLists.txt")
+            if problem:
+                raise ToolMissingError(f"cannot build llama.cpp (rocm): {problem}",
+                                       hint="Install a newer ROCm and put its bin/ first on PATH (or set ROCM_PATH), "
+                                            "then rerun; `pylmserv doctor --backend rocm` checks it.")
+    elif backend == "vulkan":
+        sdk = tc.extra.get("vulkan_sdk") or tcm.detect_vulkan_sdk()
+        for arg in cmake_args:  # headers the user points CMake at (e.g. a pinned Vulkan-Headers tree)
+            m = re.match(r"(?:-D)?Vulkan_INCLUDE_DIR(?::\w+)?=(.+)", arg)
+            if m:
+                sdk = tcm.detect_vulkan_sdk(include_dirs=[Path(m.group(1))])
+        problem = tcm.vulkan_headers_too_old(source, sdk)
+        if problem:
+            raise ToolMissingError(f"cannot build llama.cpp (vulkan): {problem}", hint=tcm.VULKAN_WAYS_OUT)

@@ -428,6 +428,9 @@ class Toolchain:
                 lines.append(f"rocm: {value.rocm_path or 'not found'}; gfx targets: {','.join(value.gfx_targets) or 'none detected'}")
             elif isinstance(value, Xcode):
                 lines.append(f"xcode: {value.developer_dir or 'not found'}; metal compiler: {'yes' if value.metal else 'no'}")
+            elif isinstance(value, VulkanSdk):
+                lines.append(f"vulkan headers: {value.headers or 'not found'} ({version_str(value.header_version)}); "
+                             f"spirv-headers: {'yes' if value.spirv_headers else 'no'}; loader: {value.loader or 'not found'}")
             elif key == "nvidia_gpus":
                 lines.append("nvidia gpus: " + (", ".join(f"{g.name} (sm_{g.arch})" for g in value) or "none detected"))
             elif key == "gpu_vendors":
@@ -449,6 +452,7 @@ def detect_toolchain(backend: str, env=None, run: Runner = default_run, platform
         extra["rocm"] = detect_rocm(env, run)
     elif backend == "vulkan":
         extra["glslc"] = detect_glslc(env, run)
+        extra["vulkan_sdk"] = detect_vulkan_sdk(env, run)
     elif backend == "metal":
         extra["xcode"] = detect_xcode(env, run, platform)
     elif backend == "blas":
@@ -511,3 +515,255 @@ def elf_symbols_of_object(path: Path, run: Runner = default_run) -> List[str]:
     """Undefined symbols of a relocatable object (`nm -u`; objects have no dynamic table)."""
     rc, out = run(["nm", "-u", str(path)], PROBE_TIMEOUT)
     return [ln.split()[-1] for ln in out.splitlines() if ln.strip()] if rc == 0 else []
+
+
+# -- ROCm/HIP version: what hipcc is, what the source needs ------------------------------------
+
+DEFAULT_MIN_HIP = (6, 1)  # current llama.cpp (ggml/src/ggml-hip/CMakeLists.txt), used before the source is fetched
+
+
+def hip_version(hipcc: Tool, run: Runner = default_run) -> Optional[Tuple[int, ...]]:
+    """HIP version from `hipcc --version` ("HIP version: 5.2.21153-0"). Debian's hipcc also
+    prints nvcc's banner when nvcc is installed: only the HIP line counts."""
+    if not hipcc.found:
+        return None
+    rc, out = run([hipcc.path, "--version"], PROBE_TIMEOUT)
+    m = re.search(r"HIP version:\s*(\d+)\.(\d+)(?:\.(\d+))?", out)
+    return tuple(int(x) for x in m.groups() if x is not None) if m else None
+
+
+def required_hip_version(source: Path) -> Optional[Tuple[int, ...]]:
+    """The minimum HIP version a llama.cpp tree's ggml-hip/CMakeLists.txt enforces
+    (`if (${hip_VERSION} VERSION_LESS 6.1) message(FATAL_ERROR ...)`)."""
+    for rel in ("ggml/src/ggml-hip/CMakeLists.txt", "ggml/src/ggml-cuda/CMakeLists.txt", "CMakeLists.txt"):
+        try:
+            text = (Path(source) / rel).read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        m = re.search(r"hip_VERSION\}?\s+VERSION_LESS\s+\"?(\d+(?:\.\d+)*)", text)
+        if m:
+            return tuple(int(x) for x in m.group(1).split("."))
+    return None
+
+
+def hip_too_old(hipcc: Tool, found: Optional[Tuple[int, ...]], needed: Tuple[int, ...],
+                needed_from: str) -> Optional[str]:
+    """One line when the HIP toolkit is older than the source needs; None when it fits."""
+    if found is None or tuple(found[:len(needed)]) >= tuple(needed):
+        return None
+    return (f"ROCm/HIP {version_str(found)} found ({hipcc.path}), but this llama.cpp needs HIP >= "
+            f"{version_str(needed)} ({needed_from}); get ROCm {version_str(needed)}+ from AMD "
+            "(https://rocm.docs.amd.com, amdgpu-install) or `nix develop .#rocm`, or use --backend vulkan")
+
+
+# -- Vulkan: devices, the SDK packages, and whether the headers are new enough ---------------------
+
+@dataclass(frozen=True)
+class VulkanDevice:
+    name: str
+    kind: str  # PHYSICAL_DEVICE_TYPE_DISCRETE_GPU | _INTEGRATED_GPU | _CPU | ...
+
+    @property
+    def software(self) -> bool:
+        """A rasterizer running on the CPU (lavapipe/llvmpipe, SwiftShader): works, slowly."""
+        return self.kind.endswith("_CPU") or bool(re.search(r"llvmpipe|lavapipe|swiftshader", self.name, re.I))
+
+
+def parse_vulkaninfo_summary(text: str) -> Tuple[VulkanDevice, ...]:
+    devices = []
+    for block in re.split(r"\n(?=GPU\d+:)", text):
+        name = re.search(r"deviceName\s*=\s*(.+)", block)
+        kind = re.search(r"deviceType\s*=\s*(\S+)", block)
+        if name:
+            devices.append(VulkanDevice(name.group(1).strip(), kind.group(1) if kind else "?"))
+    return tuple(devices)
+
+
+def detect_vulkan_devices(env=None, run: Runner = default_run) -> Optional[Tuple[VulkanDevice, ...]]:
+    """Devices from `vulkaninfo --summary`; None when vulkaninfo is missing or fails."""
+    exe = which("vulkaninfo", env)
+    if not exe:
+        return None
+    rc, out = run([exe, "--summary"], PROBE_TIMEOUT)
+    return parse_vulkaninfo_summary(out) if rc == 0 else None
+
+
+def vulkan_include_dirs(env=None) -> List[Path]:
+    env_ = env if env is not None else os.environ
+    dirs = [Path(env_["VULKAN_SDK"]) / "include"] if env_.get("VULKAN_SDK") else []
+    dirs += [Path(p) for p in env_.get("CPATH", "").split(os.pathsep) if p]
+    return dirs + [Path("/usr/local/include"), Path("/usr/include")]
+
+
+@dataclass(frozen=True)
+class VulkanSdk:
+    """What building ggml-vulkan needs, each with the Debian package that provides it."""
+
+    glslc: Tool
+    headers: Optional[str]  # include dir holding vulkan/vulkan.hpp
+    header_version: Optional[Tuple[int, ...]]  # 1.3.239
+    spirv_headers: bool
+    loader: Optional[str]  # libvulkan.so (the link-time loader)
+    icds: Tuple[str, ...]  # installable client drivers (/usr/share/vulkan/icd.d/*.json)
+
+    def missing(self) -> List[str]:
+        out = []
+        if not self.glslc.found:
+            out.append("glslc (apt-get install glslc)")
+        if not self.headers:
+            out.append("Vulkan C++ headers vulkan/vulkan.hpp (apt-get install libvulkan-dev)")
+        if not self.spirv_headers:
+            out.append("SPIR-V headers (apt-get install spirv-headers)")
+        if not self.loader:
+            out.append("the Vulkan loader libvulkan.so (apt-get install libvulkan-dev)")
+        return out
+
+
+def detect_vulkan_sdk(env=None, run: Runner = default_run, include_dirs: Optional[Sequence[Path]] = None,
+                      lib_dirs: Optional[Sequence[Path]] = None,
+                      icd_dirs: Sequence[Path] = (Path("/usr/share/vulkan/icd.d"), Path("/etc/vulkan/icd.d"))) -> VulkanSdk:
+    env_ = env if env is not None else os.environ
+    incs = list(include_dirs) if include_dirs is not None else vulkan_include_dirs(env)
+    headers = next((str(d) for d in incs if (d / "vulkan" / "vulkan.hpp").is_file()), None)
+    version = None
+    if headers:
+        try:
+            core = (Path(headers) / "vulkan" / "vulkan_core.h").read_text(errors="replace")
+            patch = re.search(r"#define VK_HEADER_VERSION (\d+)", core)
+            major_minor = re.search(r"VK_HEADER_VERSION_COMPLETE VK_MAKE_API_VERSION\(0, (\d+), (\d+)", core)
+            if patch and major_minor:
+                version = (int(major_minor.group(1)), int(major_minor.group(2)), int(patch.group(1)))
+        except OSError:
+            pass
+    spirv = any((d / "spirv" / "unified1" / "spirv.hpp").is_file() for d in incs)
+    libs = list(lib_dirs) if lib_dirs is not None else (
+        ([Path(env_["VULKAN_SDK"]) / "lib"] if env_.get("VULKAN_SDK") else [])
+        + [Path("/usr/lib/x86_64-linux-gnu"), Path("/usr/lib/aarch64-linux-gnu"), Path("/usr/lib64"),
+           Path("/usr/lib"), Path("/usr/local/lib")])
+    loader = next((str(d / "libvulkan.so") for d in libs if (d / "libvulkan.so").exists()), None)
+    icds = tuple(sorted(str(p) for d in icd_dirs if Path(d).is_dir() for p in Path(d).glob("*.json")))
+    return VulkanSdk(detect_glslc(env, run), headers, version, spirv, loader, icds)
+
+
+def vulkan_names_used(source: Path) -> Dict[str, str]:
+    """`vk::` names ggml-vulkan uses unconditionally: name -> first "file:line". Uses inside
+    #if blocks are left out (the source guards newer extensions with VK_* macros)."""
+    used: Dict[str, str] = {}
+    root = Path(source)
+    files = sorted((root / "ggml" / "src" / "ggml-vulkan").glob("*.cpp")) or sorted(root.glob("ggml-vulkan*.cpp"))
+    for path in files:
+        depth = 0
+        for i, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            s = line.strip()
+            if re.match(r"#\s*if", s):
+                depth += 1
+            elif re.match(r"#\s*endif", s):
+                depth = max(0, depth - 1)
+            elif depth == 0:
+                for name in re.findall(r"\bvk::(\w+)", line):
+                    used.setdefault(name, f"{path.relative_to(root)}:{i}")
+    return used
+
+
+def vulkan_header_gaps(source: Path, headers: str) -> Dict[str, str]:
+    """The vk:: names the source uses that the installed C++ headers do not declare."""
+    declared = set()
+    for hpp in Path(headers, "vulkan").glob("*.hpp"):
+        declared.update(re.findall(r"\b[A-Za-z_]\w*\b", hpp.read_text(encoding="utf-8", errors="replace")))
+    return {n: where for n, where in vulkan_names_used(source).items() if n not in declared}
+
+
+def vulkan_headers_too_old(source: Path, sdk: VulkanSdk) -> Optional[str]:
+    """One line when the installed Vulkan headers lack names the source uses; None when they fit."""
+    if not sdk.headers:
+        return None
+    gaps = vulkan_header_gaps(source, sdk.headers)
+    if not gaps:
+        return None
+    names = sorted(gaps)
+    shown = ", ".join(f"vk::{n}" for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return (f"Vulkan headers {version_str(sdk.header_version)} in {sdk.headers} are too old for this llama.cpp: "
+            f"they lack {shown} (used at {gaps[names[0]]})")
+
+
+VULKAN_WAYS_OUT = ("Install newer Vulkan headers (the LunarG Vulkan SDK, or libvulkan-dev from a newer distro), "
+                   "use `nix develop .#vulkan`, or pin KhronosGroup/Vulkan-Headers as a source and pass "
+                   "--cmake-arg -DVulkan_INCLUDE_DIR=<its include dir>; or build --backend cpu.")
+
+
+# -- --backend auto ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BackendChoice:
+    backend: str
+    reason: str  # one line: why this backend
+    passed_over: Tuple[str, ...] = ()  # why the better ones were not taken
+
+    def describe(self) -> str:
+        tail = f" (not taken: {'; '.join(self.passed_over)})" if self.passed_over else ""
+        return f"--backend auto chose {self.backend}: {self.reason}{tail}"
+
+
+def choose_backend(engine: str = "llama.cpp", env=None, run: Runner = default_run, platform: str = sys.platform,
+                   machine: Optional[str] = None, sysfs: Path = Path("/sys/class/drm"),
+                   min_hip: Tuple[int, ...] = DEFAULT_MIN_HIP, vulkan_sdk: Optional[VulkanSdk] = None) -> BackendChoice:
+    """The backend this machine can build and run best, as doctor sees it: an NVIDIA GPU
+    with a usable CUDA toolkit -> cuda; an AMD GPU with ROCm >= `min_hip` -> rocm; a
+    hardware Vulkan device with the SDK -> vulkan (llama.cpp); Apple silicon -> metal
+    (llama.cpp); else cpu, or blas when OpenBLAS is there (llama.cpp). The toolkit of a
+    vendor is only probed when that vendor's GPU is present: no nvcc on an AMD machine."""
+    import platform as _pf
+
+    machine = machine or _pf.machine()
+    llama = engine == "llama.cpp"
+    if platform == "darwin":
+        if llama and machine in ("arm64", "aarch64"):
+            return BackendChoice("metal", "Apple silicon")
+        return BackendChoice("cpu", "macOS" + (": llamafile uses Metal at run time by itself" if not llama else
+                                              " on Intel: no Metal backend worth building"))
+    passed: List[str] = []
+    vendors = detect_gpu_vendors(env, run, sysfs, platform)
+    if "nvidia" in vendors:
+        gpus = detect_nvidia_gpus(env, run)
+        names = ", ".join(f"{g.name} (sm_{g.arch})" for g in gpus) or "NVIDIA GPU (PCI)"
+        nvcc = detect_nvcc(env, run)
+        if not nvcc.found:
+            passed.append(f"cuda: {names} but no CUDA toolkit (nvcc)")
+        else:
+            cublas = detect_cublas(nvcc, env) if llama else None
+            if cublas is not None and not cublas.found:
+                passed.append(f"cuda: {names}, nvcc {version_str(nvcc.version)} but no cuBLAS "
+                              "(pip install nvidia-cublas, or the toolkit's libcublas-dev)")
+            else:
+                return BackendChoice("cuda", f"{names}; nvcc {version_str(nvcc.version)} at {nvcc.path}"
+                                     + (f"; cuBLAS at {cublas.path}" if cublas is not None else ""), tuple(passed))
+    if "amd" in vendors:
+        rocm = detect_rocm(env, run)
+        targets = ", ".join(rocm.gfx_targets) or "AMD GPU (PCI)"
+        found = hip_version(rocm.hipcc, run)
+        if not rocm.hipcc.found:
+            passed.append(f"rocm: {targets} but no ROCm (hipcc)")
+        elif found is None or tuple(found[:len(min_hip)]) < tuple(min_hip):
+            passed.append(f"rocm: {targets} but HIP {version_str(found)} < {version_str(min_hip)} needed")
+        else:
+            return BackendChoice("rocm", f"{targets}; HIP {version_str(found)} at {rocm.hipcc.path}", tuple(passed))
+    if llama:
+        devices = detect_vulkan_devices(env, run)
+        if devices:
+            hardware = [d for d in devices if not d.software]
+            if not hardware:
+                passed.append("vulkan: only a software rasterizer (" + ", ".join(d.name for d in devices)
+                              + "): slower than the CPU backend")
+            else:
+                sdk = vulkan_sdk or detect_vulkan_sdk(env, run)
+                if sdk.missing():
+                    passed.append(f"vulkan: {hardware[0].name} but missing " + ", ".join(sdk.missing()))
+                else:
+                    return BackendChoice("vulkan", f"Vulkan device {hardware[0].name}; glslc and headers "
+                                         f"{version_str(sdk.header_version)} installed", tuple(passed))
+        blas = detect_blas(platform)
+        if blas:
+            return BackendChoice("blas", f"no usable GPU; {blas} found", tuple(passed))
+        return BackendChoice("cpu", "no usable GPU and no OpenBLAS (apt-get install libopenblas-dev for blas)",
+                             tuple(passed))
+    return BackendChoice("cpu", "no usable GPU", tuple(passed))

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import click
 
-BACKENDS = ("cpu", "blas", "cuda", "rocm", "vulkan", "metal")
+BACKENDS = ("auto", "cpu", "blas", "cuda", "rocm", "vulkan", "metal")
 
 
 @click.command("build", help="Build llama.cpp (CMake, any backend) or llamafile from the locked source. "
                              "A no-op when the stamped build is up to date.")
 @click.argument("what", required=False, default="llama.cpp", type=click.Choice(["llama.cpp", "llamafile"]))
 @click.option("--backend", default="cpu", show_default=True, type=click.Choice(BACKENDS),
-              help="GPU/CPU backend to build for.")
+              help="GPU/CPU backend to build for; auto: what this machine has (prints what it chose and why).")
 @click.option("--target", "targets", multiple=True, metavar="T",
               help="CMake target to build (repeatable; default llama-cli, llama-server, llama-bench).")
 @click.option("--cuda-arch", metavar="LIST", help="CUDA architectures, e.g. 86 or 80;89 (default: detected GPUs).")
