@@ -232,9 +232,42 @@ def glslc(bin_dir: Path) -> Path:
     ''')
 
 
+# Real GPU tools a development machine may have in /usr/bin (Debian's hipcc 5.2, rocminfo,
+# vulkaninfo, glslc: scripts/setup-dev.sh installs them): hidden from stand-in machines.
+GPU_TOOLS = frozenset({"nvidia-smi", "nvcc", "rocminfo", "rocm_agent_enumerator", "rocm-smi", "hipcc", "hipcc.pl",
+                       "hipconfig", "hipconfig.pl", "amdclang", "vulkaninfo", "glslc", "glslangValidator"})
+_SYSTEM_DIRS = ("/usr/local/sbin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
+_MASKED: dict = {}
+
+
+def system_bin_without_gpu_tools() -> str:
+    """One directory of links to the system's executables (python, cc, git, ...) minus GPU_TOOLS."""
+    import tempfile
+
+    key = os.getuid() if hasattr(os, "getuid") else 0
+    if key in _MASKED:
+        return _MASKED[key]
+    out = Path(tempfile.mkdtemp(prefix="pylmserv-sysbin-"))
+    for d in _SYSTEM_DIRS:
+        try:
+            names = sorted(os.listdir(d))
+        except OSError:
+            continue
+        for name in names:
+            target = out / name
+            if name in GPU_TOOLS or os.path.lexists(target):
+                continue
+            src = os.path.join(d, name)
+            if os.path.isfile(src) and os.access(src, os.X_OK):
+                os.symlink(src, target)
+    _MASKED[key] = str(out)
+    return str(out)
+
+
 def path_with(*dirs: Path, base: Optional[str] = None) -> str:
-    """A PATH of the given dirs then the system dirs that hold python/cc/git (not GPU tools)."""
-    system = base if base is not None else os.pathsep.join(["/usr/local/sbin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"])
+    """A PATH of the given dirs then the system's tools that are not GPU tools (isolated: a
+    real hipcc/vulkaninfo in /usr/bin does not leak into a stand-in machine)."""
+    system = base if base is not None else system_bin_without_gpu_tools()
     return os.pathsep.join([str(d) for d in dirs] + [system])
 
 
