@@ -19,7 +19,8 @@ import pytest
 
 from pylmserv.archive import extract
 from pylmserv.builders import toolchain as tc
-from pylmserv.builders.llamafile import check_gpu_module_links, write_driver_stub
+from pylmserv.builders.llamafile import write_driver_stub
+from pylmserv.builders.toolchain import check_gpu_links as check_gpu_module_links
 from pylmserv.config import Lock, LockEntry
 from pylmserv.errors import BuildError
 from pylmserv.hashing import Hash

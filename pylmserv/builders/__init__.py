@@ -240,11 +240,41 @@ class LlamaCppBuild:
         from .llama_cpp import backend_env, make_commands, map_options
 
         mapping = map_options(self.req, features, self.detected, self.rev)
+        stub = self._driver_stub(tc)
+        if stub is not None:
+            # ggml-cuda links CUDA::cuda_driver (VMM); FindCUDAToolkit looks for it in stubs/
+            mapping = dataclasses.replace(
+                mapping, defines=mapping.defines + (("CUDA_cuda_driver_LIBRARY", str(stub)),),
+                notes=mapping.notes + (f"this CUDA toolkit has no stubs/libcuda.so: linking against a generated "
+                                       f"stub {stub} (SONAME libcuda.so.1, the driver's exports from cuda.h)",))
         launcher = tc.ccache.path if tc.ccache.found else None
         env = backend_env(self.req.backend, tc.extra.get("rocm"))
         cmds = make_commands(tc.cmake.path or "cmake", tc.ninja.path, source, self.build_dir, mapping,
                              self.req.targets, self.req.jobs, launcher, self.req.backend, env)
         return mapping, cmds, env
+
+    def _driver_stub(self, tc) -> Optional[Path]:
+        """Where the libcuda link stub goes when the toolkit has none (NVIDIA's PyPI wheels)."""
+        from . import toolchain as tcm
+
+        nvcc = tc.extra.get("nvcc")
+        if self.req.backend != "cuda" or nvcc is None or not nvcc.found or tcm.find_cuda_stubs(nvcc) is not None:
+            return None
+        return self.build_dir / "cuda-stubs" / "libcuda.so"
+
+    def _check_cuda_links(self, tc, outputs: Dict[str, Path], stub: Optional[Path]) -> None:
+        """readelf/nm: every cu*/cublas* symbol the binaries use comes from a NEEDED library."""
+        from . import toolchain as tcm
+
+        nvcc = tc.extra["nvcc"]
+        dirs = [stub.parent] if stub is not None else []
+        cublas = tc.extra.get("cublas")
+        if cublas is not None and cublas.found:
+            dirs.append(Path(cublas.path).parent)
+        for root in tcm.cuda_roots(nvcc):
+            dirs += [root / "lib64", root / "lib64" / "stubs", *sorted(root.glob("targets/*/lib"))]
+        for name, path in sorted(outputs.items()):
+            tcm.check_gpu_links(path, [d for d in dirs if d.is_dir()])
 
     def _dry_run(self) -> BuildResult:
         from .llama_cpp import builtin_features, preflight, scan_features
@@ -304,6 +334,15 @@ class LlamaCppBuild:
                 if stamps.is_up_to_date(stamp, self.req.targets, inputs=self.inputs):
                     return self._finish(stamp.output_paths(), cache_hit=True, notes=("built by a concurrent run",))
             stamps.remove_stamp(self.stamp_path)  # a failed build must not look done
+            stub = self._driver_stub(tc)
+            if stub is not None:
+                from . import toolchain as tcm
+
+                header = tcm.find_cuda_header(tc.extra["nvcc"])
+                if header is None:
+                    raise ToolMissingError(f"the CUDA toolkit of {tc.extra['nvcc'].path} has neither stubs/libcuda.so "
+                                           "nor include/cuda.h", hint="Install the full CUDA toolkit (cuda-toolkit).")
+                tcm.write_cuda_driver_stub(tcm.cuda_header_driver_symbols(header), stub)
             log_file = self.build_dir / LOG_NAME
             log_file.write_text(f"# pylmserv build llama.cpp ({self.req.backend}) {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
             env = dict(os.environ)
@@ -322,6 +361,8 @@ class LlamaCppBuild:
             if missing:
                 raise BuildError(f"the build finished but produced no {', '.join(missing)}; log: {log_file}",
                                  hint="Check the --target names (e.g. llama-cli, llama-server, llama-bench).")
+            if self.req.backend == "cuda":
+                self._check_cuda_links(tc, outputs, stub)
             stamp = stamps.make_stamp(self.inputs, outputs, seconds=seconds,
                                       extra={"commands": cmds.lines(), "defines": dict(mapping.defines),
                                              "source": str(source), "toolchain": tc.describe()})

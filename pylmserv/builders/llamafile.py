@@ -478,6 +478,7 @@ class LlamafileBuild:
 
     def _build_gpu(self, plan: Plan, source: Path, log_file: Path, outputs: Dict[str, Path]) -> None:
         from ..packer import embed_files
+        from . import toolchain as tc
         from .llama_cpp import run_logged
 
         if not plan.gpu_sources:
@@ -504,7 +505,7 @@ class LlamafileBuild:
         if not plan.gpu_dso.is_file():
             raise BuildError(f"{plan.gpu[-1].what} produced no {plan.gpu_dso}; log: {log_file}")
         if self.backend == "cuda":
-            check_gpu_module_links(plan.gpu_dso, plan.link_dirs)
+            tc.check_gpu_links(plan.gpu_dso, plan.link_dirs)
         for name in EMBED_INTO:
             if name in outputs:
                 embed_files(outputs[name], [(plan.gpu_dso.name, plan.gpu_dso)])
@@ -646,41 +647,13 @@ def _split(value: Optional[str]) -> Tuple[str, ...]:
 # -- the CUDA module's link line ------------------------------------------------------------------
 
 _DRIVER_SYMBOL = re.compile(r"cu[A-Z][A-Za-z0-9_]*\Z")
-GPU_SYMBOLS = r"cu[A-Z]|cublas"  # driver API and cuBLAS; the runtime (cuda*) is linked statically
 
 
 def write_driver_stub(obj: Path, stub: Path, cc: Optional[str] = None) -> Path:
-    """A link-time stand-in for the driver's libcuda.so: a tiny shared object with SONAME
-    libcuda.so.1 exporting the cu* symbols `obj` leaves undefined (what a toolkit's
-    stubs/libcuda.so is). At run time the driver's own libcuda.so.1 is loaded instead."""
+    """The link-time libcuda stub for `obj`: exactly the cu* driver symbols it leaves undefined."""
     from . import toolchain as tc
 
     names = sorted({s for s in tc.elf_symbols_of_object(obj) if _DRIVER_SYMBOL.match(s)})
-    stub.parent.mkdir(parents=True, exist_ok=True)
-    c_file = stub.parent / "libcuda-stub.c"
-    c_file.write_text("/* pylmserv: link-time stub of the CUDA driver (SONAME libcuda.so.1); never loaded. */\n"
-                      + "".join(f"void {n}(void) {{}}\n" for n in names))
-    cc = cc or tc.detect_compilers()[0].path or "cc"
-    rc, out = tc.default_run([cc, "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", str(stub), str(c_file)], 120)
-    if rc != 0 or not stub.is_file():
-        raise BuildError(f"cannot build the libcuda link stub with {cc}: {out.strip()[:300]}")
-    return stub
+    return tc.write_cuda_driver_stub(names, stub, cc)
 
 
-def check_gpu_module_links(dso: Path, search_dirs) -> None:
-    """Every undefined cu*/cublas* symbol of `dso` must come from a NEEDED library, or
-    dlopen fails on every real machine (checked with readelf -d and nm -D)."""
-    from . import toolchain as tc
-
-    missing, found = tc.unprovided_symbols(dso, GPU_SYMBOLS, list(search_dirs) + _system_lib_dirs())
-    if missing:
-        shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
-        raise BuildError(f"{dso.name} leaves {shown} undefined and no NEEDED library "
-                         f"({', '.join(sorted(found)) or 'none'}) provides them: dlopen would fail",
-                         hint="The link line needs -lcuda (and -lcublas with cuBLAS); this is a pylmserv bug, "
-                              "please report it with the build log.")
-
-
-def _system_lib_dirs() -> List[Path]:
-    return [Path(d) for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/lib")
-            if Path(d).is_dir()]

@@ -767,3 +767,67 @@ def choose_backend(engine: str = "llama.cpp", env=None, run: Runner = default_ru
         return BackendChoice("cpu", "no usable GPU and no OpenBLAS (apt-get install libopenblas-dev for blas)",
                              tuple(passed))
     return BackendChoice("cpu", "no usable GPU", tuple(passed))
+
+
+# -- the CUDA driver stub: link against libcuda where the toolkit ships no stubs/ -----------------
+
+def cuda_header_driver_symbols(cuda_h: Path) -> List[str]:
+    """Every driver API function cuda.h declares, under both its plain and its versioned
+    name (`#define cuMemAlloc cuMemAlloc_v2`: the library exports the latter)."""
+    text = Path(cuda_h).read_text(encoding="utf-8", errors="replace")
+    names = set(re.findall(r"\bCUDAAPI\s+(cu[A-Z]\w*)\s*\(", text))
+    names.update(re.findall(r"^\s*#\s*define\s+cu[A-Z]\w*\s+(cu[A-Z]\w*)\s*$", text, re.M))
+    return sorted(names)
+
+
+def find_cuda_header(nvcc: Tool, env=None) -> Optional[Path]:
+    for root in cuda_roots(nvcc, env):
+        for cand in (root / "include" / "cuda.h", *sorted(root.glob("targets/*/include/cuda.h"))):
+            if cand.is_file():
+                return cand
+    return None
+
+
+def write_cuda_driver_stub(names: Sequence[str], stub: Path, cc: Optional[str] = None) -> Path:
+    """A link-time stand-in for the driver's libcuda.so: a tiny shared object with SONAME
+    libcuda.so.1 exporting `names` (what a toolkit's stubs/libcuda.so is). Binaries record
+    NEEDED libcuda.so.1; at run time the driver's own library is loaded, never this one."""
+    from ..errors import BuildError
+
+    bad = [n for n in names if not re.fullmatch(r"cu[A-Z]\w*", n)]
+    if bad:
+        raise BuildError(f"refusing to write a libcuda stub with odd symbol names: {', '.join(bad[:3])}")
+    stub = Path(stub)
+    stub.parent.mkdir(parents=True, exist_ok=True)
+    c_file = stub.parent / "libcuda-stub.c"
+    c_file.write_text("/* pylmserv: link-time stub of the CUDA driver (SONAME libcuda.so.1); never loaded. */\n"
+                      + "".join(f"void {n}(void) {{}}\n" for n in names))
+    cc = cc or detect_compilers()[0].path or "cc"
+    tmp = stub.with_name(stub.name + ".tmp")
+    rc, out = default_run([cc, "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", str(tmp), str(c_file)], 300)
+    if rc != 0 or not tmp.is_file():
+        raise BuildError(f"cannot build the libcuda link stub with {cc}: {out.strip()[:300]}")
+    os.replace(tmp, stub)
+    return stub
+
+
+GPU_SYMBOLS = r"cu[A-Z]|cublas"  # driver API and cuBLAS (the runtime's cuda* may be static)
+
+
+def check_gpu_links(dso: Path, search_dirs) -> None:
+    """Every undefined cu*/cublas* symbol of `dso` must come from a NEEDED library, or
+    dlopen fails on every real machine (checked with readelf -d and nm -D)."""
+    from ..errors import BuildError
+
+    missing, found = unprovided_symbols(dso, GPU_SYMBOLS, list(search_dirs) + _system_lib_dirs())
+    if missing:
+        shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+        raise BuildError(f"{dso.name} leaves {shown} undefined and no NEEDED library "
+                         f"({', '.join(sorted(found)) or 'none'}) provides them: dlopen would fail",
+                         hint="The link line needs -lcuda (and -lcublas with cuBLAS); this is a pylmserv bug, "
+                              "please report it with the build log.")
+
+
+def _system_lib_dirs() -> List[Path]:
+    return [Path(d) for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/lib")
+            if Path(d).is_dir()]
