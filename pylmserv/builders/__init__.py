@@ -116,7 +116,7 @@ def resolve_backend(what: str, backend: str, source_dir: Optional[Path] = None, 
     from . import toolchain as tc
 
     min_hip = tc.DEFAULT_MIN_HIP
-    tree = Path(source_dir) if source_dir else (_stored_llama_source(config, lock) if what == "llama.cpp" else None)
+    tree = Path(source_dir) if source_dir else (stored_llama_source(config, lock) if what == "llama.cpp" else None)
     if tree is not None:
         min_hip = tc.required_hip_version(tree) or min_hip
     choice = tc.choose_backend(what, min_hip=min_hip)
@@ -124,7 +124,7 @@ def resolve_backend(what: str, backend: str, source_dir: Optional[Path] = None, 
     return choice.backend, choice
 
 
-def _stored_llama_source(config, lock) -> Optional[Path]:
+def stored_llama_source(config=None, lock=None) -> Optional[Path]:
     """The locked llama.cpp tree when it is already in the store (auto reads its HIP minimum)."""
     from ..config import load_project
     from ..paths import home
@@ -295,11 +295,10 @@ class LlamaCppBuild:
             features = scan_features(source) if source.is_dir() else builtin_features(self.rev)
             if not source.is_dir():
                 notes.append(f"source not fetched yet (dry run fetches nothing): would fetch {self.entry.url}")
-        if source.is_dir():
-            try:
-                source_checks(self.req.backend, tc, source, self.req.cmake_args)
-            except ToolMissingError as exc:
-                notes.append(f"preflight would fail: {exc.message}")
+        try:
+            source_checks(self.req.backend, tc, source if source.is_dir() else None, self.req.cmake_args)
+        except ToolMissingError as exc:
+            notes.append(f"preflight would fail: {exc.message}")
         mapping, cmds, _ = self._plan(tc, source, features)
         detected = tuple(tc.describe()) + (f"options: {features.origin}",)
         return BuildResult("llama.cpp", self.req.backend, {}, self.build_dir, self._prefix_dir(),
@@ -392,23 +391,24 @@ class LlamaCppBuild:
                            tuple(notes), current=current)
 
 
-def source_checks(backend: str, tc, source: Path, cmake_args: Sequence[str] = ()) -> None:
+def source_checks(backend: str, tc, source: Optional[Path], cmake_args: Sequence[str] = ()) -> None:
     """What the pinned source needs of the toolkit, read from the source itself: the HIP
-    version its ggml-hip/CMakeLists.txt requires, the vk:: names its ggml-vulkan uses.
+    version its ggml-hip/CMakeLists.txt requires, the vk:: names its ggml-vulkan uses
+    (source None: not fetched yet; ROCm is then held to current llama.cpp's minimum).
     Raises ToolMissingError (one line, the ways out in the hint); doctor says the same."""
     from . import toolchain as tcm
 
     if backend == "rocm":
         rocm = tc.extra["rocm"]
-        needed = tcm.required_hip_version(source)
+        needed = tcm.required_hip_version(source) if source is not None else tcm.DEFAULT_MIN_HIP
+        where = "ggml/src/ggml-hip/CMakeLists.txt" if source is not None else "current llama.cpp"
         if needed and rocm.hipcc.found:
-            problem = tcm.hip_too_old(rocm.hipcc, tcm.hip_version(rocm.hipcc), needed,
-                                      "ggml/src/ggml-hip/CMakeLists.txt")
+            problem = tcm.hip_too_old(rocm.hipcc, tcm.hip_version(rocm.hipcc), needed, where)
             if problem:
                 raise ToolMissingError(f"cannot build llama.cpp (rocm): {problem}",
                                        hint="Install a newer ROCm and put its bin/ first on PATH (or set ROCM_PATH), "
                                             "then rerun; `pylmserv doctor --backend rocm` checks it.")
-    elif backend == "vulkan":
+    elif backend == "vulkan" and source is not None:
         sdk = tc.extra.get("vulkan_sdk") or tcm.detect_vulkan_sdk()
         for arg in cmake_args:  # headers the user points CMake at (e.g. a pinned Vulkan-Headers tree)
             m = re.match(r"(?:-D)?Vulkan_INCLUDE_DIR(?::\w+)?=(.+)", arg)

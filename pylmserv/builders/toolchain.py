@@ -706,7 +706,8 @@ class BackendChoice:
 
 def choose_backend(engine: str = "llama.cpp", env=None, run: Runner = default_run, platform: str = sys.platform,
                    machine: Optional[str] = None, sysfs: Path = Path("/sys/class/drm"),
-                   min_hip: Tuple[int, ...] = DEFAULT_MIN_HIP, vulkan_sdk: Optional[VulkanSdk] = None) -> BackendChoice:
+                   min_hip: Tuple[int, ...] = DEFAULT_MIN_HIP, vulkan_sdk: Optional[VulkanSdk] = None,
+                   cublas_wheel_dirs: Optional[Sequence[Path]] = None) -> BackendChoice:
     """The backend this machine can build and run best, as doctor sees it: an NVIDIA GPU
     with a usable CUDA toolkit -> cuda; an AMD GPU with ROCm >= `min_hip` -> rocm; a
     hardware Vulkan device with the SDK -> vulkan (llama.cpp); Apple silicon -> metal
@@ -730,7 +731,7 @@ def choose_backend(engine: str = "llama.cpp", env=None, run: Runner = default_ru
         if not nvcc.found:
             passed.append(f"cuda: {names} but no CUDA toolkit (nvcc)")
         else:
-            cublas = detect_cublas(nvcc, env) if llama else None
+            cublas = detect_cublas(nvcc, env, wheel_dirs=cublas_wheel_dirs) if llama else None
             if cublas is not None and not cublas.found:
                 passed.append(f"cuda: {names}, nvcc {version_str(nvcc.version)} but no cuBLAS "
                               "(pip install nvidia-cublas, or the toolkit's libcublas-dev)")
