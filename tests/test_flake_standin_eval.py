@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from pylmserv.hashing import Hash
+from pylmserv.core.hashing import Hash
 from tests.support import flakeworld as fw
 
 if sys.version_info >= (3, 11):
