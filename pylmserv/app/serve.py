@@ -18,7 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
+from ..builders import binfmt, build
+from ..builders.llama_cpp import MAPPING_VERSION
 from ..core.errors import PylmservError, UsageError
+from ..pins.config import load_project
+from ..store import records as stamps
+from ..store.layout import home, subdir
+from .fetch_models import fetch
 
 log = logging.getLogger("pylmserv.serve")
 
@@ -113,13 +119,11 @@ def resolve_model(model: str, config: Optional[Path] = None, lock: Optional[Path
             raise UsageError(f"model file not found: {model}",
                              hint="Give an existing .gguf file or a catalog name (see `pylmserv list`).")
         return candidate.resolve()
-    from ..pins.config import load_project
 
     project = load_project(config, lock)
     if model not in project.config.models and model not in project.lock.models:
         names = ", ".join(sorted(set(project.config.models) | set(project.lock.models)))
         raise UsageError(f"unknown model {model!r}", hint=f"Use a .gguf path or one of: {names}.")
-    from .fetch_models import fetch
 
     results = fetch([model], config=config, lock=lock, offline=offline)
     return Path(results[0].path)
@@ -137,7 +141,6 @@ def resolve_server(engine: str, backend: str, server_bin: Optional[Path] = None,
             raise UsageError(f"server binary not found or not executable: {path}",
                              hint=f"Point --server-bin (or ${SERVER_BIN_ENV}) at a llama-server executable.")
         return path
-    from ..builders import build
 
     kwargs = {"what": engine, "backend": backend, "config": config, "lock": lock}
     if engine == "llama.cpp":
@@ -154,11 +157,6 @@ def existing_build_targets(backend: str, config: Optional[Path] = None, lock: Op
 
     Calling build() with those targets is then a cache hit: no second build for `serve`.
     """
-    from ..store import records as stamps
-    from ..builders.llama_cpp import MAPPING_VERSION
-    from ..pins.config import load_project
-    from ..store.layout import home
-
     entry = load_project(config, lock).lock.entry("sources", "llama-cpp")
     builds = home() / "builds"
     if entry is None or not builds.is_dir():
@@ -197,7 +195,6 @@ def _needs_shell(binary: Path, binfmt_dir: Optional[Path] = None) -> bool:
     """An APE (a llamafile) that execve() would hand to WINE or refuse (Linux binfmt_misc)."""
     if not sys.platform.startswith("linux"):
         return False
-    from ..builders import binfmt
 
     directory = binfmt_dir or os.environ.get(BINFMT_DIR_ENV) or None
     return binfmt.is_ape(binary) and not binfmt.read_binfmt(directory).direct_exec_ok
@@ -435,8 +432,6 @@ def _is_main_thread() -> bool:
 
 
 def default_log_file(port: int) -> Path:
-    from ..store.layout import subdir
-
     return subdir("logs") / f"llama-server-{port}.log"
 
 
