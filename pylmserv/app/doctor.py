@@ -20,6 +20,7 @@ from typing import Callable, List, Mapping, Optional, Sequence
 from ..builders import binfmt
 from ..builders import toolchain as tc
 from ..core.errors import PylmservError
+from ..core.proc import probe
 from ..core.version import __version__
 from ..pins.config import load_project
 from ..store import layout as paths
@@ -72,11 +73,7 @@ class Machine:
 
     def run(self, argv: Sequence[str]) -> Optional[subprocess.CompletedProcess]:
         """Run a probe command with this machine's environment; None if it cannot start."""
-        try:
-            return subprocess.run(list(argv), capture_output=True, text=True, errors="replace",
-                                  env=dict(self.environ), timeout=self.timeout, stdin=subprocess.DEVNULL)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
+        return probe(argv, timeout=self.timeout, env=self.environ)
 
     def runner(self, argv: Sequence[str], timeout: float = 20.0):
         """The (argv, timeout) -> (returncode, output) form toolchain's detectors take."""

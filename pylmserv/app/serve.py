@@ -20,6 +20,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 from ..builders import binfmt, build
 from ..builders.llama_cpp import MAPPING_VERSION
+from ..core import proc as proc_tools
 from ..core.errors import PylmservError, UsageError
 from ..pins.config import load_project
 from ..store import records as stamps
@@ -248,9 +249,9 @@ class ServerProcess:
             self._log_handle = open(log_file, "ab")
         out = self._log_handle if self._log_handle is not None else None
         try:
-            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out or sys.stderr.fileno(),
-                                         stderr=subprocess.STDOUT if out else None, start_new_session=True,
-                                         preexec_fn=_pdeathsig_setup(), env=env)
+            self.proc = proc_tools.start_group(self.argv, stdout=out or sys.stderr.fileno(),
+                                               stderr=subprocess.STDOUT if out else None,
+                                               preexec_fn=_pdeathsig_setup(), env=env)
         except OSError as exc:
             self._close_log()
             raise PylmservError(f"cannot start {self.argv[0]}: {exc.strerror}",
@@ -265,49 +266,17 @@ class ServerProcess:
         return self.proc.poll()
 
     def signal_group(self, sig: int) -> None:
-        try:
-            os.killpg(self.pgid, sig)
-        except ProcessLookupError:
-            pass
+        proc_tools.signal_group(self.pgid, sig)
 
     def group_alive(self) -> bool:
         """Does any process of the group still run? (Zombies awaiting their reaper run nothing.)"""
-        try:
-            os.killpg(self.pgid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        if not os.path.isdir("/proc/self"):
-            return True
-        return any(True for _ in _running_members(self.pgid))
+        return proc_tools.group_alive(self.pgid)
 
     def stop(self, sig: int = signal.SIGTERM, grace: float = STOP_GRACE_S) -> Optional[int]:
         """Signal the group, give the server `grace` seconds, then SIGKILL what remains of it."""
-        if self.proc.poll() is None or self.group_alive():
-            self.signal_group(sig)
-            self._wait(lambda: self.proc.poll() is not None, grace)
-            if self.group_alive():
-                # The server is gone but left children behind, or it ignored the signal.
-                if self.proc.poll() is None:
-                    log.warning("server did not stop within %.0fs; killing it", grace)
-                else:
-                    self.signal_group(signal.SIGTERM)
-                    self._wait(lambda: not self.group_alive(), min(grace, 2.0))
-                self.signal_group(signal.SIGKILL)
-                self._wait(lambda: self.proc.poll() is not None and not self.group_alive(), 5.0)
-        try:
-            code = self.proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL cannot be ignored
-            code = None
+        code = proc_tools.stop_group(self.proc, grace=grace, sig=sig)
         self._close_log()
         return code
-
-    @staticmethod
-    def _wait(done: Callable[[], bool], seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while not done() and time.monotonic() < deadline:
-            time.sleep(0.02)
 
     def _close_log(self) -> None:
         if self._log_handle is not None:
@@ -322,21 +291,6 @@ class ServerProcess:
             f.seek(max(0, f.tell() - 16384))
             text = f.read().decode("utf-8", "replace")
         return "\n".join(text.splitlines()[-lines:])
-
-
-def _running_members(pgid: int):
-    """PIDs of non-zombie processes in process group `pgid` (Linux /proc)."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        # fields after "(comm)": state, ppid, pgrp, ...
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            yield int(entry)
 
 
 def wait_healthy(server: ServerProcess, url: str, timeout: float, api_key: Optional[str] = None,
