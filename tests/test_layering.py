@@ -187,3 +187,19 @@ def test_the_checker_catches_what_it_is_for(source, expected):
                 inside = not any(node is n for n in tree.body)
                 found.append("up" if up else ("inside" if inside else None))
     assert found == [expected]
+
+
+def test_every_error_class_lives_in_core_errors():
+    """One exception family: no module but core/errors.py defines a public exception class
+    (private control-flow signals such as download's _Restart never leave their module)."""
+    bad = []
+    for path in ALL_FILES:
+        if module_name(path) == "pylmserv.core.errors":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and not node.name.startswith("_") and any(
+                    (isinstance(b, ast.Name) and b.id.endswith(("Error", "Exception", "NotFound")))
+                    or (isinstance(b, ast.Attribute) and b.attr.endswith(("Error", "Exception")))
+                    for b in node.bases):
+                bad.append(f"{module_name(path)}.{node.name}")
+    assert not bad, f"exception classes outside core/errors.py: {bad}"
