@@ -26,7 +26,7 @@ def world(nix, tmp_path, http_dir):
 
 
 def _override():
-    return ["--no-write-lock-file", "--override-input", "nixpkgs", f"path:{fw.STANDIN}"]
+    return fw.override_nixpkgs()
 
 
 def _build(world, output):
