@@ -66,13 +66,17 @@ assert lib.hasPrefix "sha256-" sri || throw "shells.nix: the cosmocc pin's hash 
     export CCACHE_DIR="''${CCACHE_DIR:-$HOME/.cache/ccache}"
 
     # pylmserv from the working tree: an editable install in a venv outside the tree.
-    pylmserv_root="$(git rev-parse --show-toplevel 2>/dev/null || pwd)"
-    if [ -f "$pylmserv_root/pyproject.toml" ] && grep -q '^name = "pylmserv"' "$pylmserv_root/pyproject.toml"; then
+    # compat mode: the tree goes on sys.path ahead of the Python env's site-packages.
+    pylmserv_root="$PWD"
+    while [ "$pylmserv_root" != / ] && ! grep -qs '^name = "pylmserv"' "$pylmserv_root/pyproject.toml"; do
+      pylmserv_root="$(dirname "$pylmserv_root")"
+    done
+    if [ "$pylmserv_root" != / ]; then
       pylmserv_venv="''${XDG_CACHE_HOME:-$HOME/.cache}/pylmserv-devshell/$(printf '%s' "$pylmserv_root" | cksum | cut -d' ' -f1)"
       if [ ! -x "$pylmserv_venv/bin/pylmserv" ]; then
         python -m venv --system-site-packages --without-pip "$pylmserv_venv" \
           && "$pylmserv_venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation --no-index \
-               -e "$pylmserv_root" >&2 \
+               --config-settings editable_mode=compat -e "$pylmserv_root" >&2 \
           || echo "pylmserv dev shell: editable install of $pylmserv_root failed" >&2
       fi
       export PATH="$pylmserv_venv/bin:$PATH"
