@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pylmserv.hashing import Hash, file_hash  # noqa: E402
-from pylmserv.nar import nar_hash  # noqa: E402
+from pylmserv.core.hashing import Hash, file_hash
+from pylmserv.core.nar import nar_hash
 
 DEFAULT_SDIST = Path.home() / ".cache" / "pylmserv-tests" / "llama_cpp_python-0.3.36.tar.gz"
 NIX_ENV = dict(os.environ, NIX_CONFIG="experimental-features = nix-command", NIX_REMOTE="")

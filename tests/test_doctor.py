@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pylmserv.doctor import FAIL, OK, WARN, Machine, check_lock, check_nix, check_store, diagnose
+from pylmserv.app.doctor import FAIL, OK, WARN, Machine, check_lock, check_nix, check_store, diagnose
 from tests.conftest import run_cli
 from tests.support import standin_tools as st
 
@@ -39,7 +39,7 @@ def by_name(checks):
 
 
 def gpu_checks(m, backend=None):
-    from pylmserv.doctor import check_gpus
+    from pylmserv.app.doctor import check_gpus
 
     return by_name(check_gpus(m, backend))
 
@@ -173,7 +173,7 @@ def test_missing_compilers_fail(tmp_path):
     bare.mkdir()
     m = Machine(environ={"PATH": str(bare)}, sysfs_drm=tmp_path, binfmt_dir=tmp_path / "x",
                 store_root=tmp_path / "store")
-    from pylmserv.doctor import check_build_tools
+    from pylmserv.app.doctor import check_build_tools
 
     checks = by_name(check_build_tools(m))
     assert checks["c-compiler"].status == FAIL and "apt-get install gcc" in checks["c-compiler"].hint
@@ -187,7 +187,7 @@ def test_missing_compilers_fail(tmp_path):
 
 
 def test_real_build_tools_of_this_machine(tmp_path):
-    from pylmserv.doctor import check_build_tools
+    from pylmserv.app.doctor import check_build_tools
 
     checks = by_name(check_build_tools(Machine.current(store_root=tmp_path)))
     assert checks["c-compiler"].status == OK
@@ -307,7 +307,7 @@ def test_lock_unreadable(tmp_path):
 # -- the whole report, the CLI ------------------------------------------------------------
 
 def test_diagnose_survives_a_broken_probe(tmp_path, monkeypatch):
-    import pylmserv.doctor as doctor
+    import pylmserv.app.doctor as doctor
 
     def boom(machine, backend):
         raise RuntimeError("probe exploded")
@@ -383,7 +383,7 @@ def fake_binfmt(root: Path, entries: dict, status: str = "enabled") -> Path:
 
 
 def binfmt_check(tmp_path, directory):
-    from pylmserv.doctor import check_binfmt
+    from pylmserv.app.doctor import check_binfmt
 
     return check_binfmt(machine(tmp_path, binfmt_dir=directory, system="Linux"))
 
@@ -441,7 +441,7 @@ def test_binfmt_not_mounted(tmp_path):
 
 
 def test_binfmt_skipped_off_linux(tmp_path):
-    from pylmserv.doctor import check_binfmt
+    from pylmserv.app.doctor import check_binfmt
 
     check = check_binfmt(machine(tmp_path, system="Darwin"))
     assert check.status == OK and "not used on Darwin" in check.detail
@@ -449,7 +449,7 @@ def test_binfmt_skipped_off_linux(tmp_path):
 
 def test_cli_prints_multi_line_fix(tmp_path, home, monkeypatch):
     """The human report prints each fix command on its own line."""
-    from pylmserv import doctor
+    from pylmserv.app import doctor
     from pylmserv.cli import cli
 
     d = fake_binfmt(tmp_path / "binfmt", {"wine": ("/usr/bin/wine", "4d5a")})

@@ -17,8 +17,8 @@ import shutil
 
 import pytest
 
-from pylmserv import nixmsg
-from pylmserv.hashing import Hash
+from pylmserv.pins import nixmsg
+from pylmserv.core.hashing import Hash
 from tests.support import flakeworld as fw
 from tests.support.httpserver import serve_directory
 from tests.support.nixenv import have_nix, nix_env

@@ -20,7 +20,7 @@ import sys
 
 import pytest
 
-from pylmserv.hashing import Hash
+from pylmserv.core.hashing import Hash
 from tests.support import flakeworld as fw
 from tests.support.nixenv import have_nix, nix_env
 

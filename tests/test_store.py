@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from pylmserv import store
-from pylmserv.errors import UsageError
-from pylmserv.hashing import Hash
-from pylmserv.paths import CACHEDIR_TAG
+from pylmserv.store import blobs as store
+from pylmserv.core.errors import UsageError
+from pylmserv.core.hashing import Hash
+from pylmserv.store.layout import CACHEDIR_TAG
 
 
 def _install(home, data: bytes, name="x"):

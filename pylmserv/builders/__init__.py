@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..errors import BuildError, ConfigError, ToolMissingError, UsageError
-from . import stamp as stamps
+from ..core.errors import BuildError, ConfigError, ToolMissingError, UsageError
+from ..store import records as stamps
 
 log = logging.getLogger("pylmserv.build")
 
@@ -93,7 +93,7 @@ class LlamaCppBuild:
     """One llama.cpp build: key -> (fast path | detect, preflight, fetch, configure, build) -> install."""
 
     def __init__(self, req, prefix=None, force=False, source_dir=None, config=None, lock=None):
-        from ..paths import home
+        from ..store.layout import home
 
         self.req = req
         self.force = force
@@ -119,7 +119,7 @@ class LlamaCppBuild:
     # -- identity ---------------------------------------------------------------------
 
     def _lock_entry(self):
-        from ..config import load_project
+        from ..pins.config import load_project
 
         project = load_project(self.config, self.lock)
         entry = project.lock.entry("sources", SOURCE_NAME)
@@ -198,7 +198,7 @@ class LlamaCppBuild:
         if self.source_dir is not None:
             source, features = self.source_dir, scan_features(self.source_dir)
         else:
-            from ..sources import store_path
+            from ..store.trees import store_path
 
             source = store_path(self.entry, self.home)
             features = scan_features(source) if source.is_dir() else builtin_features(self.rev)
@@ -223,7 +223,7 @@ class LlamaCppBuild:
         if self.source_dir is not None:
             source = self.source_dir
         else:
-            from ..sources import ensure_source
+            from ..store.trees import ensure_source
 
             source = ensure_source(self.entry, self.home)
         features = scan_features(source)

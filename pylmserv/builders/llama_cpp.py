@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
-from ..errors import BuildError, ToolMissingError, UsageError
+from ..core.errors import BuildError, ToolMissingError, UsageError
 
 log = logging.getLogger("pylmserv.build")
 

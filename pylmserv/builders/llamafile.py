@@ -40,9 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from .. import paths
-from ..errors import BuildError, ConfigError, ToolMissingError, UsageError
-from . import stamp as stamps
+from ..store import layout as paths
+from ..core.errors import BuildError, ConfigError, ToolMissingError, UsageError
+from ..store import records as stamps
 
 log = logging.getLogger("pylmserv.build")
 
@@ -140,7 +140,7 @@ def build_llamafile(backend: str = "cpu", jobs: Optional[int] = None, prefix: Op
 class LlamafileBuild:
     def __init__(self, backend, jobs, prefix, force, config, lock, source_dir, cuda_arch, gpu_targets,
                  cuda_blas, binfmt_dir):
-        from ..config import load_project
+        from ..pins.config import load_project
         from .cosmocc import find_entry
 
         self.backend, self.force = backend, force
@@ -293,7 +293,7 @@ class LlamafileBuild:
     def _source_path(self) -> Path:
         if self.source_dir is not None:
             return self.source_dir
-        from ..sources import store_path
+        from ..store.trees import store_path
 
         return store_path(self.entry, self.home)
 
@@ -307,7 +307,7 @@ class LlamafileBuild:
 
         self._preflight()
         if self.source_dir is None:
-            from ..sources import ensure_source
+            from ..store.trees import ensure_source
 
             source = ensure_source(self.entry, self.home)
         else:
@@ -389,7 +389,7 @@ class LlamafileBuild:
         os.replace(tmp, self.src)
 
     def _build_gpu(self, plan: Plan, source: Path, log_file: Path, outputs: Dict[str, Path]) -> None:
-        from ..packer import embed_files
+        from ..app.pack import embed_files
         from .llama_cpp import run_logged
 
         if not plan.gpu_sources:

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List
 
-from pylmserv.config import Lock, LockEntry, load_lock
-from pylmserv.hashing import Hash
-from pylmserv.nar import nar_hash
+from pylmserv.pins.config import Lock, LockEntry, load_lock
+from pylmserv.core.hashing import Hash
+from pylmserv.core.nar import nar_hash
 from tests.support import gitrepos
 from tests.support.gitrepos import GIT_ENV
 
@@ -224,8 +224,8 @@ def _git_repo(path: Path, salt: bytes, branch: str) -> str:
 
 def _pylmserv_hash(entry: LockEntry, work: Path) -> Hash:
     """The pin as pylmserv.sources computes it: its fetch + unpack (or git checkout), then NAR or flat."""
-    from pylmserv.hashing import file_hash
-    from pylmserv.sources import fetch_entry
+    from pylmserv.core.hashing import file_hash
+    from pylmserv.store.trees import fetch_entry
 
     work.mkdir(parents=True)
     saved = {k: os.environ.get(k) for k in GIT_ENV}
