@@ -160,8 +160,8 @@ def test_dev_shell_cosmocc_is_used_by_pylmserv_without_downloading(world, tmp_pa
     127.0.0.1) where pylmserv keeps verified blobs; pylmserv's own ensure_cosmocc then
     uses it with the download URL dead. Without the hook the same call fails."""
     from pylmserv.builders.cosmocc import ensure_cosmocc
-    from pylmserv.config import load_lock
-    from pylmserv.errors import PylmservError
+    from pylmserv.pins.config import load_lock
+    from pylmserv.core.errors import PylmservError
 
     zip_path = _build(world, "source-cosmocc-3_3_6")
     hook = _eval_raw(world.flake, "devShells.x86_64-linux.default.shellHook")
