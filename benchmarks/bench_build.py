@@ -78,8 +78,8 @@ def fresh_env(home: Path, ccache: Path) -> dict:
 def seed_source(home: Path, lock: Path) -> Path:
     """Fetch + verify the served source into `home` (not timed)."""
     os.environ["PYLMSERV_HOME"] = str(home)
-    from pylmserv.config import load_lock
-    from pylmserv.sources import ensure_source
+    from pylmserv.pins.config import load_lock
+    from pylmserv.store.trees import ensure_source
 
     return ensure_source(load_lock(lock).entry("sources", "llama-cpp"), home)
 

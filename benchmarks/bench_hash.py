@@ -1,9 +1,9 @@
 """Hashing speed vs the reference tools, measured in the same run.
 
   NAR sha256 of the real llama.cpp tree (vendor/llama.cpp of the llama-cpp-python sdist)
-      pylmserv.nar.nar_hash   vs  `nix-hash --type sha256 --base32`  and  `nix hash path`
+      pylmserv.core.nar.nar_hash   vs  `nix-hash --type sha256 --base32`  and  `nix hash path`
   flat sha256 of a 1 GiB file
-      pylmserv.hashing.file_hash  vs  `sha256sum`
+      pylmserv.core.hashing.file_hash  vs  `sha256sum`
 
 Each timing is the best of --repeat runs on a warm page cache (the first run warms it).
 The goal (issue 2): NAR hashing within 1.25x of nix-hash's wall time.
@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pylmserv.hashing import Hash, file_hash  # noqa: E402
-from pylmserv.nar import nar_hash  # noqa: E402
+from pylmserv.core.hashing import Hash, file_hash
+from pylmserv.core.nar import nar_hash
 
 DEFAULT_SDIST = Path.home() / ".cache" / "pylmserv-tests" / "llama_cpp_python-0.3.36.tar.gz"
 NIX_ENV = dict(os.environ, NIX_CONFIG="experimental-features = nix-command", NIX_REMOTE="")

@@ -16,18 +16,18 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+from .core.version import __version__
 
 _API = {
-    "prefetch": "pylmserv.locking",
-    "fetch": "pylmserv.models",
-    "download_models": "pylmserv.models",
+    "prefetch": "pylmserv.pins.prefetch",
+    "fetch": "pylmserv.app.fetch_models",
+    "download_models": "pylmserv.app.fetch_models",
     "build": "pylmserv.builders",
     "build_llama_cpp": "pylmserv.builders",
-    "pack": "pylmserv.packer",
-    "hash_path": "pylmserv.nar",
-    "Hash": "pylmserv.hashing",
-    "load_project": "pylmserv.config",
+    "pack": "pylmserv.app.pack",
+    "hash_path": "pylmserv.core.nar",
+    "Hash": "pylmserv.core.hashing",
+    "load_project": "pylmserv.pins.config",
 }
 
 __all__ = sorted(_API) + ["__version__"]

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from pylmserv.archive import detect_format, extract
-from pylmserv.errors import UsageError, VerificationError
-from pylmserv.hashing import Hash
-from pylmserv.nar import nar_hash
+from pylmserv.core.archive import detect_format, extract
+from pylmserv.core.errors import UsageError, VerificationError
+from pylmserv.core.hashing import Hash
+from pylmserv.core.nar import nar_hash
 
 
 # -- archive builders -----------------------------------------------------------------

@@ -272,7 +272,7 @@ def test_doctor_vulkan_real_machine_names_devices_and_software_rasterizer(home):
 
 
 def test_doctor_vulkan_standin_names_the_missing_packages(tmp_path):
-    from pylmserv.doctor import Machine, check_gpus
+    from pylmserv.app.doctor import Machine, check_gpus
 
     bins = tmp_path / "bin"
     st.vulkaninfo(bins)

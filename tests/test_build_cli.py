@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from pylmserv.builders import LlamaCppBuild, stamp as stamps
+from pylmserv.builders import LlamaCppBuild
+from pylmserv.store import records as stamps
 from pylmserv.builders.llama_cpp import Request
-from pylmserv.config import Lock, LockEntry
-from pylmserv.hashing import Hash
+from pylmserv.pins.config import Lock, LockEntry
+from pylmserv.core.hashing import Hash
 from tests.conftest import run_cli
 
 FAKE_NAR = Hash.parse("sha256-/VS3L3/j1LdGRc3eRUJVAzEr3gRjlpGZRU8dO2yOdlY=")
@@ -190,7 +191,7 @@ def test_step_timeout_kills_the_step_and_says_so(tmp_path):
     import time as _time
 
     from pylmserv.builders.llama_cpp import run_logged
-    from pylmserv.errors import BuildError
+    from pylmserv.core.errors import BuildError
 
     from pylmserv.builders.toolchain import detect_ninja
 

@@ -8,9 +8,8 @@ from __future__ import annotations
 import tarfile
 import pytest
 
-from pylmserv.builders.llama_cpp import (CMAKE_FILES, Detected, Request, builtin_features, make_commands,
-                                          map_options, scan_features, translate_arg)
-from pylmserv.errors import UsageError
+from pylmserv.builders.llama_cpp import CMAKE_FILES, Detected, Request, builtin_features, make_commands, map_options, scan_features, translate_arg
+from pylmserv.core.errors import UsageError
 from tests.support import llama_source
 
 

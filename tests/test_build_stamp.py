@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from pylmserv.builders import stamp as s
+from pylmserv.store import records as s
 
 
 def test_key_is_stable_and_order_independent():

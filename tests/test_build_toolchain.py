@@ -12,7 +12,7 @@ import pytest
 
 from pylmserv.builders import toolchain as tc
 from pylmserv.builders.llama_cpp import preflight
-from pylmserv.errors import ToolMissingError
+from pylmserv.core.errors import ToolMissingError
 
 NVIDIA_SMI_OUT = "NVIDIA GeForce RTX 3090, 8.6\nNVIDIA H100 80GB HBM3, 9.0\n"
 NVCC_OUT = """nvcc: NVIDIA (R) Cuda compiler driver

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from pylmserv.hashing import Hash
+from pylmserv.core.hashing import Hash
 from tests.conftest import run_cli
 from tests.support import gitrepos
 

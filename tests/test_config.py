@@ -6,9 +6,9 @@ import subprocess
 
 import pytest
 
-from pylmserv.config import LockEntry, Lock, load_config, load_lock, packaged_dir
-from pylmserv.errors import ConfigError
-from pylmserv.hashing import Hash
+from pylmserv.pins.config import LockEntry, Lock, load_config, load_lock, packaged_dir
+from pylmserv.core.errors import ConfigError
+from pylmserv.core.hashing import Hash
 
 REPO_ROOT = packaged_dir().parent.parent
 

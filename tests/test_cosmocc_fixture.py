@@ -11,9 +11,9 @@ import zipfile
 import pytest
 
 from pylmserv.builders.cosmocc import ensure_cosmocc, find_entry, fix_exec_bits, toolchain_dir
-from pylmserv.config import Lock, LockEntry, load_lock
-from pylmserv.errors import ConfigError, VerificationError
-from pylmserv.hashing import Hash, file_hash
+from pylmserv.pins.config import Lock, LockEntry, load_lock
+from pylmserv.core.errors import ConfigError, VerificationError
+from pylmserv.core.hashing import Hash, file_hash
 from tests.conftest import REPO
 from tests.support.cosmocc_fixture import build_cosmocc_zip, fixture_files
 

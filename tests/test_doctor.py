@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pylmserv.doctor import FAIL, OK, WARN, Machine, check_lock, check_nix, check_store, diagnose
+from pylmserv.app.doctor import FAIL, OK, WARN, Machine, check_lock, check_nix, check_store, diagnose
 from tests.conftest import run_cli
 from tests.support import standin_tools as st
 
@@ -26,7 +26,8 @@ SYSTEM_NVCC = Path("/usr/local/cuda/bin/nvcc")  # toolchain.detect_nvcc also loo
 
 
 def machine(tmp_path, *bins, **kw) -> Machine:
-    env = {"PATH": st.path_with(*bins), "HOME": str(tmp_path)}
+    """A Machine whose PATH holds the stand-ins in `bins` and this machine's non-GPU tools only."""
+    env = {"PATH": st.path_with(*(bins or [tmp_path / "bin"])), "HOME": str(tmp_path)}
     env.update(kw.pop("env", {}))
     kw.setdefault("sysfs_drm", tmp_path / "no-drm")
     kw.setdefault("binfmt_dir", tmp_path / "no-binfmt")
@@ -39,7 +40,7 @@ def by_name(checks):
 
 
 def gpu_checks(m, backend=None):
-    from pylmserv.doctor import check_gpus
+    from pylmserv.app.doctor import check_gpus
 
     return by_name(check_gpus(m, backend))
 
@@ -141,7 +142,7 @@ def test_standin_vulkan_needs_glslc(tmp_path):
     m = machine(tmp_path, bins)
     checks = gpu_checks(m, "vulkan")
     assert checks["gpu-vulkan"].detail == "devices: AMD Radeon RX 6600 (RADV NAVI23)"
-    assert checks["vulkan-toolkit"].status == FAIL and "glslc not found" in checks["vulkan-toolkit"].detail
+    assert checks["vulkan-toolkit"].status == FAIL and "glslc (apt-get install glslc)" in checks["vulkan-toolkit"].detail
     st.glslc(bins)
     assert gpu_checks(m, "vulkan")["vulkan-toolkit"].status == OK
 
@@ -173,21 +174,24 @@ def test_missing_compilers_fail(tmp_path):
     bare.mkdir()
     m = Machine(environ={"PATH": str(bare)}, sysfs_drm=tmp_path, binfmt_dir=tmp_path / "x",
                 store_root=tmp_path / "store")
-    from pylmserv.doctor import check_build_tools
+    from pylmserv.app.doctor import check_build_tools
 
     checks = by_name(check_build_tools(m))
     assert checks["c-compiler"].status == FAIL and "apt-get install gcc" in checks["c-compiler"].hint
     assert checks["c++-compiler"].status == FAIL
     assert checks["ccache"].status == WARN
-    # cmake/ninja fall back to the PyPI wheels when installed (the builder's bootstrap).
+    # cmake/ninja fall back to the PyPI wheels when installed (the builder's bootstrap):
+    # off PATH, the wheel is what doctor must find; without it, cmake is missing.
     import importlib.util
 
     if importlib.util.find_spec("cmake") is None:
         assert checks["cmake"].status == FAIL
+    else:
+        assert checks["cmake"].status == OK and "(pip-wheel)" in checks["cmake"].detail
 
 
 def test_real_build_tools_of_this_machine(tmp_path):
-    from pylmserv.doctor import check_build_tools
+    from pylmserv.app.doctor import check_build_tools
 
     checks = by_name(check_build_tools(Machine.current(store_root=tmp_path)))
     assert checks["c-compiler"].status == OK
@@ -307,7 +311,7 @@ def test_lock_unreadable(tmp_path):
 # -- the whole report, the CLI ------------------------------------------------------------
 
 def test_diagnose_survives_a_broken_probe(tmp_path, monkeypatch):
-    import pylmserv.doctor as doctor
+    import pylmserv.app.doctor as doctor
 
     def boom(machine, backend):
         raise RuntimeError("probe exploded")
@@ -350,7 +354,7 @@ def test_cli_fails_when_a_check_fails(tmp_path, home):
 def test_cli_backend_mismatch_standin(tmp_path, home):
     bins = tmp_path / "bin"
     st.rocminfo(bins)
-    env = {"PATH": st.path_with(bins, base=os.environ["PATH"].replace("/usr/local/bin", "/nonexistent"))}
+    env = {"PATH": st.path_with(bins)}
     proc = run_cli("doctor", "--json", "--backend", "cuda", env=env, cwd=REPO)
     checks = {c["name"]: c for c in json.loads(proc.stdout)["checks"]}
     assert checks["backend"]["status"] == "fail"
@@ -383,7 +387,7 @@ def fake_binfmt(root: Path, entries: dict, status: str = "enabled") -> Path:
 
 
 def binfmt_check(tmp_path, directory):
-    from pylmserv.doctor import check_binfmt
+    from pylmserv.app.doctor import check_binfmt
 
     return check_binfmt(machine(tmp_path, binfmt_dir=directory, system="Linux"))
 
@@ -441,7 +445,7 @@ def test_binfmt_not_mounted(tmp_path):
 
 
 def test_binfmt_skipped_off_linux(tmp_path):
-    from pylmserv.doctor import check_binfmt
+    from pylmserv.app.doctor import check_binfmt
 
     check = check_binfmt(machine(tmp_path, system="Darwin"))
     assert check.status == OK and "not used on Darwin" in check.detail
@@ -449,7 +453,7 @@ def test_binfmt_skipped_off_linux(tmp_path):
 
 def test_cli_prints_multi_line_fix(tmp_path, home, monkeypatch):
     """The human report prints each fix command on its own line."""
-    from pylmserv import doctor
+    from pylmserv.app import doctor
     from pylmserv.cli import cli
 
     d = fake_binfmt(tmp_path / "binfmt", {"wine": ("/usr/bin/wine", "4d5a")})

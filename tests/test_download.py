@@ -5,10 +5,10 @@ import os
 
 import pytest
 
-import pylmserv.download as dl
-from pylmserv.download import DiskSpaceError, download
-from pylmserv.errors import NetworkError, VerificationError
-from pylmserv.hashing import EMPTY_SHA256, Hash
+import pylmserv.transfer.download as dl
+from pylmserv.transfer.download import DiskSpaceError, download
+from pylmserv.core.errors import NetworkError, VerificationError
+from pylmserv.core.hashing import EMPTY_SHA256, Hash
 from tests.support.faultserver import fault_server
 
 MB = 1 << 20
@@ -290,7 +290,7 @@ def test_progress_logs_a_line_when_not_a_terminal(caplog):
     import io
     import logging
 
-    from pylmserv.progress import Progress
+    from pylmserv.core.progress import Progress
 
     caplog.set_level(logging.INFO, logger="pylmserv.progress")
     # Attach directly: an earlier in-process CLI run stops "pylmserv" propagating to root.

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from pylmserv import store
-from pylmserv.config import Lock, LockEntry, load_lock
-from pylmserv.errors import UsageError, VerificationError
-from pylmserv.hashing import Hash
-from pylmserv.models import fetch
+from pylmserv.store import blobs as store
+from pylmserv.pins.config import Lock, LockEntry, load_lock
+from pylmserv.core.errors import UsageError, VerificationError
+from pylmserv.core.hashing import Hash
+from pylmserv.app.fetch_models import fetch
 from tests.conftest import run_cli
 from tests.support.faultserver import fault_server
 from tests.test_gguf import write_gguf

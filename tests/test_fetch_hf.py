@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from pylmserv.config import Lock, LockEntry, load_lock
-from pylmserv.errors import NetworkError, UsageError
-from pylmserv.hashing import Hash
-from pylmserv.models import fetch, parse_hf
+from pylmserv.pins.config import Lock, LockEntry, load_lock
+from pylmserv.core.errors import NetworkError, UsageError
+from pylmserv.core.hashing import Hash
+from pylmserv.app.fetch_models import fetch, parse_hf
 from tests.conftest import run_cli
 from tests.support.hubstub import serve_hub
 from tests.test_gguf import write_gguf

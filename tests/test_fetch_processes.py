@@ -10,9 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-from pylmserv import store
-from pylmserv.config import Lock, LockEntry
-from pylmserv.hashing import Hash
+from pylmserv.store import blobs as store
+from pylmserv.pins.config import Lock, LockEntry
+from pylmserv.core.hashing import Hash
 from tests.conftest import run_cli
 from tests.support.faultserver import fault_server
 from tests.test_gguf import write_gguf

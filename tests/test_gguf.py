@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pylmserv.errors import VerificationError
-from pylmserv.gguf import check_split_set, read_header, split_info, split_names
+from pylmserv.core.errors import VerificationError
+from pylmserv.core.gguf import check_split_set, read_header, split_info, split_names
 
 
 def write_gguf(path: Path, *, tensors: int = 2, split: tuple = None, arch: str = "llama", pad: int = 0) -> Path:

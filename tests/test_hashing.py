@@ -6,8 +6,8 @@ import subprocess
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from pylmserv.errors import HashError
-from pylmserv.hashing import EMPTY_SHA256, SIZES, Hash, nix32_decode, nix32_encode
+from pylmserv.core.errors import HashError
+from pylmserv.core.hashing import EMPTY_SHA256, SIZES, Hash, nix32_decode, nix32_encode
 
 ALGOS = sorted(SIZES)
 

@@ -33,8 +33,8 @@ def tiny_gguf(path: Path, seed: int = 0) -> Path:
 
 def project_with_model(tmp_path: Path, url: str, model: Path, name: str = "tiny") -> Path:
     """A copy of the default catalog plus [models.NAME] pinned to `model` at `url`."""
-    from pylmserv.config import LockEntry, load_lock
-    from pylmserv.hashing import file_hash
+    from pylmserv.pins.config import LockEntry, load_lock
+    from pylmserv.core.hashing import file_hash
 
     d = tmp_path / "project"
     d.mkdir(exist_ok=True)
@@ -57,7 +57,7 @@ def entries_json(*args, **kw):
 def test_list_default_catalog_empty_store(home):
     data, by = entries_json(cwd=REPO)
     assert data["config"] == str(REPO / "pylmserv.toml")
-    from pylmserv.config import load_lock
+    from pylmserv.pins.config import load_lock
 
     pinned = load_lock(REPO / "pylmserv.lock").models["stories15m"]
     assert by["stories15m"]["locked"] is True

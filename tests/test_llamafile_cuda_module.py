@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from pylmserv.archive import extract
+from pylmserv.core.archive import extract
 from pylmserv.builders import toolchain as tc
 from pylmserv.builders.llamafile import write_driver_stub
 from pylmserv.builders.toolchain import check_gpu_links as check_gpu_module_links
-from pylmserv.config import Lock, LockEntry
-from pylmserv.errors import BuildError
-from pylmserv.hashing import Hash
+from pylmserv.pins.config import Lock, LockEntry
+from pylmserv.core.errors import BuildError
+from pylmserv.core.hashing import Hash
 from tests.conftest import run_cli
 
 FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "llamafile-0.8.4.tar.gz"

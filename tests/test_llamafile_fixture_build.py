@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from pylmserv.archive import extract
+from pylmserv.core.archive import extract
 from pylmserv.builders.llamafile import build_llamafile, default_llamafile
-from pylmserv.builders.stamp import STAMP_NAME
-from pylmserv.config import Lock, LockEntry
-from pylmserv.errors import BuildError, ConfigError, ToolMissingError
-from pylmserv.hashing import file_hash
-from pylmserv.nar import nar_hash
+from pylmserv.store.records import STAMP_NAME
+from pylmserv.pins.config import Lock, LockEntry
+from pylmserv.core.errors import BuildError, ConfigError, ToolMissingError
+from pylmserv.core.hashing import file_hash
+from pylmserv.core.nar import nar_hash
 from tests.conftest import run_cli
 from tests.support.cosmocc_fixture import build_cosmocc_zip
 from tests.support.llamafile_tree import write_tarball, write_tree

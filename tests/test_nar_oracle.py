@@ -9,8 +9,8 @@ import subprocess
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from pylmserv.hashing import Hash
-from pylmserv.nar import dump, hash_path, nar_hash
+from pylmserv.core.hashing import Hash
+from pylmserv.core.nar import dump, hash_path, nar_hash
 
 pytestmark = pytest.mark.nix
 

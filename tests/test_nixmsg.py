@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pylmserv.errors import HashError
-from pylmserv.hashing import Hash
-from pylmserv.nixmsg import got_hash, parse, strip_ansi
+from pylmserv.core.errors import HashError
+from pylmserv.core.hashing import Hash
+from pylmserv.pins.nixmsg import got_hash, parse, strip_ansi
 
 CORPUS = Path(__file__).parent / "data" / "nixmsg"
 EXPECTED = {k: v for k, v in json.loads((CORPUS / "expected.json").read_text()).items() if not k.startswith("_")}

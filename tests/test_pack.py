@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pylmserv.errors import PylmservError, UsageError
-from pylmserv.packer import pack
+from pylmserv.core.errors import PylmservError, UsageError
+from pylmserv.app.pack import pack
 from tests.conftest import run_cli
 
 UNZIP = shutil.which("unzip")
@@ -280,8 +280,8 @@ def test_pack_api_errors_are_pylmserv_errors(tmp_path):
 
 @pytest.mark.parametrize("mode", ["full", "sample"])
 def test_pack_verifier_detects_corrupted_data(tmp_path, mode):
-    from pylmserv.errors import VerificationError
-    from pylmserv.packer import verify_packed
+    from pylmserv.core.errors import VerificationError
+    from pylmserv.app.pack import verify_packed
 
     lf, _ = _inputs(tmp_path)
     model = tmp_path / "big.gguf"
@@ -332,5 +332,11 @@ def test_pack_real_full_disk_on_small_tmpfs(tmp_path):
         assert "Traceback" not in cli.stderr
         assert sorted(p.name for p in mnt.iterdir()) == ["old.llamafile"]
         assert (mnt / "old.llamafile").read_bytes() == b"the previous good file"
+        # The library raises the one disk-full error of the family (as fetch does).
+        from pylmserv.core.errors import DiskSpaceError
+
+        with pytest.raises(DiskSpaceError, match="No space left on device"):
+            pack(model, lf, mnt / "old.llamafile")
+        assert sorted(p.name for p in mnt.iterdir()) == ["old.llamafile"]
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True, timeout=30)

@@ -10,7 +10,7 @@ import struct
 import subprocess
 import zipfile
 
-from pylmserv.packer import U32, pack
+from pylmserv.app.pack import U32, pack
 from tests.test_pack import local_data_offset, make_llamafile
 
 

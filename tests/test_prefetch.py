@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from pylmserv.config import load_lock
-from pylmserv.errors import NetworkError, UsageError, VerificationError
-from pylmserv.hashing import Hash
-from pylmserv.locking import prefetch
+from pylmserv.pins.config import load_lock
+from pylmserv.core.errors import NetworkError, UsageError, VerificationError
+from pylmserv.core.hashing import Hash
+from pylmserv.pins.prefetch import prefetch
 from tests.support import gitrepos
 from tests.support.hubstub import serve_hub
 from tests.test_archive import MULTI_ROOT, RICH_TREE, write_tar, write_zip
@@ -203,7 +203,7 @@ def test_published_pin_mismatch_is_refused(tmp_path, http_dir):
 
 def test_unknown_name_and_packaged_default_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no pylmserv.toml here: the packaged catalog is used
-    from pylmserv.config import packaged_dir
+    from pylmserv.pins.config import packaged_dir
     before = (packaged_dir() / "pylmserv.lock").read_bytes()
     with pytest.raises(UsageError, match="refusing to write the packaged default lock") as exc:
         prefetch(["llama-cpp"])
@@ -308,12 +308,12 @@ def test_hf_private_plain_git_file_with_token_under_auto(tmp_path, monkeypatch, 
 
 def test_public_api_name():
     import pylmserv
-    import pylmserv.locking
-    assert pylmserv.prefetch is pylmserv.locking.prefetch
+    import pylmserv.pins.prefetch
+    assert pylmserv.prefetch is pylmserv.pins.prefetch.prefetch
 
 
 def test_resolve_ref_kinds(tmp_path, gitenv):
-    from pylmserv.resolvers.git import resolve_ref
+    from pylmserv.pins.resolvers.git import resolve_ref
 
     repo = gitrepos.make_repo(tmp_path / "r", {"a": "1"})
     first = gitrepos.head(repo)

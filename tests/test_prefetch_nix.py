@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from pylmserv.config import load_lock
-from pylmserv.errors import NetworkError, ToolMissingError, VerificationError
-from pylmserv.hashing import Hash
-from pylmserv.locking import prefetch
-from pylmserv.resolvers.nix import parse_prefetch_git, parse_prefetch_url
+from pylmserv.pins.config import load_lock
+from pylmserv.core.errors import NetworkError, ToolMissingError, VerificationError
+from pylmserv.core.hashing import Hash
+from pylmserv.pins.prefetch import prefetch
+from pylmserv.pins.resolvers.nix import parse_prefetch_git, parse_prefetch_url
 from tests.support import gitrepos
 
 DATA = Path(__file__).parent / "data" / "prefetch"

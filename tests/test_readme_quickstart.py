@@ -79,7 +79,7 @@ def test_quickstart_has_the_two_commands():
 
 
 def test_quickstart_model_is_in_the_catalog_and_locked():
-    from pylmserv.config import load_project
+    from pylmserv.pins.config import load_project
 
     model = shlex.split(blocks(section("quickstart"), "sh")[0])[-1]
     project = load_project(REPO / "pylmserv.toml")
@@ -160,8 +160,8 @@ def _copy_checkout(dest: Path) -> Path:
 
 @pytest.mark.slow
 def test_quickstart_main_job_offline_variant(tmp_path):
-    from pylmserv.config import LockEntry, load_lock, load_project
-    from pylmserv.hashing import file_hash
+    from pylmserv.pins.config import LockEntry, load_lock, load_project
+    from pylmserv.core.hashing import file_hash
     from tests.support import llama_source
     from tests.support.httpserver import serve_directory
     from tests.support.tinymodel import tiny_model

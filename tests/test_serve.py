@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from pylmserv.errors import UsageError
-from pylmserv.serve import (ServeOptions, ServerProcess, check_bind, is_loopback, server_command, urls_for)
+from pylmserv.core.errors import UsageError
+from pylmserv.app.serve import ServeOptions, ServerProcess, check_bind, is_loopback, server_command, urls_for
 from tests.conftest import run_cli
 from tests.support import standin_tools as st
 
@@ -283,7 +283,7 @@ def test_standin_llamafile_runs_through_sh_when_binfmt_cannot(tmp_path, model):
 
 
 def test_needs_shell_follows_binfmt(tmp_path):
-    from pylmserv.serve import _needs_shell
+    from pylmserv.app.serve import _needs_shell
 
     llamafile = st.ape_llamafile(tmp_path / "lf")
     ape = tmp_path / "ape"
@@ -301,10 +301,10 @@ def test_needs_shell_follows_binfmt(tmp_path):
 
 def test_existing_build_targets_picks_a_current_build_with_llama_server(tmp_path, home):
     """serve reuses any up-to-date build of the locked source that has llama-server."""
-    from pylmserv.builders import stamp as stamps
+    from pylmserv.store import records as stamps
     from pylmserv.builders.llama_cpp import MAPPING_VERSION
-    from pylmserv.config import load_project
-    from pylmserv.serve import existing_build_targets
+    from pylmserv.pins.config import load_project
+    from pylmserv.app.serve import existing_build_targets
 
     repo = Path(__file__).resolve().parent.parent
     source = load_project(repo / "pylmserv.toml").lock.sources["llama-cpp"].hash.sri

@@ -45,8 +45,8 @@ def built():
 
 
 def _source_tree(lock_path: str) -> Path:
-    from pylmserv.config import load_lock
-    from pylmserv.sources import store_path
+    from pylmserv.pins.config import load_lock
+    from pylmserv.store.trees import store_path
 
     entry = load_lock(Path(lock_path)).entry("sources", "llama-cpp")
     return store_path(entry, llama_source.PERSISTENT_HOME)

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from pylmserv.config import LockEntry
-from pylmserv.errors import NetworkError, VerificationError
-from pylmserv.hashing import Hash
-from pylmserv.nar import nar_hash
-from pylmserv.sources import ensure_source, store_path
+from pylmserv.pins.config import LockEntry
+from pylmserv.core.errors import NetworkError, VerificationError
+from pylmserv.core.hashing import Hash
+from pylmserv.core.nar import nar_hash
+from pylmserv.store.trees import ensure_source, store_path
 from tests.support import gitrepos
 from tests.test_archive import RICH_TREE, write_tar, write_zip
 
@@ -75,7 +75,7 @@ def test_github_entry_uses_mirror_env(home, http_dir, monkeypatch):
 
 
 def _tree_hash_via_extract(archive: Path, scratch: Path) -> Hash:
-    from pylmserv.archive import extract
+    from pylmserv.core.archive import extract
     return nar_hash(extract(archive, scratch / "oracle-tree", policy="tar", strip_single_root=True))
 
 
@@ -123,8 +123,8 @@ def test_concurrent_processes(home, http_dir, tmp_path):
     root, base = http_dir
     write_tar(root / "pkg.tar.gz", RICH_TREE)
     expected = _tree_hash_via_extract(root / "pkg.tar.gz", tmp_path)
-    code = ("import sys; from pylmserv.config import LockEntry; from pylmserv.hashing import Hash;"
-            "from pylmserv.sources import ensure_source;"
+    code = ("import sys; from pylmserv.pins.config import LockEntry; from pylmserv.core.hashing import Hash;"
+            "from pylmserv.store.trees import ensure_source;"
             f"e = LockEntry('sources', 'pkg', '{base}/pkg.tar.gz', Hash.parse('{expected.sri}'), 'nar',"
             " extra={'type': 'url', 'unpack': True}); print(ensure_source(e))")
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(3)]
@@ -156,8 +156,8 @@ def test_git_export_ignore_follows_builtins_fetchgit(home, tmp_path, nix, monkey
 def test_lock_held_too_long_is_a_clean_error(home, http_dir, monkeypatch):
     from filelock import FileLock
 
-    import pylmserv.sources as sources
-    from pylmserv.errors import PylmservError
+    import pylmserv.store.trees as sources
+    from pylmserv.core.errors import PylmservError
 
     root, base = http_dir
     (root / "f.bin").write_bytes(b"x")

@@ -2,7 +2,7 @@
 
 `build()` is the library entry point; `pylmserv build` is a thin layer over it. The
 up-to-date path reads the lock and one stamp file and returns: no toolchain probes, no
-CMake, no hashing of the tree. Heavy modules are imported only past that point.
+CMake, no hashing of the tree.
 """
 from __future__ import annotations
 
@@ -13,50 +13,28 @@ import platform as _platform
 import re
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..errors import BuildError, ConfigError, ToolMissingError, UsageError
-from . import stamp as stamps
+from ..core.errors import BuildError, ConfigError, ToolMissingError, UsageError
+from ..pins.config import load_project
+from ..store import records as stamps
+from ..store.layout import home
+from ..store.trees import ensure_source, store_path
+from . import toolchain as tc
+from .llama_cpp import (BACKENDS, BUILD_TIMEOUT, CONFIGURE_TIMEOUT, DEFAULT_TARGETS, LOG_NAME, MAPPING_VERSION,
+                        Detected, Request, backend_env, builtin_features, find_outputs, install_files,
+                        make_commands, map_options, point_current, preflight, run_logged, scan_features)
+from .llamafile import build_llamafile
+from .result import BuildResult
+from .toolchain import (DEFAULT_MIN_HIP, VULKAN_WAYS_OUT, check_gpu_links, cuda_header_driver_symbols, cuda_roots,
+                        detect_toolchain, detect_vulkan_sdk, find_cuda_header, find_cuda_stubs, hip_too_old,
+                        hip_version, required_hip_version, vulkan_headers_too_old, write_cuda_driver_stub)
 
 log = logging.getLogger("pylmserv.build")
 
 ENGINES = ("llama.cpp", "llamafile")
 SOURCE_NAME = "llama-cpp"  # the [sources.llama-cpp] entry of pylmserv.lock
-
-
-@dataclass(frozen=True)
-class BuildResult:
-    what: str
-    backend: str
-    binaries: Dict[str, Path]  # target -> installed path
-    build_dir: Path
-    prefix: Path
-    seconds: float
-    cache_hit: bool
-    key: str = ""
-    source: Optional[Path] = None
-    commands: Tuple[str, ...] = ()  # configure + build, one shell-quoted line each
-    detected: Tuple[str, ...] = ()  # what the toolchain detection found (dry runs, -v)
-    notes: Tuple[str, ...] = ()  # warnings and mapping decisions worth telling the user
-    dry_run: bool = False
-    current: Optional[Path] = None  # the `current` link of this engine/backend, default prefix only
-    auto: Optional[str] = None  # --backend auto: what it chose and why
-
-    @property
-    def paths(self) -> Dict[str, Path]:
-        return self.binaries
-
-    def to_json(self) -> dict:
-        return {
-            "what": self.what, "backend": self.backend, "cache_hit": self.cache_hit,
-            "seconds": round(self.seconds, 3), "build_dir": str(self.build_dir), "prefix": str(self.prefix),
-            "paths": {k: str(v) for k, v in sorted(self.binaries.items())}, "key": self.key,
-            "source": str(self.source) if self.source else None, "commands": list(self.commands),
-            "current": str(self.current) if self.current else None, "notes": list(self.notes),
-            "dry_run": self.dry_run, "auto": self.auto,
-        }
 
 
 def build(what: str = "llama.cpp", backend: str = "cpu", targets: Optional[Sequence[str]] = None,
@@ -76,8 +54,6 @@ def build(what: str = "llama.cpp", backend: str = "cpu", targets: Optional[Seque
 def _build(what, backend, targets, cuda_arch, gpu_targets, portable, jobs, prefix, cmake_args, force, dry_run,
            source_dir, config, lock, module_only, cuda_blas) -> BuildResult:
     if what == "llamafile":
-        from .llamafile import build_llamafile
-
         return build_llamafile(backend=backend, jobs=jobs, prefix=prefix, dry_run=dry_run, force=force,
                                config=config, lock=lock, source_dir=source_dir, cuda_arch=cuda_arch,
                                gpu_targets=gpu_targets, module_only=module_only, cuda_blas=cuda_blas or "tinyblas")
@@ -86,7 +62,6 @@ def _build(what, backend, targets, cuda_arch, gpu_targets, portable, jobs, prefi
                          hint="llama.cpp's CUDA backend always links cuBLAS.")
     if what != "llama.cpp":
         raise UsageError(f"unknown build target {what!r}", hint="Use `pylmserv build llama.cpp` or `pylmserv build llamafile`.")
-    from .llama_cpp import BACKENDS, DEFAULT_TARGETS, Request
 
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r}", hint="Use one of: " + ", ".join(BACKENDS) + ".")
@@ -113,8 +88,6 @@ def resolve_backend(what: str, backend: str, source_dir: Optional[Path] = None, 
     here (toolchain.choose_backend); the choice and its reasons are logged."""
     if backend != "auto":
         return backend, None
-    from . import toolchain as tc
-
     min_hip = tc.DEFAULT_MIN_HIP
     tree = Path(source_dir) if source_dir else (stored_llama_source(config, lock) if what == "llama.cpp" else None)
     if tree is not None:
@@ -126,10 +99,6 @@ def resolve_backend(what: str, backend: str, source_dir: Optional[Path] = None, 
 
 def stored_llama_source(config=None, lock=None) -> Optional[Path]:
     """The locked llama.cpp tree when it is already in the store (auto reads its HIP minimum)."""
-    from ..config import load_project
-    from ..paths import home
-    from ..sources import store_path
-
     try:
         entry = load_project(config, lock).lock.entry("sources", SOURCE_NAME)
     except ConfigError:
@@ -142,8 +111,6 @@ class LlamaCppBuild:
     """One llama.cpp build: key -> (fast path | detect, preflight, fetch, configure, build) -> install."""
 
     def __init__(self, req, prefix=None, force=False, source_dir=None, config=None, lock=None):
-        from ..paths import home
-
         self.req = req
         self.force = force
         self.prefix = Path(prefix).expanduser().resolve() if prefix else None
@@ -168,8 +135,6 @@ class LlamaCppBuild:
     # -- identity ---------------------------------------------------------------------
 
     def _lock_entry(self):
-        from ..config import load_project
-
         project = load_project(self.config, self.lock)
         entry = project.lock.entry("sources", SOURCE_NAME)
         if entry is None:
@@ -183,9 +148,6 @@ class LlamaCppBuild:
     def _cheap_detection(self):
         """Facts that change the -D switches. Stat calls, plus nvidia-smi/rocminfo only when
         the user left the GPU architecture to us."""
-        from .llama_cpp import Detected
-        from . import toolchain as tc
-
         req = self.req
         cuda_archs: Tuple[str, ...] = ()
         nvcc_archs: Tuple[str, ...] = ()
@@ -210,8 +172,6 @@ class LlamaCppBuild:
                         cublas_wheel=cublas_wheel)
 
     def _inputs(self) -> dict:
-        from .llama_cpp import MAPPING_VERSION
-
         req, det = self.req, self.detected
         source = self.entry.hash.sri if self.entry is not None else f"path:{self.source_dir}"
         return {
@@ -237,8 +197,6 @@ class LlamaCppBuild:
         return self._build()
 
     def _plan(self, tc, source: Path, features):
-        from .llama_cpp import backend_env, make_commands, map_options
-
         mapping = map_options(self.req, features, self.detected, self.rev)
         stub = self._driver_stub(tc)
         if stub is not None:
@@ -255,31 +213,24 @@ class LlamaCppBuild:
 
     def _driver_stub(self, tc) -> Optional[Path]:
         """Where the libcuda link stub goes when the toolkit has none (NVIDIA's PyPI wheels)."""
-        from . import toolchain as tcm
-
         nvcc = tc.extra.get("nvcc")
-        if self.req.backend != "cuda" or nvcc is None or not nvcc.found or tcm.find_cuda_stubs(nvcc) is not None:
+        if self.req.backend != "cuda" or nvcc is None or not nvcc.found or find_cuda_stubs(nvcc) is not None:
             return None
         return self.build_dir / "cuda-stubs" / "libcuda.so"
 
     def _check_cuda_links(self, tc, outputs: Dict[str, Path], stub: Optional[Path]) -> None:
         """readelf/nm: every cu*/cublas* symbol the binaries use comes from a NEEDED library."""
-        from . import toolchain as tcm
-
         nvcc = tc.extra["nvcc"]
         dirs = [stub.parent] if stub is not None else []
         cublas = tc.extra.get("cublas")
         if cublas is not None and cublas.found:
             dirs.append(Path(cublas.path).parent)
-        for root in tcm.cuda_roots(nvcc):
+        for root in cuda_roots(nvcc):
             dirs += [root / "lib64", root / "lib64" / "stubs", *sorted(root.glob("targets/*/lib"))]
         for name, path in sorted(outputs.items()):
-            tcm.check_gpu_links(path, [d for d in dirs if d.is_dir()])
+            check_gpu_links(path, [d for d in dirs if d.is_dir()])
 
     def _dry_run(self) -> BuildResult:
-        from .llama_cpp import builtin_features, preflight, scan_features
-        from .toolchain import detect_toolchain
-
         tc = detect_toolchain(self.req.backend)
         notes: List[str] = []
         try:
@@ -289,8 +240,6 @@ class LlamaCppBuild:
         if self.source_dir is not None:
             source, features = self.source_dir, scan_features(self.source_dir)
         else:
-            from ..sources import store_path
-
             source = store_path(self.entry, self.home)
             features = scan_features(source) if source.is_dir() else builtin_features(self.rev)
             if not source.is_dir():
@@ -308,9 +257,6 @@ class LlamaCppBuild:
     def _build(self) -> BuildResult:
         from filelock import FileLock
 
-        from .llama_cpp import BUILD_TIMEOUT, CONFIGURE_TIMEOUT, LOG_NAME, find_outputs, preflight, run_logged, scan_features
-        from .toolchain import detect_toolchain
-
         tc = detect_toolchain(self.req.backend)
         warnings = preflight(self.req.backend, tc)
         for w in warnings:
@@ -318,8 +264,6 @@ class LlamaCppBuild:
         if self.source_dir is not None:
             source = self.source_dir
         else:
-            from ..sources import ensure_source
-
             source = ensure_source(self.entry, self.home)
         source_checks(self.req.backend, tc, source, self.req.cmake_args)  # before configure: minutes before the compiler would fail
         features = scan_features(source)
@@ -335,13 +279,11 @@ class LlamaCppBuild:
             stamps.remove_stamp(self.stamp_path)  # a failed build must not look done
             stub = self._driver_stub(tc)
             if stub is not None:
-                from . import toolchain as tcm
-
-                header = tcm.find_cuda_header(tc.extra["nvcc"])
+                header = find_cuda_header(tc.extra["nvcc"])
                 if header is None:
                     raise ToolMissingError(f"the CUDA toolkit of {tc.extra['nvcc'].path} has neither stubs/libcuda.so "
                                            "nor include/cuda.h", hint="Install the full CUDA toolkit (cuda-toolkit).")
-                tcm.write_cuda_driver_stub(tcm.cuda_header_driver_symbols(header), stub)
+                write_cuda_driver_stub(cuda_header_driver_symbols(header), stub)
             log_file = self.build_dir / LOG_NAME
             log_file.write_text(f"# pylmserv build llama.cpp ({self.req.backend}) {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
             env = dict(os.environ)
@@ -377,8 +319,6 @@ class LlamaCppBuild:
         return self.home / "bin" / f"llama.cpp-{self.req.backend}" / self.key
 
     def _finish(self, outputs: Dict[str, Path], cache_hit: bool, notes=(), source=None, commands=()) -> BuildResult:
-        from .llama_cpp import install_files, point_current
-
         prefix = self._prefix_dir()
         bindir = prefix / "bin" if self.prefix is not None else prefix
         wanted = {t: outputs[t] for t in self.req.targets}
@@ -396,24 +336,22 @@ def source_checks(backend: str, tc, source: Optional[Path], cmake_args: Sequence
     version its ggml-hip/CMakeLists.txt requires, the vk:: names its ggml-vulkan uses
     (source None: not fetched yet; ROCm is then held to current llama.cpp's minimum).
     Raises ToolMissingError (one line, the ways out in the hint); doctor says the same."""
-    from . import toolchain as tcm
-
     if backend == "rocm":
         rocm = tc.extra["rocm"]
-        needed = tcm.required_hip_version(source) if source is not None else tcm.DEFAULT_MIN_HIP
+        needed = required_hip_version(source) if source is not None else DEFAULT_MIN_HIP
         where = "ggml/src/ggml-hip/CMakeLists.txt" if source is not None else "current llama.cpp"
         if needed and rocm.hipcc.found:
-            problem = tcm.hip_too_old(rocm.hipcc, tcm.hip_version(rocm.hipcc), needed, where)
+            problem = hip_too_old(rocm.hipcc, hip_version(rocm.hipcc), needed, where)
             if problem:
                 raise ToolMissingError(f"cannot build llama.cpp (rocm): {problem}",
                                        hint="Install a newer ROCm and put its bin/ first on PATH (or set ROCM_PATH), "
                                             "then rerun; `pylmserv doctor --backend rocm` checks it.")
     elif backend == "vulkan" and source is not None:
-        sdk = tc.extra.get("vulkan_sdk") or tcm.detect_vulkan_sdk()
+        sdk = tc.extra.get("vulkan_sdk") or detect_vulkan_sdk()
         for arg in cmake_args:  # headers the user points CMake at (e.g. a pinned Vulkan-Headers tree)
             m = re.match(r"(?:-D)?Vulkan_INCLUDE_DIR(?::\w+)?=(.+)", arg)
             if m:
-                sdk = tcm.detect_vulkan_sdk(include_dirs=[Path(m.group(1))])
-        problem = tcm.vulkan_headers_too_old(source, sdk)
+                sdk = detect_vulkan_sdk(include_dirs=[Path(m.group(1))])
+        problem = vulkan_headers_too_old(source, sdk)
         if problem:
-            raise ToolMissingError(f"cannot build llama.cpp (vulkan): {problem}", hint=tcm.VULKAN_WAYS_OUT)
+            raise ToolMissingError(f"cannot build llama.cpp (vulkan): {problem}", hint=VULKAN_WAYS_OUT)

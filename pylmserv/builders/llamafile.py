@@ -40,9 +40,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from .. import paths
-from ..errors import BuildError, ConfigError, ToolMissingError, UsageError
-from . import stamp as stamps
+from ..core.apezip import embed_files
+from ..core.errors import BuildError, ConfigError, ToolMissingError, UsageError
+from ..pins.config import load_project
+from ..store import layout as paths
+from ..store import records as stamps
+from ..store.trees import ensure_source, store_path
+from . import toolchain as tc
+from .binfmt import is_ape, read_binfmt
+from .cosmocc import Cosmocc, ensure_cosmocc, find_entry, toolchain_dir
+from .llama_cpp import install_files, point_current, run_logged
+from .result import BuildResult
 
 log = logging.getLogger("pylmserv.build")
 
@@ -153,9 +161,6 @@ def build_llamafile(backend: str = "cpu", jobs: Optional[int] = None, prefix: Op
 class LlamafileBuild:
     def __init__(self, backend, jobs, prefix, force, config, lock, source_dir, cuda_arch, gpu_targets,
                  cuda_blas, binfmt_dir, module_only=False):
-        from ..config import load_project
-        from .cosmocc import find_entry
-
         self.backend, self.force, self.module_only = backend, force, module_only
         self.jobs = jobs or os.cpu_count() or 1
         self.prefix = Path(prefix).expanduser().resolve() if prefix else None
@@ -221,14 +226,9 @@ class LlamafileBuild:
     # -- planning --------------------------------------------------------------------------
 
     def _toolchain_root(self) -> Path:
-        from .cosmocc import toolchain_dir
-
         return toolchain_dir(self.cosmocc_entry, self.home)
 
     def _plan(self, cosmocc_root: Optional[Path], source: Path, force_loader: bool = False) -> Plan:
-        from .binfmt import read_binfmt
-        from .cosmocc import Cosmocc
-
         if self.module_only:
             plan = Plan(exec_mode="none", binfmt_summary="", seed=self.src, module_only=True)
             self._plan_gpu(plan, source)
@@ -255,8 +255,6 @@ class LlamafileBuild:
         explicit architecture list. CUDA: compile, then link with upstream's libraries
         (`-lcuda`, plus `-lcublas` unless tinyBLAS): without -lcuda the module leaves the
         driver symbols (cuDeviceGet, cuMemCreate, ...) undefined and dlopen fails."""
-        from . import toolchain as tc
-
         gpu_dir = self.build_dir / "gpu"
         table = source / "llamafile" / "cuda.c"
         plan.gpu_sources = tuple(_gpu_sources(table)) if table.is_file() else ()
@@ -308,8 +306,6 @@ class LlamafileBuild:
         plan.gpu_dso = dso
 
     def _preflight(self) -> None:
-        from . import toolchain as tc
-
         if self.backend == "cuda" and not tc.detect_nvcc().found:
             raise ToolMissingError("--backend cuda needs nvcc (the CUDA toolkit), which was not found on PATH, "
                                    "in $CUDA_PATH/bin or /usr/local/cuda/bin",
@@ -327,8 +323,6 @@ class LlamafileBuild:
                                    hint="Install ROCm (hipcc) and put /opt/rocm/bin on PATH; or build --backend cpu.")
 
     def _dry_run(self):
-        from . import BuildResult
-
         notes: List[str] = []
         try:
             self._preflight()
@@ -353,7 +347,6 @@ class LlamafileBuild:
     def _source_path(self) -> Path:
         if self.source_dir is not None:
             return self.source_dir
-        from ..sources import store_path
 
         return store_path(self.entry, self.home)
 
@@ -362,13 +355,8 @@ class LlamafileBuild:
     def _build(self):
         from filelock import FileLock
 
-        from .cosmocc import ensure_cosmocc
-        from .llama_cpp import run_logged
-
         self._preflight()
         if self.source_dir is None:
-            from ..sources import ensure_source
-
             source = ensure_source(self.entry, self.home)
         else:
             source = self.source_dir
@@ -477,10 +465,6 @@ class LlamafileBuild:
         os.replace(tmp, self.src)
 
     def _build_gpu(self, plan: Plan, source: Path, log_file: Path, outputs: Dict[str, Path]) -> None:
-        from ..packer import embed_files
-        from . import toolchain as tc
-        from .llama_cpp import run_logged
-
         if not plan.gpu_sources:
             raise BuildError(f"{source / 'llamafile' / 'cuda.c'}: no list of GPU sources found; "
                              f"cannot compile {plan.gpu_dso.name} ahead of time",
@@ -519,9 +503,6 @@ class LlamafileBuild:
         return self.home / "bin" / f"{ENGINE}-{self.backend}" / self.key
 
     def _finish(self, outputs: Dict[str, Path], cache_hit: bool, notes=(), source=None, commands=()):
-        from . import BuildResult
-        from .llama_cpp import install_files, point_current
-
         prefix = self._prefix_dir()
         bindir = prefix / "bin" if self.prefix is not None else prefix
         installed = install_files(outputs, bindir)
@@ -537,8 +518,6 @@ def seed_cosmocc(seed: Path, cc, exec_mode: str) -> None:
     rule never runs: a symlink (direct mode) or a tree of links with loader shims for the
     APE tools (loader mode). Left alone when it already is what we want (make lists the
     directory as a prerequisite of every object: touching it would rebuild everything)."""
-    from .binfmt import is_ape
-
     want = {"mode": exec_mode, "cosmocc": str(cc.root), "loader": str(cc.loader())}
     marker = seed.parent / f"{seed.name}{SEED_MARKER}"
     if os.path.lexists(seed) and marker.is_file():
@@ -627,8 +606,6 @@ def _gpu_sources(cuda_c: Path) -> List[Tuple[str, str]]:
 def default_cuda_archs(nvcc: Optional[str] = None, run=None) -> Tuple[str, ...]:
     """PREFERRED_CUDA_ARCHS that this nvcc can target, in order; DEFAULT_CUDA_ARCHS when
     nvcc is missing or does not answer --list-gpu-arch (CUDA < 11)."""
-    from . import toolchain as tc
-
     exe = nvcc or tc.detect_nvcc().path
     if not exe:
         return DEFAULT_CUDA_ARCHS
@@ -651,8 +628,6 @@ _DRIVER_SYMBOL = re.compile(r"cu[A-Z][A-Za-z0-9_]*\Z")
 
 def write_driver_stub(obj: Path, stub: Path, cc: Optional[str] = None) -> Path:
     """The link-time libcuda stub for `obj`: exactly the cu* driver symbols it leaves undefined."""
-    from . import toolchain as tc
-
     names = sorted({s for s in tc.elf_symbols_of_object(obj) if _DRIVER_SYMBOL.match(s)})
     return tc.write_cuda_driver_stub(names, stub, cc)
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from ..core.errors import BuildError
+
 Runner = Callable[[Sequence[str], float], Tuple[int, str]]
 
 MIN_CMAKE = (3, 18)  # ggml-cuda needs 3.18; llama.cpp itself 3.14
@@ -793,8 +795,6 @@ def write_cuda_driver_stub(names: Sequence[str], stub: Path, cc: Optional[str] =
     """A link-time stand-in for the driver's libcuda.so: a tiny shared object with SONAME
     libcuda.so.1 exporting `names` (what a toolkit's stubs/libcuda.so is). Binaries record
     NEEDED libcuda.so.1; at run time the driver's own library is loaded, never this one."""
-    from ..errors import BuildError
-
     bad = [n for n in names if not re.fullmatch(r"cu[A-Z]\w*", n)]
     if bad:
         raise BuildError(f"refusing to write a libcuda stub with odd symbol names: {', '.join(bad[:3])}")
@@ -818,8 +818,6 @@ GPU_SYMBOLS = r"cu[A-Z]|cublas"  # driver API and cuBLAS (the runtime's cuda* ma
 def check_gpu_links(dso: Path, search_dirs) -> None:
     """Every undefined cu*/cublas* symbol of `dso` must come from a NEEDED library, or
     dlopen fails on every real machine (checked with readelf -d and nm -D)."""
-    from ..errors import BuildError
-
     missing, found = unprovided_symbols(dso, GPU_SYMBOLS, list(search_dirs) + _system_lib_dirs())
     if missing:
         shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")

@@ -79,9 +79,9 @@ def vendored_tarball(version: str = SDIST_VERSION) -> Path:
 
 def tarball_nar_hash(version: str = SDIST_VERSION):
     """NAR hash of the unpacked tarball (Nix fetchzip semantics), cached beside it."""
-    from pylmserv.archive import extract
-    from pylmserv.hashing import Hash, file_hash
-    from pylmserv.nar import nar_hash
+    from pylmserv.core.archive import extract
+    from pylmserv.core.hashing import Hash, file_hash
+    from pylmserv.core.nar import nar_hash
 
     tarball = vendored_tarball(version)
     flat = file_hash(tarball)
@@ -99,7 +99,7 @@ def tarball_nar_hash(version: str = SDIST_VERSION):
 
 def write_project(directory: Path, base_url: str, nar=None, version: str = SDIST_VERSION) -> Tuple[Path, Path]:
     """pylmserv.toml + pylmserv.lock in `directory` whose llama-cpp points at `base_url`."""
-    from pylmserv.config import Lock, LockEntry
+    from pylmserv.pins.config import Lock, LockEntry
 
     directory.mkdir(parents=True, exist_ok=True)
     url = f"{base_url.rstrip('/')}/{tarball_path(version).name}"

@@ -1,0 +1,608 @@
+"""`pylmserv doctor`: explain this machine before a build or a download fails on it.
+
+Every probe reads the machine through a `Machine` value (PATH, environment, the
+binfmt_misc directory, the store root, the disk-usage function, the OS name), so tests
+fabricate machines instead of patching globals. Tool detection that builds also need
+(compilers, cmake, GPUs, nvcc/hipcc/glslc) comes from pylmserv.builders.toolchain and
+binfmt_misc parsing from pylmserv.builders.binfmt; this module only judges and words it.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, List, Mapping, Optional, Sequence
+from ..builders import binfmt, source_checks, stored_llama_source
+from ..builders import toolchain as tc
+from ..builders.llama_cpp import preflight
+from ..core.errors import PylmservError, ToolMissingError
+from ..core.proc import probe
+from ..core.version import __version__
+from ..pins.config import load_project
+from ..store import layout as paths
+
+OK, WARN, FAIL = "ok", "warn", "fail"
+GiB = 1 << 30
+# Below this much free space the store cannot take even a small model plus a build.
+DEFAULT_MIN_FREE = 5 * GiB
+MIN_FREE_ENV = "PYLMSERV_DOCTOR_MIN_FREE"  # bytes; lets users (and tests) raise the bar
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the report. `hint` says what to do; empty when status is ok."""
+
+    name: str
+    status: str  # ok | warn | fail
+    detail: str
+    hint: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What the probes look at. Defaults describe the real machine."""
+
+    environ: Mapping[str, str]
+    binfmt_dir: Path = Path("/proc/sys/fs/binfmt_misc")
+    store_root: Optional[Path] = None
+    system: str = field(default_factory=platform.system)
+    disk_usage: Callable[[str], object] = shutil.disk_usage
+    sysfs_drm: Path = Path("/sys/class/drm")  # PCI display devices (GPU vendor fallback)
+    timeout: float = 20.0
+
+    @classmethod
+    def current(cls, **overrides) -> "Machine":
+        environ = dict(os.environ)
+        if environ.get("PYLMSERV_BINFMT_DIR"):  # read binfmt_misc elsewhere (tests, containers)
+            overrides.setdefault("binfmt_dir", Path(environ["PYLMSERV_BINFMT_DIR"]))
+        return cls(environ=environ, **overrides)
+
+    @property
+    def path(self) -> str:
+        return self.environ.get("PATH", os.defpath)
+
+    def which(self, name: str) -> Optional[str]:
+        return shutil.which(name, path=self.path)
+
+    def run(self, argv: Sequence[str]) -> Optional[subprocess.CompletedProcess]:
+        """Run a probe command with this machine's environment; None if it cannot start."""
+        return probe(argv, timeout=self.timeout, env=self.environ)
+
+    def runner(self, argv: Sequence[str], timeout: float = 20.0):
+        """The (argv, timeout) -> (returncode, output) form toolchain's detectors take."""
+        proc = self.run(argv)
+        if proc is None:
+            return 127, f"cannot run {argv[0]}"
+        return proc.returncode, (proc.stdout or "") + (proc.stderr or "")
+
+    @property
+    def sys_platform(self) -> str:
+        return {"Darwin": "darwin", "Windows": "win32"}.get(self.system, self.system.lower())
+
+    @property
+    def min_free(self) -> int:
+        value = self.environ.get(MIN_FREE_ENV, "")
+        return int(value) if value.strip().isdigit() else DEFAULT_MIN_FREE
+
+
+@dataclass(frozen=True)
+class Report:
+    checks: List[Check]
+
+    @property
+    def failed(self) -> bool:
+        return any(c.status == FAIL for c in self.checks)
+
+    def to_dict(self) -> dict:
+        return {"checks": [c.to_dict() for c in self.checks]}
+
+
+def diagnose(machine: Optional[Machine] = None, config: Optional[Path] = None, lock: Optional[Path] = None,
+             backend: Optional[str] = None) -> Report:
+    """Run every check. `backend` is what the user means to build (mismatches are named)."""
+    machine = machine or Machine.current()
+    groups = [
+        ("python", lambda: [check_python(), check_pylmserv()]),
+        ("build-tools", lambda: check_build_tools(machine)),
+        ("git", lambda: [tool_presence(machine, "git", "git sources (`type = \"git\"`) need it",
+                                       "Install git (apt-get install git).")]),
+        ("unzip", lambda: [tool_presence(machine, "unzip", "upstream llamafile Makefiles unzip cosmocc with it",
+                                         "Install unzip (apt-get install unzip).", version_args=("-v",))]),
+        ("curl", lambda: [tool_presence(machine, "curl", "upstream scripts use it; pylmserv downloads by itself",
+                                        "Install curl (apt-get install curl).")]),
+        ("nix", lambda: check_nix(machine)),
+        ("gpus", lambda: check_gpus(machine, backend)),
+        ("binfmt_misc", lambda: [check_binfmt(machine)]),
+        ("store", lambda: check_store(machine)),
+        ("lock", lambda: [check_lock(config, lock)]),
+    ]
+    checks: List[Check] = []
+    for name, run_group in groups:
+        try:
+            checks += run_group()
+        except Exception as exc:  # one broken probe must not hide the rest of the report
+            checks.append(Check(name, WARN, f"check could not run: {type(exc).__name__}: {exc}",
+                                "Please report this with `pylmserv -v doctor` output."))
+    return Report(checks)
+
+
+# -- versions ---------------------------------------------------------------------
+
+def check_python() -> Check:
+    v = sys.version_info
+    text = f"Python {v.major}.{v.minor}.{v.micro} ({sys.executable})"
+    if v < (3, 9):
+        return Check("python", FAIL, text, "pylmserv needs Python >= 3.9.")
+    return Check("python", OK, text)
+
+
+def check_pylmserv() -> Check:
+    return Check("pylmserv", OK, f"pylmserv {__version__} ({Path(__file__).resolve().parent.parent})")
+
+
+def _version_of(machine: Machine, exe: str, args=("--version",)) -> str:
+    proc = machine.run([exe, *args])
+    if proc is None:
+        return ""
+    text = (proc.stdout or "") + (proc.stderr or "")
+    return text.strip().splitlines()[0].strip() if text.strip() else ""
+
+
+def tool_presence(machine: Machine, name: str, why: str, hint: str, missing: str = WARN,
+                  version_args: Sequence[str] = ("--version",)) -> Check:
+    exe = machine.which(name)
+    if not exe:
+        return Check(name, missing, f"not found on PATH ({why})", hint)
+    version = _version_of(machine, exe, version_args)
+    if len(version) > 60:  # curl lists every library it links; the first words say enough
+        version = " ".join(version.split()[:2])
+    return Check(name, OK, f"{exe}" + (f": {version}" if version else ""))
+
+
+# -- build tools (cmake, ninja, compilers, ccache) ----------------------------------
+
+def check_build_tools(machine: Machine) -> List[Check]:
+    # Detection lives with the builder (pylmserv.builders.toolchain); doctor only judges.
+
+    env, run = machine.environ, machine.runner
+    checks = []
+    cmake = tc.detect_cmake(env, run)
+    need = tc.version_str(tc.MIN_CMAKE)
+    if not cmake.found:
+        checks.append(Check("cmake", FAIL, "not found (llama.cpp builds with CMake only)",
+                            "pip install cmake (the PyPI wheel is enough), or apt-get install cmake."))
+    elif not cmake.version or cmake.version < tc.MIN_CMAKE:
+        checks.append(Check("cmake", FAIL, f"{cmake.describe()}: older than {need}",
+                            f"llama.cpp (with CUDA) needs CMake >= {need}: pip install -U cmake."))
+    else:
+        checks.append(Check("cmake", OK, f"{cmake.describe()} (>= {need} needed)"))
+    ninja = tc.detect_ninja(env, run)
+    checks.append(Check("ninja", OK, ninja.describe()) if ninja.found else
+                  Check("ninja", WARN, "not found; CMake falls back to make (slower no-op rebuilds)",
+                        "pip install ninja, or apt-get install ninja-build."))
+    cc, cxx = tc.detect_compilers(env, run)
+    for label, tool, pkg in (("c-compiler", cc, "gcc"), ("c++-compiler", cxx, "g++")):
+        if tool.found:
+            checks.append(Check(label, OK, f"{tool.path}: {tool.detail}" if tool.detail else tool.describe()))
+        else:
+            where = f"${'CC' if label == 'c-compiler' else 'CXX'} names {tool.name}, not found" \
+                if tool.origin == "env" else "none of cc/gcc/clang found" if label == "c-compiler" \
+                else "none of c++/g++/clang++ found"
+            checks.append(Check(label, FAIL, where, f"Install a compiler: apt-get install {pkg} "
+                                "(macOS: xcode-select --install)."))
+    ccache = tc.detect_ccache(env, run)
+    checks.append(Check("ccache", OK, ccache.describe()) if ccache.found else
+                  Check("ccache", WARN, "not found; rebuilds after a change recompile everything",
+                        "apt-get install ccache (brew install ccache): pylmserv uses it automatically."))
+    return checks
+
+
+# -- Nix --------------------------------------------------------------------------
+
+def check_nix(machine: Machine) -> List[Check]:
+    nix = machine.which("nix")
+    hint = "Optional: install Nix (https://nixos.org/download, or apt-get install nix-bin) to use flake.nix."
+    if not nix:
+        return [Check("nix", WARN, "not found (only needed for `nix build` / `nix develop`)", hint)]
+    version = _version_of(machine, nix)
+    checks = [Check("nix", OK, f"{nix}: {version}")]
+    features = _nix_features(machine, nix)
+    if features is None:
+        checks.append(Check("nix-flakes", WARN, "could not read `nix show-config`",
+                            "Run `nix show-config` to see why; flakes need experimental-features = nix-command flakes."))
+    elif {"flakes", "nix-command"} <= features:
+        checks.append(Check("nix-flakes", OK, "experimental-features includes nix-command flakes"))
+    else:
+        checks.append(Check("nix-flakes", WARN, "flakes are not enabled (experimental-features = "
+                            + (" ".join(sorted(features)) or "none") + ")",
+                            "Add `experimental-features = nix-command flakes` to ~/.config/nix/nix.conf "
+                            "(or export NIX_CONFIG with it)."))
+    npg = machine.which("nix-prefetch-git")
+    if npg:
+        checks.append(Check("nix-prefetch-git", OK, npg))
+    else:
+        checks.append(Check("nix-prefetch-git", WARN,
+                            "not found; pylmserv does not need it (it hashes git checkouts itself)",
+                            "Optional, to cross-check git pins by hand: `nix profile install nixpkgs#nix-prefetch-git`."))
+    return checks
+
+
+def _nix_features(machine: Machine, nix: str) -> Optional[set]:
+    """The enabled experimental features, or None when Nix cannot say."""
+    # `nix show-config` (Nix <= 2.19) and `nix config show` (newer). The `nix` command itself
+    # needs nix-command: when the plain call fails, ask again with it added and leave it out.
+    for extra in ([], ["--extra-experimental-features", "nix-command"]):
+        for args in (["show-config"], ["config", "show"]):
+            proc = machine.run([nix, *extra, *args])
+            if proc is not None and proc.returncode == 0:
+                features = set()
+                for line in proc.stdout.splitlines():
+                    key, _, value = line.partition("=")
+                    if key.strip() == "experimental-features":
+                        features = set(value.split())
+                return features - {"nix-command"} if extra else features
+    return None
+
+
+# -- GPUs and their toolchains -------------------------------------------------------
+
+def _nvidia_driver(machine: Machine, exe: str) -> tuple:
+    """(driver version, highest CUDA version the driver supports) from nvidia-smi."""
+    driver = cuda = None
+    proc = machine.run([exe, "--query-gpu=driver_version", "--format=csv,noheader"])
+    if proc is not None and proc.returncode == 0 and proc.stdout.strip():
+        driver = proc.stdout.strip().splitlines()[0].strip()
+    proc = machine.run([exe])  # the banner carries "CUDA Version: 12.4"
+    if proc is not None and proc.returncode == 0:
+        m = re.search(r"CUDA Version:\s*(\d+)\.(\d+)", proc.stdout)
+        if m:
+            cuda = (int(m.group(1)), int(m.group(2)))
+    return driver, cuda
+
+
+def _nvcc_arches(machine: Machine, nvcc: str) -> Optional[set]:
+    proc = machine.run([nvcc, "--list-gpu-arch"])  # compute_75 compute_80 ... (CUDA >= 11.0)
+    if proc is None or proc.returncode != 0:
+        return None
+    return set(re.findall(r"compute_(\d+)", proc.stdout))
+
+
+def check_gpus(machine: Machine, backend: Optional[str]) -> List[Check]:
+    env, run = machine.environ, machine.runner
+    checks: List[Check] = []
+
+    # NVIDIA
+    smi = machine.which("nvidia-smi")
+    nvidia = tc.detect_nvidia_gpus(env, run)
+    driver = driver_cuda = None
+    if not smi:
+        checks.append(Check("gpu-nvidia", OK, "no NVIDIA GPU (nvidia-smi not found)"))
+    elif not nvidia:
+        proc = machine.run([smi])
+        said = ((proc.stdout or proc.stderr).strip().splitlines() or ["no output"])[0] if proc else "cannot run"
+        checks.append(Check("gpu-nvidia", WARN, f"nvidia-smi found but lists no GPU: {said}",
+                            "Load the NVIDIA driver (reboot after installing it) or remove the stale nvidia-smi."))
+    else:
+        driver, driver_cuda = _nvidia_driver(machine, smi)
+        names = ", ".join(f"{g.name} (compute {g.compute_cap})" for g in nvidia)
+        extra = f"; driver {driver}" if driver else ""
+        extra += f", supports CUDA <= {driver_cuda[0]}.{driver_cuda[1]}" if driver_cuda else ""
+        checks.append(Check("gpu-nvidia", OK, names + extra))
+
+    # AMD
+    rocm = tc.detect_rocm(env, run)
+    if rocm.rocminfo.found and rocm.gfx_targets:
+        checks.append(Check("gpu-amd", OK, "ROCm agents: " + ", ".join(rocm.gfx_targets)))
+    elif rocm.rocminfo.found:
+        checks.append(Check("gpu-amd", WARN, "rocminfo found but lists no GPU agent",
+                            "Check that the amdgpu driver is loaded and you are in the render and video groups."))
+    else:
+        checks.append(Check("gpu-amd", OK, "no AMD GPU seen by ROCm (rocminfo not found)"))
+
+    # Vulkan
+    vk = machine.which("vulkaninfo")
+    vk_devices = tc.detect_vulkan_devices(env, run) if vk else None
+    if not vk:
+        checks.append(Check("gpu-vulkan", WARN if backend == "vulkan" else OK,
+                            "vulkaninfo not found (only needed for --backend vulkan)",
+                            "apt-get install vulkan-tools (to list Vulkan devices)" if backend == "vulkan" else ""))
+    elif vk_devices is None:
+        checks.append(Check("gpu-vulkan", WARN, "vulkaninfo --summary failed (no Vulkan driver?)",
+                            "Install your GPU's Vulkan driver (Mesa: apt-get install mesa-vulkan-drivers)."))
+    elif vk_devices and all(d.software for d in vk_devices):
+        checks.append(Check("gpu-vulkan", WARN, "devices: " + ", ".join(d.name for d in vk_devices)
+                            + " - a software rasterizer only (runs on the CPU: works, slowly)",
+                            "For speed install your GPU's Vulkan driver; on this machine --backend cpu/blas is faster."))
+    else:
+        checks.append(Check("gpu-vulkan", OK, "devices: " + (", ".join(d.name for d in vk_devices) or "none")))
+
+    # Metal
+    if machine.system == "Darwin":
+        xcode = tc.detect_xcode(env, run, "darwin")
+        if xcode.found:
+            checks.append(Check("gpu-metal", OK, f"Metal via Xcode at {xcode.developer_dir}"
+                                + ("" if xcode.metal else " (no `metal` compiler: the embedded library is used)")))
+        else:
+            checks.append(Check("gpu-metal", WARN, "Xcode command line tools not found",
+                                "xcode-select --install"))
+
+    vendors = tc.detect_gpu_vendors(env, run, machine.sysfs_drm, machine.sys_platform)
+    checks += _toolchain_matches(machine, backend, nvidia, driver_cuda, rocm, vk_devices, vendors)
+    return checks
+
+
+def _toolchain_matches(machine, backend, nvidia, driver_cuda, rocm, vk_devices, vendors) -> List[Check]:
+    """Is the toolchain for the GPU (or for the requested backend) there, and does it fit?"""
+    env, run = machine.environ, machine.runner
+    checks: List[Check] = []
+    have_nvidia = bool(nvidia) or "nvidia" in vendors
+    have_amd = bool(rocm.gfx_targets) or "amd" in vendors
+    want = backend
+
+    # The seed's story: the backend asked for does not match the GPU that is there.
+    # A GPU of the other vendor is a mistake (fail); no GPU at all may be a build host (warn).
+    if want == "cuda" and not have_nvidia:
+        found = "AMD GPU found" if have_amd else "no NVIDIA GPU found"
+        alt = "--backend rocm (or vulkan)" if have_amd else "--backend cpu (or build here, run elsewhere)"
+        checks.append(Check("backend", FAIL if have_amd else WARN, f"{found}; CUDA was requested",
+                            f"CUDA runs only on NVIDIA GPUs: use {alt}."))
+    elif want == "rocm" and not have_amd:
+        found = "NVIDIA GPU found" if have_nvidia else "no AMD GPU found"
+        alt = "--backend cuda (or vulkan)" if have_nvidia else "--backend cpu (or build here, run elsewhere)"
+        checks.append(Check("backend", FAIL if have_nvidia else WARN, f"{found}; ROCm was requested",
+                            f"ROCm runs only on AMD GPUs: use {alt}."))
+    elif want == "metal" and machine.system != "Darwin":
+        checks.append(Check("backend", FAIL, f"Metal was requested on {machine.system}",
+                            "Metal exists only on macOS: use cuda, rocm, vulkan or cpu."))
+    elif want:
+        checks.append(Check("backend", OK, f"{want} requested; GPUs: {', '.join(vendors) or 'none'}"))
+
+    if have_nvidia or want == "cuda":
+        checks.append(_check_nvcc(machine, tc.detect_nvcc(env, run), nvidia, driver_cuda, want == "cuda"))
+    if have_amd or want == "rocm":
+        hipcc = rocm.hipcc
+        if hipcc.found:
+            targets = ", ".join(rocm.gfx_targets) or "no GPU agents detected"
+            hip = tc.hip_version(hipcc, run)
+            detail = f"{hipcc.describe()}; HIP {tc.version_str(hip)}; ROCm at {rocm.rocm_path}; targets {targets}"
+            if hip is not None and tuple(hip[:2]) < tc.DEFAULT_MIN_HIP:
+                checks.append(Check("rocm-toolkit", WARN, detail + f" (current llama.cpp needs HIP >= "
+                                    f"{tc.version_str(tc.DEFAULT_MIN_HIP)})",
+                                    "Install ROCm >= 6.1 (https://rocm.docs.amd.com) or `nix develop .#rocm`."))
+            else:
+                checks.append(Check("rocm-toolkit", OK, detail))
+        else:
+            gpu = "AMD GPU found" if have_amd else "no AMD GPU found"
+            checks.append(Check("rocm-toolkit", FAIL if want == "rocm" else WARN,
+                                f"{gpu}, no ROCm (hipcc not found)"
+                                + ("; ROCm was requested" if want == "rocm" else ""),
+                                "Install ROCm (https://rocm.docs.amd.com, `amdgpu-install --usecase=rocm`) or "
+                                "`nix develop .#rocm`; without it use --backend vulkan."))
+    if vk_devices or want == "vulkan":
+        checks.append(_check_vulkan_sdk(machine, want == "vulkan"))
+    if want in ("cuda", "rocm", "vulkan", "blas"):
+        checks += _check_build_preflight(machine, want)
+    return checks
+
+
+def _check_vulkan_sdk(machine: Machine, requested: bool) -> Check:
+    """Each package ggml-vulkan needs, by name (glslc, headers, spirv-headers, loader, ICD)."""
+    sdk = tc.detect_vulkan_sdk(machine.environ, machine.runner)
+    missing = sdk.missing()
+    if not sdk.icds:
+        missing.append("a Vulkan driver (ICD) (apt-get install mesa-vulkan-drivers, or your GPU vendor's driver)")
+    if missing:
+        return Check("vulkan-toolkit", FAIL if requested else WARN, "missing " + "; ".join(missing),
+                     "Install the packages named, or the LunarG Vulkan SDK, or `nix develop .#vulkan`.")
+    return Check("vulkan-toolkit", OK, f"{sdk.glslc.describe()}; headers {tc.version_str(sdk.header_version)} in "
+                 f"{sdk.headers}; loader {sdk.loader}; {len(sdk.icds)} ICD(s)")
+
+
+def _check_build_preflight(machine: Machine, backend: str) -> List[Check]:
+    """The build's own preflight and source checks, so doctor and `pylmserv build` agree:
+    the same detection, the same verdict, the same words."""
+    toolchain = tc.detect_toolchain(backend, machine.environ, machine.runner, machine.sys_platform,
+                                    machine.sysfs_drm)
+    try:
+        warnings = preflight(backend, toolchain, machine.sys_platform)
+    except ToolMissingError as exc:
+        return [Check("build-preflight", FAIL, exc.message, exc.hint or "")]
+    source = stored_llama_source(None, None)
+    checked = f"the locked source in {source}" if source is not None else "current llama.cpp (source not fetched yet)"
+    try:
+        source_checks(backend, toolchain, source)
+    except ToolMissingError as exc:
+        return [Check("build-preflight", FAIL, exc.message, exc.hint or "")]
+    detail = f"`pylmserv build --backend {backend}` would start (checked against {checked})"
+    if warnings:
+        return [Check("build-preflight", WARN, detail + "; " + "; ".join(warnings), "")]
+    return [Check("build-preflight", OK, detail)]
+
+
+def _check_nvcc(machine: Machine, nvcc, nvidia, driver_cuda, requested: bool) -> Check:
+    if not nvcc.found:
+        gpu = "NVIDIA GPU found" if nvidia else "no NVIDIA GPU found"
+        return Check("cuda-toolkit", FAIL if requested else WARN,
+                     f"{gpu}, no CUDA toolkit (nvcc not found)" + ("; CUDA was requested" if requested else ""),
+                     "Install the CUDA toolkit (https://developer.nvidia.com/cuda-downloads) or "
+                     "`nix develop .#cuda`; without it use --backend vulkan.")
+    detail = nvcc.describe()
+    if nvcc.origin != "system":
+        detail += " (not on PATH)"
+    problems, hints = [], []
+    arches = _nvcc_arches(machine, nvcc.path)
+    if arches is not None and nvidia:
+        unsupported = [g for g in nvidia if g.arch not in arches]
+        if unsupported:
+            names = ", ".join(f"{g.name} (sm_{g.arch})" for g in unsupported)
+            problems.append(f"nvcc {tc.version_str(nvcc.version)} cannot target {names}; "
+                            f"it supports sm_{min(arches, key=int)} and newer")
+            hints.append("Use a CUDA toolkit that still supports that GPU (CUDA 12.x for Maxwell/Pascal/Volta), "
+                         "or --backend vulkan.")
+    if driver_cuda and nvcc.version and tuple(nvcc.version[:2]) > driver_cuda:
+        problems.append(f"the driver supports CUDA <= {driver_cuda[0]}.{driver_cuda[1]} but nvcc is "
+                        f"{tc.version_str(nvcc.version)}: built binaries will not start")
+        hints.append("Update the NVIDIA driver, or install a CUDA toolkit no newer than the driver supports.")
+    if nvcc.origin != "system":
+        hints.append(f"Add {Path(nvcc.path).parent} to PATH (or set CUDACXX={nvcc.path}).")
+    if problems:
+        return Check("cuda-toolkit", WARN, detail + ": " + "; ".join(problems), " ".join(hints))
+    if nvcc.origin != "system":
+        return Check("cuda-toolkit", WARN, detail, " ".join(hints))
+    cublas = tc.detect_cublas(nvcc, machine.environ)
+    detail += f"; cuBLAS {cublas.path} ({cublas.origin})" if cublas.found else "; no cuBLAS (see build-preflight)"
+    return Check("cuda-toolkit", OK, detail + (f"; targets sm_{min(arches, key=int)}+" if arches else ""))
+
+
+# -- binfmt_misc ------------------------------------------------------------------------
+
+def check_binfmt(machine: Machine) -> Check:
+    """Will APE files (cosmocc's tools, llamafiles) run, or start WINE? (Linux only.)"""
+    if machine.system != "Linux":
+        return Check("binfmt_misc", OK, f"not used on {machine.system} (APE files run natively)")
+
+    report = binfmt.read_binfmt(machine.binfmt_dir, loader_hint=_ape_loader_in_store(machine))
+    if report.state == binfmt.APE_REGISTERED:
+        return Check("binfmt_misc", OK, report.summary)
+    if report.state == binfmt.MZ_HIJACKED:
+        # pylmserv's own llamafile build runs APE tools through a shell/the loader, but a
+        # llamafile started directly (./model.llamafile) would go to WINE: say how to fix it.
+        return Check("binfmt_misc", WARN, report.summary + " (pylmserv's builds work around it; running "
+                     "llamafiles directly does not)", "\n".join(report.fix))
+    # No rule for APE: shells still run APE files as scripts and pylmserv starts them via sh.
+    return Check("binfmt_misc", OK, report.summary, "\n".join(report.fix))
+
+
+def _ape_loader_in_store(machine: Machine) -> Optional[str]:
+    root = machine.store_root or _store_root(machine)
+    arch = platform.machine() or "x86_64"
+    for cand in sorted((root / "toolchains").glob(f"cosmocc-*/bin/ape-{arch}.elf"), reverse=True):
+        return str(cand)
+    return None
+
+
+def _store_root(machine: Machine) -> Path:
+    env_home = machine.environ.get("PYLMSERV_HOME")
+    return Path(env_home).expanduser() if env_home else paths.home()
+
+
+# -- store -----------------------------------------------------------------------------
+
+def _tree_size(path: Path) -> int:
+    total = 0
+    for root, dirs, files in os.walk(path):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(root, name))
+            except OSError:
+                continue
+            total += st.st_size
+    return total
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def check_store(machine: Machine) -> List[Check]:
+    root = machine.store_root or _store_root(machine)
+    # The store may not exist yet: measure the nearest existing parent's filesystem.
+    probe = root
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        usage = machine.disk_usage(str(probe))
+    except OSError as exc:
+        return [Check("store", FAIL, f"{root}: cannot read disk usage ({exc.strerror})",
+                      "Set PYLMSERV_HOME to a writable directory.")]
+    free = usage.free
+    parts = []
+    if root.exists():
+        for name in ("blobs", "builds", "toolchains"):
+            if (root / name).exists():
+                parts.append(f"{name} {human_size(_tree_size(root / name))}")
+    sizes = ", ".join(parts) if parts else "empty"
+    detail = f"{root}: {human_size(free)} free of {human_size(usage.total)}; {sizes}"
+    writable = os.access(probe, os.W_OK)
+    if not writable:
+        return [Check("store", FAIL, detail + " (not writable)", "Set PYLMSERV_HOME to a writable directory.")]
+    need = machine.min_free
+    if free < min(need, GiB):
+        return [Check("store", FAIL, detail, f"Less than {human_size(min(need, GiB))} free: free disk space "
+                      f"or point PYLMSERV_HOME at a larger disk.")]
+    if free < need:
+        return [Check("store", WARN, detail, f"Under {human_size(need)} free: models are GBs and a llama.cpp build "
+                      f"is ~1 GiB; free space or set PYLMSERV_HOME to a larger disk.")]
+    return [Check("store", OK, detail)]
+
+
+# -- lock ----------------------------------------------------------------------------------
+
+def check_lock(config: Optional[Path], lock: Optional[Path]) -> Check:
+    try:
+        project = load_project(config, lock)
+    except PylmservError as exc:
+        return Check("lock", FAIL, exc.message, exc.hint or "Fix the file named above.")
+    where = project.lock_path
+    if where is None or not Path(where).exists():
+        return Check("lock", FAIL, f"no lock at {where}", "Run `pylmserv prefetch` to create it.")
+    problems, unpinned = lock_drift(project)
+    n_locked = len(project.lock.sources) + len(project.lock.models)
+    note = ""
+    if unpinned:
+        # Deliberately unpinned catalog entries (no published hash) are refused by fetch
+        # unless --trust-on-first-use; worth saying, not worth a warning.
+        note = "; unpinned (need --trust-on-first-use): " + ", ".join(unpinned)
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        return Check("lock", WARN, f"{where}: {shown}{note}",
+                     "Run `pylmserv prefetch` to pin what is missing (entries without a published hash need "
+                     "--trust-on-first-use).")
+    return Check("lock", OK, f"{where}: {n_locked} entries, in sync with {project.config_path}{note}")
+
+
+def lock_drift(project) -> tuple:
+    """(differences between what the config asks for and what the lock pins, unpinned models)."""
+    problems, unpinned = [], []
+    cfg, lock = project.config, project.lock
+    for name, spec in sorted(cfg.sources.items()):
+        entry = lock.sources.get(name)
+        if entry is None:
+            problems.append(f"source {name} not locked")
+            continue
+        if spec.type in ("github", "git") and entry.get("ref") not in (None, spec.ref):
+            problems.append(f"source {name}: config ref {spec.ref} but lock ref {entry.get('ref')}")
+        if spec.type == "url" and spec.url != entry.url:
+            problems.append(f"source {name}: config url differs from the lock")
+        if spec.sha256 is not None and entry.mode == "flat" and spec.sha256 != entry.hash:
+            problems.append(f"source {name}: config sha256 differs from the lock")
+    for name, spec in sorted(cfg.models.items()):
+        entry = lock.models.get(name)
+        if entry is None:
+            unpinned.append(name)
+            continue
+        if spec.url and spec.url != entry.url:
+            problems.append(f"model {name}: config url differs from the lock")
+        if spec.hf and (entry.get("hf"), entry.get("file")) != (spec.hf, spec.file):
+            problems.append(f"model {name}: config hf/file differs from the lock")
+        if spec.hf and spec.revision not in ("main", entry.rev) and entry.rev is not None:
+            problems.append(f"model {name}: config revision {spec.revision} but lock rev {entry.rev}")
+        if spec.sha256 is not None and spec.sha256 != entry.hash:
+            problems.append(f"model {name}: config sha256 differs from the lock")
+    for kind in ("sources", "models"):
+        extra = sorted(set(getattr(lock, kind)) - set(getattr(cfg, kind)))
+        for name in extra:
+            problems.append(f"{kind[:-1]} {name} locked but not in the config")
+    return problems, unpinned

@@ -1,0 +1,499 @@
+"""Fetch models into the store, verified: the library behind `pylmserv fetch`.
+
+Items are lock names (url + hash + size from pylmserv.lock), hf://org/repo/path@rev
+(hash and size from the Hub API, HF_ENDPOINT), or http(s)/file URLs with a sha256.
+A name or URL without a known hash is refused unless trust_on_first_use, which records
+the hash it saw in the lock. Each file lands as blobs/sha256/<hex> (download.download,
+then a GGUF header check) and is linked as models/<name>/<filename>; split sets are
+fetched whole; archives are verified, then unpacked with the data policy.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterable, List, Optional, Sequence, Tuple, Union
+from urllib.parse import quote, unquote, urlsplit
+
+from ..core.archive import extract
+from ..core.errors import NetworkError, UsageError, VerificationError
+from ..core.fsutil import unlink_missing_ok
+from ..core.gguf import check_split_set, read_header, split_info, split_names
+from ..core.hashing import Hash
+from ..pins.config import ARCHIVE_SUFFIXES, LockEntry, Project, load_lock, load_project, packaged_dir
+from ..store import blobs as store
+from ..transfer import hub
+from ..transfer.download import download, redact
+
+log = logging.getLogger("pylmserv.models")
+
+OFFLINE_ENV = ("HF_HUB_OFFLINE", "PYLMSERV_OFFLINE")
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    name: str
+    path: Path  # the named entry: the file (first shard of a split set) or unpacked directory
+    size: int  # bytes of all files of the item
+    sha256: Hash  # of the file (first shard; the archive for archives)
+    seconds: float
+    bytes_downloaded: int  # 0 when everything was already in the store
+    files: Tuple[Path, ...] = ()
+    dest: Optional[Path] = None  # the copy/link placed in --dest
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "path": str(self.path), "size": self.size, "sha256": self.sha256.hex,
+                "seconds": round(self.seconds, 3), "bytes_downloaded": self.bytes_downloaded,
+                "files": [str(p) for p in self.files], "dest": str(self.dest) if self.dest else None}
+
+
+@dataclass
+class _File:
+    url: str
+    filename: str
+    expected: Optional[Hash]
+    size: Optional[int]
+
+
+@dataclass
+class _Plan:
+    name: str
+    files: List[_File]
+    archive: bool = False
+    record: Optional[LockEntry] = None  # a lock entry to write once hashes are known (TOFU)
+
+
+# -- public API ------------------------------------------------------------------------
+
+def fetch(items: Union[str, Sequence[str]], dest: Optional[Path] = None, connections: int = 8,
+          offline: bool = False, sha256: Union[None, str, Hash] = None, trust_on_first_use: bool = False,
+          config: Optional[Path] = None, lock: Optional[Path] = None, json: bool = False, progress: bool = True,
+          home: Optional[Path] = None, link_mode: Optional[str] = None) -> List[FetchResult]:
+    """Make every item present and verified in the store; returns one result per item.
+
+    With json=True the results come as the dicts `pylmserv fetch --json` prints."""
+    if isinstance(items, str):
+        items = [items]
+    items = list(items)
+    if not items:
+        raise UsageError("nothing to fetch", hint="Name a model from the lock, an hf:// path or a URL.")
+    if connections < 1 or connections > 64:
+        raise UsageError(f"--connections must be between 1 and 64, got {connections}")
+    offline = offline or any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in OFFLINE_ENV)
+    expected = _parse_sha256(sha256)
+    urls = [i for i in items if _is_url(i)]
+    if expected is not None and len(urls) != 1:
+        raise UsageError("--sha256 applies to exactly one URL item",
+                         hint="Fetch URLs one at a time, each with its own --sha256.")
+    project = _load_project(config, lock, items)
+    plans = [_plan(item, project, expected if _is_url(item) else None, trust_on_first_use, offline)
+             for item in items]
+    if any(plan.record is not None for plan in plans):
+        _tofu_lock_path(project)  # refuse before downloading, not after
+    results = []
+    for plan in plans:
+        results.append(_fetch_plan(plan, project, dest, connections, offline, progress, home, link_mode))
+    return [r.to_json() for r in results] if json else results
+
+
+def download_models(names: Iterable[str], target_dir: Union[str, Path]) -> List[Path]:
+    """Seed-compatible API: fetch `names` and place the files in `target_dir`."""
+    results = fetch(list(names), dest=Path(target_dir))
+    return [r.dest or r.path for r in results]
+
+
+# -- planning: item -> files with known (or to-be-trusted) hashes --------------------------
+
+def _is_url(item: str) -> bool:
+    return item.startswith(("http://", "https://", "file://", "hf://"))
+
+
+def _parse_sha256(value) -> Optional[Hash]:
+    if value is None or isinstance(value, Hash):
+        return value
+    h = Hash.parse(value, algo=None if "-" in value or ":" in value else "sha256")
+    if h.algo != "sha256":
+        raise UsageError(f"--sha256 needs a sha256 hash, got {h.algo}")
+    return h
+
+
+def _load_project(config, lock, items) -> Optional[Project]:
+    needs = bool(config or lock) or any(not _is_url(i) for i in items)
+    try:
+        return load_project(config, lock)
+    except UsageError:
+        if needs:
+            raise
+        return None  # plain URLs work without any catalog
+
+
+def _filename_of(url: str) -> str:
+    return unquote(urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1]) or "download"
+
+
+def _name_for(filename: str) -> str:
+    for suffix in (".gguf",) + ARCHIVE_SUFFIXES:
+        if filename.lower().endswith(suffix):
+            filename = filename[: -len(suffix)]
+            break
+
+    info = split_info(filename + ".gguf")
+    return info[0] if info else filename
+
+
+def _is_archive(filename: str) -> bool:
+    return filename.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def _plan(item: str, project: Optional[Project], sha256: Optional[Hash], tofu: bool, offline: bool) -> _Plan:
+    if item.startswith("hf://"):
+        return _plan_hf(item, project, tofu, offline)
+    if _is_url(item):
+        filename = _filename_of(item)
+        name = _name_for(filename)
+        if sha256 is None:
+            entry = _lock_entry_for_url(project, item)
+            if entry is not None:
+                return _plan_lock(entry.name, entry)
+            if not tofu:
+                raise UsageError(f"no known sha256 for {item}",
+                                 hint="Pass --sha256 HASH (hex or SRI), or --trust-on-first-use to record "
+                                      "the hash of what the server sends in the lock.")
+            record = LockEntry("models", name, item, Hash("sha256", bytes(32)), "flat")
+            return _Plan(name, _url_files(item, filename, None, None, tofu), _is_archive(filename), record=record)
+        return _Plan(name, _url_files(item, filename, sha256, None, tofu), _is_archive(filename))
+    if project is None:
+        raise UsageError(f"unknown model {item!r}", hint="Give a name from pylmserv.lock, an hf:// path or a URL.")
+    entry = project.lock.models.get(item)
+    if entry is not None:
+        return _plan_lock(item, entry)
+    spec = project.config.models.get(item)
+    if spec is None:
+        names = sorted(set(project.lock.models) | set(project.config.models))
+        raise UsageError(f"unknown model {item!r}",
+                         hint="Known names: " + ", ".join(names) if names else "The catalog has no models.")
+    if spec.sha256 is not None:
+        url = hub.on_endpoint(spec.resolve_url())
+        return _Plan(item, _url_files(url, spec.filename, spec.sha256, spec.size, tofu), _is_archive(spec.filename))
+    if not tofu:
+        raise UsageError(f"model {item!r} is in {project.config.path.name if project.config.path else 'the config'} "
+                         f"but has no pin in the lock",
+                         hint=f"Run `pylmserv prefetch {item}` to pin it, or pass --trust-on-first-use to "
+                              "record the hash of what is downloaded now.")
+    if offline:
+        raise UsageError(f"model {item!r} has no pin and cannot be trusted on first use offline",
+                         hint="Run once without --offline / HF_HUB_OFFLINE.")
+    if spec.hf:
+        plan = _plan_hf(f"hf://{spec.hf}/{spec.file}@{spec.revision}", project, True, offline)
+        plan.name = item
+        if plan.record is not None:
+            plan.record = replace(plan.record, name=item)
+        return plan
+    record = LockEntry("models", item, spec.url or "", Hash("sha256", bytes(32)), "flat")
+    return _Plan(item, _url_files(spec.url or "", spec.filename, None, spec.size, True),
+                 _is_archive(spec.filename), record)
+
+
+def _url_files(url: str, filename: str, expected: Optional[Hash], size: Optional[int], tofu: bool) -> List[_File]:
+    """The file behind `url`, or every shard of its split set (same directory URL)."""
+    names = split_names(filename)
+    if len(names) == 1:
+        return [_File(url, filename, expected, size)]
+    base = url.split("?", 1)[0].rsplit("/", 1)[0]
+    files = []
+    for n in names:
+        if n == filename:
+            files.append(_File(url, n, expected, size))
+        else:
+            if not tofu:
+                raise UsageError(f"{filename} is part of a {len(names)}-file split set; {n} has no known sha256",
+                                 hint="Pin the whole set in the lock (shards), or pass --trust-on-first-use.")
+            files.append(_File(f"{base}/{quote(n)}", n, None, None))
+    files.sort(key=lambda f: names.index(f.filename))
+    return files
+
+
+def _lock_entry_for_url(project: Optional[Project], url: str) -> Optional[LockEntry]:
+    if project is None:
+        return None
+    for entry in project.lock.models.values():
+        if entry.url == url:
+            return entry
+    return None
+
+
+def _plan_lock(name: str, entry: LockEntry) -> _Plan:
+    if entry.mode != "flat":
+        raise UsageError(f"models.{name}: mode {entry.mode!r} is not supported for models",
+                         hint="Model pins are flat sha256 hashes of the file.")
+    filename = _filename_of(entry.get("file") or entry.url)
+    files = [_File(hub.on_endpoint(entry.url), filename, entry.hash, entry.size)]
+    shards = entry.get("shards")
+    if isinstance(shards, list):
+        for shard in shards:
+            try:
+                url = shard["url"]
+                files.append(_File(hub.on_endpoint(url), _filename_of(shard.get("file") or url),
+                                   Hash.parse(shard["hash"]), shard.get("size")))
+            except (KeyError, TypeError, UsageError):
+                raise UsageError(f"models.{name}: malformed shards list in the lock",
+                                 hint=f"Regenerate it: `pylmserv prefetch --refresh {name}`.") from None
+    else:
+        info = split_info(filename)
+        if info and info[2] > 1:
+            raise UsageError(f"models.{name} is shard 1 of a {info[2]}-file split set but the lock pins only it",
+                             hint=f"Re-pin it with its shards: `pylmserv prefetch --refresh {name}`.")
+    return _Plan(name, files, _is_archive(filename))
+
+
+# -- Hugging Face ----------------------------------------------------------------------------
+
+def parse_hf(item: str) -> Tuple[str, str, str]:
+    """hf://org/repo/path/file.gguf[@revision] -> (org/repo, path, revision)."""
+    body = item[len("hf://"):]
+    revision = "main"
+    head, sep, tail = body.rpartition("@")
+    if sep and "/" in head and tail:
+        body, revision = head, tail
+    parts = body.split("/")
+    if len(parts) < 3 or not all(parts):
+        raise UsageError(f"bad hf:// reference {item!r}", hint="Use hf://org/repo/path/file.gguf[@revision].")
+    return "/".join(parts[:2]), "/".join(parts[2:]), revision
+
+
+def _plan_hf(item: str, project: Optional[Project], tofu: bool, offline: bool) -> _Plan:
+    repo, path, revision = parse_hf(item)
+    filename = path.rsplit("/", 1)[-1]
+    name = _name_for(filename)
+    # A lock entry for the same repo/file at the same revision needs no network at all.
+    if project is not None:
+        for entry in project.lock.models.values():
+            if entry.get("hf") == repo and entry.get("file") == path and revision in (entry.rev, "main"):
+                if revision == entry.rev or offline:
+                    return _plan_lock(entry.name, entry)
+    if offline:
+        stored = store.lookup(name)
+        if stored is not None and stored.files[0].path.name == filename and stored.files[0].sha256:
+            # Fetched before (hash verified then): the store alone answers.
+            return _Plan(name, [_File("", f.path.name, f.sha256, f.size) for f in stored.files])
+        raise UsageError(f"{item}: not in the store, and resolving it needs the network",
+                         hint="Run once without --offline / HF_HUB_OFFLINE, or pin it in pylmserv.lock.")
+
+    commit = hub.resolve_commit(repo, revision, item)
+    directory = path.rsplit("/", 1)[0] + "/" if "/" in path else ""
+    wanted = [directory + n for n in split_names(filename)]
+    info = hub.file_info(repo, commit, wanted, item)
+    if info is None:
+        raise NetworkError(f"{item}: the Hub answered neither paths-info nor tree for {repo}",
+                           hint="Check HF_ENDPOINT: it must be a Hugging Face Hub (or a mirror with its API).")
+    files = []
+    for p in wanted:
+        meta = info.get(p)
+        if meta is None:
+            raise NetworkError(f"{repo}@{revision}: no file {p} on the Hub",
+                               hint="Check the repository, file name and revision.")
+        lfs = meta.get("lfs") or {}
+        oid = lfs.get("oid") or lfs.get("sha256")
+        expected = Hash("sha256", bytes.fromhex(oid)) if oid else None
+        if expected is None and not tofu:
+            raise UsageError(f"{repo}/{p}: the Hub publishes no sha256 for it (not an LFS file)",
+                             hint="Pass --trust-on-first-use to record the hash of what is downloaded now.")
+        size = lfs.get("size", meta.get("size"))
+        url = f"{hub.endpoint()}/{repo}/resolve/{quote(commit, safe='')}/{quote(p)}"
+        files.append(_File(url, p.rsplit("/", 1)[-1], expected, int(size) if size is not None else None))
+    canonical = f"{hub.HUB}/{repo}/resolve/{quote(commit, safe='')}/{quote(path)}"
+    record = LockEntry("models", name, canonical, Hash("sha256", bytes(32)), "flat", rev=commit,
+                       extra={"hf": repo, "file": path}) if tofu else None
+    return _Plan(name, files, _is_archive(filename), record=record)
+
+
+# -- fetching ------------------------------------------------------------------------------
+
+def _fetch_plan(plan: _Plan, project, dest, connections, offline, progress, home, link_mode) -> FetchResult:
+    started = time.monotonic()
+    home = store.root(home)
+    got: List[Tuple[_File, Hash, int]] = []
+    downloaded = 0
+    for f in plan.files:
+        h, size, nbytes = _ensure_blob(f, connections, offline, progress, home, check_gguf=not plan.archive)
+        got.append((f, h, size))
+        downloaded += nbytes
+    if plan.archive:
+        path, files = _unpack(plan.name, got[0][1], home)
+        total = sum(p.stat().st_size for p in files)
+    else:
+        files = [store.link_named(plan.name, h, f.filename, home=home, mode=link_mode) for f, h, _ in got]
+        if len(got) > 1:
+            store.set_order(plan.name, [f.filename for f, _, _ in got], home=home)
+        if len(files) > 1 or _split(files[0]):
+            try:
+                check_split_set(files)
+            except VerificationError:
+                shutil.rmtree(store.entry_dir(plan.name, home), ignore_errors=True)  # no half-valid entry
+                raise
+        path = files[0]
+        total = sum(size for _, _, size in got)
+    if plan.record is not None:
+        _record_tofu(plan, got, project)
+    placed = _place_dest(plan, got, files, dest, link_mode, home) if dest else None
+    return FetchResult(plan.name, path, total, got[0][1], time.monotonic() - started, downloaded,
+                       tuple(files), placed)
+
+
+def _split(path: Path) -> bool:
+    return split_info(path.name) is not None
+
+
+def _ensure_blob(f: _File, connections, offline, progress, home, check_gguf: bool) -> Tuple[Hash, int, int]:
+    """(hash, size, bytes downloaded) of `f`, in the store afterwards."""
+    if f.expected is not None and store.has_blob(f.expected, home):
+        size = store.blob_path(f.expected, home).stat().st_size
+        if f.size is None or size == f.size:
+            log.info("%s: in the store (sha256 %s)", f.filename, f.expected.hex[:12])
+            return f.expected, size, 0
+    if offline:
+        raise UsageError(f"{f.filename} is not in the store and --offline (or HF_HUB_OFFLINE) forbids downloading",
+                         hint="Run the same command without --offline once.")
+    if not f.url:
+        raise UsageError(f"{f.filename}: no URL to download from")
+    key = f.expected or Hash.of_bytes(f.url.encode())
+    with store.blob_lock(key, home):
+        if f.expected is not None and store.has_blob(f.expected, home, f.size):
+            return f.expected, store.blob_path(f.expected, home).stat().st_size, 0  # a concurrent fetch won
+        log.info("fetching %s", redact(f.url))
+        staged = store.temp_path(f.filename, home)
+        try:
+            result = download(f.url, staged, expected=f.expected, size=f.size, connections=connections,
+                              headers=hub.auth_headers(f.url), progress=progress, tmp_dir=store.tmp_dir(home))
+            if check_gguf and _gguf_name(f.filename):
+                read_header(staged)
+            blob = store.install_blob(staged, result.sha256, home)
+        finally:
+            unlink_missing_ok(staged)
+    log.info("%s: verified sha256 %s (%d bytes) -> %s", f.filename, result.sha256.hex, result.size, blob)
+    return result.sha256, result.size, result.bytes_downloaded
+
+
+def _gguf_name(filename: str) -> bool:
+    return filename.lower().endswith(".gguf")
+
+
+def _unpack(name: str, archive_hash: Hash, home: Path) -> Tuple[Path, List[Path]]:
+    """Unpack a verified archive blob into models/<name>/ (data policy: nothing escapes)."""
+    target = store.entry_dir(name, home)
+    manifest = target / store.MANIFEST
+    existing = store.lookup(name, home)
+    if existing is not None and _manifest_archive(manifest) == archive_hash.hex:
+        files = [f.path for f in existing.files]
+        return _entry_path(target, files), files
+    staging = store.tmp_dir(home) / f"unpack-{name}.{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    try:
+        extract(store.blob_path(archive_hash, home), staging, policy="data")
+        rels = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file() and not p.is_symlink())
+        rels.sort(key=lambda rel: not _gguf_name(rel))  # models first: lookup(name).path is one
+        for rel in rels:
+            if _gguf_name(rel):
+                read_header(staging / rel)
+        store.write_tree_manifest(staging, archive_hash, [(rel, (staging / rel).stat().st_size) for rel in rels])
+        old = None
+        if target.exists():
+            old = target.with_name(f".{name}.old.{os.getpid()}")
+            os.replace(target, old)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    files = [target / rel for rel in rels]
+    return _entry_path(target, files), files
+
+
+def _manifest_archive(manifest: Path) -> Optional[str]:
+    import json
+
+    try:
+        return json.loads(manifest.read_text()).get("archive", {}).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _entry_path(target: Path, files: List[Path]) -> Path:
+    ggufs = [p for p in files if _gguf_name(p.name)]
+    if len(ggufs) == 1:
+        return ggufs[0]
+    firsts = [p for p in ggufs if (lambda i: i and i[1] == 1)(_split_info(p.name))]
+    return firsts[0] if len(firsts) == 1 else target
+
+
+def _split_info(name: str):
+    return split_info(name)
+
+
+def _place_dest(plan: _Plan, got, files: List[Path], dest: Path, link_mode, home: Path) -> Path:
+    """--dest DIR: the file(s) placed there too (hardlink when possible, else copy)."""
+    dest = Path(dest).expanduser()
+    dest.mkdir(parents=True, exist_ok=True)
+    if plan.archive:
+        out = dest / plan.name
+        if out.exists():
+            shutil.rmtree(out)
+        shutil.copytree(store.entry_dir(plan.name, home), out, ignore=shutil.ignore_patterns(store.MANIFEST))
+        return out
+    placed = []
+    for f, h, _ in got:
+        target = dest / f.filename
+        if not target.exists() or not os.path.samefile(target, store.blob_path(h, home)):
+            # A symlink into a cache the user may clear is a trap in a user directory.
+            mode = link_mode if link_mode in ("hardlink", "copy") else None
+            try:
+                store.place(store.blob_path(h, home), target, mode=mode or "hardlink")
+            except OSError:
+                store.place(store.blob_path(h, home), target, mode="copy")
+        placed.append(target)
+    return placed[0]
+
+
+def _record_tofu(plan: _Plan, got, project: Optional[Project]) -> None:
+    """Trust on first use: write what was verified-by-download into the lock (atomic)."""
+    from filelock import FileLock
+
+
+    path = _tofu_lock_path(project)
+
+    first_file, first_hash, first_size = got[0]
+    entry = replace(plan.record, hash=first_hash, size=first_size)
+    if len(got) > 1:
+        shards = [{"file": f.filename, "hash": h.sri, "size": s,
+                   "url": _canonical_url(f.url)} for f, h, s in got[1:]]
+        entry = replace(entry, extra={**entry.extra, "shards": shards})
+    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    with FileLock(str(store.tmp_dir() / f"lockfile-{key}.lock")):
+        current = load_lock(path)  # re-read: another process may have written meanwhile
+        current.with_entry(entry).write(path)
+    log.info("recorded %s in %s (trust on first use): %s", entry.name, path, first_hash.sri)
+
+
+def _tofu_lock_path(project: Optional[Project]) -> Path:
+    if project is None or project.lock.path is None:
+        raise UsageError("--trust-on-first-use needs a lock file to record the hash in",
+                         hint="Pass --lock PATH (it is created if missing).")
+    path = Path(project.lock.path)
+    if packaged_dir() in path.resolve().parents:
+        raise UsageError("refusing to record a trust-on-first-use pin in the packaged catalog's lock",
+                         hint="Pass --lock ./pylmserv.lock, or create pylmserv.toml here.")
+    return path
+
+
+def _canonical_url(url: str) -> str:
+    endpoint = hub.endpoint()
+    if endpoint != hub.HUB and url.startswith(endpoint + "/"):
+        return hub.HUB + url[len(endpoint):]
+    return url

@@ -1,0 +1,408 @@
+"""`pylmserv serve`: run llama-server (or a llamafile) on a model, on loopback by default.
+
+The server runs in its own process group, so one signal stops it and everything it
+started; Ctrl-C / SIGTERM given to pylmserv are forwarded there, and on any exit path
+(including pylmserv being killed, via PR_SET_PDEATHSIG on Linux) the group is stopped.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple
+
+from ..builders import binfmt, build, resolve_backend
+from ..builders.llama_cpp import MAPPING_VERSION
+from ..core import proc as proc_tools
+from ..core.errors import PylmservError, UsageError
+from ..pins.config import load_project
+from ..store import records as stamps
+from ..store.layout import home, subdir
+from .fetch_models import fetch
+
+log = logging.getLogger("pylmserv.serve")
+
+ENGINES = ("llama.cpp", "llamafile")
+SERVER_BIN_ENV = "PYLMSERV_SERVER_BIN"  # an explicit llama-server (or llamafile) to run
+STOP_GRACE_S = 10.0  # after SIGINT/SIGTERM, how long the server gets before SIGKILL
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """Everything `serve` needs, resolved once by the CLI (or a caller) and passed down."""
+
+    model: str
+    backend: str = "auto"  # resolved by builders.resolve_backend when the server is built
+    engine: str = "llama.cpp"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    ngl: Optional[int] = None
+    public: bool = False
+    api_key: Optional[str] = None
+    extra_args: Tuple[str, ...] = ()
+    server_bin: Optional[Path] = None
+    health_timeout: float = 300.0
+    offline: bool = False
+    log_file: Optional[Path] = None  # None: the server's output goes to our stderr
+    stop_grace: float = STOP_GRACE_S
+
+
+@dataclass(frozen=True)
+class ServeUrls:
+    base: str
+
+    @property
+    def api(self) -> str:
+        return self.base + "/v1"
+
+    @property
+    def health(self) -> str:
+        return self.base + "/health"
+
+
+# -- validation -------------------------------------------------------------------
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, public: bool, api_key: Optional[str]) -> None:
+    """Refuse a non-loopback bind unless --public was given."""
+    if is_loopback(host) or public:
+        if not is_loopback(host) and not api_key:
+            log.warning("warning: serving on %s without --api-key: anyone on the network can use it", host)
+        return
+    raise UsageError(f"refusing to bind {host}: it is reachable from other machines",
+                     hint=f"Pass --public to serve on {host} on purpose, and --api-key KEY so that only "
+                          "clients with the key can use it; or keep the default --host 127.0.0.1.")
+
+
+def check_port_free(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}",
+                             hint="Another server is using that port: stop it or pass --port N.") from None
+
+
+def urls_for(host: str, port: int) -> ServeUrls:
+    # Clients reach a wildcard bind through loopback; name that, not 0.0.0.0.
+    shown = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    if ":" in shown:
+        shown = f"[{shown}]"
+    return ServeUrls(f"http://{shown}:{port}")
+
+
+# -- resolving the model and the engine -----------------------------------------------
+
+def resolve_model(model: str, config: Optional[Path] = None, lock: Optional[Path] = None,
+                  offline: bool = False) -> Path:
+    """A .gguf path as given, or a catalog name fetched (verified) into the store."""
+    candidate = Path(model).expanduser()
+    looks_like_path = os.sep in model or model.endswith((".gguf", ".llamafile"))
+    if looks_like_path:
+        if not candidate.is_file():
+            raise UsageError(f"model file not found: {model}",
+                             hint="Give an existing .gguf file or a catalog name (see `pylmserv list`).")
+        return candidate.resolve()
+
+    project = load_project(config, lock)
+    if model not in project.config.models and model not in project.lock.models:
+        names = ", ".join(sorted(set(project.config.models) | set(project.lock.models)))
+        raise UsageError(f"unknown model {model!r}", hint=f"Use a .gguf path or one of: {names}.")
+
+    results = fetch([model], config=config, lock=lock, offline=offline)
+    return Path(results[0].path)
+
+
+def resolve_server(engine: str, backend: str, server_bin: Optional[Path] = None,
+                   config: Optional[Path] = None, lock: Optional[Path] = None) -> Path:
+    """The server binary: --server-bin, $PYLMSERV_SERVER_BIN, else build (a no-op when up to date)."""
+    if engine not in ENGINES:
+        raise UsageError(f"unknown engine {engine!r}", hint="Use --engine llama.cpp or --engine llamafile.")
+    explicit = server_bin or os.environ.get(SERVER_BIN_ENV)
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise UsageError(f"server binary not found or not executable: {path}",
+                             hint=f"Point --server-bin (or ${SERVER_BIN_ENV}) at a llama-server executable.")
+        return path
+
+    backend, _ = resolve_backend(engine, backend, config=config, lock=lock)
+    kwargs = {"what": engine, "backend": backend, "config": config, "lock": lock}
+    if engine == "llama.cpp":
+        # Reuse a finished build of the locked source that has llama-server (e.g. from
+        # `pylmserv build`, whatever targets it had); else build just llama-server.
+        kwargs["targets"] = existing_build_targets(backend, config, lock) or ("llama-server",)
+    result = build(**kwargs)
+    return pick_server_binary(engine, result)
+
+
+def existing_build_targets(backend: str, config: Optional[Path] = None, lock: Optional[Path] = None
+                           ) -> Optional[Tuple[str, ...]]:
+    """Targets of an up-to-date llama.cpp build of the locked source that includes llama-server.
+
+    Calling build() with those targets is then a cache hit: no second build for `serve`.
+    """
+    entry = load_project(config, lock).lock.entry("sources", "llama-cpp")
+    builds = home() / "builds"
+    if entry is None or not builds.is_dir():
+        return None
+    best = None
+    for stamp_file in builds.glob(f"llama.cpp-{backend}-*/{stamps.STAMP_NAME}"):
+        stamp = stamps.read_stamp(stamp_file)
+        if stamp is None or stamp.inputs.get("source") != entry.hash.sri or "llama-server" not in stamp.outputs:
+            continue
+        if stamp.inputs.get("mapping") != MAPPING_VERSION:  # made by an older pylmserv: would rebuild anyway
+            continue
+        if not all(r.still_there() for r in stamp.outputs.values()):
+            continue
+        mtime = stamp_file.stat().st_mtime
+        if best is None or mtime > best[0]:
+            best = (mtime, tuple(stamp.inputs.get("targets") or ()))
+    return best[1] if best and best[1] else None
+
+
+def pick_server_binary(engine: str, result) -> Path:
+    """Find llama-server (or the llamafile) among a BuildResult's installed paths."""
+    paths = getattr(result, "paths", None) or getattr(result, "binaries", None) or {}
+    items = list(paths.items()) if isinstance(paths, dict) else [(Path(p).name, p) for p in paths]
+    wanted = ("llama-server",) if engine == "llama.cpp" else ("llamafile",)
+    for name, path in items:
+        if Path(str(name)).name in wanted or Path(str(path)).name in wanted:
+            return Path(path)
+    raise PylmservError(f"the {engine} build has no {wanted[0]} binary",
+                        hint=f"Rebuild with `pylmserv build {engine} --target {wanted[0]}`.")
+
+
+BINFMT_DIR_ENV = "PYLMSERV_BINFMT_DIR"  # where binfmt_misc is read (default /proc/sys/fs/binfmt_misc)
+
+
+def _needs_shell(binary: Path, binfmt_dir: Optional[Path] = None) -> bool:
+    """An APE (a llamafile) that execve() would hand to WINE or refuse (Linux binfmt_misc)."""
+    if not sys.platform.startswith("linux"):
+        return False
+
+    directory = binfmt_dir or os.environ.get(BINFMT_DIR_ENV) or None
+    return binfmt.is_ape(binary) and not binfmt.read_binfmt(directory).direct_exec_ok
+
+
+def server_command(server: Path, model_path: Path, opts: ServeOptions) -> List[str]:
+    """llama-server's (or llamafile's --server) argument list."""
+    argv = [str(server)]
+    if opts.engine == "llamafile":
+        argv += ["--server", "--nobrowser"]
+    argv += ["-m", str(model_path), "--host", opts.host, "--port", str(opts.port)]
+    if opts.ngl is not None:
+        argv += ["-ngl", str(opts.ngl)]
+    if opts.api_key:
+        argv += ["--api-key", opts.api_key]
+    argv += list(opts.extra_args)
+    return argv
+
+
+# -- the process ---------------------------------------------------------------------------
+
+def _pdeathsig_setup() -> Optional[Callable[[], None]]:
+    """A preexec function that makes the child die with pylmserv, even on SIGKILL (Linux).
+
+    Resolved in the parent: the child, between fork and exec, only calls prctl.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def setup() -> None:  # pragma: no cover - runs in the child
+        prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+
+    return setup
+
+
+class ServerProcess:
+    """A server in its own process group; stop() leaves no process of that group behind."""
+
+    def __init__(self, argv: Sequence[str], log_file: Optional[Path] = None, env: Optional[dict] = None):
+        self.argv = list(argv)
+        self.log_file = log_file
+        self._log_handle = None
+        if log_file is not None:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            self._log_handle = open(log_file, "ab")
+        out = self._log_handle if self._log_handle is not None else None
+        try:
+            self.proc = proc_tools.start_group(self.argv, stdout=out or sys.stderr.fileno(),
+                                               stderr=subprocess.STDOUT if out else None,
+                                               preexec_fn=_pdeathsig_setup(), env=env)
+        except OSError as exc:
+            self._close_log()
+            raise PylmservError(f"cannot start {self.argv[0]}: {exc.strerror}",
+                                hint="Check that the binary exists and runs on this machine (`pylmserv doctor`).") from None
+        self.pgid = self.proc.pid  # start_new_session: the child leads its own group
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def poll(self) -> Optional[int]:
+        return self.proc.poll()
+
+    def signal_group(self, sig: int) -> None:
+        proc_tools.signal_group(self.pgid, sig)
+
+    def group_alive(self) -> bool:
+        """Does any process of the group still run? (Zombies awaiting their reaper run nothing.)"""
+        return proc_tools.group_alive(self.pgid)
+
+    def stop(self, sig: int = signal.SIGTERM, grace: float = STOP_GRACE_S) -> Optional[int]:
+        """Signal the group, give the server `grace` seconds, then SIGKILL what remains of it."""
+        code = proc_tools.stop_group(self.proc, grace=grace, sig=sig)
+        self._close_log()
+        return code
+
+    def _close_log(self) -> None:
+        if self._log_handle is not None:
+            self._log_handle.close()
+            self._log_handle = None
+
+    def log_tail(self, lines: int = 15) -> str:
+        if self.log_file is None or not self.log_file.exists():
+            return ""
+        with open(self.log_file, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            text = f.read().decode("utf-8", "replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def wait_healthy(server: ServerProcess, url: str, timeout: float, api_key: Optional[str] = None,
+                 interval: float = 0.2, cancelled: Callable[[], bool] = lambda: False) -> bool:
+    """Poll GET /health until 200 (503 means the model is still loading).
+
+    True when ready, False when `cancelled()` turned true (e.g. Ctrl-C while loading).
+    """
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    last = "no answer yet"
+    while not cancelled():
+        code = server.poll()
+        if code is not None:
+            if cancelled():
+                break
+            tail = server.log_tail()
+            raise PylmservError(f"the server exited with status {code} before it was ready"
+                                + (f"; its last output:\n{tail}" if tail else ""),
+                                hint=f"See {server.log_file} for the full log." if server.log_file else
+                                "Its output is above; run with -v for more.")
+        try:
+            req = urllib.request.Request(url, headers=headers)
+            with urllib.request.urlopen(req, timeout=2) as resp:
+                if resp.status == 200:
+                    return True
+                last = f"HTTP {resp.status}"
+        except urllib.error.HTTPError as exc:
+            last = f"HTTP {exc.code}"  # 503 while loading
+        except (urllib.error.URLError, OSError) as exc:
+            last = str(getattr(exc, "reason", exc))
+        if time.monotonic() > deadline:
+            raise PylmservError(f"the server did not become ready within {timeout:.0f}s ({url}: {last})",
+                                hint="A large model may need longer: pass --timeout SECONDS.")
+        time.sleep(interval)
+    return False
+
+
+@dataclass
+class _Stop:
+    signum: Optional[int] = None
+    handlers: dict = field(default_factory=dict)
+
+
+def run_server(argv: Sequence[str], opts: ServeOptions, on_ready: Callable[[ServeUrls], None]) -> int:
+    """Start the server, wait for /health, call on_ready, block until it exits or we are signalled.
+
+    Returns the exit status for the CLI: 130 when stopped by SIGINT/SIGTERM, else the
+    server's own status. No process of the server's group survives this call.
+    """
+    urls = urls_for(opts.host, opts.port)
+    stop = _Stop()
+
+    def on_signal(signum, frame):
+        if stop.signum is not None:  # second Ctrl-C: stop waiting politely
+            server.signal_group(signal.SIGKILL)
+            return
+        stop.signum = signum
+        server.signal_group(signum)  # forward: llama-server shuts down cleanly on SIGINT/SIGTERM
+
+    server = ServerProcess(argv, log_file=opts.log_file)
+    in_main = _is_main_thread()
+    try:
+        if in_main:
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                stop.handlers[sig] = signal.signal(sig, on_signal)
+        log.debug("started %s (pid %d)", " ".join(argv), server.pid)
+        ready = wait_healthy(server, urls.health, opts.health_timeout, api_key=opts.api_key,
+                             cancelled=lambda: stop.signum is not None)
+        if ready:
+            on_ready(urls)
+        while server.poll() is None and stop.signum is None:
+            time.sleep(0.1)
+        code = server.stop(signal.SIGTERM if stop.signum is None else stop.signum, grace=opts.stop_grace)
+        if stop.signum is not None:
+            return 130
+        if code is None:
+            return 1
+        return 128 - code if code < 0 else code  # killed by a signal: shell convention 128+N
+    finally:
+        server.stop(grace=opts.stop_grace)  # idempotent: nothing of the group is left on error paths either
+        for sig, old in stop.handlers.items():
+            signal.signal(sig, old)
+
+
+def _is_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def default_log_file(port: int) -> Path:
+    return subdir("logs") / f"llama-server-{port}.log"
+
+
+def serve(opts: ServeOptions, on_ready: Callable[[ServeUrls], None], config: Optional[Path] = None,
+          lock: Optional[Path] = None) -> int:
+    """Validate, fetch the model, build/find the server, run it until stopped."""
+    if opts.engine not in ENGINES:
+        raise UsageError(f"unknown engine {opts.engine!r}", hint="Use --engine llama.cpp or --engine llamafile.")
+    if not 0 < opts.port < 65536:
+        raise UsageError(f"bad port {opts.port}", hint="Use a port between 1 and 65535.")
+    check_bind(opts.host, opts.public, opts.api_key)
+    check_port_free(opts.host, opts.port)
+    model_path = resolve_model(opts.model, config, lock, offline=opts.offline)
+    server = resolve_server(opts.engine, opts.backend, opts.server_bin, config, lock)
+    argv = server_command(server, model_path, opts)
+    if opts.engine == "llamafile" and _needs_shell(server):
+        argv = ["/bin/sh"] + argv  # APE files run as shell scripts when binfmt_misc cannot start them
+    log.info("serving %s with %s", model_path, server)
+    return run_server(argv, opts, on_ready)

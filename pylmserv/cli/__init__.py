@@ -1,0 +1,127 @@
+"""The `pylmserv` command line: a thin layer that parses, calls the library, renders.
+
+Each subcommand lives in pylmserv/cli/<name>.py and is imported only when run,
+so `pylmserv --help` stays fast.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from ..core.version import __version__
+from ..core.errors import EXIT_CODES, PylmservError
+
+# name -> (module under pylmserv.cli, one-line help shown by --help)
+COMMANDS = {
+    "prefetch": ("prefetch", "Resolve refs, compute Nix-exact hashes, write pylmserv.lock."),
+    "fetch": ("fetch", "Download models: resumable, multi-connection, SHA-256 verified."),
+    "build": ("build", "Build llama.cpp or llamafile from the locked source."),
+    "pack": ("pack", "Embed a model (and args) into a llamafile."),
+    "hash": ("hash", "Hash a file or tree exactly as Nix does; convert hash encodings."),
+    "list": ("list_", "Show catalog entries: locked, fetched, built."),
+    "doctor": ("doctor", "Diagnose this machine: tools, GPUs, binfmt_misc, store, lock."),
+    "serve": ("serve", "Run a model with llama-server on localhost."),
+}
+
+
+@dataclass(frozen=True)
+class GlobalOptions:
+    """Options every command sees (resolved once, passed down)."""
+
+    verbose: int = 0
+    quiet: bool = False
+    config: Optional[Path] = None
+    lock: Optional[Path] = None
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        module, _ = COMMANDS[name]
+        try:
+            mod = importlib.import_module(f"pylmserv.cli.{module}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"pylmserv.cli.{module}":
+                raise
+            return _not_yet(name)
+        return mod.command
+
+    def format_commands(self, ctx, formatter):
+        # Help text comes from the table, not from importing every command.
+        rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+def _not_yet(name):
+    @click.command(name, help=COMMANDS[name][1])
+    def stub():
+        raise PylmservError(f"'{name}' is not available in this version of pylmserv.",
+                            hint="Upgrade pylmserv.")
+
+    return stub
+
+
+EPILOG = "Exit codes: " + "; ".join(f"{c} {m}" for c, m in EXIT_CODES.items()) + "."
+
+
+@click.group(cls=LazyGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="pylmserv")
+@click.option("-v", "--verbose", count=True, help="More output; tracebacks on errors.")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors.")
+@click.option("--config", "config", type=click.Path(path_type=Path), envvar="PYLMSERV_CONFIG",
+              help="pylmserv.toml to use (default: ./pylmserv.toml, else the packaged catalog).")
+@click.option("--lock", "lock", type=click.Path(path_type=Path), envvar="PYLMSERV_LOCK",
+              help="pylmserv.lock to use (default: beside the config).")
+@click.pass_context
+def cli(ctx, verbose, quiet, config, lock):
+    """pylmserv: llama.cpp and llamafile built right, models fetched and verified."""
+    _setup_logging(verbose, quiet)
+    ctx.obj = GlobalOptions(verbose=verbose, quiet=quiet, config=config, lock=lock)
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("pylmserv")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def main(argv=None) -> None:
+    verbose = any(a in ("-v", "--verbose") or (a.startswith("-v") and set(a[1:]) == {"v"})
+                  for a in (argv if argv is not None else sys.argv[1:]))
+    try:
+        rv = cli.main(args=argv, prog_name="pylmserv", standalone_mode=False)
+    except PylmservError as exc:
+        if verbose:
+            import traceback
+            traceback.print_exc()
+        click.echo(f"error: {exc.message}", err=True)
+        if exc.hint:
+            click.echo(f"hint: {exc.hint}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    sys.exit(rv if isinstance(rv, int) else 0)

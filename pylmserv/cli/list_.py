@@ -1,0 +1,52 @@
+"""`pylmserv list`: catalog entries, which are locked, fetched (path, size), built (backend, path)."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from ..app.doctor import human_size
+from ..app.listing import entries
+from ..pins.config import load_project
+
+
+def _size(n):
+    return human_size(n) if n is not None else "-"
+
+
+@click.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print {\"entries\": [...]} on stdout.")
+@click.pass_obj
+def command(g, as_json):
+    """Show the catalog: models and sources, locked or not, fetched, built."""
+    project = load_project(g.config if g else None, g.lock if g else None)
+    items = entries(project)
+    if as_json:
+        click.echo(json.dumps({"config": str(project.config_path), "lock": str(project.lock_path),
+                               "entries": [e.to_dict() for e in items]}, indent=2))
+        return 0
+    echo = lambda text="": click.echo(text, err=True)  # noqa: E731 - human output goes to stderr
+    echo(f"catalog: {project.config_path}")
+    models = [e for e in items if e.kind == "model"]
+    sources = [e for e in items if e.kind == "source"]
+    width = max((len(e.name) for e in items), default=4)
+    echo("")
+    echo(f"{'MODEL':<{width}}  {'LOCKED':<6}  {'SIZE':>9}  FETCHED")
+    for e in models:
+        locked = "yes" if e.locked else "no"
+        fetched = f"{e.fetched_path} ({_size(e.fetched_size)})" if e.fetched else "-"
+        if e.stale:
+            fetched += " [stale: the lock pins other bytes; run `pylmserv fetch " + e.name + "`]"
+        echo(f"{e.name:<{width}}  {locked:<6}  {_size(e.size):>9}  {fetched}")
+    echo("")
+    pins = [(e.pin or "-")[:20] for e in sources]  # a rev, a tag or a version
+    pw = max([3] + [len(p) for p in pins])
+    echo(f"{'SOURCE':<{width}}  {'LOCKED':<6}  {'PIN':<{pw}}  FETCHED / BUILT")
+    for e, pin in zip(sources, pins):
+        locked = "yes" if e.locked else "no"
+        rows = [str(e.fetched_path) if e.fetched else "-"]
+        rows += [f"built {b.engine} {b.backend}: {b.path}" for b in e.built]
+        echo(f"{e.name:<{width}}  {locked:<6}  {pin:<{pw}}  {rows[0]}")
+        for extra in rows[1:]:
+            echo(f"{'':<{width}}  {'':<6}  {'':<{pw}}  {extra}")
+    return 0

@@ -1,0 +1,24 @@
+"""Backend python: download / clone in-process, unpack with Nix semantics, hash."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from ...core.archive import extract
+from ...core.nar import nar_hash
+from ...store.trees import download
+from ...transfer import git as gitops
+from .base import Fetch, Hashed
+
+
+def hash_fetch(fetch: Fetch, work: Path) -> Hashed:
+    with tempfile.TemporaryDirectory(prefix="py.", dir=work) as tmp:
+        tmp = Path(tmp)
+        if fetch.kind == "git":
+            tree = gitops.checkout(fetch.url, fetch.rev, tmp / "checkout", submodules=fetch.submodules)
+            return Hashed(nar_hash(tree))
+        h, size = download(fetch.url, tmp / "download", headers=fetch.headers, tmp_dir=tmp)
+        if fetch.kind == "file":
+            return Hashed(h, size)
+        tree = extract(tmp / "download", tmp / "tree", policy="tar", strip_single_root=True)
+        return Hashed(nar_hash(tree))

@@ -1,0 +1,114 @@
+"""The Hugging Face Hub API as pylmserv uses it: endpoint, token scoping, revision -> commit,
+and file metadata (the LFS oid is the file's sha256) without downloading.
+
+HF_ENDPOINT picks the Hub (a mirror, a test stand-in); HF_TOKEN authenticates and is sent
+to that host only, never printed. Used by `pylmserv prefetch` (resolvers/hf.py) and by
+`pylmserv fetch hf://...` (models.py), so both see the same Hub the same way.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Dict, List, Optional
+from urllib.parse import quote, urlsplit
+
+from ..core.errors import HubNotFound, NetworkError, UsageError  # noqa: F401
+from ..core.version import __version__
+from .download import redact
+
+HUB = "https://huggingface.co"
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+def endpoint() -> str:
+    return (os.environ.get("HF_ENDPOINT") or HUB).rstrip("/")
+
+
+def auth_headers(url: str) -> Dict[str, str]:
+    """Authorization for the Hub host only (download() also drops it on redirects)."""
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    if token and _origin(url) == _origin(endpoint()):
+        return {"Authorization": f"Bearer {token}"}
+    return {}
+
+
+def _origin(url: str) -> tuple:
+    p = urlsplit(url)
+    return p.scheme, (p.hostname or "").lower(), p.port or {"http": 80, "https": 443}.get(p.scheme)
+
+
+def on_endpoint(url: str) -> str:
+    """Lock URLs name huggingface.co; HF_ENDPOINT (a mirror, a test stand-in) takes over."""
+    base = endpoint()
+    if base != HUB and url.startswith(HUB + "/"):
+        return base + url[len(HUB):]
+    return url
+
+
+def api_json(method: str, path: str, what: str, data=None):
+    """GET/POST `path` on the Hub API; errors name `what` and say how to fix them."""
+    import requests
+
+
+    url = endpoint() + path
+    headers = {"User-Agent": f"pylmserv/{__version__}", **auth_headers(url)}
+    try:
+        resp = requests.request(method, url, data=data, headers=headers, timeout=(15, 60))
+    except requests.RequestException as exc:
+        raise NetworkError(f"{what}: cannot reach the Hugging Face Hub at {endpoint()}: {type(exc).__name__}",
+                           hint="Check the network, or set HF_ENDPOINT to a reachable mirror.") from None
+    if resp.status_code in (401, 403):
+        raise NetworkError(f"{what}: the Hub refused access (HTTP {resp.status_code} from {redact(url)})",
+                           hint="The repository is gated or private: set HF_TOKEN to a token with access.")
+    if resp.status_code == 404:
+        raise HubNotFound(f"{what}: HTTP 404 from {redact(url)}", hint="Check the repository name and revision.")
+    if resp.status_code >= 400:
+        raise NetworkError(f"{what}: HTTP {resp.status_code} from {redact(url)}", hint="Try again later.")
+    try:
+        return resp.json()
+    except ValueError:
+        raise NetworkError(f"{what}: {redact(url)} did not answer JSON (a proxy page?)",
+                           hint="Check proxy settings and HF_ENDPOINT.") from None
+
+
+def resolve_commit(repo: str, revision: str, what: str) -> str:
+    """A branch or tag -> its commit; a full commit id is returned as is."""
+    if _COMMIT.match(revision):
+        return revision
+    try:
+        data = api_json("GET", f"/api/models/{repo}/revision/{quote(revision, safe='')}", what)
+    except HubNotFound:
+        raise UsageError(f"{what}: {repo} has no revision {revision!r} (or the repository does not exist)",
+                         hint="Fix the repository name or revision.") from None
+    sha = data.get("sha") if isinstance(data, dict) else None
+    if not isinstance(sha, str) or not _COMMIT.match(sha):
+        raise NetworkError(f"{what}: the Hub did not resolve revision {revision!r} of {repo}",
+                           hint="Check the revision name.")
+    return sha
+
+
+def file_info(repo: str, commit: str, paths: List[str], what: str) -> Optional[Dict[str, dict]]:
+    """Metadata of `paths` at `commit` ({path: {"size", "lfs": {"oid", "size"}}}), from
+    paths-info, else the tree listing; None when the Hub offers neither endpoint."""
+    try:
+        items = api_json("POST", f"/api/models/{repo}/paths-info/{commit}", what,
+                         data={"paths": paths, "expand": "true"})
+    except NetworkError:
+        items = _tree_items(repo, commit, paths, what)
+        if items is None:
+            return None
+    if not isinstance(items, list):
+        raise NetworkError(f"{what}: unexpected paths-info answer from the Hub")
+    return {i.get("path"): i for i in items
+            if isinstance(i, dict) and i.get("type", "file") == "file" and i.get("path") in paths}
+
+
+def _tree_items(repo: str, commit: str, paths: List[str], what: str) -> Optional[list]:
+    items = []
+    for folder in sorted({p.rsplit("/", 1)[0] if "/" in p else "" for p in paths}):
+        try:
+            listing = api_json("GET", f"/api/models/{repo}/tree/{commit}" + (f"/{folder}" if folder else ""), what)
+        except NetworkError:
+            return None
+        items.extend(listing if isinstance(listing, list) else [])
+    return items
