@@ -180,8 +180,11 @@ class LlamaCppBuild:
             "gpu_targets": req.gpu_targets, "portable": req.portable, "cmake_args": list(req.cmake_args),
             "build_type": req.build_type, "platform": f"{sys.platform}-{_platform.machine()}",
             "detected": {"openssl": det.openssl, "blas": det.blas_vendor, "cuda_archs": list(det.cuda_archs),
-                         "gfx": list(det.gfx_targets), "nvcc_archs": list(det.nvcc_archs),
-                         "cublas_wheel": list(det.cublas_wheel) if det.cublas_wheel else None},
+                         "gfx": list(det.gfx_targets),
+                         # CUDA only: the keys of other backends' builds stay what they were
+                         **({"nvcc_archs": list(det.nvcc_archs),
+                             "cublas_wheel": list(det.cublas_wheel) if det.cublas_wheel else None}
+                          if req.backend == "cuda" else {})},
         }
 
     # -- the pipeline -------------------------------------------------------------------

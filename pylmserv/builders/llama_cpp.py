@@ -30,7 +30,7 @@ BACKENDS = ("cpu", "blas", "cuda", "rocm", "vulkan", "metal")
 UPSTREAM_CUDA_ARCHS = ("50-virtual", "61-virtual", "70-virtual", "75-virtual", "80-virtual", "86-real", "89-real",
                        "90-virtual", "120a-real")
 DEFAULT_TARGETS = ("llama-cli", "llama-server", "llama-bench")
-MAPPING_VERSION = 3  # bump when the option mapping changes: new build keys, no stale reuse
+MAPPING_VERSION = 2  # bump when the option mapping changes: new build keys, no stale reuse
 LOG_NAME = "pylmserv-build.log"
 CONFIGURE_TIMEOUT = 900
 BUILD_TIMEOUT = 6 * 3600
