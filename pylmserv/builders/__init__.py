@@ -18,13 +18,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..core.errors import BuildError, ConfigError, ToolMissingError, UsageError
 from ..pins.config import load_project
-from ..store import records as stamps
 from ..store.layout import home
 from ..store.trees import ensure_source, store_path
 from . import toolchain as tc
+from .base import BuildSkeleton, Compiled
 from .llama_cpp import (BACKENDS, BUILD_TIMEOUT, CONFIGURE_TIMEOUT, DEFAULT_TARGETS, LOG_NAME, MAPPING_VERSION,
-                        Detected, Request, backend_env, builtin_features, find_outputs, install_files,
-                        make_commands, map_options, point_current, preflight, run_logged, scan_features)
+                        Detected, Request, backend_env, builtin_features, find_outputs, make_commands, map_options,
+                        preflight, run_logged, scan_features)
 from .llamafile import build_llamafile
 from .result import BuildResult
 from .toolchain import (DEFAULT_MIN_HIP, VULKAN_WAYS_OUT, check_gpu_links, cuda_header_driver_symbols, cuda_roots,
@@ -107,17 +107,17 @@ def stored_llama_source(config=None, lock=None) -> Optional[Path]:
     return path if path is not None and path.is_dir() else None
 
 
-class LlamaCppBuild:
-    """One llama.cpp build: key -> (fast path | detect, preflight, fetch, configure, build) -> install."""
+class LlamaCppBuild(BuildSkeleton):
+    """One llama.cpp build on the shared skeleton: prepare = detect, preflight, source
+    checks, fetch; compile = (driver stub,) configure, build, link check."""
+
+    engine = "llama.cpp"
 
     def __init__(self, req, prefix=None, force=False, source_dir=None, config=None, lock=None):
+        super().__init__(prefix, force, source_dir)
         self.req = req
-        self.force = force
-        self.prefix = Path(prefix).expanduser().resolve() if prefix else None
-        self.source_dir = Path(source_dir).expanduser().resolve() if source_dir else None
+        self.backend = req.backend
         self.config, self.lock = config, lock
-        self.home = home()
-        self.start = time.monotonic()
         self.entry = None
         self.rev: Optional[str] = None
         if self.source_dir is None:
@@ -127,10 +127,7 @@ class LlamaCppBuild:
             raise UsageError(f"--source {self.source_dir}: no CMakeLists.txt there",
                              hint="Pass the top directory of a llama.cpp checkout.")
         self.detected = self._cheap_detection()
-        self.inputs = self._inputs()
-        self.key = stamps.build_key(self.inputs)
-        self.build_dir = self.home / "builds" / f"llama.cpp-{req.backend}-{self.key}"
-        self.stamp_path = self.build_dir / stamps.STAMP_NAME
+        self._identify(req.backend, self._inputs())
 
     # -- identity ---------------------------------------------------------------------
 
@@ -189,15 +186,14 @@ class LlamaCppBuild:
 
     # -- the pipeline -------------------------------------------------------------------
 
-    def run(self, dry_run: bool = False) -> BuildResult:
-        if dry_run:
-            return self._dry_run()
-        if not self.force and self.source_dir is None:
-            stamp = stamps.read_stamp(self.stamp_path)
-            if stamps.is_up_to_date(stamp, self.req.targets, inputs=self.inputs):
-                log.debug("up to date: %s", self.build_dir)
-                return self._finish(stamp.output_paths(), cache_hit=True, notes=("up to date: nothing to do",))
-        return self._build()
+    def wanted(self):
+        return self.req.targets
+
+    def select(self, outputs: Dict[str, Path]) -> Dict[str, Path]:
+        return {t: outputs[t] for t in self.req.targets}
+
+    def libs_dir(self) -> Path:
+        return self.build_dir / "bin"
 
     def _plan(self, tc, source: Path, features):
         mapping = map_options(self.req, features, self.detected, self.rev)
@@ -233,7 +229,7 @@ class LlamaCppBuild:
         for name, path in sorted(outputs.items()):
             check_gpu_links(path, [d for d in dirs if d.is_dir()])
 
-    def _dry_run(self) -> BuildResult:
+    def dry_run(self) -> BuildResult:
         tc = detect_toolchain(self.req.backend)
         notes: List[str] = []
         try:
@@ -253,85 +249,52 @@ class LlamaCppBuild:
             notes.append(f"preflight would fail: {exc.message}")
         mapping, cmds, _ = self._plan(tc, source, features)
         detected = tuple(tc.describe()) + (f"options: {features.origin}",)
-        return BuildResult("llama.cpp", self.req.backend, {}, self.build_dir, self._prefix_dir(),
+        return BuildResult("llama.cpp", self.req.backend, {}, self.build_dir, self.prefix_dir(),
                            time.monotonic() - self.start, False, self.key, source, tuple(cmds.lines()),
                            detected, tuple(notes) + mapping.notes, dry_run=True)
 
-    def _build(self) -> BuildResult:
-        from filelock import FileLock
-
+    def prepare(self) -> Path:
         tc = detect_toolchain(self.req.backend)
-        warnings = preflight(self.req.backend, tc)
-        for w in warnings:
+        self.warnings = preflight(self.req.backend, tc)
+        for w in self.warnings:
             log.warning("warning: %s", w)
-        if self.source_dir is not None:
-            source = self.source_dir
-        else:
-            source = ensure_source(self.entry, self.home)
+        source = self.source_dir if self.source_dir is not None else ensure_source(self.entry, self.home)
         source_checks(self.req.backend, tc, source, self.req.cmake_args)  # before configure: minutes before the compiler would fail
-        features = scan_features(source)
-        mapping, cmds, benv = self._plan(tc, source, features)
-        for note in mapping.notes:
+        self.mapping, self.cmds, self.benv = self._plan(tc, source, scan_features(source))
+        for note in self.mapping.notes:
             log.warning("note: %s", note)
-        self.build_dir.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.build_dir) + ".lock", timeout=6 * 3600):
-            if not self.force and self.source_dir is None:
-                stamp = stamps.read_stamp(self.stamp_path)  # another process may have just finished it
-                if stamps.is_up_to_date(stamp, self.req.targets, inputs=self.inputs):
-                    return self._finish(stamp.output_paths(), cache_hit=True, notes=("built by a concurrent run",))
-            stamps.remove_stamp(self.stamp_path)  # a failed build must not look done
-            stub = self._driver_stub(tc)
-            if stub is not None:
-                header = find_cuda_header(tc.extra["nvcc"])
-                if header is None:
-                    raise ToolMissingError(f"the CUDA toolkit of {tc.extra['nvcc'].path} has neither stubs/libcuda.so "
-                                           "nor include/cuda.h", hint="Install the full CUDA toolkit (cuda-toolkit).")
-                write_cuda_driver_stub(cuda_header_driver_symbols(header), stub)
-            log_file = self.build_dir / LOG_NAME
-            log_file.write_text(f"# pylmserv build llama.cpp ({self.req.backend}) {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-            env = dict(os.environ)
-            env.update(benv)
-            if tc.ccache.found and tc.ccache.name == "ccache" and "CCACHE_BASEDIR" not in env:
-                # relative paths in the cache key: builds in other keyed dirs share hits
-                env["CCACHE_BASEDIR"] = str(self.home)
-            log.info("configuring llama.cpp (%s) in %s", self.req.backend, self.build_dir)
-            t0 = time.monotonic()
-            run_logged(cmds.configure, log_file, env, CONFIGURE_TIMEOUT, "configure")
-            log.info("building %s (-j%s)", " ".join(self.req.targets), cmds.build[-1])
-            run_logged(cmds.build, log_file, env, BUILD_TIMEOUT, "build")
-            seconds = time.monotonic() - t0
-            outputs = find_outputs(self.build_dir, self.req.targets)
-            missing = [t for t in self.req.targets if t not in outputs]
-            if missing:
-                raise BuildError(f"the build finished but produced no {', '.join(missing)}; log: {log_file}",
-                                 hint="Check the --target names (e.g. llama-cli, llama-server, llama-bench).")
-            if self.req.backend == "cuda":
-                self._check_cuda_links(tc, outputs, stub)
-            stamp = stamps.make_stamp(self.inputs, outputs, seconds=seconds,
-                                      extra={"commands": cmds.lines(), "defines": dict(mapping.defines),
-                                             "source": str(source), "toolchain": tc.describe()})
-            stamps.write_stamp(self.stamp_path, stamp)
-        return self._finish(outputs, cache_hit=False, notes=tuple(warnings) + mapping.notes, source=source,
-                            commands=tuple(cmds.lines()))
+        self.tc = tc
+        return source
 
-    # -- install --------------------------------------------------------------------------
-
-    def _prefix_dir(self) -> Path:
-        if self.prefix is not None:
-            return self.prefix
-        return self.home / "bin" / f"llama.cpp-{self.req.backend}" / self.key
-
-    def _finish(self, outputs: Dict[str, Path], cache_hit: bool, notes=(), source=None, commands=()) -> BuildResult:
-        prefix = self._prefix_dir()
-        bindir = prefix / "bin" if self.prefix is not None else prefix
-        wanted = {t: outputs[t] for t in self.req.targets}
-        installed = install_files(wanted, bindir, with_libs=self.build_dir / "bin")
-        current = None
-        if self.prefix is None:
-            current = point_current(prefix)
-        return BuildResult("llama.cpp", self.req.backend, installed, self.build_dir, prefix,
-                           time.monotonic() - self.start, cache_hit, self.key, source, commands, (),
-                           tuple(notes), current=current)
+    def compile(self, source: Path) -> Compiled:
+        tc, mapping, cmds = self.tc, self.mapping, self.cmds
+        stub = self._driver_stub(tc)
+        if stub is not None:
+            header = find_cuda_header(tc.extra["nvcc"])
+            if header is None:
+                raise ToolMissingError(f"the CUDA toolkit of {tc.extra['nvcc'].path} has neither stubs/libcuda.so "
+                                       "nor include/cuda.h", hint="Install the full CUDA toolkit (cuda-toolkit).")
+            write_cuda_driver_stub(cuda_header_driver_symbols(header), stub)
+        log_file = self.build_dir / LOG_NAME
+        log_file.write_text(f"# pylmserv build llama.cpp ({self.req.backend}) {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        env = dict(os.environ)
+        env.update(self.benv)
+        if tc.ccache.found and tc.ccache.name == "ccache" and "CCACHE_BASEDIR" not in env:
+            # relative paths in the cache key: builds in other keyed dirs share hits
+            env["CCACHE_BASEDIR"] = str(self.home)
+        log.info("configuring llama.cpp (%s) in %s", self.req.backend, self.build_dir)
+        run_logged(cmds.configure, log_file, env, CONFIGURE_TIMEOUT, "configure")
+        log.info("building %s (-j%s)", " ".join(self.req.targets), cmds.build[-1])
+        run_logged(cmds.build, log_file, env, BUILD_TIMEOUT, "build")
+        outputs = find_outputs(self.build_dir, self.req.targets)
+        missing = [t for t in self.req.targets if t not in outputs]
+        if missing:
+            raise BuildError(f"the build finished but produced no {', '.join(missing)}; log: {log_file}",
+                             hint="Check the --target names (e.g. llama-cli, llama-server, llama-bench).")
+        if self.req.backend == "cuda":
+            self._check_cuda_links(tc, outputs, stub)
+        return Compiled(outputs, tuple(self.warnings) + mapping.notes, tuple(cmds.lines()),
+                        {"defines": dict(mapping.defines), "toolchain": tc.describe()})
 
 
 def source_checks(backend: str, tc, source: Optional[Path], cmake_args: Sequence[str] = ()) -> None:
