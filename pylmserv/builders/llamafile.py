@@ -44,12 +44,12 @@ from ..core.apezip import embed_files
 from ..core.errors import BuildError, ConfigError, ToolMissingError, UsageError
 from ..pins.config import load_project
 from ..store import layout as paths
-from ..store import records as stamps
 from ..store.trees import ensure_source, store_path
 from . import toolchain as tc
+from .base import BuildSkeleton, Compiled
 from .binfmt import is_ape, read_binfmt
 from .cosmocc import Cosmocc, ensure_cosmocc, find_entry, toolchain_dir
-from .llama_cpp import install_files, point_current, run_logged
+from .llama_cpp import run_logged
 from .result import BuildResult
 
 log = logging.getLogger("pylmserv.build")
@@ -158,20 +158,22 @@ def build_llamafile(backend: str = "cpu", jobs: Optional[int] = None, prefix: Op
                           cuda_blas=cuda_blas, binfmt_dir=binfmt_dir, module_only=module_only).run(dry_run)
 
 
-class LlamafileBuild:
+class LlamafileBuild(BuildSkeleton):
+    """One llamafile build on the shared skeleton: prepare = preflight, fetch, cosmocc;
+    compile = make + make install (APE exec mode from binfmt_misc), then the GPU module."""
+
+    engine = ENGINE
+
     def __init__(self, backend, jobs, prefix, force, config, lock, source_dir, cuda_arch, gpu_targets,
                  cuda_blas, binfmt_dir, module_only=False):
-        self.backend, self.force, self.module_only = backend, force, module_only
+        super().__init__(prefix, force, source_dir)
+        self.backend, self.module_only = backend, module_only
         self.jobs = jobs or os.cpu_count() or 1
-        self.prefix = Path(prefix).expanduser().resolve() if prefix else None
-        self.source_dir = Path(source_dir).expanduser().resolve() if source_dir else None
         self.cuda_archs = _split(cuda_arch) or (default_cuda_archs() if backend == "cuda" else ())
         self.gfx = _split(gpu_targets) or (DEFAULT_GFX_TARGETS if backend == "rocm" else ())
         self.cuda_blas = cuda_blas if backend == "cuda" else None
         env_dir = os.environ.get("PYLMSERV_BINFMT_DIR")
         self.binfmt_dir = Path(binfmt_dir) if binfmt_dir else (Path(env_dir) if env_dir else None)
-        self.home = paths.home()
-        self.start = time.monotonic()
         project = load_project(config, lock)
         self.entry = None
         if self.source_dir is None:
@@ -195,7 +197,7 @@ class LlamafileBuild:
                                        "`pylmserv prefetch`.")
             self.cosmocc_version = str(version)
             self.cosmocc_entry = find_entry(project.lock, self.cosmocc_version)
-        self.inputs = {
+        inputs = {
             "engine": ENGINE, "mapping": MAPPING_VERSION, "backend": backend,
             "source": self.entry.hash.sri if self.entry is not None else f"path:{self.source_dir}",
             "rev": self.entry.rev if self.entry is not None else None,
@@ -203,25 +205,10 @@ class LlamafileBuild:
             "cuda_archs": list(self.cuda_archs), "gfx": list(self.gfx),
             "cuda_blas": self.cuda_blas, "module_only": module_only, "platform": f"{sys.platform}-{_platform.machine()}",
         }
-        self.key = stamps.build_key(self.inputs)
-        kind = f"{backend}-module" if module_only else backend
-        self.build_dir = self.home / "builds" / f"{ENGINE}-{kind}-{self.key}"
-        self.stamp_path = self.build_dir / stamps.STAMP_NAME
+        # a module-only build has its own prefix (and `current`): it never stands in for a llamafile
+        self._identify(f"{backend}-module" if module_only else backend, inputs)
         self.src = self.build_dir / "src"
         self.stage = self.build_dir / "stage"
-
-    # -- entry ---------------------------------------------------------------------------
-
-    def run(self, dry_run: bool):
-        if dry_run:
-            return self._dry_run()
-        if not self.force and self.source_dir is None:
-            stamp = stamps.read_stamp(self.stamp_path)
-            if stamps.is_up_to_date(stamp, inputs=self.inputs):
-                log.debug("up to date: %s", self.build_dir)
-                return self._finish(stamp.output_paths(), cache_hit=True, notes=("up to date: nothing to do",),
-                                    commands=tuple(stamp.extra.get("commands", ())))
-        return self._build()
 
     # -- planning --------------------------------------------------------------------------
 
@@ -322,7 +309,7 @@ class LlamafileBuild:
             raise ToolMissingError("--backend rocm needs hipcc (ROCm), which was not found on PATH",
                                    hint="Install ROCm (hipcc) and put /opt/rocm/bin on PATH; or build --backend cpu.")
 
-    def _dry_run(self):
+    def dry_run(self):
         notes: List[str] = []
         try:
             self._preflight()
@@ -341,7 +328,7 @@ class LlamafileBuild:
         notes += plan.notes
         if not self.module_only:
             detected = (f"cosmocc {self.cosmocc_version}: {root}", f"APE exec mode: {plan.exec_mode}")
-        return BuildResult(ENGINE, self.backend, {}, self.build_dir, self._prefix_dir(), time.monotonic() - self.start,
+        return BuildResult(ENGINE, self.backend, {}, self.build_dir, self.prefix_dir(), time.monotonic() - self.start,
                            False, self.key, source, tuple(plan.lines(root)), detected, tuple(notes), dry_run=True)
 
     def _source_path(self) -> Path:
@@ -352,90 +339,60 @@ class LlamafileBuild:
 
     # -- building ------------------------------------------------------------------------------
 
-    def _build(self):
-        from filelock import FileLock
-
+    def prepare(self) -> Path:
         self._preflight()
-        if self.source_dir is None:
-            source = ensure_source(self.entry, self.home)
-        else:
-            source = self.source_dir
+        source = self.source_dir if self.source_dir is not None else ensure_source(self.entry, self.home)
         if self.module_only:
-            return self._build_module_only(source)
+            return source
         expected = _configured_cosmocc(source)
         if expected and expected != self.cosmocc_version:
             raise ConfigError(f"the llamafile tree builds with cosmocc {expected} (build/config.mk), "
                               f"the lock says {self.cosmocc_version}",
                               hint="Set cosmocc = \"%s\" in [sources.llamafile] and run `pylmserv prefetch`." % expected)
-        cc = ensure_cosmocc(self.cosmocc_entry, self.home)
-        self.build_dir.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.build_dir) + ".lock", timeout=MAKE_TIMEOUT):
-            stamps.remove_stamp(self.stamp_path)  # a failed build must not look done
-            self._copy_source(source)
-            plan = self._plan(cc.root, source)
-            for note in plan.notes:
-                log.info("%s", note)
-            seed_cosmocc(plan.seed, cc, plan.exec_mode)
-            log_file = self.build_dir / LOG_NAME
-            log_file.write_text(f"# pylmserv build llamafile ({self.backend}) {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
-                                + "".join(f"# {n}\n" for n in plan.notes))
-            for d in ("home", "tmp"):
-                (self.build_dir / d).mkdir(exist_ok=True)
-            if self.stage.exists():
-                shutil.rmtree(self.stage)
-            t0 = time.monotonic()
-            try:
-                self._run_steps(plan, log_file, run_logged)
-            except ToolMissingError as exc:
-                if plan.exec_mode != "direct":
-                    raise
-                # binfmt_misc claimed an APE rule but the kernel would not run bin/make
-                # (ENOEXEC, e.g. in a container): fall back to the loader.
-                note = f"direct exec of {cc.make} failed ({exc.message}); using {cc.loader().name}"
-                log.warning("note: %s", note)
-                plan = self._plan(cc.root, source, force_loader=True)
-                plan.notes.append(note)
-                seed_cosmocc(plan.seed, cc, plan.exec_mode)
-                self._run_steps(plan, log_file, run_logged)
-            outputs = {p.name: p for p in sorted((self.stage / "bin").glob("*")) if p.is_file()}
-            if "llamafile" not in outputs:
-                raise BuildError(f"make install put no bin/llamafile under {self.stage}; log: {log_file}",
-                                 hint="Check the log: the Makefile's install target did not run as expected.")
-            if plan.gpu:
-                self._build_gpu(plan, source, log_file, outputs)
-            seconds = time.monotonic() - t0
-            stamp = stamps.make_stamp(self.inputs, outputs, seconds=seconds,
-                                      extra={"commands": plan.lines(cc.root), "source": str(source),
-                                             "cosmocc": str(cc.root), "exec_mode": plan.exec_mode})
-            stamps.write_stamp(self.stamp_path, stamp)
-        return self._finish(outputs, cache_hit=False, notes=tuple(plan.notes), source=source,
-                            commands=tuple(plan.lines(cc.root)))
+        self.cc = ensure_cosmocc(self.cosmocc_entry, self.home)
+        return source
 
-    def _build_module_only(self, source: Path):
-        """--module-only: just ggml-cuda.so / ggml-rocm.so (needs nvcc or hipcc, not cosmocc)."""
-        from filelock import FileLock
-
-        self.build_dir.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.build_dir) + ".lock", timeout=MAKE_TIMEOUT):
-            if not self.force and self.source_dir is None:
-                stamp = stamps.read_stamp(self.stamp_path)  # another process may have just finished it
-                if stamps.is_up_to_date(stamp, inputs=self.inputs):
-                    return self._finish(stamp.output_paths(), cache_hit=True, notes=("built by a concurrent run",),
-                                        commands=tuple(stamp.extra.get("commands", ())))
-            stamps.remove_stamp(self.stamp_path)
+    def compile(self, source: Path) -> Compiled:
+        log_file = self.build_dir / LOG_NAME
+        if self.module_only:  # --module-only: just ggml-cuda.so / ggml-rocm.so (nvcc or hipcc, no cosmocc)
             plan = self._plan(None, source)
-            log_file = self.build_dir / LOG_NAME
             log_file.write_text(f"# pylmserv build llamafile --module-only ({self.backend}) "
                                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-            t0 = time.monotonic()
-            outputs: Dict[str, Path] = {}
+            self._build_gpu(plan, source, log_file, {})
+            return Compiled({plan.gpu_dso.name: plan.gpu_dso}, tuple(plan.notes), tuple(plan.lines(None)))
+        cc = self.cc
+        self._copy_source(source)
+        plan = self._plan(cc.root, source)
+        for note in plan.notes:
+            log.info("%s", note)
+        seed_cosmocc(plan.seed, cc, plan.exec_mode)
+        log_file.write_text(f"# pylmserv build llamafile ({self.backend}) {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                            + "".join(f"# {n}\n" for n in plan.notes))
+        for d in ("home", "tmp"):
+            (self.build_dir / d).mkdir(exist_ok=True)
+        if self.stage.exists():
+            shutil.rmtree(self.stage)
+        try:
+            self._run_steps(plan, log_file, run_logged)
+        except ToolMissingError as exc:
+            if plan.exec_mode != "direct":
+                raise
+            # binfmt_misc claimed an APE rule but the kernel would not run bin/make
+            # (ENOEXEC, e.g. in a container): fall back to the loader.
+            note = f"direct exec of {cc.make} failed ({exc.message}); using {cc.loader().name}"
+            log.warning("note: %s", note)
+            plan = self._plan(cc.root, source, force_loader=True)
+            plan.notes.append(note)
+            seed_cosmocc(plan.seed, cc, plan.exec_mode)
+            self._run_steps(plan, log_file, run_logged)
+        outputs = {p.name: p for p in sorted((self.stage / "bin").glob("*")) if p.is_file()}
+        if "llamafile" not in outputs:
+            raise BuildError(f"make install put no bin/llamafile under {self.stage}; log: {log_file}",
+                             hint="Check the log: the Makefile's install target did not run as expected.")
+        if plan.gpu:
             self._build_gpu(plan, source, log_file, outputs)
-            outputs = {plan.gpu_dso.name: plan.gpu_dso}
-            stamp = stamps.make_stamp(self.inputs, outputs, seconds=time.monotonic() - t0,
-                                      extra={"commands": plan.lines(None), "source": str(source)})
-            stamps.write_stamp(self.stamp_path, stamp)
-        return self._finish(outputs, cache_hit=False, notes=tuple(plan.notes), source=source,
-                            commands=tuple(plan.lines(None)))
+        return Compiled(outputs, tuple(plan.notes), tuple(plan.lines(cc.root)),
+                        {"cosmocc": str(cc.root), "exec_mode": plan.exec_mode})
 
     def _run_steps(self, plan: Plan, log_file: Path, run_logged) -> None:
         for step in plan.steps:
@@ -494,22 +451,6 @@ class LlamafileBuild:
             if name in outputs:
                 embed_files(outputs[name], [(plan.gpu_dso.name, plan.gpu_dso)])
                 log.info("llamafile: embedded %s into %s", plan.gpu_dso.name, name)
-
-    # -- install -------------------------------------------------------------------------------
-
-    def _prefix_dir(self) -> Path:
-        if self.prefix is not None:
-            return self.prefix
-        return self.home / "bin" / f"{ENGINE}-{self.backend}" / self.key
-
-    def _finish(self, outputs: Dict[str, Path], cache_hit: bool, notes=(), source=None, commands=()):
-        prefix = self._prefix_dir()
-        bindir = prefix / "bin" if self.prefix is not None else prefix
-        installed = install_files(outputs, bindir)
-        current = point_current(prefix) if self.prefix is None else None
-        return BuildResult(ENGINE, self.backend, installed, self.build_dir, prefix, time.monotonic() - self.start,
-                           cache_hit, self.key, source, tuple(commands), (), tuple(notes), current=current)
-
 
 # -- seeding .cosmocc/<version> ----------------------------------------------------------------
 
