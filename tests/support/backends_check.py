@@ -22,8 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+from pylmserv.core.hashing import Hash
+from pylmserv.pins.config import Lock, LockEntry
 from tests.support import llama_source
+from tests.support.httpserver import serve_directory
 from tests.support.tinymodel import tiny_model
+from tests.test_llamafile_cuda_module import FIXTURE, PINNED
 
 VULKAN_SDIST = "0.3.9"  # llama-cpp-python 0.3.9 (May 2025): its llama.cpp builds with Debian 12's Vulkan headers
 CURRENT = llama_source.SDIST_VERSION
@@ -162,9 +166,33 @@ def row_rocm() -> Row:
 
 
 def row_llamafile_cuda() -> Row:
+    """llamafile 0.8.4's ggml-cuda.so from the real source (shared/fixtures), --module-only."""
     row = Row("llamafile cuda module")
-    from tests.test_llamafile_cuda_module import FIXTURE  # the real 0.8.4 tarball and its pinned hash
-    row.checked.append(f"built by tests/test_llamafile_cuda_module.py (default test run) from {FIXTURE.name}")
+    work = Path(tempfile.mkdtemp(prefix="backends-llamafile-"))
+    (work / "www").mkdir()
+    os.symlink(FIXTURE, work / "www" / FIXTURE.name)
+    arch = os.environ.get("CUDA_ARCH", "90")
+    with serve_directory(work / "www") as base:
+        entry = LockEntry("sources", "llamafile", f"{base}/{FIXTURE.name}", Hash.parse(PINNED), "nar", rev="0.8.4",
+                          extra={"type": "github", "owner": "Mozilla-Ocho", "repo": "llamafile", "ref": "0.8.4",
+                                 "submodules": False, "cosmocc": "3.3.6"})
+        (work / "pylmserv.toml").write_text('[sources.llamafile]\ntype = "github"\nowner = "Mozilla-Ocho"\n'
+                                            'repo = "llamafile"\nref = "0.8.4"\ncosmocc = "3.3.6"\n')
+        Lock(path=work / "pylmserv.lock", sources={"llamafile": entry}).write()
+        log("building llamafile 0.8.4 ggml-cuda.so --module-only")
+        proc = subprocess.run([sys.executable, "-m", "pylmserv", "--config", str(work / "pylmserv.toml"), "--lock",
+                               str(work / "pylmserv.lock"), "build", "llamafile", "--backend", "cuda", "--module-only",
+                               "--cuda-arch", arch, "--json"], capture_output=True, text=True,
+                              env=llama_source.build_env(), timeout=3600)
+    if proc.returncode != 0:
+        row.checked.append("build failed: " + _last_error(proc.stderr))
+        return row
+    doc = json.loads(proc.stdout)
+    row.compiled, row.cold_build = f"yes (nvcc 13.0, sm_{arch}, tinyBLAS)", cold_seconds(doc)
+    libs = needed(Path(doc["paths"]["ggml-cuda.so"]))
+    row.checked.append("NEEDED " + ", ".join(n for n in libs if n.startswith("libcu"))
+                       + "; every undefined cu* symbol provided by a NEEDED library (readelf/nm)")
+    row.ran = "no (no GPU here)"
     return row
 
 
@@ -185,6 +213,7 @@ ROWS: Dict[str, Callable[[], Row]] = {
     "vulkan": row_vulkan,
     "rocm": row_rocm,
     "cuda": row_cuda,
+    "llamafile-cuda": row_llamafile_cuda,
 }
 
 
