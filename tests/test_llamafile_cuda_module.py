@@ -133,3 +133,27 @@ def test_module_only_needs_a_gpu_backend(home, tmp_path, real_llamafile_lock):
     proc = run_cli("--config", cfg, "--lock", lock, "build", "llamafile", "--module-only")
     assert proc.returncode != 0 and "--module-only" in proc.stderr and "Traceback" not in proc.stderr
     assert len([ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]) == 1
+
+
+@needs_nvcc
+@needs_binutils
+def test_real_ggml_cuda_module_with_cublas_links_lcublas_too(tmp_path, home, real_llamafile_lock, monkeypatch):
+    """--cuda-blas cublas: upstream's other link line (`-lcublas -lcuda`). cuBLAS comes from
+    the toolkit or NVIDIA's PyPI wheel (scripts/backends-check.sh installs the wheel)."""
+    cublas = tc.detect_cublas(tc.detect_nvcc())
+    if not cublas.found:
+        pytest.skip("no cuBLAS here (pip install nvidia-cublas==<CUDA major.minor>.*)")
+    monkeypatch.setenv("HOME", str(tmp_path / "userhome"))
+    cfg, lock = real_llamafile_lock
+    proc = run_cli("--config", cfg, "--lock", lock, "build", "llamafile", "--backend", "cuda", "--module-only",
+                   "--cuda-arch", "90", "--cuda-blas", "cublas", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    module = Path(json.loads(proc.stdout)["paths"]["ggml-cuda.so"])
+    needed = tc.elf_needed(module)
+    assert "libcuda.so.1" in needed and any(n.startswith("libcublas.so") for n in needed), needed
+    undefined = tc.elf_symbols(module, defined=False)
+    assert any(s.startswith("cublas") for s in undefined)  # cuBLAS really used, not tinyBLAS
+    build_dir = Path(json.loads(proc.stdout)["build_dir"])
+    missing, found = tc.unprovided_symbols(module, r"cu[A-Z]|cublas", [build_dir / "gpu" / "stubs",
+                                                                       Path(cublas.path).parent])
+    assert missing == [] and any(k.startswith("libcublas") for k in found)
