@@ -313,7 +313,7 @@ def test_lock_unreadable(tmp_path):
 def test_diagnose_survives_a_broken_probe(tmp_path, monkeypatch):
     import pylmserv.app.doctor as doctor
 
-    def boom(machine, backend):
+    def boom(machine, backend, *rest):
         raise RuntimeError("probe exploded")
 
     monkeypatch.setattr(doctor, "check_gpus", boom)

@@ -119,7 +119,7 @@ def diagnose(machine: Optional[Machine] = None, config: Optional[Path] = None, l
         ("curl", lambda: [tool_presence(machine, "curl", "upstream scripts use it; pylmserv downloads by itself",
                                         "Install curl (apt-get install curl).")]),
         ("nix", lambda: check_nix(machine)),
-        ("gpus", lambda: check_gpus(machine, backend)),
+        ("gpus", lambda: check_gpus(machine, backend, config, lock)),
         ("binfmt_misc", lambda: [check_binfmt(machine)]),
         ("store", lambda: check_store(machine)),
         ("lock", lambda: [check_lock(config, lock)]),
@@ -275,7 +275,8 @@ def _nvcc_arches(machine: Machine, nvcc: str) -> Optional[set]:
     return set(re.findall(r"compute_(\d+)", proc.stdout))
 
 
-def check_gpus(machine: Machine, backend: Optional[str]) -> List[Check]:
+def check_gpus(machine: Machine, backend: Optional[str], config: Optional[Path] = None,
+               lock: Optional[Path] = None) -> List[Check]:
     env, run = machine.environ, machine.runner
     checks: List[Check] = []
 
@@ -335,11 +336,12 @@ def check_gpus(machine: Machine, backend: Optional[str]) -> List[Check]:
                                 "xcode-select --install"))
 
     vendors = tc.detect_gpu_vendors(env, run, machine.sysfs_drm, machine.sys_platform)
-    checks += _toolchain_matches(machine, backend, nvidia, driver_cuda, rocm, vk_devices, vendors)
+    checks += _toolchain_matches(machine, backend, nvidia, driver_cuda, rocm, vk_devices, vendors, config, lock)
     return checks
 
 
-def _toolchain_matches(machine, backend, nvidia, driver_cuda, rocm, vk_devices, vendors) -> List[Check]:
+def _toolchain_matches(machine, backend, nvidia, driver_cuda, rocm, vk_devices, vendors, config=None,
+                       lock=None) -> List[Check]:
     """Is the toolchain for the GPU (or for the requested backend) there, and does it fit?"""
     env, run = machine.environ, machine.runner
     checks: List[Check] = []
@@ -389,7 +391,7 @@ def _toolchain_matches(machine, backend, nvidia, driver_cuda, rocm, vk_devices, 
     if vk_devices or want == "vulkan":
         checks.append(_check_vulkan_sdk(machine, want == "vulkan"))
     if want in ("cuda", "rocm", "vulkan", "blas"):
-        checks += _check_build_preflight(machine, want)
+        checks += _check_build_preflight(machine, want, config, lock)
     return checks
 
 
@@ -406,7 +408,8 @@ def _check_vulkan_sdk(machine: Machine, requested: bool) -> Check:
                  f"{sdk.headers}; loader {sdk.loader}; {len(sdk.icds)} ICD(s)")
 
 
-def _check_build_preflight(machine: Machine, backend: str) -> List[Check]:
+def _check_build_preflight(machine: Machine, backend: str, config: Optional[Path] = None,
+                           lock: Optional[Path] = None) -> List[Check]:
     """The build's own preflight and source checks, so doctor and `pylmserv build` agree:
     the same detection, the same verdict, the same words."""
     toolchain = tc.detect_toolchain(backend, machine.environ, machine.runner, machine.sys_platform,
@@ -415,7 +418,7 @@ def _check_build_preflight(machine: Machine, backend: str) -> List[Check]:
         warnings = preflight(backend, toolchain, machine.sys_platform)
     except ToolMissingError as exc:
         return [Check("build-preflight", FAIL, exc.message, exc.hint or "")]
-    source = stored_llama_source(None, None)
+    source = stored_llama_source(config, lock)
     checked = f"the locked source in {source}" if source is not None else "current llama.cpp (source not fetched yet)"
     try:
         source_checks(backend, toolchain, source)
