@@ -80,6 +80,7 @@ def vendored_tarball(version: str = SDIST_VERSION) -> Path:
 def tarball_nar_hash(version: str = SDIST_VERSION):
     """NAR hash of the unpacked tarball (Nix fetchzip semantics), cached beside it."""
     from pylmserv.core.archive import extract
+    from pylmserv.core.errors import HashError
     from pylmserv.core.hashing import Hash, file_hash
     from pylmserv.core.nar import nar_hash
 
@@ -87,9 +88,12 @@ def tarball_nar_hash(version: str = SDIST_VERSION):
     flat = file_hash(tarball)
     sidecar = tarball.with_name(tarball.name + ".nar")
     if sidecar.is_file():
-        flat_text, nar_text = sidecar.read_text().split()
-        if flat_text == flat.sri:
-            return Hash.parse(nar_text)
+        try:
+            flat_text, nar_text = sidecar.read_text().split()
+            if flat_text == flat.sri:
+                return Hash.parse(nar_text)
+        except (ValueError, HashError):  # a sidecar in another format: hash again
+            pass
     with tempfile.TemporaryDirectory(dir=CACHE) as work:
         tree = extract(tarball, Path(work) / "tree", policy="tar", strip_single_root=True)
         got = nar_hash(tree)
