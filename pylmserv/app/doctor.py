@@ -487,7 +487,7 @@ def check_binfmt(machine: Machine) -> Check:
 def _ape_loader_in_store(machine: Machine) -> Optional[str]:
     root = machine.store_root or _store_root(machine)
     arch = platform.machine() or "x86_64"
-    for cand in sorted((root / "toolchains").glob(f"cosmocc-*/bin/ape-{arch}.elf"), reverse=True):
+    for cand in sorted(paths.toolchains_dir(root).glob(f"cosmocc-*/bin/ape-{arch}.elf"), reverse=True):
         return str(cand)
     return None
 
@@ -533,9 +533,10 @@ def check_store(machine: Machine) -> List[Check]:
     free = usage.free
     parts = []
     if root.exists():
-        for name in ("blobs", "builds", "toolchains"):
-            if (root / name).exists():
-                parts.append(f"{name} {human_size(_tree_size(root / name))}")
+        for name, where in (("blobs", paths.blobs_root(root)), ("builds", paths.builds_dir(root)),
+                            ("toolchains", paths.toolchains_dir(root))):
+            if where.exists():
+                parts.append(f"{name} {human_size(_tree_size(where))}")
     sizes = ", ".join(parts) if parts else "empty"
     detail = f"{root}: {human_size(free)} free of {human_size(usage.total)}; {sizes}"
     writable = os.access(probe, os.W_OK)

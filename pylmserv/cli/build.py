@@ -54,19 +54,19 @@ def command(obj, what, backend, targets, cuda_arch, gpu_targets, portable, jobs,
                    source_dir=source_dir, config=obj.config if obj else None, lock=obj.lock if obj else None,
                    module_only=module_only, cuda_blas=cuda_blas)
     if as_json:
-        data = result.to_json() if hasattr(result, "to_json") else dict(vars(result))
-        if getattr(result, "detected", None):
+        data = result.to_json()
+        if result.detected:
             data["detected"] = list(result.detected)
         click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
         return
     quiet = bool(obj and obj.quiet)
-    if getattr(result, "dry_run", False):
-        for line in getattr(result, "detected", ()):
+    if result.dry_run:
+        for line in result.detected:
             click.echo(f"detected: {line}", err=True)
-        for note in getattr(result, "notes", ()):
+        for note in result.notes:
             click.echo(f"note: {note}", err=True)
         click.echo(f"build dir: {result.build_dir}", err=True)
-        for line in getattr(result, "commands", ()):
+        for line in result.commands:
             click.echo(line)  # the commands are what a dry run is for: stdout
         return
     if quiet:
@@ -75,5 +75,5 @@ def command(obj, what, backend, targets, cuda_arch, gpu_targets, portable, jobs,
     click.echo(f"{result.what} ({result.backend}): {state}; build dir {result.build_dir}", err=True)
     for name, path in sorted(result.binaries.items()):
         click.echo(f"  {name}: {path}", err=True)
-    if getattr(result, "current", None):
+    if result.current:
         click.echo(f"  current: {result.current} -> {Path(result.prefix).name}", err=True)
