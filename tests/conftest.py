@@ -58,3 +58,18 @@ def run_cli(*args, env=None, cwd=None, check=False):
     if check and proc.returncode != 0:
         raise AssertionError(f"pylmserv {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
+
+
+def pytest_collection_modifyitems(config, items):
+    """One rule for the `nix` marker: a test marked `nix` uses the `nix` fixture (directly or
+    through another fixture), and a test that uses it is marked. `-m "not nix"` then deselects
+    exactly the tests that need real Nix."""
+    wrong = []
+    for item in items:
+        marked = item.get_closest_marker("nix") is not None
+        uses = "nix" in getattr(item, "fixturenames", ())
+        if marked != uses:
+            wrong.append(f"{item.nodeid}: " + ("marked nix but does not use the nix fixture" if marked
+                                               else "uses the nix fixture but is not marked nix"))
+    if wrong:
+        raise pytest.UsageError("the nix marker is out of step with the nix fixture:\n  " + "\n  ".join(wrong))

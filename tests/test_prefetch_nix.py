@@ -94,6 +94,7 @@ def git_project(tmp_path, monkeypatch):
     return cfg
 
 
+@pytest.mark.nix
 def test_nix_backend_git_with_mock_nix_prefetch_git(nix, git_project, mock_nix_prefetch_git):
     py = prefetch(config=git_project, via="python").changes[0].new
     via_nix = prefetch(config=git_project, via="nix", refresh=True)
@@ -102,6 +103,7 @@ def test_nix_backend_git_with_mock_nix_prefetch_git(nix, git_project, mock_nix_p
     assert auto.changes[0].new.hash == py.hash
 
 
+@pytest.mark.nix
 def test_auto_cross_check_disagreement_with_mock_nix_prefetch_git(nix, git_project, mock_nix_prefetch_git,
                                                                    monkeypatch):
     prefetch(config=git_project, via="python")
@@ -122,6 +124,7 @@ def test_nix_backend_without_nix_prefetch_git_names_the_tool(git_project, monkey
     assert prefetch(config=git_project, via="auto").written
 
 
+@pytest.mark.nix
 def test_nix_backend_url_matches_python(nix, tmp_path, http_dir):
     www, base = http_dir
     (www / "f.bin").write_bytes(os.urandom(10000))
