@@ -8,8 +8,11 @@ cd "$(dirname "$0")/.."
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
+# Every tool the tests run: Nix (hash oracle), git, zip/unzip (archive and llamafile tests),
+# tar/xz/zstd, compilers, make, ccache, mount/umount (util-linux: the tmpfs disk-full tests).
 $SUDO apt-get install -y -qq --no-install-recommends \
-  nix-bin git unzip zstd ccache ninja-build cmake curl gcc g++ make python3-venv >/dev/null
+  nix-bin git zip unzip tar xz-utils zstd ccache ninja-build cmake curl gcc g++ make util-linux \
+  python3-venv >/dev/null
 python3 -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 python3 -m pip install -q -e '.[test]'
 cache="${PYLMSERV_TEST_CACHE:-$HOME/.cache/pylmserv-tests}"
