@@ -298,16 +298,20 @@ def test_hf_unknown_revision(tmp_path, monkeypatch):
 
 
 @pytest.mark.nix
-def test_hf_private_plain_git_file_with_token_under_auto(tmp_path, monkeypatch, nix):
-    """auto must not hand an authenticated download to nix-prefetch-url (it cannot send the token)."""
+def test_hf_private_plain_git_file_with_token_under_auto(tmp_path, monkeypatch, nix, caplog):
+    """auto must not hand an authenticated download to nix-prefetch-url (it cannot send the
+    token): the Hub sees no request without the token, and no failed cross-check is logged."""
     with serve_hub(token="hf_tok") as hub:
         hub.add_file("org/models", "big.gguf", b"tiny", lfs=False)
         hub.add_file("org/models", "sub/small.gguf", b"tiny2", lfs=False)
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         monkeypatch.setenv("HF_TOKEN", "hf_tok")
         cfg = write_config(tmp_path / "pylmserv.toml", HF_CFG.format(rev="main"))
+        caplog.set_level("WARNING", logger="pylmserv")
         prefetch(config=cfg, via="auto")
         assert load_lock(tmp_path / "pylmserv.lock").models["big"].hash == Hash.of_bytes(b"tiny")
+        assert hub.requests and {auth for _, _, auth in hub.requests} == {"Bearer hf_tok"}
+        assert not [r for r in caplog.records if "not cross-checked" in r.getMessage()]
 
 
 def test_public_api_name():
