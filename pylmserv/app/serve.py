@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from ..builders import binfmt, build
+from ..builders import binfmt, build, resolve_backend
 from ..builders.llama_cpp import MAPPING_VERSION
 from ..builders.result import BuildResult
 from ..core import proc as proc_tools
@@ -40,7 +40,7 @@ class ServeOptions:
     """Everything `serve` needs, resolved once by the CLI (or a caller) and passed down."""
 
     model: str
-    backend: str = "cpu"
+    backend: str = "auto"  # resolved by builders.resolve_backend when the server is built
     engine: str = "llama.cpp"
     host: str = "127.0.0.1"
     port: int = 8080
@@ -144,6 +144,7 @@ def resolve_server(engine: str, backend: str, server_bin: Optional[Path] = None,
                              hint=f"Point --server-bin (or ${SERVER_BIN_ENV}) at a llama-server executable.")
         return path
 
+    backend, _ = resolve_backend(engine, backend, config=config, lock=lock)
     kwargs = {"what": engine, "backend": backend, "config": config, "lock": lock}
     if engine == "llama.cpp":
         # Reuse a finished build of the locked source that has llama-server (e.g. from
