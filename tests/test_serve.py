@@ -330,3 +330,81 @@ def test_existing_build_targets_picks_a_current_build_with_llama_server(tmp_path
     assert existing_build_targets("cuda", cfg) is None
     (out / "llama-cli").unlink()  # an output gone: not up to date any more
     assert existing_build_targets("cpu", cfg) is None
+
+
+# -- options from the CLI: where they end up -----------------------------------------------------
+
+def _served_argv(standin, model, tmp_path, *args, env=None):
+    """Run serve until ready, stop it; return the argv the (stand-in) server was started with."""
+    proc, port, record = start_serve(standin, model, tmp_path, *args, env=env)
+    try:
+        read_ready(proc)
+        argv = json.loads(record.read_text())["argv"]
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return argv, err
+
+
+def test_api_key_flag_and_env_reach_the_server(standin, model, tmp_path):
+    argv, _ = _served_argv(standin, model, tmp_path, "--api-key", "k-flag")
+    assert argv[argv.index("--api-key") + 1] == "k-flag"
+    argv, _ = _served_argv(standin, model, tmp_path, env={"PYLMSERV_API_KEY": "k-env"})
+    assert argv[argv.index("--api-key") + 1] == "k-env"
+    argv, _ = _served_argv(standin, model, tmp_path, env={"PYLMSERV_API_KEY": ""})
+    assert "--api-key" not in argv
+
+
+def test_server_bin_from_the_environment(standin, model, tmp_path, home):
+    """PYLMSERV_SERVER_BIN stands for --server-bin (nothing is built)."""
+    port = free_port()
+    record = tmp_path / "record.json"
+    env = dict(os.environ, STANDIN_RECORD=str(record), PYLMSERV_HOME=str(home), PYLMSERV_SERVER_BIN=str(standin))
+    proc = subprocess.Popen([sys.executable, "-m", "pylmserv", "serve", str(model), "--port", str(port), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        read_ready(proc)
+        assert json.loads(record.read_text())["argv"][0] == str(standin)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (home / "builds").exists()
+
+
+def test_log_flag_sends_the_server_output_to_that_file(standin, model, tmp_path):
+    log = tmp_path / "logs" / "server.log"
+    proc, _, _ = start_serve(standin, model, tmp_path, "--log", str(log), env={"STANDIN_EXIT_EARLY": "3"})
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert "error loading model" in log.read_text()
+    assert "error loading model" in err  # the tail of that log is quoted in the error
+
+
+def test_public_without_api_key_warns_and_with_one_does_not(standin, model, tmp_path):
+    # The stand-in exits before it listens: nothing is ever bound on 0.0.0.0.
+    early = {"STANDIN_EXIT_EARLY": "1"}
+    proc, _, _ = start_serve(standin, model, tmp_path, "--host", "0.0.0.0", "--public", env=early)
+    _, err = proc.communicate(timeout=60)
+    assert "without --api-key: anyone on the network can use it" in err
+    proc, _, _ = start_serve(standin, model, tmp_path, "--host", "0.0.0.0", "--public", "--api-key", "k", env=early)
+    _, err = proc.communicate(timeout=60)
+    assert "anyone on the network" not in err and "error" in err
+
+
+def test_offline_serves_nothing_it_would_have_to_download(standin, tmp_path, home, http_dir):
+    www, base = http_dir
+    (www / "tiny.gguf").write_bytes(b"GGUF" + bytes(60))
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "pylmserv.toml").write_text(f'[models.tiny]\nurl = "{base}/tiny.gguf"\n')
+    run_cli("prefetch", "--via", "python", cwd=proj, check=True)
+    (www / "tiny.gguf").unlink()  # anything fetched now would have to come from the network: it is gone
+    proc = run_cli("serve", "tiny", "--offline", "--server-bin", standin, cwd=proj, env={"PYLMSERV_HOME": str(home)})
+    assert proc.returncode == 2, proc.stderr
+    assert "--offline" in proc.stderr and "Traceback" not in proc.stderr
+    online = run_cli("serve", "tiny", "--server-bin", standin, cwd=proj, env={"PYLMSERV_HOME": str(home)})
+    assert online.returncode == 3 and "404" in online.stderr  # without --offline it tried the network

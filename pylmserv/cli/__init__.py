@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -40,6 +40,30 @@ class GlobalOptions:
     lock: Optional[Path] = None
 
 
+# Commands that read the project: they accept --config/--lock after their name too
+# (`pylmserv prefetch --lock x.lock`), not only before it.
+PROJECT_COMMANDS = ("prefetch", "fetch", "build", "list", "doctor", "serve")
+
+
+def _override(field_name):
+    def callback(ctx, _param, value):
+        if value is not None:
+            ctx.obj = replace(ctx.obj or GlobalOptions(), **{field_name: value})
+        return value
+
+    return callback
+
+
+def project_options():
+    """--config/--lock for a subcommand: given there, they override the group's."""
+    return [
+        click.Option(["--config"], type=click.Path(path_type=Path), expose_value=False, is_eager=True,
+                     callback=_override("config"), help="pylmserv.toml to use (same as before the command)."),
+        click.Option(["--lock"], type=click.Path(path_type=Path), expose_value=False, is_eager=True,
+                     callback=_override("lock"), help="pylmserv.lock to use (same as before the command)."),
+    ]
+
+
 class LazyGroup(click.Group):
     def list_commands(self, ctx):
         return sorted(COMMANDS)
@@ -54,7 +78,10 @@ class LazyGroup(click.Group):
             if exc.name != f"pylmserv.cli.{module}":
                 raise
             return _not_yet(name)
-        return mod.command
+        cmd = mod.command
+        if name in PROJECT_COMMANDS and not any(p.name == "config" for p in cmd.params):
+            cmd.params.extend(project_options())
+        return cmd
 
     def format_commands(self, ctx, formatter):
         # Help text comes from the table, not from importing every command.
