@@ -68,10 +68,13 @@ class _Plan:
 def fetch(items: Union[str, Sequence[str]], dest: Optional[Path] = None, connections: int = 8,
           offline: bool = False, sha256: Union[None, str, Hash] = None, trust_on_first_use: bool = False,
           config: Optional[Path] = None, lock: Optional[Path] = None, json: bool = False, progress: bool = True,
-          home: Optional[Path] = None, link_mode: Optional[str] = None) -> List[FetchResult]:
+          home: Optional[Path] = None, link_mode: Optional[str] = None,
+          stall_limit: Optional[float] = None) -> List[FetchResult]:
     """Make every item present and verified in the store; returns one result per item.
 
-    With json=True the results come as the dicts `pylmserv fetch --json` prints."""
+    With json=True the results come as the dicts `pylmserv fetch --json` prints.
+    `stall_limit`: seconds without new data before a download gives up (default
+    $PYLMSERV_STALL_LIMIT, else 120)."""
     if isinstance(items, str):
         items = [items]
     items = list(items)
@@ -79,6 +82,9 @@ def fetch(items: Union[str, Sequence[str]], dest: Optional[Path] = None, connect
         raise UsageError("nothing to fetch", hint="Name a model from the lock, an hf:// path or a URL.")
     if connections < 1 or connections > 64:
         raise UsageError(f"--connections must be between 1 and 64, got {connections}")
+    from ..transfer.download import resolve_stall_limit
+
+    stall_limit = resolve_stall_limit(stall_limit)
     offline = offline or any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in OFFLINE_ENV)
     expected = _parse_sha256(sha256)
     urls = [i for i in items if _is_url(i)]
@@ -92,7 +98,8 @@ def fetch(items: Union[str, Sequence[str]], dest: Optional[Path] = None, connect
         _tofu_lock_path(project)  # refuse before downloading, not after
     results = []
     for plan in plans:
-        results.append(_fetch_plan(plan, project, dest, connections, offline, progress, home, link_mode))
+        results.append(_fetch_plan(plan, project, dest, connections, offline, progress, home, link_mode,
+                                   stall_limit))
     return [r.to_json() for r in results] if json else results
 
 
@@ -317,13 +324,15 @@ def _plan_hf(item: str, project: Optional[Project], tofu: bool, offline: bool) -
 
 # -- fetching ------------------------------------------------------------------------------
 
-def _fetch_plan(plan: _Plan, project, dest, connections, offline, progress, home, link_mode) -> FetchResult:
+def _fetch_plan(plan: _Plan, project, dest, connections, offline, progress, home, link_mode,
+                stall_limit=None) -> FetchResult:
     started = time.monotonic()
     home = store.root(home)
     got: List[Tuple[_File, Hash, int]] = []
     downloaded = 0
     for f in plan.files:
-        h, size, nbytes = _ensure_blob(f, connections, offline, progress, home, check_gguf=not plan.archive)
+        h, size, nbytes = _ensure_blob(f, connections, offline, progress, home, check_gguf=not plan.archive,
+                                       stall_limit=stall_limit)
         got.append((f, h, size))
         downloaded += nbytes
     if plan.archive:
@@ -357,7 +366,8 @@ def _split(path: Path) -> bool:
     return split_info(path.name) is not None
 
 
-def _ensure_blob(f: _File, connections, offline, progress, home, check_gguf: bool) -> Tuple[Hash, int, int]:
+def _ensure_blob(f: _File, connections, offline, progress, home, check_gguf: bool,
+                 stall_limit: Optional[float] = None) -> Tuple[Hash, int, int]:
     """(hash, size, bytes downloaded) of `f`, in the store afterwards."""
     from ..transfer.download import download, redact
 
@@ -379,6 +389,7 @@ def _ensure_blob(f: _File, connections, offline, progress, home, check_gguf: boo
         staged = store.temp_path(f.filename, home)
         try:
             result = download(f.url, staged, expected=f.expected, size=f.size, connections=connections,
+                              stall_limit=stall_limit,
                               headers=hub.auth_headers(f.url), progress=progress, tmp_dir=store.tmp_dir(home))
             if check_gguf and _gguf_name(f.filename):
                 from ..core.gguf import read_header

@@ -39,6 +39,8 @@ MAX_PART_SIZE = 64 << 20
 PARTS_PER_CONNECTION = 8  # small parts taken in order: the hash keeps up with the download
 CHUNK = 256 << 10  # bytes per read; memory per connection stays at about this
 STALL_TIMEOUT = 30.0  # seconds without a byte before a part is restarted
+STALL_LIMIT = 120.0  # seconds without any new byte of the file before giving up for good
+STALL_LIMIT_ENV = "PYLMSERV_STALL_LIMIT"
 CONNECT_TIMEOUT = 15.0
 RETRY_BASE = 0.2  # first backoff (seconds), doubled per failed attempt
 RETRY_CAP = 8.0
@@ -83,18 +85,23 @@ class _Demote(Exception):
 def download(url: str, dest: Path, *, expected: Optional[Hash] = None, size: Optional[int] = None,
              connections: int = 8, headers: Optional[dict] = None, progress: bool = True,
              tmp_dir: Optional[Path] = None, stall_timeout: float = STALL_TIMEOUT,
-             min_part_size: int = MIN_PART_SIZE,
+             stall_limit: Optional[float] = None, min_part_size: int = MIN_PART_SIZE,
              on_progress: Optional[Callable[[int, Optional[int]], None]] = None) -> DownloadResult:
     """Download `url` (http, https, file) to `dest`, verified; return what happened.
 
     `expected` (sha256) and `size` are checked before `dest` appears; on a mismatch the
     bad bytes are deleted and VerificationError names expected and got. `headers` (e.g.
     Authorization) are sent to the URL's own host only, never to redirect targets.
-    Partial files and their state live in `tmp_dir` (default: the store's tmp/)."""
+    Partial files and their state live in `tmp_dir` (default: the store's tmp/).
+
+    `stall_timeout` bounds one silent read (then the request is retried); `stall_limit`
+    (default $PYLMSERV_STALL_LIMIT, else 120 s) bounds the time without a single new
+    byte of the file across all retries, after which the download gives up."""
     if expected is not None and expected.algo != "sha256":
         raise UsageError(f"download() verifies sha256, got a {expected.algo} hash")
     if connections < 1:
         raise UsageError(f"connections must be >= 1, got {connections}")
+    stall_limit = resolve_stall_limit(stall_limit)
     dest = Path(dest)
     started = time.monotonic()
     scheme = urlsplit(url).scheme.lower()
@@ -118,7 +125,7 @@ def download(url: str, dest: Path, *, expected: Optional[Hash] = None, size: Opt
         try:
             engine = _Engine(url, base, expected=expected, size=size, connections=connections,
                              headers=headers or {}, progress=progress, stall_timeout=stall_timeout,
-                             min_part_size=min_part_size, on_progress=on_progress)
+                             stall_limit=stall_limit, min_part_size=min_part_size, on_progress=on_progress)
             got, total, nbytes = engine.run()
             _install(engine.partial, dest)
             engine.cleanup_state()
@@ -128,6 +135,24 @@ def download(url: str, dest: Path, *, expected: Optional[Hash] = None, size: Opt
         raise UsageError(f"unsupported URL scheme in {redact(url)!r}", hint="Use https://, http:// or file://.")
     return DownloadResult(path=dest, sha256=got, size=total, bytes_downloaded=nbytes,
                           seconds=time.monotonic() - started)
+
+
+def resolve_stall_limit(value: Optional[float] = None) -> float:
+    """The no-progress limit in seconds: `value`, else $PYLMSERV_STALL_LIMIT, else 120."""
+    source, raw = "--stall-limit", value
+    if value is None:
+        raw = os.environ.get(STALL_LIMIT_ENV, "").strip()
+        if not raw:
+            return STALL_LIMIT
+        source = STALL_LIMIT_ENV
+        try:
+            value = float(raw)
+        except ValueError:
+            value = float("nan")
+    if not (value > 0 and value < 10**7):  # also refuses NaN and inf
+        raise UsageError(f"{source} must be a positive number of seconds, got {raw!r}",
+                         hint=f"e.g. {STALL_LIMIT_ENV}=300 to wait up to 5 minutes for a stalled server.")
+    return float(value)
 
 
 def redact(url: str) -> str:
@@ -284,6 +309,14 @@ class _Probe:
     last_modified: Optional[str]
     ranges: bool
     response: object = None  # an open 200 response, reused as the single stream
+    encoded: bool = False  # a Content-Encoding (gzip): sizes and ranges are of the encoded body
+
+    @property
+    def validator(self) -> Optional[str]:
+        """A strong validator for If-Range: a strong ETag, else Last-Modified, else None."""
+        if self.etag and not self.etag.startswith("W/"):
+            return self.etag
+        return self.last_modified or None
 
 
 class _Part:
@@ -299,7 +332,7 @@ class _Part:
 
 class _Engine:
     def __init__(self, url, base: Path, *, expected, size, connections, headers, progress,
-                 stall_timeout, min_part_size, on_progress):
+                 stall_timeout, min_part_size, on_progress, stall_limit=STALL_LIMIT):
         self.url = url
         self.partial = Path(str(base) + ".part")
         self.state_path = Path(str(base) + ".state.json")
@@ -308,7 +341,9 @@ class _Engine:
         self.connections = connections
         self.headers = dict(headers)
         self.progress = progress
-        self.stall_timeout = stall_timeout
+        self.stall_limit = stall_limit
+        self.stall_timeout = min(stall_timeout, stall_limit)  # one silent read never outlasts the limit
+        self.last_progress = time.monotonic()  # when the last new byte of the file arrived
         self.min_part_size = max(1, min_part_size)
         self.on_progress = on_progress
         self.origin = _netloc(url)
@@ -355,6 +390,18 @@ class _Engine:
         with self._lock:
             self.received += n
 
+    def _check_stalled(self, reason, kept: bool = True) -> None:
+        """Give up once no new byte has arrived for stall_limit seconds, however many
+        retries and restarts that took: a stalled server costs a bounded time."""
+        idle = time.monotonic() - self.last_progress
+        if idle < self.stall_limit:
+            return
+        keep = ("The partial download is kept: run the same command again to resume. " if kept else "")
+        raise NetworkError(f"download of {redact(self.url)} stalled: no new data for {idle:.0f} s "
+                           f"({_short(reason)}); giving up",
+                           hint=keep + f"To wait longer for a slow server, pass --stall-limit SECONDS or set "
+                                       f"{STALL_LIMIT_ENV} (now {self.stall_limit:g} s).")
+
     # -- main loop -----------------------------------------------------------
     def run(self):
         restarts = 0
@@ -369,7 +416,15 @@ class _Engine:
                     raise VerificationError(
                         f"size mismatch for {redact(self.url)}: expected {self.size} bytes, the server offers {probe.size}",
                         hint="The file behind the URL changed or the pin is wrong; nothing was downloaded.")
-                if probe.ranges and probe.size is not None and trust_ranges:
+                parallel = probe.ranges and probe.size is not None and trust_ranges
+                if parallel and probe.validator is None and self.expected is None:
+                    # Nothing proves that two ranges come from the same version of the
+                    # file, and no hash would catch a stitched one: one connection, so
+                    # the hash recorded is that of one real file.
+                    log.info("%s: no strong ETag or Last-Modified and no expected hash: one connection",
+                             _name(self.url))
+                    parallel = False
+                if parallel:
                     got, total = self._run_parts(probe)
                 else:
                     got, total = self._run_single(probe)
@@ -425,6 +480,13 @@ class _Engine:
                 continue
             etag = r.headers.get("ETag")
             lm = r.headers.get("Last-Modified")
+            if status in (200, 206) and _encoding(r):
+                # Sizes and ranges would be those of the compressed body: one stream, decoded.
+                _decoder(_encoding(r), self.url)  # refuse an encoding we cannot decode, now
+                if status == 206:
+                    r.close()
+                    return _Probe(r.url, None, etag, lm, False, encoded=True)
+                return _Probe(r.url, None, etag, lm, False, response=r, encoded=True)
             if status == 206:
                 cr = _parse_content_range(r.headers.get("Content-Range"))
                 r.close()
@@ -448,36 +510,63 @@ class _Engine:
 
     # -- one plain stream (no ranges) -----------------------------------------
     def _run_single(self, probe: _Probe):
-        """No usable ranges: one stream from byte 0; a cut restarts from 0."""
+        """No usable ranges: one stream from byte 0; a cut restarts from 0.
+
+        A body with Content-Encoding gzip is decoded: the file is what Nix's fetchers
+        store and hash (they decode it too), not the compressed transfer."""
         attempt = 0
+        best = 0  # the most bytes of the file any attempt got: only more is progress
         while True:
             r = probe.response
             probe.response = None
             if r is None:
-                r = self._get(self.url, {})
+                try:
+                    r = self._get(self.url, {})
+                except NetworkError:
+                    raise
+                except self.transient as exc:
+                    self._check_stalled(exc, kept=False)
+                    attempt += 1
+                    if attempt > MAX_ATTEMPTS:
+                        raise NetworkError(f"download of {redact(self.url)} keeps failing: {_short(exc)}",
+                                           hint="Check your network and try again.") from None
+                    _sleep_backoff(attempt)
+                    continue
                 if r.status_code != 200:
                     r.close()
                     if r.status_code in (500, 502, 503, 504, 408, 429) and attempt < MAX_ATTEMPTS:
+                        self._check_stalled(f"HTTP {r.status_code}", kept=False)
                         attempt += 1
                         _sleep_backoff(attempt, r.headers.get("Retry-After"))
                         continue
                     _raise_http(self.url, r)
+            encoding = _encoding(r)
+            decoder = _decoder(encoding, self.url) if encoding else None
             length = r.headers.get("Content-Length")
-            total = int(length) if length and length.isdigit() else probe.size
-            self._check_space(total or 0)
+            wire_total = int(length) if length and length.isdigit() else None  # bytes on the wire
+            total = self.size if encoding else (wire_total if wire_total is not None else probe.size)
+            self._check_space(total or wire_total or 0)
             h = hashlib.sha256()
-            written = 0
+            written = wire = 0
             bar = _make_progress(_name(self.url), total, self.progress, self.on_progress)
             try:
                 with r, open(self.partial, "wb") as f:
                     try:
                         for chunk in _iter_raw(r):
                             self._count(len(chunk))
-                            h.update(chunk)
-                            _write_all(f, chunk, self.partial)
-                            written += len(chunk)
-                            bar.update(len(chunk))
+                            wire += len(chunk)
+                            data = decoder.feed(chunk) if decoder else chunk
+                            h.update(data)
+                            _write_all(f, data, self.partial)
+                            written += len(data)
+                            if written > best:
+                                best = written
+                                self.last_progress = time.monotonic()
+                            bar.update(len(data))
+                        if decoder is not None and (wire_total is None or wire == wire_total):
+                            decoder.finish()
                     except self.transient as exc:
+                        self._check_stalled(exc, kept=False)
                         attempt += 1
                         if attempt > MAX_ATTEMPTS:
                             raise NetworkError(f"download of {redact(self.url)} keeps failing: {_short(exc)}",
@@ -490,10 +579,11 @@ class _Engine:
                     os.fsync(f.fileno())
             finally:
                 bar.close()
-            if total is not None and written != total and self.size is None:
+            if wire_total is not None and wire != wire_total and (self.size is None or encoding):
+                self._check_stalled(f"got {wire} of {wire_total} bytes", kept=False)
                 attempt += 1
                 if attempt > MAX_ATTEMPTS:
-                    raise NetworkError(f"{redact(self.url)}: got {written} of {total} bytes",
+                    raise NetworkError(f"{redact(self.url)}: got {wire} of {wire_total} bytes",
                                        hint="The connection keeps breaking; try again later.")
                 continue
             return Hash.from_hashlib(h), written
@@ -502,7 +592,7 @@ class _Engine:
     def _run_parts(self, probe: _Probe):
         size = probe.size
         self.final_url = probe.final_url
-        self.validator = probe.etag if probe.etag and not probe.etag.startswith("W/") else probe.last_modified
+        self.validator = probe.validator
         self.probe_etag = probe.etag
         parts = self._load_state(probe)
         if parts is None:
@@ -681,6 +771,9 @@ class _Engine:
                 if cr is None or cr[0] != start or (cr[2] is not None and cr[2] != self.size_total):
                     raise _Restart(f"Content-Range {r.headers.get('Content-Range')!r} does not match the requested "
                                    f"bytes={start}-{part.end - 1}/{self.size_total}", distrust_ranges=True)
+                if _encoding(r):
+                    raise _Restart(f"the server sent a range with Content-Encoding {_encoding(r)!r}",
+                                   distrust_ranges=True)
                 etag = r.headers.get("ETag")
                 if etag and self.probe_etag and etag != self.probe_etag:
                     raise _Restart(f"ETag changed from {self.probe_etag} to {etag}: the file changed")
@@ -708,6 +801,7 @@ class _Engine:
                                          hint="Free some space and run the same command again.") from None
                 raise
             offset = part.start + part.done
+            self.last_progress = time.monotonic()
             with self.cond:
                 part.done += n
                 self.cond.notify_all()
@@ -717,6 +811,7 @@ class _Engine:
             raise ConnectionError(f"body ended {part.remaining} bytes early")
 
     def _retry(self, attempt: int, exc, retry_after=None) -> int:
+        self._check_stalled(exc)
         attempt += 1
         if attempt > MAX_ATTEMPTS:
             raise NetworkError(f"download of {redact(self.url)} keeps failing: {_short(exc)}",
@@ -912,6 +1007,53 @@ def _iter_raw(r, limit: Optional[int] = None):
         if left is not None:
             left -= len(data)
         yield data
+
+
+def _encoding(r) -> str:
+    """The response's Content-Encoding, '' for none or identity."""
+    value = (r.headers.get("Content-Encoding") or "").strip().lower()
+    return "" if value in ("", "identity", "none") else value
+
+
+class _GzipDecoder:
+    """Decodes a gzip body (several members, as `cat a.gz b.gz`, included)."""
+
+    def __init__(self, url: str):
+        import zlib
+
+        self.zlib = zlib
+        self.url = url
+        self.d = zlib.decompressobj(wbits=31)
+        self.midway = False  # the current member has begun but not ended
+
+    def feed(self, data: bytes) -> bytes:
+        out = []
+        try:
+            while data:
+                self.midway = True
+                out.append(self.d.decompress(data))
+                if not self.d.eof:
+                    break
+                self.midway = False
+                data = self.d.unused_data
+                self.d = self.zlib.decompressobj(wbits=31)
+        except self.zlib.error as exc:
+            raise VerificationError(f"{redact(self.url)}: the gzip-encoded body is corrupt ({exc})",
+                                    hint="The server or a proxy sent a broken compressed body; try again later.") from None
+        return b"".join(out)
+
+    def finish(self) -> None:
+        if self.midway:
+            raise VerificationError(f"{redact(self.url)}: the gzip-encoded body ends in the middle of a member",
+                                    hint="The server or a proxy cut the compressed body; try again later.")
+
+
+def _decoder(encoding: str, url: str):
+    if encoding in ("gzip", "x-gzip"):
+        return _GzipDecoder(url)
+    raise NetworkError(f"{redact(url)}: the server sent the body with Content-Encoding {encoding!r}, "
+                       "which pylmserv does not decode",
+                       hint="Nix hashes the decoded body; use a URL that serves the file plainly or with gzip.")
 
 
 def _parse_content_range(value: Optional[str]):
