@@ -22,7 +22,7 @@ from urllib.parse import quote, unquote, urlsplit
 from ..transfer import hub
 from ..store import blobs as store
 from ..pins.config import ARCHIVE_SUFFIXES, LockEntry, Project
-from ..core.errors import NetworkError, UsageError
+from ..core.errors import NetworkError, UsageError, VerificationError
 from ..core.hashing import Hash
 
 log = logging.getLogger("pylmserv.models")
@@ -343,7 +343,6 @@ def _fetch_plan(plan: _Plan, project, dest, connections, offline, progress, home
         if len(got) > 1:
             store.set_order(plan.name, [f.filename for f, _, _ in got], home=home)
         if len(files) > 1 or _split(files[0]):
-            from ..core.errors import VerificationError
             from ..core.gguf import check_split_set
 
             try:
@@ -479,12 +478,12 @@ def _place_dest(plan: _Plan, got, files: List[Path], dest: Path, link_mode, home
     dest.mkdir(parents=True, exist_ok=True)
     if plan.archive:
         out = dest / plan.name
-        if out.exists():
-            shutil.rmtree(out)
-        shutil.copytree(store.entry_dir(plan.name, home), out, ignore=shutil.ignore_patterns(store.MANIFEST))
+        _copy_contained(store.entry_dir(plan.name, home), out, plan.name)
         return out
     placed = []
     for f, h, _ in got:
+        if f.filename in ("", ".", "..") or "/" in f.filename or "\\" in f.filename:
+            raise UsageError(f"{plan.name}: refusing to place a file named {f.filename!r} in {dest}")
         target = dest / f.filename
         if not target.exists() or not os.path.samefile(target, store.blob_path(h, home)):
             # A symlink into a cache the user may clear is a trap in a user directory.
@@ -495,6 +494,60 @@ def _place_dest(plan: _Plan, got, files: List[Path], dest: Path, link_mode, home
                 store.place(store.blob_path(h, home), target, mode="copy")
         placed.append(target)
     return placed[0]
+
+
+def _copy_contained(src: Path, out: Path, name: str) -> None:
+    """Copy the unpacked entry `src` to `out`, never leaving it: directories and regular
+    files are copied, symlinks are recreated as symlinks (never followed, so a link to
+    an ancestor is no endless tree) and only when they resolve inside `src`. `out` is
+    replaced whole (a symlink there is removed, never followed)."""
+    import stat
+
+    root = os.path.realpath(src)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    _remove(tmp)
+    try:
+        tmp.mkdir()
+        for dirpath, dirnames, filenames in os.walk(src, followlinks=False):
+            rel = os.path.relpath(dirpath, src)
+            here = tmp if rel == "." else tmp / rel
+            for entry in sorted(dirnames + filenames):
+                if rel == "." and entry == store.MANIFEST:
+                    continue
+                source = os.path.join(dirpath, entry)
+                st = os.lstat(source)
+                if stat.S_ISLNK(st.st_mode):
+                    link = os.readlink(source)
+                    real = os.path.realpath(source)
+                    if os.path.isabs(link) or not (real == root or real.startswith(root + os.sep)):
+                        raise VerificationError(
+                            f"{name}: the store entry has a symlink {os.path.join(rel, entry)!r} -> {link!r} "
+                            "that leaves the model folder; nothing was copied",
+                            hint=f"The entry was modified after unpacking: run `pylmserv verify {name}`, "
+                                 "then fetch it again.")
+                    os.symlink(link, here / entry)
+                elif stat.S_ISDIR(st.st_mode):
+                    (here / entry).mkdir()
+                elif stat.S_ISREG(st.st_mode):
+                    shutil.copyfile(source, here / entry, follow_symlinks=False)
+                    os.chmod(here / entry, stat.S_IMODE(st.st_mode) | 0o200)
+                else:
+                    raise VerificationError(f"{name}: the store entry holds a special file "
+                                            f"{os.path.join(rel, entry)!r}; nothing was copied",
+                                            hint=f"Run `pylmserv verify {name}`, then fetch it again.")
+        _remove(out)
+        os.replace(tmp, out)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, a symlink (not what it points at) or a directory tree."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
 
 
 def _record_tofu(plan: _Plan, got, project: Optional[Project]) -> None:
