@@ -27,6 +27,7 @@ COMMANDS = {
     "list": ("list_", "Show catalog entries: locked, fetched, built."),
     "doctor": ("doctor", "Diagnose this machine: tools, GPUs, binfmt_misc, store, lock."),
     "serve": ("serve", "Run a model with llama-server on localhost."),
+    "verify": ("verify", "Re-hash the store; move rotten entries aside for the next fetch/build."),
 }
 
 
