@@ -8,6 +8,8 @@ Layout (every module uses these helpers, never its own paths):
   builds/<key>              build directories, keyed by (source hash, backend, options)
   bin/<engine>-<backend>    installed binaries (`current` links per backend)
   tmp/                      partial downloads and staging (same filesystem: os.replace)
+  quarantine/               entries `pylmserv verify` found bad, moved aside (never deleted)
+  verified.json             when `pylmserv verify` last ran, and what it found
 """
 from __future__ import annotations
 
@@ -33,17 +35,35 @@ def home() -> Path:
 
 
 def ensure_home(root: Path | None = None) -> Path:
+    """The home, created if missing. A populated home on a read-only filesystem is fine:
+    nothing is written when nothing is missing."""
+    from ..core.errors import UsageError
+
     root = root or home()
-    root.mkdir(parents=True, exist_ok=True)
+    if os.path.isdir(root):
+        pass
+    elif os.path.lexists(root):
+        raise UsageError(f"PYLMSERV_HOME {root} is not a directory",
+                         hint="Point PYLMSERV_HOME at a directory (it is created if missing), or remove that file.")
+    else:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise UsageError(f"cannot create the pylmserv home {root}: a parent is not a directory",
+                             hint="Point PYLMSERV_HOME at a directory path.") from None
     tag = root / "CACHEDIR.TAG"
     if not tag.exists():
         from ..core.fsutil import atomic_write_text
 
-        atomic_write_text(tag, CACHEDIR_TAG)
+        try:
+            atomic_write_text(tag, CACHEDIR_TAG)
+        except OSError:
+            pass  # only a hint for backup tools; a read-only home still serves reads
     return root
 
 
 def subdir(name: str, root: Path | None = None) -> Path:
     path = ensure_home(root) / name
-    path.mkdir(parents=True, exist_ok=True)
+    if not path.is_dir():
+        path.mkdir(parents=True, exist_ok=True)
     return path
