@@ -14,16 +14,20 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 from urllib.parse import quote, unquote, urlsplit
 
-from ..transfer import hub
-from ..store import blobs as store
-from ..pins.config import ARCHIVE_SUFFIXES, LockEntry, Project
+from ..core.archive import extract
 from ..core.errors import NetworkError, UsageError, VerificationError
+from ..core.fsutil import unlink_missing_ok
+from ..core.gguf import check_split_set, read_header, split_info, split_names
 from ..core.hashing import Hash
+from ..pins.config import ARCHIVE_SUFFIXES, LockEntry, Project, load_lock, load_project, packaged_dir
+from ..store import blobs as store
+from ..transfer import hub
+from ..transfer.download import download, redact, resolve_stall_limit
 
 log = logging.getLogger("pylmserv.models")
 
@@ -60,21 +64,33 @@ class _Plan:
     name: str
     files: List[_File]
     archive: bool = False
-    record: Optional[LockEntry] = None  # a lock entry to write once hashes are known (TOFU)
+    record: Optional["_PendingPin"] = None  # written to the lock once the hash is known (TOFU)
+
+
+@dataclass(frozen=True)
+class _PendingPin:
+    """A lock entry still without its hash (trust on first use): the download supplies it."""
+
+    name: str
+    url: str
+    rev: Optional[str] = None
+    extra: Dict[str, object] = field(default_factory=dict)
+
+    def pinned(self, h: Hash, size: int) -> LockEntry:
+        return LockEntry("models", self.name, self.url, h, "flat", rev=self.rev, size=size, extra=dict(self.extra))
 
 
 # -- public API ------------------------------------------------------------------------
 
 def fetch(items: Union[str, Sequence[str]], dest: Optional[Path] = None, connections: int = 8,
           offline: bool = False, sha256: Union[None, str, Hash] = None, trust_on_first_use: bool = False,
-          config: Optional[Path] = None, lock: Optional[Path] = None, json: bool = False, progress: bool = True,
+          config: Optional[Path] = None, lock: Optional[Path] = None, progress: bool = True,
           home: Optional[Path] = None, link_mode: Optional[str] = None,
           stall_limit: Optional[float] = None) -> List[FetchResult]:
-    """Make every item present and verified in the store; returns one result per item.
-
-    With json=True the results come as the dicts `pylmserv fetch --json` prints.
-    `stall_limit`: seconds without new data before a download gives up (default
-    $PYLMSERV_STALL_LIMIT, else 120)."""
+    """Make every item present and verified in the store; returns one result per item
+    (FetchResult.to_json() is what `pylmserv fetch --json` prints). `stall_limit`:
+    seconds without new data before a download gives up (default $PYLMSERV_STALL_LIMIT,
+    else 120)."""
     if isinstance(items, str):
         items = [items]
     items = list(items)
@@ -82,8 +98,6 @@ def fetch(items: Union[str, Sequence[str]], dest: Optional[Path] = None, connect
         raise UsageError("nothing to fetch", hint="Name a model from the lock, an hf:// path or a URL.")
     if connections < 1 or connections > 64:
         raise UsageError(f"--connections must be between 1 and 64, got {connections}")
-    from ..transfer.download import resolve_stall_limit
-
     stall_limit = resolve_stall_limit(stall_limit)
     offline = offline or any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in OFFLINE_ENV)
     expected = _parse_sha256(sha256)
@@ -100,7 +114,7 @@ def fetch(items: Union[str, Sequence[str]], dest: Optional[Path] = None, connect
     for plan in plans:
         results.append(_fetch_plan(plan, project, dest, connections, offline, progress, home, link_mode,
                                    stall_limit))
-    return [r.to_json() for r in results] if json else results
+    return results
 
 
 def download_models(names: Iterable[str], target_dir: Union[str, Path]) -> List[Path]:
@@ -125,8 +139,6 @@ def _parse_sha256(value) -> Optional[Hash]:
 
 
 def _load_project(config, lock, items) -> Optional[Project]:
-    from ..pins.config import load_project
-
     needs = bool(config or lock) or any(not _is_url(i) for i in items)
     try:
         return load_project(config, lock)
@@ -145,7 +157,6 @@ def _name_for(filename: str) -> str:
         if filename.lower().endswith(suffix):
             filename = filename[: -len(suffix)]
             break
-    from ..core.gguf import split_info
 
     info = split_info(filename + ".gguf")
     return info[0] if info else filename
@@ -169,7 +180,7 @@ def _plan(item: str, project: Optional[Project], sha256: Optional[Hash], tofu: b
                 raise UsageError(f"no known sha256 for {item}",
                                  hint="Pass --sha256 HASH (hex or SRI), or --trust-on-first-use to record "
                                       "the hash of what the server sends in the lock.")
-            record = LockEntry("models", name, item, Hash("sha256", bytes(32)), "flat")
+            record = _PendingPin(name, item)
             return _Plan(name, _url_files(item, filename, None, None, tofu), _is_archive(filename), record=record)
         return _Plan(name, _url_files(item, filename, sha256, None, tofu), _is_archive(filename))
     if project is None:
@@ -199,15 +210,13 @@ def _plan(item: str, project: Optional[Project], sha256: Optional[Hash], tofu: b
         if plan.record is not None:
             plan.record = replace(plan.record, name=item)
         return plan
-    record = LockEntry("models", item, spec.url or "", Hash("sha256", bytes(32)), "flat")
+    record = _PendingPin(item, spec.url or "")
     return _Plan(item, _url_files(spec.url or "", spec.filename, None, spec.size, True),
                  _is_archive(spec.filename), record)
 
 
 def _url_files(url: str, filename: str, expected: Optional[Hash], size: Optional[int], tofu: bool) -> List[_File]:
     """The file behind `url`, or every shard of its split set (same directory URL)."""
-    from ..core.gguf import split_names
-
     names = split_names(filename)
     if len(names) == 1:
         return [_File(url, filename, expected, size)]
@@ -251,8 +260,6 @@ def _plan_lock(name: str, entry: LockEntry) -> _Plan:
                 raise UsageError(f"models.{name}: malformed shards list in the lock",
                                  hint=f"Regenerate it: `pylmserv prefetch --refresh {name}`.") from None
     else:
-        from ..core.gguf import split_info
-
         info = split_info(filename)
         if info and info[2] > 1:
             raise UsageError(f"models.{name} is shard 1 of a {info[2]}-file split set but the lock pins only it",
@@ -292,7 +299,6 @@ def _plan_hf(item: str, project: Optional[Project], tofu: bool, offline: bool) -
             return _Plan(name, [_File("", f.path.name, f.sha256, f.size) for f in stored.files])
         raise UsageError(f"{item}: not in the store, and resolving it needs the network",
                          hint="Run once without --offline / HF_HUB_OFFLINE, or pin it in pylmserv.lock.")
-    from ..core.gguf import split_names
 
     commit = hub.resolve_commit(repo, revision, item)
     directory = path.rsplit("/", 1)[0] + "/" if "/" in path else ""
@@ -317,8 +323,7 @@ def _plan_hf(item: str, project: Optional[Project], tofu: bool, offline: bool) -
         url = f"{hub.endpoint()}/{repo}/resolve/{quote(commit, safe='')}/{quote(p)}"
         files.append(_File(url, p.rsplit("/", 1)[-1], expected, int(size) if size is not None else None))
     canonical = f"{hub.HUB}/{repo}/resolve/{quote(commit, safe='')}/{quote(path)}"
-    record = LockEntry("models", name, canonical, Hash("sha256", bytes(32)), "flat", rev=commit,
-                       extra={"hf": repo, "file": path}) if tofu else None
+    record = _PendingPin(name, canonical, rev=commit, extra={"hf": repo, "file": path}) if tofu else None
     return _Plan(name, files, _is_archive(filename), record=record)
 
 
@@ -343,8 +348,6 @@ def _fetch_plan(plan: _Plan, project, dest, connections, offline, progress, home
         if len(got) > 1:
             store.set_order(plan.name, [f.filename for f, _, _ in got], home=home)
         if len(files) > 1 or _split(files[0]):
-            from ..core.gguf import check_split_set
-
             try:
                 check_split_set(files)
             except VerificationError:
@@ -360,16 +363,12 @@ def _fetch_plan(plan: _Plan, project, dest, connections, offline, progress, home
 
 
 def _split(path: Path) -> bool:
-    from ..core.gguf import split_info
-
     return split_info(path.name) is not None
 
 
 def _ensure_blob(f: _File, connections, offline, progress, home, check_gguf: bool,
                  stall_limit: Optional[float] = None) -> Tuple[Hash, int, int]:
     """(hash, size, bytes downloaded) of `f`, in the store afterwards."""
-    from ..transfer.download import download, redact
-
     if f.expected is not None and store.has_blob(f.expected, home):
         size = store.blob_path(f.expected, home).stat().st_size
         if f.size is None or size == f.size:
@@ -391,21 +390,12 @@ def _ensure_blob(f: _File, connections, offline, progress, home, check_gguf: boo
                               stall_limit=stall_limit,
                               headers=hub.auth_headers(f.url), progress=progress, tmp_dir=store.tmp_dir(home))
             if check_gguf and _gguf_name(f.filename):
-                from ..core.gguf import read_header
-
                 read_header(staged)
             blob = store.install_blob(staged, result.sha256, home)
         finally:
-            _unlink(staged)
+            unlink_missing_ok(staged)
     log.info("%s: verified sha256 %s (%d bytes) -> %s", f.filename, result.sha256.hex, result.size, blob)
     return result.sha256, result.size, result.bytes_downloaded
-
-
-def _unlink(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _gguf_name(filename: str) -> bool:
@@ -414,9 +404,6 @@ def _gguf_name(filename: str) -> bool:
 
 def _unpack(name: str, archive_hash: Hash, home: Path) -> Tuple[Path, List[Path]]:
     """Unpack a verified archive blob into models/<name>/ (data policy: nothing escapes)."""
-    from ..core.archive import extract
-    from ..core.gguf import read_header
-
     target = store.entry_dir(name, home)
     manifest = target / store.MANIFEST
     existing = store.lookup(name, home)
@@ -467,8 +454,6 @@ def _entry_path(target: Path, files: List[Path]) -> Path:
 
 
 def _split_info(name: str):
-    from ..core.gguf import split_info
-
     return split_info(name)
 
 
@@ -554,12 +539,10 @@ def _record_tofu(plan: _Plan, got, project: Optional[Project]) -> None:
     """Trust on first use: write what was verified-by-download into the lock (atomic)."""
     from filelock import FileLock
 
-    from ..pins.config import load_lock
-
     path = _tofu_lock_path(project)
 
     first_file, first_hash, first_size = got[0]
-    entry = replace(plan.record, hash=first_hash, size=first_size)
+    entry = plan.record.pinned(first_hash, first_size)
     if len(got) > 1:
         shards = [{"file": f.filename, "hash": h.sri, "size": s,
                    "url": _canonical_url(f.url)} for f, h, s in got[1:]]
@@ -572,8 +555,6 @@ def _record_tofu(plan: _Plan, got, project: Optional[Project]) -> None:
 
 
 def _tofu_lock_path(project: Optional[Project]) -> Path:
-    from ..pins.config import packaged_dir
-
     if project is None or project.lock.path is None:
         raise UsageError("--trust-on-first-use needs a lock file to record the hash in",
                          hint="Pass --lock PATH (it is created if missing).")

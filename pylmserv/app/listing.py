@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from ..pins.config import Project
+from ..store import blobs as store
+from ..store import layout as paths
+from ..store.trees import store_path
 
 ENGINES = ("llama.cpp", "llamafile")
 # Which catalog source each engine is built from.
@@ -58,7 +61,7 @@ class Entry:
 
 def builds(home: Path) -> List[Built]:
     """Installed builds: bin/<engine>-<backend>/current -> <key>/ (the builder's layout)."""
-    base = home / "bin"
+    base = paths.bin_dir(home)
     out: List[Built] = []
     if not base.is_dir():
         return out
@@ -87,15 +90,13 @@ def _executables(directory: Path):
 
 def entries(project: Project, home: Optional[Path] = None) -> List[Entry]:
     """Every model and source of the config (and any the lock pins beyond it)."""
-    from ..store import layout as paths, blobs as store
-
     home = Path(home) if home else paths.home()
     cfg, lock = project.config, project.lock
     all_builds = builds(home) if home.exists() else []
     out: List[Entry] = []
     for name in sorted(set(cfg.models) | set(lock.models)):
         spec, pin = cfg.models.get(name), lock.models.get(name)
-        fetched = store.lookup(name, home) if (home / "models").is_dir() else None
+        fetched = store.lookup(name, home) if paths.models_dir(home).is_dir() else None
         stale = bool(fetched and pin is not None and fetched.files[0].sha256 != pin.hash)
         out.append(Entry(
             "model", name, description=spec.description if spec else "", locked=pin is not None,
@@ -110,8 +111,6 @@ def entries(project: Project, home: Optional[Path] = None) -> List[Entry]:
         rev = (pin.rev or pin.get("ref") or pin.get("version")) if pin else None
         fetched_path = fetched_size = None
         if pin is not None:
-            from ..store.trees import store_path
-
             where = store_path(pin, home)
             if where.exists():
                 fetched_path = where

@@ -18,7 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
+from ..builders import binfmt, build, resolve_backend
+from ..builders.llama_cpp import MAPPING_VERSION
+from ..builders.result import BuildResult
+from ..core import proc as proc_tools
 from ..core.errors import PylmservError, UsageError
+from ..pins.config import load_project
+from ..store import records as stamps
+from ..store import layout
+from .fetch_models import fetch
 
 log = logging.getLogger("pylmserv.serve")
 
@@ -32,7 +40,7 @@ class ServeOptions:
     """Everything `serve` needs, resolved once by the CLI (or a caller) and passed down."""
 
     model: str
-    backend: str = "cpu"
+    backend: str = "auto"  # resolved by builders.resolve_backend when the server is built
     engine: str = "llama.cpp"
     host: str = "127.0.0.1"
     port: int = 8080
@@ -113,13 +121,11 @@ def resolve_model(model: str, config: Optional[Path] = None, lock: Optional[Path
             raise UsageError(f"model file not found: {model}",
                              hint="Give an existing .gguf file or a catalog name (see `pylmserv list`).")
         return candidate.resolve()
-    from ..pins.config import load_project
 
     project = load_project(config, lock)
     if model not in project.config.models and model not in project.lock.models:
         names = ", ".join(sorted(set(project.config.models) | set(project.lock.models)))
         raise UsageError(f"unknown model {model!r}", hint=f"Use a .gguf path or one of: {names}.")
-    from .fetch_models import fetch
 
     results = fetch([model], config=config, lock=lock, offline=offline)
     return Path(results[0].path)
@@ -137,8 +143,8 @@ def resolve_server(engine: str, backend: str, server_bin: Optional[Path] = None,
             raise UsageError(f"server binary not found or not executable: {path}",
                              hint=f"Point --server-bin (or ${SERVER_BIN_ENV}) at a llama-server executable.")
         return path
-    from ..builders import build
 
+    backend, _ = resolve_backend(engine, backend, config=config, lock=lock)
     kwargs = {"what": engine, "backend": backend, "config": config, "lock": lock}
     if engine == "llama.cpp":
         # Reuse a finished build of the locked source that has llama-server (e.g. from
@@ -154,36 +160,20 @@ def existing_build_targets(backend: str, config: Optional[Path] = None, lock: Op
 
     Calling build() with those targets is then a cache hit: no second build for `serve`.
     """
-    from ..store import records as stamps
-    from ..builders.llama_cpp import MAPPING_VERSION
-    from ..pins.config import load_project
-    from ..store.layout import home
-
     entry = load_project(config, lock).lock.entry("sources", "llama-cpp")
-    builds = home() / "builds"
-    if entry is None or not builds.is_dir():
+    if entry is None:
         return None
-    best = None
-    for stamp_file in builds.glob(f"llama.cpp-{backend}-*/{stamps.STAMP_NAME}"):
-        stamp = stamps.read_stamp(stamp_file)
-        if stamp is None or stamp.inputs.get("source") != entry.hash.sri or "llama-server" not in stamp.outputs:
-            continue
-        if stamp.inputs.get("mapping") != MAPPING_VERSION:  # made by an older pylmserv: would rebuild anyway
-            continue
-        if not all(r.still_there() for r in stamp.outputs.values()):
-            continue
-        mtime = stamp_file.stat().st_mtime
-        if best is None or mtime > best[0]:
-            best = (mtime, tuple(stamp.inputs.get("targets") or ()))
-    return best[1] if best and best[1] else None
+    stamp = stamps.newest_build(layout.build_dirs("llama.cpp", backend, layout.home()),
+                                {"source": entry.hash.sri, "mapping": MAPPING_VERSION},  # older mappings rebuild
+                                output="llama-server")
+    targets = tuple(stamp.inputs.get("targets") or ()) if stamp else ()
+    return targets or None
 
 
-def pick_server_binary(engine: str, result) -> Path:
-    """Find llama-server (or the llamafile) among a BuildResult's installed paths."""
-    paths = getattr(result, "paths", None) or getattr(result, "binaries", None) or {}
-    items = list(paths.items()) if isinstance(paths, dict) else [(Path(p).name, p) for p in paths]
+def pick_server_binary(engine: str, result: BuildResult) -> Path:
+    """Find llama-server (or the llamafile) among a BuildResult's installed binaries."""
     wanted = ("llama-server",) if engine == "llama.cpp" else ("llamafile",)
-    for name, path in items:
+    for name, path in result.binaries.items():
         if Path(str(name)).name in wanted or Path(str(path)).name in wanted:
             return Path(path)
     raise PylmservError(f"the {engine} build has no {wanted[0]} binary",
@@ -197,7 +187,6 @@ def _needs_shell(binary: Path, binfmt_dir: Optional[Path] = None) -> bool:
     """An APE (a llamafile) that execve() would hand to WINE or refuse (Linux binfmt_misc)."""
     if not sys.platform.startswith("linux"):
         return False
-    from ..builders import binfmt
 
     directory = binfmt_dir or os.environ.get(BINFMT_DIR_ENV) or None
     return binfmt.is_ape(binary) and not binfmt.read_binfmt(directory).direct_exec_ok
@@ -251,9 +240,9 @@ class ServerProcess:
             self._log_handle = open(log_file, "ab")
         out = self._log_handle if self._log_handle is not None else None
         try:
-            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out or sys.stderr.fileno(),
-                                         stderr=subprocess.STDOUT if out else None, start_new_session=True,
-                                         preexec_fn=_pdeathsig_setup(), env=env)
+            self.proc = proc_tools.start_group(self.argv, stdout=out or sys.stderr.fileno(),
+                                               stderr=subprocess.STDOUT if out else None,
+                                               preexec_fn=_pdeathsig_setup(), env=env)
         except OSError as exc:
             self._close_log()
             raise PylmservError(f"cannot start {self.argv[0]}: {exc.strerror}",
@@ -268,49 +257,17 @@ class ServerProcess:
         return self.proc.poll()
 
     def signal_group(self, sig: int) -> None:
-        try:
-            os.killpg(self.pgid, sig)
-        except ProcessLookupError:
-            pass
+        proc_tools.signal_group(self.pgid, sig)
 
     def group_alive(self) -> bool:
         """Does any process of the group still run? (Zombies awaiting their reaper run nothing.)"""
-        try:
-            os.killpg(self.pgid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        if not os.path.isdir("/proc/self"):
-            return True
-        return any(True for _ in _running_members(self.pgid))
+        return proc_tools.group_alive(self.pgid)
 
     def stop(self, sig: int = signal.SIGTERM, grace: float = STOP_GRACE_S) -> Optional[int]:
         """Signal the group, give the server `grace` seconds, then SIGKILL what remains of it."""
-        if self.proc.poll() is None or self.group_alive():
-            self.signal_group(sig)
-            self._wait(lambda: self.proc.poll() is not None, grace)
-            if self.group_alive():
-                # The server is gone but left children behind, or it ignored the signal.
-                if self.proc.poll() is None:
-                    log.warning("server did not stop within %.0fs; killing it", grace)
-                else:
-                    self.signal_group(signal.SIGTERM)
-                    self._wait(lambda: not self.group_alive(), min(grace, 2.0))
-                self.signal_group(signal.SIGKILL)
-                self._wait(lambda: self.proc.poll() is not None and not self.group_alive(), 5.0)
-        try:
-            code = self.proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL cannot be ignored
-            code = None
+        code = proc_tools.stop_group(self.proc, grace=grace, sig=sig)
         self._close_log()
         return code
-
-    @staticmethod
-    def _wait(done: Callable[[], bool], seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while not done() and time.monotonic() < deadline:
-            time.sleep(0.02)
 
     def _close_log(self) -> None:
         if self._log_handle is not None:
@@ -325,21 +282,6 @@ class ServerProcess:
             f.seek(max(0, f.tell() - 16384))
             text = f.read().decode("utf-8", "replace")
         return "\n".join(text.splitlines()[-lines:])
-
-
-def _running_members(pgid: int):
-    """PIDs of non-zombie processes in process group `pgid` (Linux /proc)."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        # fields after "(comm)": state, ppid, pgrp, ...
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            yield int(entry)
 
 
 def wait_healthy(server: ServerProcess, url: str, timeout: float, api_key: Optional[str] = None,
@@ -435,9 +377,7 @@ def _is_main_thread() -> bool:
 
 
 def default_log_file(port: int) -> Path:
-    from ..store.layout import subdir
-
-    return subdir("logs") / f"llama-server-{port}.log"
+    return layout.logs_dir() / f"llama-server-{port}.log"
 
 
 def serve(opts: ServeOptions, on_ready: Callable[[ServeUrls], None], config: Optional[Path] = None,

@@ -8,13 +8,12 @@ from pathlib import Path
 import click
 
 from ..app.serve import ENGINES, SERVER_BIN_ENV, ServeOptions, default_log_file, serve
+from ..pins.config import load_project
 
 
 def _complete_models(ctx, param, incomplete):
     """Shell completion for MODEL: catalog names (paths are completed by the shell itself)."""
     try:
-        from ..pins.config import load_project
-
         project = load_project()
         names = sorted(set(project.config.models) | set(project.lock.models))
     except Exception:  # completion must never print a traceback into the user's shell
@@ -25,9 +24,9 @@ def _complete_models(ctx, param, incomplete):
 @click.command("serve")
 @click.argument("model", shell_complete=_complete_models)
 @click.argument("extra_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- EXTRA_ARGS...]")
-@click.option("--backend", default="cpu", show_default=True,
-              type=click.Choice(["cpu", "blas", "cuda", "rocm", "vulkan", "metal"]),
-              help="Which build of the engine to run (built first if missing).")
+@click.option("--backend", default="auto", show_default=True,
+              type=click.Choice(["auto", "cpu", "blas", "cuda", "rocm", "vulkan", "metal"]),
+              help="Which build of the engine to run (built first if missing); auto: what this machine has.")
 @click.option("--engine", default="llama.cpp", show_default=True, type=click.Choice(ENGINES))
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on. Anything but loopback needs --public.")

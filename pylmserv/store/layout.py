@@ -1,6 +1,6 @@
 """Where pylmserv keeps things. One home ($PYLMSERV_HOME, else the user cache dir).
 
-Layout (every module uses these helpers, never its own paths):
+Layout (this module is the only one that spells these names; everyone else asks it):
   blobs/sha256/<hex>        content-addressed files (models, flat sources)
   models/<name>             named entries -> blobs (hardlink, symlink or copy)
   sources/<nix32>-<name>    verified unpacked source trees, keyed by NAR hash
@@ -8,13 +8,20 @@ Layout (every module uses these helpers, never its own paths):
   builds/<key>              build directories, keyed by (source hash, backend, options)
   bin/<engine>-<backend>    installed binaries (`current` links per backend)
   tmp/                      partial downloads and staging (same filesystem: os.replace)
+  logs/                     server logs
   quarantine/               entries `pylmserv verify` found bad, moved aside (never deleted)
   verified.json             when `pylmserv verify` last ran, and what it found
 """
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+from typing import List, Optional
+
+from ..core.errors import UsageError
+from ..core.fsutil import atomic_write_text
+from ..core.hashing import Hash
 
 CACHEDIR_TAG = (
     "Signature: 8a477f597d28d172789f06886806bc55\n"
@@ -34,11 +41,9 @@ def home() -> Path:
     return root
 
 
-def ensure_home(root: Path | None = None) -> Path:
+def ensure_home(root: Optional[Path] = None) -> Path:
     """The home, created if missing. A populated home on a read-only filesystem is fine:
     nothing is written when nothing is missing."""
-    from ..core.errors import UsageError
-
     root = root or home()
     if os.path.isdir(root):
         pass
@@ -53,8 +58,6 @@ def ensure_home(root: Path | None = None) -> Path:
                              hint="Point PYLMSERV_HOME at a directory path.") from None
     tag = root / "CACHEDIR.TAG"
     if not tag.exists():
-        from ..core.fsutil import atomic_write_text
-
         try:
             atomic_write_text(tag, CACHEDIR_TAG)
         except OSError:
@@ -62,8 +65,80 @@ def ensure_home(root: Path | None = None) -> Path:
     return root
 
 
-def subdir(name: str, root: Path | None = None) -> Path:
+def subdir(name: str, root: Optional[Path] = None) -> Path:
     path = ensure_home(root) / name
     if not path.is_dir():
         path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _base(root: Optional[Path]) -> Path:
+    """`root` as given (callers that pass one made it already), else the ensured home."""
+    return Path(root) if root is not None else ensure_home()
+
+
+# -- content-addressed files and trees ----------------------------------------------------
+
+def blobs_root(root: Optional[Path] = None) -> Path:
+    return _base(root) / "blobs"
+
+
+def blobs_dir(algo: str = "sha256", root: Optional[Path] = None) -> Path:
+    return blobs_root(root) / algo
+
+
+def blob_path(h: Hash, root: Optional[Path] = None) -> Path:
+    """blobs/<algo>/<hex>: where the file with hash `h` lives (present or not)."""
+    return blobs_dir(h.algo, root) / h.hex
+
+
+def source_tree_path(h: Hash, name: str, root: Optional[Path] = None) -> Path:
+    """sources/<nix32>-<name>: a verified unpacked tree (the name made path-safe)."""
+    safe = re.sub(r"[^A-Za-z0-9+._=-]", "_", name).lstrip(".") or "source"  # a name is not a path
+    return _base(root) / "sources" / f"{h.nix32}-{safe}"
+
+
+def models_dir(root: Optional[Path] = None) -> Path:
+    return _base(root) / "models"
+
+
+def model_dir(name: str, root: Optional[Path] = None) -> Path:
+    """models/<name>: a named entry (callers check the name first)."""
+    return models_dir(root) / name
+
+
+# -- toolchains, builds, installed binaries ------------------------------------------------
+
+def toolchains_dir(root: Optional[Path] = None) -> Path:
+    return _base(root) / "toolchains"
+
+
+def builds_dir(root: Optional[Path] = None) -> Path:
+    return _base(root) / "builds"
+
+
+def build_dir(engine: str, backend: str, key: str, root: Optional[Path] = None) -> Path:
+    """builds/<engine>-<backend>-<key>: one build tree per (engine, backend, inputs)."""
+    return builds_dir(root) / f"{engine}-{backend}-{key}"
+
+
+def build_dirs(engine: str, backend: str, root: Optional[Path] = None) -> List[Path]:
+    """Every existing build tree of `engine` for `backend`."""
+    base = builds_dir(root)
+    return sorted(base.glob(f"{engine}-{backend}-*")) if base.is_dir() else []
+
+
+def bin_dir(root: Optional[Path] = None) -> Path:
+    """bin/<engine>-<backend>/<key> (and a `current` link per engine and backend)."""
+    return _base(root) / "bin"
+
+
+# -- scratch ---------------------------------------------------------------------------------
+
+def tmp_dir(root: Optional[Path] = None) -> Path:
+    """tmp/ (created): partials and staging on the blobs' filesystem."""
+    return subdir("tmp", root)
+
+
+def logs_dir(root: Optional[Path] = None) -> Path:
+    return subdir("logs", root)
