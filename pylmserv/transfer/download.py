@@ -26,25 +26,25 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
-from urllib.parse import unquote, urlsplit, urlunsplit
+from typing import Callable, List, Optional
+from urllib.parse import unquote, urlsplit
 
 from ..core.errors import DiskSpaceError, NetworkError, UsageError, VerificationError  # noqa: F401 - DiskSpaceError re-exported
 from ..core.fsutil import fsync_dir, unlink_missing_ok
 from ..core.progress import Progress
-from ..core.version import __version__
 from ..core.hashing import EMPTY_SHA256, Hash
+from .hasher import TrailingHasher
+from .http import (Probe, Transport, content_encoding, decoder_for, file_name, iter_raw,  # noqa: F401 - redact re-exported
+                   parse_content_range, raise_http, redact, short_error, transient_errors)
 
 log = logging.getLogger("pylmserv.download")
 
 MIN_PART_SIZE = 1 << 20  # parts smaller than this are not worth a request
 MAX_PART_SIZE = 64 << 20
 PARTS_PER_CONNECTION = 8  # small parts taken in order: the hash keeps up with the download
-CHUNK = 256 << 10  # bytes per read; memory per connection stays at about this
 STALL_TIMEOUT = 30.0  # seconds without a byte before a part is restarted
 STALL_LIMIT = 120.0  # seconds without any new byte of the file before giving up for good
 STALL_LIMIT_ENV = "PYLMSERV_STALL_LIMIT"
-CONNECT_TIMEOUT = 15.0
 RETRY_BASE = 0.2  # first backoff (seconds), doubled per failed attempt
 RETRY_CAP = 8.0
 MAX_ATTEMPTS = 8  # consecutive failed attempts of one part (reset by progress)
@@ -147,15 +147,6 @@ def resolve_stall_limit(value: Optional[float] = None) -> float:
         raise UsageError(f"{source} must be a positive number of seconds, got {raw!r}",
                          hint=f"e.g. {STALL_LIMIT_ENV}=300 to wait up to 5 minutes for a stalled server.")
     return float(value)
-
-
-def redact(url: str) -> str:
-    """The URL without query string or credentials (signed URLs carry secrets)."""
-    parts = urlsplit(url)
-    netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def _acquire(lock, url: str) -> None:
@@ -284,25 +275,20 @@ def _make_progress(desc: str, total: Optional[int], enabled: bool, on_progress):
     return Progress(desc, total, enabled=enabled, callback=on_progress)
 
 
+def _sleep_backoff(attempt: int, retry_after=None, stop: Optional[threading.Event] = None) -> None:
+    delay = min(RETRY_CAP, RETRY_BASE * (2 ** (attempt - 1))) * (0.5 + random.random() / 2)
+    if retry_after:
+        try:
+            delay = min(30.0, max(delay, float(retry_after)))
+        except ValueError:
+            pass
+    if stop is not None:
+        stop.wait(delay)
+    else:
+        time.sleep(delay)
+
+
 # -- HTTP engine ---------------------------------------------------------------------
-
-@dataclass
-class _Probe:
-    final_url: str
-    size: Optional[int]
-    etag: Optional[str]
-    last_modified: Optional[str]
-    ranges: bool
-    response: object = None  # an open 200 response, reused as the single stream
-    encoded: bool = False  # a Content-Encoding (gzip): sizes and ranges are of the encoded body
-
-    @property
-    def validator(self) -> Optional[str]:
-        """A strong validator for If-Range: a strong ETag, else Last-Modified, else None."""
-        if self.etag and not self.etag.startswith("W/"):
-            return self.etag
-        return self.last_modified or None
-
 
 class _Part:
     __slots__ = ("start", "end", "done")
@@ -331,44 +317,11 @@ class _Engine:
         self.last_progress = time.monotonic()  # when the last new byte of the file arrived
         self.min_part_size = max(1, min_part_size)
         self.on_progress = on_progress
-        self.origin = _netloc(url)
         self.received = 0  # body bytes received (all attempts)
         self._lock = threading.Lock()
-        self._session = None
-        self.transient = _transient_errors()
-
-    # -- plumbing ------------------------------------------------------------
-    @property
-    def session(self):
-        if self._session is None:
-            import requests
-            from requests.adapters import HTTPAdapter
-            from urllib3.util.retry import Retry
-
-
-            s = requests.Session()
-            # urllib3 retries connection setup; cuts mid-body are retried by the part loop.
-            retry = Retry(total=None, connect=4, read=0, status=0, other=0, redirect=10,
-                          backoff_factor=RETRY_BASE, raise_on_status=False, respect_retry_after_header=False)
-            adapter = HTTPAdapter(max_retries=retry, pool_connections=4,
-                                  pool_maxsize=max(self.connections, 2) + 2)
-            s.mount("http://", adapter)
-            s.mount("https://", adapter)
-            s.headers.update({"User-Agent": f"pylmserv/{__version__}", "Accept-Encoding": "identity"})
-            self._session = s
-        return self._session
-
-    def _get(self, url: str, extra: Dict[str, str]):
-        headers = dict(extra)
-        if _netloc(url) == self.origin:
-            headers.update(self.headers)  # credentials only to the host we were given
-        import requests
-
-        try:
-            return self.session.get(url, headers=headers, stream=True, allow_redirects=True,
-                                    timeout=(CONNECT_TIMEOUT, self.stall_timeout))
-        except requests.exceptions.TooManyRedirects:
-            raise NetworkError(f"too many redirects for {redact(url)}") from None
+        self.http = Transport(url, headers, pool_size=max(connections, 2) + 2,
+                              read_timeout=self.stall_timeout, retry_base=RETRY_BASE)
+        self.transient = transient_errors()
 
     def _count(self, n: int) -> None:
         with self._lock:
@@ -382,7 +335,7 @@ class _Engine:
             return
         keep = ("The partial download is kept: run the same command again to resume. " if kept else "")
         raise NetworkError(f"download of {redact(self.url)} stalled: no new data for {idle:.0f} s "
-                           f"({_short(reason)}); giving up",
+                           f"({short_error(reason)}); giving up",
                            hint=keep + f"To wait longer for a slow server, pass --stall-limit SECONDS or set "
                                        f"{STALL_LIMIT_ENV} (now {self.stall_limit:g} s).")
 
@@ -406,7 +359,7 @@ class _Engine:
                     # file, and no hash would catch a stitched one: one connection, so
                     # the hash recorded is that of one real file.
                     log.info("%s: no strong ETag or Last-Modified and no expected hash: one connection",
-                             _name(self.url))
+                             file_name(self.url))
                     parallel = False
                 if parallel:
                     got, total = self._run_parts(probe)
@@ -432,7 +385,7 @@ class _Engine:
             return got, total, self.received
 
     @staticmethod
-    def _close(probe: _Probe) -> None:
+    def _close(probe: Probe) -> None:
         if probe.response is not None:
             probe.response.close()
             probe.response = None
@@ -445,16 +398,16 @@ class _Engine:
         unlink_missing_ok(self.state_path)
 
     # -- probing -------------------------------------------------------------
-    def _probe(self, use_ranges: bool = True) -> _Probe:
+    def _probe(self, use_ranges: bool = True) -> Probe:
         """GET bytes=0-0: size, ETag and range support in one round trip."""
         attempt = 0
         while True:
             try:
-                r = self._get(self.url, {"Range": "bytes=0-0"} if use_ranges else {})
+                r = self.http.get(self.url, {"Range": "bytes=0-0"} if use_ranges else {})
             except NetworkError:
                 raise
             except Exception as exc:  # refused, DNS, TLS: urllib3's Retry has already retried
-                raise NetworkError(f"cannot reach {redact(self.url)}: {_short(exc)}",
+                raise NetworkError(f"cannot reach {redact(self.url)}: {short_error(exc)}",
                                    hint="Check the URL and your network/proxy settings.") from None
             status = r.status_code
             if status in (500, 502, 503, 504, 408, 429) and attempt < 3:
@@ -464,36 +417,36 @@ class _Engine:
                 continue
             etag = r.headers.get("ETag")
             lm = r.headers.get("Last-Modified")
-            if status in (200, 206) and _encoding(r):
+            if status in (200, 206) and content_encoding(r):
                 # Sizes and ranges would be those of the compressed body: one stream, decoded.
-                _decoder(_encoding(r), self.url)  # refuse an encoding we cannot decode, now
+                decoder_for(content_encoding(r), self.url)  # refuse an encoding we cannot decode, now
                 if status == 206:
                     r.close()
-                    return _Probe(r.url, None, etag, lm, False, encoded=True)
-                return _Probe(r.url, None, etag, lm, False, response=r, encoded=True)
+                    return Probe(r.url, None, etag, lm, False, encoded=True)
+                return Probe(r.url, None, etag, lm, False, response=r, encoded=True)
             if status == 206:
-                cr = _parse_content_range(r.headers.get("Content-Range"))
+                cr = parse_content_range(r.headers.get("Content-Range"))
                 r.close()
                 if cr is None or cr[2] is None:
-                    return _Probe(r.url, None, etag, lm, False)
-                return _Probe(r.url, cr[2], etag, lm, cr[0] == 0)
+                    return Probe(r.url, None, etag, lm, False)
+                return Probe(r.url, cr[2], etag, lm, cr[0] == 0)
             if status == 200:
                 length = r.headers.get("Content-Length")
                 size = int(length) if length and length.isdigit() else None
-                return _Probe(r.url, size, etag, lm, False, response=r)
+                return Probe(r.url, size, etag, lm, False, response=r)
             if status == 416:
                 # bytes=0-0 of an empty file is unsatisfiable: `bytes */0`.
                 cr = r.headers.get("Content-Range", "")
                 r.close()
                 m = re.match(r"bytes \*/(\d+)", cr)
                 if m and int(m.group(1)) == 0:
-                    return _Probe(r.url, 0, etag, lm, False)
-                return self._probe(use_ranges=False) if use_ranges else _raise_http(self.url, r)
+                    return Probe(r.url, 0, etag, lm, False)
+                return self._probe(use_ranges=False) if use_ranges else raise_http(self.url, r)
             r.close()
-            _raise_http(self.url, r)
+            raise_http(self.url, r)
 
     # -- one plain stream (no ranges) -----------------------------------------
-    def _run_single(self, probe: _Probe):
+    def _run_single(self, probe: Probe):
         """No usable ranges: one stream from byte 0; a cut restarts from 0.
 
         A body with Content-Encoding gzip is decoded: the file is what Nix's fetchers
@@ -505,14 +458,14 @@ class _Engine:
             probe.response = None
             if r is None:
                 try:
-                    r = self._get(self.url, {})
+                    r = self.http.get(self.url, {})
                 except NetworkError:
                     raise
                 except self.transient as exc:
                     self._check_stalled(exc, kept=False)
                     attempt += 1
                     if attempt > MAX_ATTEMPTS:
-                        raise NetworkError(f"download of {redact(self.url)} keeps failing: {_short(exc)}",
+                        raise NetworkError(f"download of {redact(self.url)} keeps failing: {short_error(exc)}",
                                            hint="Check your network and try again.") from None
                     _sleep_backoff(attempt)
                     continue
@@ -523,20 +476,20 @@ class _Engine:
                         attempt += 1
                         _sleep_backoff(attempt, r.headers.get("Retry-After"))
                         continue
-                    _raise_http(self.url, r)
-            encoding = _encoding(r)
-            decoder = _decoder(encoding, self.url) if encoding else None
+                    raise_http(self.url, r)
+            encoding = content_encoding(r)
+            decoder = decoder_for(encoding, self.url) if encoding else None
             length = r.headers.get("Content-Length")
             wire_total = int(length) if length and length.isdigit() else None  # bytes on the wire
             total = self.size if encoding else (wire_total if wire_total is not None else probe.size)
             self._check_space(total or wire_total or 0)
             h = hashlib.sha256()
             written = wire = 0
-            bar = _make_progress(_name(self.url), total, self.progress, self.on_progress)
+            bar = _make_progress(file_name(self.url), total, self.progress, self.on_progress)
             try:
                 with r, open(self.partial, "wb") as f:
                     try:
-                        for chunk in _iter_raw(r):
+                        for chunk in iter_raw(r):
                             self._count(len(chunk))
                             wire += len(chunk)
                             data = decoder.feed(chunk) if decoder else chunk
@@ -553,10 +506,10 @@ class _Engine:
                         self._check_stalled(exc, kept=False)
                         attempt += 1
                         if attempt > MAX_ATTEMPTS:
-                            raise NetworkError(f"download of {redact(self.url)} keeps failing: {_short(exc)}",
+                            raise NetworkError(f"download of {redact(self.url)} keeps failing: {short_error(exc)}",
                                                hint="Check your network and try again.") from None
                         log.warning("connection cut after %d bytes (%s); the server has no ranges, starting over",
-                                    written, _short(exc))
+                                    written, short_error(exc))
                         _sleep_backoff(attempt)
                         continue
                     f.flush()
@@ -573,7 +526,7 @@ class _Engine:
             return Hash.from_hashlib(h), written
 
     # -- parallel parts -----------------------------------------------------
-    def _run_parts(self, probe: _Probe):
+    def _run_parts(self, probe: Probe):
         size = probe.size
         self.final_url = probe.final_url
         self.validator = probe.validator
@@ -593,7 +546,7 @@ class _Engine:
                                      hint="Free some space and run the command again.") from None
         else:
             have = sum(p.done for p in parts)
-            log.info("resuming %s: %d of %d bytes already here", _name(self.url), have, size)
+            log.info("resuming %s: %d of %d bytes already here", file_name(self.url), have, size)
         self.parts = parts
         self.size_total = size
         self.stop = threading.Event()
@@ -601,12 +554,12 @@ class _Engine:
         self.allowed = self.connections
         cond = threading.Condition()
         self.cond = cond
-        bar = _make_progress(_name(self.url), size, self.progress, self.on_progress)
+        bar = _make_progress(file_name(self.url), size, self.progress, self.on_progress)
         bar.update(sum(p.done for p in parts))
         self.bar = bar
         fd = os.open(self.partial, os.O_RDWR)
         self.fd = fd
-        hasher = _TrailingHasher(fd, self._contiguous, cond)
+        hasher = TrailingHasher(fd, self._contiguous, cond)
         self.hasher = hasher
         saver = threading.Thread(target=self._saver, daemon=True)
         syncer = threading.Thread(target=self._syncer, daemon=True)
@@ -633,7 +586,7 @@ class _Engine:
                 try:
                     self._save_state(parts, size)
                 except OSError as exc:  # e.g. the disk is full: the last saved state still holds
-                    log.warning("could not update the resume state of %s: %s", _name(self.url), exc.strerror)
+                    log.warning("could not update the resume state of %s: %s", file_name(self.url), exc.strerror)
             os.close(fd)
 
     def _new_parts(self, size: int) -> List[_Part]:
@@ -730,7 +683,7 @@ class _Engine:
             if self.validator:
                 hdrs["If-Range"] = self.validator
             try:
-                r = self._get(self.final_url, hdrs)
+                r = self.http.get(self.final_url, hdrs)
             except NetworkError:
                 raise
             except self.transient as exc:
@@ -750,13 +703,13 @@ class _Engine:
                     attempt = self._retry(attempt, f"HTTP {status}", r.headers.get("Retry-After"))
                     continue
                 if status != 206:
-                    _raise_http(self.final_url, r)
-                cr = _parse_content_range(r.headers.get("Content-Range"))
+                    raise_http(self.final_url, r)
+                cr = parse_content_range(r.headers.get("Content-Range"))
                 if cr is None or cr[0] != start or (cr[2] is not None and cr[2] != self.size_total):
                     raise _Restart(f"Content-Range {r.headers.get('Content-Range')!r} does not match the requested "
                                    f"bytes={start}-{part.end - 1}/{self.size_total}", distrust_ranges=True)
-                if _encoding(r):
-                    raise _Restart(f"the server sent a range with Content-Encoding {_encoding(r)!r}",
+                if content_encoding(r):
+                    raise _Restart(f"the server sent a range with Content-Encoding {content_encoding(r)!r}",
                                    distrust_ranges=True)
                 etag = r.headers.get("ETag")
                 if etag and self.probe_etag and etag != self.probe_etag:
@@ -771,7 +724,7 @@ class _Engine:
                     continue
 
     def _stream_part(self, r, part: _Part) -> None:
-        for chunk in _iter_raw(r, limit=part.remaining):
+        for chunk in iter_raw(r, limit=part.remaining):
             if self.stop.is_set():
                 return
             n = len(chunk)
@@ -798,9 +751,9 @@ class _Engine:
         self._check_stalled(exc)
         attempt += 1
         if attempt > MAX_ATTEMPTS:
-            raise NetworkError(f"download of {redact(self.url)} keeps failing: {_short(exc)}",
+            raise NetworkError(f"download of {redact(self.url)} keeps failing: {short_error(exc)}",
                                hint="The partial download is kept; run the same command again to resume.")
-        log.debug("retrying a part of %s (%s), attempt %d", redact(self.url), _short(exc), attempt)
+        log.debug("retrying a part of %s (%s), attempt %d", redact(self.url), short_error(exc), attempt)
         _sleep_backoff(attempt, retry_after, self.stop)
         return attempt
 
@@ -815,7 +768,7 @@ class _Engine:
         if status == 429:
             return self._retry(attempt, "HTTP 429", r.headers.get("Retry-After"))
         if attempt >= 2:
-            _raise_http(self.final_url, r)
+            raise_http(self.final_url, r)
         # A single connection still refused: the signed redirect may have expired.
         probe = self._probe()
         self._close(probe)
@@ -870,7 +823,7 @@ class _Engine:
             unlink_missing_ok(tmp)  # the previous state stays valid: it only undercounts
             raise
 
-    def _load_state(self, probe: _Probe) -> Optional[List[_Part]]:
+    def _load_state(self, probe: Probe) -> Optional[List[_Part]]:
         try:
             data = json.loads(self.state_path.read_text())
             st = self.partial.stat()
@@ -882,7 +835,7 @@ class _Engine:
               and data.get("etag") == probe.etag and data.get("validator") == self.validator
               and self.validator)  # no strong validator: no proof it is the same file, start over
         if not ok:
-            log.info("discarding a partial download of %s: the file changed or the state is stale", _name(self.url))
+            log.info("discarding a partial download of %s: the file changed or the state is stale", file_name(self.url))
             self.discard()
             return None
         try:
@@ -894,198 +847,3 @@ class _Engine:
             self.discard()
             return None
         return parts
-
-
-class _TrailingHasher:
-    """SHA-256 of the file in order, while parts land.
-
-    A chunk that arrives exactly at the hash frontier is hashed from memory by the
-    connection that received it (offer); the rest of the finished prefix is read back
-    from the page cache by this thread as the frontier reaches it."""
-
-    def __init__(self, fd: int, contiguous: Callable[[], int], cond: threading.Condition):
-        self.fd = fd
-        self.contiguous = contiguous
-        self.cond = cond
-        self.h = hashlib.sha256()
-        self.pos = 0
-        self.lock = threading.Lock()
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-
-    def start(self):
-        self.thread.start()
-
-    def offer(self, offset: int, chunk: bytes) -> None:
-        if not self.lock.acquire(blocking=False):
-            return  # the thread is hashing; it will read this chunk back instead
-        try:
-            if self.pos == offset:
-                self.h.update(chunk)
-                self.pos += len(chunk)
-        finally:
-            self.lock.release()
-
-    def _loop(self):
-        while not self._stop.is_set():
-            with self.cond:
-                target = self.contiguous()
-                if target <= self.pos:
-                    self.cond.wait(0.2)
-                    continue
-            self._advance(min(target, self.pos + (8 << 20)))
-
-    def _advance(self, target: int) -> None:
-        while True:
-            with self.lock:
-                if self.pos >= target:
-                    return
-                data = os.pread(self.fd, min(1 << 20, target - self.pos), self.pos)
-                if not data:
-                    raise OSError(f"partial file shorter than expected at {self.pos}")
-                self.h.update(data)
-                self.pos += len(data)
-
-    def stop(self):
-        self._stop.set()
-        with self.cond:
-            self.cond.notify_all()  # wake the thread now, not at its next timeout
-        if self.thread.is_alive():
-            self.thread.join(5)
-
-    def finish(self, size: int) -> None:
-        self.stop()
-        self._advance(size)
-
-    def result(self) -> Hash:
-        return Hash.from_hashlib(self.h)
-
-
-# -- helpers -------------------------------------------------------------------------
-
-def _transient_errors() -> tuple:
-    """Errors worth a retry: cuts, timeouts, protocol errors (requests loaded lazily)."""
-    import http.client
-    import socket
-
-    import requests
-    import urllib3.exceptions
-
-    return (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException,
-            ConnectionError, TimeoutError, socket.timeout)
-
-
-def _iter_raw(r, limit: Optional[int] = None):
-    """Raw body chunks as they arrive (no content decoding), stopping after `limit` bytes.
-
-    read1 returns what the socket has instead of blocking for a full chunk, so a cut or
-    a stall loses no byte already received: the resume starts exactly after it."""
-    raw = r.raw
-    read = raw.read1 if hasattr(raw, "read1") else raw.read
-    left = limit
-    while left is None or left > 0:
-        want = CHUNK if left is None else min(CHUNK, left)
-        data = read(want, decode_content=False)
-        if not data:
-            return
-        if left is not None:
-            left -= len(data)
-        yield data
-
-
-def _encoding(r) -> str:
-    """The response's Content-Encoding, '' for none or identity."""
-    value = (r.headers.get("Content-Encoding") or "").strip().lower()
-    return "" if value in ("", "identity", "none") else value
-
-
-class _GzipDecoder:
-    """Decodes a gzip body (several members, as `cat a.gz b.gz`, included)."""
-
-    def __init__(self, url: str):
-        import zlib
-
-        self.zlib = zlib
-        self.url = url
-        self.d = zlib.decompressobj(wbits=31)
-        self.midway = False  # the current member has begun but not ended
-
-    def feed(self, data: bytes) -> bytes:
-        out = []
-        try:
-            while data:
-                self.midway = True
-                out.append(self.d.decompress(data))
-                if not self.d.eof:
-                    break
-                self.midway = False
-                data = self.d.unused_data
-                self.d = self.zlib.decompressobj(wbits=31)
-        except self.zlib.error as exc:
-            raise VerificationError(f"{redact(self.url)}: the gzip-encoded body is corrupt ({exc})",
-                                    hint="The server or a proxy sent a broken compressed body; try again later.") from None
-        return b"".join(out)
-
-    def finish(self) -> None:
-        if self.midway:
-            raise VerificationError(f"{redact(self.url)}: the gzip-encoded body ends in the middle of a member",
-                                    hint="The server or a proxy cut the compressed body; try again later.")
-
-
-def _decoder(encoding: str, url: str):
-    if encoding in ("gzip", "x-gzip"):
-        return _GzipDecoder(url)
-    raise NetworkError(f"{redact(url)}: the server sent the body with Content-Encoding {encoding!r}, "
-                       "which pylmserv does not decode",
-                       hint="Nix hashes the decoded body; use a URL that serves the file plainly or with gzip.")
-
-
-def _parse_content_range(value: Optional[str]):
-    m = re.match(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", value or "")
-    if not m:
-        return None
-    total = None if m.group(3) == "*" else int(m.group(3))
-    return int(m.group(1)), int(m.group(2)), total
-
-
-def _raise_http(url: str, r):
-    status = r.status_code
-    hint = {401: "The server wants credentials: set HF_TOKEN for the Hugging Face Hub.",
-            403: "Access denied: check the token's permissions, or that the URL is public.",
-            404: "Check the URL, repository, file name and revision.",
-            429: "Rate-limited: wait a while and run the command again."}.get(
-        status, "Try again later; the partial download (if any) is kept for resume.")
-    raise NetworkError(f"HTTP {status} {r.reason or ''} from {redact(r.url or url)}".replace("  ", " "), hint=hint)
-
-
-def _sleep_backoff(attempt: int, retry_after=None, stop: Optional[threading.Event] = None) -> None:
-    delay = min(RETRY_CAP, RETRY_BASE * (2 ** (attempt - 1))) * (0.5 + random.random() / 2)
-    if retry_after:
-        try:
-            delay = min(30.0, max(delay, float(retry_after)))
-        except ValueError:
-            pass
-    if stop is not None:
-        stop.wait(delay)
-    else:
-        time.sleep(delay)
-
-
-def _short(exc) -> str:
-    """One readable line: the OS error inside requests/urllib3 wrappers when there is one."""
-    text = str(exc) if not isinstance(exc, str) else exc
-    m = re.search(r"\[Errno -?\d+\] [^'\")\]]+", text)
-    if m:
-        return m.group(0).strip()
-    text = text.splitlines()[0] if text else type(exc).__name__
-    return text[:200]
-
-
-def _name(url: str) -> str:
-    return unquote(urlsplit(url).path.rsplit("/", 1)[-1]) or urlsplit(url).netloc
-
-
-def _netloc(url: str) -> str:
-    parts = urlsplit(url)
-    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
-    return f"{parts.scheme}://{(parts.hostname or '').lower()}:{port}"
