@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import logging
 import os
 import random
@@ -34,6 +33,7 @@ from ..core.fsutil import fsync_dir, unlink_missing_ok
 from ..core.progress import Progress
 from ..core.hashing import EMPTY_SHA256, Hash
 from .hasher import TrailingHasher
+from .partial import Part, PartialFile
 from .http import (Probe, Transport, content_encoding, decoder_for, file_name, iter_raw,  # noqa: F401 - redact re-exported
                    parse_content_range, raise_http, redact, short_error, transient_errors)
 
@@ -52,7 +52,6 @@ MAX_RESTARTS = 4  # whole-file restarts (file changed, server misbehaving)
 STATE_INTERVAL = 0.25  # seconds between sidecar state saves (bounds what a kill re-sends)
 SYNC_EVERY = 32 << 20  # bytes between background fdatasyncs of the partial
 STATE_EVERY = 0.01  # ... or this fraction of the file, whichever comes first
-STATE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -290,23 +289,12 @@ def _sleep_backoff(attempt: int, retry_after=None, stop: Optional[threading.Even
 
 # -- HTTP engine ---------------------------------------------------------------------
 
-class _Part:
-    __slots__ = ("start", "end", "done")
-
-    def __init__(self, start: int, end: int, done: int = 0):
-        self.start, self.end, self.done = start, end, done  # end is exclusive
-
-    @property
-    def remaining(self) -> int:
-        return self.end - self.start - self.done
-
-
 class _Engine:
     def __init__(self, url, base: Path, *, expected, size, connections, headers, progress,
                  stall_timeout, min_part_size, on_progress, stall_limit=STALL_LIMIT):
         self.url = url
-        self.partial = Path(str(base) + ".part")
-        self.state_path = Path(str(base) + ".state.json")
+        self.file = PartialFile(base, url)
+        self.partial = self.file.path
         self.expected = expected
         self.size = size
         self.connections = connections
@@ -391,11 +379,10 @@ class _Engine:
             probe.response = None
 
     def discard(self) -> None:
-        unlink_missing_ok(self.state_path)
-        unlink_missing_ok(self.partial)
+        self.file.discard()
 
     def cleanup_state(self) -> None:
-        unlink_missing_ok(self.state_path)
+        self.file.cleanup_state()
 
     # -- probing -------------------------------------------------------------
     def _probe(self, use_ranges: bool = True) -> Probe:
@@ -482,7 +469,7 @@ class _Engine:
             length = r.headers.get("Content-Length")
             wire_total = int(length) if length and length.isdigit() else None  # bytes on the wire
             total = self.size if encoding else (wire_total if wire_total is not None else probe.size)
-            self._check_space(total or wire_total or 0)
+            self.file.check_space(total or wire_total or 0)
             h = hashlib.sha256()
             written = wire = 0
             bar = _make_progress(file_name(self.url), total, self.progress, self.on_progress)
@@ -534,8 +521,8 @@ class _Engine:
         parts = self._load_state(probe)
         if parts is None:
             parts = self._new_parts(size)
-            self._check_space(size)
-            self._preallocate(size)
+            self.file.check_space(size)
+            self.file.preallocate(size)
             try:
                 self._save_state(parts, size)
             except OSError as exc:
@@ -589,7 +576,7 @@ class _Engine:
                     log.warning("could not update the resume state of %s: %s", file_name(self.url), exc.strerror)
             os.close(fd)
 
-    def _new_parts(self, size: int) -> List[_Part]:
+    def _new_parts(self, size: int) -> List[Part]:
         """Parts of about size/(connections*8), handed out in file order.
 
         SHA-256 is sequential: with many small parts taken in order, the finished
@@ -597,33 +584,7 @@ class _Engine:
         of one big pass at the end (as with one part per connection)."""
         step = -(-size // (self.connections * PARTS_PER_CONNECTION))
         step = max(self.min_part_size, min(MAX_PART_SIZE, step))
-        return [_Part(a, min(a + step, size)) for a in range(0, size, step)] or [_Part(0, 0)]
-
-    def _preallocate(self, size: int) -> None:
-        """Create the partial at its final size, sparse.
-
-        Not posix_fallocate: on ext4 every write into fallocated (unwritten) extents
-        pays an extent conversion, measured 10x slower here. Free space is checked up
-        front instead, and ENOSPC while writing keeps the partial for resume."""
-        fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.ftruncate(fd, size)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EFBIG):
-                raise DiskSpaceError(f"cannot create a {size}-byte file in {self.partial.parent}: {exc.strerror}",
-                                     hint="Free some space or point PYLMSERV_HOME at a larger disk.") from None
-            raise
-        finally:
-            os.close(fd)
-
-    def _check_space(self, need: int) -> None:
-        try:
-            free = shutil.disk_usage(self.partial.parent).free
-        except OSError:
-            return
-        if need and free < need:
-            raise DiskSpaceError(f"not enough free space in {self.partial.parent}: {need} bytes needed, {free} free",
-                                 hint="Free some space or point PYLMSERV_HOME at a larger disk.")
+        return [Part(a, min(a + step, size)) for a in range(0, size, step)] or [Part(0, 0)]
 
     def _contiguous(self) -> int:
         n = 0
@@ -723,7 +684,7 @@ class _Engine:
                     attempt = self._retry(attempt, exc)
                     continue
 
-    def _stream_part(self, r, part: _Part) -> None:
+    def _stream_part(self, r, part: Part) -> None:
         for chunk in iter_raw(r, limit=part.remaining):
             if self.stop.is_set():
                 return
@@ -805,45 +766,10 @@ class _Engine:
                     return
                 synced = done
 
-    def _save_state(self, parts: List[_Part], size: int) -> None:
-        """Record part progress: temp file + rename, so a reader never sees half a state.
-
-        Not fsynced, on purpose: the page cache outlives a killed process, which is what
-        resume is for; after a power cut a stale or zero-filled part only costs a
-        re-download, because the whole file is hashed before it is installed."""
+    def _save_state(self, parts: List[Part], size: int) -> None:
         with self._lock:
             snapshot = [[p.start, p.end, p.done] for p in parts]  # only bytes already written
-        data = {"version": STATE_VERSION, "url": self.url, "etag": self.probe_etag,
-                "validator": self.validator, "size": size, "parts": snapshot}
-        tmp = self.state_path.with_name(f"{self.state_path.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_text(json.dumps(data))
-            os.replace(tmp, self.state_path)
-        except OSError:
-            unlink_missing_ok(tmp)  # the previous state stays valid: it only undercounts
-            raise
+        self.file.save_state(snapshot, size, self.probe_etag, self.validator)
 
-    def _load_state(self, probe: Probe) -> Optional[List[_Part]]:
-        try:
-            data = json.loads(self.state_path.read_text())
-            st = self.partial.stat()
-        except (OSError, ValueError):
-            self.discard()
-            return None
-        ok = (data.get("version") == STATE_VERSION and data.get("url") == self.url
-              and data.get("size") == probe.size and st.st_size == probe.size
-              and data.get("etag") == probe.etag and data.get("validator") == self.validator
-              and self.validator)  # no strong validator: no proof it is the same file, start over
-        if not ok:
-            log.info("discarding a partial download of %s: the file changed or the state is stale", file_name(self.url))
-            self.discard()
-            return None
-        try:
-            parts = [_Part(int(a), int(b), int(d)) for a, b, d in data["parts"]]
-        except (KeyError, TypeError, ValueError):
-            self.discard()
-            return None
-        if not parts or any(not (0 <= p.done <= p.end - p.start) for p in parts) or parts[-1].end != probe.size:
-            self.discard()
-            return None
-        return parts
+    def _load_state(self, probe: Probe) -> Optional[List[Part]]:
+        return self.file.load_state(probe.size, probe.etag, self.validator)
