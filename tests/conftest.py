@@ -53,8 +53,6 @@ def run_cli(*args, env=None, cwd=None, check=False):
     import sys
 
     full_env = dict(os.environ)
-    # This checkout's pylmserv, whatever the cwd (another copy may be installed).
-    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), full_env.get("PYTHONPATH")) if p)
     full_env.update(env or {})
     proc = subprocess.run([sys.executable, "-m", "pylmserv", *map(str, args)], capture_output=True,
                           text=True, env=full_env, cwd=cwd, timeout=600)
