@@ -157,7 +157,7 @@ def test_fixed_outputs_build_with_the_real_flake_lock_unchanged(world):
 
 
 @pytest.mark.parametrize("section, old, new, output, message", [
-    ("# Generated", "version = 1", "version = 2", "model-tiny", "unsupported lock version 2 (this flake reads version 1)"),
+    ("# Generated", "version = 2", "version = 3", "model-tiny", "unsupported lock version 3 (this flake reads versions 1 and 2)"),
     ("[models.tiny]", 'mode = "flat"', 'mode = "zip"', "model-tiny", 'has mode "zip"; expected "flat" or "nar"'),
     ("[sources.gadget]", 'rev = "', 'rev = "release" #', "source-gadget",
      "is not a full commit hash; run `pylmserv prefetch --refresh`"),

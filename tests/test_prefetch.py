@@ -70,7 +70,7 @@ def test_github_tag_resolves_peeled_commit_and_matches_nix(tmp_path, github, nix
     assert entry.url == f"https://github.com/owner/proj/archive/{commit}.tar.gz"
     assert entry.hash == nix_unpack(f"{base}/owner/proj/archive/{commit}.tar.gz")
     assert entry.extra == {"type": "github", "owner": "owner", "repo": "proj", "ref": "v1",
-                           "submodules": False, "version": "1.0"}
+                           "submodules": False, "version": "1.0", "git_url": "https://github.com/owner/proj.git"}
 
 
 def test_unchanged_ref_is_not_refetched_and_moved_ref_updates(tmp_path, github):

@@ -21,7 +21,9 @@ from urllib.parse import quote, unquote, urlsplit
 
 from ..transfer import hub
 from ..store import blobs as store
-from ..pins.config import ARCHIVE_SUFFIXES, LockEntry, Project
+from ..core.names import pin_name
+from ..pins.config import ARCHIVE_SUFFIXES, Project
+from ..pins.lock import FilePin, HfPin, LockEntry, Shard
 from ..core.errors import NetworkError, UsageError
 from ..core.hashing import Hash
 
@@ -60,7 +62,7 @@ class _Plan:
     name: str
     files: List[_File]
     archive: bool = False
-    record: Optional[LockEntry] = None  # a lock entry to write once hashes are known (TOFU)
+    record: Optional["_Draft"] = None  # the lock entry to write once hashes are known (TOFU)
 
 
 # -- public API ------------------------------------------------------------------------
@@ -103,6 +105,20 @@ def download_models(names: Iterable[str], target_dir: Union[str, Path]) -> List[
 
 
 # -- planning: item -> files with known (or to-be-trusted) hashes --------------------------
+
+@dataclass(frozen=True)
+class _Draft:
+    """A pin still without its hash (trust on first use): its kind and fields."""
+
+    cls: type
+    fields: dict
+
+    def named(self, name: str) -> "_Draft":
+        return _Draft(self.cls, {**self.fields, "name": name})
+
+    def pin(self, hash: Hash, size: Optional[int], shards) -> LockEntry:
+        return self.cls(kind="models", hash=hash, size=size, shards=tuple(shards), **self.fields)
+
 
 def _is_url(item: str) -> bool:
     return item.startswith(("http://", "https://", "file://", "hf://"))
@@ -162,7 +178,7 @@ def _plan(item: str, project: Optional[Project], sha256: Optional[Hash], tofu: b
                 raise UsageError(f"no known sha256 for {item}",
                                  hint="Pass --sha256 HASH (hex or SRI), or --trust-on-first-use to record "
                                       "the hash of what the server sends in the lock.")
-            record = LockEntry("models", name, item, Hash("sha256", bytes(32)), "flat")
+            record = _Draft(FilePin, {"name": pin_name(name), "url": item})
             return _Plan(name, _url_files(item, filename, None, None, tofu), _is_archive(filename), record=record)
         return _Plan(name, _url_files(item, filename, sha256, None, tofu), _is_archive(filename))
     if project is None:
@@ -190,9 +206,9 @@ def _plan(item: str, project: Optional[Project], sha256: Optional[Hash], tofu: b
         plan = _plan_hf(f"hf://{spec.hf}/{spec.file}@{spec.revision}", project, True, offline)
         plan.name = item
         if plan.record is not None:
-            plan.record = replace(plan.record, name=item)
+            plan.record = plan.record.named(item)
         return plan
-    record = LockEntry("models", item, spec.url or "", Hash("sha256", bytes(32)), "flat")
+    record = _Draft(FilePin, {"name": item, "url": spec.url or ""})
     return _Plan(item, _url_files(spec.url or "", spec.filename, None, spec.size, True),
                  _is_archive(spec.filename), record)
 
@@ -231,18 +247,12 @@ def _plan_lock(name: str, entry: LockEntry) -> _Plan:
     if entry.mode != "flat":
         raise UsageError(f"models.{name}: mode {entry.mode!r} is not supported for models",
                          hint="Model pins are flat sha256 hashes of the file.")
-    filename = _filename_of(entry.get("file") or entry.url)
+    filename = _filename_of(getattr(entry, "file", None) or entry.url)
     files = [_File(hub.on_endpoint(entry.url), filename, entry.hash, entry.size)]
-    shards = entry.get("shards")
-    if isinstance(shards, list):
+    shards = getattr(entry, "shards", ())
+    if shards:  # the lock reader has checked their shape
         for shard in shards:
-            try:
-                url = shard["url"]
-                files.append(_File(hub.on_endpoint(url), _filename_of(shard.get("file") or url),
-                                   Hash.parse(shard["hash"]), shard.get("size")))
-            except (KeyError, TypeError, UsageError):
-                raise UsageError(f"models.{name}: malformed shards list in the lock",
-                                 hint=f"Regenerate it: `pylmserv prefetch --refresh {name}`.") from None
+            files.append(_File(hub.on_endpoint(shard.url), _filename_of(shard.file), shard.hash, shard.size))
     else:
         from ..core.gguf import split_info
 
@@ -275,7 +285,7 @@ def _plan_hf(item: str, project: Optional[Project], tofu: bool, offline: bool) -
     # A lock entry for the same repo/file at the same revision needs no network at all.
     if project is not None:
         for entry in project.lock.models.values():
-            if entry.get("hf") == repo and entry.get("file") == path and revision in (entry.rev, "main"):
+            if isinstance(entry, HfPin) and (entry.hf, entry.file) == (repo, path) and revision in (entry.rev, "main"):
                 if revision == entry.rev or offline:
                     return _plan_lock(entry.name, entry)
     if offline:
@@ -310,8 +320,8 @@ def _plan_hf(item: str, project: Optional[Project], tofu: bool, offline: bool) -
         url = f"{hub.endpoint()}/{repo}/resolve/{quote(commit, safe='')}/{quote(p)}"
         files.append(_File(url, p.rsplit("/", 1)[-1], expected, int(size) if size is not None else None))
     canonical = f"{hub.HUB}/{repo}/resolve/{quote(commit, safe='')}/{quote(path)}"
-    record = LockEntry("models", name, canonical, Hash("sha256", bytes(32)), "flat", rev=commit,
-                       extra={"hf": repo, "file": path}) if tofu else None
+    record = _Draft(HfPin, {"name": pin_name(name), "url": canonical, "rev": commit, "hf": repo, "file": path,
+                            "revision": revision}) if tofu else None
     return _Plan(name, files, _is_archive(filename), record=record)
 
 
@@ -487,36 +497,26 @@ def _place_dest(plan: _Plan, got, files: List[Path], dest: Path, link_mode, home
 
 
 def _record_tofu(plan: _Plan, got, project: Optional[Project]) -> None:
-    """Trust on first use: write what was verified-by-download into the lock (atomic)."""
-    from filelock import FileLock
-
-    from ..pins.config import load_lock
+    """Trust on first use: write what was verified-by-download into the lock (the one
+    read-merge-write path, under the lock's file lock)."""
+    from ..pins.lockfile import update
 
     path = _tofu_lock_path(project)
-
     first_file, first_hash, first_size = got[0]
-    entry = replace(plan.record, hash=first_hash, size=first_size)
-    if len(got) > 1:
-        shards = [{"file": f.filename, "hash": h.sri, "size": s,
-                   "url": _canonical_url(f.url)} for f, h, s in got[1:]]
-        entry = replace(entry, extra={**entry.extra, "shards": shards})
-    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
-    with FileLock(str(store.tmp_dir() / f"lockfile-{key}.lock")):
-        current = load_lock(path)  # re-read: another process may have written meanwhile
-        current.with_entry(entry).write(path)
+    shards = tuple(Shard(f.filename, _canonical_url(f.url), h, s) for f, h, s in got[1:])
+    entry = plan.record.pin(first_hash, first_size, shards)
+    update(path, lambda current: current.with_entry(entry))
     log.info("recorded %s in %s (trust on first use): %s", entry.name, path, first_hash.sri)
 
 
 def _tofu_lock_path(project: Optional[Project]) -> Path:
-    from ..pins.config import packaged_dir
+    from ..pins.lockfile import refuse_packaged
 
     if project is None or project.lock.path is None:
         raise UsageError("--trust-on-first-use needs a lock file to record the hash in",
                          hint="Pass --lock PATH (it is created if missing).")
     path = Path(project.lock.path)
-    if packaged_dir() in path.resolve().parents:
-        raise UsageError("refusing to record a trust-on-first-use pin in the packaged catalog's lock",
-                         hint="Pass --lock ./pylmserv.lock, or create pylmserv.toml here.")
+    refuse_packaged(path)
     return path
 
 

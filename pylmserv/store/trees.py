@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 
 from ..pins.resolvers import git as gitutil
 from ..core.archive import extract
-from ..pins.config import LockEntry
+from ..pins.lock import LockEntry, git_url_of, is_git
 from ..core.errors import PylmservError, UsageError, VerificationError
 from ..core.hashing import Hash
 from ..core.nar import nar_hash
@@ -54,8 +54,7 @@ def store_path(entry: LockEntry, root: Optional[Path] = None) -> Path:
 
 
 def is_git_entry(entry: LockEntry) -> bool:
-    kind = entry.get("type")
-    return kind == "git" or (kind == "github" and bool(entry.get("submodules")))
+    return is_git(entry)
 
 
 def ensure_source(entry: LockEntry, root: Optional[Path] = None) -> Path:
@@ -104,8 +103,8 @@ def fetch_entry(entry: LockEntry, work: Path) -> Path:
         if not entry.rev:
             raise UsageError(f"{entry.kind}.{entry.name}: git source without rev in the lock",
                              hint=f"Run `pylmserv prefetch --refresh {entry.name}`.")
-        return gitutil.checkout(mirror_url(entry.get("git_url") or entry.url), entry.rev, work / "checkout",
-                                submodules=bool(entry.get("submodules")))
+        return gitutil.checkout(mirror_url(git_url_of(entry)), entry.rev, work / "checkout",
+                                submodules=entry.submodules)
     archive = work / "download"
     download(mirror_url(entry.url), archive)  # partials in the store's tmp/: resumable across runs
     if entry.mode == "flat":

@@ -6,7 +6,10 @@ refs, reading the Hub API); one module per backend decides *how* to hash it:
   nix     nix-prefetch-url [--unpack] / nix-prefetch-git, their output parsed
   fod     the empty-hash trick: a fixed-output derivation built by nix-build, the
           hash read back from Nix's mismatch message (pylmserv.nixmsg)
-  auto    python, cross-checked with the nix tools when they are on PATH
+  auto    python, cross-checked with the nix tools when they are on PATH: a pin Nix
+          refuses (or hashes differently) is never written (exit 4). Only an explicit
+          --via python skips the cross-check; a download that needs authentication
+          (which the nix tools cannot send) is not cross-checked, and says so.
 """
 from __future__ import annotations
 
@@ -15,8 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional
 
-from ..config import LockEntry
-from ...core.errors import PylmservError
+from ...core.errors import PylmservError, ToolMissingError, VerificationError
 from ...core.hashing import Hash
 
 log = logging.getLogger("pylmserv.prefetch")
@@ -40,6 +42,7 @@ class Fetch:
 class Hashed:
     hash: Hash
     size: Optional[int] = None  # for files
+    fetcher: Optional[str] = None  # git: the Nix fetcher whose tree this is the NAR hash of
 
 
 @dataclass(frozen=True)
@@ -47,14 +50,6 @@ class Options:
     via: str = "auto"
     refresh: bool = False
     work: Path = Path(".")
-
-
-def same_pin(locked: Optional[LockEntry], url: str, mode: str, rev: Optional[str], ident: dict, opts: Options) -> bool:
-    """True when the locked entry already pins exactly this (no refetch needed)."""
-    if opts.refresh or locked is None:
-        return False
-    return (locked.url == url and locked.mode == mode and locked.rev == rev
-            and all(locked.extra.get(k) == v for k, v in ident.items()))
 
 
 def hash_fetch(fetch: Fetch, opts: Options) -> Hashed:
@@ -71,13 +66,29 @@ def hash_fetch(fetch: Fetch, opts: Options) -> Hashed:
         return fod.hash_fetch(fetch, opts.work)
     result = python.hash_fetch(fetch, opts.work)
     from . import nix
-    if nix.available(fetch) and not fetch.headers:  # nix tools cannot send auth headers
-        try:
-            other = nix.hash_fetch(fetch, opts.work)
-        except PylmservError as exc:
-            # Python already fetched it, so this is the local Nix setup (daemon, store
-            # permissions), not the source: keep the result, say the check was skipped.
-            log.warning("%s: not cross-checked, %s failed: %s", fetch.name, nix.tool_for(fetch), exc.message)
-            return result
-        nix.cross_check(fetch, result, other)  # a disagreement is an error
+    tool = nix.tool_for(fetch)
+    if fetch.headers:
+        log.info("%s: not cross-checked: %s cannot send the authentication this download needs",
+                 fetch.name, tool)
+        return result
+    if fetch.kind == "git" and not fetch.submodules:
+        # nix-prefetch-git hashes fetchgit's tree (export-ignore files kept); the pin is for
+        # builtins.fetchGit's (Nix 2.8 exports the commit, dropping them): not comparable.
+        log.info("%s: not cross-checked: %s hashes a different tree than builtins.fetchGit", fetch.name, tool)
+        return result
+    if not nix.available(fetch):
+        log.info("%s: not cross-checked: %s is not on PATH", fetch.name, tool)
+        return result
+    try:
+        other = nix.hash_fetch(fetch, opts.work)
+    except ToolMissingError:
+        log.info("%s: not cross-checked: %s is not usable here", fetch.name, tool)
+        return result
+    except PylmservError as exc:
+        # Nix refused what Python accepted: such a pin would not build with Nix.
+        raise VerificationError(
+            f"{fetch.name}: pylmserv computed {result.hash.sri}, but {tool} refused the same input: {exc.message}",
+            hint="The pin is not written. Fix the source (or the local Nix setup) and retry; "
+                 "`--via python` skips the cross-check, `--via nix` uses only Nix.") from None
+    nix.cross_check(fetch, result, other)  # a disagreement is an error
     return result

@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Dict, List
 
 from ...core.errors import NetworkError, ToolMissingError, UsageError
+from ..drift import reusable
+from ..lock import GitPin
+from . import Fetch, hash_fetch
 
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 TIMEOUT = 600
@@ -111,20 +114,22 @@ def strip_dot_git(root: Path) -> None:
             os.unlink(os.path.join(dirpath, ".git"))
 
 
+def fetcher_for(via: str) -> str:
+    """The Nix fetcher whose tree a backend hashes for a git pin."""
+    return "fetchgit" if via == "nix" else "builtins.fetchGit"
+
+
 def resolve(spec, locked, opts):
     """[sources.NAME] type = "git": commit from ls-remote, NAR hash of the checkout."""
-    from ..config import LockEntry
-    from . import Fetch, hash_fetch, same_pin
-
     rev = resolve_ref(spec.url, spec.ref)
-    ident = {"type": "git", "submodules": spec.submodules}
-    extra = dict(ident, ref=spec.ref, **_meta(spec))
-    if same_pin(locked, spec.url, "nar", rev, ident, opts):
-        return LockEntry("sources", spec.name, locked.url, locked.hash, "nar", rev=rev, extra=extra)
+    ident = dict(url=spec.url, git_url=spec.url, rev=rev, submodules=spec.submodules, fetcher=fetcher_for(opts.via))
+    common = dict(kind="sources", name=spec.name, ref=spec.ref, **ident, **_meta(spec))
+    if reusable(locked, GitPin, opts.refresh, **ident):
+        return GitPin(hash=locked.hash, **common)
     got = hash_fetch(Fetch("git", spec.url, spec.name, rev=rev, submodules=spec.submodules), opts)
-    return LockEntry("sources", spec.name, spec.url, got.hash, "nar", rev=rev, extra=extra)
+    return GitPin(hash=got.hash, **{**common, "fetcher": got.fetcher or common["fetcher"]})
 
 
 def _meta(spec) -> dict:
     """Pass-through keys from the config that builders read (version, cosmocc)."""
-    return {k: v for k, v in spec.meta.items() if k != "description"}
+    return {k: spec.meta[k] for k in ("version", "cosmocc") if k in spec.meta}

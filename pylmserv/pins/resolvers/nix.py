@@ -54,7 +54,7 @@ def hash_fetch(fetch: Fetch, work: Path) -> Hashed:
         args = ["nix-prefetch-git", "--quiet", "--url", fetch.url, "--rev", fetch.rev or "HEAD"]
         if fetch.submodules:
             args.append("--fetch-submodules")
-        return Hashed(parse_prefetch_git(_run(args)))
+        return Hashed(parse_prefetch_git(_run(args)), fetcher="fetchgit")
     if fetch.headers:
         raise ToolMissingError("nix-prefetch-url cannot send the authentication this download needs",
                                hint="Use --via python for gated / private files.")
