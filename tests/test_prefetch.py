@@ -1,6 +1,7 @@
 """prefetch (library API): resolvers against loopback stand-ins, Nix as the hash oracle."""
 from __future__ import annotations
 
+import logging
 import subprocess
 from pathlib import Path
 
@@ -294,7 +295,7 @@ def test_hf_unknown_revision(tmp_path, monkeypatch):
             prefetch(config=cfg, via="python")
 
 
-def test_hf_private_plain_git_file_with_token_under_auto(tmp_path, monkeypatch, nix):
+def test_hf_private_plain_git_file_with_token_under_auto(tmp_path, monkeypatch, nix, caplog):
     """auto must not hand an authenticated download to nix-prefetch-url (it cannot send the token)."""
     with serve_hub(token="hf_tok") as hub:
         hub.add_file("org/models", "big.gguf", b"tiny", lfs=False)
@@ -302,8 +303,13 @@ def test_hf_private_plain_git_file_with_token_under_auto(tmp_path, monkeypatch, 
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         monkeypatch.setenv("HF_TOKEN", "hf_tok")
         cfg = write_config(tmp_path / "pylmserv.toml", HF_CFG.format(rev="main"))
-        prefetch(config=cfg, via="auto")
+        with caplog.at_level(logging.INFO, logger="pylmserv.prefetch"):
+            prefetch(config=cfg, via="auto")
         assert load_lock(tmp_path / "pylmserv.lock").models["big"].hash == Hash.of_bytes(b"tiny")
+        # The behaviour, not only the result: nix-prefetch-url was never handed the download
+        # (it would have reached the Hub without the token), and the log says why.
+        assert hub.requests and all(auth == "Bearer hf_tok" for _, _, auth in hub.requests), hub.requests
+        assert "big: not cross-checked: nix-prefetch-url cannot send the authentication" in caplog.text
 
 
 def test_public_api_name():

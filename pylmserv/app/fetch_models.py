@@ -21,7 +21,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 from ..transfer import hub
 from ..store import blobs as store
-from ..core.names import pin_name
+from ..core.names import pin_name, show
 from ..pins.config import ARCHIVE_SUFFIXES, Project
 from ..pins.lock import FilePin, HfPin, LockEntry, Shard
 from ..core.errors import NetworkError, UsageError
@@ -273,8 +273,8 @@ def parse_hf(item: str) -> Tuple[str, str, str]:
     if sep and "/" in head and tail:
         body, revision = head, tail
     parts = body.split("/")
-    if len(parts) < 3 or not all(parts):
-        raise UsageError(f"bad hf:// reference {item!r}", hint="Use hf://org/repo/path/file.gguf[@revision].")
+    if len(parts) < 3 or not all(p not in ("", ".", "..") and "\\" not in p for p in parts):
+        raise UsageError(f"bad hf:// reference {show(repr(item))}", hint="Use hf://org/repo/path/file.gguf[@revision].")
     return "/".join(parts[:2]), "/".join(parts[2:]), revision
 
 
@@ -300,26 +300,21 @@ def _plan_hf(item: str, project: Optional[Project], tofu: bool, offline: bool) -
     commit = hub.resolve_commit(repo, revision, item)
     directory = path.rsplit("/", 1)[0] + "/" if "/" in path else ""
     wanted = [directory + n for n in split_names(filename)]
-    info = hub.file_info(repo, commit, wanted, item)
-    if info is None:
-        raise NetworkError(f"{item}: the Hub answered neither paths-info nor tree for {repo}",
-                           hint="Check HF_ENDPOINT: it must be a Hugging Face Hub (or a mirror with its API).")
+    meta = hub.files_at(repo, commit, wanted, item)  # a missing file: UsageError, as in prefetch
+    if meta is None:
+        log.info("%s: the Hub offers no file metadata API; no published sha256", item)
     files = []
     for p in wanted:
-        meta = info.get(p)
-        if meta is None:
-            raise NetworkError(f"{repo}@{revision}: no file {p} on the Hub",
-                               hint="Check the repository, file name and revision.")
-        lfs = meta.get("lfs") or {}
-        oid = lfs.get("oid") or lfs.get("sha256")
-        expected = Hash("sha256", bytes.fromhex(oid)) if oid else None
+        info = meta[p] if meta is not None else None
+        expected = info.sha256 if info is not None else None
         if expected is None and not tofu:
-            raise UsageError(f"{repo}/{p}: the Hub publishes no sha256 for it (not an LFS file)",
-                             hint="Pass --trust-on-first-use to record the hash of what is downloaded now.")
-        size = lfs.get("size", meta.get("size"))
-        url = f"{hub.endpoint()}/{repo}/resolve/{quote(commit, safe='')}/{quote(p)}"
-        files.append(_File(url, p.rsplit("/", 1)[-1], expected, int(size) if size is not None else None))
-    canonical = f"{hub.HUB}/{repo}/resolve/{quote(commit, safe='')}/{quote(path)}"
+            why = "not an LFS file" if meta is not None else "the Hub has no metadata API"
+            raise UsageError(f"{repo}/{p}: the Hub publishes no sha256 for it ({why})",
+                             hint="Pass --trust-on-first-use to record the hash of what is downloaded now, "
+                                  "or pin it with `pylmserv prefetch` (which downloads and hashes it).")
+        files.append(_File(hub.resolve_url(repo, commit, p), p.rsplit("/", 1)[-1], expected,
+                           info.size if info is not None else None))
+    canonical = hub.resolve_url(repo, commit, path, hub.HUB)
     record = _Draft(HfPin, {"name": pin_name(name), "url": canonical, "rev": commit, "hf": repo, "file": path,
                             "revision": revision}) if tofu else None
     return _Plan(name, files, _is_archive(filename), record=record)

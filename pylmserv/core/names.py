@@ -34,10 +34,16 @@ def check_name(name, where: str) -> str:
                            "command and for the flake.")
 
 
-def show(text: str) -> str:
-    """`text` safe for a terminal: control characters (ESC, BEL, C1, bidi overrides) escaped."""
-    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii")
-                        if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}", str(text))
+def show(text: str, lines: bool = False) -> str:
+    """`text` safe for a terminal: control characters (ESC, BEL, C1, bidi overrides)
+    escaped; with lines=True, newlines and tabs are kept (log lines, multi-line errors)."""
+    def esc(m):
+        c = m.group()
+        if lines and c in "\n\t":
+            return c
+        return c.encode("unicode_escape").decode("ascii") if ord(c) < 0x100 else f"\\u{ord(c):04x}"
+
+    return _CONTROL.sub(esc, str(text))
 
 
 def pin_name(text: str) -> str:

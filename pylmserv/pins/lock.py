@@ -26,6 +26,7 @@ else:  # pragma: no cover - exercised on older Pythons only
 
 from ..core.errors import ConfigError, HashError
 from ..core.hashing import Hash
+from ..core.names import check_name
 
 LOCK_VERSION = 2
 KINDS = ("sources", "models")
@@ -254,6 +255,7 @@ def git_url_of(entry: LockEntry) -> str:
 
 def pin_from_table(kind: str, name: str, table: dict, where: str = "pylmserv.lock") -> LockEntry:
     """A version-2 table -> its typed pin (unknown keys, wrong types: ConfigError)."""
+    check_name(name, f"{where}: [{kind}]")
     w = f"{where}: [{kind}.{name}]"
     t = dict(table)
     ptype = t.pop("type", None)
