@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -117,7 +118,7 @@ def test_server_command_passes_options_through(tmp_path):
                         extra_args=("--ctx-size", "512"))
     argv = server_command(Path("/x/llama-server"), Path("/m/tiny.gguf"), opts)
     assert argv == ["/x/llama-server", "-m", "/m/tiny.gguf", "--host", "127.0.0.1", "--port", "8123",
-                    "-ngl", "99", "--api-key", "sekret", "--ctx-size", "512"]
+                    "-ngl", "99", "--ctx-size", "512"]  # the key goes by environment, never into `ps`
     lf = server_command(Path("/x/llamafile"), Path("/m/tiny.gguf"), ServeOptions(model="m", engine="llamafile"))
     assert lf[:3] == ["/x/llamafile", "--server", "--nobrowser"]
 
@@ -330,3 +331,68 @@ def test_existing_build_targets_picks_a_current_build_with_llama_server(tmp_path
     assert existing_build_targets("cuda", cfg) is None
     (out / "llama-cli").unlink()  # an output gone: not up to date any more
     assert existing_build_targets("cpu", cfg) is None
+
+
+# -- the bind address and the API key cannot be slipped past pylmserv (issue 10) ------------
+
+@pytest.mark.parametrize("extra", [
+    ["--host", "0.0.0.0"], ["--host=0.0.0.0"], ["--ctx-size", "256", "--host", "::"], ["--port", "80"],
+    ["--port=22"], ["--api-key", "visible-in-ps"], ["--api-key=visible"], ["--api-key-file", "/etc/passwd"],
+])
+def test_cli_refuses_host_port_and_key_after_double_dash(standin, model, tmp_path, home, extra):
+    record = tmp_path / "record.json"
+    proc = run_cli("serve", model, "--server-bin", standin, "--", *extra, env={"STANDIN_RECORD": str(record)})
+    assert proc.returncode == 2, proc.stderr
+    assert "refusing server argument" in proc.stderr and "Traceback" not in proc.stderr
+    assert not record.exists()  # the server was never started
+
+
+@pytest.mark.parametrize("key", ["a,b", "two words", "#comment", "line\nbreak", ""])
+def test_cli_refuses_keys_the_server_would_split(standin, model, tmp_path, home, key):
+    record = tmp_path / "record.json"
+    proc = run_cli("serve", model, "--server-bin", standin, "--api-key", key, env={"STANDIN_RECORD": str(record)})
+    assert proc.returncode == 2 and "unusable --api-key" in proc.stderr, proc.stderr
+    assert not record.exists()
+
+
+def test_api_key_never_on_the_child_command_line(standin, model, tmp_path):
+    """llama-server gets the key through LLAMA_API_KEY: not in its argv (what `ps` shows),
+    and clients without it are refused while clients with it are served."""
+    key = "k3y-only-in-env_Secret"
+    proc, port, record = start_serve(standin, model, tmp_path, "--api-key", key,
+                                     env={"LLAMA_ARG_HOST": "0.0.0.0"})  # a stray env cannot rebind either
+    try:
+        read_ready(proc)
+        state = json.loads(record.read_text())
+        assert all(key not in a for a in state["argv"]), state["argv"]
+        with open(f"/proc/{state['pid']}/cmdline", "rb") as f:
+            assert key.encode() not in f.read()
+        with open(f"/proc/{state['pid']}/environ", "rb") as f:
+            env = dict(x.split(b"=", 1) for x in f.read().split(b"\0") if b"=" in x)
+        assert env[b"LLAMA_API_KEY"] == key.encode() and b"LLAMA_ARG_HOST" not in env
+        url = f"http://127.0.0.1:{port}/completion"
+        req = urllib.request.Request(url, data=b"{}", headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as exc:
+            urllib.request.urlopen(req, timeout=5)
+        assert exc.value.code == 401
+        req.add_header("Authorization", "Bearer " + key)
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            assert resp.status == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+
+
+def test_llamafile_gets_the_key_in_a_private_file_removed_afterwards(tmp_path):
+    """llamafile 0.8.4 reads no LLAMA_API_KEY (its server.cpp: --api-key or --api-key-file):
+    the key goes into a 0600 file in a 0700 directory, named on the command line instead."""
+    from pylmserv.app.serve import api_key_file, server_env
+
+    opts = ServeOptions(model="m", engine="llamafile", api_key="lf-secret")
+    with api_key_file(opts) as path:
+        argv = server_command(Path("/x/llamafile"), Path("/m/tiny.gguf"), opts, path)
+        assert "lf-secret" not in " ".join(argv) and argv[argv.index("--api-key-file") + 1] == str(path)
+        assert path.read_text() == "lf-secret\n"
+        assert (path.stat().st_mode & 0o777) == 0o600 and (path.parent.stat().st_mode & 0o777) == 0o700
+    assert not path.exists() and not path.parent.exists()
+    assert "LLAMA_API_KEY" not in server_env(opts, {"LLAMA_API_KEY": "stray"})
