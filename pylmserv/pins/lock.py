@@ -25,6 +25,7 @@ else:  # pragma: no cover - exercised on older Pythons only
     import tomli as tomllib
 
 from ..core.errors import ConfigError, HashError
+from ..core.fsutil import atomic_write_text
 from ..core.hashing import Hash
 from ..core.names import check_name
 
@@ -433,8 +434,6 @@ class Lock:
     def write(self, path: Optional[Path] = None) -> Path:
         """Write atomically: a failed or killed write leaves the old lock in place.
         (Read-merge-write under the file lock: pylmserv.pins.lockfile.)"""
-        from ..core.fsutil import atomic_write_text
-
         target = Path(path or self.path)
         text = self.to_toml()
         tomllib.loads(text)  # never write what we cannot read back

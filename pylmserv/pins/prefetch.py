@@ -16,7 +16,8 @@ from .config import LOCK_NAME, Config, default_config_path, load_config
 from .drift import pin_drift
 from .lock import Lock, LockEntry, load_lock
 from .lockfile import refuse_packaged, update
-from .resolvers import BACKENDS, Options
+from .resolvers import git, github, hf, url
+from .resolvers.base import BACKENDS, Options
 
 log = logging.getLogger("pylmserv.prefetch")
 
@@ -156,13 +157,10 @@ def _select(cfg: Config, names: Optional[Iterable[str]]) -> list:
 def _resolve(kind: str, spec, locked: Optional[LockEntry], opts: Options) -> LockEntry:
     if kind == "models":
         if spec.hf:
-            from .resolvers import hf
             entry = hf.resolve(spec, locked, opts)
         else:
-            from .resolvers import url
             entry = url.resolve_model(spec, locked, opts)
     else:
-        from .resolvers import git, github, url
         entry = {"github": github, "git": git, "url": url}[spec.type].resolve(spec, locked, opts)
     log.debug("%s.%s: %s", kind, spec.name, entry.hash.sri)
     return entry

@@ -14,58 +14,23 @@ refs, reading the Hub API); one module per backend decides *how* to hash it:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Dict, Optional
 
 from ...core.errors import PylmservError, ToolMissingError, VerificationError
-from ...core.hashing import Hash
+from . import fod, nix, python
+from .base import BACKENDS, Fetch, Hashed, Options  # noqa: F401 - the package's names
 
 log = logging.getLogger("pylmserv.prefetch")
-
-BACKENDS = ("auto", "python", "nix", "fod")
-
-
-@dataclass(frozen=True)
-class Fetch:
-    """One thing to download and hash."""
-
-    kind: str  # file (flat hash) | archive (unpack, NAR hash) | git (checkout, NAR hash)
-    url: str  # as fetched (PYLMSERV_GITHUB_URL mirror already applied)
-    name: str
-    rev: Optional[str] = None  # git
-    submodules: bool = False  # git
-    headers: Dict[str, str] = field(default_factory=dict, repr=False)  # e.g. HF auth; never logged
-
-
-@dataclass(frozen=True)
-class Hashed:
-    hash: Hash
-    size: Optional[int] = None  # for files
-    fetcher: Optional[str] = None  # git: the Nix fetcher whose tree this is the NAR hash of
-
-
-@dataclass(frozen=True)
-class Options:
-    via: str = "auto"
-    refresh: bool = False
-    work: Path = Path(".")
 
 
 def hash_fetch(fetch: Fetch, opts: Options) -> Hashed:
     """Hash `fetch` with the chosen backend (auto: python, cross-checked by nix tools)."""
-    from . import python
-
     if opts.via == "python":
         return python.hash_fetch(fetch, opts.work)
     if opts.via == "nix":
-        from . import nix
         return nix.hash_fetch(fetch, opts.work)
     if opts.via == "fod":
-        from . import fod
         return fod.hash_fetch(fetch, opts.work)
     result = python.hash_fetch(fetch, opts.work)
-    from . import nix
     tool = nix.tool_for(fetch)
     if fetch.headers:
         log.info("%s: not cross-checked: %s cannot send the authentication this download needs",

@@ -9,7 +9,8 @@ from __future__ import annotations
 from ...store.trees import mirror_url
 from ..drift import reusable
 from ..lock import GithubPin, LockEntry
-from . import Fetch, hash_fetch
+from . import hash_fetch
+from .base import Fetch
 from .git import _meta, fetcher_for, resolve_ref
 
 

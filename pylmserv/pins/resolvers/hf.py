@@ -16,7 +16,8 @@ from ...core.gguf import split_names
 from ...transfer import hub
 from ..drift import reusable
 from ..lock import HfPin, LockEntry, Shard
-from . import Fetch, Hashed, hash_fetch
+from . import hash_fetch
+from .base import Fetch, Hashed
 from .url import check_published
 
 log = logging.getLogger("pylmserv.prefetch")

@@ -9,7 +9,8 @@ from ...core.errors import VerificationError
 from ...core.gguf import split_names
 from ..drift import reusable
 from ..lock import ArchivePin, FilePin, LockEntry, Shard
-from . import Fetch, hash_fetch
+from . import hash_fetch
+from .base import Fetch
 from .git import _meta
 
 
