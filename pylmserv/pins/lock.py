@@ -151,6 +151,14 @@ class LockEntry(metaclass=_LegacyCall):
             raise ConfigError(f"{where}: negative size {self.size}", hint=REGENERATE)
         for key, value in self.to_table().items():
             check_nix_value(value, f"{where} {key}", url=key in ("url", "git_url", "shards"))
+        fetcher = getattr(self, "fetcher", None)
+        if fetcher is not None and fetcher not in self.fetchers():
+            raise ConfigError(f"{where}: unknown fetcher {fetcher!r} for this pin",
+                              hint="Use " + " or ".join(self.fetchers()) + ". " + REGENERATE)
+
+    def fetchers(self) -> Tuple[str, ...]:
+        """The Nix fetchers this pin's hash may be for (nix/sources.nix agrees)."""
+        return ()
 
 
 _COMMON = {f for f in ("kind", "name", "url", "hash", "mode", "rev", "size")}
@@ -164,9 +172,13 @@ class FilePin(LockEntry):
     version: Optional[str] = None
     cosmocc: Optional[str] = None
     shards: Tuple[Shard, ...] = ()
+    fetcher: Optional[str] = None
 
     TYPE: ClassVar[str] = "file"
     MODE: ClassVar[str] = "flat"
+
+    def fetchers(self) -> Tuple[str, ...]:
+        return ("fetchurl",)
 
 
 @dataclass(frozen=True)
@@ -176,9 +188,13 @@ class ArchivePin(LockEntry):
     mode: str = "nar"
     version: Optional[str] = None
     cosmocc: Optional[str] = None
+    fetcher: Optional[str] = None
 
     TYPE: ClassVar[str] = "archive"
     MODE: ClassVar[str] = "nar"
+
+    def fetchers(self) -> Tuple[str, ...]:
+        return ("fetchzip",)
 
 
 @dataclass(frozen=True)
@@ -196,11 +212,8 @@ class GitPin(LockEntry):
     TYPE: ClassVar[str] = "git"
     MODE: ClassVar[str] = "nar"
 
-    def check(self) -> None:
-        super().check()
-        if self.fetcher not in GIT_FETCHERS:
-            raise ConfigError(f"[{self.kind}.{self.name}]: unknown fetcher {self.fetcher!r}",
-                              hint="Use " + " or ".join(GIT_FETCHERS) + ". " + REGENERATE)
+    def fetchers(self) -> Tuple[str, ...]:
+        return GIT_FETCHERS
 
 
 @dataclass(frozen=True)
@@ -220,10 +233,8 @@ class GithubPin(LockEntry):
     TYPE: ClassVar[str] = "github"
     MODE: ClassVar[str] = "nar"
 
-    def check(self) -> None:
-        super().check()
-        if self.fetcher is not None and self.fetcher not in GIT_FETCHERS:
-            raise ConfigError(f"[{self.kind}.{self.name}]: unknown fetcher {self.fetcher!r}", hint=REGENERATE)
+    def fetchers(self) -> Tuple[str, ...]:
+        return GIT_FETCHERS + ("fetchFromGitHub",) if self.submodules else ("fetchzip", "fetchFromGitHub")
 
 
 @dataclass(frozen=True)
@@ -235,6 +246,10 @@ class HfPin(LockEntry):
     file: str = ""
     revision: Optional[str] = None  # as asked in the config (rev: the commit it resolved to)
     shards: Tuple[Shard, ...] = ()
+    fetcher: Optional[str] = None
+
+    def fetchers(self) -> Tuple[str, ...]:
+        return ("fetchurl",)
 
     TYPE: ClassVar[str] = "hf"
     MODE: ClassVar[str] = "flat"
