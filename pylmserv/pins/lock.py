@@ -13,6 +13,7 @@ through Nix 2.8's builtins.fromTOML (toml11): `check_nix_value` is the one rule.
 """
 from __future__ import annotations
 
+import datetime
 import re
 import sys
 from dataclasses import dataclass, field, fields, replace
@@ -39,7 +40,7 @@ REGENERATE = "The lock is generated: regenerate it with `pylmserv prefetch --ref
 # and Nix can use it in a derivation: no NUL (Nix strings are C strings), no other C0/DEL
 # control characters (terminals, URLs), valid Unicode (no lone surrogates).
 _BAD_CHARS = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
-_URL_BAD = re.compile(r"[\s\"<>\\^`{|}]")
+_URL_BAD = re.compile(r"[^\x21-\x7e]|[\"<>\\^`{|}]")  # printable ASCII, minus what RFC 3986 never allows
 
 
 def check_nix_value(value, where: str, url: bool = False) -> None:
@@ -56,21 +57,25 @@ def check_nix_value(value, where: str, url: bool = False) -> None:
         if bad:
             raise ConfigError(f"{where}: contains the control character U+{ord(bad.group()):04X}",
                               hint="Remove it: Nix cannot carry it through the lock.")
-        if url and _URL_BAD.search(value):
-            raise ConfigError(f"{where}: {value!r} is not a URL Nix can fetch (space, quote or bracket)",
-                              hint="Percent-encode those characters in the URL.")
+        bad_url = _URL_BAD.search(value) if url else None
+        if bad_url:
+            raise ConfigError(f"{where}: {value!r} is not a URL Nix can fetch (it holds {bad_url.group()!r})",
+                              hint="Percent-encode spaces, quotes, brackets and non-ASCII characters in the URL.")
         return
     if isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
-            check_nix_value(item, f"{where}[{i}]")
+            check_nix_value(item, f"{where}[{i}]", url=url)
         return
     if isinstance(value, dict):
         for k, v in value.items():
             check_nix_value(k, where)
-            check_nix_value(v, f"{where}.{k}", url=url and k == "url")
+            check_nix_value(v, f"{where}.{k}", url=url and k == "url")  # (a table's url key only)
         return
-    raise ConfigError(f"{where}: a {type(value).__name__} cannot go into the lock (Nix 2.8 reads no TOML dates)",
-                      hint="Use a string.")
+    if isinstance(value, (datetime.date, datetime.time)):
+        raise ConfigError(f"{where}: a TOML {type(value).__name__} cannot go into the lock (Nix 2.8 reads no "
+                          "TOML dates or times)", hint="Quote it: a string.")
+    raise ConfigError(f"{where}: a {type(value).__name__} cannot go into the lock",
+                      hint="Use a string (or an integer where a number is meant).")
 
 
 @dataclass(frozen=True)
