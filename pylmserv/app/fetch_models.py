@@ -73,11 +73,10 @@ class _Plan:
 
 def fetch(items: Union[str, Sequence[str]], dest: Optional[Path] = None, connections: int = 8,
           offline: bool = False, sha256: Union[None, str, Hash] = None, trust_on_first_use: bool = False,
-          config: Optional[Path] = None, lock: Optional[Path] = None, json: bool = False, progress: bool = True,
+          config: Optional[Path] = None, lock: Optional[Path] = None, progress: bool = True,
           home: Optional[Path] = None, link_mode: Optional[str] = None) -> List[FetchResult]:
-    """Make every item present and verified in the store; returns one result per item.
-
-    With json=True the results come as the dicts `pylmserv fetch --json` prints."""
+    """Make every item present and verified in the store; returns one result per item
+    (FetchResult.to_json() is what `pylmserv fetch --json` prints)."""
     if isinstance(items, str):
         items = [items]
     items = list(items)
@@ -99,7 +98,7 @@ def fetch(items: Union[str, Sequence[str]], dest: Optional[Path] = None, connect
     results = []
     for plan in plans:
         results.append(_fetch_plan(plan, project, dest, connections, offline, progress, home, link_mode))
-    return [r.to_json() for r in results] if json else results
+    return results
 
 
 def download_models(names: Iterable[str], target_dir: Union[str, Path]) -> List[Path]:
