@@ -50,8 +50,8 @@ def test_nasty_values_read_back_identically_by_tomllib_and_nix(tmp_path, nix):
                                      size=INT64_MAX if i == 0 else i,
                                      shards=(Shard(text, "https://example.org/a%20b.gguf", h, 0),)))
         lock = lock.with_entry(GitPin(kind="sources", name=f"s{i}", url="https://example.org/r.git", hash=h,
-                                      rev="d" * 40, ref=text, git_url="https://example.org/r.git", version=text,
-                                      cosmocc=text))
+                                      rev="d" * 40, ref=text, git_url="https://example.org/r.git", version="1.0",
+                                      cosmocc="3.3.6"))
     path = lock.write()
     ours, theirs = tomllib.loads(path.read_text()), nix_read(path)
     assert ours == theirs
@@ -65,7 +65,8 @@ BAD_CONFIG = {
     "nul-in-url": ('[models.m]\nurl = "https://x/a\\u0000.gguf"\n', "control character U+0000"),
     "esc-in-file": ('[models.m]\nhf = "o/r"\nfile = "a\\u001b[2J.gguf"\n', "control character U+001B"),
     "del-in-ref": ('[sources.s]\ntype = "github"\nowner = "o"\nrepo = "r"\nref = "v1\\u007f"\n', "control character U+007F"),
-    "tab-in-version": ('[sources.s]\ntype = "url"\nurl = "https://x/a.zip"\nversion = "1\\t2"\n', "control character U+0009"),
+    "tab-in-ref": ('[sources.s]\ntype = "git"\nurl = "https://x/r.git"\nref = "1\\t2"\n', "control character U+0009"),
+    "space-in-version": ('[sources.s]\ntype = "url"\nurl = "https://x/a.zip"\nversion = "1 2"\n', "must be letters, digits"),
     "size-over-int64": (f'[models.m]\nurl = "https://x/a.gguf"\nsize = {INT64_MAX + 1}\n', "64-bit integer"),
     "negative-size": ('[models.m]\nurl = "https://x/a.gguf"\nsize = -1\n', "must not be negative"),
     "float-size": ('[models.m]\nurl = "https://x/a.gguf"\nsize = 1.5\n', "a float cannot go into the lock"),
@@ -95,7 +96,7 @@ def test_nul_is_refused_even_where_toml_allows_it(tmp_path):
     value with NUL would read back differently: refused."""
     (tmp_path / "v.toml").write_text('x = "a\\u0000b"\n')
     assert tomllib.loads((tmp_path / "v.toml").read_text())["x"] == "a\x00b"
-    (tmp_path / "pylmserv.toml").write_text('[sources.s]\ntype = "url"\nurl = "https://x/a.zip"\nversion = "a\\u0000b"\n')
+    (tmp_path / "pylmserv.toml").write_text('[sources.s]\ntype = "git"\nurl = "https://x/r.git"\nref = "a\\u0000b"\n')
     with pytest.raises(ConfigError, match="U\\+0000"):
         load_config(tmp_path / "pylmserv.toml")
 

@@ -79,3 +79,37 @@ def test_every_command_refuses_the_same_bad_name(tmp_path, home):
     for args in (["prefetch"], ["fetch", "m.v2"], ["list"]):
         proc = run_cli("--config", tmp_path / "pylmserv.toml", *args, env={"PYLMSERV_HOME": str(home)})
         assert proc.returncode == 2 and "contains a dot" in proc.stderr, (args, proc.stderr)
+
+
+NAME_SAMPLES = ["ok", "a_b-c", "_x", "-x", "a.b", "A9", "x" * 100, "x" * 101, "é", "a b", "a/b", "", "1"]
+VERSION_SAMPLES = ["3.3.6", "b9941", "1.0+cu", "v1_2-3", ".1", "-1", "1 2", "", "x" * 100, "x" * 101, "1\u00e9"]
+
+
+def test_the_flake_accepts_the_same_names_and_versions(nix):
+    """nix/sources.nix's validName / validVersion, evaluated by real Nix, agree with
+    core/names.py on every sample: one set for every command and the flake."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    from pylmserv.core.errors import ConfigError
+    from pylmserv.core.names import check_version
+
+    repo = Path(__file__).resolve().parent.parent
+    expr = (f"let s = import {repo}/nix/sources.nix {{ lock = {{ version = 2; }}; }}; in "
+            f"{{ names = map s.validName (builtins.fromJSON {json.dumps(json.dumps(NAME_SAMPLES))}); "
+            f"versions = map s.validVersion (builtins.fromJSON {json.dumps(json.dumps(VERSION_SAMPLES))}); }}")
+    out = subprocess.run(["nix-instantiate", "--eval", "--strict", "--json", "--expr", expr],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    flake = json.loads(out.stdout)
+
+    def ok(check, value):
+        try:
+            check(value, "x")
+            return True
+        except ConfigError:
+            return False
+
+    assert flake["names"] == [ok(check_name, n) for n in NAME_SAMPLES]
+    assert flake["versions"] == [ok(check_version, v) for v in VERSION_SAMPLES]

@@ -34,6 +34,19 @@ def check_name(name, where: str) -> str:
                            "command and for the flake.")
 
 
+_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}\Z")
+
+
+def check_version(value, where: str) -> str:
+    """A `version` / `cosmocc` value: it becomes part of a derivation's name in the flake,
+    so the flake's rule (nix/sources.nix: validVersion) holds here too."""
+    if not isinstance(value, str) or not _VERSION.match(value):
+        raise ConfigError(f"{where}: version {show(repr(value))} must be letters, digits and . _ + - "
+                          "(starting with a letter or digit, at most 100 characters)",
+                          hint="e.g. version = \"3.3.6\".")
+    return value
+
+
 def show(text: str, lines: bool = False) -> str:
     """`text` safe for a terminal: control characters (ESC, BEL, C1, bidi overrides)
     escaped; with lines=True, newlines and tabs are kept (log lines, multi-line errors)."""

@@ -17,7 +17,7 @@ else:  # pragma: no cover - exercised on older Pythons only
 
 from ..core.errors import ConfigError, HashError
 from ..core.hashing import Hash
-from ..core.names import check_name, show
+from ..core.names import check_name, check_version, show
 from ..transfer.hub import HUB, resolve_url as hf_resolve_url
 from .lock import LOCK_VERSION, Lock, LockEntry, check_nix_value, load_lock  # noqa: F401 (re-exported)
 
@@ -220,7 +220,8 @@ def _parse_source(name: str, t: dict, path) -> SourceSpec:
     check_name(name, f"{path}: [sources]")
     _checked({k: v for k, v in t.items() if k != "description"}, where)
     for key in ("version", "cosmocc"):
-        _opt(t, key, where, str)
+        if key in t:
+            check_version(t[key], f"{where} {key}")
     stype = _need(t, "type", where)
     if stype not in SOURCE_TYPES:
         raise ConfigError(f"{where}: unknown source type {stype!r}", hint="Use type = \"github\", \"git\" or \"url\".")

@@ -28,7 +28,7 @@ else:  # pragma: no cover - exercised on older Pythons only
 from ..core.errors import ConfigError, HashError
 from ..core.fsutil import atomic_write_text
 from ..core.hashing import Hash
-from ..core.names import check_name
+from ..core.names import check_name, check_version
 
 LOCK_VERSION = 2
 KINDS = ("sources", "models")
@@ -156,6 +156,9 @@ class LockEntry(metaclass=_LegacyCall):
             raise ConfigError(f"{where}: negative size {self.size}", hint=REGENERATE)
         for key, value in self.to_table().items():
             check_nix_value(value, f"{where} {key}", url=key in ("url", "git_url", "shards"))
+        for key in ("version", "cosmocc"):
+            if getattr(self, key, None) is not None:
+                check_version(getattr(self, key), f"{where} {key}")
         fetcher = getattr(self, "fetcher", None)
         if fetcher is not None and fetcher not in self.fetchers():
             raise ConfigError(f"{where}: unknown fetcher {fetcher!r} for this pin",
