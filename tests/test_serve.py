@@ -395,4 +395,5 @@ def test_llamafile_gets_the_key_in_a_private_file_removed_afterwards(tmp_path):
         assert path.read_text() == "lf-secret\n"
         assert (path.stat().st_mode & 0o777) == 0o600 and (path.parent.stat().st_mode & 0o777) == 0o700
     assert not path.exists() and not path.parent.exists()
-    assert "LLAMA_API_KEY" not in server_env(opts, {"LLAMA_API_KEY": "stray"})
+    assert not {"LLAMA_API_KEY", "PYLMSERV_API_KEY"} & set(server_env(opts, {"LLAMA_API_KEY": "stray",
+                                                                              "PYLMSERV_API_KEY": "lf-secret"}))

@@ -199,7 +199,7 @@ def _needs_shell(binary: Path, binfmt_dir: Optional[Path] = None) -> bool:
 # (llama-server and llamafile take the last --host/--port) or put a key into `ps`.
 OWNED_FLAGS = ("--host", "--port", "--api-key", "--api-key-file")
 # Their environment spellings (llama-server reads LLAMA_ARG_*): never inherited by the child.
-OWNED_ENV = ("LLAMA_ARG_HOST", "LLAMA_ARG_PORT", "LLAMA_API_KEY", "LLAMA_ARG_API_KEY_FILE")
+OWNED_ENV = ("LLAMA_ARG_HOST", "LLAMA_ARG_PORT", "LLAMA_API_KEY", "LLAMA_ARG_API_KEY_FILE", "PYLMSERV_API_KEY")
 
 
 def check_extra_args(extra_args: Sequence[str]) -> None:
