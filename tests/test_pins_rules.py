@@ -88,8 +88,13 @@ def test_auto_without_nix_on_path_pins_and_says_so(tmp_path, monkeypatch, caplog
         empty = tmp_path / "bin"
         empty.mkdir()
         monkeypatch.setenv("PATH", str(empty))
-        with caplog.at_level(logging.INFO, logger="pylmserv.prefetch"):
-            prefetch(config=cfg, via="auto")
+        logger = logging.getLogger("pylmserv.prefetch")
+        logger.addHandler(caplog.handler)  # works even if the CLI set propagate=False in this process
+        try:
+            with caplog.at_level(logging.INFO, logger="pylmserv.prefetch"):
+                prefetch(config=cfg, via="auto")
+        finally:
+            logger.removeHandler(caplog.handler)
         assert "not cross-checked: nix-prefetch-url is not on PATH" in caplog.text
         assert load_lock(tmp_path / "pylmserv.lock").models["m"].hash == Hash.of_bytes(BODY)
 

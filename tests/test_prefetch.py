@@ -303,8 +303,13 @@ def test_hf_private_plain_git_file_with_token_under_auto(tmp_path, monkeypatch, 
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         monkeypatch.setenv("HF_TOKEN", "hf_tok")
         cfg = write_config(tmp_path / "pylmserv.toml", HF_CFG.format(rev="main"))
-        with caplog.at_level(logging.INFO, logger="pylmserv.prefetch"):
-            prefetch(config=cfg, via="auto")
+        logger = logging.getLogger("pylmserv.prefetch")
+        logger.addHandler(caplog.handler)  # works even if the CLI set propagate=False in this process
+        try:
+            with caplog.at_level(logging.INFO, logger="pylmserv.prefetch"):
+                prefetch(config=cfg, via="auto")
+        finally:
+            logger.removeHandler(caplog.handler)
         assert load_lock(tmp_path / "pylmserv.lock").models["big"].hash == Hash.of_bytes(b"tiny")
         # The behaviour, not only the result: nix-prefetch-url was never handed the download
         # (it would have reached the Hub without the token), and the log says why.

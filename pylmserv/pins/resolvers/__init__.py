@@ -50,6 +50,10 @@ def hash_fetch(fetch: Fetch, opts: Options) -> Hashed:
         log.info("%s: not cross-checked: %s is not usable here", fetch.name, tool)
         return result
     except PylmservError as exc:
+        if nix.is_setup_error(exc.message):
+            # The local Nix could not run (daemon, store permissions): it judged nothing.
+            log.warning("%s: not cross-checked, %s failed: %s", fetch.name, tool, exc.message)
+            return result
         # Nix refused what Python accepted: such a pin would not build with Nix.
         raise VerificationError(
             f"{fetch.name}: pylmserv computed {result.hash.sri}, but {tool} refused the same input: {exc.message}",

@@ -13,15 +13,17 @@ from . import hash_fetch
 from .base import Fetch
 
 
-def fetcher_for(via: str) -> str:
-    """The Nix fetcher whose tree a backend hashes for a git pin."""
-    return "fetchgit" if via == "nix" else "builtins.fetchGit"
+def fetcher_for(via: str, submodules: bool) -> str:
+    """The Nix fetcher whose tree a backend hashes for a git pin (with submodules both
+    fetchers give one tree: the builtin one, which needs no nixpkgs, is named)."""
+    return "fetchgit" if via == "nix" and not submodules else "builtins.fetchGit"
 
 
 def resolve(spec, locked, opts):
     """[sources.NAME] type = "git": commit from ls-remote, NAR hash of the checkout."""
     rev = resolve_ref(spec.url, spec.ref)
-    ident = dict(url=spec.url, git_url=spec.url, rev=rev, submodules=spec.submodules, fetcher=fetcher_for(opts.via))
+    ident = dict(url=spec.url, git_url=spec.url, rev=rev, submodules=spec.submodules,
+                 fetcher=fetcher_for(opts.via, spec.submodules))
     common = dict(kind="sources", name=spec.name, ref=spec.ref, **ident, **_meta(spec))
     if reusable(locked, GitPin, opts.refresh, **ident):
         return GitPin(hash=locked.hash, **common)

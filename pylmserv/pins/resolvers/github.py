@@ -18,7 +18,7 @@ def resolve(spec, locked, opts) -> LockEntry:
     rev = resolve_ref(mirror_url(spec.git_url), spec.ref)
     url = spec.git_url if spec.submodules else spec.archive_url(rev)
     ident = dict(url=url, rev=rev, owner=spec.owner, repo=spec.repo, git_url=spec.git_url,
-                 submodules=spec.submodules, fetcher=fetcher_for(opts.via) if spec.submodules else None)
+                 submodules=spec.submodules, fetcher=fetcher_for(opts.via, True) if spec.submodules else None)
     common = dict(kind="sources", name=spec.name, ref=spec.ref, **ident, **_meta(spec))
     if reusable(locked, GithubPin, opts.refresh, **ident):
         return GithubPin(hash=locked.hash, **common)
