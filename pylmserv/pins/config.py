@@ -5,6 +5,7 @@ plain TOML that Nix 2.8's builtins.fromTOML accepts: strings, ints, bools, table
 """
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,6 +25,11 @@ LOCK_NAME = "pylmserv.lock"
 SOURCE_TYPES = ("github", "git", "url")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tbz2", ".tar.zst", ".tzst", ".zip")
 URL_SCHEMES = ("https://", "http://", "file://")
+# The one name rule for [sources.NAME] and [models.NAME]: a flake attribute (no dots), a
+# file name (no slashes, no leading dot), printable, short. (Minimal version by `add`;
+# the lock-schema work may move it.)
+NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")
+TRACK_KINDS = ("releases", "tags", "branch")  # `track` key: what `pylmserv update` follows
 
 
 # -- intent (pylmserv.toml) -----------------------------------------------------
@@ -42,6 +48,7 @@ class SourceSpec:
     unpack: bool = False  # url
     sha256: Optional[Hash] = None  # url: a published flat pin, if any
     meta: Dict[str, object] = field(default_factory=dict)  # other keys (e.g. version), passed through
+    follow: Dict[str, str] = field(default_factory=dict)  # track, tag-pattern: read by `update` only
 
     @property
     def mode(self) -> str:
@@ -70,6 +77,7 @@ class ModelSpec:
     sha256: Optional[Hash] = None
     size: Optional[int] = None
     description: str = ""
+    follow: Dict[str, str] = field(default_factory=dict)  # track = "branch", branch: read by `update` only
 
     def resolve_url(self, endpoint: str = "https://huggingface.co", revision: Optional[str] = None) -> str:
         if self.url:
@@ -237,7 +245,34 @@ def _tables(data: dict, key: str, path) -> dict:
     value = data.get(key, {})
     if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
         raise ConfigError(f"{path}: [{key}] must be a table of tables, e.g. [{key}.NAME]")
+    for name in value:
+        check_name(name, f"{path}: [{key}]")
     return value
+
+
+def check_name(name: str, where: str = "") -> str:
+    """Names of sources and models follow NAME_RE, everywhere (CLI, store, flake attributes)."""
+    if not NAME_RE.fullmatch(name):
+        shown = name.encode("unicode_escape").decode("ascii")[:80]
+        raise ConfigError(f"{where + ': ' if where else ''}invalid name {shown!r}",
+                          hint="A name is 1-64 letters, digits, '_' and '-', not starting with '-' "
+                               "(no dots: they split Nix attribute paths; e.g. qwen2_5-0_5b).")
+    return name
+
+
+def _follow(t: dict, where: str, keys: tuple) -> Dict[str, str]:
+    """The `track` keys (what `pylmserv update` follows), checked here so every command agrees."""
+    out = {k: _opt(t, k, where, str) for k in keys if k in t}
+    track = out.get("track")
+    if track is not None and track not in TRACK_KINDS:
+        raise ConfigError(f"{where}: unknown track {track!r}", hint="Use track = \"releases\", \"tags\" or \"branch\".")
+    pattern = out.get("tag-pattern")
+    if pattern is not None:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(f"{where}: tag-pattern {pattern!r} is not a regular expression: {exc}") from None
+    return out
 
 
 def _only_keys(table: dict, allowed: set, where: str) -> None:
@@ -284,19 +319,21 @@ def _parse_source(name: str, t: dict, path) -> SourceSpec:
     stype = _need(t, "type", where)
     if stype not in SOURCE_TYPES:
         raise ConfigError(f"{where}: unknown source type {stype!r}", hint="Use type = \"github\", \"git\" or \"url\".")
-    known = {"type", "description", "version", "cosmocc"}
+    known = {"type", "description", "version", "cosmocc", "track", "tag-pattern"}
     meta = {k: t[k] for k in ("description", "version", "cosmocc") if k in t}
+    follow = _follow(t, where, ("track", "tag-pattern"))
     if stype == "github":
         _only_keys(t, known | {"owner", "repo", "ref", "submodules"}, where)
         return SourceSpec(name, stype, ref=_need(t, "ref", where), owner=_need(t, "owner", where),
-                          repo=_need(t, "repo", where), submodules=_opt(t, "submodules", where, bool, False), meta=meta)
+                          repo=_need(t, "repo", where), submodules=_opt(t, "submodules", where, bool, False), meta=meta,
+                          follow=follow)
     if stype == "git":
         _only_keys(t, known | {"url", "ref", "submodules"}, where)
         url = _need(t, "url", where)
         if not url.startswith(URL_SCHEMES + ("git@", "ssh://", "git://")) and not Path(url).is_absolute():
             raise ConfigError(f"{where}: unsupported git URL {url!r}", hint="Use https://, ssh://, git:// or file://.")
         return SourceSpec(name, stype, url=url, ref=_need(t, "ref", where),
-                          submodules=_opt(t, "submodules", where, bool, False), meta=meta)
+                          submodules=_opt(t, "submodules", where, bool, False), meta=meta, follow=follow)
     _only_keys(t, known | {"url", "unpack", "sha256"}, where)
     url = _check_url(_need(t, "url", where), where)
     unpack = _opt(t, "unpack", where, bool, False)
@@ -304,24 +341,26 @@ def _parse_source(name: str, t: dict, path) -> SourceSpec:
         raise ConfigError(f"{where}: unpack = true but {url!r} is not a known archive",
                           hint="Supported: " + ", ".join(ARCHIVE_SUFFIXES))
     sha = _parse_hash(t["sha256"], where) if "sha256" in t else None
-    return SourceSpec(name, stype, url=url, unpack=unpack, sha256=sha, meta=meta)
+    return SourceSpec(name, stype, url=url, unpack=unpack, sha256=sha, meta=meta, follow=follow)
 
 
 def _parse_model(name: str, t: dict, path) -> ModelSpec:
     where = f"{path}: [models.{name}]"
-    _only_keys(t, {"url", "hf", "file", "revision", "sha256", "size", "description"}, where)
+    _only_keys(t, {"url", "hf", "file", "revision", "sha256", "size", "description", "track", "branch"}, where)
+    follow = _follow(t, where, ("track", "branch"))
     if ("url" in t) == ("hf" in t):
         raise ConfigError(f"{where}: give either url or hf (+ file)", hint="e.g. hf = \"org/repo\" and file = \"model.gguf\".")
     sha = _parse_hash(t["sha256"], where) if "sha256" in t else None
     size = _opt(t, "size", where, int)
     desc = _opt(t, "description", where, str, "")
     if "url" in t:
-        return ModelSpec(name, url=_check_url(_need(t, "url", where), where), sha256=sha, size=size, description=desc)
+        return ModelSpec(name, url=_check_url(_need(t, "url", where), where), sha256=sha, size=size, description=desc,
+                         follow=follow)
     hf = _need(t, "hf", where)
     if hf.count("/") != 1:
         raise ConfigError(f"{where}: hf must be 'org/repo', got {hf!r}")
     return ModelSpec(name, hf=hf, file=_need(t, "file", where), revision=_opt(t, "revision", where, str, "main"),
-                     sha256=sha, size=size, description=desc)
+                     sha256=sha, size=size, description=desc, follow=follow)
 
 
 def _parse_lock_entry(kind: str, name: str, t: dict, where: str) -> LockEntry:
