@@ -66,5 +66,6 @@ EXIT_CODES = {
     4: "verification failed (hash, size, drift)",
     5: "a required tool is missing",
     6: "a build step failed",
+    10: "update: pins were (with --dry-run: would be) updated",
     130: "interrupted",
 }
