@@ -119,6 +119,7 @@ def diagnose(machine: Optional[Machine] = None, config: Optional[Path] = None, l
         ("gpus", lambda: check_gpus(machine, backend)),
         ("binfmt_misc", lambda: [check_binfmt(machine)]),
         ("store", lambda: check_store(machine)),
+        ("gc", lambda: [check_gc(machine)]),
         ("lock", lambda: [check_lock(config, lock)]),
     ]
     checks: List[Check] = []
@@ -521,6 +522,20 @@ def check_store(machine: Machine) -> List[Check]:
         return [Check("store", WARN, detail, f"Under {human_size(need)} free: models are GBs and a llama.cpp build "
                       f"is ~1 GiB; free space or set PYLMSERV_HOME to a larger disk.")]
     return [Check("store", OK, detail)]
+
+
+def check_gc(machine: Machine) -> Check:
+    """The store's size and what `pylmserv gc` would free (computed, nothing deleted)."""
+    from .gc import estimate
+    from ..core.errors import PylmservError
+
+    root = machine.store_root or _store_root(machine)
+    try:
+        size, free, count = estimate(root)
+    except PylmservError as exc:
+        return Check("gc", WARN, f"cannot tell what gc would free: {exc.message}", exc.hint or "")
+    detail = f"store {human_size(size)}; `pylmserv gc` would free {human_size(free)} ({count} item(s))"
+    return Check("gc", OK, detail)
 
 
 # -- lock ----------------------------------------------------------------------------------

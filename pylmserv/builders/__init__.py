@@ -11,7 +11,7 @@ import os
 import platform as _platform
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -40,6 +40,7 @@ class BuildResult:
     notes: Tuple[str, ...] = ()  # warnings and mapping decisions worth telling the user
     dry_run: bool = False
     current: Optional[Path] = None  # the `current` link of this engine/backend, default prefix only
+    sha256: Dict[str, str] = field(default_factory=dict)  # output file name -> sha256 hex, as built
 
     @property
     def paths(self) -> Dict[str, Path]:
@@ -52,7 +53,7 @@ class BuildResult:
             "paths": {k: str(v) for k, v in sorted(self.binaries.items())}, "key": self.key,
             "source": str(self.source) if self.source else None, "commands": list(self.commands),
             "current": str(self.current) if self.current else None, "notes": list(self.notes),
-            "dry_run": self.dry_run,
+            "dry_run": self.dry_run, "sha256": dict(sorted(self.sha256.items())),
         }
 
 
@@ -60,8 +61,11 @@ def build(what: str = "llama.cpp", backend: str = "cpu", targets: Optional[Seque
           cuda_arch: Optional[str] = None, gpu_targets: Optional[str] = None, portable: bool = False,
           jobs: Optional[int] = None, prefix: Optional[Path] = None, cmake_args: Sequence[str] = (),
           force: bool = False, dry_run: bool = False, source_dir: Optional[Path] = None,
-          config: Optional[Path] = None, lock: Optional[Path] = None) -> BuildResult:
-    """Build `what` for `backend`; a no-op (cache_hit=True) when the stamp says it is done."""
+          config: Optional[Path] = None, lock: Optional[Path] = None,
+          reproducible: Optional[bool] = None) -> BuildResult:
+    """Build `what` for `backend`; a no-op (cache_hit=True) when the stamp says it is done.
+    `reproducible` (default: on for portable builds) makes the same lock and options give
+    the same bytes in any PYLMSERV_HOME and build directory."""
     if what == "llamafile":
         from .llamafile import build_llamafile
 
@@ -78,7 +82,7 @@ def build(what: str = "llama.cpp", backend: str = "cpu", targets: Optional[Seque
         raise UsageError(f"--jobs must be at least 1, got {jobs}")
     req = Request(backend=backend, targets=tuple(dict.fromkeys(targets or DEFAULT_TARGETS)),
                   cuda_arch=cuda_arch, gpu_targets=gpu_targets, portable=portable, jobs=jobs,
-                  cmake_args=tuple(cmake_args))
+                  cmake_args=tuple(cmake_args), reproducible=portable if reproducible is None else reproducible)
     return LlamaCppBuild(req, prefix=prefix, force=force, source_dir=source_dir, config=config, lock=lock).run(dry_run)
 
 
@@ -87,6 +91,25 @@ def build_llama_cpp(output_dir, cuda: bool = False, backend: Optional[str] = Non
     """Seed-compatible entry: build llama.cpp and install its binaries under `output_dir`/bin."""
     return build("llama.cpp", backend=backend or ("cuda" if cuda else "cpu"), jobs=jobs,
                  prefix=Path(output_dir), force=force, **kwargs)
+
+
+def output_digests(outputs: Dict[str, Path], build_dir: Path) -> Dict[str, str]:
+    """sha256 of every built file that ships (binaries and the shared libraries beside them):
+    recorded in the stamp, so the fast path reports them without reading the files."""
+    import hashlib
+
+    from .llama_cpp import shared_libs
+
+    files = {Path(p).name: Path(p) for p in outputs.values()}
+    files.update({p.name: p for p in shared_libs(build_dir)})
+    out = {}
+    for name, path in sorted(files.items()):
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        out[name] = h.hexdigest()
+    return out
 
 
 class LlamaCppBuild:
@@ -159,6 +182,7 @@ class LlamaCppBuild:
             "backend": req.backend, "targets": sorted(req.targets), "cuda_arch": req.cuda_arch,
             "gpu_targets": req.gpu_targets, "portable": req.portable, "cmake_args": list(req.cmake_args),
             "build_type": req.build_type, "platform": f"{sys.platform}-{_platform.machine()}",
+            **({"reproducible": True} if req.reproducible else {}),  # absent when off: older keys stay valid
             "detected": {"openssl": det.openssl, "blas": det.blas_vendor, "cuda_archs": list(det.cuda_archs),
                          "gfx": list(det.gfx_targets)},
         }
@@ -172,7 +196,8 @@ class LlamaCppBuild:
             stamp = stamps.read_stamp(self.stamp_path)
             if stamps.is_up_to_date(stamp, self.req.targets, inputs=self.inputs):
                 log.debug("up to date: %s", self.build_dir)
-                return self._finish(stamp.output_paths(), cache_hit=True, notes=("up to date: nothing to do",))
+                return self._finish(stamp.output_paths(), cache_hit=True, notes=("up to date: nothing to do",),
+                                    sha256=stamp.extra.get("sha256") or {})
         return self._build()
 
     def _plan(self, tc, source: Path, features):
@@ -180,7 +205,8 @@ class LlamaCppBuild:
 
         mapping = map_options(self.req, features, self.detected, self.rev)
         launcher = tc.ccache.path if tc.ccache.found else None
-        env = backend_env(self.req.backend, tc.extra.get("rocm"))
+        env = dict(mapping.env)  # reproducible builds: SOURCE_DATE_EPOCH, CCACHE_BASEDIR
+        env.update(backend_env(self.req.backend, tc.extra.get("rocm")))
         cmds = make_commands(tc.cmake.path or "cmake", tc.ninja.path, source, self.build_dir, mapping,
                              self.req.targets, self.req.jobs, launcher, self.req.backend, env)
         return mapping, cmds, env
@@ -235,7 +261,8 @@ class LlamaCppBuild:
             if not self.force and self.source_dir is None:
                 stamp = stamps.read_stamp(self.stamp_path)  # another process may have just finished it
                 if stamps.is_up_to_date(stamp, self.req.targets, inputs=self.inputs):
-                    return self._finish(stamp.output_paths(), cache_hit=True, notes=("built by a concurrent run",))
+                    return self._finish(stamp.output_paths(), cache_hit=True, notes=("built by a concurrent run",),
+                                        sha256=stamp.extra.get("sha256") or {})
             stamps.remove_stamp(self.stamp_path)  # a failed build must not look done
             log_file = self.build_dir / LOG_NAME
             log_file.write_text(f"# pylmserv build llama.cpp ({self.req.backend}) {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
@@ -255,12 +282,14 @@ class LlamaCppBuild:
             if missing:
                 raise BuildError(f"the build finished but produced no {', '.join(missing)}; log: {log_file}",
                                  hint="Check the --target names (e.g. llama-cli, llama-server, llama-bench).")
+            digests = output_digests(outputs, self.build_dir)
             stamp = stamps.make_stamp(self.inputs, outputs, seconds=seconds,
                                       extra={"commands": cmds.lines(), "defines": dict(mapping.defines),
-                                             "source": str(source), "toolchain": tc.describe()})
+                                             "source": str(source), "toolchain": tc.describe(),
+                                             "sha256": digests})
             stamps.write_stamp(self.stamp_path, stamp)
         return self._finish(outputs, cache_hit=False, notes=tuple(warnings) + mapping.notes, source=source,
-                            commands=tuple(cmds.lines()))
+                            commands=tuple(cmds.lines()), sha256=digests)
 
     # -- install --------------------------------------------------------------------------
 
@@ -269,7 +298,8 @@ class LlamaCppBuild:
             return self.prefix
         return self.home / "bin" / f"llama.cpp-{self.req.backend}" / self.key
 
-    def _finish(self, outputs: Dict[str, Path], cache_hit: bool, notes=(), source=None, commands=()) -> BuildResult:
+    def _finish(self, outputs: Dict[str, Path], cache_hit: bool, notes=(), source=None, commands=(),
+                sha256=None) -> BuildResult:
         from .llama_cpp import install_files, point_current
 
         prefix = self._prefix_dir()
@@ -281,4 +311,4 @@ class LlamaCppBuild:
             current = point_current(prefix)
         return BuildResult("llama.cpp", self.req.backend, installed, self.build_dir, prefix,
                            time.monotonic() - self.start, cache_hit, self.key, source, commands, (),
-                           tuple(notes), current=current)
+                           tuple(notes), current=current, sha256=dict(sha256 or {}))

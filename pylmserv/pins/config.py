@@ -18,6 +18,7 @@ else:  # pragma: no cover - exercised on older Pythons only
 
 from ..core.errors import ConfigError, HashError
 from ..core.hashing import Hash
+from ..store.roots import use_lock
 
 LOCK_VERSION = 1
 CONFIG_NAME = "pylmserv.toml"
@@ -196,7 +197,10 @@ def load_project(config: Optional[Path] = None, lock: Optional[Path] = None) -> 
     """Config from --config, ./pylmserv.toml, or the packaged catalog; lock beside it."""
     config_path = Path(config) if config else default_config_path()
     lock_path = Path(lock) if lock else config_path.with_name(LOCK_NAME)
-    return Project(config=load_config(config_path), lock=load_lock(lock_path))
+    project = Project(config=load_config(config_path), lock=load_lock(lock_path))
+    if lock_path.exists():
+        use_lock(lock_path)  # a gc root: what this lock pins stays in the store
+    return project
 
 
 def _read_toml(path: Path, what: str, hint: str) -> dict:

@@ -1,0 +1,133 @@
+"""GC roots: which locks keep things in the store alive (as Nix's gcroots do).
+
+  gcroots/locks/<key>            the absolute path of a lock pylmserv used on this machine
+                                 (forgotten by `gc` once that file is gone)
+  gcroots/procs/<pid>-<r>.flock  held (flock) by a running pylmserv for its whole life;
+  gcroots/procs/<pid>-<r>/       copies of the locks that process read, as it read them,
+                                 so a running `serve` keeps its model even after the lock
+                                 on disk moved on (a dead process's flock is free: gc drops it)
+
+Registration never fails a command: a read-only or full store only loses the root.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import uuid
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from .layout import home as store_home
+
+log = logging.getLogger("pylmserv.store")
+
+ROOTS = "gcroots"
+_held: Dict[str, Tuple[object, Path]] = {}  # home -> (FileLock held for this process, its directory)
+
+
+def _key(path: Path) -> str:
+    return hashlib.sha256(str(path).encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
+def roots_dir(home: Optional[Path] = None) -> Path:
+    return Path(home or store_home()) / ROOTS
+
+
+def use_lock(lock_path: Path, home: Optional[Path] = None) -> None:
+    """Record that this process uses the lock at `lock_path` (a persistent root, and this
+    process's own copy of the lock as read now)."""
+    try:
+        path = Path(lock_path).resolve()
+        text = path.read_bytes()
+    except OSError:
+        return
+    try:
+        register_lock(path, home)
+        _hold(path, text, home)
+    except OSError as exc:
+        log.debug("gc root for %s not recorded: %s", lock_path, exc)
+
+
+def register_lock(lock_path: Path, home: Optional[Path] = None) -> Path:
+    from ..core.fsutil import atomic_write_text
+
+    path = Path(lock_path).resolve()
+    entry = roots_dir(home) / "locks" / _key(path)
+    try:
+        if entry.read_text(encoding="utf-8", errors="surrogateescape") == str(path):
+            return entry
+    except OSError:
+        pass
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(entry, str(path))
+    return entry
+
+
+def _hold(lock_path: Path, text: bytes, home: Optional[Path]) -> None:
+    from filelock import FileLock
+
+    from ..core.fsutil import atomic_write_bytes
+
+    base = roots_dir(home) / "procs"
+    key = str(Path(home or store_home()).resolve())
+    if key not in _held:
+        base.mkdir(parents=True, exist_ok=True)
+        name = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        flock = FileLock(str(base / f"{name}.flock"))
+        flock.acquire(timeout=0)  # a fresh name: never contended
+        _held[key] = (flock, base / name)
+    directory = _held[key][1]
+    atomic_write_bytes(directory / f"{_key(lock_path)}.lock", text)
+
+
+def registered_locks(home: Optional[Path] = None, forget_missing: bool = True) -> List[Path]:
+    """Locks registered as roots whose file still exists (the others are forgotten)."""
+    base = roots_dir(home) / "locks"
+    out = []
+    for entry in sorted(base.glob("*")) if base.is_dir() else []:
+        try:
+            path = Path(entry.read_text(encoding="utf-8", errors="surrogateescape"))
+        except OSError:
+            continue
+        if path.is_file():
+            out.append(path)
+        elif forget_missing:
+            _unlink(entry)
+    return out
+
+
+def live_process_locks(home: Optional[Path] = None, cleanup: bool = True) -> List[Path]:
+    """Lock copies held by running pylmserv processes (this one excluded: its roots are the
+    registered ones). Records of dead processes are removed when `cleanup`."""
+    import shutil
+
+    from filelock import FileLock, Timeout
+
+    base = roots_dir(home) / "procs"
+    out: List[Path] = []
+    mine = {str(d) for _, d in _held.values()}
+    for flock_path in sorted(base.glob("*.flock")) if base.is_dir() else []:
+        directory = flock_path.with_suffix("")
+        if str(directory) in mine:
+            continue
+        probe = FileLock(str(flock_path))
+        try:
+            probe.acquire(timeout=0)
+        except Timeout:
+            out.extend(sorted(directory.glob("*.lock")))  # alive: its locks are roots
+            continue
+        try:
+            if cleanup:
+                shutil.rmtree(directory, ignore_errors=True)
+                _unlink(flock_path)
+        finally:
+            probe.release()
+    return out
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
