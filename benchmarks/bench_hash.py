@@ -1,9 +1,9 @@
 """Hashing speed vs the reference tools, measured in the same run.
 
   NAR sha256 of the real llama.cpp tree (vendor/llama.cpp of the llama-cpp-python sdist)
-      pylmserv.nar.nar_hash   vs  `nix-hash --type sha256 --base32`  and  `nix hash path`
+      pylmserv.core.nar.nar_hash   vs  `nix-hash --type sha256 --base32`  and  `nix hash path`
   flat sha256 of a 1 GiB file
-      pylmserv.hashing.file_hash  vs  `sha256sum`
+      pylmserv.core.hashing.file_hash  vs  `sha256sum`
 
 Each timing is the best of --repeat runs on a warm page cache (the first run warms it).
 The goal (issue 2): NAR hashing within 1.25x of nix-hash's wall time.

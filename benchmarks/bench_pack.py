@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 PACK_CHILD = """
 import sys, time
 sys.path.insert(0, {repo!r})
-from pylmserv.packer import pack
+from pylmserv.app.pack import pack
 t = time.perf_counter()
 pack({model!r}, {lf!r}, {out!r}, verify={verify!r})
 secs = time.perf_counter() - t

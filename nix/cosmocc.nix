@@ -42,7 +42,11 @@ stdenvNoCC.mkDerivation {
   meta = {
     description = "Cosmopolitan C toolchain ${version} (cosmocc), pinned by pylmserv.lock";
     homepage = "https://github.com/jart/cosmopolitan";
-    license = lib.licenses.isc;
+    # The release zip is prebuilt: Cosmopolitan libc (ISC) plus a GCC/binutils
+    # toolchain (GPL-3.0-or-later; GCC's runtime under the GCC Runtime Library
+    # Exception) and third-party code under permissive licenses (MIT, BSD).
+    license = with lib.licenses; [ isc gpl3Plus gpl2Plus lgpl21Plus mit bsd2 ];
+    sourceProvenance = [ lib.sourceTypes.binaryNativeCode ];
     platforms = lib.platforms.linux ++ lib.platforms.darwin;
   };
 }

@@ -5,14 +5,19 @@
 # Its outputs are APE binaries (zip-appended, polyglot headers): no strip, no patchelf.
 #
 # useCuda: also compile ggml-cuda.so with nvcc inside the derivation (the flags of
-# llamafile/cuda.sh: tinyBLAS, static cudart; minus -march=native and -arch=all, which
-# make builds machine-dependent) and embed it in the llamafile's
-# zip with zipalign, where llamafile looks for it at run time.
+# llamafile/cuda.sh: tinyBLAS, static cudart, linked with -lcuda against the driver stub
+# like cuda.sh and cuda.c do; minus -march=native and -arch=all, which make builds
+# machine-dependent), embed it in the llamafile's zip with zipalign, and embed a `.args`
+# of `--nocompile ...`: llamafile otherwise prefers a copy extracted earlier to
+# ~/.llamafile/v/<version>/ and then a fresh nvcc build of its own over the embedded
+# module. With --nocompile it uses ~/.llamafile/v/<version>/ggml-cuda.so if that file
+# exists (llamafile's rule; delete it to be sure) and otherwise extracts the embedded one.
 {
   lib,
   stdenvNoCC,
   cosmocc,
   cudaPackages ? { },
+  cudaSupport ? false,
   autoAddDriverRunpath ? null,
   addDriverRunpath ? { driverLink = "/run/opengl-driver"; },
 
@@ -20,7 +25,7 @@
   version,
   cosmoccVersion ? cosmocc.version,
 
-  useCuda ? false,
+  useCuda ? cudaSupport,
   cudaCapabilities ? (cudaPackages.flags or cudaPackages.cudaFlags or { cudaCapabilities = [ ]; }).cudaCapabilities,
   effectiveStdenv ? if useCuda then cudaPackages.backendStdenv else stdenvNoCC,
 }:
@@ -47,9 +52,17 @@ let
     "-DGGML_CUDA_PEER_MAX_BATCH_SIZE=128"
     "-DGGML_USE_TINYBLAS"
     # The copy embedded in the llamafile is never fixed up, so it carries the driver
-    # path itself: cudart (static) dlopens libcuda.so.1 from there on NixOS.
+    # path itself: libcuda.so.1 is found there on NixOS (elsewhere: ld.so's paths).
     "--linker-options=-rpath,${addDriverRunpath.driverLink}/lib"
   ];
+  # ggml-cuda.cu calls the driver API (cuDeviceGet, cuMemCreate, ...): link libcuda
+  # like llamafile/cuda.sh, against nixpkgs' stub (cuda_cudart's `stubs` output); the
+  # real driver library is loaded at run time. No -lcublas: tinyBLAS replaces it.
+  cudaStubs = "${lib.getOutput "stubs" cudaPackages.cuda_cudart}/lib/stubs";
+  linkFlags = [ "-L${cudaStubs}" "-lcuda" ];
+  # Arguments llamafile reads from its own zip (`...` = the user's arguments).
+  zipArgs = [ "--nocompile" "..." ];
+  seedName = lib.escapeShellArg cosmoccVersion;
 in
 
 assert !useCuda || cudaCapabilities != [ ] || throw "llamafile-cuda: cudaCapabilities is empty";
@@ -66,10 +79,10 @@ effectiveStdenv.mkDerivation {
   # loudly, so a changed Makefile cannot quietly reach for the network.
   postPatch = ''
     mkdir -p .cosmocc
-    rm -rf .cosmocc/${cosmoccVersion}
-    ln -s ${cosmocc} .cosmocc/${cosmoccVersion}
+    rm -rf .cosmocc/${seedName}
+    ln -s ${cosmocc} .cosmocc/${seedName}
     if [ -e build/download-cosmocc.sh ]; then
-      printf '%s\n' '#!/bin/sh' 'echo "pylmserv: cosmocc is pre-seeded at .cosmocc/${cosmoccVersion}; no downloads in a Nix build" >&2' 'exit 1' > build/download-cosmocc.sh
+      printf '%s\n' '#!/bin/sh' ${lib.escapeShellArg "echo 'pylmserv: cosmocc is pre-seeded at .cosmocc/${cosmoccVersion}; no downloads in a Nix build' >&2"} 'exit 1' > build/download-cosmocc.sh
       chmod +x build/download-cosmocc.sh
     fi
   '';
@@ -97,13 +110,15 @@ effectiveStdenv.mkDerivation {
              llamafile/tinyblas.cu llamafile/llamafile.h; do
       if [ -e "$f" ]; then cp "$f" cuda-build/; fi
     done
-    (cd cuda-build && nvcc ${lib.concatStringsSep " " nvccFlags} -o ggml-cuda.so ggml-cuda.cu)
+    (cd cuda-build && nvcc ${lib.escapeShellArgs nvccFlags} -o ggml-cuda.so ggml-cuda.cu ${lib.escapeShellArgs linkFlags})
   '';
 
   postInstall = lib.optionalString useCuda ''
     install -Dm755 cuda-build/ggml-cuda.so $out/lib/ggml-cuda.so
-    # Embed it: llamafile extracts /zip/ggml-cuda.so and dlopen()s it.
-    $out/bin/zipalign -j0 $out/bin/llamafile cuda-build/ggml-cuda.so
+    # Embed it (llamafile extracts /zip/ggml-cuda.so and dlopen()s it) and the
+    # --nocompile default, both at the top of the zip.
+    printf '%s\n' ${lib.escapeShellArgs zipArgs} > cuda-build/.args
+    (cd cuda-build && $out/bin/zipalign -j0 $out/bin/llamafile ggml-cuda.so .args)
   '';
 
   dontStrip = true;
@@ -114,6 +129,8 @@ effectiveStdenv.mkDerivation {
     inherit cosmocc cosmoccVersion useCuda;
     cosmoccSeed = ".cosmocc/${cosmoccVersion}";
     nvccFlags = if useCuda then nvccFlags else [ ];
+    linkFlags = if useCuda then linkFlags else [ ];
+    zipArgs = if useCuda then zipArgs else [ ];
   };
 
   meta = {

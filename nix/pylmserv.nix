@@ -3,7 +3,13 @@
 {
   lib,
   python3Packages,
-  src,
+  git,
+  zip,
+  unzip,
+  cmake,
+  ninja,
+  src, # pyproject.toml + pylmserv/ only (lib.fileset in flake.nix)
+  checkSrc ? src, # the same plus tests/, for doCheck
   pyproject, # builtins.fromTOML of pyproject.toml
   doCheck ? false, # the flake's `checks` turn this on: pylmserv's offline tests
 }:
@@ -24,9 +30,12 @@ let
   names = specs: lib.filter (n: n != null) (map requirementName specs);
   requirements = names (project.dependencies or [ ]);
   # The [test] extra, minus what the Nix build provides otherwise (pytest via the hook;
-  # cmake/ninja wheels are only needed by the slow end-to-end builds, skipped here).
+  # cmake/ninja as the nixpkgs tools below, not as PyPI wheels).
   testRequirements = lib.filter (n: !(lib.elem n [ "pytest" "cmake" "ninja" ]))
     (names (project.optional-dependencies.test or [ ]));
+  # Programs the offline tests run (git repositories, zip fixtures, the CMake option
+  # mapping); the C compiler and make come with stdenv.
+  checkTools = [ git zip unzip cmake ninja ];
 
   pkgsFor = map (n: python3Packages.${n} or (throw "pylmserv.nix: python3Packages has no '${n}' (from pyproject.toml)"));
 in
@@ -34,22 +43,29 @@ in
 python3Packages.buildPythonApplication {
   pname = project.name;
   version = project.version;
-  inherit src;
+  src = if doCheck then checkSrc else src;
   pyproject = true;
+
+  # pyproject.toml names README.md as the long description; the source leaves it out
+  # (README edits must not rebuild the package), so give setuptools a short one.
+  postPatch = ''
+    [ -e README.md ] || printf '%s\n' ${lib.escapeShellArg (project.description or project.name)} > README.md
+  '';
 
   build-system = [ python3Packages.setuptools ];
   dependencies = pkgsFor requirements;
 
   inherit doCheck;
-  nativeCheckInputs = [ python3Packages.pytestCheckHook ] ++ pkgsFor testRequirements;
-  # Offline only: the sandbox has loopback but no internet, and no Nix inside.
+  nativeCheckInputs = [ python3Packages.pytestCheckHook ] ++ pkgsFor testRequirements ++ checkTools;
+  # Offline only: the sandbox has loopback but no internet, and no Nix inside; the
+  # slow end-to-end builds are CI's. Tests that need ../shared/fixtures skip themselves.
   pytestFlagsArray = [ "-m" "not slow and not nix" ];
   preCheck = ''
     export HOME=$TMPDIR
   '';
   pythonImportsCheck = [ "pylmserv" ];
 
-  passthru = { inherit requirements testRequirements; };
+  passthru = { inherit requirements testRequirements checkTools; };
 
   meta = {
     description = project.description or "pylmserv";

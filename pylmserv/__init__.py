@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+from .core.version import __version__
 
 _API = {
     "prefetch": "pylmserv.pins.prefetch",

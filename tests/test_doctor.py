@@ -26,7 +26,8 @@ SYSTEM_NVCC = Path("/usr/local/cuda/bin/nvcc")  # toolchain.detect_nvcc also loo
 
 
 def machine(tmp_path, *bins, **kw) -> Machine:
-    env = {"PATH": st.path_with(*bins), "HOME": str(tmp_path)}
+    """A Machine whose PATH holds the stand-ins in `bins` and this machine's non-GPU tools only."""
+    env = {"PATH": st.path_with(*(bins or [tmp_path / "bin"])), "HOME": str(tmp_path)}
     env.update(kw.pop("env", {}))
     kw.setdefault("sysfs_drm", tmp_path / "no-drm")
     kw.setdefault("binfmt_dir", tmp_path / "no-binfmt")
@@ -179,11 +180,14 @@ def test_missing_compilers_fail(tmp_path):
     assert checks["c-compiler"].status == FAIL and "apt-get install gcc" in checks["c-compiler"].hint
     assert checks["c++-compiler"].status == FAIL
     assert checks["ccache"].status == WARN
-    # cmake/ninja fall back to the PyPI wheels when installed (the builder's bootstrap).
+    # cmake/ninja fall back to the PyPI wheels when installed (the builder's bootstrap):
+    # off PATH, the wheel is what doctor must find; without it, cmake is missing.
     import importlib.util
 
     if importlib.util.find_spec("cmake") is None:
         assert checks["cmake"].status == FAIL
+    else:
+        assert checks["cmake"].status == OK and "(pip-wheel)" in checks["cmake"].detail
 
 
 def test_real_build_tools_of_this_machine(tmp_path):
@@ -350,7 +354,7 @@ def test_cli_fails_when_a_check_fails(tmp_path, home):
 def test_cli_backend_mismatch_standin(tmp_path, home):
     bins = tmp_path / "bin"
     st.rocminfo(bins)
-    env = {"PATH": st.path_with(bins, base=os.environ["PATH"].replace("/usr/local/bin", "/nonexistent"))}
+    env = {"PATH": st.path_with(bins)}
     proc = run_cli("doctor", "--json", "--backend", "cuda", env=env, cwd=REPO)
     checks = {c["name"]: c for c in json.loads(proc.stdout)["checks"]}
     assert checks["backend"]["status"] == "fail"

@@ -130,8 +130,9 @@ def test_nix_refuses_an_altered_hash(world, output):
     assert proc.returncode != 0
     assert "mismatch" in proc.stderr, proc.stderr
     true_hash = world.expected[output]
-    if output in ("source-gadget", "source-stack"):
-        # builtins.fetchGit: "NAR hash mismatch in input ..., expected 'X', got 'Y'"
+    if output.startswith("source-") and world.entry(output).mode == "nar":
+        # builtins.fetchGit / builtins.fetchTree (locked by narHash):
+        # "NAR hash mismatch in input ..., expected 'X', got 'Y'"
         assert re.search(r"got '" + re.escape(true_hash.sri) + "'", proc.stderr), proc.stderr
     else:
         assert nixmsg.got_hash(proc.stderr) == true_hash
@@ -171,3 +172,62 @@ def test_bad_lock_is_one_clear_evaluation_error(world, section, old, new, output
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr
     assert "pylmserv.lock" in proc.stderr
+
+
+# -- defect 5: a git pin's hash is for one fetcher, and the flake uses that fetcher --------
+
+def _eval(world, attr, *extra):
+    proc = fw.nix("nix", "eval", "--json", *extra, f"path:{world.flake}#{attr}")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_git_pin_without_fetcher_field_is_builtins_fetchgit_like_pylmserv(world):
+    """pylmserv hashes a git pin without submodules as Nix 2.8's builtins.fetchGit does
+    (`git archive`: export-ignore files dropped); the flake uses that fetcher."""
+    assert "fetcher =" not in (world.flake / "pylmserv.lock").read_text()
+    assert _eval(world, "packages.x86_64-linux.source-gadget.pin.fetcher") == "builtins.fetchGit"
+    tree = _out_path(world, "source-gadget")
+    assert os.path.isfile(os.path.join(tree, "gadget.txt"))
+    assert not os.path.exists(os.path.join(tree, "private.txt"))  # export-ignore
+
+
+def test_git_pin_for_fetchgit_is_fetched_with_nixpkgs_fetchgit(fresh_world, tmp_path):
+    """`fetcher = "fetchgit"`: nixpkgs' fetchgit (a checkout, export-ignore files kept),
+    here the stand-in's real fetchgit FOD. The builtins.fetchGit hash is then wrong and
+    Nix says so; the checkout's own NAR hash (computed by Nix on a plain clone) is right.
+    A fresh world: a fixed-output path fetched before by builtins.fetchGit would be
+    valid already, and Nix would not fetch again."""
+    world = fresh_world
+    entry = world.lock.sources["gadget"]
+    fw.set_field(world, "source-gadget", "fetcher", "fetchgit")
+    override = fw.override_nixpkgs()
+    assert _eval(world, "packages.x86_64-linux.source-gadget.pin.fetcher", *override) == "fetchgit"
+    assert fw.nix("nix-store", "--check-validity", fw.fixed_path(entry.hash, "source", recursive=True)).returncode != 0
+
+    wrong = fw.nix("nix", "build", "--no-link", *override, _ref(world, "source-gadget"))
+    assert wrong.returncode != 0 and "hash mismatch" in wrong.stderr, wrong.stderr
+    got = nixmsg.got_hash(wrong.stderr)
+    assert got != entry.hash
+
+    clone = tmp_path / "clone"
+    fw.nix("git", "clone", "-q", entry.url, str(clone))
+    fw.nix("git", "-C", str(clone), "checkout", "-q", entry.rev)
+    shutil.rmtree(clone / ".git")
+    checkout_hash = Hash.parse(fw.nix("nix", "hash", "path", str(clone)).stdout.strip())
+    assert got == checkout_hash
+
+    fw.set_hash(world, "source-gadget", checkout_hash.sri)
+    proc = fw.nix("nix", "build", "--no-link", "--json", *override, _ref(world, "source-gadget"))
+    assert proc.returncode == 0, proc.stderr
+    tree = json.loads(proc.stdout)[0]["outputs"]["out"]
+    assert tree == fw.fixed_path(checkout_hash, "source", recursive=True)
+    assert os.path.isfile(os.path.join(tree, "private.txt")) and not os.path.exists(os.path.join(tree, ".git"))
+
+
+def test_fetchgit_pin_without_nixpkgs_is_a_clear_error(world):
+    """The flake-level `lib` has no nixpkgs: a fetchgit pin says why it cannot be fetched."""
+    fw.set_field(world, "source-gadget", "fetcher", "fetchgit")
+    proc = fw.nix("nix", "eval", "--raw", f"path:{world.flake}#lib.sources.gadget.outPath")
+    assert proc.returncode != 0
+    assert "pylmserv.lock: [sources.gadget] is pinned for nixpkgs' fetchgit" in proc.stderr, proc.stderr

@@ -5,7 +5,7 @@ import pytest
 
 from tests.support import flakeworld as fw
 
-NIX_FILES = sorted([fw.REPO / "flake.nix", *(fw.REPO / "nix").glob("*.nix"), *fw.STANDIN.glob("*.nix")])
+NIX_FILES = sorted([fw.REPO / "flake.nix", *(fw.REPO / "nix").glob("*.nix"), *fw.STANDIN_SRC.glob("*.nix")])
 
 
 def test_the_flake_has_the_files_the_issue_names():
@@ -29,12 +29,19 @@ def test_parse_catches_a_broken_file(nix, tmp_path):
     assert proc.returncode != 0
 
 
-def test_flake_lock_pins_a_published_nixpkgs():
+def test_flake_lock_pins_a_supported_nixpkgs_release():
+    """Defect 3: not an end-of-life release (24.11's ROCm is below HIP 6.1); the pair in
+    flake.lock is the one flake.nix names as copied from published flake.lock files."""
     import json
+    import re
 
     lock = json.loads((fw.REPO / "flake.lock").read_text())
-    node = lock["nodes"][lock["nodes"]["root"]["inputs"]["nixpkgs"]]["locked"]
-    # The published nixos-24.11 pair named in flake.nix (copied, not invented).
-    assert node["rev"] == "50ab793786d9de88ee30ec4e4c24fb4236fc2674"
-    assert node["narHash"] == "sha256-/bVBlRpECLVzjV19t5KMdMFWSwKLtb5RyXdjz3LJT+g="
-    assert node["rev"] in (fw.REPO / "flake.nix").read_text()
+    node = lock["nodes"][lock["nodes"]["root"]["inputs"]["nixpkgs"]]
+    flake_nix = (fw.REPO / "flake.nix").read_text()
+    branch = node["original"]["ref"]
+    year, month = map(int, re.fullmatch(r"nixos-(\d\d)\.(\d\d)", branch).groups())
+    assert (year, month) >= (25, 11), f"{branch} is end-of-life"
+    assert f'inputs.nixpkgs.url = "github:NixOS/nixpkgs/{branch}"' in flake_nix
+    locked = node["locked"]
+    assert locked["rev"] in flake_nix and locked["narHash"] in flake_nix and str(locked["lastModified"]) in flake_nix
+    assert re.fullmatch(r"[0-9a-f]{40}", locked["rev"]) and re.fullmatch(r"sha256-[A-Za-z0-9+/]{43}=", locked["narHash"])

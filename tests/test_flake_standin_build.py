@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -26,7 +30,7 @@ def world(nix, tmp_path, http_dir):
 
 
 def _override():
-    return ["--no-write-lock-file", "--override-input", "nixpkgs", f"path:{fw.STANDIN}"]
+    return fw.override_nixpkgs()
 
 
 def _build(world, output):
@@ -75,3 +79,108 @@ def test_without_the_pre_seed_the_download_rule_is_refused(world):
     proc = fw.nix("nix-store", "--realise", drv.stdout.strip())
     assert proc.returncode != 0
     assert "no downloads in a Nix build" in proc.stderr
+
+
+# -- the dev shells (defects 7 and 8) -----------------------------------------------------
+
+def _eval_raw(flake, attr, apply=None):
+    proc = fw.nix("nix", "eval", "--raw", *_override(), f"path:{flake}#{attr}", *(["--apply", apply] if apply else []))
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def _realise(drv_path):
+    proc = fw.nix("nix-store", "--realise", drv_path)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split()[0]
+
+
+@pytest.fixture
+def repo_flake(nix, tmp_path):
+    flake = fw.copy_flake(tmp_path / "flake")
+    shutil.copy2(fw.REPO / "pylmserv.lock", flake / "pylmserv.lock")
+    return flake
+
+
+def test_cuda_shell_has_one_cuda_root_where_pylmserv_finds_cublas(repo_flake):
+    """Defect 7: nixpkgs splits CUDA over packages and outputs (the stand-in builds that
+    layout as marker files); CUDA_PATH is their symlinkJoin, built here for real, and
+    pylmserv's own cuBLAS preflight finds the library under it. CUDA_PATH = cuda_nvcc
+    alone (what the shell had) fails the same preflight."""
+    from pylmserv.builders.toolchain import Tool, detect_cublas
+
+    root = _realise(_eval_raw(repo_flake, "devShells.x86_64-linux.cuda.cudaRoot.drvPath"))
+    assert _eval_raw(repo_flake, "devShells.x86_64-linux.cuda.CUDA_PATH") == root
+    for rel in ("bin/nvcc", "include/cuda_runtime.h", "include/cublas_v2.h", "lib/libcublas.so", "lib/libcudart.so",
+                "lib/stubs/libcuda.so"):
+        assert os.path.exists(os.path.join(root, rel)), rel
+    nvcc = Tool("nvcc", os.path.join(root, "bin", "nvcc"), (12, 8), "env", "")
+    assert detect_cublas(nvcc, env={"CUDA_PATH": root}).found
+
+    nvcc_only = _realise(_eval_raw(repo_flake, "devShells.x86_64-linux.cuda.cudaParts", "ps: (builtins.head ps).drvPath"))
+    assert os.path.exists(os.path.join(nvcc_only, "bin", "nvcc"))
+    assert not detect_cublas(nvcc, env={"CUDA_PATH": nvcc_only}, roots=[Path(nvcc_only)]).found
+
+
+def _run_hook(hook: str, cwd: Path, env: dict, then: str) -> subprocess.CompletedProcess:
+    """The shell hook under bash, as `nix develop` runs it, then a command."""
+    return subprocess.run(["bash", "-c", f"set -e\n{hook}\n{then}"], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_dev_shell_pylmserv_is_an_editable_install_usable_from_any_directory(repo_flake, tmp_path):
+    """Defect 7: no shell function with PYTHONPATH=$PWD. The hook installs the working
+    tree (editable) into a venv outside it; run with this machine's Python as the
+    shell's python (the stand-in's python env is not buildable)."""
+    hook = _eval_raw(repo_flake, "devShells.x86_64-linux.default.shellHook")
+    tree = tmp_path / "checkout"
+    shutil.copytree(repo_flake, tree)
+    (tree / "sub" / "deeper").mkdir(parents=True)
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "python").symlink_to(sys.executable)
+    env = {"PATH": f"{bindir}:/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path / "home"),
+           "XDG_CACHE_HOME": str(tmp_path / "cache"), "PYLMSERV_HOME": str(tmp_path / "plhome"),
+           "PYLMSERV_COSMOCC_ZIP": str(tree / "pyproject.toml")}
+    proc = _run_hook(hook, tree, env, "cd sub/deeper && command -v pylmserv && pylmserv --version && "
+                                      "python -c 'import pylmserv; print(pylmserv.__file__)'")
+    assert proc.returncode == 0, proc.stderr
+    where, version, module = proc.stdout.splitlines()[:3]
+    assert where.startswith(str(tmp_path / "cache" / "pylmserv-devshell")) and "pylmserv" in version
+    assert module == str(tree / "pylmserv" / "__init__.py")
+    # Editable: an edit in the tree is seen without reinstalling.
+    init = tree / "pylmserv" / "__init__.py"
+    init.write_text(init.read_text() + "\nEDITED_IN_TREE = True\n")
+    proc = _run_hook(hook, tree / "sub", env, "python -c 'import pylmserv; print(pylmserv.EDITED_IN_TREE)'")
+    assert proc.returncode == 0 and proc.stdout.strip() == "True", proc.stdout + proc.stderr
+
+
+def test_dev_shell_cosmocc_is_used_by_pylmserv_without_downloading(world, tmp_path):
+    """Defect 8: the shell puts the locked cosmocc zip (the flake's FOD, built here from
+    127.0.0.1) where pylmserv keeps verified blobs; pylmserv's own ensure_cosmocc then
+    uses it with the download URL dead. Without the hook the same call fails."""
+    from pylmserv.builders.cosmocc import ensure_cosmocc
+    from pylmserv.pins.config import load_lock
+    from pylmserv.core.errors import PylmservError
+
+    zip_path = _build(world, "source-cosmocc-3_3_6")
+    hook = _eval_raw(world.flake, "devShells.x86_64-linux.default.shellHook")
+    assert _eval_raw(world.flake, "devShells.x86_64-linux.default.PYLMSERV_COSMOCC_ZIP") == zip_path
+
+    dead = tmp_path / "dead.lock"
+    text = (world.flake / "pylmserv.lock").read_text()
+    url = world.lock.sources["cosmocc-3_3_6"].url
+    dead.write_text(text.replace(url, "http://127.0.0.1:9/gone/cosmocc-3.3.6.zip"))
+    entry = load_lock(dead, missing_ok=False).sources["cosmocc-3_3_6"]
+
+    with pytest.raises(PylmservError):
+        ensure_cosmocc(entry, root=tmp_path / "unseeded")
+
+    home = tmp_path / "seeded"
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path / "h"), "PYLMSERV_HOME": str(home),
+           "PYLMSERV_COSMOCC_ZIP": zip_path}
+    proc = _run_hook(hook, tmp_path, env, "true")
+    assert proc.returncode == 0, proc.stderr
+    cosmocc = ensure_cosmocc(entry, root=home)
+    with open(os.path.join(cosmocc.root, "bin", "cosmocc")) as f:
+        assert world.salt in f.read()

@@ -332,5 +332,11 @@ def test_pack_real_full_disk_on_small_tmpfs(tmp_path):
         assert "Traceback" not in cli.stderr
         assert sorted(p.name for p in mnt.iterdir()) == ["old.llamafile"]
         assert (mnt / "old.llamafile").read_bytes() == b"the previous good file"
+        # The library raises the one disk-full error of the family (as fetch does).
+        from pylmserv.core.errors import DiskSpaceError
+
+        with pytest.raises(DiskSpaceError, match="No space left on device"):
+            pack(model, lf, mnt / "old.llamafile")
+        assert sorted(p.name for p in mnt.iterdir()) == ["old.llamafile"]
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True, timeout=30)

@@ -123,8 +123,8 @@ def test_concurrent_processes(home, http_dir, tmp_path):
     root, base = http_dir
     write_tar(root / "pkg.tar.gz", RICH_TREE)
     expected = _tree_hash_via_extract(root / "pkg.tar.gz", tmp_path)
-    code = ("import sys; from pylmserv.config import LockEntry; from pylmserv.hashing import Hash;"
-            "from pylmserv.sources import ensure_source;"
+    code = ("import sys; from pylmserv.pins.config import LockEntry; from pylmserv.core.hashing import Hash;"
+            "from pylmserv.store.trees import ensure_source;"
             f"e = LockEntry('sources', 'pkg', '{base}/pkg.tar.gz', Hash.parse('{expected.sri}'), 'nar',"
             " extra={'type': 'url', 'unpack': True}); print(ensure_source(e))")
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(3)]

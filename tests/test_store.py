@@ -88,7 +88,7 @@ def test_bad_names_are_refused(home, bad):
 def test_blob_lock_from_a_killed_process_is_recovered(home):
     """A holder SIGKILLed while holding the per-blob lock does not block the next one."""
     h = Hash.of_bytes(b"locked")
-    code = ("import sys,time; from pylmserv import store; from pylmserv.hashing import Hash\n"
+    code = ("import sys,time; from pylmserv.store import blobs as store; from pylmserv.core.hashing import Hash\n"
             "with store.blob_lock(Hash.of_bytes(b'locked')):\n print('held', flush=True); time.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYLMSERV_HOME": str(home)})

@@ -17,13 +17,20 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, List, Mapping, Optional, Sequence
+from ..builders import binfmt
+from ..builders import toolchain as tc
+from ..core.errors import PylmservError
+from ..core.proc import probe
+from ..core.version import __version__
+from ..pins.config import load_project
+from ..store import layout as paths
+from .gc import estimate
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 GiB = 1 << 30
 # Below this much free space the store cannot take even a small model plus a build.
 DEFAULT_MIN_FREE = 5 * GiB
 MIN_FREE_ENV = "PYLMSERV_DOCTOR_MIN_FREE"  # bytes; lets users (and tests) raise the bar
-BACKENDS = ("cpu", "blas", "cuda", "rocm", "vulkan", "metal")
 
 
 @dataclass(frozen=True)
@@ -67,11 +74,7 @@ class Machine:
 
     def run(self, argv: Sequence[str]) -> Optional[subprocess.CompletedProcess]:
         """Run a probe command with this machine's environment; None if it cannot start."""
-        try:
-            return subprocess.run(list(argv), capture_output=True, text=True, errors="replace",
-                                  env=dict(self.environ), timeout=self.timeout, stdin=subprocess.DEVNULL)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
+        return probe(argv, timeout=self.timeout, env=self.environ)
 
     def runner(self, argv: Sequence[str], timeout: float = 20.0):
         """The (argv, timeout) -> (returncode, output) form toolchain's detectors take."""
@@ -143,8 +146,6 @@ def check_python() -> Check:
 
 
 def check_pylmserv() -> Check:
-    from .. import __version__
-
     return Check("pylmserv", OK, f"pylmserv {__version__} ({Path(__file__).resolve().parent.parent})")
 
 
@@ -171,7 +172,6 @@ def tool_presence(machine: Machine, name: str, why: str, hint: str, missing: str
 
 def check_build_tools(machine: Machine) -> List[Check]:
     # Detection lives with the builder (pylmserv.builders.toolchain); doctor only judges.
-    from ..builders import toolchain as tc
 
     env, run = machine.environ, machine.runner
     checks = []
@@ -287,8 +287,6 @@ def _vulkan_devices(machine: Machine, exe: str) -> Optional[List[str]]:
 
 
 def check_gpus(machine: Machine, backend: Optional[str]) -> List[Check]:
-    from ..builders import toolchain as tc
-
     env, run = machine.environ, machine.runner
     checks: List[Check] = []
 
@@ -348,8 +346,6 @@ def check_gpus(machine: Machine, backend: Optional[str]) -> List[Check]:
 
 def _toolchain_matches(machine, backend, nvidia, driver_cuda, rocm, vk_devices, vendors) -> List[Check]:
     """Is the toolchain for the GPU (or for the requested backend) there, and does it fit?"""
-    from ..builders import toolchain as tc
-
     env, run = machine.environ, machine.runner
     checks: List[Check] = []
     have_nvidia = bool(nvidia) or "nvidia" in vendors
@@ -401,8 +397,6 @@ def _toolchain_matches(machine, backend, nvidia, driver_cuda, rocm, vk_devices, 
 
 
 def _check_nvcc(machine: Machine, nvcc, nvidia, driver_cuda, requested: bool) -> Check:
-    from ..builders import toolchain as tc
-
     if not nvcc.found:
         gpu = "NVIDIA GPU found" if nvidia else "no NVIDIA GPU found"
         return Check("cuda-toolkit", FAIL if requested else WARN,
@@ -441,7 +435,6 @@ def check_binfmt(machine: Machine) -> Check:
     """Will APE files (cosmocc's tools, llamafiles) run, or start WINE? (Linux only.)"""
     if machine.system != "Linux":
         return Check("binfmt_misc", OK, f"not used on {machine.system} (APE files run natively)")
-    from ..builders import binfmt
 
     report = binfmt.read_binfmt(machine.binfmt_dir, loader_hint=_ape_loader_in_store(machine))
     if report.state == binfmt.APE_REGISTERED:
@@ -464,8 +457,6 @@ def _ape_loader_in_store(machine: Machine) -> Optional[str]:
 
 
 def _store_root(machine: Machine) -> Path:
-    from ..store import layout as paths
-
     env_home = machine.environ.get("PYLMSERV_HOME")
     return Path(env_home).expanduser() if env_home else paths.home()
 
@@ -526,9 +517,6 @@ def check_store(machine: Machine) -> List[Check]:
 
 def check_gc(machine: Machine) -> Check:
     """The store's size and what `pylmserv gc` would free (computed, nothing deleted)."""
-    from .gc import estimate
-    from ..core.errors import PylmservError
-
     root = machine.store_root or _store_root(machine)
     try:
         size, free, count = estimate(root)
@@ -541,9 +529,6 @@ def check_gc(machine: Machine) -> Check:
 # -- lock ----------------------------------------------------------------------------------
 
 def check_lock(config: Optional[Path], lock: Optional[Path]) -> Check:
-    from ..pins.config import load_project
-    from ..core.errors import PylmservError
-
     try:
         project = load_project(config, lock)
     except PylmservError as exc:

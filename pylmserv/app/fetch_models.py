@@ -19,11 +19,15 @@ from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 from urllib.parse import quote, unquote, urlsplit
 
-from ..transfer import hub
-from ..store import blobs as store
-from ..pins.config import ARCHIVE_SUFFIXES, LockEntry, Project
-from ..core.errors import NetworkError, UsageError
+from ..core.archive import extract
+from ..core.errors import NetworkError, UsageError, VerificationError
+from ..core.fsutil import unlink_missing_ok
+from ..core.gguf import check_split_set, read_header, split_info, split_names
 from ..core.hashing import Hash
+from ..pins.config import ARCHIVE_SUFFIXES, LockEntry, Project, load_lock, load_project, packaged_dir
+from ..store import blobs as store
+from ..transfer import hub
+from ..transfer.download import download, redact
 
 log = logging.getLogger("pylmserv.models")
 
@@ -118,8 +122,6 @@ def _parse_sha256(value) -> Optional[Hash]:
 
 
 def _load_project(config, lock, items) -> Optional[Project]:
-    from ..pins.config import load_project
-
     needs = bool(config or lock) or any(not _is_url(i) for i in items)
     try:
         return load_project(config, lock)
@@ -138,7 +140,6 @@ def _name_for(filename: str) -> str:
         if filename.lower().endswith(suffix):
             filename = filename[: -len(suffix)]
             break
-    from ..core.gguf import split_info
 
     info = split_info(filename + ".gguf")
     return info[0] if info else filename
@@ -199,8 +200,6 @@ def _plan(item: str, project: Optional[Project], sha256: Optional[Hash], tofu: b
 
 def _url_files(url: str, filename: str, expected: Optional[Hash], size: Optional[int], tofu: bool) -> List[_File]:
     """The file behind `url`, or every shard of its split set (same directory URL)."""
-    from ..core.gguf import split_names
-
     names = split_names(filename)
     if len(names) == 1:
         return [_File(url, filename, expected, size)]
@@ -244,8 +243,6 @@ def _plan_lock(name: str, entry: LockEntry) -> _Plan:
                 raise UsageError(f"models.{name}: malformed shards list in the lock",
                                  hint=f"Regenerate it: `pylmserv prefetch --refresh {name}`.") from None
     else:
-        from ..core.gguf import split_info
-
         info = split_info(filename)
         if info and info[2] > 1:
             raise UsageError(f"models.{name} is shard 1 of a {info[2]}-file split set but the lock pins only it",
@@ -285,7 +282,6 @@ def _plan_hf(item: str, project: Optional[Project], tofu: bool, offline: bool) -
             return _Plan(name, [_File("", f.path.name, f.sha256, f.size) for f in stored.files])
         raise UsageError(f"{item}: not in the store, and resolving it needs the network",
                          hint="Run once without --offline / HF_HUB_OFFLINE, or pin it in pylmserv.lock.")
-    from ..core.gguf import split_names
 
     commit = hub.resolve_commit(repo, revision, item)
     directory = path.rsplit("/", 1)[0] + "/" if "/" in path else ""
@@ -334,9 +330,6 @@ def _fetch_plan(plan: _Plan, project, dest, connections, offline, progress, home
         if len(got) > 1:
             store.set_order(plan.name, [f.filename for f, _, _ in got], home=home)
         if len(files) > 1 or _split(files[0]):
-            from ..core.errors import VerificationError
-            from ..core.gguf import check_split_set
-
             try:
                 check_split_set(files)
             except VerificationError:
@@ -352,15 +345,11 @@ def _fetch_plan(plan: _Plan, project, dest, connections, offline, progress, home
 
 
 def _split(path: Path) -> bool:
-    from ..core.gguf import split_info
-
     return split_info(path.name) is not None
 
 
 def _ensure_blob(f: _File, connections, offline, progress, home, check_gguf: bool) -> Tuple[Hash, int, int]:
     """(hash, size, bytes downloaded) of `f`, in the store afterwards."""
-    from ..transfer.download import download, redact
-
     if f.expected is not None and store.has_blob(f.expected, home):
         size = store.blob_path(f.expected, home).stat().st_size
         if f.size is None or size == f.size:
@@ -381,21 +370,12 @@ def _ensure_blob(f: _File, connections, offline, progress, home, check_gguf: boo
             result = download(f.url, staged, expected=f.expected, size=f.size, connections=connections,
                               headers=hub.auth_headers(f.url), progress=progress, tmp_dir=store.tmp_dir(home))
             if check_gguf and _gguf_name(f.filename):
-                from ..core.gguf import read_header
-
                 read_header(staged)
             blob = store.install_blob(staged, result.sha256, home)
         finally:
-            _unlink(staged)
+            unlink_missing_ok(staged)
     log.info("%s: verified sha256 %s (%d bytes) -> %s", f.filename, result.sha256.hex, result.size, blob)
     return result.sha256, result.size, result.bytes_downloaded
-
-
-def _unlink(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _gguf_name(filename: str) -> bool:
@@ -404,9 +384,6 @@ def _gguf_name(filename: str) -> bool:
 
 def _unpack(name: str, archive_hash: Hash, home: Path) -> Tuple[Path, List[Path]]:
     """Unpack a verified archive blob into models/<name>/ (data policy: nothing escapes)."""
-    from ..core.archive import extract
-    from ..core.gguf import read_header
-
     target = store.entry_dir(name, home)
     manifest = target / store.MANIFEST
     existing = store.lookup(name, home)
@@ -457,8 +434,6 @@ def _entry_path(target: Path, files: List[Path]) -> Path:
 
 
 def _split_info(name: str):
-    from ..core.gguf import split_info
-
     return split_info(name)
 
 
@@ -490,7 +465,6 @@ def _record_tofu(plan: _Plan, got, project: Optional[Project]) -> None:
     """Trust on first use: write what was verified-by-download into the lock (atomic)."""
     from filelock import FileLock
 
-    from ..pins.config import load_lock
 
     path = _tofu_lock_path(project)
 
@@ -508,8 +482,6 @@ def _record_tofu(plan: _Plan, got, project: Optional[Project]) -> None:
 
 
 def _tofu_lock_path(project: Optional[Project]) -> Path:
-    from ..pins.config import packaged_dir
-
     if project is None or project.lock.path is None:
         raise UsageError("--trust-on-first-use needs a lock file to record the hash in",
                          hint="Pass --lock PATH (it is created if missing).")

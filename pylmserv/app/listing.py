@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from ..pins.config import Project
+from ..store import blobs as store
+from ..store import layout as paths
+from ..store.trees import store_path
 
 ENGINES = ("llama.cpp", "llamafile")
 # Which catalog source each engine is built from.
@@ -87,8 +90,6 @@ def _executables(directory: Path):
 
 def entries(project: Project, home: Optional[Path] = None) -> List[Entry]:
     """Every model and source of the config (and any the lock pins beyond it)."""
-    from ..store import layout as paths, blobs as store
-
     home = Path(home) if home else paths.home()
     cfg, lock = project.config, project.lock
     all_builds = builds(home) if home.exists() else []
@@ -110,8 +111,6 @@ def entries(project: Project, home: Optional[Path] = None) -> List[Entry]:
         rev = (pin.rev or pin.get("ref") or pin.get("version")) if pin else None
         fetched_path = fetched_size = None
         if pin is not None:
-            from ..store.trees import store_path
-
             where = store_path(pin, home)
             if where.exists():
                 fetched_path = where

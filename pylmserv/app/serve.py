@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
+from ..builders import binfmt, build
+from ..builders.llama_cpp import MAPPING_VERSION
+from ..core import proc as proc_tools
 from ..core.errors import PylmservError, UsageError
+from ..pins.config import load_project
+from ..store import records as stamps
+from ..store.layout import home, subdir
+from .fetch_models import fetch
 
 log = logging.getLogger("pylmserv.serve")
 
@@ -113,13 +120,11 @@ def resolve_model(model: str, config: Optional[Path] = None, lock: Optional[Path
             raise UsageError(f"model file not found: {model}",
                              hint="Give an existing .gguf file or a catalog name (see `pylmserv list`).")
         return candidate.resolve()
-    from ..pins.config import load_project
 
     project = load_project(config, lock)
     if model not in project.config.models and model not in project.lock.models:
         names = ", ".join(sorted(set(project.config.models) | set(project.lock.models)))
         raise UsageError(f"unknown model {model!r}", hint=f"Use a .gguf path or one of: {names}.")
-    from .fetch_models import fetch
 
     results = fetch([model], config=config, lock=lock, offline=offline)
     return Path(results[0].path)
@@ -137,7 +142,6 @@ def resolve_server(engine: str, backend: str, server_bin: Optional[Path] = None,
             raise UsageError(f"server binary not found or not executable: {path}",
                              hint=f"Point --server-bin (or ${SERVER_BIN_ENV}) at a llama-server executable.")
         return path
-    from ..builders import build
 
     kwargs = {"what": engine, "backend": backend, "config": config, "lock": lock}
     if engine == "llama.cpp":
@@ -154,11 +158,6 @@ def existing_build_targets(backend: str, config: Optional[Path] = None, lock: Op
 
     Calling build() with those targets is then a cache hit: no second build for `serve`.
     """
-    from ..store import records as stamps
-    from ..builders.llama_cpp import MAPPING_VERSION
-    from ..pins.config import load_project
-    from ..store.layout import home
-
     entry = load_project(config, lock).lock.entry("sources", "llama-cpp")
     builds = home() / "builds"
     if entry is None or not builds.is_dir():
@@ -197,7 +196,6 @@ def _needs_shell(binary: Path, binfmt_dir: Optional[Path] = None) -> bool:
     """An APE (a llamafile) that execve() would hand to WINE or refuse (Linux binfmt_misc)."""
     if not sys.platform.startswith("linux"):
         return False
-    from ..builders import binfmt
 
     directory = binfmt_dir or os.environ.get(BINFMT_DIR_ENV) or None
     return binfmt.is_ape(binary) and not binfmt.read_binfmt(directory).direct_exec_ok
@@ -251,9 +249,9 @@ class ServerProcess:
             self._log_handle = open(log_file, "ab")
         out = self._log_handle if self._log_handle is not None else None
         try:
-            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out or sys.stderr.fileno(),
-                                         stderr=subprocess.STDOUT if out else None, start_new_session=True,
-                                         preexec_fn=_pdeathsig_setup(), env=env)
+            self.proc = proc_tools.start_group(self.argv, stdout=out or sys.stderr.fileno(),
+                                               stderr=subprocess.STDOUT if out else None,
+                                               preexec_fn=_pdeathsig_setup(), env=env)
         except OSError as exc:
             self._close_log()
             raise PylmservError(f"cannot start {self.argv[0]}: {exc.strerror}",
@@ -268,49 +266,17 @@ class ServerProcess:
         return self.proc.poll()
 
     def signal_group(self, sig: int) -> None:
-        try:
-            os.killpg(self.pgid, sig)
-        except ProcessLookupError:
-            pass
+        proc_tools.signal_group(self.pgid, sig)
 
     def group_alive(self) -> bool:
         """Does any process of the group still run? (Zombies awaiting their reaper run nothing.)"""
-        try:
-            os.killpg(self.pgid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        if not os.path.isdir("/proc/self"):
-            return True
-        return any(True for _ in _running_members(self.pgid))
+        return proc_tools.group_alive(self.pgid)
 
     def stop(self, sig: int = signal.SIGTERM, grace: float = STOP_GRACE_S) -> Optional[int]:
         """Signal the group, give the server `grace` seconds, then SIGKILL what remains of it."""
-        if self.proc.poll() is None or self.group_alive():
-            self.signal_group(sig)
-            self._wait(lambda: self.proc.poll() is not None, grace)
-            if self.group_alive():
-                # The server is gone but left children behind, or it ignored the signal.
-                if self.proc.poll() is None:
-                    log.warning("server did not stop within %.0fs; killing it", grace)
-                else:
-                    self.signal_group(signal.SIGTERM)
-                    self._wait(lambda: not self.group_alive(), min(grace, 2.0))
-                self.signal_group(signal.SIGKILL)
-                self._wait(lambda: self.proc.poll() is not None and not self.group_alive(), 5.0)
-        try:
-            code = self.proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL cannot be ignored
-            code = None
+        code = proc_tools.stop_group(self.proc, grace=grace, sig=sig)
         self._close_log()
         return code
-
-    @staticmethod
-    def _wait(done: Callable[[], bool], seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while not done() and time.monotonic() < deadline:
-            time.sleep(0.02)
 
     def _close_log(self) -> None:
         if self._log_handle is not None:
@@ -325,21 +291,6 @@ class ServerProcess:
             f.seek(max(0, f.tell() - 16384))
             text = f.read().decode("utf-8", "replace")
         return "\n".join(text.splitlines()[-lines:])
-
-
-def _running_members(pgid: int):
-    """PIDs of non-zombie processes in process group `pgid` (Linux /proc)."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        # fields after "(comm)": state, ppid, pgrp, ...
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            yield int(entry)
 
 
 def wait_healthy(server: ServerProcess, url: str, timeout: float, api_key: Optional[str] = None,
@@ -435,8 +386,6 @@ def _is_main_thread() -> bool:
 
 
 def default_log_file(port: int) -> Path:
-    from ..store.layout import subdir
-
     return subdir("logs") / f"llama-server-{port}.log"
 
 

@@ -2,59 +2,37 @@
 
 `build()` is the library entry point; `pylmserv build` is a thin layer over it. The
 up-to-date path reads the lock and one stamp file and returns: no toolchain probes, no
-CMake, no hashing of the tree. Heavy modules are imported only past that point.
+CMake, no hashing of the tree.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import platform as _platform
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..core.errors import BuildError, ConfigError, ToolMissingError, UsageError
+from ..pins.config import load_project
 from ..store import records as stamps
+from ..store.layout import home
+from ..store.trees import ensure_source, store_path
+from . import toolchain as tc
+from .llama_cpp import (BACKENDS, BUILD_TIMEOUT, CONFIGURE_TIMEOUT, DEFAULT_TARGETS, LOG_NAME, MAPPING_VERSION,
+                        Detected, Request, backend_env, builtin_features, find_outputs, install_files,
+                        make_commands, map_options, point_current, preflight, run_logged, scan_features,
+                        shared_libs)
+from .llamafile import build_llamafile
+from .result import BuildResult
+from .toolchain import detect_toolchain
 
 log = logging.getLogger("pylmserv.build")
 
 ENGINES = ("llama.cpp", "llamafile")
 SOURCE_NAME = "llama-cpp"  # the [sources.llama-cpp] entry of pylmserv.lock
-
-
-@dataclass(frozen=True)
-class BuildResult:
-    what: str
-    backend: str
-    binaries: Dict[str, Path]  # target -> installed path
-    build_dir: Path
-    prefix: Path
-    seconds: float
-    cache_hit: bool
-    key: str = ""
-    source: Optional[Path] = None
-    commands: Tuple[str, ...] = ()  # configure + build, one shell-quoted line each
-    detected: Tuple[str, ...] = ()  # what the toolchain detection found (dry runs, -v)
-    notes: Tuple[str, ...] = ()  # warnings and mapping decisions worth telling the user
-    dry_run: bool = False
-    current: Optional[Path] = None  # the `current` link of this engine/backend, default prefix only
-    sha256: Dict[str, str] = field(default_factory=dict)  # output file name -> sha256 hex, as built
-
-    @property
-    def paths(self) -> Dict[str, Path]:
-        return self.binaries
-
-    def to_json(self) -> dict:
-        return {
-            "what": self.what, "backend": self.backend, "cache_hit": self.cache_hit,
-            "seconds": round(self.seconds, 3), "build_dir": str(self.build_dir), "prefix": str(self.prefix),
-            "paths": {k: str(v) for k, v in sorted(self.binaries.items())}, "key": self.key,
-            "source": str(self.source) if self.source else None, "commands": list(self.commands),
-            "current": str(self.current) if self.current else None, "notes": list(self.notes),
-            "dry_run": self.dry_run, "sha256": dict(sorted(self.sha256.items())),
-        }
 
 
 def build(what: str = "llama.cpp", backend: str = "cpu", targets: Optional[Sequence[str]] = None,
@@ -67,14 +45,11 @@ def build(what: str = "llama.cpp", backend: str = "cpu", targets: Optional[Seque
     `reproducible` (default: on for portable builds) makes the same lock and options give
     the same bytes in any PYLMSERV_HOME and build directory."""
     if what == "llamafile":
-        from .llamafile import build_llamafile
-
         return build_llamafile(backend=backend, jobs=jobs, prefix=prefix, dry_run=dry_run, force=force,
                                config=config, lock=lock, source_dir=source_dir, cuda_arch=cuda_arch,
                                gpu_targets=gpu_targets)
     if what != "llama.cpp":
         raise UsageError(f"unknown build target {what!r}", hint="Use `pylmserv build llama.cpp` or `pylmserv build llamafile`.")
-    from .llama_cpp import BACKENDS, DEFAULT_TARGETS, Request
 
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r}", hint="Use one of: " + ", ".join(BACKENDS) + ".")
@@ -96,10 +71,6 @@ def build_llama_cpp(output_dir, cuda: bool = False, backend: Optional[str] = Non
 def output_digests(outputs: Dict[str, Path], build_dir: Path) -> Dict[str, str]:
     """sha256 of every built file that ships (binaries and the shared libraries beside them):
     recorded in the stamp, so the fast path reports them without reading the files."""
-    import hashlib
-
-    from .llama_cpp import shared_libs
-
     files = {Path(p).name: Path(p) for p in outputs.values()}
     files.update({p.name: p for p in shared_libs(build_dir)})
     out = {}
@@ -116,8 +87,6 @@ class LlamaCppBuild:
     """One llama.cpp build: key -> (fast path | detect, preflight, fetch, configure, build) -> install."""
 
     def __init__(self, req, prefix=None, force=False, source_dir=None, config=None, lock=None):
-        from ..store.layout import home
-
         self.req = req
         self.force = force
         self.prefix = Path(prefix).expanduser().resolve() if prefix else None
@@ -142,8 +111,6 @@ class LlamaCppBuild:
     # -- identity ---------------------------------------------------------------------
 
     def _lock_entry(self):
-        from ..pins.config import load_project
-
         project = load_project(self.config, self.lock)
         entry = project.lock.entry("sources", SOURCE_NAME)
         if entry is None:
@@ -157,9 +124,6 @@ class LlamaCppBuild:
     def _cheap_detection(self):
         """Facts that change the -D switches. Stat calls, plus nvidia-smi/rocminfo only when
         the user left the GPU architecture to us."""
-        from .llama_cpp import Detected
-        from . import toolchain as tc
-
         req = self.req
         cuda_archs: Tuple[str, ...] = ()
         gfx: Tuple[str, ...] = ()
@@ -173,8 +137,6 @@ class LlamaCppBuild:
                         source_date_epoch="SOURCE_DATE_EPOCH" in os.environ)
 
     def _inputs(self) -> dict:
-        from .llama_cpp import MAPPING_VERSION
-
         req, det = self.req, self.detected
         source = self.entry.hash.sri if self.entry is not None else f"path:{self.source_dir}"
         return {
@@ -201,8 +163,6 @@ class LlamaCppBuild:
         return self._build()
 
     def _plan(self, tc, source: Path, features):
-        from .llama_cpp import backend_env, make_commands, map_options
-
         mapping = map_options(self.req, features, self.detected, self.rev)
         launcher = tc.ccache.path if tc.ccache.found else None
         env = dict(mapping.env)  # reproducible builds: SOURCE_DATE_EPOCH, CCACHE_BASEDIR
@@ -212,9 +172,6 @@ class LlamaCppBuild:
         return mapping, cmds, env
 
     def _dry_run(self) -> BuildResult:
-        from .llama_cpp import builtin_features, preflight, scan_features
-        from .toolchain import detect_toolchain
-
         tc = detect_toolchain(self.req.backend)
         notes: List[str] = []
         try:
@@ -224,8 +181,6 @@ class LlamaCppBuild:
         if self.source_dir is not None:
             source, features = self.source_dir, scan_features(self.source_dir)
         else:
-            from ..store.trees import store_path
-
             source = store_path(self.entry, self.home)
             features = scan_features(source) if source.is_dir() else builtin_features(self.rev)
             if not source.is_dir():
@@ -239,9 +194,6 @@ class LlamaCppBuild:
     def _build(self) -> BuildResult:
         from filelock import FileLock
 
-        from .llama_cpp import BUILD_TIMEOUT, CONFIGURE_TIMEOUT, LOG_NAME, find_outputs, preflight, run_logged, scan_features
-        from .toolchain import detect_toolchain
-
         tc = detect_toolchain(self.req.backend)
         warnings = preflight(self.req.backend, tc)
         for w in warnings:
@@ -249,8 +201,6 @@ class LlamaCppBuild:
         if self.source_dir is not None:
             source = self.source_dir
         else:
-            from ..store.trees import ensure_source
-
             source = ensure_source(self.entry, self.home)
         features = scan_features(source)
         mapping, cmds, benv = self._plan(tc, source, features)
@@ -300,8 +250,6 @@ class LlamaCppBuild:
 
     def _finish(self, outputs: Dict[str, Path], cache_hit: bool, notes=(), source=None, commands=(),
                 sha256=None) -> BuildResult:
-        from .llama_cpp import install_files, point_current
-
         prefix = self._prefix_dir()
         bindir = prefix / "bin" if self.prefix is not None else prefix
         wanted = {t: outputs[t] for t in self.req.targets}

@@ -19,9 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from ..pins.config import Lock, LockEntry
+from ..core.archive import extract
 from ..core.errors import ConfigError, VerificationError
+from ..core.fsutil import atomic_write_text
 from ..core.hashing import Hash
+from ..pins.config import Lock, LockEntry
+from ..store.layout import ensure_home, home, subdir
+from ..store.trees import ensure_source
 
 log = logging.getLogger("pylmserv.cosmocc")
 
@@ -70,8 +74,6 @@ def find_entry(lock: Lock, version: str) -> LockEntry:
 
 def toolchain_dir(entry: LockEntry, root: Optional[Path] = None) -> Path:
     """Where `entry`'s cosmocc is (or will be) unpacked: keyed by version and zip hash."""
-    from ..store.layout import home
-
     base = Path(root) if root else home()
     version = str(entry.get("version") or entry.name)
     return base / "toolchains" / f"cosmocc-{version}-{entry.hash.nix32[:12]}"
@@ -81,7 +83,6 @@ def ensure_cosmocc(entry: LockEntry, root: Optional[Path] = None) -> Cosmocc:
     """Download + verify the zip (once), unzip it (once per version), fix exec bits."""
     from filelock import FileLock
 
-    from ..store.layout import ensure_home, subdir
 
     root = Path(root) if root else ensure_home()
     if entry.mode != "flat":
@@ -95,7 +96,6 @@ def ensure_cosmocc(entry: LockEntry, root: Optional[Path] = None) -> Cosmocc:
     with FileLock(str(subdir("tmp", root) / f"{target.name}.lock"), timeout=3600):
         if target.is_dir() and marker.is_file():
             return _load(entry, target, marker)
-        from ..store.trees import ensure_source
 
         zip_path = ensure_source(entry, root)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent if target.parent.is_dir()
@@ -111,7 +111,6 @@ def ensure_cosmocc(entry: LockEntry, root: Optional[Path] = None) -> Cosmocc:
             os.replace(tree, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        from ..core.fsutil import atomic_write_text
 
         atomic_write_text(marker, json.dumps({"version": version, "zip": entry.hash.sri, "url": entry.url,
                                               "fixed_modes": fixed}, indent=2, sort_keys=True) + "\n")
@@ -147,7 +146,6 @@ def _unzip(zip_path: Path, dest: Path) -> Path:
     then restore the exact permission bits the zip records (e.g. 0444) before fixing them."""
     import zipfile
 
-    from ..core.archive import extract
 
     extract(zip_path, dest, policy="data")
     with zipfile.ZipFile(zip_path) as zf:

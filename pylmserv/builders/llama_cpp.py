@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
 from ..core.errors import BuildError, ToolMissingError, UsageError
+from .toolchain import MIN_CMAKE, version_str
 
 log = logging.getLogger("pylmserv.build")
 
@@ -389,8 +390,6 @@ NIX_HINT = "or enter a shell that has it: `nix develop .#{shell}`"
 
 def preflight(backend: str, tc, platform: str = sys.platform) -> List[str]:
     """Warnings; raises ToolMissingError naming every missing tool with how to get it."""
-    from .toolchain import MIN_CMAKE, version_str
-
     missing: List[str] = []
     warnings: List[str] = []
     shell = {"cuda": "cuda", "rocm": "rocm", "vulkan": "vulkan"}.get(backend, "default")
@@ -592,7 +591,7 @@ def shared_libs(build_dir: Path) -> List[Path]:
 
 # -- install ------------------------------------------------------------------------------
 
-def _same_file(a: Path, b: Path) -> bool:
+def _same_size_and_mtime(a: Path, b: Path) -> bool:
     try:
         sa, sb = a.stat(), b.stat()
     except OSError:
@@ -615,7 +614,7 @@ def install_files(binaries: Mapping[str, Path], bindir: Path, with_libs: Optiona
     files += [(None, lib) for lib in (shared_libs(with_libs.parent) if with_libs else [])]
     for name, src in files:
         dest = bindir / src.name
-        if not _same_file(src, dest):
+        if not _same_size_and_mtime(src, dest):
             _copy_atomic(src, dest)
         if name:
             out[name] = dest

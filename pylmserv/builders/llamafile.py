@@ -40,9 +40,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from ..store import layout as paths
+from ..core.apezip import embed_files
 from ..core.errors import BuildError, ConfigError, ToolMissingError, UsageError
+from ..pins.config import load_project
+from ..store import layout as paths
 from ..store import records as stamps
+from ..store.trees import ensure_source, store_path
+from . import toolchain as tc
+from .binfmt import is_ape, read_binfmt
+from .cosmocc import Cosmocc, ensure_cosmocc, find_entry, toolchain_dir
+from .llama_cpp import install_files, point_current, run_logged
+from .result import BuildResult
 
 log = logging.getLogger("pylmserv.build")
 
@@ -140,9 +148,6 @@ def build_llamafile(backend: str = "cpu", jobs: Optional[int] = None, prefix: Op
 class LlamafileBuild:
     def __init__(self, backend, jobs, prefix, force, config, lock, source_dir, cuda_arch, gpu_targets,
                  cuda_blas, binfmt_dir):
-        from ..pins.config import load_project
-        from .cosmocc import find_entry
-
         self.backend, self.force = backend, force
         self.jobs = jobs or os.cpu_count() or 1
         self.prefix = Path(prefix).expanduser().resolve() if prefix else None
@@ -203,14 +208,9 @@ class LlamafileBuild:
     # -- planning --------------------------------------------------------------------------
 
     def _toolchain_root(self) -> Path:
-        from .cosmocc import toolchain_dir
-
         return toolchain_dir(self.cosmocc_entry, self.home)
 
     def _plan(self, cosmocc_root: Path, source: Path, force_loader: bool = False) -> Plan:
-        from .binfmt import read_binfmt
-        from .cosmocc import Cosmocc
-
         cc = Cosmocc(self.cosmocc_version, cosmocc_root, self.cosmocc_entry.hash)
         report = read_binfmt(self.binfmt_dir, loader_hint=str(cc.loader()))
         mode = "direct" if report.direct_exec_ok and not force_loader else "loader"
@@ -229,8 +229,6 @@ class LlamafileBuild:
         return plan
 
     def _plan_gpu(self, plan: Plan, source: Path) -> None:
-        from . import toolchain as tc
-
         gpu_dir = self.build_dir / "gpu"
         table = source / "llamafile" / "cuda.c"
         plan.gpu_sources = tuple(_gpu_sources(table)) if table.is_file() else ()
@@ -259,8 +257,6 @@ class LlamafileBuild:
         plan.gpu_dso = dso
 
     def _preflight(self) -> None:
-        from . import toolchain as tc
-
         if self.backend == "cuda" and not tc.detect_nvcc().found:
             raise ToolMissingError("--backend cuda needs nvcc (the CUDA toolkit), which was not found on PATH, "
                                    "in $CUDA_PATH/bin or /usr/local/cuda/bin",
@@ -271,8 +267,6 @@ class LlamafileBuild:
                                    hint="Install ROCm (hipcc) and put /opt/rocm/bin on PATH; or build --backend cpu.")
 
     def _dry_run(self):
-        from . import BuildResult
-
         notes: List[str] = []
         try:
             self._preflight()
@@ -293,7 +287,6 @@ class LlamafileBuild:
     def _source_path(self) -> Path:
         if self.source_dir is not None:
             return self.source_dir
-        from ..store.trees import store_path
 
         return store_path(self.entry, self.home)
 
@@ -302,13 +295,8 @@ class LlamafileBuild:
     def _build(self):
         from filelock import FileLock
 
-        from .cosmocc import ensure_cosmocc
-        from .llama_cpp import run_logged
-
         self._preflight()
         if self.source_dir is None:
-            from ..store.trees import ensure_source
-
             source = ensure_source(self.entry, self.home)
         else:
             source = self.source_dir
@@ -389,9 +377,6 @@ class LlamafileBuild:
         os.replace(tmp, self.src)
 
     def _build_gpu(self, plan: Plan, source: Path, log_file: Path, outputs: Dict[str, Path]) -> None:
-        from ..app.pack import embed_files
-        from .llama_cpp import run_logged
-
         if not plan.gpu_sources:
             raise BuildError(f"{source / 'llamafile' / 'cuda.c'}: no list of GPU sources found; "
                              f"cannot compile {plan.gpu_dso.name} ahead of time",
@@ -421,9 +406,6 @@ class LlamafileBuild:
         return self.home / "bin" / f"{ENGINE}-{self.backend}" / self.key
 
     def _finish(self, outputs: Dict[str, Path], cache_hit: bool, notes=(), source=None, commands=()):
-        from . import BuildResult
-        from .llama_cpp import install_files, point_current
-
         prefix = self._prefix_dir()
         bindir = prefix / "bin" if self.prefix is not None else prefix
         installed = install_files(outputs, bindir)
@@ -439,8 +421,6 @@ def seed_cosmocc(seed: Path, cc, exec_mode: str) -> None:
     rule never runs: a symlink (direct mode) or a tree of links with loader shims for the
     APE tools (loader mode). Left alone when it already is what we want (make lists the
     directory as a prerequisite of every object: touching it would rebuild everything)."""
-    from .binfmt import is_ape
-
     want = {"mode": exec_mode, "cosmocc": str(cc.root), "loader": str(cc.loader())}
     marker = seed.parent / f"{seed.name}{SEED_MARKER}"
     if os.path.lexists(seed) and marker.is_file():
@@ -529,8 +509,6 @@ def _gpu_sources(cuda_c: Path) -> List[Tuple[str, str]]:
 def default_cuda_archs(nvcc: Optional[str] = None, run=None) -> Tuple[str, ...]:
     """PREFERRED_CUDA_ARCHS that this nvcc can target, in order; DEFAULT_CUDA_ARCHS when
     nvcc is missing or does not answer --list-gpu-arch (CUDA < 11)."""
-    from . import toolchain as tc
-
     exe = nvcc or tc.detect_nvcc().path
     if not exe:
         return DEFAULT_CUDA_ARCHS

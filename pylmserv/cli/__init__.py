@@ -14,7 +14,7 @@ from typing import Optional
 
 import click
 
-from .. import __version__
+from ..core.version import __version__
 from ..core.errors import EXIT_CODES, PylmservError
 
 # name -> (module under pylmserv.cli, one-line help shown by --help)

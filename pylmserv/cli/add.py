@@ -5,6 +5,8 @@ import json
 
 import click
 
+from ..pins.add import add
+
 
 @click.command("add")
 @click.argument("spec")
@@ -20,8 +22,6 @@ def command(opts, spec, name, unpack, force, via, as_json):
 
     The config keeps its comments and layout; nothing is written when pinning fails.
     """
-    from ..pins.add import add
-
     result = add(spec, name=name, unpack=unpack, force=force, config=opts.config, lock=opts.lock, via=via)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2, sort_keys=True))

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import click
 
-BACKENDS = ("cpu", "blas", "cuda", "rocm", "vulkan", "metal")
+from ..builders import build
+from ..builders.llama_cpp import BACKENDS
+from ..core.errors import UsageError
 
 
 @click.command("build", help="Build llama.cpp (CMake, any backend) or llamafile from the locked source. "
@@ -36,9 +38,6 @@ BACKENDS = ("cpu", "blas", "cuda", "rocm", "vulkan", "metal")
 def command(obj, what, backend, targets, cuda_arch, gpu_targets, portable, reproducible, jobs, prefix, cmake_args, source_dir,
             force, dry_run, as_json):
     import signal
-
-    from ..builders import build
-    from ..core.errors import UsageError
 
     def terminated(signum, frame):
         raise KeyboardInterrupt  # unwinds the build: its steps are stopped, no stamp is written

@@ -6,7 +6,8 @@ import os
 
 import click
 
-from ..app.doctor import BACKENDS, FAIL, OK, WARN, diagnose
+from ..app.doctor import FAIL, OK, WARN, diagnose
+from ..builders.llama_cpp import BACKENDS
 
 MARKS = {OK: ("ok  ", "green"), WARN: ("warn", "yellow"), FAIL: ("FAIL", "red")}
 

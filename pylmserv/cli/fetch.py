@@ -6,6 +6,9 @@ from pathlib import Path
 
 import click
 
+from ..core.errors import UsageError
+from ..app.fetch_models import fetch
+
 
 @click.command("fetch")
 @click.argument("items", nargs=-1, metavar="NAME_OR_URL...")
@@ -24,9 +27,6 @@ def command(opts, items, sha256, dest, connections, offline, tofu, as_json, no_p
 
     Downloads are resumable (re-run after an interruption), use several connections,
     and are verified (size, sha256, GGUF header) before they enter the store."""
-    from ..core.errors import UsageError
-    from ..app.fetch_models import fetch
-
     if not items:
         raise UsageError("nothing to fetch", hint="e.g. `pylmserv fetch stories15m` (names: `pylmserv list`).")
     results = fetch(list(items), dest=dest, connections=connections, offline=offline, sha256=sha256,

@@ -5,6 +5,9 @@ import json
 
 import click
 
+from ..app.doctor import human_size
+from ..app.gc import collect
+
 
 @click.command("gc")
 @click.option("--dry-run", is_flag=True, help="List what would be deleted and how much it frees; delete nothing.")
@@ -15,9 +18,6 @@ import click
 def command(opts, dry_run, keep_builds, as_json):
     """Roots: every lock pylmserv used here (while the file exists), the `current` build of
     each backend, and the locks running pylmserv processes hold. Everything else goes."""
-    from ..app.gc import collect
-    from ..app.doctor import human_size
-
     report = collect(keep_builds=keep_builds, dry_run=dry_run)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2, sort_keys=True))

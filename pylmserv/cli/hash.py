@@ -7,6 +7,7 @@ import click
 
 from ..core.errors import UsageError
 from ..core.hashing import FORMATS, Hash
+from ..core.nar import hash_path
 
 
 @click.command("hash")
@@ -24,7 +25,6 @@ def command(target, mode, fmt, algo, to):
         value = Hash.parse(target, algo=algo if algo != "sha256" else None)
         click.echo(value.format(to))
         return
-    from ..core.nar import hash_path
 
     path = Path(target)
     if not path.exists() and not path.is_symlink():

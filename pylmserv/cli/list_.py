@@ -5,10 +5,12 @@ import json
 
 import click
 
+from ..app.doctor import human_size
+from ..app.listing import entries
+from ..pins.config import load_project
+
 
 def _size(n):
-    from ..app.doctor import human_size
-
     return human_size(n) if n is not None else "-"
 
 
@@ -17,9 +19,6 @@ def _size(n):
 @click.pass_obj
 def command(g, as_json):
     """Show the catalog: models and sources, locked or not, fetched, built."""
-    from ..app.listing import entries
-    from ..pins.config import load_project
-
     project = load_project(g.config if g else None, g.lock if g else None)
     items = entries(project)
     if as_json:

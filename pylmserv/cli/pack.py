@@ -7,6 +7,9 @@ from pathlib import Path
 
 import click
 
+from ..app.pack import pack
+from ..builders.llamafile import default_llamafile
+
 
 @click.command("pack")
 @click.argument("model", type=click.Path(path_type=Path))
@@ -26,11 +29,7 @@ def command(model, extra_files, llamafile, output, args, align, verify, as_json)
 
     Each file is stored uncompressed with its data on an --align boundary; `.args` gets
     `-m /zip/MODEL`, the --arg values, then `...`. The result is marked executable."""
-    from ..app.pack import pack
-
     if llamafile is None:
-        from ..builders.llamafile import default_llamafile
-
         llamafile = default_llamafile()
     result = pack(model, llamafile, output, extra_files=extra_files, args=args, align=align, verify=verify)
     if as_json:

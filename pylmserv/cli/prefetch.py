@@ -6,6 +6,7 @@ import json
 import click
 
 from ..core.errors import VerificationError
+from ..pins.prefetch import prefetch
 
 
 @click.command("prefetch")
@@ -19,8 +20,6 @@ from ..core.errors import VerificationError
 @click.pass_obj
 def command(opts, names, via, check, refresh, as_json):
     """Pin NAMES (default: every source and model in pylmserv.toml) into pylmserv.lock."""
-    from ..pins.prefetch import prefetch
-
     result = prefetch(names=list(names) or None, config=opts.config, lock=opts.lock, via=via,
                       check=check, refresh=refresh)
     if as_json:

@@ -8,13 +8,12 @@ from pathlib import Path
 import click
 
 from ..app.serve import ENGINES, SERVER_BIN_ENV, ServeOptions, default_log_file, serve
+from ..pins.config import load_project
 
 
 def _complete_models(ctx, param, incomplete):
     """Shell completion for MODEL: catalog names (paths are completed by the shell itself)."""
     try:
-        from ..pins.config import load_project
-
         project = load_project()
         names = sorted(set(project.config.models) | set(project.lock.models))
     except Exception:  # completion must never print a traceback into the user's shell

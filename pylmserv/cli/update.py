@@ -5,7 +5,7 @@ import json
 
 import click
 
-from ..pins.update import EXIT_UPDATED
+from ..pins.update import EXIT_UPDATED, update
 
 
 @click.command("update", epilog=f"Exit status: 0 nothing to update; {EXIT_UPDATED} something was updated "
@@ -21,8 +21,6 @@ from ..pins.update import EXIT_UPDATED
 def command(opts, names, dry_run, git_commit, via, as_json):
     """Follow upstream for NAMES (default: all) as each entry's `track` key says; print
     old -> new per entry, then rewrite config and lock together."""
-    from ..pins.update import update
-
     result = update(names=list(names) or None, config=opts.config, lock=opts.lock, dry_run=dry_run,
                     commit=git_commit, via=via)
     if as_json:

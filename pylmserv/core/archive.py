@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator, Optional
 
-from .errors import UsageError, VerificationError
+from .errors import UnsafeArchiveError, UsageError, VerificationError  # noqa: F401
 
 POLICIES = ("data", "tar")
 _CHUNK = 1 << 20
@@ -41,10 +41,6 @@ _MAGIC = (
     (b"PK\x05\x06", 0, "zip"),  # empty zip
     (b"ustar", 257, "tar"),
 )
-
-
-class UnsafeArchiveError(VerificationError):
-    """A member would escape the target or is of a type we refuse to write."""
 
 
 def detect_format(path: Path) -> str:

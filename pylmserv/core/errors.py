@@ -1,7 +1,7 @@
 """One exception family: a user-facing message, a hint, an exit code."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 
 class PylmservError(Exception):
@@ -56,6 +56,40 @@ class BuildError(PylmservError):
     """An external build step failed (exit 6)."""
 
     exit_code = 6
+
+
+# -- specific kinds, each under the class that fixes its exit code ------------------------
+
+class NarError(UsageError, ValueError):
+    """A path that cannot be serialised (fifo, socket, device) or changed while read."""
+
+
+class UnsafeArchiveError(VerificationError):
+    """A member would escape the target or is of a type we refuse to write."""
+
+
+class ZipFormatError(UsageError):
+    """A file that should be an APE/ZIP (a llamafile) has no readable ZIP structure."""
+
+
+class DiskSpaceError(PylmservError):
+    """Not enough free space (before starting, or ENOSPC while writing)."""
+
+    exit_code = 1
+
+
+class HubNotFound(NetworkError):
+    """The Hub answered 404."""
+
+
+class GitError(NetworkError):
+    """A git command failed; the message quotes git's own fatal/error line."""
+
+    def __init__(self, args: List[str], stderr: str):
+        lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+        last = next((ln for ln in reversed(lines) if ln.startswith(("fatal:", "error:"))), lines[-1] if lines else "")
+        super().__init__(f"git {args[0]} failed: {last}", hint="Check the git URL, the ref and your network access.")
+        self.stderr = stderr
 
 
 EXIT_CODES = {

@@ -19,10 +19,7 @@ def atomic_write_bytes(path: Union[str, Path], data: bytes, mode: int = 0o644) -
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        unlink_missing_ok(tmp)
         raise
     fsync_dir(path.parent)
 
@@ -42,3 +39,11 @@ def fsync_dir(path: Union[str, Path]) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def unlink_missing_ok(path: Union[str, Path]) -> None:
+    """Remove a file; one that is already gone is fine (cleanup after a failure)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

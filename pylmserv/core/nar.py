@@ -15,12 +15,9 @@ import stat
 import struct
 from typing import Callable, Optional, Union
 
-from .errors import UsageError
+from .errors import NarError, UsageError  # noqa: F401 - NarError re-exported
 from .hashing import Hash, file_hash
 
-
-class NarError(UsageError, ValueError):
-    """A path that cannot be serialised (fifo, socket, device) or changed while read."""
 
 PathLike = Union[str, "os.PathLike[str]", bytes]
 _ZEROS = bytes(8)

@@ -18,6 +18,7 @@ else:  # pragma: no cover - exercised on older Pythons only
 
 from ..core.errors import ConfigError, HashError
 from ..core.hashing import Hash
+from ..core.fsutil import atomic_write_text
 from ..store.roots import use_lock
 
 LOCK_VERSION = 1
@@ -155,8 +156,6 @@ class Lock:
 
     def write(self, path: Optional[Path] = None) -> Path:
         """Write atomically: a failed or killed write leaves the old lock in place."""
-        from ..core.fsutil import atomic_write_text
-
         target = Path(path or self.path)
         text = self.to_toml()
         tomllib.loads(text)  # never write what we cannot read back

@@ -13,7 +13,8 @@ from typing import Iterable, List, Optional, Union
 
 from .config import Config, Lock, LockEntry, load_config, load_lock, packaged_dir, default_config_path, LOCK_NAME
 from ..core.errors import UsageError
-from .resolvers import BACKENDS, Options
+from .resolvers import git, github, hf, url
+from .resolvers.base import BACKENDS, Options
 
 log = logging.getLogger("pylmserv.prefetch")
 
@@ -146,13 +147,10 @@ def _select(cfg: Config, names: Optional[Iterable[str]]) -> list:
 def _resolve(kind: str, spec, locked: Optional[LockEntry], opts: Options) -> LockEntry:
     if kind == "models":
         if spec.hf:
-            from .resolvers import hf
             entry = hf.resolve(spec, locked, opts)
         else:
-            from .resolvers import url
             entry = url.resolve_model(spec, locked, opts)
     else:
-        from .resolvers import git, github, url
         entry = {"github": github, "git": git, "url": url}[spec.type].resolve(spec, locked, opts)
     log.debug("%s.%s: %s", kind, spec.name, entry.hash.sri)
     return entry

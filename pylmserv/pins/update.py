@@ -32,7 +32,7 @@ from . import upstream
 from .config import LOCK_NAME, Config, LockEntry, ModelSpec, SourceSpec, default_config_path, load_config, load_lock
 from .configedit import parse_config, project_lock, read_text, set_values, write_config
 from .prefetch import prefetch
-from .resolvers.git import resolve_ref
+from ..transfer.git import resolve_ref
 
 log = logging.getLogger("pylmserv.update")
 

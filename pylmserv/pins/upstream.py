@@ -18,6 +18,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 from urllib.parse import urljoin, urlsplit
 
 from ..core.errors import NetworkError, UsageError
+from ..core.version import __version__
+from ..transfer.git import ls_remote
 
 log = logging.getLogger("pylmserv.update")
 
@@ -55,8 +57,6 @@ def _origin(url: str) -> tuple:
 
 
 def _headers(url: str) -> dict:
-    from .. import __version__
-
     headers = {"Accept": "application/vnd.github+json", "User-Agent": f"pylmserv/{__version__}",
                "X-GitHub-Api-Version": "2022-11-28"}
     token = os.environ.get("GITHUB_TOKEN") or os.environ.get("GH_TOKEN")
@@ -195,8 +195,6 @@ def latest_release(owner: str, repo: str, what: str) -> Optional[Tag]:
 
 def git_tags(url: str) -> List[Tag]:
     """Tags of any git remote, peeled to their commits (`git ls-remote --tags`)."""
-    from .resolvers.git import ls_remote
-
     refs = ls_remote(url)
     found = {}
     for name, sha in refs.items():

@@ -27,7 +27,9 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 from ..core.errors import UsageError
 from ..core.hashing import Hash
-from .layout import ensure_home, subdir
+from ..core.fsutil import atomic_write_text, fsync_dir, unlink_missing_ok
+from . import layout
+from .layout import ensure_home
 
 log = logging.getLogger("pylmserv.store")
 
@@ -67,7 +69,7 @@ def root(home: Optional[Path] = None) -> Path:
 
 def blob_path(h: Hash, home: Optional[Path] = None) -> Path:
     """Where the blob with hash `h` lives (present or not)."""
-    return (home or root()) / "blobs" / h.algo / h.hex
+    return layout.blob_path(h, home)
 
 
 def has_blob(h: Hash, home: Optional[Path] = None, size: Optional[int] = None) -> bool:
@@ -80,7 +82,7 @@ def has_blob(h: Hash, home: Optional[Path] = None, size: Optional[int] = None) -
 
 
 def tmp_dir(home: Optional[Path] = None) -> Path:
-    return subdir("tmp", home)
+    return layout.tmp_dir(home)
 
 
 def temp_path(hint: str, home: Optional[Path] = None) -> Path:
@@ -93,7 +95,7 @@ def temp_path(hint: str, home: Optional[Path] = None) -> Path:
 def blob_lock(h: Hash, home: Optional[Path] = None) -> Iterator[None]:
     """Exclusive per-blob lock across processes. It is an flock: a killed holder
     releases it with its death, so stale locks recover by themselves."""
-    from filelock import FileLock, Timeout
+    from filelock import FileLock, Timeout  # lazy: a third-party import
 
     lock = FileLock(str(tmp_dir(home) / f"{h.hex}.lock"))
     try:
@@ -114,20 +116,18 @@ def install_blob(verified_file: Path, h: Hash, home: Optional[Path] = None) -> P
     target = blob_path(h, home)
     target.parent.mkdir(parents=True, exist_ok=True)
     if has_blob(h, home, size=os.path.getsize(verified_file)):
-        _unlink(verified_file)
+        unlink_missing_ok(verified_file)
         return target
     os.chmod(verified_file, 0o444)
     with open(verified_file, "rb") as f:
         os.fsync(f.fileno())
     os.replace(verified_file, target)
-    from ..core.fsutil import fsync_dir
-
     fsync_dir(target.parent)
     return target
 
 
 def blobs(home: Optional[Path] = None) -> List[Tuple[Hash, Path, int]]:
-    base = (home or root()) / "blobs" / "sha256"
+    base = layout.blobs_dir("sha256", home)
     out = []
     if base.is_dir():
         for p in sorted(base.iterdir()):
@@ -150,7 +150,7 @@ def _check_name(name: str) -> None:
 
 def entry_dir(name: str, home: Optional[Path] = None) -> Path:
     _check_name(name)
-    return (home or root()) / "models" / name
+    return layout.model_dir(name, home)
 
 
 def link_named(name: str, h: Hash, filename: Optional[str] = None, home: Optional[Path] = None,
@@ -166,7 +166,7 @@ def link_named(name: str, h: Hash, filename: Optional[str] = None, home: Optiona
     directory = entry_dir(name, home)
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / filename
-    if _same_file(target, blob):
+    if _same_inode(target, blob):
         _record(directory, filename, h, blob.stat().st_size)
         return target
     place(blob, target, mode=mode)
@@ -196,7 +196,7 @@ def place(blob: Path, target: Path, mode: Optional[str] = None) -> str:
             os.replace(tmp, target)
             return method
         except OSError as exc:
-            _unlink(tmp)
+            unlink_missing_ok(tmp)
             last = exc
             if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES, errno.EOPNOTSUPP):
                 raise
@@ -204,7 +204,7 @@ def place(blob: Path, target: Path, mode: Optional[str] = None) -> str:
     raise last
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def _same_inode(a: Path, b: Path) -> bool:
     try:
         return os.path.samefile(a, b)
     except OSError:
@@ -212,8 +212,6 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def _record(directory: Path, filename: str, h: Hash, size: int) -> None:
-    from ..core.fsutil import atomic_write_text
-
     manifest = _read_manifest(directory)
     manifest[filename] = {"sha256": h.hex, "size": size}
     atomic_write_text(directory / MANIFEST, json.dumps({"files": manifest}, indent=1, sort_keys=True) + "\n")
@@ -221,8 +219,6 @@ def _record(directory: Path, filename: str, h: Hash, size: int) -> None:
 
 def set_order(name: str, filenames: Sequence[str], home: Optional[Path] = None) -> None:
     """Record the file order of an entry (split sets: shard 1 first)."""
-    from ..core.fsutil import atomic_write_text
-
     directory = entry_dir(name, home)
     manifest = _read_manifest(directory)
     data = {"files": manifest, "order": list(filenames)}
@@ -264,17 +260,8 @@ def lookup(name: str, home: Optional[Path] = None) -> Optional[NamedEntry]:
     return NamedEntry(name, tuple(out), directory)
 
 
-def _unlink(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
 def write_tree_manifest(directory: Path, archive: Hash, files: Sequence[Tuple[str, int]]) -> None:
     """Manifest of an entry unpacked from a verified archive: file sizes, archive hash."""
-    from ..core.fsutil import atomic_write_text
-
     data = {"archive": {"sha256": archive.hex}, "files": {rel: {"size": size} for rel, size in files},
             "order": [rel for rel, _ in files]}
     atomic_write_text(directory / MANIFEST, json.dumps(data, indent=1, sort_keys=True) + "\n")

@@ -1,6 +1,6 @@
 """Where pylmserv keeps things. One home ($PYLMSERV_HOME, else the user cache dir).
 
-Layout (every module uses these helpers, never its own paths):
+Layout (this module is the only one that spells these names; everyone else asks it):
   blobs/sha256/<hex>        content-addressed files (models, flat sources)
   models/<name>             named entries -> blobs (hardlink, symlink or copy)
   sources/<nix32>-<name>    verified unpacked source trees, keyed by NAR hash
@@ -8,11 +8,17 @@ Layout (every module uses these helpers, never its own paths):
   builds/<key>              build directories, keyed by (source hash, backend, options)
   bin/<engine>-<backend>    installed binaries (`current` links per backend)
   tmp/                      partial downloads and staging (same filesystem: os.replace)
+  logs/                     server logs
 """
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+from typing import Optional
+
+from ..core.fsutil import atomic_write_text
+from ..core.hashing import Hash
 
 CACHEDIR_TAG = (
     "Signature: 8a477f597d28d172789f06886806bc55\n"
@@ -32,18 +38,78 @@ def home() -> Path:
     return root
 
 
-def ensure_home(root: Path | None = None) -> Path:
+def ensure_home(root: Optional[Path] = None) -> Path:
     root = root or home()
     root.mkdir(parents=True, exist_ok=True)
     tag = root / "CACHEDIR.TAG"
     if not tag.exists():
-        from ..core.fsutil import atomic_write_text
-
         atomic_write_text(tag, CACHEDIR_TAG)
     return root
 
 
-def subdir(name: str, root: Path | None = None) -> Path:
+def subdir(name: str, root: Optional[Path] = None) -> Path:
     path = ensure_home(root) / name
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _base(root: Optional[Path]) -> Path:
+    """`root` as given (callers that pass one made it already), else the ensured home."""
+    return Path(root) if root is not None else ensure_home()
+
+
+# -- content-addressed files and trees ----------------------------------------------------
+
+def blobs_dir(algo: str = "sha256", root: Optional[Path] = None) -> Path:
+    return _base(root) / "blobs" / algo
+
+
+def blob_path(h: Hash, root: Optional[Path] = None) -> Path:
+    """blobs/<algo>/<hex>: where the file with hash `h` lives (present or not)."""
+    return blobs_dir(h.algo, root) / h.hex
+
+
+def source_tree_path(h: Hash, name: str, root: Optional[Path] = None) -> Path:
+    """sources/<nix32>-<name>: a verified unpacked tree (the name made path-safe)."""
+    safe = re.sub(r"[^A-Za-z0-9+._=-]", "_", name).lstrip(".") or "source"  # a name is not a path
+    return _base(root) / "sources" / f"{h.nix32}-{safe}"
+
+
+def models_dir(root: Optional[Path] = None) -> Path:
+    return _base(root) / "models"
+
+
+def model_dir(name: str, root: Optional[Path] = None) -> Path:
+    """models/<name>: a named entry (callers check the name first)."""
+    return models_dir(root) / name
+
+
+# -- toolchains, builds, installed binaries ------------------------------------------------
+
+def toolchains_dir(root: Optional[Path] = None) -> Path:
+    return _base(root) / "toolchains"
+
+
+def builds_dir(root: Optional[Path] = None) -> Path:
+    return _base(root) / "builds"
+
+
+def build_dir(name: str, root: Optional[Path] = None) -> Path:
+    """builds/<engine>-<backend>-<key>."""
+    return builds_dir(root) / name
+
+
+def bin_dir(root: Optional[Path] = None) -> Path:
+    """bin/<engine>-<backend>/<key> (and a `current` link per engine and backend)."""
+    return _base(root) / "bin"
+
+
+# -- scratch ---------------------------------------------------------------------------------
+
+def tmp_dir(root: Optional[Path] = None) -> Path:
+    """tmp/ (created): partials and staging on the blobs' filesystem."""
+    return subdir("tmp", root)
+
+
+def logs_dir(root: Optional[Path] = None) -> Path:
+    return subdir("logs", root)

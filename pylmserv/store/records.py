@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, Mapping, Optional
 
-from ..core.fsutil import atomic_write_text
+from ..core.fsutil import atomic_write_text, unlink_missing_ok
 
 STAMP_VERSION = 1
 STAMP_NAME = "pylmserv-stamp.json"
@@ -110,10 +110,27 @@ def write_stamp(path: Path, stamp: Stamp) -> Path:
 
 
 def remove_stamp(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+    unlink_missing_ok(path)
+
+
+def newest_build(builds: Path, prefix: str, inputs: Mapping, output: str) -> Optional[Stamp]:
+    """The newest stamp of a build under `builds`/<prefix>*/ made from `inputs` (every key
+    given must match) that produced `output`, with all its outputs still in place."""
+    if not builds.is_dir():
+        return None
+    best = None
+    for stamp_file in builds.glob(f"{prefix}*/{STAMP_NAME}"):
+        stamp = read_stamp(stamp_file)
+        if stamp is None or output not in stamp.outputs:
+            continue
+        if any(stamp.inputs.get(k) != v for k, v in inputs.items()):
+            continue
+        if not all(r.still_there() for r in stamp.outputs.values()):
+            continue
+        mtime = stamp_file.stat().st_mtime
+        if best is None or mtime > best[0]:
+            best = (mtime, stamp)
+    return best[1] if best else None
 
 
 def is_up_to_date(stamp: Optional[Stamp], outputs: Optional[Iterable] = None,

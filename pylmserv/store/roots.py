@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from ..core.fsutil import atomic_write_bytes, atomic_write_text
 from .layout import home as store_home
 
 log = logging.getLogger("pylmserv.store")
@@ -50,8 +51,6 @@ def use_lock(lock_path: Path, home: Optional[Path] = None) -> None:
 
 
 def register_lock(lock_path: Path, home: Optional[Path] = None) -> Path:
-    from ..core.fsutil import atomic_write_text
-
     path = Path(lock_path).resolve()
     entry = roots_dir(home) / "locks" / _key(path)
     try:
@@ -66,8 +65,6 @@ def register_lock(lock_path: Path, home: Optional[Path] = None) -> Path:
 
 def _hold(lock_path: Path, text: bytes, home: Optional[Path]) -> None:
     from filelock import FileLock
-
-    from ..core.fsutil import atomic_write_bytes
 
     base = roots_dir(home) / "procs"
     key = str(Path(home or store_home()).resolve())

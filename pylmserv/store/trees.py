@@ -12,18 +12,37 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import tempfile
 from pathlib import Path
 from typing import Optional, Tuple
 
-from ..pins.resolvers import git as gitutil
 from ..core.archive import extract
-from ..pins.config import LockEntry
 from ..core.errors import PylmservError, UsageError, VerificationError
-from ..core.hashing import Hash
+from ..core.hashing import Hash, file_hash
 from ..core.nar import nar_hash
-from .layout import ensure_home, subdir
+from ..transfer import git as gitutil
+from ..transfer.download import download as engine
+from . import layout
+from .blobs import install_blob
+from .layout import ensure_home
+
+try:  # the store states what it needs of a pin; pins' SourcePin has it
+    from typing import Protocol
+except ImportError:  # pragma: no cover - Python 3.7
+    Protocol = object  # type: ignore[assignment,misc]
+
+
+class SourcePin(Protocol):
+    """A locked source as the store sees it (pins/config.SourcePin fits)."""
+
+    kind: str
+    name: str
+    url: str
+    hash: Hash
+    mode: str  # flat | nar
+    rev: Optional[str]
+
+    def get(self, key: str, default=None): ...
 
 log = logging.getLogger("pylmserv.sources")
 
@@ -44,21 +63,19 @@ def mirror_url(url: str) -> str:
     return url
 
 
-def store_path(entry: LockEntry, root: Optional[Path] = None) -> Path:
+def store_path(entry: SourcePin, root: Optional[Path] = None) -> Path:
     """Where `entry` lives once verified (whether or not it is there yet)."""
-    home = root or ensure_home()
     if entry.mode == "flat":
-        return home / "blobs" / entry.hash.algo / entry.hash.hex
-    safe = re.sub(r"[^A-Za-z0-9+._=-]", "_", entry.name).lstrip(".") or "source"  # a name is not a path
-    return home / "sources" / f"{entry.hash.nix32}-{safe}"
+        return layout.blob_path(entry.hash, root)
+    return layout.source_tree_path(entry.hash, entry.name, root)
 
 
-def is_git_entry(entry: LockEntry) -> bool:
+def is_git_entry(entry: SourcePin) -> bool:
     kind = entry.get("type")
     return kind == "git" or (kind == "github" and bool(entry.get("submodules")))
 
 
-def ensure_source(entry: LockEntry, root: Optional[Path] = None) -> Path:
+def ensure_source(entry: SourcePin, root: Optional[Path] = None) -> Path:
     """Return the store path of `entry`, fetching and verifying it first if needed."""
     from filelock import FileLock, Timeout
 
@@ -66,7 +83,7 @@ def ensure_source(entry: LockEntry, root: Optional[Path] = None) -> Path:
     target = store_path(entry, root)
     if os.path.lexists(target):
         return target
-    tmp = subdir("tmp", root)
+    tmp = layout.tmp_dir(root)
     lock = FileLock(str(tmp / f"{target.name}.lock"))
     try:
         lock.acquire(timeout=LOCK_TIMEOUT)
@@ -82,15 +99,16 @@ def ensure_source(entry: LockEntry, root: Optional[Path] = None) -> Path:
             got = nar_hash(staged, entry.hash.algo) if entry.mode == "nar" else _flat(staged, entry.hash.algo)
             check_hash(entry, got)
             if entry.mode == "flat":
-                os.chmod(staged, 0o444)
-            os.replace(staged, target)
+                install_blob(staged, entry.hash, root)  # the one blob installer: fsync, read-only
+            else:
+                os.replace(staged, target)
     finally:
         lock.release()
     log.info("%s: verified %s", entry.name, entry.hash.sri)
     return target
 
 
-def check_hash(entry: LockEntry, got: Hash) -> None:
+def check_hash(entry: SourcePin, got: Hash) -> None:
     if got != entry.hash:
         raise VerificationError(
             f"{entry.kind}.{entry.name}: hash mismatch for {entry.url}: expected {entry.hash.sri}, got {got.sri}",
@@ -98,7 +116,7 @@ def check_hash(entry: LockEntry, got: Hash) -> None:
                  "otherwise the download is corrupt or was tampered with.")
 
 
-def fetch_entry(entry: LockEntry, work: Path) -> Path:
+def fetch_entry(entry: SourcePin, work: Path) -> Path:
     """Fetch `entry` into `work` (unverified); returns the file or tree to hash."""
     if is_git_entry(entry):
         if not entry.rev:
@@ -107,14 +125,13 @@ def fetch_entry(entry: LockEntry, work: Path) -> Path:
         return gitutil.checkout(mirror_url(entry.get("git_url") or entry.url), entry.rev, work / "checkout",
                                 submodules=bool(entry.get("submodules")))
     archive = work / "download"
-    download(mirror_url(entry.url), archive)  # partials in the store's tmp/: resumable across runs
+    download(mirror_url(entry.url), archive, tmp_dir=layout.tmp_dir())  # resumable across runs
     if entry.mode == "flat":
         return archive
     return extract(archive, work / "tree", policy="tar", strip_single_root=True)
 
 
 def _flat(path: Path, algo: str) -> Hash:
-    from ..core.hashing import file_hash
     return file_hash(path, algo)
 
 
@@ -124,7 +141,5 @@ def download(url: str, out: Path, headers: Optional[dict] = None, tmp_dir: Optio
     """Fetch `url` (https, http, file://) to `out` with pylmserv.download's engine
     (ranged, resumable, retried); returns (sha256, size). Verification against the lock
     happens in the caller, on the file or on the unpacked tree."""
-    from ..transfer.download import download as engine
-
     result = engine(url, out, headers=headers, tmp_dir=tmp_dir)
     return result.sha256, result.size

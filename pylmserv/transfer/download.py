@@ -29,7 +29,10 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from ..core.errors import NetworkError, PylmservError, UsageError, VerificationError
+from ..core.errors import DiskSpaceError, NetworkError, UsageError, VerificationError  # noqa: F401 - DiskSpaceError re-exported
+from ..core.fsutil import fsync_dir, unlink_missing_ok
+from ..core.progress import Progress
+from ..core.version import __version__
 from ..core.hashing import EMPTY_SHA256, Hash
 
 log = logging.getLogger("pylmserv.download")
@@ -59,12 +62,6 @@ class DownloadResult:
     seconds: float
 
 
-class DiskSpaceError(PylmservError):
-    """Not enough free space (before starting, or ENOSPC while writing)."""
-
-    exit_code = 1
-
-
 class _Restart(Exception):
     """The partial can no longer be trusted: drop it and probe again."""
 
@@ -90,7 +87,8 @@ def download(url: str, dest: Path, *, expected: Optional[Hash] = None, size: Opt
     `expected` (sha256) and `size` are checked before `dest` appears; on a mismatch the
     bad bytes are deleted and VerificationError names expected and got. `headers` (e.g.
     Authorization) are sent to the URL's own host only, never to redirect targets.
-    Partial files and their state live in `tmp_dir` (default: the store's tmp/)."""
+    Partial files and their state live in `tmp_dir` (default: beside `dest`; the store
+    passes its own tmp/ so partials resume across runs)."""
     if expected is not None and expected.algo != "sha256":
         raise UsageError(f"download() verifies sha256, got a {expected.algo} hash")
     if connections < 1:
@@ -101,11 +99,7 @@ def download(url: str, dest: Path, *, expected: Optional[Hash] = None, size: Opt
     if scheme == "file":
         got, total, nbytes = _copy_file_url(url, dest, expected, size, progress)
     elif scheme in ("http", "https"):
-        if tmp_dir is None:
-            from ..store.layout import subdir
-
-            tmp_dir = subdir("tmp")
-        tmp_dir = Path(tmp_dir)
+        tmp_dir = Path(tmp_dir) if tmp_dir is not None else dest.parent
         tmp_dir.mkdir(parents=True, exist_ok=True)
         key = hashlib.sha256((expected.hex if expected else url).encode()).hexdigest()[:32]
         base = tmp_dir / f"dl-{key}"
@@ -155,12 +149,12 @@ def verify(path: Path, got: Hash, total: int, expected: Optional[Hash], size: Op
     """Raise VerificationError (after deleting `path`) when size or hash differ."""
     if size is not None and total != size:
         reason = _likely_cause(path, got, total)
-        _unlink(path)
+        unlink_missing_ok(path)
         raise VerificationError(f"size mismatch for {redact(url)}: expected {size} bytes, got {total}{reason}",
                                 hint=_mismatch_hint(reason))
     if expected is not None and got != expected:
         reason = _likely_cause(path, got, total)
-        _unlink(path)
+        unlink_missing_ok(path)
         raise VerificationError(f"hash mismatch for {redact(url)}: expected sha256 {expected.hex}, "
                                 f"got {got.hex} ({total} bytes){reason}", hint=_mismatch_hint(reason))
 
@@ -187,13 +181,6 @@ def _mismatch_hint(reason: str) -> str:
     if reason:
         return "Check proxy settings and that the URL serves the file itself; the bad data was deleted."
     return "The server sent different bytes than pinned; the bad data was deleted. Re-check the pin or the URL."
-
-
-def _unlink(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 # -- file:// -----------------------------------------------------------------------
@@ -228,7 +215,7 @@ def _copy_file_url(url: str, dest: Path, expected, size, progress) -> tuple:
         verify(tmp, got, total, expected, size, url)
         os.replace(tmp, dest)
     except BaseException:
-        _unlink(tmp)
+        unlink_missing_ok(tmp)
         raise
     finally:
         bar.close()
@@ -247,7 +234,6 @@ def _write_all(f, data, path) -> None:
 
 def _install(partial: Path, dest: Path) -> None:
     """Move the verified partial to dest atomically (copy + replace across filesystems)."""
-    from ..core.fsutil import fsync_dir
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -262,14 +248,13 @@ def _install(partial: Path, dest: Path) -> None:
                 os.fsync(f.fileno())
             os.replace(tmp, dest)
         except BaseException:
-            _unlink(tmp)
+            unlink_missing_ok(tmp)
             raise
-        _unlink(partial)
+        unlink_missing_ok(partial)
     fsync_dir(dest.parent)
 
 
 def _make_progress(desc: str, total: Optional[int], enabled: bool, on_progress):
-    from ..core.progress import Progress
 
     return Progress(desc, total, enabled=enabled, callback=on_progress)
 
@@ -325,7 +310,6 @@ class _Engine:
             from requests.adapters import HTTPAdapter
             from urllib3.util.retry import Retry
 
-            from .. import __version__
 
             s = requests.Session()
             # urllib3 retries connection setup; cuts mid-body are retried by the part loop.
@@ -399,11 +383,11 @@ class _Engine:
             probe.response = None
 
     def discard(self) -> None:
-        _unlink(self.state_path)
-        _unlink(self.partial)
+        unlink_missing_ok(self.state_path)
+        unlink_missing_ok(self.partial)
 
     def cleanup_state(self) -> None:
-        _unlink(self.state_path)
+        unlink_missing_ok(self.state_path)
 
     # -- probing -------------------------------------------------------------
     def _probe(self, use_ranges: bool = True) -> _Probe:
@@ -788,7 +772,7 @@ class _Engine:
             tmp.write_text(json.dumps(data))
             os.replace(tmp, self.state_path)
         except OSError:
-            _unlink(tmp)  # the previous state stays valid: it only undercounts
+            unlink_missing_ok(tmp)  # the previous state stays valid: it only undercounts
             raise
 
     def _load_state(self, probe: _Probe) -> Optional[List[_Part]]:

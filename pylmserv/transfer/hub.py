@@ -12,7 +12,9 @@ import re
 from typing import Dict, List, Optional
 from urllib.parse import quote, urlsplit
 
-from ..core.errors import NetworkError, UsageError
+from ..core.errors import HubNotFound, NetworkError, UsageError  # noqa: F401
+from ..core.version import __version__
+from .download import redact
 
 HUB = "https://huggingface.co"
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -43,16 +45,10 @@ def on_endpoint(url: str) -> str:
     return url
 
 
-class HubNotFound(NetworkError):
-    """The Hub answered 404."""
-
-
 def api_json(method: str, path: str, what: str, data=None):
     """GET/POST `path` on the Hub API; errors name `what` and say how to fix them."""
     import requests
 
-    from .. import __version__
-    from .download import redact
 
     url = endpoint() + path
     headers = {"User-Agent": f"pylmserv/{__version__}", **auth_headers(url)}

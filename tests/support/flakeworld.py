@@ -26,8 +26,40 @@ from tests.support import gitrepos
 from tests.support.gitrepos import GIT_ENV
 
 REPO = Path(__file__).resolve().parents[2]
-STANDIN = REPO / "tests" / "nixpkgs-standin"
-FLAKE_FILES = ("flake.nix", "flake.lock", "nix", "pyproject.toml")
+STANDIN_SRC = REPO / "tests" / "nixpkgs-standin"
+# nixpkgs' real lib (nix-community/nixpkgs.lib), unpacked into the stand-in before use.
+NIXPKGS_LIB_FIXTURE = REPO.parent / "shared" / "fixtures" / "nixpkgs-lib-de42d44.tar.gz"
+FLAKE_FILES = ("flake.nix", "flake.lock", "nix", "pyproject.toml", "pylmserv")
+_standin_dir: List[Path] = []
+
+
+def standin() -> Path:
+    """The nixpkgs stand-in with nixpkgs' real lib in ./lib (prepared once per process).
+    Skips the calling test when the lib fixture is absent."""
+    import pytest
+    import tempfile
+
+    if _standin_dir:
+        return _standin_dir[0]
+    if not NIXPKGS_LIB_FIXTURE.is_file():
+        pytest.skip(f"nixpkgs lib fixture absent ({NIXPKGS_LIB_FIXTURE}): the stand-in uses the real lib")
+    dest = Path(tempfile.mkdtemp(prefix="pylmserv-standin-")) / "nixpkgs-standin"
+    shutil.copytree(STANDIN_SRC, dest, ignore=shutil.ignore_patterns("lib", ".gitignore"))
+    with tarfile.open(NIXPKGS_LIB_FIXTURE) as tar:
+        members = [m for m in tar.getmembers() if m.name.startswith("nixpkgs-lib/lib/") or m.name == "nixpkgs-lib/lib"]
+        for m in members:
+            m.name = m.name[len("nixpkgs-lib/"):]
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(dest, members=members, filter="data")
+        else:  # pragma: no cover - Python < 3.10.12
+            tar.extractall(dest, members=members)
+    _standin_dir.append(dest)
+    return dest
+
+
+def override_nixpkgs() -> List[str]:
+    """Arguments that replace the flake's nixpkgs input by the stand-in."""
+    return ["--no-write-lock-file", "--override-input", "nixpkgs", f"path:{standin()}"]
 COSMOCC_VERSION = "3.3.6"
 
 
@@ -71,7 +103,7 @@ def copy_flake(dest: Path) -> Path:
     for name in FLAKE_FILES:
         src = REPO / name
         if src.is_dir():
-            shutil.copytree(src, dest / name)
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(src, dest / name)
     return dest
@@ -176,6 +208,10 @@ def _git_repo(path: Path, salt: bytes, branch: str) -> str:
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid", "-C", str(path)]
     subprocess.run(git + ["init", "-q"], check=True, timeout=60)
     (path / "gadget.txt").write_bytes(b"gadget " + salt.hex().encode() + b"\n")
+    # `git archive` (Nix 2.8's builtins.fetchGit without submodules) drops this file,
+    # a checkout (nixpkgs' fetchgit) keeps it: the two fetchers hash differently.
+    (path / ".gitattributes").write_text("private.txt export-ignore\n")
+    (path / "private.txt").write_text("kept by a checkout only\n")
     tool = path / "tool.sh"
     tool.write_bytes(b"#!/bin/sh\n")
     tool.chmod(0o755)
@@ -298,6 +334,19 @@ submodules = true
     for name, entry in lock.sources.items():
         assert _pylmserv_hash(entry, tmp / "work" / name) == entry.hash, name
     return World(flake=flake, lock=lock, model_bytes=model, expected=expected, salt=salt.hex())
+
+
+def set_field(world: World, output: str, key: str, value: str) -> None:
+    """Add or replace `key = "value"` in one entry's table of the lock text."""
+    entry = world.entry(output)
+    kind = "models" if output.startswith("model-") else "sources"
+    path = world.flake / "pylmserv.lock"
+    lines = path.read_text().splitlines(keepends=True)
+    start = lines.index(f"[{kind}.{entry.name}]\n")
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("[")), len(lines))
+    body = [l for l in lines[start + 1:end] if not l.startswith(f"{key} = ")]
+    body.insert(0, f'{key} = "{value}"\n')
+    path.write_text("".join(lines[:start + 1] + body + lines[end:]))
 
 
 def set_hash(world: World, output: str, new: str) -> None:

@@ -10,6 +10,7 @@ that use them say so in their names.
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import sys
 import textwrap
@@ -232,10 +233,32 @@ def glslc(bin_dir: Path) -> Path:
     ''')
 
 
+# What a stand-in PATH keeps of this machine: shells, compilers, git, Nix - never a GPU
+# toolkit (nvcc, hipcc, glslc, vulkaninfo, rocminfo, nvidia-smi may all be installed here).
+SYSTEM_TOOLS = ("sh", "bash", "env", "cat", "uname", "python3", "git", "make", "cc", "c++", "gcc", "g++",
+                "ccache", "zip", "unzip", "nix", "nix-build", "nix-store", "nix-instantiate", "nix-prefetch-url")
+GPU_TOOLS = ("nvcc", "nvidia-smi", "hipcc", "hipconfig", "rocminfo", "rocm-smi", "glslc", "vulkaninfo")
+
+
+def system_bin(root: Path) -> Path:
+    """root/sysbin: links to SYSTEM_TOOLS as found on this machine's PATH, nothing else."""
+    sysbin = Path(root) / "sysbin"
+    sysbin.mkdir(parents=True, exist_ok=True)
+    for name in SYSTEM_TOOLS:
+        found = sys.executable if name == "python3" else shutil.which(name)
+        if found and not (sysbin / name).exists():
+            os.symlink(os.path.realpath(found), sysbin / name)
+    return sysbin
+
+
 def path_with(*dirs: Path, base: Optional[str] = None) -> str:
-    """A PATH of the given dirs then the system dirs that hold python/cc/git (not GPU tools)."""
-    system = base if base is not None else os.pathsep.join(["/usr/local/sbin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"])
-    return os.pathsep.join([str(d) for d in dirs] + [system])
+    """A PATH of the given dirs, then `base`, else links to this machine's SYSTEM_TOOLS (made
+    beside the first dir): a GPU tool installed on this machine never leaks into a stand-in test."""
+    if base is None:
+        if not dirs:
+            raise ValueError("path_with needs a dir (its parent holds the system tool links) or base=")
+        base = str(system_bin(Path(dirs[0]).parent))
+    return os.pathsep.join([str(d) for d in dirs] + [base])
 
 
 def llama_server(bin_dir: Path) -> Path:

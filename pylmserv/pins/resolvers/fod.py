@@ -9,15 +9,15 @@ the derivation is then built again with the hash found, which proves it and give
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import List
 
 from ...core.errors import HashError, NetworkError, ToolMissingError, UsageError
 from ...core.hashing import Hash
+from ...core.proc import run_tool
 from ..nixmsg import got_hash
-from . import Fetch, Hashed
+from .base import Fetch, Hashed
 from .nix import store_name
 
 TIMEOUT = 3600
@@ -29,13 +29,7 @@ def nix_str(text: str) -> str:
 
 
 def _run(args: List[str]) -> subprocess.CompletedProcess:
-    exe = shutil.which(args[0])
-    if exe is None:
-        raise ToolMissingError(f"{args[0]} is not on PATH", hint="Install Nix, or use --via python.")
-    try:
-        return subprocess.run([exe, *args[1:]], capture_output=True, text=True, timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        raise NetworkError(f"{args[0]} timed out after {TIMEOUT}s") from None
+    return run_tool(args, timeout=TIMEOUT, timeout_error=NetworkError, missing_hint="Install Nix, or use --via python.")
 
 
 def _mismatch(proc: subprocess.CompletedProcess, what: str) -> Hash:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from ..config import LockEntry
 from ...store.trees import mirror_url
-from . import Fetch, hash_fetch, same_pin
+from . import hash_fetch
+from .base import Fetch, same_pin
 from .git import _meta, resolve_ref
 
 

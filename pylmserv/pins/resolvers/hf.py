@@ -15,7 +15,8 @@ from ...transfer import hub
 from ..config import LockEntry
 from ...core.errors import UsageError, VerificationError
 from ...core.hashing import Hash
-from . import Fetch, Hashed, hash_fetch
+from . import hash_fetch
+from .base import Fetch, Hashed
 from .url import check_published
 
 log = logging.getLogger("pylmserv.prefetch")

@@ -6,13 +6,13 @@ import logging
 import os
 import re
 import shutil
-import subprocess
 from pathlib import Path
 from typing import List, Optional
 
 from ...core.errors import NetworkError, ToolMissingError, VerificationError
 from ...core.hashing import Hash
-from . import Fetch, Hashed
+from ...core.proc import run_tool
+from .base import Fetch, Hashed
 
 log = logging.getLogger("pylmserv.prefetch")
 TIMEOUT = 3600
@@ -34,14 +34,8 @@ def store_name(url: str) -> str:
 
 
 def _run(args: List[str]) -> str:
-    exe = shutil.which(args[0])
-    if exe is None:
-        raise ToolMissingError(f"{args[0]} is not on PATH",
-                               hint="Install Nix (and nix-prefetch-git from nixpkgs), or use --via python.")
-    try:
-        proc = subprocess.run([exe, *args[1:]], capture_output=True, text=True, timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        raise NetworkError(f"{args[0]} timed out after {TIMEOUT}s") from None
+    proc = run_tool(args, timeout=TIMEOUT, timeout_error=NetworkError,
+                    missing_hint="Install Nix (and nix-prefetch-git from nixpkgs), or use --via python.")
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
         raise NetworkError(f"{args[0]} failed: {lines[-1].strip() if lines else 'exit ' + str(proc.returncode)}",

@@ -7,8 +7,8 @@ from pathlib import Path
 from ...core.archive import extract
 from ...core.nar import nar_hash
 from ...store.trees import download
-from . import Fetch, Hashed
-from . import git as gitops
+from ...transfer import git as gitops
+from .base import Fetch, Hashed
 
 
 def hash_fetch(fetch: Fetch, work: Path) -> Hashed:

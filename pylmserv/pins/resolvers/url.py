@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from ..config import LockEntry
 from ...core.errors import VerificationError
-from . import Fetch, hash_fetch, same_pin
+from . import hash_fetch
+from .base import Fetch, same_pin
 from .git import _meta
 
 
