@@ -46,6 +46,10 @@ class VerificationError(PylmservError):
     exit_code = 4
 
 
+class RetaggedError(VerificationError):
+    """An upstream tag now names another commit than the one locked (`update` refuses to move)."""
+
+
 class ToolMissingError(PylmservError):
     """A required external tool (cmake, nvcc, nix, ...) is absent (exit 5)."""
 

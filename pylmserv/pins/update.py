@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Union
 
-from ..core.errors import PylmservError, ToolMissingError, UsageError, VerificationError
+from ..core.errors import PylmservError, RetaggedError, ToolMissingError, UsageError
 from ..store.trees import mirror_url
 from ..transfer import hub
 from . import upstream
@@ -39,10 +39,6 @@ log = logging.getLogger("pylmserv.update")
 EXIT_UPDATED = 10  # `update` exit status when something was (or, with --dry-run, would be) updated
 _SHA = re.compile(r"^[0-9a-f]{40}$")
 _RELEASE_URL = re.compile(r"^https://github\.com/([A-Za-z0-9_.-]+)/([A-Za-z0-9_.-]+)/releases/download/([^/]+)/([^/?#]+)$")
-
-
-class RetaggedError(VerificationError):
-    """A tag upstream now names another commit than the one locked."""
 
 
 @dataclass(frozen=True)
