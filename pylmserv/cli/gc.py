@@ -29,4 +29,5 @@ def command(opts, dry_run, keep_builds, as_json):
         click.echo(f"in use    {item.kind:9} {human_size(item.size):>10}  {item.path} (held by a running pylmserv)",
                    err=True)
     click.echo(f"{report.home}: {verb} {len(report.garbage)} item(s), {'would free' if dry_run else 'freed'} "
-               f"{human_size(report.freed)}; {len(report.in_use)} in use; store now {human_size(report.store_size)}")
+               f"{human_size(report.freed)}; {len(report.in_use)} in use; store {'' if dry_run else 'now '}"
+               f"{human_size(report.store_size)}")

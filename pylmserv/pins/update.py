@@ -78,7 +78,8 @@ class Entry:
         if self.status == "not-followed":
             return f"{head}: left alone ({self.reason})"
         if self.status == "current":
-            return f"{head}: up to date ({self.label(self.old)})"
+            pin = [str(x) for x in (self.old.ref, (self.old.commit or "")[:12]) if x]
+            return f"{head}: up to date ({', '.join(dict.fromkeys(pin)) or '-'})"
         new = self.new or Version()
         parts = [f"{head}: {self.label(self.old)} -> {self.label(new)}"]
         if self.old.commit != new.commit and (self.old.ref != new.ref) and (self.old.commit or new.commit):
