@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from ..core.fsutil import atomic_write_bytes, atomic_write_text
+from ..core.fsutil import atomic_write_text
 from .layout import home as store_home
 
 log = logging.getLogger("pylmserv.store")
@@ -64,18 +64,25 @@ def register_lock(lock_path: Path, home: Optional[Path] = None) -> Path:
 
 
 def _hold(lock_path: Path, text: bytes, home: Optional[Path]) -> None:
-    from filelock import FileLock
-
     base = roots_dir(home) / "procs"
     key = str(Path(home or store_home()).resolve())
     if key not in _held:
+        try:
+            import fcntl  # flock, as filelock uses on Unix; importing filelock here would cost
+        except ImportError:  # the up-to-date `build` fast path ~0.1 s. Windows: no process roots.
+            return
         base.mkdir(parents=True, exist_ok=True)
         name = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        flock = FileLock(str(base / f"{name}.flock"))
-        flock.acquire(timeout=0)  # a fresh name: never contended
-        _held[key] = (flock, base / name)
+        fd = os.open(base / f"{name}.flock", os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by children
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh name: never contended
+        _held[key] = (fd, base / name)
     directory = _held[key][1]
-    atomic_write_bytes(directory / f"{_key(lock_path)}.lock", text)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"{_key(lock_path)}.lock"
+    # No fsync: the copy lives only as long as this process (keeps `build`'s fast path fast).
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_bytes(text)
+    os.replace(tmp, target)
 
 
 def registered_locks(home: Optional[Path] = None, forget_missing: bool = True) -> List[Path]:
