@@ -248,3 +248,21 @@ def test_unknown_track_value_is_a_config_error(tmp_path):
                    'tag-pattern = "b(("\n')
     proc = run_cli("--config", cfg, "update")
     assert proc.returncode == 2 and "not a regular expression" in proc.stderr
+
+
+def test_hostile_tag_names_and_answers_are_not_followed(tmp_path, upstream_world):
+    src, www, gh = upstream_world
+    gh.add_repo("jart", "cosmopolitan", src)
+    for v in ("3.3.6", "9.9.9/../../evil", "-9.9.9", "9.9.9\n[x]", "../9.9.9", "4.0.2"):
+        gh.release("jart", "cosmopolitan", v)
+    cfg = tmp_path / "pylmserv.toml"
+    cfg.write_text('[sources.cosmocc]\ntype = "url"\n'
+                   'url = "https://github.com/jart/cosmopolitan/releases/download/3.3.6/cosmocc-3.3.6.zip"\n'
+                   'version = "3.3.6"\ntrack = "releases"\n')
+    assert update(config=cfg, dry_run=True).entries[0].new.ref == "4.0.2"
+    gh.fault("/releases", 429, {"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"})  # a date: not slept on
+    with pytest.raises(NetworkError, match="rate limit"):
+        update(config=cfg, dry_run=True)
+    gh.fault("/releases", 403, {})  # a plain refusal, not a rate limit
+    with pytest.raises(NetworkError, match="refused access"):
+        update(config=cfg, dry_run=True)

@@ -205,7 +205,7 @@ def _plan_url(spec: SourceSpec, entry: Entry, track: str, pattern: Optional[str]
         raise UsageError(f"{what}: a url source can only follow GitHub releases "
                          "(track = \"releases\" and a https://github.com/O/R/releases/download/TAG/FILE url)")
     owner, repo, tag, filename = m.groups()
-    found = upstream.releases(owner, repo, what)
+    found = [t for t in upstream.releases(owner, repo, what) if "/" not in t.name]  # a tag is one URL segment
     best = upstream.newest(found, pattern)
     if best is None or best.name == tag:
         return entry

@@ -215,14 +215,23 @@ def _version_key(text: str) -> Tuple:
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.findall(r"\d+|[A-Za-z]+", text))
 
 
+# Tag names a server may hand us end up in pylmserv.toml, in git commands and in URLs:
+# plain names only (git's own rules are looser), never "..", never a leading "-".
+SAFE_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+/-]{0,127}")
+
+
+def safe_tag(name: str) -> bool:
+    return bool(SAFE_TAG.fullmatch(name)) and ".." not in name and not name.endswith(("/", ".lock"))
+
+
 def newest(candidates: Sequence[Tag], pattern: Optional[str], prereleases: bool = False) -> Optional[Tag]:
     """The newest tag: those matching `pattern` (whole name), ordered by its groups (or the
     whole name) in natural version order; without a pattern, in version order too, and
-    pre-releases are skipped unless asked for."""
+    pre-releases are skipped unless asked for. Names that are not plain are skipped."""
     rx = re.compile(pattern) if pattern else None
     best, best_key = None, None
     for tag in candidates:
-        if tag.prerelease and not prereleases:
+        if (tag.prerelease and not prereleases) or not safe_tag(tag.name):
             continue
         if rx is not None:
             m = rx.fullmatch(tag.name)
