@@ -170,3 +170,15 @@ def test_packaged_catalog_is_not_edited(tmp_path):
 
     with pytest.raises(UsageError, match="packaged"):
         add("https://example.invalid/x.gguf", config=packaged_dir() / "pylmserv.toml")
+
+
+def test_force_across_kinds_leaves_no_old_pin(tmp_path, http_dir):
+    www, base = http_dir
+    (www / "x.gguf").write_bytes(b"GGUF x")
+    (www / "x.bin").write_bytes(b"tool")
+    cfg = tmp_path / "pylmserv.toml"
+    add(f"{base}/x.gguf", config=cfg, via="python")
+    add(f"{base}/x.bin", name="x", force=True, config=cfg, via="python")
+    lock = load_lock(tmp_path / "pylmserv.lock")
+    assert "x" in lock.sources and "x" not in lock.models
+    assert "[models.x]" not in cfg.read_text() and list(load_config(cfg).sources) == ["x"]
