@@ -63,7 +63,7 @@
       # The Python package's source: only what the build (and its tests) read, so that
       # editing README.md, docs/ or nix/ does not rebuild pylmserv. lib.fileset needs
       # builtins.readFileType (Nix >= 2.14, as nixpkgs itself does); an older Nix gets
-      # the same files through a builtins.path filter (same content, same store path).
+      # the same files through a builtins.path filter.
       pylmservSrc = lib: withTests:
         let
           fs = lib.fileset;

@@ -9,9 +9,10 @@
 # like cuda.sh and cuda.c do; minus -march=native and -arch=all, which make builds
 # machine-dependent), embed it in the llamafile's zip with zipalign, and embed a `.args`
 # of `--nocompile ...`: llamafile otherwise prefers a copy extracted earlier to
-# ~/.llamafile/v/<version>/ and then a fresh nvcc build of its own over the embedded
-# module. With --nocompile it uses ~/.llamafile/v/<version>/ggml-cuda.so if that file
-# exists (llamafile's rule; delete it to be sure) and otherwise extracts the embedded one.
+# ~/.llamafile/ (llamafile 0.8.4's app directory, llamafile/get_app_dir.c) and then a
+# fresh nvcc build of its own over the embedded module. With --nocompile it uses
+# ~/.llamafile/ggml-cuda.so if that file exists (llamafile's rule: it is not versioned,
+# so delete it after an upgrade) and otherwise extracts the embedded one there.
 {
   lib,
   stdenvNoCC,

@@ -10,6 +10,11 @@ export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends \
   nix-bin git unzip zstd ccache ninja-build cmake curl gcc g++ make python3-venv >/dev/null
+# Backend toolkits the tests check against for real: binutils (readelf/nm link checks),
+# Debian's hipcc 5.2 (the too-old ROCm refusal), the Vulkan SDK packages + lavapipe
+# (header check, doctor --backend vulkan), OpenBLAS (--backend blas).
+$SUDO apt-get install -y -qq --no-install-recommends \
+  binutils hipcc glslc libvulkan-dev spirv-headers mesa-vulkan-drivers vulkan-tools libopenblas-dev >/dev/null
 python3 -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 python3 -m pip install -q -e '.[test]'
 cache="${PYLMSERV_TEST_CACHE:-$HOME/.cache/pylmserv-tests}"
@@ -19,5 +24,10 @@ if [ ! -f "$cache/llama_cpp_python-$ver.tar.gz" ]; then
   # --no-binary for this one package only: ":all:" would also build its build requirements
   # (CMake) from source, about an hour on a cold pip cache.
   python3 -m pip download -q --no-deps --no-binary llama-cpp-python "llama-cpp-python==$ver" -d "$cache"
+fi
+# llama-cpp-python 0.3.9's llama.cpp (May 2025): the Vulkan header check accepts it on
+# Debian 12's headers (and scripts/backends-check.sh builds and runs it on lavapipe).
+if [ ! -f "$cache/llama_cpp_python-0.3.9.tar.gz" ]; then
+  python3 -m pip download -q --no-deps --no-binary llama-cpp-python "llama-cpp-python==0.3.9" -d "$cache"
 fi
 echo "setup done"

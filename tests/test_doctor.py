@@ -142,7 +142,7 @@ def test_standin_vulkan_needs_glslc(tmp_path):
     m = machine(tmp_path, bins)
     checks = gpu_checks(m, "vulkan")
     assert checks["gpu-vulkan"].detail == "devices: AMD Radeon RX 6600 (RADV NAVI23)"
-    assert checks["vulkan-toolkit"].status == FAIL and "glslc not found" in checks["vulkan-toolkit"].detail
+    assert checks["vulkan-toolkit"].status == FAIL and "glslc (apt-get install glslc)" in checks["vulkan-toolkit"].detail
     st.glslc(bins)
     assert gpu_checks(m, "vulkan")["vulkan-toolkit"].status == OK
 
@@ -313,7 +313,7 @@ def test_lock_unreadable(tmp_path):
 def test_diagnose_survives_a_broken_probe(tmp_path, monkeypatch):
     import pylmserv.app.doctor as doctor
 
-    def boom(machine, backend):
+    def boom(machine, backend, *rest):
         raise RuntimeError("probe exploded")
 
     monkeypatch.setattr(doctor, "check_gpus", boom)

@@ -351,8 +351,9 @@ def test_check_has_the_tools_the_offline_tests_run(repo_flake):
                               "c: map (p: p.pname or p.name) c.nativeCheckInputs"))
     started = set()
     for path in (fw.REPO / "tests").rglob("*.py"):
-        for tool in re.findall(r"""\[\s*["'](git|zip|unzip|cmake|ninja|tar|make|gcc|cc)["']\s*,""", path.read_text()):
-            started.add(tool)
+        text = path.read_text()
+        started |= set(re.findall(r"""\[\s*["'](git|zip|unzip|cmake|ninja|tar|make|gcc|cc)["']\s*,""", text))
+        started |= set(re.findall(r"""which\(\s*["'](git|zip|unzip|cmake|ninja|tar|make|gcc|cc)["']""", text))
     from_stdenv = {"tar", "make", "gcc", "cc"}
     assert started - from_stdenv, "the scan found no tools: it is broken"
     missing = started - from_stdenv - inputs

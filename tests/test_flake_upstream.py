@@ -7,13 +7,15 @@ nixpkgs stand-in (nixpkgs' real lib; packages are stand-ins). Checked, per backe
 every `-D` option the flake passes exists at that commit and is not deprecated; every
 REQUIRED find_package of a backend has a nixpkgs input; the version floors the CMake
 files enforce (HIP, CMake) are the ones nix/llama-cpp.nix asserts; and upstream's
-package.nix inputs are all in ours.
+package.nix inputs are all in ours. And the CPU derivation's flags configure the real
+tree with the real CMake (configure only).
 """
 from __future__ import annotations
 
 import json
 import re
 import shutil
+import subprocess
 import tarfile
 from pathlib import Path
 from typing import Dict
@@ -185,3 +187,51 @@ def test_upstream_package_nix_inputs_are_all_ours(vendored, derivations):
         for n in names:
             ours = {"cccl": "cuda_cccl"}.get(n, n)
             assert prefix[backend] + ours in inputs, f"upstream's {var} has {n}; llama-cpp-{backend} lacks it"
+
+
+@pytest.fixture(scope="module")
+def vendored_tree(tmp_path_factory) -> Path:
+    """The whole vendored llama.cpp tree (configure needs the sources, not only CMake files)."""
+    if not llama_source.have_sdist():
+        pytest.skip(f"llama-cpp-python sdist not cached ({llama_source.SDIST})")
+    dest = tmp_path_factory.mktemp("tree")
+    prefix = llama_source.VENDOR_PREFIX
+    with tarfile.open(llama_source.SDIST) as tar:
+        members = []
+        for m in tar.getmembers():
+            if m.name.startswith(prefix) and (m.isfile() or m.isdir()):
+                m.name = m.name[len(prefix):]
+                members.append(m)
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(dest, members=members, filter="data")
+        else:  # pragma: no cover - Python without extraction filters
+            tar.extractall(dest, members=members)
+    return dest
+
+
+def test_cpu_flags_configure_the_vendored_llama_cpp_with_real_cmake(vendored_tree, derivations, tmp_path):
+    """The CPU+BLAS derivation's cmakeFlags given to the real CMake over the real
+    vendored source (configure only; host compilers and OpenBLAS stand in for stdenv's):
+    it configures, CMake uses every flag (an unknown one is listed under "Manually-
+    specified variables were not used"; a deliberate probe shows the listing is read),
+    every x86 CPU variant is added, and the generated build info carries the lock's
+    build number and commit (what `llama-server --version` prints)."""
+    cmake = shutil.which("cmake")
+    if not cmake or not shutil.which("ninja"):
+        pytest.skip("cmake/ninja not on PATH")
+    _, drvs = derivations
+    flags = [re.sub(r"^(-DGGML_BACKEND_DIR:STRING=)/[a-z0-9]+/lib$", rf"\g<1>{tmp_path}/out/lib", f)
+             for f in drvs["cpu"]["flags"]]
+    assert any(f.startswith(f"-DGGML_BACKEND_DIR:STRING={tmp_path}") for f in flags)
+    proc = subprocess.run([cmake, "-S", str(vendored_tree), "-B", str(tmp_path / "build"), "-G", "Ninja",
+                           *flags, "-DPYLMSERV_PROBE_UNUSED=1"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    unused = re.search(r"Manually-specified variables were not used by the project:\s*\n((?:\s+\S+\n)+)", out)
+    assert unused and unused.group(1).split() == ["PYLMSERV_PROBE_UNUSED"], out[-3000:]
+    variants = set(re.findall(r"Adding CPU backend variant (ggml-cpu-[a-z0-9_]+)", out))
+    assert {"ggml-cpu-x64", "ggml-cpu-haswell", "ggml-cpu-skylakex"} <= variants, sorted(variants)
+    info = (tmp_path / "build" / "common" / "build-info.cpp").read_text()
+    number = next(f for f in flags if f.startswith("-DLLAMA_BUILD_NUMBER:")).split("=", 1)[1]
+    commit = next(f for f in flags if f.startswith("-DLLAMA_BUILD_COMMIT:")).split("=", 1)[1]
+    assert f"LLAMA_BUILD_NUMBER = {number};" in info and f'LLAMA_COMMIT = "{commit}";' in info

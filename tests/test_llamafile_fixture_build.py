@@ -222,6 +222,7 @@ def fake_gpu_tool(tmp_path, name, monkeypatch) -> Path:
     tool.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
     monkeypatch.setenv("GPU_FIXTURE_LOG", str(tmp_path / "gpu.log"))
+    monkeypatch.setenv("CCACHE_DISABLE", "1")  # ccache would run the stand-in to preprocess too
     return tool
 
 
@@ -243,14 +244,19 @@ def test_llamafile_fixture_cuda_module_built_ahead_and_embedded_mock_nvcc(tmp_pa
     cfg, lock = project()
     binfmt = fabricate(tmp_path, wine=WINE)
     result = build_llamafile(backend="cuda", config=cfg, lock=lock, binfmt_dir=binfmt, cuda_arch="75;86")
-    argv = (tmp_path / "gpu.log").read_text().split()
+    compile_line, link_line = (tmp_path / "gpu.log").read_text().splitlines()
+    argv, link = compile_line.split(), link_line.split()
     gpu_dir = result.build_dir / "gpu"
     assert "-gencode=arch=compute_75,code=sm_75" in argv and "-gencode=arch=compute_86,code=sm_86" in argv
     assert "-gencode=arch=compute_86,code=compute_86" in argv  # PTX for newer GPUs
-    assert "-DGGML_USE_TINYBLAS" in argv and "--shared" in argv and "-march=native" not in " ".join(argv)
-    assert argv[argv.index("-o") + 1] == str(gpu_dir / "ggml-cuda.so") and argv[-1] == str(gpu_dir / "ggml-cuda.cu")
+    assert "-DGGML_USE_TINYBLAS" in argv and "-c" in argv and "-march=native" not in " ".join(argv)
+    assert argv[argv.index("-o") + 1] == str(gpu_dir / "ggml-cuda.o") and argv[-1] == str(gpu_dir / "ggml-cuda.cu")
+    # linked like upstream's cuda.sh: the driver library, no cuBLAS with tinyBLAS
+    assert "--shared" in link and link[link.index("-o") + 1] == str(gpu_dir / "ggml-cuda.so")
+    assert "-lcuda" in link and not any("cublas" in a for a in link)
     assert sorted(p.name for p in gpu_dir.iterdir()) == sorted(
-        ["ggml.h", "tinyblas.h", "tinyblas.cu", "ggml-cuda.h", "ggml-cuda.cu", "ggml-cuda.so"])
+        ["ggml.h", "tinyblas.h", "tinyblas.cu", "ggml-cuda.h", "ggml-cuda.cu", "ggml-cuda.o", "ggml-cuda.so",
+         "stubs"])
     for name in ("llamafile", "llamafiler"):
         assert aligned_entry(result.binaries[name], "ggml-cuda.so") == b"\x7fELF fake ggml gpu module"
     assert "ggml-cuda.so" not in zipfile.ZipFile(result.binaries["zipalign"]).namelist()
@@ -339,7 +345,8 @@ def test_llamafile_fixture_cuda_module_with_real_nvcc(tmp_path, project, home, m
     cfg, lock = project()
     archs = default_cuda_archs()
     dry = build_llamafile(backend="cuda", config=cfg, lock=lock, dry_run=True)
-    assert all(f"-gencode=arch=compute_{a},code=sm_{a}" in dry.commands[-2] for a in archs)
+    compile_line = next(line for line in dry.commands if " -c " in line)
+    assert all(f"-gencode=arch=compute_{a},code=sm_{a}" in compile_line for a in archs)
     result = build_llamafile(backend="cuda", config=cfg, lock=lock, binfmt_dir=fabricate(tmp_path, wine=WINE),
                              cuda_arch=archs[0])
     dso = result.build_dir / "gpu" / "ggml-cuda.so"

@@ -59,7 +59,7 @@ def test_serve_real_llama_server_completion_and_ctrl_c(built, tmp_path):
     port = free_port()
     env = llama_source.build_env()
     argv = [sys.executable, "-m", "pylmserv", "--config", built["config"], "--lock", built["lock"], "serve", str(model),
-            "--port", str(port), "--json", "--timeout", "120", "--", "--ctx-size", "256", "--threads", "2"]
+            "--backend", "cpu", "--port", str(port), "--json", "--timeout", "120", "--", "--ctx-size", "256", "--threads", "2"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         ready = read_ready(proc, timeout=300)

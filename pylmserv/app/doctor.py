@@ -17,9 +17,10 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, List, Mapping, Optional, Sequence
-from ..builders import binfmt
+from ..builders import binfmt, source_checks, stored_llama_source
 from ..builders import toolchain as tc
-from ..core.errors import PylmservError
+from ..builders.llama_cpp import preflight
+from ..core.errors import PylmservError, ToolMissingError
 from ..core.proc import probe
 from ..core.version import __version__
 from ..pins.config import load_project
@@ -119,7 +120,7 @@ def diagnose(machine: Optional[Machine] = None, config: Optional[Path] = None, l
         ("curl", lambda: [tool_presence(machine, "curl", "upstream scripts use it; pylmserv downloads by itself",
                                         "Install curl (apt-get install curl).")]),
         ("nix", lambda: check_nix(machine)),
-        ("gpus", lambda: check_gpus(machine, backend)),
+        ("gpus", lambda: check_gpus(machine, backend, config, lock)),
         ("binfmt_misc", lambda: [check_binfmt(machine)]),
         ("store", lambda: check_store(machine)),
         ("gc", lambda: [check_gc(machine)]),
@@ -276,17 +277,8 @@ def _nvcc_arches(machine: Machine, nvcc: str) -> Optional[set]:
     return set(re.findall(r"compute_(\d+)", proc.stdout))
 
 
-def _vulkan_devices(machine: Machine, exe: str) -> Optional[List[str]]:
-    proc = machine.run([exe, "--summary"])
-    if proc is None or proc.returncode != 0:
-        return None
-    devices = []
-    for m in re.finditer(r"deviceName\s*=\s*(.+)", proc.stdout):
-        devices.append(m.group(1).strip())
-    return devices
-
-
-def check_gpus(machine: Machine, backend: Optional[str]) -> List[Check]:
+def check_gpus(machine: Machine, backend: Optional[str], config: Optional[Path] = None,
+               lock: Optional[Path] = None) -> List[Check]:
     env, run = machine.environ, machine.runner
     checks: List[Check] = []
 
@@ -320,14 +312,20 @@ def check_gpus(machine: Machine, backend: Optional[str]) -> List[Check]:
 
     # Vulkan
     vk = machine.which("vulkaninfo")
-    vk_devices = _vulkan_devices(machine, vk) if vk else None
+    vk_devices = tc.detect_vulkan_devices(env, run) if vk else None
     if not vk:
-        checks.append(Check("gpu-vulkan", OK, "vulkaninfo not found (only needed for --backend vulkan)"))
+        checks.append(Check("gpu-vulkan", WARN if backend == "vulkan" else OK,
+                            "vulkaninfo not found (only needed for --backend vulkan)",
+                            "apt-get install vulkan-tools (to list Vulkan devices)" if backend == "vulkan" else ""))
     elif vk_devices is None:
         checks.append(Check("gpu-vulkan", WARN, "vulkaninfo --summary failed (no Vulkan driver?)",
                             "Install your GPU's Vulkan driver (Mesa: apt-get install mesa-vulkan-drivers)."))
+    elif vk_devices and all(d.software for d in vk_devices):
+        checks.append(Check("gpu-vulkan", WARN, "devices: " + ", ".join(d.name for d in vk_devices)
+                            + " - a software rasterizer only (runs on the CPU: works, slowly)",
+                            "For speed install your GPU's Vulkan driver; on this machine --backend cpu/blas is faster."))
     else:
-        checks.append(Check("gpu-vulkan", OK, "devices: " + (", ".join(vk_devices) or "none")))
+        checks.append(Check("gpu-vulkan", OK, "devices: " + (", ".join(d.name for d in vk_devices) or "none")))
 
     # Metal
     if machine.system == "Darwin":
@@ -340,11 +338,12 @@ def check_gpus(machine: Machine, backend: Optional[str]) -> List[Check]:
                                 "xcode-select --install"))
 
     vendors = tc.detect_gpu_vendors(env, run, machine.sysfs_drm, machine.sys_platform)
-    checks += _toolchain_matches(machine, backend, nvidia, driver_cuda, rocm, vk_devices, vendors)
+    checks += _toolchain_matches(machine, backend, nvidia, driver_cuda, rocm, vk_devices, vendors, config, lock)
     return checks
 
 
-def _toolchain_matches(machine, backend, nvidia, driver_cuda, rocm, vk_devices, vendors) -> List[Check]:
+def _toolchain_matches(machine, backend, nvidia, driver_cuda, rocm, vk_devices, vendors, config=None,
+                       lock=None) -> List[Check]:
     """Is the toolchain for the GPU (or for the requested backend) there, and does it fit?"""
     env, run = machine.environ, machine.runner
     checks: List[Check] = []
@@ -376,7 +375,14 @@ def _toolchain_matches(machine, backend, nvidia, driver_cuda, rocm, vk_devices, 
         hipcc = rocm.hipcc
         if hipcc.found:
             targets = ", ".join(rocm.gfx_targets) or "no GPU agents detected"
-            checks.append(Check("rocm-toolkit", OK, f"{hipcc.describe()}; ROCm at {rocm.rocm_path}; targets {targets}"))
+            hip = tc.hip_version(hipcc, run)
+            detail = f"{hipcc.describe()}; HIP {tc.version_str(hip)}; ROCm at {rocm.rocm_path}; targets {targets}"
+            if hip is not None and tuple(hip[:2]) < tc.DEFAULT_MIN_HIP:
+                checks.append(Check("rocm-toolkit", WARN, detail + f" (current llama.cpp needs HIP >= "
+                                    f"{tc.version_str(tc.DEFAULT_MIN_HIP)})",
+                                    "Install ROCm >= 6.1 (https://rocm.docs.amd.com) or `nix develop .#rocm`."))
+            else:
+                checks.append(Check("rocm-toolkit", OK, detail))
         else:
             gpu = "AMD GPU found" if have_amd else "no AMD GPU found"
             checks.append(Check("rocm-toolkit", FAIL if want == "rocm" else WARN,
@@ -385,15 +391,45 @@ def _toolchain_matches(machine, backend, nvidia, driver_cuda, rocm, vk_devices, 
                                 "Install ROCm (https://rocm.docs.amd.com, `amdgpu-install --usecase=rocm`) or "
                                 "`nix develop .#rocm`; without it use --backend vulkan."))
     if vk_devices or want == "vulkan":
-        glslc = tc.detect_glslc(env, run)
-        if glslc.found:
-            checks.append(Check("vulkan-toolkit", OK, glslc.describe()))
-        else:
-            checks.append(Check("vulkan-toolkit", FAIL if want == "vulkan" else WARN,
-                                "glslc not found (the Vulkan backend compiles its shaders with it)",
-                                "apt-get install glslc libvulkan-dev (or the LunarG Vulkan SDK), "
-                                "or `nix develop .#vulkan`."))
+        checks.append(_check_vulkan_sdk(machine, want == "vulkan"))
+    if want in ("cuda", "rocm", "vulkan", "blas"):
+        checks += _check_build_preflight(machine, want, config, lock)
     return checks
+
+
+def _check_vulkan_sdk(machine: Machine, requested: bool) -> Check:
+    """Each package ggml-vulkan needs, by name (glslc, headers, spirv-headers, loader, ICD)."""
+    sdk = tc.detect_vulkan_sdk(machine.environ, machine.runner)
+    missing = sdk.missing()
+    if not sdk.icds:
+        missing.append("a Vulkan driver (ICD) (apt-get install mesa-vulkan-drivers, or your GPU vendor's driver)")
+    if missing:
+        return Check("vulkan-toolkit", FAIL if requested else WARN, "missing " + "; ".join(missing),
+                     "Install the packages named, or the LunarG Vulkan SDK, or `nix develop .#vulkan`.")
+    return Check("vulkan-toolkit", OK, f"{sdk.glslc.describe()}; headers {tc.version_str(sdk.header_version)} in "
+                 f"{sdk.headers}; loader {sdk.loader}; {len(sdk.icds)} ICD(s)")
+
+
+def _check_build_preflight(machine: Machine, backend: str, config: Optional[Path] = None,
+                           lock: Optional[Path] = None) -> List[Check]:
+    """The build's own preflight and source checks, so doctor and `pylmserv build` agree:
+    the same detection, the same verdict, the same words."""
+    toolchain = tc.detect_toolchain(backend, machine.environ, machine.runner, machine.sys_platform,
+                                    machine.sysfs_drm)
+    try:
+        warnings = preflight(backend, toolchain, machine.sys_platform)
+    except ToolMissingError as exc:
+        return [Check("build-preflight", FAIL, exc.message, exc.hint or "")]
+    source = stored_llama_source(config, lock)
+    checked = f"the locked source in {source}" if source is not None else "current llama.cpp (source not fetched yet)"
+    try:
+        source_checks(backend, toolchain, source)
+    except ToolMissingError as exc:
+        return [Check("build-preflight", FAIL, exc.message, exc.hint or "")]
+    detail = f"`pylmserv build --backend {backend}` would start (checked against {checked})"
+    if warnings:
+        return [Check("build-preflight", WARN, detail + "; " + "; ".join(warnings), "")]
+    return [Check("build-preflight", OK, detail)]
 
 
 def _check_nvcc(machine: Machine, nvcc, nvidia, driver_cuda, requested: bool) -> Check:
@@ -426,6 +462,8 @@ def _check_nvcc(machine: Machine, nvcc, nvidia, driver_cuda, requested: bool) ->
         return Check("cuda-toolkit", WARN, detail + ": " + "; ".join(problems), " ".join(hints))
     if nvcc.origin != "system":
         return Check("cuda-toolkit", WARN, detail, " ".join(hints))
+    cublas = tc.detect_cublas(nvcc, machine.environ)
+    detail += f"; cuBLAS {cublas.path} ({cublas.origin})" if cublas.found else "; no cuBLAS (see build-preflight)"
     return Check("cuda-toolkit", OK, detail + (f"; targets sm_{min(arches, key=int)}+" if arches else ""))
 
 
@@ -451,7 +489,7 @@ def check_binfmt(machine: Machine) -> Check:
 def _ape_loader_in_store(machine: Machine) -> Optional[str]:
     root = machine.store_root or _store_root(machine)
     arch = platform.machine() or "x86_64"
-    for cand in sorted((root / "toolchains").glob(f"cosmocc-*/bin/ape-{arch}.elf"), reverse=True):
+    for cand in sorted(paths.toolchains_dir(root).glob(f"cosmocc-*/bin/ape-{arch}.elf"), reverse=True):
         return str(cand)
     return None
 
@@ -497,9 +535,10 @@ def check_store(machine: Machine) -> List[Check]:
     free = usage.free
     parts = []
     if root.exists():
-        for name in ("blobs", "builds", "toolchains"):
-            if (root / name).exists():
-                parts.append(f"{name} {human_size(_tree_size(root / name))}")
+        for name, where in (("blobs", paths.blobs_root(root)), ("builds", paths.builds_dir(root)),
+                            ("toolchains", paths.toolchains_dir(root))):
+            if where.exists():
+                parts.append(f"{name} {human_size(_tree_size(where))}")
     sizes = ", ".join(parts) if parts else "empty"
     detail = f"{root}: {human_size(free)} free of {human_size(usage.total)}; {sizes}"
     writable = os.access(probe, os.W_OK)

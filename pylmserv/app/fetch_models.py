@@ -14,9 +14,9 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 from urllib.parse import quote, unquote, urlsplit
 
 from ..core.archive import extract
@@ -64,18 +64,30 @@ class _Plan:
     name: str
     files: List[_File]
     archive: bool = False
-    record: Optional[LockEntry] = None  # a lock entry to write once hashes are known (TOFU)
+    record: Optional["_PendingPin"] = None  # written to the lock once the hash is known (TOFU)
+
+
+@dataclass(frozen=True)
+class _PendingPin:
+    """A lock entry still without its hash (trust on first use): the download supplies it."""
+
+    name: str
+    url: str
+    rev: Optional[str] = None
+    extra: Dict[str, object] = field(default_factory=dict)
+
+    def pinned(self, h: Hash, size: int) -> LockEntry:
+        return LockEntry("models", self.name, self.url, h, "flat", rev=self.rev, size=size, extra=dict(self.extra))
 
 
 # -- public API ------------------------------------------------------------------------
 
 def fetch(items: Union[str, Sequence[str]], dest: Optional[Path] = None, connections: int = 8,
           offline: bool = False, sha256: Union[None, str, Hash] = None, trust_on_first_use: bool = False,
-          config: Optional[Path] = None, lock: Optional[Path] = None, json: bool = False, progress: bool = True,
+          config: Optional[Path] = None, lock: Optional[Path] = None, progress: bool = True,
           home: Optional[Path] = None, link_mode: Optional[str] = None) -> List[FetchResult]:
-    """Make every item present and verified in the store; returns one result per item.
-
-    With json=True the results come as the dicts `pylmserv fetch --json` prints."""
+    """Make every item present and verified in the store; returns one result per item
+    (FetchResult.to_json() is what `pylmserv fetch --json` prints)."""
     if isinstance(items, str):
         items = [items]
     items = list(items)
@@ -97,7 +109,7 @@ def fetch(items: Union[str, Sequence[str]], dest: Optional[Path] = None, connect
     results = []
     for plan in plans:
         results.append(_fetch_plan(plan, project, dest, connections, offline, progress, home, link_mode))
-    return [r.to_json() for r in results] if json else results
+    return results
 
 
 def download_models(names: Iterable[str], target_dir: Union[str, Path]) -> List[Path]:
@@ -163,7 +175,7 @@ def _plan(item: str, project: Optional[Project], sha256: Optional[Hash], tofu: b
                 raise UsageError(f"no known sha256 for {item}",
                                  hint="Pass --sha256 HASH (hex or SRI), or --trust-on-first-use to record "
                                       "the hash of what the server sends in the lock.")
-            record = LockEntry("models", name, item, Hash("sha256", bytes(32)), "flat")
+            record = _PendingPin(name, item)
             return _Plan(name, _url_files(item, filename, None, None, tofu), _is_archive(filename), record=record)
         return _Plan(name, _url_files(item, filename, sha256, None, tofu), _is_archive(filename))
     if project is None:
@@ -193,7 +205,7 @@ def _plan(item: str, project: Optional[Project], sha256: Optional[Hash], tofu: b
         if plan.record is not None:
             plan.record = replace(plan.record, name=item)
         return plan
-    record = LockEntry("models", item, spec.url or "", Hash("sha256", bytes(32)), "flat")
+    record = _PendingPin(item, spec.url or "")
     return _Plan(item, _url_files(spec.url or "", spec.filename, None, spec.size, True),
                  _is_archive(spec.filename), record)
 
@@ -306,8 +318,7 @@ def _plan_hf(item: str, project: Optional[Project], tofu: bool, offline: bool) -
         url = f"{hub.endpoint()}/{repo}/resolve/{quote(commit, safe='')}/{quote(p)}"
         files.append(_File(url, p.rsplit("/", 1)[-1], expected, int(size) if size is not None else None))
     canonical = f"{hub.HUB}/{repo}/resolve/{quote(commit, safe='')}/{quote(path)}"
-    record = LockEntry("models", name, canonical, Hash("sha256", bytes(32)), "flat", rev=commit,
-                       extra={"hf": repo, "file": path}) if tofu else None
+    record = _PendingPin(name, canonical, rev=commit, extra={"hf": repo, "file": path}) if tofu else None
     return _Plan(name, files, _is_archive(filename), record=record)
 
 
@@ -465,11 +476,10 @@ def _record_tofu(plan: _Plan, got, project: Optional[Project]) -> None:
     """Trust on first use: write what was verified-by-download into the lock (atomic)."""
     from filelock import FileLock
 
-
     path = _tofu_lock_path(project)
 
     first_file, first_hash, first_size = got[0]
-    entry = replace(plan.record, hash=first_hash, size=first_size)
+    entry = plan.record.pinned(first_hash, first_size)
     if len(got) > 1:
         shards = [{"file": f.filename, "hash": h.sri, "size": s,
                    "url": _canonical_url(f.url)} for f, h, s in got[1:]]

@@ -61,7 +61,7 @@ class Entry:
 
 def builds(home: Path) -> List[Built]:
     """Installed builds: bin/<engine>-<backend>/current -> <key>/ (the builder's layout)."""
-    base = home / "bin"
+    base = paths.bin_dir(home)
     out: List[Built] = []
     if not base.is_dir():
         return out
@@ -96,7 +96,7 @@ def entries(project: Project, home: Optional[Path] = None) -> List[Entry]:
     out: List[Entry] = []
     for name in sorted(set(cfg.models) | set(lock.models)):
         spec, pin = cfg.models.get(name), lock.models.get(name)
-        fetched = store.lookup(name, home) if (home / "models").is_dir() else None
+        fetched = store.lookup(name, home) if paths.models_dir(home).is_dir() else None
         stale = bool(fetched and pin is not None and fetched.files[0].sha256 != pin.hash)
         out.append(Entry(
             "model", name, description=spec.description if spec else "", locked=pin is not None,

@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from ..builders import binfmt, build
+from ..builders import binfmt, build, resolve_backend
 from ..builders.llama_cpp import MAPPING_VERSION
+from ..builders.result import BuildResult
 from ..core import proc as proc_tools
 from ..core.errors import PylmservError, UsageError
 from ..pins.config import load_project
 from ..store import records as stamps
-from ..store.layout import home, subdir
+from ..store import layout
 from .fetch_models import fetch
 
 log = logging.getLogger("pylmserv.serve")
@@ -39,7 +40,7 @@ class ServeOptions:
     """Everything `serve` needs, resolved once by the CLI (or a caller) and passed down."""
 
     model: str
-    backend: str = "cpu"
+    backend: str = "auto"  # resolved by builders.resolve_backend when the server is built
     engine: str = "llama.cpp"
     host: str = "127.0.0.1"
     port: int = 8080
@@ -143,6 +144,7 @@ def resolve_server(engine: str, backend: str, server_bin: Optional[Path] = None,
                              hint=f"Point --server-bin (or ${SERVER_BIN_ENV}) at a llama-server executable.")
         return path
 
+    backend, _ = resolve_backend(engine, backend, config=config, lock=lock)
     kwargs = {"what": engine, "backend": backend, "config": config, "lock": lock}
     if engine == "llama.cpp":
         # Reuse a finished build of the locked source that has llama-server (e.g. from
@@ -159,30 +161,19 @@ def existing_build_targets(backend: str, config: Optional[Path] = None, lock: Op
     Calling build() with those targets is then a cache hit: no second build for `serve`.
     """
     entry = load_project(config, lock).lock.entry("sources", "llama-cpp")
-    builds = home() / "builds"
-    if entry is None or not builds.is_dir():
+    if entry is None:
         return None
-    best = None
-    for stamp_file in builds.glob(f"llama.cpp-{backend}-*/{stamps.STAMP_NAME}"):
-        stamp = stamps.read_stamp(stamp_file)
-        if stamp is None or stamp.inputs.get("source") != entry.hash.sri or "llama-server" not in stamp.outputs:
-            continue
-        if stamp.inputs.get("mapping") != MAPPING_VERSION:  # made by an older pylmserv: would rebuild anyway
-            continue
-        if not all(r.still_there() for r in stamp.outputs.values()):
-            continue
-        mtime = stamp_file.stat().st_mtime
-        if best is None or mtime > best[0]:
-            best = (mtime, tuple(stamp.inputs.get("targets") or ()))
-    return best[1] if best and best[1] else None
+    stamp = stamps.newest_build(layout.build_dirs("llama.cpp", backend, layout.home()),
+                                {"source": entry.hash.sri, "mapping": MAPPING_VERSION},  # older mappings rebuild
+                                output="llama-server")
+    targets = tuple(stamp.inputs.get("targets") or ()) if stamp else ()
+    return targets or None
 
 
-def pick_server_binary(engine: str, result) -> Path:
-    """Find llama-server (or the llamafile) among a BuildResult's installed paths."""
-    paths = getattr(result, "paths", None) or getattr(result, "binaries", None) or {}
-    items = list(paths.items()) if isinstance(paths, dict) else [(Path(p).name, p) for p in paths]
+def pick_server_binary(engine: str, result: BuildResult) -> Path:
+    """Find llama-server (or the llamafile) among a BuildResult's installed binaries."""
     wanted = ("llama-server",) if engine == "llama.cpp" else ("llamafile",)
-    for name, path in items:
+    for name, path in result.binaries.items():
         if Path(str(name)).name in wanted or Path(str(path)).name in wanted:
             return Path(path)
     raise PylmservError(f"the {engine} build has no {wanted[0]} binary",
@@ -386,7 +377,7 @@ def _is_main_thread() -> bool:
 
 
 def default_log_file(port: int) -> Path:
-    return subdir("logs") / f"llama-server-{port}.log"
+    return layout.logs_dir() / f"llama-server-{port}.log"
 
 
 def serve(opts: ServeOptions, on_ready: Callable[[ServeUrls], None], config: Optional[Path] = None,

@@ -6,10 +6,11 @@ CMake, no hashing of the tree.
 """
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import logging
 import os
 import platform as _platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -17,17 +18,18 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..core.errors import BuildError, ConfigError, ToolMissingError, UsageError
 from ..pins.config import load_project
-from ..store import records as stamps
 from ..store.layout import home
 from ..store.trees import ensure_source, store_path
 from . import toolchain as tc
+from .base import BuildSkeleton, Compiled
 from .llama_cpp import (BACKENDS, BUILD_TIMEOUT, CONFIGURE_TIMEOUT, DEFAULT_TARGETS, LOG_NAME, MAPPING_VERSION,
-                        Detected, Request, backend_env, builtin_features, find_outputs, install_files,
-                        make_commands, map_options, point_current, preflight, run_logged, scan_features,
-                        shared_libs)
+                        Detected, Request, backend_env, builtin_features, find_outputs, make_commands, map_options,
+                        preflight, run_logged, scan_features)
 from .llamafile import build_llamafile
 from .result import BuildResult
-from .toolchain import detect_toolchain
+from .toolchain import (DEFAULT_MIN_HIP, VULKAN_WAYS_OUT, check_gpu_links, cuda_header_driver_symbols, cuda_roots,
+                        detect_toolchain, detect_vulkan_sdk, find_cuda_header, find_cuda_stubs, hip_too_old,
+                        hip_version, required_hip_version, vulkan_headers_too_old, write_cuda_driver_stub)
 
 log = logging.getLogger("pylmserv.build")
 
@@ -39,15 +41,28 @@ def build(what: str = "llama.cpp", backend: str = "cpu", targets: Optional[Seque
           cuda_arch: Optional[str] = None, gpu_targets: Optional[str] = None, portable: bool = False,
           jobs: Optional[int] = None, prefix: Optional[Path] = None, cmake_args: Sequence[str] = (),
           force: bool = False, dry_run: bool = False, source_dir: Optional[Path] = None,
-          config: Optional[Path] = None, lock: Optional[Path] = None,
-          reproducible: Optional[bool] = None) -> BuildResult:
-    """Build `what` for `backend`; a no-op (cache_hit=True) when the stamp says it is done.
-    `reproducible` (default: on for portable builds) makes the same lock and options give
-    the same bytes in any PYLMSERV_HOME and build directory."""
+          config: Optional[Path] = None, lock: Optional[Path] = None, module_only: bool = False,
+          cuda_blas: Optional[str] = None, reproducible: Optional[bool] = None) -> BuildResult:
+    """Build `what` for `backend` ("auto": what this machine has, see resolve_backend); a no-op
+    (cache_hit=True) when the stamp says it is done. `reproducible` (default: on for portable
+    llama.cpp builds): the same lock and options give the same bytes in any PYLMSERV_HOME."""
+    backend, choice = resolve_backend(what, backend, source_dir=source_dir, config=config, lock=lock)
+    result = _build(what, backend, targets, cuda_arch, gpu_targets, portable, jobs, prefix, cmake_args, force,
+                    dry_run, source_dir, config, lock, module_only, cuda_blas, reproducible)
+    return dataclasses.replace(result, auto=choice.describe()) if choice is not None else result
+
+
+def _build(what, backend, targets, cuda_arch, gpu_targets, portable, jobs, prefix, cmake_args, force, dry_run,
+           source_dir, config, lock, module_only, cuda_blas, reproducible=None) -> BuildResult:
     if what == "llamafile":
         return build_llamafile(backend=backend, jobs=jobs, prefix=prefix, dry_run=dry_run, force=force,
                                config=config, lock=lock, source_dir=source_dir, cuda_arch=cuda_arch,
-                               gpu_targets=gpu_targets)
+                               gpu_targets=gpu_targets, module_only=module_only, cuda_blas=cuda_blas or "tinyblas")
+    if reproducible is not None and what != "llama.cpp":
+        raise UsageError("--reproducible applies to `pylmserv build llama.cpp` only")
+    if module_only or cuda_blas:
+        raise UsageError("--module-only and --cuda-blas apply to `pylmserv build llamafile` only",
+                         hint="llama.cpp's CUDA backend always links cuBLAS.")
     if what != "llama.cpp":
         raise UsageError(f"unknown build target {what!r}", hint="Use `pylmserv build llama.cpp` or `pylmserv build llamafile`.")
 
@@ -63,37 +78,49 @@ def build(what: str = "llama.cpp", backend: str = "cpu", targets: Optional[Seque
 
 def build_llama_cpp(output_dir, cuda: bool = False, backend: Optional[str] = None, jobs: Optional[int] = None,
                     force: bool = False, **kwargs) -> BuildResult:
-    """Seed-compatible entry: build llama.cpp and install its binaries under `output_dir`/bin."""
-    return build("llama.cpp", backend=backend or ("cuda" if cuda else "cpu"), jobs=jobs,
+    """Seed-compatible entry: build llama.cpp and install its binaries under `output_dir`/bin.
+    cuda=True meant "CUDA if available": that is --backend auto (cuda on an NVIDIA machine
+    with a usable toolkit, else the best this machine has)."""
+    return build("llama.cpp", backend=backend or ("auto" if cuda else "cpu"), jobs=jobs,
                  prefix=Path(output_dir), force=force, **kwargs)
 
 
-def output_digests(outputs: Dict[str, Path], build_dir: Path) -> Dict[str, str]:
-    """sha256 of every built file that ships (binaries and the shared libraries beside them):
-    recorded in the stamp, so the fast path reports them without reading the files."""
-    files = {Path(p).name: Path(p) for p in outputs.values()}
-    files.update({p.name: p for p in shared_libs(build_dir)})
-    out = {}
-    for name, path in sorted(files.items()):
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        out[name] = h.hexdigest()
-    return out
+def resolve_backend(what: str, backend: str, source_dir: Optional[Path] = None, config: Optional[Path] = None,
+                    lock: Optional[Path] = None):
+    """(backend, BackendChoice or None): "auto" becomes what doctor's detection finds usable
+    here (toolchain.choose_backend); the choice and its reasons are logged."""
+    if backend != "auto":
+        return backend, None
+    min_hip = tc.DEFAULT_MIN_HIP
+    tree = Path(source_dir) if source_dir else (stored_llama_source(config, lock) if what == "llama.cpp" else None)
+    if tree is not None:
+        min_hip = tc.required_hip_version(tree) or min_hip
+    choice = tc.choose_backend(what, min_hip=min_hip)
+    log.warning("%s", choice.describe())
+    return choice.backend, choice
 
 
-class LlamaCppBuild:
-    """One llama.cpp build: key -> (fast path | detect, preflight, fetch, configure, build) -> install."""
+def stored_llama_source(config=None, lock=None) -> Optional[Path]:
+    """The locked llama.cpp tree when it is already in the store (auto reads its HIP minimum)."""
+    try:
+        entry = load_project(config, lock).lock.entry("sources", SOURCE_NAME)
+    except ConfigError:
+        return None
+    path = store_path(entry, home()) if entry is not None and entry.mode == "nar" else None
+    return path if path is not None and path.is_dir() else None
+
+
+class LlamaCppBuild(BuildSkeleton):
+    """One llama.cpp build on the shared skeleton: prepare = detect, preflight, source
+    checks, fetch; compile = (driver stub,) configure, build, link check."""
+
+    engine = "llama.cpp"
 
     def __init__(self, req, prefix=None, force=False, source_dir=None, config=None, lock=None):
+        super().__init__(prefix, force, source_dir)
         self.req = req
-        self.force = force
-        self.prefix = Path(prefix).expanduser().resolve() if prefix else None
-        self.source_dir = Path(source_dir).expanduser().resolve() if source_dir else None
+        self.backend = req.backend
         self.config, self.lock = config, lock
-        self.home = home()
-        self.start = time.monotonic()
         self.entry = None
         self.rev: Optional[str] = None
         if self.source_dir is None:
@@ -103,10 +130,7 @@ class LlamaCppBuild:
             raise UsageError(f"--source {self.source_dir}: no CMakeLists.txt there",
                              hint="Pass the top directory of a llama.cpp checkout.")
         self.detected = self._cheap_detection()
-        self.inputs = self._inputs()
-        self.key = stamps.build_key(self.inputs)
-        self.build_dir = self.home / "builds" / f"llama.cpp-{req.backend}-{self.key}"
-        self.stamp_path = self.build_dir / stamps.STAMP_NAME
+        self._identify(req.backend, self._inputs())
 
     # -- identity ---------------------------------------------------------------------
 
@@ -126,15 +150,26 @@ class LlamaCppBuild:
         the user left the GPU architecture to us."""
         req = self.req
         cuda_archs: Tuple[str, ...] = ()
+        nvcc_archs: Tuple[str, ...] = ()
         gfx: Tuple[str, ...] = ()
-        if req.backend == "cuda" and not req.cuda_arch:
-            cuda_archs = tuple(sorted({g.arch for g in tc.detect_nvidia_gpus()}))
+        cublas_wheel = None
+        if req.backend == "cuda":
+            nvcc = tc.Tool("nvcc", tc.which("nvcc"))  # stat only: no version probe on the fast path
+            cublas = tc.detect_cublas(nvcc)
+            if cublas.origin == "pip-wheel":
+                cublas_wheel = (cublas.path, cublas.include or "")
+            if not req.cuda_arch:
+                cuda_archs = tuple(sorted({g.arch for g in tc.detect_nvidia_gpus()}))
+                if not cuda_archs and nvcc.found:
+                    rc, out = tc.default_run([nvcc.path, "--list-gpu-arch"])
+                    nvcc_archs = tuple(sorted(set(re.findall(r"compute_(\d+)", out)), key=int)) if rc == 0 else ()
         if req.backend == "rocm" and not req.gpu_targets:
             gfx = tc.detect_rocm().gfx_targets
         return Detected(platform=sys.platform, openssl=tc.detect_openssl_headers(),
                         blas_vendor=tc.detect_blas() if req.backend == "blas" else None,
                         cuda_archs=cuda_archs, gfx_targets=gfx,
-                        source_date_epoch="SOURCE_DATE_EPOCH" in os.environ)
+                        source_date_epoch="SOURCE_DATE_EPOCH" in os.environ, nvcc_archs=nvcc_archs,
+                        cublas_wheel=cublas_wheel)
 
     def _inputs(self) -> dict:
         req, det = self.req, self.detected
@@ -146,32 +181,60 @@ class LlamaCppBuild:
             "build_type": req.build_type, "platform": f"{sys.platform}-{_platform.machine()}",
             **({"reproducible": True} if req.reproducible else {}),  # absent when off: older keys stay valid
             "detected": {"openssl": det.openssl, "blas": det.blas_vendor, "cuda_archs": list(det.cuda_archs),
-                         "gfx": list(det.gfx_targets)},
+                         "gfx": list(det.gfx_targets),
+                         # CUDA only: the keys of other backends' builds stay what they were
+                         **({"nvcc_archs": list(det.nvcc_archs),
+                             "cublas_wheel": list(det.cublas_wheel) if det.cublas_wheel else None}
+                          if req.backend == "cuda" else {})},
         }
 
     # -- the pipeline -------------------------------------------------------------------
 
-    def run(self, dry_run: bool = False) -> BuildResult:
-        if dry_run:
-            return self._dry_run()
-        if not self.force and self.source_dir is None:
-            stamp = stamps.read_stamp(self.stamp_path)
-            if stamps.is_up_to_date(stamp, self.req.targets, inputs=self.inputs):
-                log.debug("up to date: %s", self.build_dir)
-                return self._finish(stamp.output_paths(), cache_hit=True, notes=("up to date: nothing to do",),
-                                    sha256=stamp.extra.get("sha256") or {})
-        return self._build()
+    def wanted(self):
+        return self.req.targets
+
+    def select(self, outputs: Dict[str, Path]) -> Dict[str, Path]:
+        return {t: outputs[t] for t in self.req.targets}
+
+    def libs_dir(self) -> Path:
+        return self.build_dir / "bin"
 
     def _plan(self, tc, source: Path, features):
         mapping = map_options(self.req, features, self.detected, self.rev)
+        stub = self._driver_stub(tc)
+        if stub is not None:
+            # ggml-cuda links CUDA::cuda_driver (VMM); FindCUDAToolkit looks for it in stubs/
+            mapping = dataclasses.replace(
+                mapping, defines=mapping.defines + (("CUDA_cuda_driver_LIBRARY", str(stub)),),
+                notes=mapping.notes + (f"this CUDA toolkit has no stubs/libcuda.so: linking against a generated "
+                                       f"stub {stub} (SONAME libcuda.so.1, the driver's exports from cuda.h)",))
         launcher = tc.ccache.path if tc.ccache.found else None
-        env = dict(mapping.env)  # reproducible builds: SOURCE_DATE_EPOCH, CCACHE_BASEDIR
+        env = dict(mapping.env)  # reproducible builds: SOURCE_DATE_EPOCH, CCACHE_BASEDIR=""
         env.update(backend_env(self.req.backend, tc.extra.get("rocm")))
         cmds = make_commands(tc.cmake.path or "cmake", tc.ninja.path, source, self.build_dir, mapping,
                              self.req.targets, self.req.jobs, launcher, self.req.backend, env)
         return mapping, cmds, env
 
-    def _dry_run(self) -> BuildResult:
+    def _driver_stub(self, tc) -> Optional[Path]:
+        """Where the libcuda link stub goes when the toolkit has none (NVIDIA's PyPI wheels)."""
+        nvcc = tc.extra.get("nvcc")
+        if self.req.backend != "cuda" or nvcc is None or not nvcc.found or find_cuda_stubs(nvcc) is not None:
+            return None
+        return self.build_dir / "cuda-stubs" / "libcuda.so"
+
+    def _check_cuda_links(self, tc, outputs: Dict[str, Path], stub: Optional[Path]) -> None:
+        """readelf/nm: every cu*/cublas* symbol the binaries use comes from a NEEDED library."""
+        nvcc = tc.extra["nvcc"]
+        dirs = [stub.parent] if stub is not None else []
+        cublas = tc.extra.get("cublas")
+        if cublas is not None and cublas.found:
+            dirs.append(Path(cublas.path).parent)
+        for root in cuda_roots(nvcc):
+            dirs += [root / "lib64", root / "lib64" / "stubs", *sorted(root.glob("targets/*/lib"))]
+        for name, path in sorted(outputs.items()):
+            check_gpu_links(path, [d for d in dirs if d.is_dir()])
+
+    def dry_run(self) -> BuildResult:
         tc = detect_toolchain(self.req.backend)
         notes: List[str] = []
         try:
@@ -185,78 +248,81 @@ class LlamaCppBuild:
             features = scan_features(source) if source.is_dir() else builtin_features(self.rev)
             if not source.is_dir():
                 notes.append(f"source not fetched yet (dry run fetches nothing): would fetch {self.entry.url}")
+        try:
+            source_checks(self.req.backend, tc, source if source.is_dir() else None, self.req.cmake_args)
+        except ToolMissingError as exc:
+            notes.append(f"preflight would fail: {exc.message}")
         mapping, cmds, _ = self._plan(tc, source, features)
         detected = tuple(tc.describe()) + (f"options: {features.origin}",)
-        return BuildResult("llama.cpp", self.req.backend, {}, self.build_dir, self._prefix_dir(),
+        return BuildResult("llama.cpp", self.req.backend, {}, self.build_dir, self.prefix_dir(),
                            time.monotonic() - self.start, False, self.key, source, tuple(cmds.lines()),
                            detected, tuple(notes) + mapping.notes, dry_run=True)
 
-    def _build(self) -> BuildResult:
-        from filelock import FileLock
-
+    def prepare(self) -> Path:
         tc = detect_toolchain(self.req.backend)
-        warnings = preflight(self.req.backend, tc)
-        for w in warnings:
+        self.warnings = preflight(self.req.backend, tc)
+        for w in self.warnings:
             log.warning("warning: %s", w)
-        if self.source_dir is not None:
-            source = self.source_dir
-        else:
-            source = ensure_source(self.entry, self.home)
-        features = scan_features(source)
-        mapping, cmds, benv = self._plan(tc, source, features)
-        for note in mapping.notes:
+        source = self.source_dir if self.source_dir is not None else ensure_source(self.entry, self.home)
+        source_checks(self.req.backend, tc, source, self.req.cmake_args)  # before configure: minutes before the compiler would fail
+        self.mapping, self.cmds, self.benv = self._plan(tc, source, scan_features(source))
+        for note in self.mapping.notes:
             log.warning("note: %s", note)
-        self.build_dir.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.build_dir) + ".lock", timeout=6 * 3600):
-            if not self.force and self.source_dir is None:
-                stamp = stamps.read_stamp(self.stamp_path)  # another process may have just finished it
-                if stamps.is_up_to_date(stamp, self.req.targets, inputs=self.inputs):
-                    return self._finish(stamp.output_paths(), cache_hit=True, notes=("built by a concurrent run",),
-                                        sha256=stamp.extra.get("sha256") or {})
-            stamps.remove_stamp(self.stamp_path)  # a failed build must not look done
-            log_file = self.build_dir / LOG_NAME
-            log_file.write_text(f"# pylmserv build llama.cpp ({self.req.backend}) {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-            env = dict(os.environ)
-            env.update(benv)
-            if tc.ccache.found and tc.ccache.name == "ccache" and "CCACHE_BASEDIR" not in env:
-                # relative paths in the cache key: builds in other keyed dirs share hits
-                env["CCACHE_BASEDIR"] = str(self.home)
-            log.info("configuring llama.cpp (%s) in %s", self.req.backend, self.build_dir)
-            t0 = time.monotonic()
-            run_logged(cmds.configure, log_file, env, CONFIGURE_TIMEOUT, "configure")
-            log.info("building %s (-j%s)", " ".join(self.req.targets), cmds.build[-1])
-            run_logged(cmds.build, log_file, env, BUILD_TIMEOUT, "build")
-            seconds = time.monotonic() - t0
-            outputs = find_outputs(self.build_dir, self.req.targets)
-            missing = [t for t in self.req.targets if t not in outputs]
-            if missing:
-                raise BuildError(f"the build finished but produced no {', '.join(missing)}; log: {log_file}",
-                                 hint="Check the --target names (e.g. llama-cli, llama-server, llama-bench).")
-            digests = output_digests(outputs, self.build_dir)
-            stamp = stamps.make_stamp(self.inputs, outputs, seconds=seconds,
-                                      extra={"commands": cmds.lines(), "defines": dict(mapping.defines),
-                                             "source": str(source), "toolchain": tc.describe(),
-                                             "sha256": digests})
-            stamps.write_stamp(self.stamp_path, stamp)
-        return self._finish(outputs, cache_hit=False, notes=tuple(warnings) + mapping.notes, source=source,
-                            commands=tuple(cmds.lines()), sha256=digests)
+        self.tc = tc
+        return source
 
-    # -- install --------------------------------------------------------------------------
+    def compile(self, source: Path) -> Compiled:
+        tc, mapping, cmds = self.tc, self.mapping, self.cmds
+        stub = self._driver_stub(tc)
+        if stub is not None:
+            header = find_cuda_header(tc.extra["nvcc"])
+            if header is None:
+                raise ToolMissingError(f"the CUDA toolkit of {tc.extra['nvcc'].path} has neither stubs/libcuda.so "
+                                       "nor include/cuda.h", hint="Install the full CUDA toolkit (cuda-toolkit).")
+            write_cuda_driver_stub(cuda_header_driver_symbols(header), stub)
+        log_file = self.build_dir / LOG_NAME
+        log_file.write_text(f"# pylmserv build llama.cpp ({self.req.backend}) {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        env = dict(os.environ)
+        env.update(self.benv)
+        if tc.ccache.found and tc.ccache.name == "ccache" and "CCACHE_BASEDIR" not in env:
+            # relative paths in the cache key: builds in other keyed dirs share hits
+            env["CCACHE_BASEDIR"] = str(self.home)
+        log.info("configuring llama.cpp (%s) in %s", self.req.backend, self.build_dir)
+        run_logged(cmds.configure, log_file, env, CONFIGURE_TIMEOUT, "configure")
+        log.info("building %s (-j%s)", " ".join(self.req.targets), cmds.build[-1])
+        run_logged(cmds.build, log_file, env, BUILD_TIMEOUT, "build")
+        outputs = find_outputs(self.build_dir, self.req.targets)
+        missing = [t for t in self.req.targets if t not in outputs]
+        if missing:
+            raise BuildError(f"the build finished but produced no {', '.join(missing)}; log: {log_file}",
+                             hint="Check the --target names (e.g. llama-cli, llama-server, llama-bench).")
+        if self.req.backend == "cuda":
+            self._check_cuda_links(tc, outputs, stub)
+        return Compiled(outputs, tuple(self.warnings) + mapping.notes, tuple(cmds.lines()),
+                        {"defines": dict(mapping.defines), "toolchain": tc.describe()})
 
-    def _prefix_dir(self) -> Path:
-        if self.prefix is not None:
-            return self.prefix
-        return self.home / "bin" / f"llama.cpp-{self.req.backend}" / self.key
 
-    def _finish(self, outputs: Dict[str, Path], cache_hit: bool, notes=(), source=None, commands=(),
-                sha256=None) -> BuildResult:
-        prefix = self._prefix_dir()
-        bindir = prefix / "bin" if self.prefix is not None else prefix
-        wanted = {t: outputs[t] for t in self.req.targets}
-        installed = install_files(wanted, bindir, with_libs=self.build_dir / "bin")
-        current = None
-        if self.prefix is None:
-            current = point_current(prefix)
-        return BuildResult("llama.cpp", self.req.backend, installed, self.build_dir, prefix,
-                           time.monotonic() - self.start, cache_hit, self.key, source, commands, (),
-                           tuple(notes), current=current, sha256=dict(sha256 or {}))
+def source_checks(backend: str, tc, source: Optional[Path], cmake_args: Sequence[str] = ()) -> None:
+    """What the pinned source needs of the toolkit, read from the source itself: the HIP
+    version its ggml-hip/CMakeLists.txt requires, the vk:: names its ggml-vulkan uses
+    (source None: not fetched yet; ROCm is then held to current llama.cpp's minimum).
+    Raises ToolMissingError (one line, the ways out in the hint); doctor says the same."""
+    if backend == "rocm":
+        rocm = tc.extra["rocm"]
+        needed = required_hip_version(source) if source is not None else DEFAULT_MIN_HIP
+        where = "ggml/src/ggml-hip/CMakeLists.txt" if source is not None else "current llama.cpp"
+        if needed and rocm.hipcc.found:
+            problem = hip_too_old(rocm.hipcc, hip_version(rocm.hipcc), needed, where)
+            if problem:
+                raise ToolMissingError(f"cannot build llama.cpp (rocm): {problem}",
+                                       hint="Install a newer ROCm and put its bin/ first on PATH (or set ROCM_PATH), "
+                                            "then rerun; `pylmserv doctor --backend rocm` checks it.")
+    elif backend == "vulkan" and source is not None:
+        sdk = tc.extra.get("vulkan_sdk") or detect_vulkan_sdk()
+        for arg in cmake_args:  # headers the user points CMake at (e.g. a pinned Vulkan-Headers tree)
+            m = re.match(r"(?:-D)?Vulkan_INCLUDE_DIR(?::\w+)?=(.+)", arg)
+            if m:
+                sdk = detect_vulkan_sdk(include_dirs=[Path(m.group(1))])
+        problem = vulkan_headers_too_old(source, sdk)
+        if problem:
+            raise ToolMissingError(f"cannot build llama.cpp (vulkan): {problem}", hint=VULKAN_WAYS_OUT)

@@ -26,6 +26,9 @@ from .toolchain import MIN_CMAKE, version_str
 log = logging.getLogger("pylmserv.build")
 
 BACKENDS = ("cpu", "blas", "cuda", "rocm", "vulkan", "metal")
+# llama.cpp's own non-native CUDA architecture list (ggml/src/ggml-cuda/CMakeLists.txt, 2025-26).
+UPSTREAM_CUDA_ARCHS = ("50-virtual", "61-virtual", "70-virtual", "75-virtual", "80-virtual", "86-real", "89-real",
+                       "90-virtual", "120a-real")
 DEFAULT_TARGETS = ("llama-cli", "llama-server", "llama-bench")
 MAPPING_VERSION = 2  # bump when the option mapping changes: new build keys, no stale reuse
 LOG_NAME = "pylmserv-build.log"
@@ -165,6 +168,8 @@ class Detected:
     cuda_archs: Tuple[str, ...] = ()  # from nvidia-smi compute_cap
     gfx_targets: Tuple[str, ...] = ()  # from rocminfo
     source_date_epoch: bool = False
+    nvcc_archs: Tuple[str, ...] = ()  # what `nvcc --list-gpu-arch` accepts (no GPU, no --cuda-arch)
+    cublas_wheel: Optional[Tuple[str, str]] = None  # (libcublas.so.N, include dir) of NVIDIA's PyPI wheel
 
 
 @dataclass(frozen=True)
@@ -249,8 +254,25 @@ def map_options(req: Request, features: SourceFeatures, det: Detected,
         elif det.cuda_archs:
             d["CMAKE_CUDA_ARCHITECTURES"] = ";".join(sorted(set(det.cuda_archs)))
             notes.append(f"CUDA architectures from nvidia-smi: {d['CMAKE_CUDA_ARCHITECTURES']}")
+        elif det.nvcc_archs:
+            # GGML_NATIVE would ask for "native", which fails without a GPU: upstream's portable
+            # list instead, cut to what this nvcc can target (CUDA 13 dropped sm_50..sm_70).
+            archs = [a for a in UPSTREAM_CUDA_ARCHS if re.match(r"\d+", a).group() in det.nvcc_archs]
+            d["CMAKE_CUDA_ARCHITECTURES"] = ";".join(archs)
+            notes.append(f"no --cuda-arch and no GPU detected: CMAKE_CUDA_ARCHITECTURES={d['CMAKE_CUDA_ARCHITECTURES']} "
+                         "(what this nvcc supports; --cuda-arch 89 builds one and is much faster)")
         else:
             notes.append("no --cuda-arch and no GPU detected: upstream's default architecture list (slower build)")
+        if det.cublas_wheel:
+            lib, include = det.cublas_wheel
+            # FindCUDAToolkit looks for libcublas.so beside the toolkit; the wheel has only
+            # libcublas.so.N (and libcublasLt.so.N) in site-packages/nvidia/cuXX/lib.
+            d["CUDA_cublas_LIBRARY"] = lib
+            lt = str(Path(lib).with_name(Path(lib).name.replace("libcublas.", "libcublasLt.")))
+            d["CUDA_cublasLt_LIBRARY"] = lt
+            if include:
+                d["CMAKE_CUDA_FLAGS"] = f"-I{include}"
+            notes.append(f"cuBLAS from NVIDIA's PyPI wheel: {lib}")
     elif b == "rocm":
         hip = "GGML_HIP" if features.has("GGML_HIP") else (f"{P}_HIPBLAS")
         d[hip] = "ON"
@@ -424,7 +446,10 @@ def preflight(backend: str, tc, platform: str = sys.platform) -> List[str]:
         if mismatch:
             (missing if not rocm.found else warnings).append(mismatch)
     elif backend == "vulkan":
-        if not tc.extra["glslc"].found:
+        sdk = tc.extra.get("vulkan_sdk")
+        if sdk is not None and sdk.missing():
+            missing += [f"{m} (or the LunarG Vulkan SDK; {nix})" for m in sdk.missing()]
+        elif sdk is None and not tc.extra["glslc"].found:
             missing.append(f"glslc, the Vulkan shader compiler (apt-get install glslc libvulkan-dev, "
                            f"or the LunarG Vulkan SDK; {nix})")
     elif backend == "metal":

@@ -44,12 +44,12 @@ from ..core.apezip import embed_files
 from ..core.errors import BuildError, ConfigError, ToolMissingError, UsageError
 from ..pins.config import load_project
 from ..store import layout as paths
-from ..store import records as stamps
 from ..store.trees import ensure_source, store_path
 from . import toolchain as tc
+from .base import BuildSkeleton, Compiled
 from .binfmt import is_ape, read_binfmt
 from .cosmocc import Cosmocc, ensure_cosmocc, find_entry, toolchain_dir
-from .llama_cpp import install_files, point_current, run_logged
+from .llama_cpp import run_logged
 from .result import BuildResult
 
 log = logging.getLogger("pylmserv.build")
@@ -57,7 +57,7 @@ log = logging.getLogger("pylmserv.build")
 ENGINE = "llamafile"
 SOURCE_NAME = "llamafile"
 BACKENDS = ("cpu", "cuda", "rocm")
-MAPPING_VERSION = 1  # bump when the commands below change meaning (invalidates stamps)
+MAPPING_VERSION = 2  # bump when the commands below change meaning (invalidates stamps)
 LOG_NAME = "pylmserv-build.log"
 MAKE_TIMEOUT = 6 * 3600
 GPU_TIMEOUT = 3 * 3600
@@ -106,9 +106,12 @@ class Plan:
     binfmt_summary: str
     seed: Path  # <src>/.cosmocc/<version>
     steps: List[Step] = field(default_factory=list)
-    gpu: Optional[Step] = None
+    gpu: List[Step] = field(default_factory=list)  # compile (and link) of the GPU module
     gpu_dso: Optional[Path] = None
     gpu_sources: Tuple[Tuple[str, str], ...] = ()  # (path in tree, flat name)
+    driver_stub: Optional[Path] = None  # libcuda.so to generate for linking (toolkit has no stubs/)
+    link_dirs: Tuple[Path, ...] = ()  # where the module's NEEDED GPU libraries are at link time
+    module_only: bool = False
     notes: List[str] = field(default_factory=list)
 
     def lines(self, cosmocc_root: Path) -> List[str]:
@@ -117,12 +120,18 @@ class Plan:
         else:
             seed = (f"# seed {self.seed}: links into {cosmocc_root}, APE tools as #!/bin/sh shims "
                     f"that exec the APE loader")
-        out = [seed] + [s.line() for s in self.steps]
-        if self.gpu is not None:
+        out = [] if self.module_only else [seed] + [s.line() for s in self.steps]
+        if self.gpu:
             count = f"{len(self.gpu_sources)} " if self.gpu_sources else ""
             out.append(f"# copy the {count}sources named in llamafile/cuda.c into {self.gpu_dso.parent}")
-            out.append(self.gpu.line())
-            out.append(f"# embed {self.gpu_dso.name} as an aligned STORED zip entry into: {', '.join(EMBED_INTO)}")
+            out.append(self.gpu[0].line())
+            if self.driver_stub is not None:
+                out.append(f"# write {self.driver_stub} (SONAME libcuda.so.1) exporting the cu* driver symbols "
+                           f"{self.gpu[0].argv[-1].rsplit('/', 1)[-1]} needs: this toolkit has no stubs/libcuda.so")
+            out += [s.line() for s in self.gpu[1:]]
+            out.append(f"# check {self.gpu_dso.name}: every undefined cu*/cublas* symbol is provided by a NEEDED library")
+            if not self.module_only:
+                out.append(f"# embed {self.gpu_dso.name} as an aligned STORED zip entry into: {', '.join(EMBED_INTO)}")
         return out
 
 
@@ -130,7 +139,8 @@ def build_llamafile(backend: str = "cpu", jobs: Optional[int] = None, prefix: Op
                     dry_run: bool = False, force: bool = False, config: Optional[Path] = None,
                     lock: Optional[Path] = None, source_dir: Optional[Path] = None,
                     cuda_arch: Optional[str] = None, gpu_targets: Optional[str] = None,
-                    cuda_blas: str = "tinyblas", binfmt_dir: Optional[Path] = None, **ignored):
+                    cuda_blas: str = "tinyblas", binfmt_dir: Optional[Path] = None, module_only: bool = False,
+                    **ignored):
     """Build llamafile for `backend`; a no-op (cache_hit=True) when the stamp says it is done."""
     if backend not in BACKENDS:
         raise UsageError(f"llamafile has no backend {backend!r}", hint="Use --backend cpu, cuda or rocm.")
@@ -138,27 +148,32 @@ def build_llamafile(backend: str = "cpu", jobs: Optional[int] = None, prefix: Op
         raise UsageError(f"--jobs must be at least 1, got {jobs}")
     if cuda_blas not in ("tinyblas", "cublas"):
         raise UsageError(f"unknown CUDA BLAS {cuda_blas!r}", hint="Use tinyblas (no cuBLAS needed at run time) or cublas.")
+    if module_only and backend not in ("cuda", "rocm"):
+        raise UsageError("--module-only builds the GPU module (ggml-cuda.so / ggml-rocm.so)",
+                         hint="Use it with --backend cuda or --backend rocm.")
     for name in sorted(k for k, v in ignored.items() if v):
         log.debug("llamafile build: option %s does not apply; ignored", name)
     return LlamafileBuild(backend=backend, jobs=jobs, prefix=prefix, force=force, config=config, lock=lock,
                           source_dir=source_dir, cuda_arch=cuda_arch, gpu_targets=gpu_targets,
-                          cuda_blas=cuda_blas, binfmt_dir=binfmt_dir).run(dry_run)
+                          cuda_blas=cuda_blas, binfmt_dir=binfmt_dir, module_only=module_only).run(dry_run)
 
 
-class LlamafileBuild:
+class LlamafileBuild(BuildSkeleton):
+    """One llamafile build on the shared skeleton: prepare = preflight, fetch, cosmocc;
+    compile = make + make install (APE exec mode from binfmt_misc), then the GPU module."""
+
+    engine = ENGINE
+
     def __init__(self, backend, jobs, prefix, force, config, lock, source_dir, cuda_arch, gpu_targets,
-                 cuda_blas, binfmt_dir):
-        self.backend, self.force = backend, force
+                 cuda_blas, binfmt_dir, module_only=False):
+        super().__init__(prefix, force, source_dir)
+        self.backend, self.module_only = backend, module_only
         self.jobs = jobs or os.cpu_count() or 1
-        self.prefix = Path(prefix).expanduser().resolve() if prefix else None
-        self.source_dir = Path(source_dir).expanduser().resolve() if source_dir else None
         self.cuda_archs = _split(cuda_arch) or (default_cuda_archs() if backend == "cuda" else ())
         self.gfx = _split(gpu_targets) or (DEFAULT_GFX_TARGETS if backend == "rocm" else ())
         self.cuda_blas = cuda_blas if backend == "cuda" else None
         env_dir = os.environ.get("PYLMSERV_BINFMT_DIR")
         self.binfmt_dir = Path(binfmt_dir) if binfmt_dir else (Path(env_dir) if env_dir else None)
-        self.home = paths.home()
-        self.start = time.monotonic()
         project = load_project(config, lock)
         self.entry = None
         if self.source_dir is None:
@@ -174,43 +189,37 @@ class LlamafileBuild:
             if not (self.source_dir / "Makefile").is_file():
                 raise UsageError(f"{self.source_dir}: no Makefile there", hint="Pass the top directory of a llamafile tree.")
             version = _configured_cosmocc(self.source_dir)
-        if not version:
-            raise ConfigError(f"[sources.{SOURCE_NAME}] does not say which cosmocc builds it",
-                              hint="Add cosmocc = \"X.Y.Z\" to [sources.llamafile] in pylmserv.toml and run `pylmserv prefetch`.")
-        self.cosmocc_version = str(version)
-        self.cosmocc_entry = find_entry(project.lock, self.cosmocc_version)
-        self.inputs = {
+        self.cosmocc_version, self.cosmocc_entry = None, None
+        if not module_only:  # the GPU module is nvcc/hipcc only: no cosmocc needed
+            if not version:
+                raise ConfigError(f"[sources.{SOURCE_NAME}] does not say which cosmocc builds it",
+                                  hint="Add cosmocc = \"X.Y.Z\" to [sources.llamafile] in pylmserv.toml and run "
+                                       "`pylmserv prefetch`.")
+            self.cosmocc_version = str(version)
+            self.cosmocc_entry = find_entry(project.lock, self.cosmocc_version)
+        inputs = {
             "engine": ENGINE, "mapping": MAPPING_VERSION, "backend": backend,
             "source": self.entry.hash.sri if self.entry is not None else f"path:{self.source_dir}",
             "rev": self.entry.rev if self.entry is not None else None,
-            "cosmocc": self.cosmocc_entry.hash.sri, "cuda_archs": list(self.cuda_archs), "gfx": list(self.gfx),
-            "cuda_blas": self.cuda_blas, "platform": f"{sys.platform}-{_platform.machine()}",
+            "cosmocc": self.cosmocc_entry.hash.sri if self.cosmocc_entry else None,
+            "cuda_archs": list(self.cuda_archs), "gfx": list(self.gfx),
+            "cuda_blas": self.cuda_blas, "module_only": module_only, "platform": f"{sys.platform}-{_platform.machine()}",
         }
-        self.key = stamps.build_key(self.inputs)
-        self.build_dir = self.home / "builds" / f"{ENGINE}-{backend}-{self.key}"
-        self.stamp_path = self.build_dir / stamps.STAMP_NAME
+        # a module-only build has its own prefix (and `current`): it never stands in for a llamafile
+        self._identify(f"{backend}-module" if module_only else backend, inputs)
         self.src = self.build_dir / "src"
         self.stage = self.build_dir / "stage"
-
-    # -- entry ---------------------------------------------------------------------------
-
-    def run(self, dry_run: bool):
-        if dry_run:
-            return self._dry_run()
-        if not self.force and self.source_dir is None:
-            stamp = stamps.read_stamp(self.stamp_path)
-            if stamps.is_up_to_date(stamp, inputs=self.inputs):
-                log.debug("up to date: %s", self.build_dir)
-                return self._finish(stamp.output_paths(), cache_hit=True, notes=("up to date: nothing to do",),
-                                    commands=tuple(stamp.extra.get("commands", ())))
-        return self._build()
 
     # -- planning --------------------------------------------------------------------------
 
     def _toolchain_root(self) -> Path:
         return toolchain_dir(self.cosmocc_entry, self.home)
 
-    def _plan(self, cosmocc_root: Path, source: Path, force_loader: bool = False) -> Plan:
+    def _plan(self, cosmocc_root: Optional[Path], source: Path, force_loader: bool = False) -> Plan:
+        if self.module_only:
+            plan = Plan(exec_mode="none", binfmt_summary="", seed=self.src, module_only=True)
+            self._plan_gpu(plan, source)
+            return plan
         cc = Cosmocc(self.cosmocc_version, cosmocc_root, self.cosmocc_entry.hash)
         report = read_binfmt(self.binfmt_dir, loader_hint=str(cc.loader()))
         mode = "direct" if report.direct_exec_ok and not force_loader else "loader"
@@ -229,6 +238,10 @@ class LlamafileBuild:
         return plan
 
     def _plan_gpu(self, plan: Plan, source: Path) -> None:
+        """The GPU module as llamafile/cuda.c would build it on the user's machine, with an
+        explicit architecture list. CUDA: compile, then link with upstream's libraries
+        (`-lcuda`, plus `-lcublas` unless tinyBLAS): without -lcuda the module leaves the
+        driver symbols (cuDeviceGet, cuMemCreate, ...) undefined and dlopen fails."""
         gpu_dir = self.build_dir / "gpu"
         table = source / "llamafile" / "cuda.c"
         plan.gpu_sources = tuple(_gpu_sources(table)) if table.is_file() else ()
@@ -243,17 +256,40 @@ class LlamafileBuild:
             arch = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in self.cuda_archs]
             arch.append(f"-gencode=arch=compute_{self.cuda_archs[-1]},code=compute_{self.cuda_archs[-1]}")  # PTX for newer GPUs
             blas = ["-DGGML_USE_TINYBLAS"] if self.cuda_blas == "tinyblas" else ["-DGGML_USE_CUBLAS"]
-            libs = ["-lcublas"] if self.cuda_blas == "cublas" else []
+            link_dirs: List[Path] = []
+            libs: List[str] = []
+            if self.cuda_blas == "cublas":
+                cublas = tc.detect_cublas(nvcc)
+                if cublas.include:
+                    blas.append(f"-I{cublas.include}")
+                libs += cublas.link_args("cublas")
+                if cublas.found:
+                    link_dirs.append(Path(cublas.libdir))
+            stubs = tc.find_cuda_stubs(nvcc)
+            if stubs is None:
+                stubs = gpu_dir / "stubs"
+                plan.driver_stub = stubs / "libcuda.so"
+            link_dirs.insert(0, stubs)
+            libs = [f"-L{stubs}", "-lcuda"] + libs
+            obj = gpu_dir / (Path(flat_main).stem + ".o")
             dso = gpu_dir / "ggml-cuda.so"
-            argv = [exe, "--shared", *arch, "--forward-unknown-to-host-compiler", "-use_fast_math",
-                    "--compiler-options", "-fPIC -O3", *GGML_GPU_DEFINES, *blas, "-o", str(dso), flat_main, *libs]
+            compile_ = [exe, "-c", *arch, "--forward-unknown-to-host-compiler", "--compiler-options", "-fPIC -O3",
+                        *GGML_GPU_DEFINES, *blas, "-o", str(obj), flat_main]
+            ccache = tc.detect_ccache()
+            if ccache.found and ccache.name == "ccache":
+                compile_.insert(0, ccache.path)
+            link = [exe, "--shared", "-o", str(dso), str(obj), *libs]
+            plan.gpu = [Step(tuple(compile_), "nvcc", timeout=GPU_TIMEOUT),
+                        Step(tuple(link), "nvcc link", timeout=GPU_TIMEOUT)]
+            plan.link_dirs = tuple(link_dirs)
         else:
             rocm = tc.detect_rocm()
             exe = rocm.hipcc.path or "hipcc"
             dso = gpu_dir / "ggml-rocm.so"
             argv = [exe, "-O3", "-fPIC", "-shared", f"--offload-arch={','.join(self.gfx)}", *GGML_GPU_DEFINES,
                     "-DGGML_USE_HIPBLAS", "-DGGML_USE_TINYBLAS", "-o", str(dso), flat_main]
-        plan.gpu = Step(tuple(argv), "nvcc" if self.backend == "cuda" else "hipcc", timeout=GPU_TIMEOUT)
+            # Debian's hipcc picks the NVIDIA platform when it sees nvcc: this module is for AMD GPUs.
+            plan.gpu = [Step(tuple(argv), "hipcc", env=(("HIP_PLATFORM", "amd"),), timeout=GPU_TIMEOUT)]
         plan.gpu_dso = dso
 
     def _preflight(self) -> None:
@@ -262,11 +298,18 @@ class LlamafileBuild:
                                    "in $CUDA_PATH/bin or /usr/local/cuda/bin",
                                    hint="Install the CUDA toolkit (e.g. apt install nvidia-cuda-toolkit) or set CUDA_PATH; "
                                         "or build --backend cpu.")
+        if self.backend == "cuda" and self.cuda_blas == "cublas":
+            nvcc = tc.detect_nvcc()
+            if not tc.detect_cublas(nvcc).found:
+                raise ToolMissingError(f"--cuda-blas cublas needs cuBLAS, which is neither in the CUDA toolkit of "
+                                       f"{nvcc.path} nor installed from PyPI",
+                                       hint=f"pip install nvidia-cublas (CUDA {tc.version_str(nvcc.version)}), install "
+                                            "the toolkit's libcublas-dev, or use --cuda-blas tinyblas.")
         if self.backend == "rocm" and not tc.detect_rocm().hipcc.found:
             raise ToolMissingError("--backend rocm needs hipcc (ROCm), which was not found on PATH",
                                    hint="Install ROCm (hipcc) and put /opt/rocm/bin on PATH; or build --backend cpu.")
 
-    def _dry_run(self):
+    def dry_run(self):
         notes: List[str] = []
         try:
             self._preflight()
@@ -275,13 +318,17 @@ class LlamafileBuild:
         source = self._source_path()
         if not source.is_dir():
             notes.append(f"source not fetched yet (a dry run fetches nothing): would fetch {self.entry.url}")
-        root = self._toolchain_root()
-        if not root.is_dir():
-            notes.append(f"cosmocc {self.cosmocc_version} not unpacked yet: would fetch {self.cosmocc_entry.url}")
+        root = None
+        detected: Tuple[str, ...] = ()
+        if not self.module_only:
+            root = self._toolchain_root()
+            if not root.is_dir():
+                notes.append(f"cosmocc {self.cosmocc_version} not unpacked yet: would fetch {self.cosmocc_entry.url}")
         plan = self._plan(root, source)
         notes += plan.notes
-        detected = (f"cosmocc {self.cosmocc_version}: {root}", f"APE exec mode: {plan.exec_mode}")
-        return BuildResult(ENGINE, self.backend, {}, self.build_dir, self._prefix_dir(), time.monotonic() - self.start,
+        if not self.module_only:
+            detected = (f"cosmocc {self.cosmocc_version}: {root}", f"APE exec mode: {plan.exec_mode}")
+        return BuildResult(ENGINE, self.backend, {}, self.build_dir, self.prefix_dir(), time.monotonic() - self.start,
                            False, self.key, source, tuple(plan.lines(root)), detected, tuple(notes), dry_run=True)
 
     def _source_path(self) -> Path:
@@ -292,62 +339,60 @@ class LlamafileBuild:
 
     # -- building ------------------------------------------------------------------------------
 
-    def _build(self):
-        from filelock import FileLock
-
+    def prepare(self) -> Path:
         self._preflight()
-        if self.source_dir is None:
-            source = ensure_source(self.entry, self.home)
-        else:
-            source = self.source_dir
+        source = self.source_dir if self.source_dir is not None else ensure_source(self.entry, self.home)
+        if self.module_only:
+            return source
         expected = _configured_cosmocc(source)
         if expected and expected != self.cosmocc_version:
             raise ConfigError(f"the llamafile tree builds with cosmocc {expected} (build/config.mk), "
                               f"the lock says {self.cosmocc_version}",
                               hint="Set cosmocc = \"%s\" in [sources.llamafile] and run `pylmserv prefetch`." % expected)
-        cc = ensure_cosmocc(self.cosmocc_entry, self.home)
-        self.build_dir.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.build_dir) + ".lock", timeout=MAKE_TIMEOUT):
-            stamps.remove_stamp(self.stamp_path)  # a failed build must not look done
-            self._copy_source(source)
-            plan = self._plan(cc.root, source)
-            for note in plan.notes:
-                log.info("%s", note)
+        self.cc = ensure_cosmocc(self.cosmocc_entry, self.home)
+        return source
+
+    def compile(self, source: Path) -> Compiled:
+        log_file = self.build_dir / LOG_NAME
+        if self.module_only:  # --module-only: just ggml-cuda.so / ggml-rocm.so (nvcc or hipcc, no cosmocc)
+            plan = self._plan(None, source)
+            log_file.write_text(f"# pylmserv build llamafile --module-only ({self.backend}) "
+                                f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            self._build_gpu(plan, source, log_file, {})
+            return Compiled({plan.gpu_dso.name: plan.gpu_dso}, tuple(plan.notes), tuple(plan.lines(None)))
+        cc = self.cc
+        self._copy_source(source)
+        plan = self._plan(cc.root, source)
+        for note in plan.notes:
+            log.info("%s", note)
+        seed_cosmocc(plan.seed, cc, plan.exec_mode)
+        log_file.write_text(f"# pylmserv build llamafile ({self.backend}) {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                            + "".join(f"# {n}\n" for n in plan.notes))
+        for d in ("home", "tmp"):
+            (self.build_dir / d).mkdir(exist_ok=True)
+        if self.stage.exists():
+            shutil.rmtree(self.stage)
+        try:
+            self._run_steps(plan, log_file, run_logged)
+        except ToolMissingError as exc:
+            if plan.exec_mode != "direct":
+                raise
+            # binfmt_misc claimed an APE rule but the kernel would not run bin/make
+            # (ENOEXEC, e.g. in a container): fall back to the loader.
+            note = f"direct exec of {cc.make} failed ({exc.message}); using {cc.loader().name}"
+            log.warning("note: %s", note)
+            plan = self._plan(cc.root, source, force_loader=True)
+            plan.notes.append(note)
             seed_cosmocc(plan.seed, cc, plan.exec_mode)
-            log_file = self.build_dir / LOG_NAME
-            log_file.write_text(f"# pylmserv build llamafile ({self.backend}) {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
-                                + "".join(f"# {n}\n" for n in plan.notes))
-            for d in ("home", "tmp"):
-                (self.build_dir / d).mkdir(exist_ok=True)
-            if self.stage.exists():
-                shutil.rmtree(self.stage)
-            t0 = time.monotonic()
-            try:
-                self._run_steps(plan, log_file, run_logged)
-            except ToolMissingError as exc:
-                if plan.exec_mode != "direct":
-                    raise
-                # binfmt_misc claimed an APE rule but the kernel would not run bin/make
-                # (ENOEXEC, e.g. in a container): fall back to the loader.
-                note = f"direct exec of {cc.make} failed ({exc.message}); using {cc.loader().name}"
-                log.warning("note: %s", note)
-                plan = self._plan(cc.root, source, force_loader=True)
-                plan.notes.append(note)
-                seed_cosmocc(plan.seed, cc, plan.exec_mode)
-                self._run_steps(plan, log_file, run_logged)
-            outputs = {p.name: p for p in sorted((self.stage / "bin").glob("*")) if p.is_file()}
-            if "llamafile" not in outputs:
-                raise BuildError(f"make install put no bin/llamafile under {self.stage}; log: {log_file}",
-                                 hint="Check the log: the Makefile's install target did not run as expected.")
-            if plan.gpu is not None:
-                self._build_gpu(plan, source, log_file, outputs)
-            seconds = time.monotonic() - t0
-            stamp = stamps.make_stamp(self.inputs, outputs, seconds=seconds,
-                                      extra={"commands": plan.lines(cc.root), "source": str(source),
-                                             "cosmocc": str(cc.root), "exec_mode": plan.exec_mode})
-            stamps.write_stamp(self.stamp_path, stamp)
-        return self._finish(outputs, cache_hit=False, notes=tuple(plan.notes), source=source,
-                            commands=tuple(plan.lines(cc.root)))
+            self._run_steps(plan, log_file, run_logged)
+        outputs = {p.name: p for p in sorted((self.stage / "bin").glob("*")) if p.is_file()}
+        if "llamafile" not in outputs:
+            raise BuildError(f"make install put no bin/llamafile under {self.stage}; log: {log_file}",
+                             hint="Check the log: the Makefile's install target did not run as expected.")
+        if plan.gpu:
+            self._build_gpu(plan, source, log_file, outputs)
+        return Compiled(outputs, tuple(plan.notes), tuple(plan.lines(cc.root)),
+                        {"cosmocc": str(cc.root), "exec_mode": plan.exec_mode})
 
     def _run_steps(self, plan: Plan, log_file: Path, run_logged) -> None:
         for step in plan.steps:
@@ -388,31 +433,24 @@ class LlamafileBuild:
             if not src.is_file():
                 raise BuildError(f"GPU source {rel} (named in llamafile/cuda.c) is missing from {source}")
             shutil.copyfile(src, gpu_dir / flat)
-        log.info("llamafile: compiling %s with %s for %s", plan.gpu_dso.name, plan.gpu.what,
+        log.info("llamafile: compiling %s with %s for %s", plan.gpu_dso.name, plan.gpu[0].what,
                  ", ".join(self.cuda_archs or self.gfx))
-        run_logged(plan.gpu.argv, log_file, dict(os.environ), plan.gpu.timeout, plan.gpu.what)
+        env = dict(os.environ)
+        if "CCACHE_BASEDIR" not in env:
+            env["CCACHE_BASEDIR"] = str(self.home)  # relative paths in the key: other build dirs hit too
+        for i, step in enumerate(plan.gpu):
+            if i == 1 and plan.driver_stub is not None:
+                write_driver_stub(gpu_dir / Path(plan.gpu[0].argv[plan.gpu[0].argv.index("-o") + 1]).name,
+                                  plan.driver_stub)
+            run_logged(step.argv, log_file, {**env, **dict(step.env)}, step.timeout, step.what)
         if not plan.gpu_dso.is_file():
-            raise BuildError(f"{plan.gpu.what} produced no {plan.gpu_dso}; log: {log_file}")
+            raise BuildError(f"{plan.gpu[-1].what} produced no {plan.gpu_dso}; log: {log_file}")
+        if self.backend == "cuda":
+            tc.check_gpu_links(plan.gpu_dso, plan.link_dirs)
         for name in EMBED_INTO:
             if name in outputs:
                 embed_files(outputs[name], [(plan.gpu_dso.name, plan.gpu_dso)])
                 log.info("llamafile: embedded %s into %s", plan.gpu_dso.name, name)
-
-    # -- install -------------------------------------------------------------------------------
-
-    def _prefix_dir(self) -> Path:
-        if self.prefix is not None:
-            return self.prefix
-        return self.home / "bin" / f"{ENGINE}-{self.backend}" / self.key
-
-    def _finish(self, outputs: Dict[str, Path], cache_hit: bool, notes=(), source=None, commands=()):
-        prefix = self._prefix_dir()
-        bindir = prefix / "bin" if self.prefix is not None else prefix
-        installed = install_files(outputs, bindir)
-        current = point_current(prefix) if self.prefix is None else None
-        return BuildResult(ENGINE, self.backend, installed, self.build_dir, prefix, time.monotonic() - self.start,
-                           cache_hit, self.key, source, tuple(commands), (), tuple(notes), current=current)
-
 
 # -- seeding .cosmocc/<version> ----------------------------------------------------------------
 
@@ -522,3 +560,16 @@ def _split(value: Optional[str]) -> Tuple[str, ...]:
     if not value:
         return ()
     return tuple(v.strip() for v in re.split(r"[;, ]+", value) if v.strip())
+
+
+# -- the CUDA module's link line ------------------------------------------------------------------
+
+_DRIVER_SYMBOL = re.compile(r"cu[A-Z][A-Za-z0-9_]*\Z")
+
+
+def write_driver_stub(obj: Path, stub: Path, cc: Optional[str] = None) -> Path:
+    """The link-time libcuda stub for `obj`: exactly the cu* driver symbols it leaves undefined."""
+    names = sorted({s for s in tc.elf_symbols_of_object(obj) if _DRIVER_SYMBOL.match(s)})
+    return tc.write_cuda_driver_stub(names, stub, cc)
+
+

@@ -22,6 +22,7 @@ class BuildResult:
     notes: Tuple[str, ...] = ()  # warnings and mapping decisions worth telling the user
     dry_run: bool = False
     current: Optional[Path] = None  # the `current` link of this engine/backend, default prefix only
+    auto: Optional[str] = None  # --backend auto: what it chose and why
     sha256: Dict[str, str] = field(default_factory=dict)  # shipped file name -> sha256 hex, as built
 
     @property
@@ -35,5 +36,5 @@ class BuildResult:
             "paths": {k: str(v) for k, v in sorted(self.binaries.items())}, "key": self.key,
             "source": str(self.source) if self.source else None, "commands": list(self.commands),
             "current": str(self.current) if self.current else None, "notes": list(self.notes),
-            "dry_run": self.dry_run, "sha256": dict(sorted(self.sha256.items())),
+            "dry_run": self.dry_run, "auto": self.auto, "sha256": dict(sorted(self.sha256.items())),
         }

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from ..core.errors import BuildError
+
 Runner = Callable[[Sequence[str], float], Tuple[int, str]]
 
 MIN_CMAKE = (3, 18)  # ggml-cuda needs 3.18; llama.cpp itself 3.14
@@ -173,8 +175,45 @@ def cuda_roots(nvcc: Tool, env=None) -> List[Path]:
     return list(dict.fromkeys(roots))
 
 
-def detect_cublas(nvcc: Tool, env=None, roots: Optional[Sequence[Path]] = None) -> Tool:
-    """cuBLAS, which ggml-cuda links: a toolkit with nvcc but without it fails at configure."""
+@dataclass(frozen=True)
+class Library(Tool):
+    """A library found on disk: `path` is the file; `include` its headers when they are elsewhere."""
+
+    include: Optional[str] = None
+
+    @property
+    def libdir(self) -> Optional[str]:
+        return str(Path(self.path).parent) if self.path else None
+
+    def link_args(self, lib: str) -> List[str]:
+        """-L/-l for this library; `-l:libX.so.N` when only the versioned file exists (the
+        NVIDIA PyPI wheels ship libcublas.so.13 without the libcublas.so link)."""
+        if not self.path:
+            return [f"-l{lib}"]
+        name = Path(self.path).name
+        flag = f"-l{lib}" if name in (f"lib{lib}.so", f"lib{lib}.a") else f"-l:{name}"
+        return [f"-L{self.libdir}", flag]
+
+
+def python_lib_dirs() -> List[Path]:
+    """site-packages directories of this Python (where `pip install nvidia-cublas` puts it)."""
+    import site
+
+    dirs = [Path(p) for p in sys.path if p and p.endswith(("site-packages", "dist-packages"))]
+    try:
+        dirs += [Path(p) for p in site.getsitepackages()]
+        dirs.append(Path(site.getusersitepackages()))
+    except AttributeError:  # virtualenv's old site module
+        pass
+    return list(dict.fromkeys(d for d in dirs if d.is_dir()))
+
+
+def detect_cublas(nvcc: Tool, env=None, roots: Optional[Sequence[Path]] = None,
+                  wheel_dirs: Optional[Sequence[Path]] = None) -> Library:
+    """cuBLAS, which ggml-cuda links, in either layout: a CUDA toolkit (lib64/libcublas.so,
+    what NVIDIA's installers and distros ship) or NVIDIA's PyPI wheel beside a toolkit
+    assembled from wheels (site-packages/nvidia/cu13/lib/libcublas.so.13, or
+    nvidia/cublas/lib for CUDA 12). A wheel for another CUDA major than nvcc's is skipped."""
     names = ("libcublas.so", "libcublas_static.a", "cublas.lib")
     for root in (roots if roots is not None else cuda_roots(nvcc, env)):
         libdirs = [root / "lib64", root / "lib", root / "lib" / "x64", *sorted(root.glob("targets/*/lib")),
@@ -182,8 +221,28 @@ def detect_cublas(nvcc: Tool, env=None, roots: Optional[Sequence[Path]] = None) 
         for d in libdirs:
             for n in names:
                 if (d / n).exists():
-                    return Tool("cublas", str(d / n))
-    return Tool("cublas")
+                    return Library("cublas", str(d / n), origin="toolkit")
+    major = str(nvcc.version[0]) if nvcc.version else None
+    for site_dir in (wheel_dirs if wheel_dirs is not None else python_lib_dirs()):
+        for lib in sorted(site_dir.glob("nvidia/*/lib/libcublas.so*")):
+            suffix = lib.name[len("libcublas.so"):].lstrip(".")
+            if major and suffix and suffix.split(".")[0] != major:
+                continue
+            include = lib.parent.parent / "include"
+            return Library("cublas", str(lib), origin="pip-wheel",
+                           include=str(include) if (include / "cublas_v2.h").exists() else None)
+    return Library("cublas")
+
+
+def find_cuda_stubs(nvcc: Tool, env=None, roots: Optional[Sequence[Path]] = None) -> Optional[Path]:
+    """The toolkit's stubs/ directory with the driver stub libcuda.so (for linking only:
+    at run time the driver's libcuda.so.1 is used). Toolkits assembled from NVIDIA's PyPI
+    wheels have none."""
+    for root in (roots if roots is not None else cuda_roots(nvcc, env)):
+        for d in (root / "lib64" / "stubs", root / "lib" / "stubs", *sorted(root.glob("targets/*/lib/stubs"))):
+            if (d / "libcuda.so").exists():
+                return d
+    return None
 
 
 def detect_glslc(env=None, run: Runner = default_run) -> Tool:
@@ -371,6 +430,9 @@ class Toolchain:
                 lines.append(f"rocm: {value.rocm_path or 'not found'}; gfx targets: {','.join(value.gfx_targets) or 'none detected'}")
             elif isinstance(value, Xcode):
                 lines.append(f"xcode: {value.developer_dir or 'not found'}; metal compiler: {'yes' if value.metal else 'no'}")
+            elif isinstance(value, VulkanSdk):
+                lines.append(f"vulkan headers: {value.headers or 'not found'} ({version_str(value.header_version)}); "
+                             f"spirv-headers: {'yes' if value.spirv_headers else 'no'}; loader: {value.loader or 'not found'}")
             elif key == "nvidia_gpus":
                 lines.append("nvidia gpus: " + (", ".join(f"{g.name} (sm_{g.arch})" for g in value) or "none detected"))
             elif key == "gpu_vendors":
@@ -392,6 +454,7 @@ def detect_toolchain(backend: str, env=None, run: Runner = default_run, platform
         extra["rocm"] = detect_rocm(env, run)
     elif backend == "vulkan":
         extra["glslc"] = detect_glslc(env, run)
+        extra["vulkan_sdk"] = detect_vulkan_sdk(env, run)
     elif backend == "metal":
         extra["xcode"] = detect_xcode(env, run, platform)
     elif backend == "blas":
@@ -399,3 +462,371 @@ def detect_toolchain(backend: str, env=None, run: Runner = default_run, platform
     if backend in ("cuda", "rocm", "vulkan"):
         extra["gpu_vendors"] = detect_gpu_vendors(env, run, sysfs, platform)
     return Toolchain(detect_cmake(env, run), detect_ninja(env, run), cc, cxx, detect_ccache(env, run), extra)
+
+
+# -- ELF inspection (binutils' readelf and nm): does a built module link what it uses? --------
+
+def elf_needed(path: Path, run: Runner = default_run) -> List[str]:
+    """DT_NEEDED entries (`readelf -d`)."""
+    rc, out = run(["readelf", "-d", str(path)], PROBE_TIMEOUT)
+    return re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out) if rc == 0 else []
+
+
+def elf_soname(path: Path, run: Runner = default_run) -> Optional[str]:
+    rc, out = run(["readelf", "-d", str(path)], PROBE_TIMEOUT)
+    m = re.search(r"\(SONAME\)\s+Library soname: \[([^\]]+)\]", out) if rc == 0 else None
+    return m.group(1) if m else None
+
+
+def elf_symbols(path: Path, defined: bool, run: Runner = default_run) -> List[str]:
+    """Dynamic symbols of `path`: undefined ones (`nm -D --undefined-only`) or defined ones."""
+    flag = "--defined-only" if defined else "--undefined-only"
+    rc, out = run(["nm", "-D", flag, str(path)], PROBE_TIMEOUT)
+    if rc != 0:
+        return []
+    names = []
+    for line in out.splitlines():
+        parts = line.split()
+        if parts and (defined and len(parts) >= 3 and parts[1] not in ("U", "w", "v") or not defined and parts[0] in ("U", "w")):
+            names.append(parts[-1].split("@")[0])
+    return names
+
+
+def unprovided_symbols(dso: Path, pattern: str, search_dirs: Sequence[Path],
+                       run: Runner = default_run) -> Tuple[List[str], Dict[str, str]]:
+    """Undefined symbols of `dso` matching `pattern` that no NEEDED library provides.
+
+    NEEDED names are looked up in `search_dirs` (by file name, or by the SONAME of the
+    link-time file: a driver stub libcuda.so carries SONAME libcuda.so.1). Returns
+    (unprovided symbol names, NEEDED name -> file it was found as)."""
+    wanted = [s for s in elf_symbols(dso, defined=False, run=run) if re.match(pattern, s)]
+    found: Dict[str, str] = {}
+    provided = set()
+    for needed in elf_needed(dso, run=run):
+        for d in search_dirs:
+            cands = [Path(d) / needed] + sorted(Path(d).glob(needed.split(".so")[0] + ".so*"))
+            hit = next((c for c in cands if c.is_file() and (c.name == needed or elf_soname(c, run) == needed)), None)
+            if hit is not None:
+                found[needed] = str(hit)
+                provided.update(elf_symbols(hit, defined=True, run=run))
+                break
+    return sorted(s for s in wanted if s not in provided), found
+
+
+def elf_symbols_of_object(path: Path, run: Runner = default_run) -> List[str]:
+    """Undefined symbols of a relocatable object (`nm -u`; objects have no dynamic table)."""
+    rc, out = run(["nm", "-u", str(path)], PROBE_TIMEOUT)
+    return [ln.split()[-1] for ln in out.splitlines() if ln.strip()] if rc == 0 else []
+
+
+# -- ROCm/HIP version: what hipcc is, what the source needs ------------------------------------
+
+DEFAULT_MIN_HIP = (6, 1)  # current llama.cpp (ggml/src/ggml-hip/CMakeLists.txt), used before the source is fetched
+
+
+def hip_version(hipcc: Tool, run: Runner = default_run) -> Optional[Tuple[int, ...]]:
+    """HIP version from `hipcc --version` ("HIP version: 5.2.21153-0"). Debian's hipcc also
+    prints nvcc's banner when nvcc is installed: only the HIP line counts."""
+    if not hipcc.found:
+        return None
+    rc, out = run([hipcc.path, "--version"], PROBE_TIMEOUT)
+    m = re.search(r"HIP version:\s*(\d+)\.(\d+)(?:\.(\d+))?", out)
+    return tuple(int(x) for x in m.groups() if x is not None) if m else None
+
+
+def required_hip_version(source: Path) -> Optional[Tuple[int, ...]]:
+    """The minimum HIP version a llama.cpp tree's ggml-hip/CMakeLists.txt enforces
+    (`if (${hip_VERSION} VERSION_LESS 6.1) message(FATAL_ERROR ...)`)."""
+    for rel in ("ggml/src/ggml-hip/CMakeLists.txt", "ggml/src/ggml-cuda/CMakeLists.txt", "CMakeLists.txt"):
+        try:
+            text = (Path(source) / rel).read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        m = re.search(r"hip_VERSION\}?\s+VERSION_LESS\s+\"?(\d+(?:\.\d+)*)", text)
+        if m:
+            return tuple(int(x) for x in m.group(1).split("."))
+    return None
+
+
+def hip_too_old(hipcc: Tool, found: Optional[Tuple[int, ...]], needed: Tuple[int, ...],
+                needed_from: str) -> Optional[str]:
+    """One line when the HIP toolkit is older than the source needs; None when it fits."""
+    if found is None or tuple(found[:len(needed)]) >= tuple(needed):
+        return None
+    return (f"ROCm/HIP {version_str(found)} found ({hipcc.path}), but this llama.cpp needs HIP >= "
+            f"{version_str(needed)} ({needed_from}); get ROCm {version_str(needed)}+ from AMD "
+            "(https://rocm.docs.amd.com, amdgpu-install) or `nix develop .#rocm`, or use --backend vulkan")
+
+
+# -- Vulkan: devices, the SDK packages, and whether the headers are new enough ---------------------
+
+@dataclass(frozen=True)
+class VulkanDevice:
+    name: str
+    kind: str  # PHYSICAL_DEVICE_TYPE_DISCRETE_GPU | _INTEGRATED_GPU | _CPU | ...
+
+    @property
+    def software(self) -> bool:
+        """A rasterizer running on the CPU (lavapipe/llvmpipe, SwiftShader): works, slowly."""
+        return self.kind.endswith("_CPU") or bool(re.search(r"llvmpipe|lavapipe|swiftshader", self.name, re.I))
+
+
+def parse_vulkaninfo_summary(text: str) -> Tuple[VulkanDevice, ...]:
+    devices = []
+    for block in re.split(r"\n(?=GPU\d+:)", text):
+        name = re.search(r"deviceName\s*=\s*(.+)", block)
+        kind = re.search(r"deviceType\s*=\s*(\S+)", block)
+        if name:
+            devices.append(VulkanDevice(name.group(1).strip(), kind.group(1) if kind else "?"))
+    return tuple(devices)
+
+
+def detect_vulkan_devices(env=None, run: Runner = default_run) -> Optional[Tuple[VulkanDevice, ...]]:
+    """Devices from `vulkaninfo --summary`; None when vulkaninfo is missing or fails."""
+    exe = which("vulkaninfo", env)
+    if not exe:
+        return None
+    rc, out = run([exe, "--summary"], PROBE_TIMEOUT)
+    return parse_vulkaninfo_summary(out) if rc == 0 else None
+
+
+def vulkan_include_dirs(env=None) -> List[Path]:
+    env_ = env if env is not None else os.environ
+    dirs = [Path(env_["VULKAN_SDK"]) / "include"] if env_.get("VULKAN_SDK") else []
+    dirs += [Path(p) for p in env_.get("CPATH", "").split(os.pathsep) if p]
+    return dirs + [Path("/usr/local/include"), Path("/usr/include")]
+
+
+@dataclass(frozen=True)
+class VulkanSdk:
+    """What building ggml-vulkan needs, each with the Debian package that provides it."""
+
+    glslc: Tool
+    headers: Optional[str]  # include dir holding vulkan/vulkan.hpp
+    header_version: Optional[Tuple[int, ...]]  # 1.3.239
+    spirv_headers: bool
+    loader: Optional[str]  # libvulkan.so (the link-time loader)
+    icds: Tuple[str, ...]  # installable client drivers (/usr/share/vulkan/icd.d/*.json)
+
+    def missing(self) -> List[str]:
+        out = []
+        if not self.glslc.found:
+            out.append("glslc (apt-get install glslc)")
+        if not self.headers:
+            out.append("Vulkan C++ headers vulkan/vulkan.hpp (apt-get install libvulkan-dev)")
+        if not self.spirv_headers:
+            out.append("SPIR-V headers (apt-get install spirv-headers)")
+        if not self.loader:
+            out.append("the Vulkan loader libvulkan.so (apt-get install libvulkan-dev)")
+        return out
+
+
+def detect_vulkan_sdk(env=None, run: Runner = default_run, include_dirs: Optional[Sequence[Path]] = None,
+                      lib_dirs: Optional[Sequence[Path]] = None,
+                      icd_dirs: Sequence[Path] = (Path("/usr/share/vulkan/icd.d"), Path("/etc/vulkan/icd.d"))) -> VulkanSdk:
+    env_ = env if env is not None else os.environ
+    incs = list(include_dirs) if include_dirs is not None else vulkan_include_dirs(env)
+    headers = next((str(d) for d in incs if (d / "vulkan" / "vulkan.hpp").is_file()), None)
+    version = None
+    if headers:
+        try:
+            core = (Path(headers) / "vulkan" / "vulkan_core.h").read_text(errors="replace")
+            patch = re.search(r"#define VK_HEADER_VERSION (\d+)", core)
+            major_minor = re.search(r"VK_HEADER_VERSION_COMPLETE VK_MAKE_API_VERSION\(0, (\d+), (\d+)", core)
+            if patch and major_minor:
+                version = (int(major_minor.group(1)), int(major_minor.group(2)), int(patch.group(1)))
+        except OSError:
+            pass
+    spirv = any((d / "spirv" / "unified1" / "spirv.hpp").is_file() for d in incs)
+    libs = list(lib_dirs) if lib_dirs is not None else (
+        ([Path(env_["VULKAN_SDK"]) / "lib"] if env_.get("VULKAN_SDK") else [])
+        + [Path("/usr/lib/x86_64-linux-gnu"), Path("/usr/lib/aarch64-linux-gnu"), Path("/usr/lib64"),
+           Path("/usr/lib"), Path("/usr/local/lib")])
+    loader = next((str(d / "libvulkan.so") for d in libs if (d / "libvulkan.so").exists()), None)
+    icds = tuple(sorted(str(p) for d in icd_dirs if Path(d).is_dir() for p in Path(d).glob("*.json")))
+    return VulkanSdk(detect_glslc(env, run), headers, version, spirv, loader, icds)
+
+
+def vulkan_names_used(source: Path) -> Dict[str, str]:
+    """`vk::` names ggml-vulkan uses unconditionally: name -> first "file:line". Uses inside
+    #if blocks are left out (the source guards newer extensions with VK_* macros)."""
+    used: Dict[str, str] = {}
+    root = Path(source)
+    files = sorted((root / "ggml" / "src" / "ggml-vulkan").glob("*.cpp")) or sorted(root.glob("ggml-vulkan*.cpp"))
+    for path in files:
+        depth = 0
+        for i, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            s = line.strip()
+            if re.match(r"#\s*if", s):
+                depth += 1
+            elif re.match(r"#\s*endif", s):
+                depth = max(0, depth - 1)
+            elif depth == 0:
+                for name in re.findall(r"\bvk::(\w+)", line):
+                    used.setdefault(name, f"{path.relative_to(root)}:{i}")
+    return used
+
+
+def vulkan_header_gaps(source: Path, headers: str) -> Dict[str, str]:
+    """The vk:: names the source uses that the installed C++ headers do not declare."""
+    declared = set()
+    for hpp in Path(headers, "vulkan").glob("*.hpp"):
+        declared.update(re.findall(r"\b[A-Za-z_]\w*\b", hpp.read_text(encoding="utf-8", errors="replace")))
+    return {n: where for n, where in vulkan_names_used(source).items() if n not in declared}
+
+
+def vulkan_headers_too_old(source: Path, sdk: VulkanSdk) -> Optional[str]:
+    """One line when the installed Vulkan headers lack names the source uses; None when they fit."""
+    if not sdk.headers:
+        return None
+    gaps = vulkan_header_gaps(source, sdk.headers)
+    if not gaps:
+        return None
+    names = sorted(gaps)
+    shown = ", ".join(f"vk::{n}" for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return (f"Vulkan headers {version_str(sdk.header_version)} in {sdk.headers} are too old for this llama.cpp: "
+            f"they lack {shown} (used at {gaps[names[0]]})")
+
+
+VULKAN_WAYS_OUT = ("Install newer Vulkan headers (the LunarG Vulkan SDK, or libvulkan-dev from a newer distro), "
+                   "use `nix develop .#vulkan`, or pin KhronosGroup/Vulkan-Headers as a source and pass "
+                   "--cmake-arg -DVulkan_INCLUDE_DIR=<its include dir>; or build --backend cpu.")
+
+
+# -- --backend auto ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BackendChoice:
+    backend: str
+    reason: str  # one line: why this backend
+    passed_over: Tuple[str, ...] = ()  # why the better ones were not taken
+
+    def describe(self) -> str:
+        tail = f" (not taken: {'; '.join(self.passed_over)})" if self.passed_over else ""
+        return f"--backend auto chose {self.backend}: {self.reason}{tail}"
+
+
+def choose_backend(engine: str = "llama.cpp", env=None, run: Runner = default_run, platform: str = sys.platform,
+                   machine: Optional[str] = None, sysfs: Path = Path("/sys/class/drm"),
+                   min_hip: Tuple[int, ...] = DEFAULT_MIN_HIP, vulkan_sdk: Optional[VulkanSdk] = None,
+                   cublas_wheel_dirs: Optional[Sequence[Path]] = None) -> BackendChoice:
+    """The backend this machine can build and run best, as doctor sees it: an NVIDIA GPU
+    with a usable CUDA toolkit -> cuda; an AMD GPU with ROCm >= `min_hip` -> rocm; a
+    hardware Vulkan device with the SDK -> vulkan (llama.cpp); Apple silicon -> metal
+    (llama.cpp); else cpu, or blas when OpenBLAS is there (llama.cpp). The toolkit of a
+    vendor is only probed when that vendor's GPU is present: no nvcc on an AMD machine."""
+    import platform as _pf
+
+    machine = machine or _pf.machine()
+    llama = engine == "llama.cpp"
+    if platform == "darwin":
+        if llama and machine in ("arm64", "aarch64"):
+            return BackendChoice("metal", "Apple silicon")
+        return BackendChoice("cpu", "macOS" + (": llamafile uses Metal at run time by itself" if not llama else
+                                              " on Intel: no Metal backend worth building"))
+    passed: List[str] = []
+    vendors = detect_gpu_vendors(env, run, sysfs, platform)
+    if "nvidia" in vendors:
+        gpus = detect_nvidia_gpus(env, run)
+        names = ", ".join(f"{g.name} (sm_{g.arch})" for g in gpus) or "NVIDIA GPU (PCI)"
+        nvcc = detect_nvcc(env, run)
+        if not nvcc.found:
+            passed.append(f"cuda: {names} but no CUDA toolkit (nvcc)")
+        else:
+            cublas = detect_cublas(nvcc, env, wheel_dirs=cublas_wheel_dirs) if llama else None
+            if cublas is not None and not cublas.found:
+                passed.append(f"cuda: {names}, nvcc {version_str(nvcc.version)} but no cuBLAS "
+                              "(pip install nvidia-cublas, or the toolkit's libcublas-dev)")
+            else:
+                return BackendChoice("cuda", f"{names}; nvcc {version_str(nvcc.version)} at {nvcc.path}"
+                                     + (f"; cuBLAS at {cublas.path}" if cublas is not None else ""), tuple(passed))
+    if "amd" in vendors:
+        rocm = detect_rocm(env, run)
+        targets = ", ".join(rocm.gfx_targets) or "AMD GPU (PCI)"
+        found = hip_version(rocm.hipcc, run)
+        if not rocm.hipcc.found:
+            passed.append(f"rocm: {targets} but no ROCm (hipcc)")
+        elif found is None or tuple(found[:len(min_hip)]) < tuple(min_hip):
+            passed.append(f"rocm: {targets} but HIP {version_str(found)} < {version_str(min_hip)} needed")
+        else:
+            return BackendChoice("rocm", f"{targets}; HIP {version_str(found)} at {rocm.hipcc.path}", tuple(passed))
+    if llama:
+        devices = detect_vulkan_devices(env, run)
+        if devices:
+            hardware = [d for d in devices if not d.software]
+            if not hardware:
+                passed.append("vulkan: only a software rasterizer (" + ", ".join(d.name for d in devices)
+                              + "): slower than the CPU backend")
+            else:
+                sdk = vulkan_sdk or detect_vulkan_sdk(env, run)
+                if sdk.missing():
+                    passed.append(f"vulkan: {hardware[0].name} but missing " + ", ".join(sdk.missing()))
+                else:
+                    return BackendChoice("vulkan", f"Vulkan device {hardware[0].name}; glslc and headers "
+                                         f"{version_str(sdk.header_version)} installed", tuple(passed))
+        blas = detect_blas(platform)
+        if blas:
+            return BackendChoice("blas", f"no usable GPU; {blas} found", tuple(passed))
+        return BackendChoice("cpu", "no usable GPU and no OpenBLAS (apt-get install libopenblas-dev for blas)",
+                             tuple(passed))
+    return BackendChoice("cpu", "no usable GPU", tuple(passed))
+
+
+# -- the CUDA driver stub: link against libcuda where the toolkit ships no stubs/ -----------------
+
+def cuda_header_driver_symbols(cuda_h: Path) -> List[str]:
+    """Every driver API function cuda.h declares, under both its plain and its versioned
+    name (`#define cuMemAlloc cuMemAlloc_v2`: the library exports the latter)."""
+    text = Path(cuda_h).read_text(encoding="utf-8", errors="replace")
+    names = set(re.findall(r"\bCUDAAPI\s+(cu[A-Z]\w*)\s*\(", text))
+    names.update(re.findall(r"^\s*#\s*define\s+cu[A-Z]\w*\s+(cu[A-Z]\w*)\s*$", text, re.M))
+    return sorted(names)
+
+
+def find_cuda_header(nvcc: Tool, env=None) -> Optional[Path]:
+    for root in cuda_roots(nvcc, env):
+        for cand in (root / "include" / "cuda.h", *sorted(root.glob("targets/*/include/cuda.h"))):
+            if cand.is_file():
+                return cand
+    return None
+
+
+def write_cuda_driver_stub(names: Sequence[str], stub: Path, cc: Optional[str] = None) -> Path:
+    """A link-time stand-in for the driver's libcuda.so: a tiny shared object with SONAME
+    libcuda.so.1 exporting `names` (what a toolkit's stubs/libcuda.so is). Binaries record
+    NEEDED libcuda.so.1; at run time the driver's own library is loaded, never this one."""
+    bad = [n for n in names if not re.fullmatch(r"cu[A-Z]\w*", n)]
+    if bad:
+        raise BuildError(f"refusing to write a libcuda stub with odd symbol names: {', '.join(bad[:3])}")
+    stub = Path(stub)
+    stub.parent.mkdir(parents=True, exist_ok=True)
+    c_file = stub.parent / "libcuda-stub.c"
+    c_file.write_text("/* pylmserv: link-time stub of the CUDA driver (SONAME libcuda.so.1); never loaded. */\n"
+                      + "".join(f"void {n}(void) {{}}\n" for n in names))
+    cc = cc or detect_compilers()[0].path or "cc"
+    tmp = stub.with_name(stub.name + ".tmp")
+    rc, out = default_run([cc, "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", str(tmp), str(c_file)], 300)
+    if rc != 0 or not tmp.is_file():
+        raise BuildError(f"cannot build the libcuda link stub with {cc}: {out.strip()[:300]}")
+    os.replace(tmp, stub)
+    return stub
+
+
+GPU_SYMBOLS = r"cu[A-Z]|cublas"  # driver API and cuBLAS (the runtime's cuda* may be static)
+
+
+def check_gpu_links(dso: Path, search_dirs) -> None:
+    """Every undefined cu*/cublas* symbol of `dso` must come from a NEEDED library, or
+    dlopen fails on every real machine (checked with readelf -d and nm -D)."""
+    missing, found = unprovided_symbols(dso, GPU_SYMBOLS, list(search_dirs) + _system_lib_dirs())
+    if missing:
+        shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+        raise BuildError(f"{dso.name} leaves {shown} undefined and no NEEDED library "
+                         f"({', '.join(sorted(found)) or 'none'}) provides them: dlopen would fail",
+                         hint="The link line needs -lcuda (and -lcublas with cuBLAS); this is a pylmserv bug, "
+                              "please report it with the build log.")
+
+
+def _system_lib_dirs() -> List[Path]:
+    return [Path(d) for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/lib")
+            if Path(d).is_dir()]

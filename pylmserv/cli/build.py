@@ -14,8 +14,8 @@ from ..core.errors import UsageError
 @click.command("build", help="Build llama.cpp (CMake, any backend) or llamafile from the locked source. "
                              "A no-op when the stamped build is up to date.")
 @click.argument("what", required=False, default="llama.cpp", type=click.Choice(["llama.cpp", "llamafile"]))
-@click.option("--backend", default="cpu", show_default=True, type=click.Choice(BACKENDS),
-              help="GPU/CPU backend to build for.")
+@click.option("--backend", default="cpu", show_default=True, type=click.Choice(("auto",) + BACKENDS),
+              help="GPU/CPU backend to build for; auto: what this machine has (prints what it chose and why).")
 @click.option("--target", "targets", multiple=True, metavar="T",
               help="CMake target to build (repeatable; default llama-cli, llama-server, llama-bench).")
 @click.option("--cuda-arch", metavar="LIST", help="CUDA architectures, e.g. 86 or 80;89 (default: detected GPUs).")
@@ -32,11 +32,15 @@ from ..core.errors import UsageError
 @click.option("--source", "source_dir", type=click.Path(path_type=Path, file_okay=False),
               help="Build this local llama.cpp tree instead of the locked source.")
 @click.option("--force", is_flag=True, help="Configure and build even when the stamp says up to date.")
+@click.option("--module-only", is_flag=True,
+              help="llamafile: build only the GPU module (ggml-cuda.so / ggml-rocm.so; needs nvcc or hipcc, not cosmocc).")
+@click.option("--cuda-blas", type=click.Choice(["tinyblas", "cublas"]),
+              help="llamafile --backend cuda: tinyBLAS (default; no cuBLAS needed at run time) or cuBLAS.")
 @click.option("--dry-run", is_flag=True, help="Print detections and the exact configure/build commands; fetch and build nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable result on stdout.")
 @click.pass_obj
-def command(obj, what, backend, targets, cuda_arch, gpu_targets, portable, reproducible, jobs, prefix, cmake_args, source_dir,
-            force, dry_run, as_json):
+def command(obj, what, backend, targets, cuda_arch, gpu_targets, portable, reproducible, jobs, prefix, cmake_args,
+            source_dir, force, module_only, cuda_blas, dry_run, as_json):
     import signal
 
     def terminated(signum, frame):
@@ -46,26 +50,27 @@ def command(obj, what, backend, targets, cuda_arch, gpu_targets, portable, repro
 
     if what == "llamafile" and (targets or portable or cmake_args or reproducible is not None):
         raise UsageError("--target/--portable/--reproducible/--cmake-arg apply to llama.cpp only",
-                         hint="`pylmserv build llamafile` takes --backend, --cuda-arch, --gpu-targets, --source, "
-                              "--jobs, --prefix, --force, --dry-run, --json.")
+                         hint="`pylmserv build llamafile` takes --backend, --cuda-arch, --gpu-targets, --cuda-blas, "
+                              "--module-only, --source, --jobs, --prefix, --force, --dry-run, --json.")
     result = build(what=what, backend=backend, targets=targets or None, cuda_arch=cuda_arch, gpu_targets=gpu_targets,
                    portable=portable, jobs=jobs, prefix=prefix, cmake_args=cmake_args, force=force, dry_run=dry_run,
                    source_dir=source_dir, config=obj.config if obj else None, lock=obj.lock if obj else None,
+                   module_only=module_only, cuda_blas=cuda_blas,
                    **({"reproducible": reproducible} if reproducible is not None else {}))
     if as_json:
-        data = result.to_json() if hasattr(result, "to_json") else dict(vars(result))
-        if getattr(result, "detected", None):
+        data = result.to_json()
+        if result.detected:
             data["detected"] = list(result.detected)
         click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
         return
     quiet = bool(obj and obj.quiet)
-    if getattr(result, "dry_run", False):
-        for line in getattr(result, "detected", ()):
+    if result.dry_run:
+        for line in result.detected:
             click.echo(f"detected: {line}", err=True)
-        for note in getattr(result, "notes", ()):
+        for note in result.notes:
             click.echo(f"note: {note}", err=True)
         click.echo(f"build dir: {result.build_dir}", err=True)
-        for line in getattr(result, "commands", ()):
+        for line in result.commands:
             click.echo(line)  # the commands are what a dry run is for: stdout
         return
     if quiet:
@@ -74,5 +79,5 @@ def command(obj, what, backend, targets, cuda_arch, gpu_targets, portable, repro
     click.echo(f"{result.what} ({result.backend}): {state}; build dir {result.build_dir}", err=True)
     for name, path in sorted(result.binaries.items()):
         click.echo(f"  {name}: {path}", err=True)
-    if getattr(result, "current", None):
+    if result.current:
         click.echo(f"  current: {result.current} -> {Path(result.prefix).name}", err=True)

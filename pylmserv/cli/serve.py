@@ -24,9 +24,9 @@ def _complete_models(ctx, param, incomplete):
 @click.command("serve")
 @click.argument("model", shell_complete=_complete_models)
 @click.argument("extra_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- EXTRA_ARGS...]")
-@click.option("--backend", default="cpu", show_default=True,
-              type=click.Choice(["cpu", "blas", "cuda", "rocm", "vulkan", "metal"]),
-              help="Which build of the engine to run (built first if missing).")
+@click.option("--backend", default="auto", show_default=True,
+              type=click.Choice(["auto", "cpu", "blas", "cuda", "rocm", "vulkan", "metal"]),
+              help="Which build of the engine to run (built first if missing); auto: what this machine has.")
 @click.option("--engine", default="llama.cpp", show_default=True, type=click.Choice(ENGINES))
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on. Anything but loopback needs --public.")

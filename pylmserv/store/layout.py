@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 from ..core.fsutil import atomic_write_text
 from ..core.hashing import Hash
@@ -60,8 +60,12 @@ def _base(root: Optional[Path]) -> Path:
 
 # -- content-addressed files and trees ----------------------------------------------------
 
+def blobs_root(root: Optional[Path] = None) -> Path:
+    return _base(root) / "blobs"
+
+
 def blobs_dir(algo: str = "sha256", root: Optional[Path] = None) -> Path:
-    return _base(root) / "blobs" / algo
+    return blobs_root(root) / algo
 
 
 def blob_path(h: Hash, root: Optional[Path] = None) -> Path:
@@ -94,9 +98,15 @@ def builds_dir(root: Optional[Path] = None) -> Path:
     return _base(root) / "builds"
 
 
-def build_dir(name: str, root: Optional[Path] = None) -> Path:
-    """builds/<engine>-<backend>-<key>."""
-    return builds_dir(root) / name
+def build_dir(engine: str, backend: str, key: str, root: Optional[Path] = None) -> Path:
+    """builds/<engine>-<backend>-<key>: one build tree per (engine, backend, inputs)."""
+    return builds_dir(root) / f"{engine}-{backend}-{key}"
+
+
+def build_dirs(engine: str, backend: str, root: Optional[Path] = None) -> List[Path]:
+    """Every existing build tree of `engine` for `backend`."""
+    base = builds_dir(root)
+    return sorted(base.glob(f"{engine}-{backend}-*")) if base.is_dir() else []
 
 
 def bin_dir(root: Optional[Path] = None) -> Path:

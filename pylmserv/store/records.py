@@ -113,13 +113,12 @@ def remove_stamp(path: Path) -> None:
     unlink_missing_ok(path)
 
 
-def newest_build(builds: Path, prefix: str, inputs: Mapping, output: str) -> Optional[Stamp]:
-    """The newest stamp of a build under `builds`/<prefix>*/ made from `inputs` (every key
-    given must match) that produced `output`, with all its outputs still in place."""
-    if not builds.is_dir():
-        return None
+def newest_build(build_dirs: Iterable[Path], inputs: Mapping, output: str) -> Optional[Stamp]:
+    """Of the stamps in `build_dirs`, the newest made from `inputs` (every key given must
+    match) that produced `output`, with all its outputs still in place."""
     best = None
-    for stamp_file in builds.glob(f"{prefix}*/{STAMP_NAME}"):
+    for directory in build_dirs:
+        stamp_file = Path(directory) / STAMP_NAME
         stamp = read_stamp(stamp_file)
         if stamp is None or output not in stamp.outputs:
             continue

@@ -46,34 +46,44 @@ def require_sdist():
         pytest.skip(f"{SDIST} not cached (pip download --no-deps --no-binary llama-cpp-python llama-cpp-python=={SDIST_VERSION})")
 
 
-def vendored_tarball() -> Path:
+def sdist_path(version: str = SDIST_VERSION) -> Path:
+    return CACHE / f"llama_cpp_python-{version}.tar.gz"
+
+
+def tarball_path(version: str = SDIST_VERSION) -> Path:
+    return CACHE / f"llama.cpp-vendored-{version}.tar.gz"
+
+
+def vendored_tarball(version: str = SDIST_VERSION) -> Path:
     """vendor/llama.cpp of the sdist as <TOP>/... in a .tar.gz (built once, then cached)."""
-    if TARBALL.is_file():
-        return TARBALL
+    tarball, prefix, top = tarball_path(version), f"llama_cpp_python-{version}/vendor/llama.cpp/", \
+        f"llama.cpp-vendored-{version}"
+    if tarball.is_file():
+        return tarball
     CACHE.mkdir(parents=True, exist_ok=True)
-    tmp = TARBALL.with_name(f".{TARBALL.name}.{os.getpid()}.tmp")
-    with tarfile.open(SDIST, "r:gz") as src, tarfile.open(tmp, "w:gz", compresslevel=6) as dst:
+    tmp = tarball.with_name(f".{tarball.name}.{os.getpid()}.tmp")
+    with tarfile.open(sdist_path(version), "r:gz") as src, tarfile.open(tmp, "w:gz", compresslevel=6) as dst:
         for member in src:
-            if not member.name.startswith(VENDOR_PREFIX) or member.name == VENDOR_PREFIX:
+            if not member.name.startswith(prefix) or member.name == prefix:
                 continue
-            rel = member.name[len(VENDOR_PREFIX):]
-            info = tarfile.TarInfo(f"{TOP}/{rel}")
+            rel = member.name[len(prefix):]
+            info = tarfile.TarInfo(f"{top}/{rel}")
             for attr in ("size", "mtime", "mode", "type", "linkname"):
                 setattr(info, attr, getattr(member, attr))
             info.uid = info.gid = 0
             info.uname = info.gname = ""
             dst.addfile(info, src.extractfile(member) if member.isfile() else None)
-    os.replace(tmp, TARBALL)
-    return TARBALL
+    os.replace(tmp, tarball)
+    return tarball
 
 
-def tarball_nar_hash():
+def tarball_nar_hash(version: str = SDIST_VERSION):
     """NAR hash of the unpacked tarball (Nix fetchzip semantics), cached beside it."""
     from pylmserv.core.archive import extract
     from pylmserv.core.hashing import Hash, file_hash
     from pylmserv.core.nar import nar_hash
 
-    tarball = vendored_tarball()
+    tarball = vendored_tarball(version)
     flat = file_hash(tarball)
     sidecar = tarball.with_name(tarball.name + ".nar")
     if sidecar.is_file():
@@ -87,36 +97,38 @@ def tarball_nar_hash():
     return got
 
 
-def write_project(directory: Path, base_url: str, nar=None) -> Tuple[Path, Path]:
+def write_project(directory: Path, base_url: str, nar=None, version: str = SDIST_VERSION) -> Tuple[Path, Path]:
     """pylmserv.toml + pylmserv.lock in `directory` whose llama-cpp points at `base_url`."""
     from pylmserv.pins.config import Lock, LockEntry
 
     directory.mkdir(parents=True, exist_ok=True)
-    url = f"{base_url.rstrip('/')}/{TARBALL.name}"
+    url = f"{base_url.rstrip('/')}/{tarball_path(version).name}"
+    rev = f"vendored-{version}"
     config = directory / "pylmserv.toml"
     config.write_text(f'[sources.llama-cpp]\ntype = "url"\nurl = "{url}"\nunpack = true\n'
-                      f'version = "{SOURCE_REV}"\n')
-    entry = LockEntry("sources", "llama-cpp", url, nar or tarball_nar_hash(), "nar", rev=SOURCE_REV,
-                      extra={"type": "url", "unpack": True, "version": SOURCE_REV})
+                      f'version = "{rev}"\n')
+    entry = LockEntry("sources", "llama-cpp", url, nar or tarball_nar_hash(version), "nar", rev=rev,
+                      extra={"type": "url", "unpack": True, "version": rev})
     lock = Lock(path=directory / "pylmserv.lock").with_entry(entry)
     lock.write()
     return config, lock.path
 
 
 @contextlib.contextmanager
-def served_project(directory: Path, tarball: Optional[Path] = None) -> Iterator[Tuple[Path, Path, str]]:
-    """Serve the vendored tarball (or `tarball` under its name) on 127.0.0.1 and write a
-    project pointing at it; yields (config, lock, base_url)."""
+def served_project(directory: Path, tarball: Optional[Path] = None,
+                   version: str = SDIST_VERSION) -> Iterator[Tuple[Path, Path, str]]:
+    """Serve the vendored tarball of llama-cpp-python `version` (or `tarball` under its
+    name) on 127.0.0.1 and write a project pointing at it; yields (config, lock, base_url)."""
     from tests.support.httpserver import serve_directory
 
     www = directory / "www"
     www.mkdir(parents=True, exist_ok=True)
-    nar = tarball_nar_hash()
-    target = www / TARBALL.name
+    nar = tarball_nar_hash(version)
+    target = www / tarball_path(version).name
     if not target.exists():
-        os.symlink(tarball or TARBALL, target)
+        os.symlink(tarball or tarball_path(version), target)
     with serve_directory(www) as base:
-        config, lock = write_project(directory / "project", base, nar)
+        config, lock = write_project(directory / "project", base, nar, version)
         yield config, lock, base
 
 

@@ -1,0 +1,153 @@
+"""The one build skeleton both engines share (llama.cpp with CMake, llamafile with make).
+
+key (hash of the inputs) -> fast path (a matching stamp: install and return, no toolchain
+probe) -> prepare (preflight, fetch; outside the lock) -> build lock -> the stamp read again
+(another process may have finished the same build meanwhile) -> stamp removed (a failed
+build must not look done) -> compile -> stamp -> install (+ the `current` link of the
+default prefix). The engines differ only in the hooks: what identifies a build, how it is
+prepared and compiled, which outputs are installed.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Sequence, Tuple
+
+from filelock import FileLock
+
+from ..store import records as stamps
+from ..store.layout import home
+from .llama_cpp import install_files, point_current, shared_libs
+from .result import BuildResult
+
+log = logging.getLogger("pylmserv.build")
+
+LOCK_TIMEOUT = 6 * 3600  # a concurrent build of the same key may take this long
+
+
+@dataclass
+class Compiled:
+    """What a compile step hands back to the skeleton."""
+
+    outputs: Dict[str, Path]
+    notes: Tuple[str, ...] = ()
+    commands: Tuple[str, ...] = ()
+    extra: Dict[str, object] = field(default_factory=dict)  # recorded in the stamp
+
+
+def output_digests(outputs: Mapping[str, Path], libs_dir: Optional[Path]) -> Dict[str, str]:
+    """sha256 of every file that ships (the installed outputs and the shared libraries beside
+    them), by file name: recorded in the stamp, so an up-to-date build reports them without
+    reading the files (reproducible builds are compared by these)."""
+    files = {Path(p).name: Path(p) for p in outputs.values()}
+    files.update({p.name: p for p in (shared_libs(libs_dir.parent) if libs_dir is not None else [])})
+    out = {}
+    for name, path in sorted(files.items()):
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        out[name] = h.hexdigest()
+    return out
+
+
+class BuildSkeleton:
+    """Subclasses set `engine` and call `_identify(kind, inputs)` in __init__, then implement
+    prepare() / compile() / dry_run() (and wanted() / libs_dir() where they differ)."""
+
+    engine = ""
+
+    def __init__(self, prefix: Optional[Path] = None, force: bool = False, source_dir: Optional[Path] = None):
+        self.force = force
+        self.prefix = Path(prefix).expanduser().resolve() if prefix else None
+        self.source_dir = Path(source_dir).expanduser().resolve() if source_dir else None
+        self.home = home()
+        self.start = time.monotonic()
+
+    def _identify(self, kind: str, inputs: Mapping) -> None:
+        self.kind = kind
+        self.inputs = dict(inputs)
+        self.key = stamps.build_key(self.inputs)
+        self.build_dir = self.home / "builds" / f"{self.engine}-{kind}-{self.key}"
+        self.stamp_path = self.build_dir / stamps.STAMP_NAME
+
+    # -- hooks ---------------------------------------------------------------------------
+
+    def wanted(self) -> Optional[Sequence[str]]:
+        """Output names that must be in the stamp (None: every recorded output)."""
+        return None
+
+    def select(self, outputs: Dict[str, Path]) -> Dict[str, Path]:
+        """The outputs to install."""
+        return outputs
+
+    def libs_dir(self) -> Optional[Path]:
+        """Where shared libraries to install beside the binaries are (None: none)."""
+        return None
+
+    def prepare(self) -> Path:
+        """Preflight and fetch, outside the build lock; returns the source tree."""
+        raise NotImplementedError
+
+    def compile(self, source: Path) -> Compiled:
+        """Compile under the build lock (the stamp is already removed)."""
+        raise NotImplementedError
+
+    def dry_run(self) -> BuildResult:
+        raise NotImplementedError
+
+    # -- the pipeline ----------------------------------------------------------------------
+
+    def _reusable(self):
+        """The stamp when it says this exact build is done (a local --source tree can change
+        under the same key, so it is never reused)."""
+        if self.force or self.source_dir is not None:
+            return None
+        stamp = stamps.read_stamp(self.stamp_path)
+        return stamp if stamps.is_up_to_date(stamp, self.wanted(), inputs=self.inputs) else None
+
+    def run(self, dry_run: bool = False) -> BuildResult:
+        if dry_run:
+            return self.dry_run()
+        stamp = self._reusable()
+        if stamp is not None:
+            log.debug("up to date: %s", self.build_dir)
+            return self.finish(stamp.output_paths(), cache_hit=True, notes=("up to date: nothing to do",),
+                               commands=tuple(stamp.extra.get("commands", ())), sha256=stamp.extra.get("sha256"))
+        source = self.prepare()
+        self.build_dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.build_dir) + ".lock", timeout=LOCK_TIMEOUT):
+            stamp = self._reusable()  # another process may have just finished it
+            if stamp is not None:
+                return self.finish(stamp.output_paths(), cache_hit=True, notes=("built by a concurrent run",),
+                                   commands=tuple(stamp.extra.get("commands", ())), sha256=stamp.extra.get("sha256"))
+            stamps.remove_stamp(self.stamp_path)  # a failed build must not look done
+            t0 = time.monotonic()
+            done = self.compile(source)
+            digests = output_digests(self.select(done.outputs), self.libs_dir())
+            stamp = stamps.make_stamp(self.inputs, done.outputs, seconds=time.monotonic() - t0,
+                                      extra={"commands": list(done.commands), "source": str(source), **done.extra,
+                                             "sha256": digests})
+            stamps.write_stamp(self.stamp_path, stamp)
+        return self.finish(done.outputs, cache_hit=False, notes=done.notes, source=source, commands=done.commands,
+                           sha256=digests)
+
+    # -- install ---------------------------------------------------------------------------
+
+    def prefix_dir(self) -> Path:
+        if self.prefix is not None:
+            return self.prefix
+        return self.home / "bin" / f"{self.engine}-{self.kind}" / self.key
+
+    def finish(self, outputs: Dict[str, Path], cache_hit: bool, notes=(), source=None, commands=(),
+               sha256=None) -> BuildResult:
+        prefix = self.prefix_dir()
+        bindir = prefix / "bin" if self.prefix is not None else prefix
+        installed = install_files(self.select(outputs), bindir, with_libs=self.libs_dir())
+        current = point_current(prefix) if self.prefix is None else None
+        return BuildResult(self.engine, self.backend, installed, self.build_dir, prefix,
+                           time.monotonic() - self.start, cache_hit, self.key, source, tuple(commands), (),
+                           tuple(notes), current=current, sha256=dict(sha256 or {}))
