@@ -180,3 +180,16 @@ def test_unreadable_root_stops_gc_and_doctor_reports(tmp_path, home, served):
     with pytest.raises(PylmservError, match="cannot read the root lock"):
         collect(home=home)
     assert blobs(home) == sorted([hexes["a"], "f" * 64])
+
+
+def test_loading_a_project_creates_no_store_and_the_first_store_write_roots_it(tmp_path, home):
+    from pylmserv.pins.config import load_project
+    from pylmserv.store import layout
+
+    (tmp_path / "pylmserv.toml").write_text('[models.m]\nurl = "https://example.invalid/m.gguf"\n')
+    Lock(path=tmp_path / "pylmserv.lock").write()
+    load_project(tmp_path / "pylmserv.toml")
+    assert not home.exists()  # reading commands (list, doctor) never create the store
+    layout.subdir("tmp")  # what a fetch or build does first
+    assert roots.registered_locks(home) == [(tmp_path / "pylmserv.lock").resolve()]
+    assert len(list((home / "gcroots" / "procs").glob("*.flock"))) == 1

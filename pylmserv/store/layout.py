@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from ..core.fsutil import atomic_write_text
 from ..core.hashing import Hash
@@ -38,12 +38,21 @@ def home() -> Path:
     return root
 
 
+_HOME_READY: List[Callable[[Path], None]] = []  # store/roots: gc roots wait for the store to exist
+
+
+def on_home_ready(hook: Callable[[Path], None]) -> None:
+    _HOME_READY.append(hook)
+
+
 def ensure_home(root: Optional[Path] = None) -> Path:
     root = root or home()
     root.mkdir(parents=True, exist_ok=True)
     tag = root / "CACHEDIR.TAG"
     if not tag.exists():
         atomic_write_text(tag, CACHEDIR_TAG)
+    for hook in _HOME_READY:
+        hook(root)
     return root
 
 

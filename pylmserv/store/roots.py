@@ -7,7 +7,9 @@
                                  so a running `serve` keeps its model even after the lock
                                  on disk moved on (a dead process's flock is free: gc drops it)
 
-Registration never fails a command: a read-only or full store only loses the root.
+Registration never fails a command: a read-only or full store only loses the root. Nor
+does it create the store: while there is none, the root waits in memory and is written
+when this process creates the store (layout.on_home_ready), i.e. before it stores anything.
 """
 from __future__ import annotations
 
@@ -20,11 +22,13 @@ from typing import Dict, List, Optional, Tuple
 
 from ..core.fsutil import atomic_write_text
 from .layout import home as store_home
+from .layout import on_home_ready
 
 log = logging.getLogger("pylmserv.store")
 
 ROOTS = "gcroots"
-_held: Dict[str, Tuple[object, Path]] = {}  # home -> (FileLock held for this process, its directory)
+_held: Dict[str, Tuple[int, Path]] = {}  # home -> (the flocked fd held by this process, its directory)
+_pending: Dict[Tuple[str, str], bytes] = {}  # (home, lock path) -> lock text, until the store exists
 
 
 def _key(path: Path) -> str:
@@ -43,11 +47,32 @@ def use_lock(lock_path: Path, home: Optional[Path] = None) -> None:
         text = path.read_bytes()
     except OSError:
         return
+    base = Path(home or store_home())
+    if not base.is_dir():  # reading commands never create the store
+        _pending[(str(base), str(path))] = text
+        return
+    _record(path, text, base)
+
+
+def _record(path: Path, text: bytes, home: Path) -> None:
     try:
         register_lock(path, home)
         _hold(path, text, home)
     except OSError as exc:
-        log.debug("gc root for %s not recorded: %s", lock_path, exc)
+        log.debug("gc root for %s not recorded: %s", path, exc)
+
+
+def _flush(home: Path) -> None:
+    """The store now exists: write the roots that waited for it."""
+    if not _pending:
+        return
+    for (base, path), text in list(_pending.items()):
+        if Path(base) == Path(home):
+            del _pending[(base, path)]
+            _record(Path(path), text, Path(home))
+
+
+on_home_ready(_flush)
 
 
 def register_lock(lock_path: Path, home: Optional[Path] = None) -> Path:
