@@ -25,6 +25,7 @@ from ..core.proc import probe
 from ..core.version import __version__
 from ..pins.config import load_project
 from ..store import layout as paths
+from .gc import estimate
 
 from ..pins.drift import config_drift
 
@@ -125,6 +126,7 @@ def diagnose(machine: Optional[Machine] = None, config: Optional[Path] = None, l
         ("binfmt_misc", lambda: [check_binfmt(machine)]),
         ("store", lambda: check_store(machine)),
         ("store-verified", lambda: [check_verified(machine)]),
+        ("gc", lambda: [check_gc(machine)]),
         ("lock", lambda: [check_lock(config, lock)]),
     ]
     checks: List[Check] = []
@@ -569,6 +571,15 @@ def check_verified(machine: Machine) -> Check:
         return Check("store-verified", WARN, detail + " (moved aside)",
                      "Run `pylmserv fetch NAME` / `pylmserv build` to restore them from their pins.")
     return Check("store-verified", OK, detail)
+def check_gc(machine: Machine) -> Check:
+    """The store's size and what `pylmserv gc` would free (computed, nothing deleted)."""
+    root = machine.store_root or _store_root(machine)
+    try:
+        size, free, count = estimate(root)
+    except PylmservError as exc:
+        return Check("gc", WARN, f"cannot tell what gc would free: {exc.message}", exc.hint or "")
+    detail = f"store {human_size(size)}; `pylmserv gc` would free {human_size(free)} ({count} item(s))"
+    return Check("gc", OK, detail)
 
 
 # -- lock ----------------------------------------------------------------------------------

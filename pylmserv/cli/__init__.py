@@ -29,6 +29,9 @@ COMMANDS = {
     "doctor": ("doctor", "Diagnose this machine: tools, GPUs, binfmt_misc, store, lock."),
     "serve": ("serve", "Run a model with llama-server on localhost."),
     "verify": ("verify", "Re-hash the store; move rotten entries aside for the next fetch/build."),
+    "add": ("add", "Add a model or source to pylmserv.toml and pin it in one step."),
+    "update": ("update", "Move pins to the newest upstream release, tag or branch head."),
+    "gc": ("gc", "Delete what no lock, current build or running pylmserv still uses."),
 }
 
 
