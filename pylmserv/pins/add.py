@@ -21,7 +21,8 @@ from urllib.parse import unquote, urlsplit
 
 from ..core.errors import UsageError
 from . import upstream
-from .config import ARCHIVE_SUFFIXES, CONFIG_NAME, LOCK_NAME, URL_SCHEMES, check_name, load_lock, packaged_dir
+from .config import ARCHIVE_SUFFIXES, CONFIG_NAME, LOCK_NAME, URL_SCHEMES, check_name, packaged_dir
+from . import lockfile
 from .configedit import parse_config, project_lock, put_table, read_text, remove_table, write_config
 from .prefetch import Change, prefetch
 
@@ -132,12 +133,11 @@ def add(spec: str, name: Optional[str] = None, unpack: bool = False, force: bool
         new_text = put_table(text, addition.kind, addition.name, addition.table)
         cfg = parse_config(new_text, config_path)
         # Pin first: prefetch writes the lock only when every selected entry resolved.
-        current_lock = load_lock(lock_path)
+        result = prefetch(names=[addition.name], config=cfg, lock=lock_path, via=via)
         if replaced:  # a name that moves between sources and models leaves no pin behind
             other = "models" if addition.kind == "sources" else "sources"
-            kept = {n: e for n, e in getattr(current_lock, other).items() if n != addition.name}
-            current_lock = dataclass_replace(current_lock, **{other: kept})
-        result = prefetch(names=[addition.name], config=cfg, lock=current_lock, via=via)
+            lockfile.update(lock_path, lambda found: dataclass_replace(
+                found, **{other: {n: e for n, e in getattr(found, other).items() if n != addition.name}}))
         write_config(config_path, new_text)
     change = next((c for c in result.changes if c.name == addition.name), None)
     return AddResult(addition, config_path, lock_path, change, replaced)
