@@ -10,7 +10,13 @@ Never splice two versions: every ranged request carries If-Range with the ETag a
 Content-Range start is checked; a 200 to a Range request, a changed ETag or a wrong
 Content-Range discards the partial state and starts over. The SHA-256 is computed while
 downloading by a thread trailing the contiguous prefix of the file (page cache reads),
-and size + hash are checked before the atomic rename into `dest`.
+and size + hash are checked before the atomic rename into `dest`. Without a strong
+validator and without an expected hash, the file comes over one connection (a stitched
+file could not be caught); a stall gives up after `stall_limit` seconds without progress.
+
+The pieces: http.py (transport, probe, body decoding), partial.py (partial file and resume
+state), scheduler.py (parts to workers), hasher.py (trailing SHA-256); this module runs
+them: probe, one stream or parallel parts, retries and restarts, verification, install.
 """
 from __future__ import annotations
 
