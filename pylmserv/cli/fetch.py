@@ -38,6 +38,8 @@ def command(opts, items, sha256, dest, connections, stall_limit, offline, tofu, 
     if as_json:
         click.echo(jsonlib.dumps([r.to_json() for r in results], indent=2))
         return
+    if opts and opts.quiet:  # -q: only errors
+        return
     for r in results:
         how = f"downloaded {r.bytes_downloaded / 2**20:.1f} MiB in {r.seconds:.1f}s" if r.bytes_downloaded else "already in the store"
         click.echo(f"{r.name}: {r.path} ({r.size} bytes, sha256 {r.sha256.hex[:16]}..., {how})", err=True)

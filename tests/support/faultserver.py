@@ -94,6 +94,8 @@ class FaultServer:
         self.lock = threading.Lock()
         self.active_ranges = 0
         self.peak_ranges = 0  # most ranged requests in flight at once
+        self.sending = 0  # bodies being written right now
+        self.idle = threading.Condition(self.lock)  # notified whenever a body ends
         self.on_request = None  # callable(server, Request), run before each request is served
         self.tokens: Dict[str, int] = {}
         self._token_ids = itertools.count(1)
@@ -121,6 +123,14 @@ class FaultServer:
             self.requests.clear()
             self.bytes_sent = 0
             self.peak_ranges = 0
+
+    def wait_idle(self, timeout: float = 60.0) -> int:
+        """Block until no body is being sent (a killed client's connections have ended on
+        the server side too); returns bytes_sent then. An event, not a guess with sleeps."""
+        with self.idle:
+            if not self.idle.wait_for(lambda: self.sending == 0, timeout):
+                raise AssertionError(f"the server still sends {self.sending} bodies after {timeout}s")
+            return self.bytes_sent
 
     def ranged_requests(self) -> List[Request]:
         return [r for r in self.requests if "Range" in r.headers]
@@ -269,6 +279,16 @@ def _handler_for(server: FaultServer):
 
         # -- bodies ----------------------------------------------------------
         def _body(self, req: Request, data, start: int, stop: int) -> None:
+            with self.srv.lock:
+                self.srv.sending += 1
+            try:
+                self._send_body(req, data, start, stop)
+            finally:
+                with self.srv.idle:
+                    self.srv.sending -= 1
+                    self.srv.idle.notify_all()
+
+        def _send_body(self, req: Request, data, start: int, stop: int) -> None:
             srv, f = self.srv, self.srv.faults
             cut = stall = None
             with srv.lock:
