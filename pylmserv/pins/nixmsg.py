@@ -13,8 +13,9 @@ Formats, oldest first (a corpus of real outputs lives in tests/data/nixmsg/):
                print `sha256:<nix32>` under "hash mismatch in file downloaded from 'URL'")
   Lix 2.91+    adds `likely URL:` before and `expected path:` / `got path:` after.
   fetchTree / fetchGit / flake inputs (eval time, a `narHash` that does not match):
-  Nix 2.4-2.18 NAR hash mismatch in input 'INPUT' (STOREPATH), expected 'WANT', got 'GOT'
-  Nix 2.19+    NAR hash mismatch in input 'INPUT', expected 'WANT' but got 'GOT'
+  Nix 2.4+     NAR hash mismatch in input 'INPUT' (STOREPATH), expected 'WANT', got 'GOT'
+               (NixOS/nix PR #3653; real Nix 2.8 here, still in reports from 2024)
+  newer Nix    NAR hash mismatch in input 'INPUT', expected 'WANT' but got 'GOT'  (2025 reports)
                (some source revisions pass these two the other way round; when INPUT carries
                `narHash=`, that one is the wanted hash whatever the label says)
 Quotes may be ASCII or typographic, lines may be wrapped, colours (ANSI) are ignored,
