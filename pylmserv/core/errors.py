@@ -111,3 +111,8 @@ EXIT_CODES = {
     10: "update: pins were (with --dry-run: would be) updated",
     130: "interrupted",
 }
+
+
+class Demote(Exception):
+    """Internal signal of the download scheduler, never shown to a user: a 403/429 on a
+    parallel range makes that worker stop, so fewer connections remain."""

@@ -10,14 +10,11 @@ from __future__ import annotations
 import threading
 from typing import Callable, List, Optional
 
+from ..core.errors import Demote
 from .partial import Part
 
 MAX_PART_SIZE = 64 << 20
 PARTS_PER_CONNECTION = 8  # small parts taken in order: the hash keeps up with the download
-
-
-class Demote(Exception):
-    """403/429 on a parallel range: this worker stops so fewer connections remain."""
 
 
 def new_parts(size: int, connections: int, min_part_size: int) -> List[Part]:
