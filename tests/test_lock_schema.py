@@ -13,7 +13,7 @@ import pytest
 
 from pylmserv.core.errors import ConfigError, UsageError
 from pylmserv.core.hashing import Hash
-from pylmserv.pins.lock import (LOCK_VERSION, ArchivePin, FilePin, GitPin, GithubPin, HfPin, Lock, LockEntry,
+from pylmserv.pins.lock import (LOCK_VERSION, ArchivePin, FilePin, GitPin, GithubPin, HfPin, LockEntry,
                                 load_lock)
 from pylmserv.pins.prefetch import prefetch
 from tests.support import gitrepos
