@@ -199,3 +199,15 @@ def test_lock_written_by_prefetch_is_read_by_nix_with_the_typed_keys(tmp_path, g
     assert data["version"] == 2
     r = data["sources"]["r"]
     assert (r["type"], r["git_url"], r["fetcher"], r["submodules"]) == ("git", gitrepos.uri(repo), "builtins.fetchGit", True)
+
+
+def test_unwritable_store_for_the_file_lock_is_a_clean_error(tmp_path, http_dir, monkeypatch):
+    www, base = http_dir
+    (www / "a.bin").write_bytes(b"abc")
+    (tmp_path / "home").write_text("a file where the store should be")
+    monkeypatch.setenv("PYLMSERV_HOME", str(tmp_path / "home"))
+    cfg = tmp_path / "pylmserv.toml"
+    cfg.write_text(f'[models.a]\nurl = "{base}/a.bin"\n')
+    with pytest.raises(UsageError, match="file lock") as exc:
+        prefetch(config=cfg, via="python")
+    assert "PYLMSERV_HOME" in exc.value.hint and not (tmp_path / "pylmserv.lock").exists()
