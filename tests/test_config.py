@@ -57,6 +57,7 @@ def test_corrupt_lock_errors(tmp_path, text, needle):
     assert needle in exc.value.message and "prefetch" in (exc.value.hint or "")
 
 
+@pytest.mark.nix
 def test_lock_round_trip_sorted_stable_and_nix_readable(tmp_path, nix):
     entries = [
         LockEntry("sources", "zeta", "https://github.com/o/r/archive/abc.tar.gz", Hash.of_bytes(b"z"), "nar",

@@ -108,7 +108,7 @@ def test_unpinned_config_name_is_refused_then_trusted_on_first_use(home, server,
 
 def test_url_needs_a_hash_and_accepts_sri_or_hex(home, server, model, tmp_path, monkeypatch):
     url = server.add("tiny.gguf", model)
-    monkeypatch.chdir(tmp_path)  # (a bare os.chdir leaked into later tests' subprocesses)
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(UsageError, match="no known sha256"):
         fetch([url], progress=False)
     h = Hash.of_bytes(model)

@@ -74,6 +74,7 @@ description = "not copied to the lock"
 """
 
 
+@pytest.mark.nix
 def test_github_tag_resolves_peeled_commit_and_matches_nix(tmp_path, github, nix):
     www, base, src = github
     cfg = write_config(tmp_path / "pylmserv.toml", GITHUB_CFG.format(ref="v1"))
@@ -122,6 +123,7 @@ def test_missing_ref_is_a_usage_error_and_lock_untouched(tmp_path, github):
     assert (tmp_path / "pylmserv.lock").read_bytes() == before
 
 
+@pytest.mark.nix
 def test_git_submodules_python_and_fod_agree_with_fetchgit(tmp_path, gitenv, nix):
     sub = gitrepos.make_repo(tmp_path / "sub", {"s.c": "int s;\n"})
     top = gitrepos.make_repo(tmp_path / "top", {"t.c": "int t;\n", "x": ("exec", "#!\n")})
@@ -135,6 +137,7 @@ def test_git_submodules_python_and_fod_agree_with_fetchgit(tmp_path, gitenv, nix
     assert py.extra["submodules"] is True and py.url == gitrepos.uri(top)
 
 
+@pytest.mark.nix
 def test_url_sources_and_models_all_backends(tmp_path, http_dir, nix):
     www, base = http_dir
     write_zip(www / "tool.zip", RICH_TREE[:-1])
@@ -309,8 +312,10 @@ def test_hf_unknown_revision(tmp_path, monkeypatch):
             prefetch(config=cfg, via="python")
 
 
+@pytest.mark.nix
 def test_hf_private_plain_git_file_with_token_under_auto(tmp_path, monkeypatch, nix, caplog):
-    """auto must not hand an authenticated download to nix-prefetch-url (it cannot send the token)."""
+    """auto must not hand an authenticated download to nix-prefetch-url (it cannot send the
+    token): the Hub sees no request without the token, and the log says why."""
     with serve_hub(token="hf_tok") as hub:
         hub.add_file("org/models", "big.gguf", b"tiny", lfs=False)
         hub.add_file("org/models", "sub/small.gguf", b"tiny2", lfs=False)

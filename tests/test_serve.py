@@ -333,6 +333,88 @@ def test_existing_build_targets_picks_a_current_build_with_llama_server(tmp_path
     assert existing_build_targets("cpu", cfg) is None
 
 
+# -- options from the CLI: where they end up -----------------------------------------------------
+
+def _served_key(standin, model, tmp_path, *args, env=None):
+    """Run serve until ready, stop it; return (argv, LLAMA_API_KEY or None) of the (stand-in) server."""
+    proc, port, record = start_serve(standin, model, tmp_path, *args, env=env)
+    try:
+        read_ready(proc)
+        state = json.loads(record.read_text())
+        with open(f"/proc/{state['pid']}/environ", "rb") as f:
+            child_env = dict(x.split(b"=", 1) for x in f.read().split(b"\0") if b"=" in x)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    key = child_env.get(b"LLAMA_API_KEY")
+    return state["argv"], key.decode() if key is not None else None
+
+
+def test_api_key_flag_and_env_reach_the_server(standin, model, tmp_path):
+    """--api-key and PYLMSERV_API_KEY both reach llama-server (by its environment, not argv)."""
+    argv, key = _served_key(standin, model, tmp_path, "--api-key", "k-flag")
+    assert key == "k-flag" and "--api-key" not in argv
+    argv, key = _served_key(standin, model, tmp_path, env={"PYLMSERV_API_KEY": "k-env"})
+    assert key == "k-env" and "--api-key" not in argv
+    argv, key = _served_key(standin, model, tmp_path, env={"PYLMSERV_API_KEY": ""})
+    assert key is None
+
+
+def test_server_bin_from_the_environment(standin, model, tmp_path, home):
+    """PYLMSERV_SERVER_BIN stands for --server-bin (nothing is built)."""
+    port = free_port()
+    record = tmp_path / "record.json"
+    env = dict(os.environ, STANDIN_RECORD=str(record), PYLMSERV_HOME=str(home), PYLMSERV_SERVER_BIN=str(standin))
+    proc = subprocess.Popen([sys.executable, "-m", "pylmserv", "serve", str(model), "--port", str(port), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        read_ready(proc)
+        assert json.loads(record.read_text())["argv"][0] == str(standin)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (home / "builds").exists()
+
+
+def test_log_flag_sends_the_server_output_to_that_file(standin, model, tmp_path):
+    log = tmp_path / "logs" / "server.log"
+    proc, _, _ = start_serve(standin, model, tmp_path, "--log", str(log), env={"STANDIN_EXIT_EARLY": "3"})
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert "error loading model" in log.read_text()
+    assert "error loading model" in err  # the tail of that log is quoted in the error
+
+
+def test_public_without_api_key_warns_and_with_one_does_not(standin, model, tmp_path):
+    # The stand-in exits before it listens: nothing is ever bound on 0.0.0.0.
+    early = {"STANDIN_EXIT_EARLY": "1"}
+    proc, _, _ = start_serve(standin, model, tmp_path, "--host", "0.0.0.0", "--public", env=early)
+    _, err = proc.communicate(timeout=60)
+    assert "without --api-key: anyone on the network can use it" in err
+    proc, _, _ = start_serve(standin, model, tmp_path, "--host", "0.0.0.0", "--public", "--api-key", "k", env=early)
+    _, err = proc.communicate(timeout=60)
+    assert "anyone on the network" not in err and "error" in err
+
+
+def test_offline_serves_nothing_it_would_have_to_download(standin, tmp_path, home, http_dir):
+    www, base = http_dir
+    (www / "tiny.gguf").write_bytes(b"GGUF" + bytes(60))
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "pylmserv.toml").write_text(f'[models.tiny]\nurl = "{base}/tiny.gguf"\n')
+    run_cli("prefetch", "--via", "python", cwd=proj, check=True)
+    (www / "tiny.gguf").unlink()  # anything fetched now would have to come from the network: it is gone
+    proc = run_cli("serve", "tiny", "--offline", "--server-bin", standin, cwd=proj, env={"PYLMSERV_HOME": str(home)})
+    assert proc.returncode == 2, proc.stderr
+    assert "--offline" in proc.stderr and "Traceback" not in proc.stderr
+    online = run_cli("serve", "tiny", "--server-bin", standin, cwd=proj, env={"PYLMSERV_HOME": str(home)})
+    assert online.returncode == 3 and "404" in online.stderr  # without --offline it tried the network
+
+
 # -- the bind address and the API key cannot be slipped past pylmserv (issue 10) ------------
 
 @pytest.mark.parametrize("extra", [

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -28,6 +28,10 @@ COMMANDS = {
     "list": ("list_", "Show catalog entries: locked, fetched, built."),
     "doctor": ("doctor", "Diagnose this machine: tools, GPUs, binfmt_misc, store, lock."),
     "serve": ("serve", "Run a model with llama-server on localhost."),
+    "verify": ("verify", "Re-hash the store; move rotten entries aside for the next fetch/build."),
+    "add": ("add", "Add a model or source to pylmserv.toml and pin it in one step."),
+    "update": ("update", "Move pins to the newest upstream release, tag or branch head."),
+    "gc": ("gc", "Delete what no lock, current build or running pylmserv still uses."),
 }
 
 
@@ -39,6 +43,30 @@ class GlobalOptions:
     quiet: bool = False
     config: Optional[Path] = None
     lock: Optional[Path] = None
+
+
+# Commands that read the project: they accept --config/--lock after their name too
+# (`pylmserv prefetch --lock x.lock`), not only before it.
+PROJECT_COMMANDS = ("prefetch", "fetch", "build", "list", "doctor", "serve")
+
+
+def _override(field_name):
+    def callback(ctx, _param, value):
+        if value is not None:
+            ctx.obj = replace(ctx.obj or GlobalOptions(), **{field_name: value})
+        return value
+
+    return callback
+
+
+def project_options():
+    """--config/--lock for a subcommand: given there, they override the group's."""
+    return [
+        click.Option(["--config"], type=click.Path(path_type=Path), expose_value=False, is_eager=True,
+                     callback=_override("config"), help="pylmserv.toml to use (same as before the command)."),
+        click.Option(["--lock"], type=click.Path(path_type=Path), expose_value=False, is_eager=True,
+                     callback=_override("lock"), help="pylmserv.lock to use (same as before the command)."),
+    ]
 
 
 class LazyGroup(click.Group):
@@ -55,7 +83,10 @@ class LazyGroup(click.Group):
             if exc.name != f"pylmserv.cli.{module}":
                 raise
             return _not_yet(name)
-        return mod.command
+        cmd = mod.command
+        if name in PROJECT_COMMANDS and not any(p.name == "config" for p in cmd.params):
+            cmd.params.extend(project_options())
+        return cmd
 
     def format_commands(self, ctx, formatter):
         # Help text comes from the table, not from importing every command.
@@ -122,6 +153,18 @@ def main(argv=None) -> None:
         if exc.hint:
             click.echo(f"hint: {show(exc.hint, lines=True)}", err=True)
         sys.exit(exc.exit_code)
+    except OSError as exc:
+        # The environment refused a write or a path (read-only store, permissions,
+        # over-long names): one line naming the path, not a traceback.
+        err = _os_error(exc)
+        if err is None:
+            raise
+        if verbose:
+            import traceback
+            traceback.print_exc()
+        click.echo(f"error: {err.message}", err=True)
+        click.echo(f"hint: {err.hint}", err=True)
+        sys.exit(err.exit_code)
     except click.exceptions.Abort:
         click.echo("interrupted", err=True)
         sys.exit(130)
@@ -134,3 +177,25 @@ def main(argv=None) -> None:
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _os_error(exc: OSError) -> Optional[PylmservError]:
+    import errno
+
+    hints = {
+        errno.EROFS: "The store (or output) is on a read-only filesystem: set PYLMSERV_HOME to a writable "
+                     "directory, or use commands that only read it (list, fetch --offline of fetched models).",
+        errno.EACCES: "Check the permissions, or set PYLMSERV_HOME to a directory you own.",
+        errno.EPERM: "Check the permissions, or set PYLMSERV_HOME to a directory you own.",
+        errno.ENAMETOOLONG: "Use a shorter name or path.",
+        errno.ENOTDIR: "A path component that must be a directory is a file: check PYLMSERV_HOME and the paths given.",
+        errno.ELOOP: "A symlink loop is in the way: check the paths given.",
+        errno.ENOSPC: "Free some space (see `pylmserv doctor`) and run the command again.",
+    }
+    hint = hints.get(exc.errno)
+    if hint is None:
+        return None
+    where = f": {exc.filename}" if exc.filename else ""
+    if len(where) > 240:
+        where = where[:120] + " ... " + where[-100:]
+    return PylmservError(f"{exc.strerror}{where}", hint=hint, exit_code=2)

@@ -25,7 +25,7 @@ def command(g, as_json):
         click.echo(json.dumps({"config": str(project.config_path), "lock": str(project.lock_path),
                                "entries": [e.to_dict() for e in items]}, indent=2))
         return 0
-    echo = lambda text="": click.echo(text, err=True)  # noqa: E731 - human output goes to stderr
+    echo = click.echo  # the table is the answer: stdout, so it pipes
     echo(f"catalog: {project.config_path}")
     models = [e for e in items if e.kind == "model"]
     sources = [e for e in items if e.kind == "source"]

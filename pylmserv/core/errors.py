@@ -46,6 +46,10 @@ class VerificationError(PylmservError):
     exit_code = 4
 
 
+class RetaggedError(VerificationError):
+    """An upstream tag now names another commit than the one locked (`update` refuses to move)."""
+
+
 class ToolMissingError(PylmservError):
     """A required external tool (cmake, nvcc, nix, ...) is absent (exit 5)."""
 
@@ -100,5 +104,6 @@ EXIT_CODES = {
     4: "verification failed (hash, size, drift)",
     5: "a required tool is missing",
     6: "a build step failed",
+    10: "update: pins were (with --dry-run: would be) updated",
     130: "interrupted",
 }

@@ -5,6 +5,7 @@ core.names' rule, values must read back through Nix 2.8's builtins.fromTOML (loc
 """
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +21,14 @@ from ..core.hashing import Hash
 from ..core.names import check_name, check_version, show
 from ..transfer.hub import HUB, resolve_url as hf_resolve_url
 from .lock import LOCK_VERSION, Lock, LockEntry, check_nix_value, load_lock  # noqa: F401 (re-exported)
+from ..store.roots import use_lock
 
 CONFIG_NAME = "pylmserv.toml"
 LOCK_NAME = "pylmserv.lock"
 SOURCE_TYPES = ("github", "git", "url")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tbz2", ".tar.zst", ".tzst", ".zip")
 URL_SCHEMES = ("https://", "http://", "file://")
+TRACK_KINDS = ("releases", "tags", "branch")  # `track` key: what `pylmserv update` follows
 
 
 # -- intent (pylmserv.toml) -----------------------------------------------------
@@ -44,6 +47,7 @@ class SourceSpec:
     unpack: bool = False  # url
     sha256: Optional[Hash] = None  # url: a published flat pin, if any
     meta: Dict[str, object] = field(default_factory=dict)  # other keys (e.g. version), passed through
+    follow: Dict[str, str] = field(default_factory=dict)  # track, tag-pattern: read by `update` only
 
     @property
     def mode(self) -> str:
@@ -72,6 +76,7 @@ class ModelSpec:
     sha256: Optional[Hash] = None
     size: Optional[int] = None
     description: str = ""
+    follow: Dict[str, str] = field(default_factory=dict)  # track = "branch", branch: read by `update` only
 
     def resolve_url(self, endpoint: str = HUB, revision: Optional[str] = None) -> str:
         if self.url:
@@ -134,7 +139,10 @@ def load_project(config: Optional[Path] = None, lock: Optional[Path] = None) -> 
     """Config from --config, ./pylmserv.toml, or the packaged catalog; lock beside it."""
     config_path = Path(config) if config else default_config_path()
     lock_path = Path(lock) if lock else config_path.with_name(LOCK_NAME)
-    return Project(config=load_config(config_path), lock=load_lock(lock_path))
+    project = Project(config=load_config(config_path), lock=load_lock(lock_path))
+    if lock_path.exists():
+        use_lock(lock_path)  # a gc root: what this lock pins stays in the store
+    return project
 
 
 def _read_toml(path: Path, what: str, hint: str) -> dict:
@@ -145,12 +153,36 @@ def _read_toml(path: Path, what: str, hint: str) -> dict:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})",
                           hint=hint if what != "lock" else "Regenerate it with `pylmserv prefetch --refresh`.") from None
+    fix = (f"Fix the syntax at that line and column of {path.name}." if what != "lock" else
+           "The lock is generated: restore it from version control or regenerate it with `pylmserv prefetch --refresh`.")
     try:
-        return tomllib.loads(text)
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        fix = (f"Fix the syntax at that line and column of {path.name}." if what != "lock" else
-               "The lock is generated: restore it from version control or regenerate it with `pylmserv prefetch --refresh`.")
         raise ConfigError(f"{path}: invalid TOML: {exc}", hint=fix) from None
+    except RecursionError:
+        data = None
+    if data is None or _depth(data) > MAX_NESTING:
+        raise ConfigError(f"{path}: values nested more than {MAX_NESTING} levels deep",
+                          hint=f"No {what} needs such nesting; flatten the arrays/tables of {path.name}.")
+    return data
+
+
+MAX_NESTING = 16  # tables and arrays inside each other; real configs use 3
+
+
+def _depth(value) -> int:
+    """How deeply tables/arrays nest (iterative: hostile input cannot exhaust the stack)."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        v, d = stack.pop()
+        deepest = max(deepest, d)
+        if deepest > MAX_NESTING:
+            return deepest
+        if isinstance(v, dict):
+            stack.extend((x, d + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, d + 1) for x in v)
+    return deepest
 
 
 def load_config(path: Path) -> Config:
@@ -165,7 +197,24 @@ def _tables(data: dict, key: str, path) -> dict:
     value = data.get(key, {})
     if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
         raise ConfigError(f"{path}: [{key}] must be a table of tables, e.g. [{key}.NAME]")
+    for name in value:
+        check_name(name, f"{path}: [{key}]")
     return value
+
+
+def _follow(t: dict, where: str, keys: tuple) -> Dict[str, str]:
+    """The `track` keys (what `pylmserv update` follows), checked here so every command agrees."""
+    out = {k: _opt(t, k, where, str) for k in keys if k in t}
+    track = out.get("track")
+    if track is not None and track not in TRACK_KINDS:
+        raise ConfigError(f"{where}: unknown track {track!r}", hint="Use track = \"releases\", \"tags\" or \"branch\".")
+    pattern = out.get("tag-pattern")
+    if pattern is not None:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(f"{where}: tag-pattern {pattern!r} is not a regular expression: {exc}") from None
+    return out
 
 
 def _only_keys(table: dict, allowed: set, where: str) -> None:
@@ -225,19 +274,21 @@ def _parse_source(name: str, t: dict, path) -> SourceSpec:
     stype = _need(t, "type", where)
     if stype not in SOURCE_TYPES:
         raise ConfigError(f"{where}: unknown source type {stype!r}", hint="Use type = \"github\", \"git\" or \"url\".")
-    known = {"type", "description", "version", "cosmocc"}
+    known = {"type", "description", "version", "cosmocc", "track", "tag-pattern"}
     meta = {k: t[k] for k in ("description", "version", "cosmocc") if k in t}
+    follow = _follow(t, where, ("track", "tag-pattern"))
     if stype == "github":
         _only_keys(t, known | {"owner", "repo", "ref", "submodules"}, where)
         return SourceSpec(name, stype, ref=_need(t, "ref", where), owner=_need(t, "owner", where),
-                          repo=_need(t, "repo", where), submodules=_opt(t, "submodules", where, bool, False), meta=meta)
+                          repo=_need(t, "repo", where), submodules=_opt(t, "submodules", where, bool, False), meta=meta,
+                          follow=follow)
     if stype == "git":
         _only_keys(t, known | {"url", "ref", "submodules"}, where)
         url = _need(t, "url", where)
         if not url.startswith(URL_SCHEMES + ("git@", "ssh://", "git://")) and not Path(url).is_absolute():
             raise ConfigError(f"{where}: unsupported git URL {url!r}", hint="Use https://, ssh://, git:// or file://.")
         return SourceSpec(name, stype, url=url, ref=_need(t, "ref", where),
-                          submodules=_opt(t, "submodules", where, bool, False), meta=meta)
+                          submodules=_opt(t, "submodules", where, bool, False), meta=meta, follow=follow)
     _only_keys(t, known | {"url", "unpack", "sha256"}, where)
     url = _check_url(_need(t, "url", where), where)
     unpack = _opt(t, "unpack", where, bool, False)
@@ -245,21 +296,23 @@ def _parse_source(name: str, t: dict, path) -> SourceSpec:
         raise ConfigError(f"{where}: unpack = true but {url!r} is not a known archive",
                           hint="Supported: " + ", ".join(ARCHIVE_SUFFIXES))
     sha = _parse_hash(t["sha256"], where) if "sha256" in t else None
-    return SourceSpec(name, stype, url=url, unpack=unpack, sha256=sha, meta=meta)
+    return SourceSpec(name, stype, url=url, unpack=unpack, sha256=sha, meta=meta, follow=follow)
 
 
 def _parse_model(name: str, t: dict, path) -> ModelSpec:
     where = f"{path}: [models.{show(name)}]"
     check_name(name, f"{path}: [models]")
     _checked({k: v for k, v in t.items() if k != "description"}, where)
-    _only_keys(t, {"url", "hf", "file", "revision", "sha256", "size", "description"}, where)
+    _only_keys(t, {"url", "hf", "file", "revision", "sha256", "size", "description", "track", "branch"}, where)
+    follow = _follow(t, where, ("track", "branch"))
     if ("url" in t) == ("hf" in t):
         raise ConfigError(f"{where}: give either url or hf (+ file)", hint="e.g. hf = \"org/repo\" and file = \"model.gguf\".")
     sha = _parse_hash(t["sha256"], where) if "sha256" in t else None
     size = _opt(t, "size", where, int)
     desc = _opt(t, "description", where, str, "")
     if "url" in t:
-        return ModelSpec(name, url=_check_url(_need(t, "url", where), where), sha256=sha, size=size, description=desc)
+        return ModelSpec(name, url=_check_url(_need(t, "url", where), where), sha256=sha, size=size, description=desc,
+                         follow=follow)
     hf = _need(t, "hf", where)
     if hf.count("/") != 1 or not all(_plain_segment(p) for p in hf.split("/")):
         raise ConfigError(f"{where}: hf must be 'org/repo', got {show(repr(hf))}", hint="e.g. hf = \"Qwen/Qwen2.5-0.5B-Instruct-GGUF\".")
@@ -270,7 +323,8 @@ def _parse_model(name: str, t: dict, path) -> ModelSpec:
     revision = _opt(t, "revision", where, str, "main")
     if not revision.strip():
         raise ConfigError(f"{where}: empty revision", hint="Use a branch, tag or commit, or leave it out (main).")
-    return ModelSpec(name, hf=hf, file=file, revision=revision, sha256=sha, size=size, description=desc)
+    return ModelSpec(name, hf=hf, file=file, revision=revision, sha256=sha, size=size, description=desc,
+                     follow=follow)
 
 
 def _plain_segment(part: str) -> bool:
