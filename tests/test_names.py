@@ -85,6 +85,7 @@ NAME_SAMPLES = ["ok", "a_b-c", "_x", "-x", "a.b", "A9", "x" * 100, "x" * 101, "Ã
 VERSION_SAMPLES = ["3.3.6", "b9941", "1.0+cu", "v1_2-3", ".1", "-1", "1 2", "", "x" * 100, "x" * 101, "1\u00e9"]
 
 
+@pytest.mark.nix
 def test_the_flake_accepts_the_same_names_and_versions(nix):
     """nix/sources.nix's validName / validVersion, evaluated by real Nix, agree with
     core/names.py on every sample: one set for every command and the flake."""
