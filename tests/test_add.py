@@ -46,7 +46,7 @@ def test_bad_specs_are_usage_errors(spec):
         parse_spec(spec)
 
 
-@pytest.mark.parametrize("bad", ["a.b", "../x", ".x", "-x", "a/b", "x\x07", "a" * 65, ""])
+@pytest.mark.parametrize("bad", ["a.b", "../x", ".x", "-x", "a/b", "x\x07", "a" * 101, ""])
 def test_bad_names_refused(tmp_path, http_dir, bad):
     www, base = http_dir
     (www / "m.gguf").write_bytes(b"GGUF" + b"\0" * 60)
@@ -58,7 +58,7 @@ def test_bad_names_refused(tmp_path, http_dir, bad):
 def test_config_name_rule_checked_at_load(tmp_path):
     cfg = tmp_path / "pylmserv.toml"
     cfg.write_text('[models."a.b"]\nurl = "https://x/y.gguf"\n')
-    with pytest.raises(ConfigError, match="invalid name"):
+    with pytest.raises(ConfigError, match="contains a dot"):
         load_config(cfg)
 
 

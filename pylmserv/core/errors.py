@@ -46,6 +46,10 @@ class VerificationError(PylmservError):
     exit_code = 4
 
 
+class RotFound(VerificationError):
+    """`pylmserv verify` found bad store entries (they were moved aside): exit 4."""
+
+
 class RetaggedError(VerificationError):
     """An upstream tag now names another commit than the one locked (`update` refuses to move)."""
 
