@@ -13,7 +13,7 @@ import pytest
 
 from pylmserv.core.errors import ConfigError, UsageError
 from pylmserv.core.hashing import Hash
-from pylmserv.pins.lock import (LOCK_VERSION, ArchivePin, FilePin, GitPin, GithubPin, HfPin, Lock, LockEntry,
+from pylmserv.pins.lock import (LOCK_VERSION, ArchivePin, FilePin, GitPin, GithubPin, HfPin, LockEntry,
                                 load_lock)
 from pylmserv.pins.prefetch import prefetch
 from tests.support import gitrepos
@@ -200,3 +200,16 @@ def test_lock_written_by_prefetch_is_read_by_nix_with_the_typed_keys(tmp_path, g
     assert data["version"] == 2
     r = data["sources"]["r"]
     assert (r["type"], r["git_url"], r["fetcher"], r["submodules"]) == ("git", gitrepos.uri(repo), "builtins.fetchGit", True)
+
+
+def test_unwritable_store_for_the_file_lock_is_a_clean_error(tmp_path, http_dir, monkeypatch):
+    www, base = http_dir
+    (www / "a.bin").write_bytes(b"abc")
+    (tmp_path / "home").write_text("a file where the store should be")
+    monkeypatch.setenv("PYLMSERV_HOME", str(tmp_path / "home"))
+    cfg = tmp_path / "pylmserv.toml"
+    cfg.write_text(f'[models.a]\nurl = "{base}/a.bin"\n')
+    with pytest.raises(UsageError) as exc:
+        prefetch(config=cfg, via="python")
+    assert "PYLMSERV_HOME" in exc.value.message + (exc.value.hint or "")
+    assert not (tmp_path / "pylmserv.lock").exists()

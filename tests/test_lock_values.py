@@ -14,7 +14,7 @@ import pytest
 from pylmserv.core.errors import ConfigError
 from pylmserv.core.hashing import Hash
 from pylmserv.pins.config import load_config
-from pylmserv.pins.lock import INT64_MAX, FilePin, GitPin, HfPin, Lock, Shard, load_lock
+from pylmserv.pins.lock import INT64_MAX, GitPin, HfPin, Lock, Shard, load_lock
 from pylmserv.pins.prefetch import prefetch
 from tests.support import flakeworld as fw
 from tests.support.hubstub import serve_hub

@@ -4,8 +4,6 @@ and fetch alike, one drift comparator for doctor / prefetch --check / list."""
 from __future__ import annotations
 
 import contextlib
-import logging
-import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -19,6 +17,7 @@ from pylmserv.pins.lock import load_lock
 from pylmserv.pins.prefetch import prefetch
 from tests.conftest import run_cli
 from tests.support.hubstub import serve_hub
+from tests.test_prefetch import prefetch_log
 from tests.test_gguf import write_gguf
 
 BODY = b"the real file\n" * 100
@@ -89,13 +88,8 @@ def test_auto_without_nix_on_path_pins_and_says_so(tmp_path, monkeypatch, caplog
         empty = tmp_path / "bin"
         empty.mkdir()
         monkeypatch.setenv("PATH", str(empty))
-        logger = logging.getLogger("pylmserv.prefetch")
-        logger.addHandler(caplog.handler)  # works even if the CLI set propagate=False in this process
-        try:
-            with caplog.at_level(logging.INFO, logger="pylmserv.prefetch"):
-                prefetch(config=cfg, via="auto")
-        finally:
-            logger.removeHandler(caplog.handler)
+        with prefetch_log(caplog):
+            prefetch(config=cfg, via="auto")
         assert "not cross-checked: nix-prefetch-url is not on PATH" in caplog.text
         assert load_lock(tmp_path / "pylmserv.lock").models["m"].hash == Hash.of_bytes(BODY)
 

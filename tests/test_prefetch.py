@@ -1,6 +1,7 @@
 """prefetch (library API): resolvers against loopback stand-ins, Nix as the hash oracle."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import subprocess
 from pathlib import Path
@@ -42,6 +43,19 @@ def github(http_dir, tmp_path, monkeypatch, gitenv):
     gitrepos.publish_github(www, "owner", "proj", src)
     monkeypatch.setenv("PYLMSERV_GITHUB_URL", base)
     return www, base, src
+
+
+@contextlib.contextmanager
+def prefetch_log(caplog):
+    """Capture pylmserv.prefetch's INFO lines even after a CLI run in this process set
+    propagate=False on the pylmserv logger."""
+    logger = logging.getLogger("pylmserv.prefetch")
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="pylmserv.prefetch"):
+            yield
+    finally:
+        logger.removeHandler(caplog.handler)
 
 
 def write_config(path: Path, text: str) -> Path:
@@ -308,13 +322,8 @@ def test_hf_private_plain_git_file_with_token_under_auto(tmp_path, monkeypatch, 
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         monkeypatch.setenv("HF_TOKEN", "hf_tok")
         cfg = write_config(tmp_path / "pylmserv.toml", HF_CFG.format(rev="main"))
-        logger = logging.getLogger("pylmserv.prefetch")
-        logger.addHandler(caplog.handler)  # works even if the CLI set propagate=False in this process
-        try:
-            with caplog.at_level(logging.INFO, logger="pylmserv.prefetch"):
-                prefetch(config=cfg, via="auto")
-        finally:
-            logger.removeHandler(caplog.handler)
+        with prefetch_log(caplog):
+            prefetch(config=cfg, via="auto")
         assert load_lock(tmp_path / "pylmserv.lock").models["big"].hash == Hash.of_bytes(b"tiny")
         # The behaviour, not only the result: nix-prefetch-url was never handed the download
         # (it would have reached the Hub without the token), and the log says why.

@@ -169,7 +169,7 @@ class LockEntry(metaclass=_LegacyCall):
         return ()
 
 
-_COMMON = {f for f in ("kind", "name", "url", "hash", "mode", "rev", "size")}
+_COMMON = {"kind", "name", "url", "hash", "mode", "rev", "size"}
 
 
 @dataclass(frozen=True)
@@ -343,14 +343,14 @@ def _shards(value, where: str) -> Tuple[Shard, ...]:
     return tuple(out)
 
 
-def upgrade_v1(kind: str, name: str, table: dict) -> dict:
+def upgrade_v1(kind: str, name: str, table: dict, where: str = "pylmserv.lock") -> dict:
     """A version-1 table (the first landing) -> the version-2 table for the same pin."""
     t = dict(table)
     old = t.pop("type", None)
     if kind == "models":
+        if old is not None:  # v1 models had no type: refuse rather than guess
+            raise ConfigError(f"{where}: [{kind}.{name}]: unexpected type {old!r}", hint=REGENERATE)
         t["type"] = "hf" if "hf" in t else "file"
-        if old is not None:
-            t["_bad_type"] = old  # v1 models had no type: refuse rather than guess
     elif old == "url":
         t["type"] = "archive" if t.pop("unpack", False) else "file"
     elif old == "github":
@@ -395,9 +395,7 @@ def parse_lock_data(data: dict, where: str) -> Tuple[int, Dict[str, Dict[str, Lo
         pins = {}
         for name, table in tables.items():
             for v in range(version, LOCK_VERSION):
-                table = UPGRADES[v](kind, name, table)
-            if "_bad_type" in table:
-                raise ConfigError(f"{where}: [{kind}.{name}]: unexpected type {table['_bad_type']!r}", hint=REGENERATE)
+                table = UPGRADES[v](kind, name, table, where)
             pins[name] = pin_from_table(kind, name, table, where)
         out[kind] = pins
     return version, out

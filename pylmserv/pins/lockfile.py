@@ -33,7 +33,12 @@ def _file_lock(path: Path):
     from filelock import FileLock
 
     key = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:16]
-    return FileLock(str(subdir("tmp") / f"lockfile-{key}.lock"), timeout=WAIT)
+    try:
+        tmp = subdir("tmp")
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: the file lock's directory (the store's tmp/) is not writable: "
+                         f"{exc.strerror or exc}", hint="Set PYLMSERV_HOME to a writable directory.") from None
+    return FileLock(str(tmp / f"lockfile-{key}.lock"), timeout=WAIT)
 
 
 def update(path: Path, change: Callable[[Lock], Lock]) -> Tuple[Lock, Lock, bool]:

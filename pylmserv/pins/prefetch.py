@@ -128,6 +128,9 @@ def prefetch(names: Optional[Iterable[str]] = None, config: Union[Path, str, Con
         merged = found
         for entry in resolved:
             merged = merged.with_entry(entry)
+            other = "models" if entry.kind == "sources" else "sources"
+            if entry.name not in getattr(cfg, other):  # a name that moved kinds leaves no pin behind
+                merged = merged.without(other, entry.name)
         if names is None:  # a full prefetch also drops pins whose config entry is gone
             for kind in ("sources", "models"):
                 for n in [n for n in getattr(found, kind) if n not in getattr(cfg, kind)]:
