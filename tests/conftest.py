@@ -14,6 +14,10 @@ from tests.support.nixenv import nix_env, have_nix
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Every `python -m pylmserv` the tests start imports this checkout, whatever cwd they run
+# in and wherever an editable install of pylmserv on this machine happens to point.
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+
 
 @pytest.fixture
 def home(tmp_path, monkeypatch):

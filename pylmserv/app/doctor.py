@@ -122,6 +122,7 @@ def diagnose(machine: Optional[Machine] = None, config: Optional[Path] = None, l
         ("gpus", lambda: check_gpus(machine, backend, config, lock)),
         ("binfmt_misc", lambda: [check_binfmt(machine)]),
         ("store", lambda: check_store(machine)),
+        ("store-verified", lambda: [check_verified(machine)]),
         ("lock", lambda: [check_lock(config, lock)]),
     ]
     checks: List[Check] = []
@@ -550,6 +551,22 @@ def check_store(machine: Machine) -> List[Check]:
         return [Check("store", WARN, detail, f"Under {human_size(need)} free: models are GBs and a llama.cpp build "
                       f"is ~1 GiB; free space or set PYLMSERV_HOME to a larger disk.")]
     return [Check("store", OK, detail)]
+
+
+def check_verified(machine: Machine) -> Check:
+    """When `pylmserv verify` last re-hashed the store, and what it found."""
+    from ..store.integrity import last_verified
+
+    root = machine.store_root or _store_root(machine)
+    last = last_verified(root) if root.is_dir() else None
+    if last is None:
+        return Check("store-verified", OK, "never (the store is trusted as written)",
+                     "Run `pylmserv verify` now and then to detect disk rot.")
+    detail = f"last at {last.get('checked_at')}: {last.get('checked')} entries checked, {last.get('bad')} bad"
+    if last.get("bad"):
+        return Check("store-verified", WARN, detail + " (moved aside)",
+                     "Run `pylmserv fetch NAME` / `pylmserv build` to restore them from their pins.")
+    return Check("store-verified", OK, detail)
 
 
 # -- lock ----------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from ..core.hashing import Hash
 from ..pins.config import ARCHIVE_SUFFIXES, LockEntry, Project, load_lock, load_project, packaged_dir
 from ..store import blobs as store
 from ..transfer import hub
-from ..transfer.download import download, redact
+from ..transfer.download import download, redact, resolve_stall_limit
 
 log = logging.getLogger("pylmserv.models")
 
@@ -85,9 +85,12 @@ class _PendingPin:
 def fetch(items: Union[str, Sequence[str]], dest: Optional[Path] = None, connections: int = 8,
           offline: bool = False, sha256: Union[None, str, Hash] = None, trust_on_first_use: bool = False,
           config: Optional[Path] = None, lock: Optional[Path] = None, progress: bool = True,
-          home: Optional[Path] = None, link_mode: Optional[str] = None) -> List[FetchResult]:
+          home: Optional[Path] = None, link_mode: Optional[str] = None,
+          stall_limit: Optional[float] = None) -> List[FetchResult]:
     """Make every item present and verified in the store; returns one result per item
-    (FetchResult.to_json() is what `pylmserv fetch --json` prints)."""
+    (FetchResult.to_json() is what `pylmserv fetch --json` prints). `stall_limit`:
+    seconds without new data before a download gives up (default $PYLMSERV_STALL_LIMIT,
+    else 120)."""
     if isinstance(items, str):
         items = [items]
     items = list(items)
@@ -95,6 +98,7 @@ def fetch(items: Union[str, Sequence[str]], dest: Optional[Path] = None, connect
         raise UsageError("nothing to fetch", hint="Name a model from the lock, an hf:// path or a URL.")
     if connections < 1 or connections > 64:
         raise UsageError(f"--connections must be between 1 and 64, got {connections}")
+    stall_limit = resolve_stall_limit(stall_limit)
     offline = offline or any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in OFFLINE_ENV)
     expected = _parse_sha256(sha256)
     urls = [i for i in items if _is_url(i)]
@@ -108,7 +112,8 @@ def fetch(items: Union[str, Sequence[str]], dest: Optional[Path] = None, connect
         _tofu_lock_path(project)  # refuse before downloading, not after
     results = []
     for plan in plans:
-        results.append(_fetch_plan(plan, project, dest, connections, offline, progress, home, link_mode))
+        results.append(_fetch_plan(plan, project, dest, connections, offline, progress, home, link_mode,
+                                   stall_limit))
     return results
 
 
@@ -324,13 +329,15 @@ def _plan_hf(item: str, project: Optional[Project], tofu: bool, offline: bool) -
 
 # -- fetching ------------------------------------------------------------------------------
 
-def _fetch_plan(plan: _Plan, project, dest, connections, offline, progress, home, link_mode) -> FetchResult:
+def _fetch_plan(plan: _Plan, project, dest, connections, offline, progress, home, link_mode,
+                stall_limit=None) -> FetchResult:
     started = time.monotonic()
     home = store.root(home)
     got: List[Tuple[_File, Hash, int]] = []
     downloaded = 0
     for f in plan.files:
-        h, size, nbytes = _ensure_blob(f, connections, offline, progress, home, check_gguf=not plan.archive)
+        h, size, nbytes = _ensure_blob(f, connections, offline, progress, home, check_gguf=not plan.archive,
+                                       stall_limit=stall_limit)
         got.append((f, h, size))
         downloaded += nbytes
     if plan.archive:
@@ -359,7 +366,8 @@ def _split(path: Path) -> bool:
     return split_info(path.name) is not None
 
 
-def _ensure_blob(f: _File, connections, offline, progress, home, check_gguf: bool) -> Tuple[Hash, int, int]:
+def _ensure_blob(f: _File, connections, offline, progress, home, check_gguf: bool,
+                 stall_limit: Optional[float] = None) -> Tuple[Hash, int, int]:
     """(hash, size, bytes downloaded) of `f`, in the store afterwards."""
     if f.expected is not None and store.has_blob(f.expected, home):
         size = store.blob_path(f.expected, home).stat().st_size
@@ -379,6 +387,7 @@ def _ensure_blob(f: _File, connections, offline, progress, home, check_gguf: boo
         staged = store.temp_path(f.filename, home)
         try:
             result = download(f.url, staged, expected=f.expected, size=f.size, connections=connections,
+                              stall_limit=stall_limit,
                               headers=hub.auth_headers(f.url), progress=progress, tmp_dir=store.tmp_dir(home))
             if check_gguf and _gguf_name(f.filename):
                 read_header(staged)
@@ -454,12 +463,12 @@ def _place_dest(plan: _Plan, got, files: List[Path], dest: Path, link_mode, home
     dest.mkdir(parents=True, exist_ok=True)
     if plan.archive:
         out = dest / plan.name
-        if out.exists():
-            shutil.rmtree(out)
-        shutil.copytree(store.entry_dir(plan.name, home), out, ignore=shutil.ignore_patterns(store.MANIFEST))
+        _copy_contained(store.entry_dir(plan.name, home), out, plan.name)
         return out
     placed = []
     for f, h, _ in got:
+        if f.filename in ("", ".", "..") or "/" in f.filename or "\\" in f.filename:
+            raise UsageError(f"{plan.name}: refusing to place a file named {f.filename!r} in {dest}")
         target = dest / f.filename
         if not target.exists() or not os.path.samefile(target, store.blob_path(h, home)):
             # A symlink into a cache the user may clear is a trap in a user directory.
@@ -470,6 +479,60 @@ def _place_dest(plan: _Plan, got, files: List[Path], dest: Path, link_mode, home
                 store.place(store.blob_path(h, home), target, mode="copy")
         placed.append(target)
     return placed[0]
+
+
+def _copy_contained(src: Path, out: Path, name: str) -> None:
+    """Copy the unpacked entry `src` to `out`, never leaving it: directories and regular
+    files are copied, symlinks are recreated as symlinks (never followed, so a link to
+    an ancestor is no endless tree) and only when they resolve inside `src`. `out` is
+    replaced whole (a symlink there is removed, never followed)."""
+    import stat
+
+    root = os.path.realpath(src)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    _remove(tmp)
+    try:
+        tmp.mkdir()
+        for dirpath, dirnames, filenames in os.walk(src, followlinks=False):
+            rel = os.path.relpath(dirpath, src)
+            here = tmp if rel == "." else tmp / rel
+            for entry in sorted(dirnames + filenames):
+                if rel == "." and entry == store.MANIFEST:
+                    continue
+                source = os.path.join(dirpath, entry)
+                st = os.lstat(source)
+                if stat.S_ISLNK(st.st_mode):
+                    link = os.readlink(source)
+                    real = os.path.realpath(source)
+                    if os.path.isabs(link) or not (real == root or real.startswith(root + os.sep)):
+                        raise VerificationError(
+                            f"{name}: the store entry has a symlink {os.path.join(rel, entry)!r} -> {link!r} "
+                            "that leaves the model folder; nothing was copied",
+                            hint=f"The entry was modified after unpacking: run `pylmserv verify {name}`, "
+                                 "then fetch it again.")
+                    os.symlink(link, here / entry)
+                elif stat.S_ISDIR(st.st_mode):
+                    (here / entry).mkdir()
+                elif stat.S_ISREG(st.st_mode):
+                    shutil.copyfile(source, here / entry, follow_symlinks=False)
+                    os.chmod(here / entry, stat.S_IMODE(st.st_mode) | 0o200)
+                else:
+                    raise VerificationError(f"{name}: the store entry holds a special file "
+                                            f"{os.path.join(rel, entry)!r}; nothing was copied",
+                                            hint=f"Run `pylmserv verify {name}`, then fetch it again.")
+        _remove(out)
+        os.replace(tmp, out)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, a symlink (not what it points at) or a directory tree."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
 
 
 def _record_tofu(plan: _Plan, got, project: Optional[Project]) -> None:

@@ -27,6 +27,7 @@ COMMANDS = {
     "list": ("list_", "Show catalog entries: locked, fetched, built."),
     "doctor": ("doctor", "Diagnose this machine: tools, GPUs, binfmt_misc, store, lock."),
     "serve": ("serve", "Run a model with llama-server on localhost."),
+    "verify": ("verify", "Re-hash the store; move rotten entries aside for the next fetch/build."),
 }
 
 
@@ -140,6 +141,18 @@ def main(argv=None) -> None:
         if exc.hint:
             click.echo(f"hint: {exc.hint}", err=True)
         sys.exit(exc.exit_code)
+    except OSError as exc:
+        # The environment refused a write or a path (read-only store, permissions,
+        # over-long names): one line naming the path, not a traceback.
+        err = _os_error(exc)
+        if err is None:
+            raise
+        if verbose:
+            import traceback
+            traceback.print_exc()
+        click.echo(f"error: {err.message}", err=True)
+        click.echo(f"hint: {err.hint}", err=True)
+        sys.exit(err.exit_code)
     except click.exceptions.Abort:
         click.echo("interrupted", err=True)
         sys.exit(130)
@@ -152,3 +165,25 @@ def main(argv=None) -> None:
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _os_error(exc: OSError) -> Optional[PylmservError]:
+    import errno
+
+    hints = {
+        errno.EROFS: "The store (or output) is on a read-only filesystem: set PYLMSERV_HOME to a writable "
+                     "directory, or use commands that only read it (list, fetch --offline of fetched models).",
+        errno.EACCES: "Check the permissions, or set PYLMSERV_HOME to a directory you own.",
+        errno.EPERM: "Check the permissions, or set PYLMSERV_HOME to a directory you own.",
+        errno.ENAMETOOLONG: "Use a shorter name or path.",
+        errno.ENOTDIR: "A path component that must be a directory is a file: check PYLMSERV_HOME and the paths given.",
+        errno.ELOOP: "A symlink loop is in the way: check the paths given.",
+        errno.ENOSPC: "Free some space (see `pylmserv doctor`) and run the command again.",
+    }
+    hint = hints.get(exc.errno)
+    if hint is None:
+        return None
+    where = f": {exc.filename}" if exc.filename else ""
+    if len(where) > 240:
+        where = where[:120] + " ... " + where[-100:]
+    return PylmservError(f"{exc.strerror}{where}", hint=hint, exit_code=2)

@@ -198,12 +198,36 @@ def _read_toml(path: Path, what: str, hint: str) -> dict:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})",
                           hint=hint if what != "lock" else "Regenerate it with `pylmserv prefetch --refresh`.") from None
+    fix = (f"Fix the syntax at that line and column of {path.name}." if what != "lock" else
+           "The lock is generated: restore it from version control or regenerate it with `pylmserv prefetch --refresh`.")
     try:
-        return tomllib.loads(text)
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        fix = (f"Fix the syntax at that line and column of {path.name}." if what != "lock" else
-               "The lock is generated: restore it from version control or regenerate it with `pylmserv prefetch --refresh`.")
         raise ConfigError(f"{path}: invalid TOML: {exc}", hint=fix) from None
+    except RecursionError:
+        data = None
+    if data is None or _depth(data) > MAX_NESTING:
+        raise ConfigError(f"{path}: values nested more than {MAX_NESTING} levels deep",
+                          hint=f"No {what} needs such nesting; flatten the arrays/tables of {path.name}.")
+    return data
+
+
+MAX_NESTING = 16  # tables and arrays inside each other; real configs use 3
+
+
+def _depth(value) -> int:
+    """How deeply tables/arrays nest (iterative: hostile input cannot exhaust the stack)."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        v, d = stack.pop()
+        deepest = max(deepest, d)
+        if deepest > MAX_NESTING:
+            return deepest
+        if isinstance(v, dict):
+            stack.extend((x, d + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, d + 1) for x in v)
+    return deepest
 
 
 def load_config(path: Path) -> Config:

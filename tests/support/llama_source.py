@@ -80,6 +80,7 @@ def vendored_tarball(version: str = SDIST_VERSION) -> Path:
 def tarball_nar_hash(version: str = SDIST_VERSION):
     """NAR hash of the unpacked tarball (Nix fetchzip semantics), cached beside it: unpacked
     by the standard library and hashed by `nix hash path`, never by pylmserv (the code under test)."""
+    from pylmserv.core.errors import HashError
     from pylmserv.core.hashing import Hash, file_hash
     from tests.support import oracle
 
@@ -87,9 +88,12 @@ def tarball_nar_hash(version: str = SDIST_VERSION):
     flat = file_hash(tarball)
     sidecar = tarball.with_name(tarball.name + ".nar")
     if sidecar.is_file():
-        flat_text, nar_text = sidecar.read_text().split()
-        if flat_text == flat.sri and nar_text.startswith("nix:"):  # computed by Nix, not an older pylmserv one
-            return Hash.parse(nar_text[len("nix:"):])
+        try:
+            flat_text, nar_text = sidecar.read_text().split()
+            if flat_text == flat.sri and nar_text.startswith("nix:"):  # computed by Nix, not an older pylmserv one
+                return Hash.parse(nar_text[len("nix:"):])
+        except (ValueError, HashError):  # a sidecar in another format: hash again
+            pass
     with tempfile.TemporaryDirectory(dir=CACHE) as work:
         got = oracle.nix_hash(oracle.unpack(tarball, Path(work) / "tree"))
     sidecar.write_text(f"{flat.sri} nix:{got.sri}\n")
