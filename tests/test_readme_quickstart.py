@@ -32,6 +32,12 @@ from pylmserv.cli import cli
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
+DOCS = sorted((REPO / "docs").glob("*.md"))
+
+
+def all_tours():
+    """The tour of README's quick start and of every docs/ page."""
+    return tour(section("quickstart")) + [t for page in DOCS for t in tour(page.read_text())]
 
 
 def section(name: str) -> str:
@@ -99,7 +105,7 @@ def test_tour_covers_every_command_and_parses():
     """Each `$ pylmserv ...` of the tour is a real command line the CLI accepts."""
     from pylmserv.cli import COMMANDS
 
-    shown = tour(section("quickstart")) + tour(section("doctor"))
+    shown = all_tours()
     assert shown, "the tour shows no commands"
     used = set()
     for argv, _ in shown:
@@ -121,7 +127,7 @@ def test_tour_covers_every_command_and_parses():
 def test_tour_outputs_that_are_deterministic_match():
     """Where the output depends only on pylmserv (help text, hash conversion), it must match exactly."""
     checked = 0
-    for argv, shown in tour(section("quickstart")) + tour(section("doctor")):
+    for argv, shown in all_tours():
         if argv in (["--help"],) or (argv[:1] == ["hash"] and "--to" in argv):
             proc = subprocess.run([sys.executable, "-m", "pylmserv", *argv], capture_output=True, text=True,
                                   cwd=REPO, timeout=60, env=dict(os.environ, COLUMNS="80", NO_COLOR="1"))
@@ -240,3 +246,43 @@ def test_quickstart_main_job_offline_variant(tmp_path):
     assert serve.returncode == 130
     assert wait_for(lambda: not any(alive(p) for p in servers), timeout=10)
     assert (home / "models" / model_name).is_dir()  # fetched into the fresh store, verified
+
+
+# -- docs/: the reference pages ------------------------------------------------------------------
+
+def test_readme_links_every_docs_page_and_every_link_resolves():
+    """README stays the newcomer's page: it links each docs/ page, and no relative link of
+    README or of a page points at a file that does not exist."""
+    text = README.read_text()
+    for page in DOCS:
+        assert f"docs/{page.name}" in text, f"README does not link docs/{page.name}"
+    for doc in [README] + DOCS:
+        for target in re.findall(r"\]\(([^)#:\s]+)(?:#[^)]*)?\)", doc.read_text()):
+            assert (doc.parent / target).exists(), f"{doc.name} links {target}, which does not exist"
+
+
+def test_docs_commands_parse():
+    """Every `pylmserv ...` line of a ```sh block in docs/ is a command line the CLI accepts
+    (placeholders in CAPITALS and lines with shell syntax beyond comments are skipped)."""
+    checked = 0
+    for page in DOCS:
+        for block in blocks(page.read_text(), "sh"):
+            for line in block.replace("\\\n", " ").splitlines():
+                try:
+                    words = shlex.split(line, comments=True) if line.strip() else []
+                except ValueError:  # shell quoting beyond a single command line
+                    continue
+                if not words or words[0] != "pylmserv" or any(w in ("|", "&&", ";", ">") for w in words):
+                    continue
+                if any(re.fullmatch(r"[A-Z][A-Z_]+|\[.*|.*\|.*|.*\]", w) for w in words[1:]):
+                    continue  # a synopsis (NAME, [--opt], a|b), not a command line
+                ctx = cli.make_context("pylmserv", words[1:], resilient_parsing=False)
+                rest = list(getattr(ctx, "_protected_args", []) or getattr(ctx, "protected_args", [])) + list(ctx.args)
+                if not rest:
+                    continue
+                name, cmd, args = cli.resolve_command(ctx, rest)
+                assert cmd is not None, f"{page.name}: unknown command: {line}"
+                with cmd.make_context(name, list(args), parent=ctx, resilient_parsing=False):
+                    pass
+                checked += 1
+    assert checked >= 5
