@@ -74,6 +74,20 @@ def tour(text: str):
     return out
 
 
+def parse_command_line(argv):
+    """Parse `pylmserv ARGV` as the CLI would (raises on anything it refuses); the
+    subcommand's name, or None for global-only lines."""
+    ctx = cli.make_context("pylmserv", list(argv), resilient_parsing=False)
+    rest = list(getattr(ctx, "_protected_args", []) or getattr(ctx, "protected_args", [])) + list(ctx.args)
+    if not rest:
+        return None
+    name, cmd, args = cli.resolve_command(ctx, rest)
+    assert cmd is not None, f"unknown command: pylmserv {' '.join(argv)}"
+    with cmd.make_context(name, list(args), parent=ctx, resilient_parsing=False):
+        pass
+    return name
+
+
 # -- fast checks ------------------------------------------------------------------------------
 
 def test_quickstart_has_the_two_commands():
@@ -111,15 +125,9 @@ def test_tour_covers_every_command_and_parses():
     for argv, _ in shown:
         if "--help" in argv or "-h" in argv:
             continue  # its output is compared in the next test
-        ctx = cli.make_context("pylmserv", list(argv), resilient_parsing=False)
-        rest = list(getattr(ctx, "_protected_args", []) or getattr(ctx, "protected_args", [])) + list(ctx.args)
-        if not rest:
-            continue
-        name, cmd, args = cli.resolve_command(ctx, rest)
-        assert cmd is not None, f"unknown command in README: pylmserv {' '.join(argv)}"
-        with cmd.make_context(name, list(args), parent=ctx, resilient_parsing=False):
-            pass
-        used.add(name)
+        name = parse_command_line(argv)
+        if name:
+            used.add(name)
     missing = set(COMMANDS) - used
     assert not missing, f"the README tour does not show: {', '.join(sorted(missing))}"
 
@@ -276,13 +284,6 @@ def test_docs_commands_parse():
                     continue
                 if any(re.fullmatch(r"[A-Z][A-Z_]+|\[.*|.*\|.*|.*\]", w) for w in words[1:]):
                     continue  # a synopsis (NAME, [--opt], a|b), not a command line
-                ctx = cli.make_context("pylmserv", words[1:], resilient_parsing=False)
-                rest = list(getattr(ctx, "_protected_args", []) or getattr(ctx, "protected_args", [])) + list(ctx.args)
-                if not rest:
-                    continue
-                name, cmd, args = cli.resolve_command(ctx, rest)
-                assert cmd is not None, f"{page.name}: unknown command: {line}"
-                with cmd.make_context(name, list(args), parent=ctx, resilient_parsing=False):
-                    pass
-                checked += 1
+                if parse_command_line(words[1:]):
+                    checked += 1
     assert checked >= 5
