@@ -25,6 +25,7 @@ from ..core.proc import probe
 from ..core.version import __version__
 from ..pins.config import load_project
 from ..store import layout as paths
+from ..store.integrity import last_verified
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 GiB = 1 << 30
@@ -555,8 +556,6 @@ def check_store(machine: Machine) -> List[Check]:
 
 def check_verified(machine: Machine) -> Check:
     """When `pylmserv verify` last re-hashed the store, and what it found."""
-    from ..store.integrity import last_verified
-
     root = machine.store_root or _store_root(machine)
     last = last_verified(root) if root.is_dir() else None
     if last is None:

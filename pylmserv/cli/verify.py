@@ -5,6 +5,8 @@ import json as jsonlib
 
 import click
 
+from ..store.integrity import OK, RotFound, verify_store
+
 
 @click.command("verify")
 @click.argument("names", nargs=-1, metavar="[NAME...]")
@@ -18,8 +20,6 @@ def command(names, as_json, no_repair):
     A bad entry is moved aside to quarantine/ in the store (never deleted), and the next
     `pylmserv fetch` / `pylmserv build` restores it from its pin. Exits 4 when anything
     was bad. `pylmserv doctor` shows when this last ran."""
-    from ..store.integrity import OK, RotFound, verify_store
-
     report = verify_store(names, repair=not no_repair)
     if as_json:
         click.echo(jsonlib.dumps(report.to_json(), indent=2))

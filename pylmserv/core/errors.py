@@ -46,6 +46,10 @@ class VerificationError(PylmservError):
     exit_code = 4
 
 
+class RotFound(VerificationError):
+    """`pylmserv verify` found bad store entries (they were moved aside): exit 4."""
+
+
 class ToolMissingError(PylmservError):
     """A required external tool (cmake, nvcc, nix, ...) is absent (exit 5)."""
 

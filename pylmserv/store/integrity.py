@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
-from ..core.errors import PylmservError
+from ..core.errors import PylmservError, RotFound  # noqa: F401 - RotFound re-exported
+from ..core.fsutil import atomic_write_text
 from ..core.hashing import Hash, file_hash, nix32_decode
 from ..core.nar import nar_hash
 from . import blobs as store
@@ -63,12 +64,6 @@ class Report:
         return {"checked_at": _iso(self.checked_at), "checked": sum(f.status != MISSING for f in self.findings),
                 "bad": len(self.bad),
                 "entries": [f.to_json() for f in self.findings]}
-
-
-class RotFound(PylmservError):
-    """verify found bad entries (they were moved aside): exit 4 like any verification."""
-
-    exit_code = 4
 
 
 def verify_store(names: Iterable[str] = (), home: Optional[Path] = None, repair: bool = True) -> Report:
@@ -255,8 +250,6 @@ def _quarantine(finding: Finding, home: Path) -> Path:
 
 
 def _record(report: Report, home: Path) -> None:
-    from ..core.fsutil import atomic_write_text
-
     data = report.to_json()
     data.pop("entries")
     atomic_write_text(home / RECORD, json.dumps(data, sort_keys=True) + "\n")
