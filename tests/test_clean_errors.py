@@ -44,6 +44,7 @@ def deep_tree(root: Path, levels: int) -> Path:
     return root
 
 
+@pytest.mark.nix
 def test_thousand_levels_deep_tree_hashes_like_nix(tmp_path, nix):
     tree = deep_tree(tmp_path / "deep", 1000)
     try:

@@ -214,6 +214,7 @@ def test_gzip_encoded_body_is_stored_decoded(server, tmp_path):
     assert r.sha256 == Hash.of_bytes(data) and r.size == len(data)
 
 
+@pytest.mark.nix
 def test_gzip_encoded_body_hash_matches_nix_prefetch_url(server, tmp_path, nix):
     """Nix's fetchers decode a Content-Encoding: gzip body and hash the result: same pin."""
     data = b"model weights " * 50_000 + os.urandom(1000)

@@ -66,7 +66,8 @@ def test_list_default_catalog_empty_store(home):
     assert by["llama-cpp"]["kind"] == "source" and by["llama-cpp"]["pin"] == "b9941"
     assert by["cosmocc-3_3_6"]["pin"] == "3.3.6"
     for e in data["entries"]:
-        assert set(e) == {"kind", "name", "description", "locked", "pin", "size", "fetched", "built"}
+        assert set(e) == {"kind", "name", "description", "locked", "pin", "size", "drift", "fetched", "built"}
+        assert e["drift"] == []  # the packaged lock pins what the packaged config asks
         assert e["fetched"] is None and e["built"] == []
     assert not home.exists()  # listing never creates the store
 

@@ -45,8 +45,23 @@ def make_llamafile(path: Path, prefix_len: int, relative_offsets: bool = False) 
     return entries
 
 
+def gguf_header(n_bytes: int, kv=(), tensors=None, alignment: int = 32) -> bytes:
+    """A GGUF v3 header, padded to `alignment`: metadata `kv` (key, type, packed value)
+    and one I8 tensor of `n_bytes` elements at offset 0 (or `tensors`: raw tensor infos)."""
+    def string(text: str) -> bytes:
+        raw = text.encode()
+        return struct.pack("<Q", len(raw)) + raw
+
+    infos = tensors if tensors is not None else [string("w") + struct.pack("<IQIQ", 1, n_bytes, 24, 0)]
+    head = b"GGUF" + struct.pack("<IQQ", 3, len(infos), len(kv))
+    head += b"".join(string(k) + struct.pack("<I", t) + v for k, t, v in kv) + b"".join(infos)
+    return head + b"\0" * (-len(head) % alignment)
+
+
 def make_gguf(path: Path, size: int) -> bytes:
-    data = b"GGUF" + struct.pack("<I", 3) + os.urandom(size - 8)
+    """A real GGUF of exactly `size` bytes: header + one I8 tensor of random bytes."""
+    header_len = len(gguf_header(1))
+    data = gguf_header(size - header_len) + os.urandom(size - header_len)
     path.write_bytes(data)
     return data
 

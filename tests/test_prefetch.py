@@ -1,6 +1,7 @@
 """prefetch (library API): resolvers against loopback stand-ins, Nix as the hash oracle."""
 from __future__ import annotations
 
+import logging
 import subprocess
 from pathlib import Path
 
@@ -71,7 +72,7 @@ def test_github_tag_resolves_peeled_commit_and_matches_nix(tmp_path, github, nix
     assert entry.url == f"https://github.com/owner/proj/archive/{commit}.tar.gz"
     assert entry.hash == nix_unpack(f"{base}/owner/proj/archive/{commit}.tar.gz")
     assert entry.extra == {"type": "github", "owner": "owner", "repo": "proj", "ref": "v1",
-                           "submodules": False, "version": "1.0"}
+                           "submodules": False, "version": "1.0", "git_url": "https://github.com/owner/proj.git"}
 
 
 def test_unchanged_ref_is_not_refetched_and_moved_ref_updates(tmp_path, github):
@@ -300,18 +301,25 @@ def test_hf_unknown_revision(tmp_path, monkeypatch):
 @pytest.mark.nix
 def test_hf_private_plain_git_file_with_token_under_auto(tmp_path, monkeypatch, nix, caplog):
     """auto must not hand an authenticated download to nix-prefetch-url (it cannot send the
-    token): the Hub sees no request without the token, and no failed cross-check is logged."""
+    token): the Hub sees no request without the token, and the log says why."""
     with serve_hub(token="hf_tok") as hub:
         hub.add_file("org/models", "big.gguf", b"tiny", lfs=False)
         hub.add_file("org/models", "sub/small.gguf", b"tiny2", lfs=False)
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         monkeypatch.setenv("HF_TOKEN", "hf_tok")
         cfg = write_config(tmp_path / "pylmserv.toml", HF_CFG.format(rev="main"))
-        caplog.set_level("WARNING", logger="pylmserv")
-        prefetch(config=cfg, via="auto")
+        logger = logging.getLogger("pylmserv.prefetch")
+        logger.addHandler(caplog.handler)  # works even if the CLI set propagate=False in this process
+        try:
+            with caplog.at_level(logging.INFO, logger="pylmserv.prefetch"):
+                prefetch(config=cfg, via="auto")
+        finally:
+            logger.removeHandler(caplog.handler)
         assert load_lock(tmp_path / "pylmserv.lock").models["big"].hash == Hash.of_bytes(b"tiny")
-        assert hub.requests and {auth for _, _, auth in hub.requests} == {"Bearer hf_tok"}
-        assert not [r for r in caplog.records if "not cross-checked" in r.getMessage()]
+        # The behaviour, not only the result: nix-prefetch-url was never handed the download
+        # (it would have reached the Hub without the token), and the log says why.
+        assert hub.requests and all(auth == "Bearer hf_tok" for _, _, auth in hub.requests), hub.requests
+        assert "big: not cross-checked: nix-prefetch-url cannot send the authentication" in caplog.text
 
 
 def test_public_api_name():

@@ -48,7 +48,10 @@ def section(name: str) -> str:
 
 
 def blocks(text: str, lang: str):
-    return [b.strip("\n") for b in re.findall(rf"```{lang}\n(.*?)```", text, re.S)]
+    """Fenced blocks of `lang`; "console" also takes unlabelled blocks that show `$ ` lines."""
+    found = re.findall(r"^```(\w*)\n(.*?)^```", text, re.S | re.M)
+    return [b.strip("\n") for tag, b in found
+            if tag == lang or (lang == "console" and tag == "" and b.startswith("$ "))]
 
 
 def readme_tests_command() -> str:
@@ -67,6 +70,10 @@ def tour(text: str):
                 if cmd is not None:
                     out.append((cmd, "\n".join(lines)))
                 words = shlex.split(line[2:], comments=True)
+                for i, w in enumerate(words):  # pylmserv's own part of a pipeline
+                    if w in ("|", "&&", ";", ">", "2>&1"):
+                        words = words[:i]
+                        break
                 cmd = words[1:] if words and words[0] in ("pylmserv", ".venv/bin/pylmserv") else None
                 lines = []
             else:
@@ -116,7 +123,8 @@ def test_apt_packages_are_those_setup_dev_installs():
 
 
 def test_tour_covers_every_command_and_parses():
-    """Each `$ pylmserv ...` of the tour is a real command line the CLI accepts."""
+    """Each `$ pylmserv ...` of the tours is a real command line the CLI accepts, and every
+    command is shown somewhere (a tour, or a command line of a docs page)."""
     from pylmserv.cli import COMMANDS
 
     shown = all_tours()
@@ -128,8 +136,11 @@ def test_tour_covers_every_command_and_parses():
         name = parse_command_line(argv)
         if name:
             used.add(name)
+    used |= {parse_command_line(argv) for _, argv in docs_command_lines()}
+    # a docs page given to a command: its heading names it (`## \`pylmserv add SPEC ...\``)
+    used |= {m for page in DOCS for m in re.findall(r"^#+ `pylmserv ([a-z]+)", page.read_text(), re.M)}
     missing = set(COMMANDS) - used
-    assert not missing, f"the README tour does not show: {', '.join(sorted(missing))}"
+    assert not missing, f"neither the tour nor a docs page shows: {', '.join(sorted(missing))}"
 
 
 def test_tour_outputs_that_are_deterministic_match():
@@ -269,10 +280,9 @@ def test_readme_links_every_docs_page_and_every_link_resolves():
             assert (doc.parent / target).exists(), f"{doc.name} links {target}, which does not exist"
 
 
-def test_docs_commands_parse():
-    """Every `pylmserv ...` line of a ```sh block in docs/ is a command line the CLI accepts
-    (placeholders in CAPITALS and lines with shell syntax beyond comments are skipped)."""
-    checked = 0
+def docs_command_lines():
+    """(page, argv) for every `pylmserv ...` line of a ```sh block in docs/ (placeholders in
+    CAPITALS, synopses and lines with shell syntax beyond comments are skipped)."""
     for page in DOCS:
         for block in blocks(page.read_text(), "sh"):
             for line in block.replace("\\\n", " ").splitlines():
@@ -284,6 +294,16 @@ def test_docs_commands_parse():
                     continue
                 if any(re.fullmatch(r"[A-Z][A-Z_]+|\[.*|.*\|.*|.*\]", w) for w in words[1:]):
                     continue  # a synopsis (NAME, [--opt], a|b), not a command line
-                if parse_command_line(words[1:]):
-                    checked += 1
+                yield page, words[1:]
+
+
+def test_docs_commands_parse():
+    """Every command line of the docs pages' ```sh blocks is one the CLI accepts."""
+    checked = 0
+    for page, argv in docs_command_lines():
+        try:
+            parse_command_line(argv)
+        except Exception as exc:
+            raise AssertionError(f"{page.name}: pylmserv {' '.join(argv)}: {exc}") from None
+        checked += 1
     assert checked >= 5

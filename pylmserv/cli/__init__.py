@@ -16,6 +16,7 @@ import click
 
 from ..core.version import __version__
 from ..core.errors import EXIT_CODES, PylmservError
+from ..core.names import show
 
 # name -> (module under pylmserv.cli, one-line help shown by --help)
 COMMANDS = {
@@ -28,6 +29,9 @@ COMMANDS = {
     "doctor": ("doctor", "Diagnose this machine: tools, GPUs, binfmt_misc, store, lock."),
     "serve": ("serve", "Run a model with llama-server on localhost."),
     "verify": ("verify", "Re-hash the store; move rotten entries aside for the next fetch/build."),
+    "add": ("add", "Add a model or source to pylmserv.toml and pin it in one step."),
+    "update": ("update", "Move pins to the newest upstream release, tag or branch head."),
+    "gc": ("gc", "Delete what no lock, current build or running pylmserv still uses."),
 }
 
 
@@ -118,10 +122,17 @@ def cli(ctx, verbose, quiet, config, lock):
     ctx.obj = GlobalOptions(verbose=verbose, quiet=quiet, config=config, lock=lock)
 
 
+class _SafeFormatter(logging.Formatter):
+    """Log lines carry names, URLs and server answers: control characters escaped."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return show(super().format(record), lines=True)
+
+
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setFormatter(_SafeFormatter("%(message)s"))
     root = logging.getLogger("pylmserv")
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -137,9 +148,10 @@ def main(argv=None) -> None:
         if verbose:
             import traceback
             traceback.print_exc()
-        click.echo(f"error: {exc.message}", err=True)
+        # Messages quote configs, servers and archives: no raw ESC/BEL reaches the terminal.
+        click.echo(f"error: {show(exc.message, lines=True)}", err=True)
         if exc.hint:
-            click.echo(f"hint: {exc.hint}", err=True)
+            click.echo(f"hint: {show(exc.hint, lines=True)}", err=True)
         sys.exit(exc.exit_code)
     except OSError as exc:
         # The environment refused a write or a path (read-only store, permissions,

@@ -420,7 +420,10 @@ def _central_record(e: PackedEntry) -> bytes:
     raw = e.name.encode("utf-8")
     z64_fields = []
     size_field = off_field = None
-    if e.size >= U32:
+    # Sizes go into the ZIP64 extra too whenever the offset does: UnZip 6.00 decides which
+    # extra fields to read from the previous entry's local sizes as well, and would read
+    # an offset-only extra as a size after a ZIP64-sized entry.
+    if e.size >= U32 or e.header_offset >= U32:
         z64_fields += [e.size, e.size]
         size_field = U32
     if e.header_offset >= U32:

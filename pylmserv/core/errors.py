@@ -50,6 +50,10 @@ class RotFound(VerificationError):
     """`pylmserv verify` found bad store entries (they were moved aside): exit 4."""
 
 
+class RetaggedError(VerificationError):
+    """An upstream tag now names another commit than the one locked (`update` refuses to move)."""
+
+
 class ToolMissingError(PylmservError):
     """A required external tool (cmake, nvcc, nix, ...) is absent (exit 5)."""
 
@@ -104,5 +108,6 @@ EXIT_CODES = {
     4: "verification failed (hash, size, drift)",
     5: "a required tool is missing",
     6: "a build step failed",
+    10: "update: pins were (with --dry-run: would be) updated",
     130: "interrupted",
 }

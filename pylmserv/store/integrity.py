@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
-from ..core.errors import PylmservError, RotFound  # noqa: F401 - RotFound re-exported
+from ..core.errors import PylmservError, RotFound  # noqa: F401 (RotFound: re-exported)
 from ..core.fsutil import atomic_write_text
 from ..core.hashing import Hash, file_hash, nix32_decode
 from ..core.nar import nar_hash
@@ -250,6 +250,7 @@ def _quarantine(finding: Finding, home: Path) -> Path:
 
 
 def _record(report: Report, home: Path) -> None:
+
     data = report.to_json()
     data.pop("entries")
     atomic_write_text(home / RECORD, json.dumps(data, sort_keys=True) + "\n")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from ..core.errors import UsageError
 from ..core.fsutil import atomic_write_text
@@ -41,6 +41,13 @@ def home() -> Path:
     return root
 
 
+_HOME_READY: List[Callable[[Path], None]] = []  # store/roots: gc roots wait for the store to exist
+
+
+def on_home_ready(hook: Callable[[Path], None]) -> None:
+    _HOME_READY.append(hook)
+
+
 def ensure_home(root: Optional[Path] = None) -> Path:
     """The home, created if missing. A populated home on a read-only filesystem is fine:
     nothing is written when nothing is missing."""
@@ -62,6 +69,8 @@ def ensure_home(root: Optional[Path] = None) -> Path:
             atomic_write_text(tag, CACHEDIR_TAG)
         except OSError:
             pass  # only a hint for backup tools; a read-only home still serves reads
+    for hook in _HOME_READY:
+        hook(root)
     return root
 
 

@@ -10,7 +10,13 @@ Never splice two versions: every ranged request carries If-Range with the ETag a
 Content-Range start is checked; a 200 to a Range request, a changed ETag or a wrong
 Content-Range discards the partial state and starts over. The SHA-256 is computed while
 downloading by a thread trailing the contiguous prefix of the file (page cache reads),
-and size + hash are checked before the atomic rename into `dest`.
+and size + hash are checked before the atomic rename into `dest`. Without a strong
+validator and without an expected hash, the file comes over one connection (a stitched
+file could not be caught); a stall gives up after `stall_limit` seconds without progress.
+
+The pieces: http.py (transport, probe, body decoding), partial.py (partial file and resume
+state), scheduler.py (parts to workers), hasher.py (trailing SHA-256); this module runs
+them: probe, one stream or parallel parts, retries and restarts, verification, install.
 """
 from __future__ import annotations
 
@@ -34,14 +40,13 @@ from ..core.progress import Progress
 from ..core.hashing import EMPTY_SHA256, Hash
 from .hasher import TrailingHasher
 from .partial import Part, PartialFile
+from .scheduler import Demote, PartScheduler, new_parts
 from .http import (Probe, Transport, content_encoding, decoder_for, file_name, iter_raw,  # noqa: F401 - redact re-exported
                    parse_content_range, raise_http, redact, short_error, transient_errors)
 
 log = logging.getLogger("pylmserv.download")
 
 MIN_PART_SIZE = 1 << 20  # parts smaller than this are not worth a request
-MAX_PART_SIZE = 64 << 20
-PARTS_PER_CONNECTION = 8  # small parts taken in order: the hash keeps up with the download
 STALL_TIMEOUT = 30.0  # seconds without a byte before a part is restarted
 STALL_LIMIT = 120.0  # seconds without any new byte of the file before giving up for good
 STALL_LIMIT_ENV = "PYLMSERV_STALL_LIMIT"
@@ -70,10 +75,6 @@ class _Restart(Exception):
         super().__init__(reason)
         self.reason = reason
         self.distrust_ranges = distrust_ranges
-
-
-class _Demote(Exception):
-    """403/429 on a parallel range: this worker stops so fewer connections remain."""
 
 
 # -- public entry point ------------------------------------------------------------
@@ -520,7 +521,7 @@ class _Engine:
         self.probe_etag = probe.etag
         parts = self._load_state(probe)
         if parts is None:
-            parts = self._new_parts(size)
+            parts = new_parts(size, self.connections, self.min_part_size)
             self.file.check_space(size)
             self.file.preallocate(size)
             try:
@@ -537,8 +538,7 @@ class _Engine:
         self.parts = parts
         self.size_total = size
         self.stop = threading.Event()
-        self.error: Optional[BaseException] = None
-        self.allowed = self.connections
+        self.sched = PartScheduler(parts, self.connections, self.stop)
         cond = threading.Condition()
         self.cond = cond
         bar = _make_progress(file_name(self.url), size, self.progress, self.on_progress)
@@ -546,7 +546,7 @@ class _Engine:
         self.bar = bar
         fd = os.open(self.partial, os.O_RDWR)
         self.fd = fd
-        hasher = TrailingHasher(fd, self._contiguous, cond)
+        hasher = TrailingHasher(fd, self.sched.contiguous, cond)
         self.hasher = hasher
         saver = threading.Thread(target=self._saver, daemon=True)
         syncer = threading.Thread(target=self._syncer, daemon=True)
@@ -554,9 +554,9 @@ class _Engine:
         saver.start()
         syncer.start()
         try:
-            self._work()
-            if self.error is not None:
-                raise self.error
+            self.sched.run(self._fetch_part)
+            if self.sched.error is not None:
+                raise self.sched.error
             hasher.finish(size)
             got = hasher.result()
             os.fsync(fd)
@@ -569,71 +569,12 @@ class _Engine:
             saver.join(5)
             syncer.join(30)
             bar.close()
-            if self.partial.exists() and any(p.remaining for p in parts) and not isinstance(self.error, (_Restart, VerificationError)):
+            if self.partial.exists() and any(p.remaining for p in parts) and not isinstance(self.sched.error, (_Restart, VerificationError)):
                 try:
                     self._save_state(parts, size)
                 except OSError as exc:  # e.g. the disk is full: the last saved state still holds
                     log.warning("could not update the resume state of %s: %s", file_name(self.url), exc.strerror)
             os.close(fd)
-
-    def _new_parts(self, size: int) -> List[Part]:
-        """Parts of about size/(connections*8), handed out in file order.
-
-        SHA-256 is sequential: with many small parts taken in order, the finished
-        prefix of the file grows steadily and the trailing hasher keeps pace, instead
-        of one big pass at the end (as with one part per connection)."""
-        step = -(-size // (self.connections * PARTS_PER_CONNECTION))
-        step = max(self.min_part_size, min(MAX_PART_SIZE, step))
-        return [Part(a, min(a + step, size)) for a in range(0, size, step)] or [Part(0, 0)]
-
-    def _contiguous(self) -> int:
-        n = 0
-        for p in self.parts:
-            n = p.start + p.done
-            if p.remaining:
-                break
-        return n
-
-    def _work(self) -> None:
-        """Run workers over the part queue; a demoted worker leaves its part to others."""
-        pending = [i for i, p in enumerate(self.parts) if p.remaining]
-        while pending and self.error is None:
-            queue = list(pending)
-            qlock = threading.Lock()
-
-            def take():
-                with qlock:
-                    return queue.pop(0) if queue else None
-
-            def put_back(i):
-                with qlock:
-                    queue.insert(0, i)
-
-            def worker():
-                while not self.stop.is_set():
-                    i = take()
-                    if i is None:
-                        return
-                    try:
-                        self._fetch_part(i)
-                    except _Demote:
-                        put_back(i)
-                        return
-                    except BaseException as exc:  # first fatal error stops everyone
-                        with self._lock:
-                            if self.error is None:
-                                self.error = exc
-                        self.stop.set()
-                        return
-
-            self.active = min(self.allowed, len(queue))
-            threads = [threading.Thread(target=worker, daemon=True) for _ in range(self.active)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                while t.is_alive():
-                    t.join(0.5)
-            pending = [i for i, p in enumerate(self.parts) if p.remaining]
 
     def _fetch_part(self, i: int) -> None:
         part = self.parts[i]
@@ -720,12 +661,9 @@ class _Engine:
 
     def _refused(self, status: int, r, attempt: int) -> int:
         """403/429: too many parallel ranges, or (403) an expired signed URL."""
-        with self._lock:
-            if self.active > 1:
-                self.active -= 1
-                self.allowed = max(1, min(self.allowed, self.active))
-                log.info("HTTP %d on a parallel range: going down to %d connection(s)", status, self.active)
-                raise _Demote()
+        if self.sched.demote():
+            log.info("HTTP %d on a parallel range: going down to %d connection(s)", status, self.sched.active)
+            raise Demote()
         if status == 429:
             return self._retry(attempt, "HTTP 429", r.headers.get("Retry-After"))
         if attempt >= 2:
