@@ -186,6 +186,7 @@ def test_five_parallel_prefetch_processes_leave_all_five_pins(tmp_path, http_dir
         assert lock.models[f"m{i}"].hash == Hash.of_bytes(f"model {i}".encode() * 1000)
 
 
+@pytest.mark.nix
 def test_lock_written_by_prefetch_is_read_by_nix_with_the_typed_keys(tmp_path, gitenv, nix):
     repo = gitrepos.make_repo(tmp_path / "r", {"a.txt": "1\n"})
     cfg = tmp_path / "pylmserv.toml"

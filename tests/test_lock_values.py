@@ -41,6 +41,7 @@ def nix_read(path: Path):
     return json.loads(out.stdout)
 
 
+@pytest.mark.nix
 def test_nasty_values_read_back_identically_by_tomllib_and_nix(tmp_path, nix):
     h = Hash.of_bytes(b"x")
     lock = Lock(tmp_path / "pylmserv.lock")
@@ -101,6 +102,7 @@ def test_nul_is_refused_even_where_toml_allows_it(tmp_path):
         load_config(tmp_path / "pylmserv.toml")
 
 
+@pytest.mark.nix
 def test_hostile_hub_names_pin_and_nix_builds_the_model_from_that_lock(tmp_path, nix, home, monkeypatch):
     """A Hub file and revision with every nasty (legal) character: the lock reads back
     identically through Nix, and `nix build .#model-NAME` fetches and verifies it."""

@@ -61,6 +61,7 @@ def picky_server():
         server.server_close()
 
 
+@pytest.mark.nix
 def test_auto_never_writes_a_pin_nix_refused(tmp_path, nix, home):
     with picky_server() as (base, seen):
         cfg = tmp_path / "pylmserv.toml"
