@@ -48,6 +48,18 @@ def http_dir(tmp_path):
         yield root, base
 
 
+@pytest.fixture
+def project(tmp_path, http_dir):
+    """A project dir whose pylmserv.toml names one model `m` served on loopback:
+    (project dir, served dir, base URL)."""
+    www, base = http_dir
+    (www / "m.gguf").write_bytes(b"GGUF" + bytes(100))
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "pylmserv.toml").write_text(f'[models.m]\nurl = "{base}/m.gguf"\n')
+    return proj, www, base
+
+
 def run_cli(*args, env=None, cwd=None, check=False):
     """Run `python -m pylmserv` as a user would; returns CompletedProcess (text)."""
     import sys

@@ -22,16 +22,6 @@ from tests.support.hubstub import serve_hub
 from tests.test_gguf import write_gguf
 
 
-@pytest.fixture
-def project(tmp_path, http_dir):
-    www, base = http_dir
-    (www / "m.gguf").write_bytes(b"GGUF" + bytes(100))
-    proj = tmp_path / "proj"
-    proj.mkdir()
-    (proj / "pylmserv.toml").write_text(f'[models.m]\nurl = "{base}/m.gguf"\n')
-    return proj, www, base
-
-
 # -- --config / --lock after the subcommand ------------------------------------------------
 
 def test_lock_and_config_accepted_after_the_subcommand(project, tmp_path):

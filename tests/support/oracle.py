@@ -68,12 +68,9 @@ def git_tree(url: str, rev: str, dest: Path, submodules: bool) -> Path:
     if submodules:
         subprocess.run(git + ["-C", str(repo), "submodule", "update", "-q", "--init", "--recursive"],
                        check=True, timeout=300)
-        for dirpath, dirnames, filenames in os.walk(repo):
-            if ".git" in dirnames:
-                dirnames.remove(".git")
-                shutil.rmtree(os.path.join(dirpath, ".git"))
-            if ".git" in filenames:
-                os.unlink(os.path.join(dirpath, ".git"))
+        # every .git: the top repo's directory, the submodules' files
+        subprocess.run(["find", str(repo), "-name", ".git", "-prune", "-exec", "rm", "-rf", "{}", "+"],
+                       check=True, timeout=300)
         os.replace(repo, dest)
         return dest
     tar = dest.with_name(dest.name + ".tar")
