@@ -283,7 +283,7 @@ let
     # pyproject dependency must be added here, and its nixpkgs attribute confirmed.
     "setuptools" "click" "requests" "tqdm" "tomli" "tomli-w" "filelock" "platformdirs"
     "zstandard" "zlib-ng" "pytest" "hypothesis" "gguf" "numpy" "wheel" "pip" "matplotlib" "pyyaml"
-    "psutil" "setuptools-scm" "typing-extensions" "huggingface-hub" "urllib3" "certifi" "openai"
+    "psutil" "setuptools-scm" "typing-extensions" "huggingface-hub" "urllib3" "certifi" "openai" "tomlkit"
   ]);
 
   python3 = python // {
