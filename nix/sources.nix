@@ -217,8 +217,10 @@ let
 
   lockVersion = lock.version or null;
 in
-assert lockVersion == 1
-  || throw "pylmserv.lock: unsupported lock version ${builtins.toJSON lockVersion} (this flake reads version 1)";
+# Version 2 (typed pins: type = file|archive|git|github|hf, git_url, fetcher) reads like
+# version 1 here: the keys this file uses kept their meaning.
+assert lockVersion == 1 || lockVersion == 2
+  || throw "pylmserv.lock: unsupported lock version ${builtins.toJSON lockVersion} (this flake reads versions 1 and 2)";
 {
   sources = mapEntries "sources";
   models = mapEntries "models";

@@ -8,8 +8,11 @@ cd "$(dirname "$0")/.."
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
+# Every tool the tests run: Nix (hash oracle), git, zip/unzip (archive and llamafile tests),
+# tar/xz/zstd, compilers, make, ccache, mount/umount (util-linux: the tmpfs disk-full tests).
 $SUDO apt-get install -y -qq --no-install-recommends \
-  nix-bin git unzip zstd ccache ninja-build cmake curl gcc g++ make python3-venv >/dev/null
+  nix-bin git zip unzip tar xz-utils zstd ccache ninja-build cmake curl gcc g++ make util-linux \
+  python3-venv >/dev/null
 # Backend toolkits the tests check against for real: binutils (readelf/nm link checks),
 # Debian's hipcc 5.2 (the too-old ROCm refusal), the Vulkan SDK packages + lavapipe
 # (header check, doctor --backend vulkan), OpenBLAS (--backend blas).

@@ -48,14 +48,57 @@ def http_dir(tmp_path):
         yield root, base
 
 
+@pytest.fixture
+def project(tmp_path, http_dir):
+    """A project dir whose pylmserv.toml names one model `m` served on loopback:
+    (project dir, served dir, base URL)."""
+    www, base = http_dir
+    (www / "m.gguf").write_bytes(b"GGUF" + bytes(100))
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "pylmserv.toml").write_text(f'[models.m]\nurl = "{base}/m.gguf"\n')
+    return proj, www, base
+
+
 def run_cli(*args, env=None, cwd=None, check=False):
     """Run `python -m pylmserv` as a user would; returns CompletedProcess (text)."""
     import sys
 
     full_env = dict(os.environ)
+    # This checkout's pylmserv, whatever an editable install elsewhere points at.
+    repo = str(Path(__file__).resolve().parent.parent)
+    full_env["PYTHONPATH"] = os.pathsep.join([repo] + [p for p in [full_env.get("PYTHONPATH")] if p])
     full_env.update(env or {})
     proc = subprocess.run([sys.executable, "-m", "pylmserv", *map(str, args)], capture_output=True,
                           text=True, env=full_env, cwd=cwd, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"pylmserv {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
+
+
+def pytest_collection_modifyitems(config, items):
+    """One rule for the `nix` marker: a test is marked `nix` exactly when it needs real Nix,
+    that is, uses the `nix` fixture or a fixture that sets Nix up itself (module-scoped ones
+    call nix_env()/have_nix(): a function-scoped fixture cannot serve them). `-m "not nix"`
+    then deselects exactly the tests that need real Nix."""
+    wrong = []
+    for item in items:
+        marked = item.get_closest_marker("nix") is not None
+        uses = _uses_nix(item)
+        if marked != uses:
+            wrong.append(f"{item.nodeid}: " + ("marked nix but does not use the nix fixture" if marked
+                                               else "uses the nix fixture but is not marked nix"))
+    if wrong:
+        raise pytest.UsageError("the nix marker is out of step with the nix fixture:\n  " + "\n  ".join(wrong))
+
+
+def _uses_nix(item) -> bool:
+    if "nix" in getattr(item, "fixturenames", ()):
+        return True
+    info = getattr(item, "_fixtureinfo", None)
+    for defs in (info.name2fixturedefs.values() if info else ()):
+        for d in defs:
+            names = set(getattr(getattr(d.func, "__code__", None), "co_names", ()))
+            if names & {"nix_env", "have_nix"}:
+                return True
+    return False

@@ -361,7 +361,8 @@ def test_a_hard_link_to_a_real_member_still_works(tmp_path):
 # Symlinks that look harmless one at a time and escape once their chain is resolved.
 _ESCAPING_CHAINS = {
     "dot-then-dotdot": [("r/a", "sym", ".", 0o777), ("r/b", "sym", "a/../..", 0o777)],
-    "via-dir-link": [("r/d/e", "dir", None, 0o755), ("r/e", "dir", None, 0o755),
+    # (r/d stays empty until the symlink replaces it: Nix refuses replacing a full directory)
+    "via-dir-link": [("r/d", "dir", None, 0o755), ("r/e", "dir", None, 0o755),
                      ("r/up", "sym", "d/e/../../..", 0o777),
                      ("r/d", "sym", ".", 0o777)],
     "two-hops": [("r/x", "sym", "y/..", 0o777), ("r/y", "sym", "z/../..", 0o777), ("r/z", "dir", None, 0o755),
@@ -427,3 +428,96 @@ def test_hard_link_to_a_symlink_member_is_that_symlink_as_nix_makes_it(nix, tmp_
     assert nar_hash(out) == nix_prefetch_unpack(archive)
     with pytest.raises(VerificationError):
         extract(archive, tmp_path / "data", policy="data")
+
+
+# -- Nix as the oracle for the edge cases of issue 10 ---------------------------------------
+
+def _nix_unpack_or_refusal(path: Path):
+    run = subprocess.run(["nix-prefetch-url", "--unpack", "--type", "sha256", path.resolve().as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    return Hash.parse(run.stdout.strip().splitlines()[-1], algo="sha256") if run.returncode == 0 else None
+
+
+def _ours_or_refusal(path: Path, dest: Path):
+    try:
+        return nar_hash(extract(path, dest, policy="tar", strip_single_root=True))
+    except VerificationError:
+        assert not dest.exists() and [p for p in dest.parent.iterdir() if p.name.startswith(".")] == []
+        return None
+
+
+def _windows_zip(path: Path, names, system=0) -> Path:
+    """A zip as Windows tools write it: backslash separators, MS-DOS attributes only."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name in names:
+            info = zipfile.ZipInfo(name)
+            info.create_system = system
+            is_dir = name.endswith(("\\", "/"))
+            info.external_attr = 0x10 if is_dir else 0x20
+            zf.writestr(info, b"" if is_dir else name.encode() * 3)
+    return path
+
+
+WINDOWS_ZIPS = {
+    "dirs-and-files": ["pkg\\", "pkg\\sub\\", "pkg\\sub\\a.txt", "pkg\\b.txt"],
+    "no-dir-entries": ["pkg\\sub\\a.txt", "pkg\\b.txt"],
+    "mixed-separators": ["pkg\\sub\\a.txt", "pkg/c.txt"],
+    "backslash-in-a-unix-name": ["pkg/a\\b.txt", "pkg/c.txt"],
+    "ntfs-made": ["pkg\\x\\y.txt"],
+    "traversal": ["pkg\\..\\..\\evil.txt"],
+    "file-then-dir": ["pkg\\x", "pkg\\x\\y"],
+}
+
+
+@pytest.mark.nix
+@pytest.mark.parametrize("case", sorted(WINDOWS_ZIPS))
+def test_windows_zips_match_nix(nix, tmp_path, case):
+    archive = _windows_zip(tmp_path / f"{case}.zip", WINDOWS_ZIPS[case], system=11 if case == "ntfs-made" else 0)
+    theirs = _nix_unpack_or_refusal(archive)
+    ours = _ours_or_refusal(archive, tmp_path / "out" / "dest")
+    assert ours == theirs, (ours, theirs)
+    if case == "dirs-and-files":
+        assert theirs is not None  # a real tree, not a pair of refusals
+
+
+HARD_LINK_MODES = {
+    "link-says-exec": [("r/a", "file", b"x", 0o644), ("r/b", "hard", "r/a", 0o755)],
+    "link-says-plain": [("r/a", "file", b"x", 0o755), ("r/b", "hard", "r/a", 0o644)],
+    "two-links-disagree": [("r/a", "file", b"x", 0o755), ("r/b", "hard", "r/a", 0o644), ("r/c", "hard", "r/a", 0o600)],
+    "target-replaced-later": [("r/a", "file", b"x", 0o755), ("r/b", "hard", "r/a", 0o644), ("r/a", "file", b"new", 0o644)],
+}
+
+
+@pytest.mark.nix
+@pytest.mark.parametrize("case", sorted(HARD_LINK_MODES))
+def test_hard_link_mode_is_its_targets_as_nix_makes_it(nix, tmp_path, case):
+    """One inode, one mode: a hard link's own header mode does not count."""
+    archive = write_tar(tmp_path / "h.tar.gz", HARD_LINK_MODES[case])
+    theirs = _nix_unpack_or_refusal(archive)
+    assert theirs is not None
+    assert _ours_or_refusal(archive, tmp_path / "out" / "dest") == theirs
+
+
+SAME_NAME = {
+    "tar-file-then-dir-entry": ("tar", [("r/x", "file", b"f", 0o644), ("r/x", "dir", None, 0o755),
+                                        ("r/x/y", "file", b"y", 0o644)]),
+    "tar-file-then-implicit-dir": ("tar", [("r/x", "file", b"f", 0o644), ("r/x/y", "file", b"y", 0o644)]),
+    "tar-full-dir-then-file": ("tar", [("r/x", "dir", None, 0o755), ("r/x/y", "file", b"y", 0o644),
+                                       ("r/x", "file", b"f", 0o644)]),
+    "tar-empty-dir-then-file": ("tar", [("r/x", "dir", None, 0o755), ("r/x", "file", b"f", 0o644)]),
+    "tar-full-dir-then-symlink": ("tar", [("r/x", "dir", None, 0o755), ("r/x/y", "file", b"y", 0o644),
+                                          ("r/x", "sym", "y", 0o777)]),
+    "tar-dir-twice": ("tar", [("r/x", "dir", None, 0o755), ("r/x/y", "file", b"y", 0o644), ("r/x", "dir", None, 0o700)]),
+    "zip-file-then-dir": ("zip", [("r/x", "file", b"f", 0o644), ("r/x/y", "file", b"y", 0o644)]),
+    "zip-dir-then-file": ("zip", [("r/x/y", "file", b"y", 0o644), ("r/x", "file", b"f", 0o644)]),
+}
+
+
+@pytest.mark.nix
+@pytest.mark.parametrize("case", sorted(SAME_NAME))
+def test_file_and_directory_of_one_name_match_nix_either_order(nix, tmp_path, case):
+    kind, members = SAME_NAME[case]
+    archive = (write_tar(tmp_path / "s.tar.gz", members) if kind == "tar"
+               else write_zip(tmp_path / "s.zip", members))
+    theirs = _nix_unpack_or_refusal(archive)
+    assert _ours_or_refusal(archive, tmp_path / "out" / "dest") == theirs

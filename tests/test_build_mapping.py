@@ -97,7 +97,8 @@ def defines(tree_features, **req):
 
 # -- the current tree (real CMake files) ----------------------------------------------------
 
-def test_scan_real_tree_finds_current_switches(current_tree):
+def test_scan_vendored_tree_finds_current_switches(current_tree):
+    """The vendored llama.cpp of llama-cpp-python's sdist (a real tree, not the pinned b9941)."""
     f = scan_features(current_tree)
     for name in ("GGML_NATIVE", "GGML_CUDA", "GGML_HIP", "GGML_VULKAN", "GGML_METAL", "GGML_BLAS",
                  "GGML_CPU_ALL_VARIANTS", "GGML_BACKEND_DL", "LLAMA_OPENSSL", "LLAMA_USE_PREBUILT_UI",
@@ -108,8 +109,9 @@ def test_scan_real_tree_finds_current_switches(current_tree):
     assert f.ggml == "GGML"
 
 
-def test_builtin_profile_for_the_lock_pin_matches_the_real_tree(current_tree):
-    """--dry-run before the fetch uses the built-in profile: it must map like the real tree."""
+def test_builtin_profile_for_the_lock_pin_maps_like_the_vendored_tree(current_tree):
+    """--dry-run before the fetch uses the built-in profile of b9941: it must map like the
+    vendored tree of the sdist (the pinned b9941 itself cannot be fetched here)."""
     scanned, builtin = scan_features(current_tree), builtin_features("b9941")
     for backend in ("cpu", "blas", "cuda", "rocm", "vulkan"):
         assert defines(scanned, backend=backend) == defines(builtin, backend=backend), backend

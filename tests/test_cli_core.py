@@ -54,16 +54,6 @@ def test_hash_to_conversions():
 
 # -- prefetch ---------------------------------------------------------------------------------
 
-@pytest.fixture
-def project(tmp_path, http_dir):
-    www, base = http_dir
-    (www / "m.gguf").write_bytes(b"GGUF" + bytes(100))
-    proj = tmp_path / "proj"
-    proj.mkdir()
-    (proj / "pylmserv.toml").write_text(f'[models.m]\nurl = "{base}/m.gguf"\n')
-    return proj, www, base
-
-
 def test_prefetch_json_on_stdout_human_on_stderr(project):
     proj, www, base = project
     proc = run_cli("prefetch", "--via", "python", "--json", cwd=proj, check=True)

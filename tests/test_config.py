@@ -7,6 +7,7 @@ import subprocess
 import pytest
 
 from pylmserv.pins.config import LockEntry, Lock, load_config, load_lock, packaged_dir
+from pylmserv.pins.lock import LOCK_VERSION
 from pylmserv.core.errors import ConfigError
 from pylmserv.core.hashing import Hash
 
@@ -56,6 +57,7 @@ def test_corrupt_lock_errors(tmp_path, text, needle):
     assert needle in exc.value.message and "prefetch" in (exc.value.hint or "")
 
 
+@pytest.mark.nix
 def test_lock_round_trip_sorted_stable_and_nix_readable(tmp_path, nix):
     entries = [
         LockEntry("sources", "zeta", "https://github.com/o/r/archive/abc.tar.gz", Hash.of_bytes(b"z"), "nar",
@@ -75,7 +77,7 @@ def test_lock_round_trip_sorted_stable_and_nix_readable(tmp_path, nix):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
-    assert data["version"] == 1
+    assert data["version"] == LOCK_VERSION
     assert data["sources"]["zeta"]["hash"] == Hash.of_bytes(b"z").sri
     assert data["models"]["alpha"]["size"] == 5_000_000_000
 

@@ -59,6 +59,7 @@ def test_cosmocc_fixture_wrong_hash_leaves_nothing(http_dir, home):
     assert not (home / "blobs" / "sha256" / entry.hash.hex).exists()
 
 
+@pytest.mark.nix
 def test_cosmocc_fixture_hash_matches_nix(http_dir, home, nix):
     entry = served_cosmocc(http_dir)
     out = subprocess.run(["nix-prefetch-url", "--type", "sha256", entry.url], capture_output=True, text=True,

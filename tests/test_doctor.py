@@ -347,7 +347,9 @@ def test_cli_fails_when_a_check_fails(tmp_path, home):
     cfg = _project(tmp_path)
     proc = run_cli("--config", cfg, "doctor", cwd=tmp_path)
     assert proc.returncode == 1
-    assert "[FAIL] lock" in proc.stderr and "hint: Run `pylmserv prefetch` to create it." in proc.stderr
+    # The report is the command's answer: stdout (it pipes), nothing of it on stderr.
+    assert "[FAIL] lock" in proc.stdout and "hint: Run `pylmserv prefetch` to create it." in proc.stdout
+    assert "[FAIL]" not in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
@@ -369,8 +371,7 @@ def test_no_color(tmp_path, home, monkeypatch):
     runner = CliRunner()
     colored = runner.invoke(cli, ["doctor"], color=True, env={"NO_COLOR": ""})
     plain = runner.invoke(cli, ["doctor"], color=True, env={"NO_COLOR": "1"})
-    out_colored = colored.stderr if hasattr(colored, "stderr") and colored.stderr_bytes is not None else colored.output
-    out_plain = plain.stderr if hasattr(plain, "stderr") and plain.stderr_bytes is not None else plain.output
+    out_colored, out_plain = colored.stdout, plain.stdout
     assert "\x1b[" in out_colored
     assert "\x1b[" not in out_plain and "[ok  ] python" in out_plain
 
@@ -462,7 +463,7 @@ def test_cli_prints_multi_line_fix(tmp_path, home, monkeypatch):
                         classmethod(lambda cls, **kw: real_current(cls, binfmt_dir=d, system="Linux", **kw)))
     monkeypatch.chdir(REPO)
     result = CliRunner().invoke(cli, ["doctor"], env={"NO_COLOR": "1"})
-    out = result.stderr if result.stderr_bytes is not None else result.output
+    out = result.stdout
     wine_lines = [line for line in out.splitlines() if "wine" in line]
     assert any(line.startswith("[warn] binfmt_misc") for line in wine_lines)
     assert any(line.strip().startswith("hint: sudo sh -c 'echo 0 >") for line in wine_lines)

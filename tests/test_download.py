@@ -404,10 +404,7 @@ def test_real_enospc_mid_download_keeps_the_partial_for_resume(server, data, sma
     saved = sum(done for _, _, done in json.loads(state.read_text())["parts"])
     assert saved > 0
     filler.unlink()
-    last = -1
-    while server.bytes_sent != last:  # let the first run's connections wind down
-        last = server.bytes_sent
-        time.sleep(0.3)
+    server.wait_idle()  # the first run's connections have wound down on the server side
     server.faults.rate = None
     server.reset_counters()
     download(url, small_fs / "out.bin", expected=Hash.of_bytes(data), tmp_dir=small_fs / "tmp",

@@ -106,9 +106,9 @@ def test_unpinned_config_name_is_refused_then_trusted_on_first_use(home, server,
     assert entry.hash == Hash.of_bytes(model) and entry.size == len(model) and entry.url == url
 
 
-def test_url_needs_a_hash_and_accepts_sri_or_hex(home, server, model, tmp_path):
+def test_url_needs_a_hash_and_accepts_sri_or_hex(home, server, model, tmp_path, monkeypatch):
     url = server.add("tiny.gguf", model)
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(UsageError, match="no known sha256"):
         fetch([url], progress=False)
     h = Hash.of_bytes(model)

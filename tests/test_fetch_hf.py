@@ -68,7 +68,8 @@ def test_hf_non_lfs_file_has_no_published_hash(home, hub, tmp_path):
 
 def test_hf_missing_file_and_revision(home, hub, tmp_path):
     hub.add_file("org/repo", "m.gguf", write_gguf(tmp_path / "m.gguf").read_bytes(), lfs=True)
-    with pytest.raises(NetworkError, match="no file nope.gguf"):
+    # A file the Hub does not list is bad input (exit 2) in fetch as in prefetch (one Hub reading).
+    with pytest.raises(UsageError, match="'nope.gguf' not found in org/repo"):
         fetch(["hf://org/repo/nope.gguf"], progress=False)
     # A revision that does not exist is bad input (exit 2), as in `pylmserv prefetch`.
     with pytest.raises(UsageError, match="org/repo has no revision 'no-such-branch'"):

@@ -39,12 +39,8 @@ def _state_done(home: Path) -> int:
 
 
 def _settled(server) -> int:
-    """bytes_sent once the server noticed the dead client (no count change for 0.3 s)."""
-    last = -1
-    while server.bytes_sent != last:
-        last = server.bytes_sent
-        time.sleep(0.3)
-    return last
+    """bytes_sent once every body the dead client asked for has ended on the server side."""
+    return server.wait_idle()
 
 
 def test_sigkill_at_half_then_resume_resends_little(home, tmp_path):

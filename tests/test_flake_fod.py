@@ -158,7 +158,7 @@ def test_fixed_outputs_build_with_the_real_flake_lock_unchanged(world):
 
 
 @pytest.mark.parametrize("section, old, new, output, message", [
-    ("# Generated", "version = 1", "version = 2", "model-tiny", "unsupported lock version 2 (this flake reads version 1)"),
+    ("# Generated", "version = 2", "version = 3", "model-tiny", "unsupported lock version 3 (this flake reads versions 1 and 2)"),
     ("[models.tiny]", 'mode = "flat"', 'mode = "zip"', "model-tiny", 'has mode "zip"; expected "flat" or "nar"'),
     ("[sources.gadget]", 'rev = "', 'rev = "release" #', "source-gadget",
      "is not a full commit hash; run `pylmserv prefetch --refresh`"),
@@ -185,7 +185,11 @@ def _eval(world, attr, *extra):
 def test_git_pin_without_fetcher_field_is_builtins_fetchgit_like_pylmserv(world):
     """pylmserv hashes a git pin without submodules as Nix 2.8's builtins.fetchGit does
     (`git archive`: export-ignore files dropped); the flake uses that fetcher."""
-    assert "fetcher =" not in (world.flake / "pylmserv.lock").read_text()
+    lock = world.flake / "pylmserv.lock"
+    text = lock.read_text()
+    assert 'fetcher = "builtins.fetchGit"' in text  # prefetch names it (lock version 2)...
+    lock.write_text("".join(ln for ln in text.splitlines(keepends=True) if not ln.startswith("fetcher =")))
+    assert "fetcher =" not in lock.read_text()  # ...and a lock without it (version 1) means the same
     assert _eval(world, "packages.x86_64-linux.source-gadget.pin.fetcher") == "builtins.fetchGit"
     tree = _out_path(world, "source-gadget")
     assert os.path.isfile(os.path.join(tree, "gadget.txt"))

@@ -26,7 +26,6 @@ from tests.support import flakeworld as fw
 from tests.support import llama_source
 from tests.support.nixenv import have_nix, nix_env
 
-pytestmark = pytest.mark.nix
 
 # find_package name -> the nixpkgs inputs that provide it (None: the stdenv/CMake itself).
 PROVIDERS = {
@@ -101,6 +100,7 @@ def _deprecated(everything: str):
     return old
 
 
+@pytest.mark.nix
 def test_every_cmake_option_the_flake_sets_exists_and_is_current(vendored, derivations):
     _, drvs = derivations
     everything = "\n".join(_cmake_text(vendored).values())
@@ -122,6 +122,7 @@ def test_a_deprecated_option_would_be_caught(vendored):
     assert not {"GGML_CUDA", "LLAMA_BUILD_UI", "GGML_BACKEND_DL"} & deprecated
 
 
+@pytest.mark.nix
 @pytest.mark.parametrize("backend", sorted(BACKEND_DIRS))
 def test_every_required_find_package_of_a_backend_has_an_input(vendored, derivations, backend):
     """Defect 2: at the vendored commit ggml-vulkan needs find_package(SPIRV-Headers)."""
@@ -143,6 +144,7 @@ def test_every_required_find_package_of_a_backend_has_an_input(vendored, derivat
                 assert not missing, f"llama-cpp-{backend}: find_package({key}) needs {sorted(missing)}"
 
 
+@pytest.mark.nix
 def test_version_floors_are_the_vendored_ones(vendored, derivations):
     """Defect 3: ggml-hip refuses HIP < 6.1; nix/llama-cpp.nix asserts the same floor,
     and the CMake floor covers every cmake_minimum_required of the backends."""
@@ -162,6 +164,7 @@ def test_version_floors_are_the_vendored_ones(vendored, derivations):
         assert have >= need, f"llama-cpp-{backend}: asserts cmake >= {have}, the CMake files need {need}"
 
 
+@pytest.mark.nix
 def test_an_old_rocm_is_refused_at_evaluation(derivations):
     flake, _ = derivations
     proc = fw.nix("nix", "eval", "--raw", *fw.override_nixpkgs(), f"path:{flake}#packages.x86_64-linux.llama-cpp-rocm",
@@ -171,6 +174,7 @@ def test_an_old_rocm_is_refused_at_evaluation(derivations):
     assert "this nixpkgs has ROCm (rocmPackages.clr) 6.0.2, llama.cpp b9941 needs >= 6.1" in proc.stderr, proc.stderr
 
 
+@pytest.mark.nix
 def test_upstream_package_nix_inputs_are_all_ours(vendored, derivations):
     """llama.cpp's own .devops/nix/package.nix at the vendored commit: each backend's
     input list is contained in ours (cccl is cuda_cccl in the stand-in's CUDA 12.8)."""
@@ -209,6 +213,7 @@ def vendored_tree(tmp_path_factory) -> Path:
     return dest
 
 
+@pytest.mark.nix
 def test_cpu_flags_configure_the_vendored_llama_cpp_with_real_cmake(vendored_tree, derivations, tmp_path):
     """The CPU+BLAS derivation's cmakeFlags given to the real CMake over the real
     vendored source (configure only; host compilers and OpenBLAS stand in for stdenv's):

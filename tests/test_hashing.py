@@ -63,3 +63,14 @@ def test_nix32_rejects_overflow():
     # 52 nix32 chars carry 260 bits; the top 4 must be zero for a 256-bit digest.
     with pytest.raises(HashError):
         Hash.parse("sha256:" + "z" * 52)
+
+
+def test_special_files_are_refused_by_nar(tmp_path):
+    """A fifo has no NAR form (no Nix needed to know: NAR has no node type for it)."""
+    import os
+
+    from pylmserv.core.nar import nar_hash
+
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(ValueError, match="not a file, directory or symlink"):
+        nar_hash(tmp_path)

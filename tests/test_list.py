@@ -66,7 +66,8 @@ def test_list_default_catalog_empty_store(home):
     assert by["llama-cpp"]["kind"] == "source" and by["llama-cpp"]["pin"] == "b9941"
     assert by["cosmocc-3_3_6"]["pin"] == "3.3.6"
     for e in data["entries"]:
-        assert set(e) == {"kind", "name", "description", "locked", "pin", "size", "fetched", "built"}
+        assert set(e) == {"kind", "name", "description", "locked", "pin", "size", "drift", "fetched", "built"}
+        assert e["drift"] == []  # the packaged lock pins what the packaged config asks
         assert e["fetched"] is None and e["built"] == []
     assert not home.exists()  # listing never creates the store
 
@@ -89,7 +90,7 @@ def test_list_shows_fetched_model_and_stale(tmp_path, home, http_dir):
     _, by = entries_json("--config", cfg2)
     assert by["tiny"]["fetched"]["stale"] is True
     proc = run_cli("--config", cfg2, "list")
-    assert "[stale: the lock pins other bytes; run `pylmserv fetch tiny`]" in proc.stderr
+    assert "[stale: the lock pins other bytes; run `pylmserv fetch tiny`]" in proc.stdout  # the table pipes
 
 
 def test_list_shows_builds(tmp_path, home):
@@ -108,7 +109,7 @@ def test_list_shows_builds(tmp_path, home):
     assert by["llama-cpp"]["built"] == [{"engine": "llama.cpp", "backend": "cpu", "path": str(prefix),
                                          "binaries": ["llama-server"]}]
     proc = run_cli("list", cwd=REPO)
-    assert f"built llama.cpp cpu: {prefix}" in proc.stderr
+    assert f"built llama.cpp cpu: {prefix}" in proc.stdout and proc.stderr == ""
 
 
 def test_list_bad_config(tmp_path, home):

@@ -118,7 +118,9 @@ def test_llamafile_fixture_build_loader_mode_when_wine_owns_mz(tmp_path, project
 
     # the built llamafile is what `pylmserv pack` uses by default
     model = tmp_path / "m.gguf"
-    model.write_bytes(b"GGUF" + os.urandom(1000))
+    from tests.test_pack import make_gguf
+
+    make_gguf(model, 1000)
     out = tmp_path / "packed"
     proc = run_cli("pack", model, "-o", out)
     assert proc.returncode == 0, proc.stderr

@@ -45,8 +45,23 @@ def make_llamafile(path: Path, prefix_len: int, relative_offsets: bool = False) 
     return entries
 
 
+def gguf_header(n_bytes: int, kv=(), tensors=None, alignment: int = 32) -> bytes:
+    """A GGUF v3 header, padded to `alignment`: metadata `kv` (key, type, packed value)
+    and one I8 tensor of `n_bytes` elements at offset 0 (or `tensors`: raw tensor infos)."""
+    def string(text: str) -> bytes:
+        raw = text.encode()
+        return struct.pack("<Q", len(raw)) + raw
+
+    infos = tensors if tensors is not None else [string("w") + struct.pack("<IQIQ", 1, n_bytes, 24, 0)]
+    head = b"GGUF" + struct.pack("<IQQ", 3, len(infos), len(kv))
+    head += b"".join(string(k) + struct.pack("<I", t) + v for k, t, v in kv) + b"".join(infos)
+    return head + b"\0" * (-len(head) % alignment)
+
+
 def make_gguf(path: Path, size: int) -> bytes:
-    data = b"GGUF" + struct.pack("<I", 3) + os.urandom(size - 8)
+    """A real GGUF of exactly `size` bytes: header + one I8 tensor of random bytes."""
+    header_len = len(gguf_header(1))
+    data = gguf_header(size - header_len) + os.urandom(size - header_len)
     path.write_bytes(data)
     return data
 
@@ -340,3 +355,47 @@ def test_pack_real_full_disk_on_small_tmpfs(tmp_path):
         assert sorted(p.name for p in mnt.iterdir()) == ["old.llamafile"]
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True, timeout=30)
+
+
+def test_killed_pack_leaves_a_partial_that_the_next_run_removes(tmp_path):
+    """A pack killed mid-write (SIGXFSZ's default action: the kernel kills the process at
+    the file size limit) cannot clean up; the next pack into that directory does, and
+    leaves alone what is not a dead pack's partial."""
+    import resource
+    import signal
+    import sys
+
+    from pylmserv.core.fsutil import process_stamp
+
+    lf, _ = _inputs(tmp_path)
+    model = tmp_path / "big.gguf"
+    make_gguf(model, 3_000_000)
+    out_dir = tmp_path / "outdir"
+    out_dir.mkdir()
+    out = out_dir / "packed"
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
+
+    # Python ignores SIGXFSZ; this child restores the default (death) before running pack.
+    child = ("import runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_DFL); "
+             "sys.argv = ['pylmserv'] + sys.argv[1:]; runpy.run_module('pylmserv', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", child, "pack", str(model), "--llamafile", str(lf), "-o", str(out)],
+                          capture_output=True, text=True, preexec_fn=limit, timeout=120)
+    assert proc.returncode == -signal.SIGXFSZ, proc.stderr  # killed, no cleanup ran
+    [left] = out_dir.iterdir()
+    assert left.name.startswith(".packed.pylmserv-") and left.name.endswith(".part")
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        live = out_dir / f".packed.pylmserv-{process_stamp(sleeper.pid)}.part"  # a live writer's
+        live.write_bytes(b"busy")
+        reused = out_dir / f".packed.pylmserv-{sleeper.pid}-1.part"  # a live pid, another start time
+        reused.write_bytes(b"old")
+        mine = out_dir / ".packed.user-notes.part"  # not a pylmserv name
+        mine.write_bytes(b"keep")
+        pack(model, lf, out)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(["packed", live.name, mine.name])
+    assert zipfile.ZipFile(out).read("big.gguf") == model.read_bytes()

@@ -11,7 +11,7 @@ import subprocess
 import zipfile
 
 from pylmserv.app.pack import U32, pack
-from tests.test_pack import local_data_offset, make_llamafile
+from tests.test_pack import gguf_header, local_data_offset, make_llamafile
 
 
 def test_pack_zip64_sparse_model_over_4gib(tmp_path):
@@ -21,7 +21,8 @@ def test_pack_zip64_sparse_model_over_4gib(tmp_path):
     size = (1 << 32) + 123_457
     tail = os.urandom(4096)
     with open(model, "wb") as f:
-        f.write(b"GGUF" + struct.pack("<I", 3))
+        header = gguf_header(1)
+        f.write(gguf_header(size - len(header)))  # one I8 tensor filling the file: a loadable layout
         f.truncate(size)
         f.seek(size - len(tail))
         f.write(tail)

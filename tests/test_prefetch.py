@@ -1,6 +1,8 @@
 """prefetch (library API): resolvers against loopback stand-ins, Nix as the hash oracle."""
 from __future__ import annotations
 
+import contextlib
+import logging
 import subprocess
 from pathlib import Path
 
@@ -43,6 +45,19 @@ def github(http_dir, tmp_path, monkeypatch, gitenv):
     return www, base, src
 
 
+@contextlib.contextmanager
+def prefetch_log(caplog):
+    """Capture pylmserv.prefetch's INFO lines even after a CLI run in this process set
+    propagate=False on the pylmserv logger."""
+    logger = logging.getLogger("pylmserv.prefetch")
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="pylmserv.prefetch"):
+            yield
+    finally:
+        logger.removeHandler(caplog.handler)
+
+
 def write_config(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
@@ -59,6 +74,7 @@ description = "not copied to the lock"
 """
 
 
+@pytest.mark.nix
 def test_github_tag_resolves_peeled_commit_and_matches_nix(tmp_path, github, nix):
     www, base, src = github
     cfg = write_config(tmp_path / "pylmserv.toml", GITHUB_CFG.format(ref="v1"))
@@ -70,7 +86,7 @@ def test_github_tag_resolves_peeled_commit_and_matches_nix(tmp_path, github, nix
     assert entry.url == f"https://github.com/owner/proj/archive/{commit}.tar.gz"
     assert entry.hash == nix_unpack(f"{base}/owner/proj/archive/{commit}.tar.gz")
     assert entry.extra == {"type": "github", "owner": "owner", "repo": "proj", "ref": "v1",
-                           "submodules": False, "version": "1.0"}
+                           "submodules": False, "version": "1.0", "git_url": "https://github.com/owner/proj.git"}
 
 
 def test_unchanged_ref_is_not_refetched_and_moved_ref_updates(tmp_path, github):
@@ -107,6 +123,7 @@ def test_missing_ref_is_a_usage_error_and_lock_untouched(tmp_path, github):
     assert (tmp_path / "pylmserv.lock").read_bytes() == before
 
 
+@pytest.mark.nix
 def test_git_submodules_python_and_fod_agree_with_fetchgit(tmp_path, gitenv, nix):
     sub = gitrepos.make_repo(tmp_path / "sub", {"s.c": "int s;\n"})
     top = gitrepos.make_repo(tmp_path / "top", {"t.c": "int t;\n", "x": ("exec", "#!\n")})
@@ -120,6 +137,7 @@ def test_git_submodules_python_and_fod_agree_with_fetchgit(tmp_path, gitenv, nix
     assert py.extra["submodules"] is True and py.url == gitrepos.uri(top)
 
 
+@pytest.mark.nix
 def test_url_sources_and_models_all_backends(tmp_path, http_dir, nix):
     www, base = http_dir
     write_zip(www / "tool.zip", RICH_TREE[:-1])
@@ -294,16 +312,23 @@ def test_hf_unknown_revision(tmp_path, monkeypatch):
             prefetch(config=cfg, via="python")
 
 
-def test_hf_private_plain_git_file_with_token_under_auto(tmp_path, monkeypatch, nix):
-    """auto must not hand an authenticated download to nix-prefetch-url (it cannot send the token)."""
+@pytest.mark.nix
+def test_hf_private_plain_git_file_with_token_under_auto(tmp_path, monkeypatch, nix, caplog):
+    """auto must not hand an authenticated download to nix-prefetch-url (it cannot send the
+    token): the Hub sees no request without the token, and the log says why."""
     with serve_hub(token="hf_tok") as hub:
         hub.add_file("org/models", "big.gguf", b"tiny", lfs=False)
         hub.add_file("org/models", "sub/small.gguf", b"tiny2", lfs=False)
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         monkeypatch.setenv("HF_TOKEN", "hf_tok")
         cfg = write_config(tmp_path / "pylmserv.toml", HF_CFG.format(rev="main"))
-        prefetch(config=cfg, via="auto")
+        with prefetch_log(caplog):
+            prefetch(config=cfg, via="auto")
         assert load_lock(tmp_path / "pylmserv.lock").models["big"].hash == Hash.of_bytes(b"tiny")
+        # The behaviour, not only the result: nix-prefetch-url was never handed the download
+        # (it would have reached the Hub without the token), and the log says why.
+        assert hub.requests and all(auth == "Bearer hf_tok" for _, _, auth in hub.requests), hub.requests
+        assert "big: not cross-checked: nix-prefetch-url cannot send the authentication" in caplog.text
 
 
 def test_public_api_name():

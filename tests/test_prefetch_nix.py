@@ -45,6 +45,7 @@ while [ $# -gt 0 ]; do
     --quiet) shift;; *) echo "unknown option $1" >&2; exit 1;;
   esac
 done
+if [ -n "${MOCK_CALLS:-}" ]; then echo "$url $rev $subs" >> "$MOCK_CALLS"; fi
 tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
 git clone -q "$url" "$tmp/src" >&2
 git -C "$tmp/src" checkout -q "$rev" >&2
@@ -78,7 +79,14 @@ def mock_nix_prefetch_git(tmp_path, monkeypatch):
     script.write_text(MOCK_NIX_PREFETCH_GIT)
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
     monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("MOCK_CALLS", str(tmp_path / "mock-calls"))
     return script
+
+
+def mock_calls(script) -> list:
+    """The invocations the mock recorded: (url, rev, submodules)."""
+    log = script.parent.parent / "mock-calls"
+    return [tuple(line.split()) for line in log.read_text().splitlines()] if log.exists() else []
 
 
 @pytest.fixture
@@ -94,14 +102,19 @@ def git_project(tmp_path, monkeypatch):
     return cfg
 
 
+@pytest.mark.nix
 def test_nix_backend_git_with_mock_nix_prefetch_git(nix, git_project, mock_nix_prefetch_git):
     py = prefetch(config=git_project, via="python").changes[0].new
+    assert mock_calls(mock_nix_prefetch_git) == []
     via_nix = prefetch(config=git_project, via="nix", refresh=True)
     assert [c.status for c in via_nix.changes] == ["unchanged"]
+    assert mock_calls(mock_nix_prefetch_git) == [(py.url, py.rev, "true")]  # the hash came from it
     auto = prefetch(config=git_project, via="auto", refresh=True)  # cross-checked with the mock
     assert auto.changes[0].new.hash == py.hash
+    assert len(mock_calls(mock_nix_prefetch_git)) == 2
 
 
+@pytest.mark.nix
 def test_auto_cross_check_disagreement_with_mock_nix_prefetch_git(nix, git_project, mock_nix_prefetch_git,
                                                                    monkeypatch):
     prefetch(config=git_project, via="python")
@@ -122,6 +135,7 @@ def test_nix_backend_without_nix_prefetch_git_names_the_tool(git_project, monkey
     assert prefetch(config=git_project, via="auto").written
 
 
+@pytest.mark.nix
 def test_nix_backend_url_matches_python(nix, tmp_path, http_dir):
     www, base = http_dir
     (www / "f.bin").write_bytes(os.urandom(10000))

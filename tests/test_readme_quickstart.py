@@ -32,6 +32,12 @@ from pylmserv.cli import cli
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
+DOCS = sorted((REPO / "docs").glob("*.md"))
+
+
+def all_tours():
+    """The tour of README's quick start and of every docs/ page."""
+    return tour(section("quickstart")) + [t for page in DOCS for t in tour(page.read_text())]
 
 
 def section(name: str) -> str:
@@ -42,7 +48,10 @@ def section(name: str) -> str:
 
 
 def blocks(text: str, lang: str):
-    return [b.strip("\n") for b in re.findall(rf"```{lang}\n(.*?)```", text, re.S)]
+    """Fenced blocks of `lang`; "console" also takes unlabelled blocks that show `$ ` lines."""
+    found = re.findall(r"^```(\w*)\n(.*?)^```", text, re.S | re.M)
+    return [b.strip("\n") for tag, b in found
+            if tag == lang or (lang == "console" and tag == "" and b.startswith("$ "))]
 
 
 def readme_tests_command() -> str:
@@ -61,11 +70,29 @@ def tour(text: str):
                 if cmd is not None:
                     out.append((cmd, "\n".join(lines)))
                 words = shlex.split(line[2:], comments=True)
+                for i, w in enumerate(words):  # pylmserv's own part of a pipeline
+                    if w in ("|", "&&", ";", ">", "2>&1"):
+                        words = words[:i]
+                        break
                 cmd = words[1:] if words and words[0] in ("pylmserv", ".venv/bin/pylmserv") else None
                 lines = []
             else:
                 lines.append(line)
     return out
+
+
+def parse_command_line(argv):
+    """Parse `pylmserv ARGV` as the CLI would (raises on anything it refuses); the
+    subcommand's name, or None for global-only lines."""
+    ctx = cli.make_context("pylmserv", list(argv), resilient_parsing=False)
+    rest = list(getattr(ctx, "_protected_args", []) or getattr(ctx, "protected_args", [])) + list(ctx.args)
+    if not rest:
+        return None
+    name, cmd, args = cli.resolve_command(ctx, rest)
+    assert cmd is not None, f"unknown command: pylmserv {' '.join(argv)}"
+    with cmd.make_context(name, list(args), parent=ctx, resilient_parsing=False):
+        pass
+    return name
 
 
 # -- fast checks ------------------------------------------------------------------------------
@@ -96,32 +123,30 @@ def test_apt_packages_are_those_setup_dev_installs():
 
 
 def test_tour_covers_every_command_and_parses():
-    """Each `$ pylmserv ...` of the tour is a real command line the CLI accepts."""
+    """Each `$ pylmserv ...` of the tours is a real command line the CLI accepts, and every
+    command is shown somewhere (a tour, or a command line of a docs page)."""
     from pylmserv.cli import COMMANDS
 
-    shown = tour(section("quickstart")) + tour(section("doctor"))
+    shown = all_tours()
     assert shown, "the tour shows no commands"
     used = set()
     for argv, _ in shown:
         if "--help" in argv or "-h" in argv:
             continue  # its output is compared in the next test
-        ctx = cli.make_context("pylmserv", list(argv), resilient_parsing=False)
-        rest = list(getattr(ctx, "_protected_args", []) or getattr(ctx, "protected_args", [])) + list(ctx.args)
-        if not rest:
-            continue
-        name, cmd, args = cli.resolve_command(ctx, rest)
-        assert cmd is not None, f"unknown command in README: pylmserv {' '.join(argv)}"
-        with cmd.make_context(name, list(args), parent=ctx, resilient_parsing=False):
-            pass
-        used.add(name)
+        name = parse_command_line(argv)
+        if name:
+            used.add(name)
+    used |= {parse_command_line(argv) for _, argv in docs_command_lines()}
+    # a docs page given to a command: its heading names it (`## \`pylmserv add SPEC ...\``)
+    used |= {m for page in DOCS for m in re.findall(r"^#+ `pylmserv ([a-z]+)", page.read_text(), re.M)}
     missing = set(COMMANDS) - used
-    assert not missing, f"the README tour does not show: {', '.join(sorted(missing))}"
+    assert not missing, f"neither the tour nor a docs page shows: {', '.join(sorted(missing))}"
 
 
 def test_tour_outputs_that_are_deterministic_match():
     """Where the output depends only on pylmserv (help text, hash conversion), it must match exactly."""
     checked = 0
-    for argv, shown in tour(section("quickstart")) + tour(section("doctor")):
+    for argv, shown in all_tours():
         if argv in (["--help"],) or (argv[:1] == ["hash"] and "--to" in argv):
             proc = subprocess.run([sys.executable, "-m", "pylmserv", *argv], capture_output=True, text=True,
                                   cwd=REPO, timeout=60, env=dict(os.environ, COLUMNS="80", NO_COLOR="1"))
@@ -240,3 +265,45 @@ def test_quickstart_main_job_offline_variant(tmp_path):
     assert serve.returncode == 130
     assert wait_for(lambda: not any(alive(p) for p in servers), timeout=10)
     assert (home / "models" / model_name).is_dir()  # fetched into the fresh store, verified
+
+
+# -- docs/: the reference pages ------------------------------------------------------------------
+
+def test_readme_links_every_docs_page_and_every_link_resolves():
+    """README stays the newcomer's page: it links each docs/ page, and no relative link of
+    README or of a page points at a file that does not exist."""
+    text = README.read_text()
+    for page in DOCS:
+        assert f"docs/{page.name}" in text, f"README does not link docs/{page.name}"
+    for doc in [README] + DOCS:
+        for target in re.findall(r"\]\(([^)#:\s]+)(?:#[^)]*)?\)", doc.read_text()):
+            assert (doc.parent / target).exists(), f"{doc.name} links {target}, which does not exist"
+
+
+def docs_command_lines():
+    """(page, argv) for every `pylmserv ...` line of a ```sh block in docs/ (placeholders in
+    CAPITALS, synopses and lines with shell syntax beyond comments are skipped)."""
+    for page in DOCS:
+        for block in blocks(page.read_text(), "sh"):
+            for line in block.replace("\\\n", " ").splitlines():
+                try:
+                    words = shlex.split(line, comments=True) if line.strip() else []
+                except ValueError:  # shell quoting beyond a single command line
+                    continue
+                if not words or words[0] != "pylmserv" or any(w in ("|", "&&", ";", ">") for w in words):
+                    continue
+                if any(re.fullmatch(r"[A-Z][A-Z_]+|\[.*|.*\|.*|.*\]", w) for w in words[1:]):
+                    continue  # a synopsis (NAME, [--opt], a|b), not a command line
+                yield page, words[1:]
+
+
+def test_docs_commands_parse():
+    """Every command line of the docs pages' ```sh blocks is one the CLI accepts."""
+    checked = 0
+    for page, argv in docs_command_lines():
+        try:
+            parse_command_line(argv)
+        except Exception as exc:
+            raise AssertionError(f"{page.name}: pylmserv {' '.join(argv)}: {exc}") from None
+        checked += 1
+    assert checked >= 5

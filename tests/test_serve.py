@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -117,7 +118,7 @@ def test_server_command_passes_options_through(tmp_path):
                         extra_args=("--ctx-size", "512"))
     argv = server_command(Path("/x/llama-server"), Path("/m/tiny.gguf"), opts)
     assert argv == ["/x/llama-server", "-m", "/m/tiny.gguf", "--host", "127.0.0.1", "--port", "8123",
-                    "-ngl", "99", "--api-key", "sekret", "--ctx-size", "512"]
+                    "-ngl", "99", "--ctx-size", "512"]  # the key goes by environment, never into `ps`
     lf = server_command(Path("/x/llamafile"), Path("/m/tiny.gguf"), ServeOptions(model="m", engine="llamafile"))
     assert lf[:3] == ["/x/llamafile", "--server", "--nobrowser"]
 
@@ -330,3 +331,151 @@ def test_existing_build_targets_picks_a_current_build_with_llama_server(tmp_path
     assert existing_build_targets("cuda", cfg) is None
     (out / "llama-cli").unlink()  # an output gone: not up to date any more
     assert existing_build_targets("cpu", cfg) is None
+
+
+# -- options from the CLI: where they end up -----------------------------------------------------
+
+def _served_key(standin, model, tmp_path, *args, env=None):
+    """Run serve until ready, stop it; return (argv, LLAMA_API_KEY or None) of the (stand-in) server."""
+    proc, port, record = start_serve(standin, model, tmp_path, *args, env=env)
+    try:
+        read_ready(proc)
+        state = json.loads(record.read_text())
+        with open(f"/proc/{state['pid']}/environ", "rb") as f:
+            child_env = dict(x.split(b"=", 1) for x in f.read().split(b"\0") if b"=" in x)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    key = child_env.get(b"LLAMA_API_KEY")
+    return state["argv"], key.decode() if key is not None else None
+
+
+def test_api_key_flag_and_env_reach_the_server(standin, model, tmp_path):
+    """--api-key and PYLMSERV_API_KEY both reach llama-server (by its environment, not argv)."""
+    argv, key = _served_key(standin, model, tmp_path, "--api-key", "k-flag")
+    assert key == "k-flag" and "--api-key" not in argv
+    argv, key = _served_key(standin, model, tmp_path, env={"PYLMSERV_API_KEY": "k-env"})
+    assert key == "k-env" and "--api-key" not in argv
+    argv, key = _served_key(standin, model, tmp_path, env={"PYLMSERV_API_KEY": ""})
+    assert key is None
+
+
+def test_server_bin_from_the_environment(standin, model, tmp_path, home):
+    """PYLMSERV_SERVER_BIN stands for --server-bin (nothing is built)."""
+    port = free_port()
+    record = tmp_path / "record.json"
+    env = dict(os.environ, STANDIN_RECORD=str(record), PYLMSERV_HOME=str(home), PYLMSERV_SERVER_BIN=str(standin))
+    proc = subprocess.Popen([sys.executable, "-m", "pylmserv", "serve", str(model), "--port", str(port), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        read_ready(proc)
+        assert json.loads(record.read_text())["argv"][0] == str(standin)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (home / "builds").exists()
+
+
+def test_log_flag_sends_the_server_output_to_that_file(standin, model, tmp_path):
+    log = tmp_path / "logs" / "server.log"
+    proc, _, _ = start_serve(standin, model, tmp_path, "--log", str(log), env={"STANDIN_EXIT_EARLY": "3"})
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert "error loading model" in log.read_text()
+    assert "error loading model" in err  # the tail of that log is quoted in the error
+
+
+def test_public_without_api_key_warns_and_with_one_does_not(standin, model, tmp_path):
+    # The stand-in exits before it listens: nothing is ever bound on 0.0.0.0.
+    early = {"STANDIN_EXIT_EARLY": "1"}
+    proc, _, _ = start_serve(standin, model, tmp_path, "--host", "0.0.0.0", "--public", env=early)
+    _, err = proc.communicate(timeout=60)
+    assert "without --api-key: anyone on the network can use it" in err
+    proc, _, _ = start_serve(standin, model, tmp_path, "--host", "0.0.0.0", "--public", "--api-key", "k", env=early)
+    _, err = proc.communicate(timeout=60)
+    assert "anyone on the network" not in err and "error" in err
+
+
+def test_offline_serves_nothing_it_would_have_to_download(standin, tmp_path, home, http_dir):
+    www, base = http_dir
+    (www / "tiny.gguf").write_bytes(b"GGUF" + bytes(60))
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "pylmserv.toml").write_text(f'[models.tiny]\nurl = "{base}/tiny.gguf"\n')
+    run_cli("prefetch", "--via", "python", cwd=proj, check=True)
+    (www / "tiny.gguf").unlink()  # anything fetched now would have to come from the network: it is gone
+    proc = run_cli("serve", "tiny", "--offline", "--server-bin", standin, cwd=proj, env={"PYLMSERV_HOME": str(home)})
+    assert proc.returncode == 2, proc.stderr
+    assert "--offline" in proc.stderr and "Traceback" not in proc.stderr
+    online = run_cli("serve", "tiny", "--server-bin", standin, cwd=proj, env={"PYLMSERV_HOME": str(home)})
+    assert online.returncode == 3 and "404" in online.stderr  # without --offline it tried the network
+
+
+# -- the bind address and the API key cannot be slipped past pylmserv (issue 10) ------------
+
+@pytest.mark.parametrize("extra", [
+    ["--host", "0.0.0.0"], ["--host=0.0.0.0"], ["--ctx-size", "256", "--host", "::"], ["--port", "80"],
+    ["--port=22"], ["--api-key", "visible-in-ps"], ["--api-key=visible"], ["--api-key-file", "/etc/passwd"],
+])
+def test_cli_refuses_host_port_and_key_after_double_dash(standin, model, tmp_path, home, extra):
+    record = tmp_path / "record.json"
+    proc = run_cli("serve", model, "--server-bin", standin, "--", *extra, env={"STANDIN_RECORD": str(record)})
+    assert proc.returncode == 2, proc.stderr
+    assert "refusing server argument" in proc.stderr and "Traceback" not in proc.stderr
+    assert not record.exists()  # the server was never started
+
+
+@pytest.mark.parametrize("key", ["a,b", "two words", "#comment", "line\nbreak", ""])
+def test_cli_refuses_keys_the_server_would_split(standin, model, tmp_path, home, key):
+    record = tmp_path / "record.json"
+    proc = run_cli("serve", model, "--server-bin", standin, "--api-key", key, env={"STANDIN_RECORD": str(record)})
+    assert proc.returncode == 2 and "unusable --api-key" in proc.stderr, proc.stderr
+    assert not record.exists()
+
+
+def test_api_key_never_on_the_child_command_line(standin, model, tmp_path):
+    """llama-server gets the key through LLAMA_API_KEY: not in its argv (what `ps` shows),
+    and clients without it are refused while clients with it are served."""
+    key = "k3y-only-in-env_Secret"
+    proc, port, record = start_serve(standin, model, tmp_path, "--api-key", key,
+                                     env={"LLAMA_ARG_HOST": "0.0.0.0"})  # a stray env cannot rebind either
+    try:
+        read_ready(proc)
+        state = json.loads(record.read_text())
+        assert all(key not in a for a in state["argv"]), state["argv"]
+        with open(f"/proc/{state['pid']}/cmdline", "rb") as f:
+            assert key.encode() not in f.read()
+        with open(f"/proc/{state['pid']}/environ", "rb") as f:
+            env = dict(x.split(b"=", 1) for x in f.read().split(b"\0") if b"=" in x)
+        assert env[b"LLAMA_API_KEY"] == key.encode() and b"LLAMA_ARG_HOST" not in env
+        url = f"http://127.0.0.1:{port}/completion"
+        req = urllib.request.Request(url, data=b"{}", headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as exc:
+            urllib.request.urlopen(req, timeout=5)
+        assert exc.value.code == 401
+        req.add_header("Authorization", "Bearer " + key)
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            assert resp.status == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+
+
+def test_llamafile_gets_the_key_in_a_private_file_removed_afterwards(tmp_path):
+    """llamafile 0.8.4 reads no LLAMA_API_KEY (its server.cpp: --api-key or --api-key-file):
+    the key goes into a 0600 file in a 0700 directory, named on the command line instead."""
+    from pylmserv.app.serve import api_key_file, server_env
+
+    opts = ServeOptions(model="m", engine="llamafile", api_key="lf-secret")
+    with api_key_file(opts) as path:
+        argv = server_command(Path("/x/llamafile"), Path("/m/tiny.gguf"), opts, path)
+        assert "lf-secret" not in " ".join(argv) and argv[argv.index("--api-key-file") + 1] == str(path)
+        assert path.read_text() == "lf-secret\n"
+        assert (path.stat().st_mode & 0o777) == 0o600 and (path.parent.stat().st_mode & 0o777) == 0o700
+    assert not path.exists() and not path.parent.exists()
+    assert not {"LLAMA_API_KEY", "PYLMSERV_API_KEY"} & set(server_env(opts, {"LLAMA_API_KEY": "stray",
+                                                                              "PYLMSERV_API_KEY": "lf-secret"}))

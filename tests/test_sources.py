@@ -38,6 +38,7 @@ def test_flat_download_verified_then_idempotent_offline(home, http_dir):
     assert ensure_source(entry) == path
 
 
+@pytest.mark.nix
 def test_archive_tree_matches_nix_prefetch_url(home, http_dir, nix):
     root, base = http_dir
     write_tar(root / "pkg.tar.xz", RICH_TREE, "xz")

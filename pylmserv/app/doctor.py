@@ -25,6 +25,9 @@ from ..core.proc import probe
 from ..core.version import __version__
 from ..pins.config import load_project
 from ..store import layout as paths
+from ..store.integrity import last_verified
+from ..pins.drift import config_drift
+from .gc import estimate
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 GiB = 1 << 30
@@ -122,6 +125,8 @@ def diagnose(machine: Optional[Machine] = None, config: Optional[Path] = None, l
         ("gpus", lambda: check_gpus(machine, backend, config, lock)),
         ("binfmt_misc", lambda: [check_binfmt(machine)]),
         ("store", lambda: check_store(machine)),
+        ("store-verified", lambda: [check_verified(machine)]),
+        ("gc", lambda: [check_gc(machine)]),
         ("lock", lambda: [check_lock(config, lock)]),
     ]
     checks: List[Check] = []
@@ -552,6 +557,29 @@ def check_store(machine: Machine) -> List[Check]:
     return [Check("store", OK, detail)]
 
 
+def check_verified(machine: Machine) -> Check:
+    """When `pylmserv verify` last re-hashed the store, and what it found."""
+    root = machine.store_root or _store_root(machine)
+    last = last_verified(root) if root.is_dir() else None
+    if last is None:
+        return Check("store-verified", OK, "never (the store is trusted as written)",
+                     "Run `pylmserv verify` now and then to detect disk rot.")
+    detail = f"last at {last.get('checked_at')}: {last.get('checked')} entries checked, {last.get('bad')} bad"
+    if last.get("bad"):
+        return Check("store-verified", WARN, detail + " (moved aside)",
+                     "Run `pylmserv fetch NAME` / `pylmserv build` to restore them from their pins.")
+    return Check("store-verified", OK, detail)
+def check_gc(machine: Machine) -> Check:
+    """The store's size and what `pylmserv gc` would free (computed, nothing deleted)."""
+    root = machine.store_root or _store_root(machine)
+    try:
+        size, free, count = estimate(root)
+    except PylmservError as exc:
+        return Check("gc", WARN, f"cannot tell what gc would free: {exc.message}", exc.hint or "")
+    detail = f"store {human_size(size)}; `pylmserv gc` would free {human_size(free)} ({count} item(s))"
+    return Check("gc", OK, detail)
+
+
 # -- lock ----------------------------------------------------------------------------------
 
 def check_lock(config: Optional[Path], lock: Optional[Path]) -> Check:
@@ -581,32 +609,18 @@ def lock_drift(project) -> tuple:
     """(differences between what the config asks for and what the lock pins, unpinned models)."""
     problems, unpinned = [], []
     cfg, lock = project.config, project.lock
-    for name, spec in sorted(cfg.sources.items()):
-        entry = lock.sources.get(name)
-        if entry is None:
-            problems.append(f"source {name} not locked")
-            continue
-        if spec.type in ("github", "git") and entry.get("ref") not in (None, spec.ref):
-            problems.append(f"source {name}: config ref {spec.ref} but lock ref {entry.get('ref')}")
-        if spec.type == "url" and spec.url != entry.url:
-            problems.append(f"source {name}: config url differs from the lock")
-        if spec.sha256 is not None and entry.mode == "flat" and spec.sha256 != entry.hash:
-            problems.append(f"source {name}: config sha256 differs from the lock")
-    for name, spec in sorted(cfg.models.items()):
-        entry = lock.models.get(name)
-        if entry is None:
-            unpinned.append(name)
-            continue
-        if spec.url and spec.url != entry.url:
-            problems.append(f"model {name}: config url differs from the lock")
-        if spec.hf and (entry.get("hf"), entry.get("file")) != (spec.hf, spec.file):
-            problems.append(f"model {name}: config hf/file differs from the lock")
-        if spec.hf and spec.revision not in ("main", entry.rev) and entry.rev is not None:
-            problems.append(f"model {name}: config revision {spec.revision} but lock rev {entry.rev}")
-        if spec.sha256 is not None and spec.sha256 != entry.hash:
-            problems.append(f"model {name}: config sha256 differs from the lock")
-    for kind in ("sources", "models"):
-        extra = sorted(set(getattr(lock, kind)) - set(getattr(cfg, kind)))
-        for name in extra:
-            problems.append(f"{kind[:-1]} {name} locked but not in the config")
+    for kind, label in (("sources", "source"), ("models", "model")):
+        for name, spec in sorted(getattr(cfg, kind).items()):
+            pin = getattr(lock, kind).get(name)
+            if pin is None:
+                if kind == "models":
+                    unpinned.append(name)
+                else:
+                    problems.append(f"{label} {name} not locked")
+                continue
+            problems += [f"{label} {name}: {d}" for d in config_drift(spec, pin)]
+        for name in sorted(set(getattr(lock, kind)) - set(getattr(cfg, kind))):
+            problems.append(f"{label} {name} locked but not in the config")
+    if lock.needs_upgrade:
+        problems.append(f"lock version {lock.version} (read through the upgrade; `pylmserv prefetch` rewrites it)")
     return problems, unpinned

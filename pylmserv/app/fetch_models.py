@@ -9,25 +9,27 @@ fetched whole; archives are verified, then unpacked with the data policy.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Iterable, List, Optional, Sequence, Tuple, Union
 from urllib.parse import quote, unquote, urlsplit
 
 from ..core.archive import extract
-from ..core.errors import NetworkError, UsageError, VerificationError
+from ..core.errors import UsageError, VerificationError
 from ..core.fsutil import unlink_missing_ok
 from ..core.gguf import check_split_set, read_header, split_info, split_names
 from ..core.hashing import Hash
-from ..pins.config import ARCHIVE_SUFFIXES, LockEntry, Project, load_lock, load_project, packaged_dir
+from ..core.names import pin_name, show
+from ..pins.config import ARCHIVE_SUFFIXES, Project, load_project
+from ..pins.lock import FilePin, HfPin, LockEntry, Shard
+from ..pins.lockfile import refuse_packaged, update
 from ..store import blobs as store
 from ..transfer import hub
-from ..transfer.download import download, redact
+from ..transfer.download import download, redact, resolve_stall_limit
 
 log = logging.getLogger("pylmserv.models")
 
@@ -64,20 +66,7 @@ class _Plan:
     name: str
     files: List[_File]
     archive: bool = False
-    record: Optional["_PendingPin"] = None  # written to the lock once the hash is known (TOFU)
-
-
-@dataclass(frozen=True)
-class _PendingPin:
-    """A lock entry still without its hash (trust on first use): the download supplies it."""
-
-    name: str
-    url: str
-    rev: Optional[str] = None
-    extra: Dict[str, object] = field(default_factory=dict)
-
-    def pinned(self, h: Hash, size: int) -> LockEntry:
-        return LockEntry("models", self.name, self.url, h, "flat", rev=self.rev, size=size, extra=dict(self.extra))
+    record: Optional["_Draft"] = None  # the lock entry to write once hashes are known (TOFU)
 
 
 # -- public API ------------------------------------------------------------------------
@@ -85,9 +74,12 @@ class _PendingPin:
 def fetch(items: Union[str, Sequence[str]], dest: Optional[Path] = None, connections: int = 8,
           offline: bool = False, sha256: Union[None, str, Hash] = None, trust_on_first_use: bool = False,
           config: Optional[Path] = None, lock: Optional[Path] = None, progress: bool = True,
-          home: Optional[Path] = None, link_mode: Optional[str] = None) -> List[FetchResult]:
+          home: Optional[Path] = None, link_mode: Optional[str] = None,
+          stall_limit: Optional[float] = None) -> List[FetchResult]:
     """Make every item present and verified in the store; returns one result per item
-    (FetchResult.to_json() is what `pylmserv fetch --json` prints)."""
+    (FetchResult.to_json() is what `pylmserv fetch --json` prints). `stall_limit`:
+    seconds without new data before a download gives up (default $PYLMSERV_STALL_LIMIT,
+    else 120)."""
     if isinstance(items, str):
         items = [items]
     items = list(items)
@@ -95,6 +87,7 @@ def fetch(items: Union[str, Sequence[str]], dest: Optional[Path] = None, connect
         raise UsageError("nothing to fetch", hint="Name a model from the lock, an hf:// path or a URL.")
     if connections < 1 or connections > 64:
         raise UsageError(f"--connections must be between 1 and 64, got {connections}")
+    stall_limit = resolve_stall_limit(stall_limit)
     offline = offline or any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in OFFLINE_ENV)
     expected = _parse_sha256(sha256)
     urls = [i for i in items if _is_url(i)]
@@ -108,7 +101,8 @@ def fetch(items: Union[str, Sequence[str]], dest: Optional[Path] = None, connect
         _tofu_lock_path(project)  # refuse before downloading, not after
     results = []
     for plan in plans:
-        results.append(_fetch_plan(plan, project, dest, connections, offline, progress, home, link_mode))
+        results.append(_fetch_plan(plan, project, dest, connections, offline, progress, home, link_mode,
+                                   stall_limit))
     return results
 
 
@@ -119,6 +113,20 @@ def download_models(names: Iterable[str], target_dir: Union[str, Path]) -> List[
 
 
 # -- planning: item -> files with known (or to-be-trusted) hashes --------------------------
+
+@dataclass(frozen=True)
+class _Draft:
+    """A pin still without its hash (trust on first use): its kind and fields."""
+
+    cls: type
+    fields: dict
+
+    def named(self, name: str) -> "_Draft":
+        return _Draft(self.cls, {**self.fields, "name": name})
+
+    def pin(self, hash: Hash, size: Optional[int], shards) -> LockEntry:
+        return self.cls(kind="models", hash=hash, size=size, shards=tuple(shards), **self.fields)
+
 
 def _is_url(item: str) -> bool:
     return item.startswith(("http://", "https://", "file://", "hf://"))
@@ -175,7 +183,7 @@ def _plan(item: str, project: Optional[Project], sha256: Optional[Hash], tofu: b
                 raise UsageError(f"no known sha256 for {item}",
                                  hint="Pass --sha256 HASH (hex or SRI), or --trust-on-first-use to record "
                                       "the hash of what the server sends in the lock.")
-            record = _PendingPin(name, item)
+            record = _Draft(FilePin, {"name": pin_name(name), "url": item})
             return _Plan(name, _url_files(item, filename, None, None, tofu), _is_archive(filename), record=record)
         return _Plan(name, _url_files(item, filename, sha256, None, tofu), _is_archive(filename))
     if project is None:
@@ -203,9 +211,9 @@ def _plan(item: str, project: Optional[Project], sha256: Optional[Hash], tofu: b
         plan = _plan_hf(f"hf://{spec.hf}/{spec.file}@{spec.revision}", project, True, offline)
         plan.name = item
         if plan.record is not None:
-            plan.record = replace(plan.record, name=item)
+            plan.record = plan.record.named(item)
         return plan
-    record = _PendingPin(item, spec.url or "")
+    record = _Draft(FilePin, {"name": item, "url": spec.url or ""})
     return _Plan(item, _url_files(spec.url or "", spec.filename, None, spec.size, True),
                  _is_archive(spec.filename), record)
 
@@ -242,18 +250,12 @@ def _plan_lock(name: str, entry: LockEntry) -> _Plan:
     if entry.mode != "flat":
         raise UsageError(f"models.{name}: mode {entry.mode!r} is not supported for models",
                          hint="Model pins are flat sha256 hashes of the file.")
-    filename = _filename_of(entry.get("file") or entry.url)
+    filename = _filename_of(getattr(entry, "file", None) or entry.url)
     files = [_File(hub.on_endpoint(entry.url), filename, entry.hash, entry.size)]
-    shards = entry.get("shards")
-    if isinstance(shards, list):
+    shards = getattr(entry, "shards", ())
+    if shards:  # the lock reader has checked their shape
         for shard in shards:
-            try:
-                url = shard["url"]
-                files.append(_File(hub.on_endpoint(url), _filename_of(shard.get("file") or url),
-                                   Hash.parse(shard["hash"]), shard.get("size")))
-            except (KeyError, TypeError, UsageError):
-                raise UsageError(f"models.{name}: malformed shards list in the lock",
-                                 hint=f"Regenerate it: `pylmserv prefetch --refresh {name}`.") from None
+            files.append(_File(hub.on_endpoint(shard.url), _filename_of(shard.file), shard.hash, shard.size))
     else:
         info = split_info(filename)
         if info and info[2] > 1:
@@ -272,8 +274,8 @@ def parse_hf(item: str) -> Tuple[str, str, str]:
     if sep and "/" in head and tail:
         body, revision = head, tail
     parts = body.split("/")
-    if len(parts) < 3 or not all(parts):
-        raise UsageError(f"bad hf:// reference {item!r}", hint="Use hf://org/repo/path/file.gguf[@revision].")
+    if len(parts) < 3 or not all(p not in ("", ".", "..") and "\\" not in p for p in parts):
+        raise UsageError(f"bad hf:// reference {show(repr(item))}", hint="Use hf://org/repo/path/file.gguf[@revision].")
     return "/".join(parts[:2]), "/".join(parts[2:]), revision
 
 
@@ -284,7 +286,7 @@ def _plan_hf(item: str, project: Optional[Project], tofu: bool, offline: bool) -
     # A lock entry for the same repo/file at the same revision needs no network at all.
     if project is not None:
         for entry in project.lock.models.values():
-            if entry.get("hf") == repo and entry.get("file") == path and revision in (entry.rev, "main"):
+            if isinstance(entry, HfPin) and (entry.hf, entry.file) == (repo, path) and revision in (entry.rev, "main"):
                 if revision == entry.rev or offline:
                     return _plan_lock(entry.name, entry)
     if offline:
@@ -298,39 +300,37 @@ def _plan_hf(item: str, project: Optional[Project], tofu: bool, offline: bool) -
     commit = hub.resolve_commit(repo, revision, item)
     directory = path.rsplit("/", 1)[0] + "/" if "/" in path else ""
     wanted = [directory + n for n in split_names(filename)]
-    info = hub.file_info(repo, commit, wanted, item)
-    if info is None:
-        raise NetworkError(f"{item}: the Hub answered neither paths-info nor tree for {repo}",
-                           hint="Check HF_ENDPOINT: it must be a Hugging Face Hub (or a mirror with its API).")
+    meta = hub.files_at(repo, commit, wanted, item)  # a missing file: UsageError, as in prefetch
+    if meta is None:
+        log.info("%s: the Hub offers no file metadata API; no published sha256", item)
     files = []
     for p in wanted:
-        meta = info.get(p)
-        if meta is None:
-            raise NetworkError(f"{repo}@{revision}: no file {p} on the Hub",
-                               hint="Check the repository, file name and revision.")
-        lfs = meta.get("lfs") or {}
-        oid = lfs.get("oid") or lfs.get("sha256")
-        expected = Hash("sha256", bytes.fromhex(oid)) if oid else None
+        info = meta[p] if meta is not None else None
+        expected = info.sha256 if info is not None else None
         if expected is None and not tofu:
-            raise UsageError(f"{repo}/{p}: the Hub publishes no sha256 for it (not an LFS file)",
-                             hint="Pass --trust-on-first-use to record the hash of what is downloaded now.")
-        size = lfs.get("size", meta.get("size"))
-        url = f"{hub.endpoint()}/{repo}/resolve/{quote(commit, safe='')}/{quote(p)}"
-        files.append(_File(url, p.rsplit("/", 1)[-1], expected, int(size) if size is not None else None))
-    canonical = f"{hub.HUB}/{repo}/resolve/{quote(commit, safe='')}/{quote(path)}"
-    record = _PendingPin(name, canonical, rev=commit, extra={"hf": repo, "file": path}) if tofu else None
+            why = "not an LFS file" if meta is not None else "the Hub has no metadata API"
+            raise UsageError(f"{repo}/{p}: the Hub publishes no sha256 for it ({why})",
+                             hint="Pass --trust-on-first-use to record the hash of what is downloaded now, "
+                                  "or pin it with `pylmserv prefetch` (which downloads and hashes it).")
+        files.append(_File(hub.resolve_url(repo, commit, p), p.rsplit("/", 1)[-1], expected,
+                           info.size if info is not None else None))
+    canonical = hub.resolve_url(repo, commit, path, hub.HUB)
+    record = _Draft(HfPin, {"name": pin_name(name), "url": canonical, "rev": commit, "hf": repo, "file": path,
+                            "revision": revision}) if tofu else None
     return _Plan(name, files, _is_archive(filename), record=record)
 
 
 # -- fetching ------------------------------------------------------------------------------
 
-def _fetch_plan(plan: _Plan, project, dest, connections, offline, progress, home, link_mode) -> FetchResult:
+def _fetch_plan(plan: _Plan, project, dest, connections, offline, progress, home, link_mode,
+                stall_limit=None) -> FetchResult:
     started = time.monotonic()
     home = store.root(home)
     got: List[Tuple[_File, Hash, int]] = []
     downloaded = 0
     for f in plan.files:
-        h, size, nbytes = _ensure_blob(f, connections, offline, progress, home, check_gguf=not plan.archive)
+        h, size, nbytes = _ensure_blob(f, connections, offline, progress, home, check_gguf=not plan.archive,
+                                       stall_limit=stall_limit)
         got.append((f, h, size))
         downloaded += nbytes
     if plan.archive:
@@ -359,7 +359,8 @@ def _split(path: Path) -> bool:
     return split_info(path.name) is not None
 
 
-def _ensure_blob(f: _File, connections, offline, progress, home, check_gguf: bool) -> Tuple[Hash, int, int]:
+def _ensure_blob(f: _File, connections, offline, progress, home, check_gguf: bool,
+                 stall_limit: Optional[float] = None) -> Tuple[Hash, int, int]:
     """(hash, size, bytes downloaded) of `f`, in the store afterwards."""
     if f.expected is not None and store.has_blob(f.expected, home):
         size = store.blob_path(f.expected, home).stat().st_size
@@ -379,6 +380,7 @@ def _ensure_blob(f: _File, connections, offline, progress, home, check_gguf: boo
         staged = store.temp_path(f.filename, home)
         try:
             result = download(f.url, staged, expected=f.expected, size=f.size, connections=connections,
+                              stall_limit=stall_limit,
                               headers=hub.auth_headers(f.url), progress=progress, tmp_dir=store.tmp_dir(home))
             if check_gguf and _gguf_name(f.filename):
                 read_header(staged)
@@ -454,12 +456,12 @@ def _place_dest(plan: _Plan, got, files: List[Path], dest: Path, link_mode, home
     dest.mkdir(parents=True, exist_ok=True)
     if plan.archive:
         out = dest / plan.name
-        if out.exists():
-            shutil.rmtree(out)
-        shutil.copytree(store.entry_dir(plan.name, home), out, ignore=shutil.ignore_patterns(store.MANIFEST))
+        _copy_contained(store.entry_dir(plan.name, home), out, plan.name)
         return out
     placed = []
     for f, h, _ in got:
+        if f.filename in ("", ".", "..") or "/" in f.filename or "\\" in f.filename:
+            raise UsageError(f"{plan.name}: refusing to place a file named {f.filename!r} in {dest}")
         target = dest / f.filename
         if not target.exists() or not os.path.samefile(target, store.blob_path(h, home)):
             # A symlink into a cache the user may clear is a trap in a user directory.
@@ -472,22 +474,69 @@ def _place_dest(plan: _Plan, got, files: List[Path], dest: Path, link_mode, home
     return placed[0]
 
 
+def _copy_contained(src: Path, out: Path, name: str) -> None:
+    """Copy the unpacked entry `src` to `out`, never leaving it: directories and regular
+    files are copied, symlinks are recreated as symlinks (never followed, so a link to
+    an ancestor is no endless tree) and only when they resolve inside `src`. `out` is
+    replaced whole (a symlink there is removed, never followed)."""
+    import stat
+
+    root = os.path.realpath(src)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    _remove(tmp)
+    try:
+        tmp.mkdir()
+        for dirpath, dirnames, filenames in os.walk(src, followlinks=False):
+            rel = os.path.relpath(dirpath, src)
+            here = tmp if rel == "." else tmp / rel
+            for entry in sorted(dirnames + filenames):
+                if rel == "." and entry == store.MANIFEST:
+                    continue
+                source = os.path.join(dirpath, entry)
+                st = os.lstat(source)
+                if stat.S_ISLNK(st.st_mode):
+                    link = os.readlink(source)
+                    real = os.path.realpath(source)
+                    if os.path.isabs(link) or not (real == root or real.startswith(root + os.sep)):
+                        raise VerificationError(
+                            f"{name}: the store entry has a symlink {os.path.join(rel, entry)!r} -> {link!r} "
+                            "that leaves the model folder; nothing was copied",
+                            hint=f"The entry was modified after unpacking: run `pylmserv verify {name}`, "
+                                 "then fetch it again.")
+                    os.symlink(link, here / entry)
+                elif stat.S_ISDIR(st.st_mode):
+                    (here / entry).mkdir()
+                elif stat.S_ISREG(st.st_mode):
+                    shutil.copyfile(source, here / entry, follow_symlinks=False)
+                    os.chmod(here / entry, stat.S_IMODE(st.st_mode) | 0o200)
+                else:
+                    raise VerificationError(f"{name}: the store entry holds a special file "
+                                            f"{os.path.join(rel, entry)!r}; nothing was copied",
+                                            hint=f"Run `pylmserv verify {name}`, then fetch it again.")
+        _remove(out)
+        os.replace(tmp, out)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, a symlink (not what it points at) or a directory tree."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
 def _record_tofu(plan: _Plan, got, project: Optional[Project]) -> None:
-    """Trust on first use: write what was verified-by-download into the lock (atomic)."""
-    from filelock import FileLock
+    """Trust on first use: write what was verified-by-download into the lock (the one
+    read-merge-write path, under the lock's file lock)."""
 
     path = _tofu_lock_path(project)
-
     first_file, first_hash, first_size = got[0]
-    entry = plan.record.pinned(first_hash, first_size)
-    if len(got) > 1:
-        shards = [{"file": f.filename, "hash": h.sri, "size": s,
-                   "url": _canonical_url(f.url)} for f, h, s in got[1:]]
-        entry = replace(entry, extra={**entry.extra, "shards": shards})
-    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
-    with FileLock(str(store.tmp_dir() / f"lockfile-{key}.lock")):
-        current = load_lock(path)  # re-read: another process may have written meanwhile
-        current.with_entry(entry).write(path)
+    shards = tuple(Shard(f.filename, _canonical_url(f.url), h, s) for f, h, s in got[1:])
+    entry = plan.record.pin(first_hash, first_size, shards)
+    update(path, lambda current: current.with_entry(entry))
     log.info("recorded %s in %s (trust on first use): %s", entry.name, path, first_hash.sri)
 
 
@@ -496,9 +545,7 @@ def _tofu_lock_path(project: Optional[Project]) -> Path:
         raise UsageError("--trust-on-first-use needs a lock file to record the hash in",
                          hint="Pass --lock PATH (it is created if missing).")
     path = Path(project.lock.path)
-    if packaged_dir() in path.resolve().parents:
-        raise UsageError("refusing to record a trust-on-first-use pin in the packaged catalog's lock",
-                         hint="Pass --lock ./pylmserv.lock, or create pylmserv.toml here.")
+    refuse_packaged(path)
     return path
 
 

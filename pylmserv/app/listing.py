@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from ..pins.config import Project
+from ..pins.drift import config_drift
 from ..store import blobs as store
 from ..store import layout as paths
 from ..store.trees import store_path
@@ -43,6 +44,7 @@ class Entry:
     fetched_path: Optional[Path] = None
     fetched_size: Optional[int] = None
     stale: bool = False  # fetched, but not the bytes the lock pins now
+    drift: Tuple[str, ...] = ()  # how the lock's pin differs from what the config asks (pins.drift)
     built: Tuple[Built, ...] = field(default_factory=tuple)
 
     @property
@@ -52,7 +54,7 @@ class Entry:
     def to_dict(self) -> dict:
         return {
             "kind": self.kind, "name": self.name, "description": self.description, "locked": self.locked,
-            "pin": self.pin, "size": self.size,
+            "pin": self.pin, "size": self.size, "drift": list(self.drift),
             "fetched": {"path": str(self.fetched_path), "size": self.fetched_size, "stale": self.stale}
             if self.fetched_path else None,
             "built": [b.to_dict() for b in self.built],
@@ -102,13 +104,13 @@ def entries(project: Project, home: Optional[Path] = None) -> List[Entry]:
             "model", name, description=spec.description if spec else "", locked=pin is not None,
             pin=pin.hash.hex if pin else None, size=pin.size if pin else (spec.size if spec else None),
             fetched_path=fetched.path if fetched else None, fetched_size=fetched.size if fetched else None,
-            stale=stale))
+            stale=stale, drift=tuple(config_drift(spec, pin)) if spec and pin else ()))
     for name in sorted(set(cfg.sources) | set(lock.sources)):
         spec, pin = cfg.sources.get(name), lock.sources.get(name)
         engine = ENGINE_SOURCES.get(name)
         built = tuple(b for b in all_builds if b.engine == engine) if engine else ()
         description = str(spec.meta.get("description", "")) if spec else ""
-        rev = (pin.rev or pin.get("ref") or pin.get("version")) if pin else None
+        rev = (pin.rev or getattr(pin, "ref", None) or getattr(pin, "version", None)) if pin else None
         fetched_path = fetched_size = None
         if pin is not None:
             where = store_path(pin, home)
@@ -117,5 +119,6 @@ def entries(project: Project, home: Optional[Path] = None) -> List[Entry]:
                 fetched_size = where.stat().st_size if where.is_file() else None
         out.append(Entry("source", name, description=description, locked=pin is not None,
                          pin=rev or (pin.hash.sri if pin else None), size=pin.size if pin else None,
-                         fetched_path=fetched_path, fetched_size=fetched_size, built=built))
+                         fetched_path=fetched_path, fetched_size=fetched_size, built=built,
+                         drift=tuple(config_drift(spec, pin)) if spec and pin else ()))
     return out

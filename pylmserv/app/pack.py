@@ -6,6 +6,7 @@ checks the inputs, builds `.args` and reports.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Sequence, Union
@@ -13,7 +14,8 @@ from typing import List, Sequence, Union
 from ..core import gguf
 from ..core.apezip import (DEFAULT_ALIGN, U32, PackedEntry, check_align, check_readable,  # noqa: F401
                            read_central_directory, verify_packed, write_archive)
-from ..core.errors import UsageError
+from ..core.errors import UsageError, VerificationError
+from ..core.names import show
 
 log = logging.getLogger("pylmserv.pack")
 
@@ -57,9 +59,10 @@ def pack(model: Union[str, Path], llamafile: Union[str, Path], output: Union[str
         check_readable(path, "file")
     args = [str(a) for a in args]
     for a in args:
-        if "\n" in a or "\r" in a:
-            raise UsageError(f"--arg {a!r} contains a line break", hint=".args holds one argument per line; split it into several --arg.")
+        check_arg(a)
     names = [model.name] + [p.name for p in extra_files]
+    for n in names:
+        check_entry_name(n)
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes or ".args" in names:
         raise UsageError(f"two files would share the name {', '.join(dupes) or '.args'} in the archive",
@@ -69,10 +72,16 @@ def pack(model: Union[str, Path], llamafile: Union[str, Path], output: Union[str
         raise UsageError(f"output {output} is one of the inputs", hint="Choose another -o path.")
     if output.is_dir():
         raise UsageError(f"output {output} is a directory", hint="Give a file path to -o.")
+    check_output_dir(output)
     arg_lines = ["-m", f"/zip/{model.name}", *args, "..."]
     args_blob = ("\n".join(arg_lines) + "\n").encode("utf-8")
     files = [(p.name, p) for p in [model, *extra_files]]
-    size, entries, kept, replaced, zip64 = write_archive(llamafile, output, files, [(".args", args_blob)], align, verify)
+    try:
+        size, entries, kept, replaced, zip64 = write_archive(llamafile, output, files, [(".args", args_blob)],
+                                                             align, verify)
+    except OSError as exc:  # the output's directory cannot be made or written (before any byte)
+        raise UsageError(f"cannot write {output}: {exc.strerror or exc}",
+                         hint="Choose an -o path in a writable directory.") from None
     warnings = []
     if replaced:
         warnings.append(f"replaced {replaced} existing entr{'y' if replaced == 1 else 'ies'} of the same name "
@@ -97,9 +106,60 @@ def _verify_mode(verify) -> str:
 
 
 def _check_model(model: Path) -> None:
+    """The whole GGUF header, as llamafile's loader reads it (not only the magic)."""
     check_readable(model, "model")
-    with open(model, "rb") as f:
-        magic = f.read(4)
-    if magic != gguf.MAGIC:
-        raise UsageError(f"{model} is not a GGUF model (starts with {magic!r}, expected b'GGUF')",
-                         hint="Pass the .gguf file as MODEL; other files can follow it as extra files.")
+    try:
+        gguf.check_layout(model)
+    except VerificationError as exc:
+        why = exc.message.split(": ", 1)[-1]  # (read_header names the file itself)
+        raise UsageError(f"{model} is not a GGUF model llamafile can load: {why}",
+                         hint="Pass a complete .gguf file as MODEL (re-download it if it is truncated); "
+                              "other files can follow it as extra files.") from None
+
+
+# llamafile 0.8.4 reads /zip/.args with cosmopolitan's LoadZipArgs: one argument per line
+# (CR and LF both end a line, empty lines are skipped, NUL ends the text), the line `...`
+# becomes the user's own arguments. (Newer llamafiles parse .args like a shell instead.)
+_LOST = {"\n": "a line break", "\r": "a carriage return", "\x00": "a NUL byte"}
+
+
+def check_arg(arg: str) -> None:
+    """Refuse an argument llamafile 0.8.4 would split, drop or reinterpret."""
+    for char, what in _LOST.items():
+        if char in arg:
+            raise UsageError(f"--arg {show(repr(arg))} contains {what}: llamafile 0.8.4 would split or cut it",
+                             hint=".args holds one argument per line; pass several --arg instead.")
+    if arg == "":
+        raise UsageError("--arg '' is empty: llamafile 0.8.4 skips empty lines of .args, so it would be lost",
+                         hint="Leave it out, or give the option a value.")
+    if arg == "...":
+        raise UsageError("--arg '...' is where llamafile puts the user's own arguments; pack adds it last",
+                         hint="Leave it out.")
+    if arg in ("-m", "--model") or arg.startswith("--model="):
+        raise UsageError(f"--arg {arg} would replace the packed model", hint="The model is the MODEL argument of pack.")
+    try:
+        arg.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"--arg {show(repr(arg))} is not valid text (undecodable bytes)",
+                         hint="Pass arguments as UTF-8 text.") from None
+
+
+def check_entry_name(name: str) -> None:
+    """A file name that goes into the archive as a ZIP entry (UTF-8, /zip/NAME in .args)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"file name {show(repr(name))} is not valid UTF-8 (undecodable bytes)",
+                         hint="Rename the file to a UTF-8 name before packing it.") from None
+    if any(c in name for c in "\n\r\x00"):
+        raise UsageError(f"file name {show(repr(name))} holds a line break or NUL: it cannot be named in .args",
+                         hint="Rename the file.")
+
+
+def check_output_dir(output: Path) -> None:
+    parent = output.parent if str(output.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise UsageError(f"cannot write {output}: {parent} is not a directory", hint="Choose another -o path.")
+    if parent.is_dir() and not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write {output}: {parent} is not writable",
+                         hint="Choose an -o path in a writable directory.")

@@ -6,13 +6,16 @@ started; Ctrl-C / SIGTERM given to pylmserv are forwarded there, and on any exit
 """
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,18 +195,79 @@ def _needs_shell(binary: Path, binfmt_dir: Optional[Path] = None) -> bool:
     return binfmt.is_ape(binary) and not binfmt.read_binfmt(directory).direct_exec_ok
 
 
-def server_command(server: Path, model_path: Path, opts: ServeOptions) -> List[str]:
-    """llama-server's (or llamafile's --server) argument list."""
+# Options pylmserv owns: set after `--` they would override the checked bind address
+# (llama-server and llamafile take the last --host/--port) or put a key into `ps`.
+OWNED_FLAGS = ("--host", "--port", "--api-key", "--api-key-file")
+# Their environment spellings (llama-server reads LLAMA_ARG_*): never inherited by the child.
+OWNED_ENV = ("LLAMA_ARG_HOST", "LLAMA_ARG_PORT", "LLAMA_API_KEY", "LLAMA_ARG_API_KEY_FILE", "PYLMSERV_API_KEY")
+
+
+def check_extra_args(extra_args: Sequence[str]) -> None:
+    """Refuse server arguments after `--` that would bypass the bind check or leak a key."""
+    for arg in extra_args:
+        flag = arg.split("=", 1)[0]
+        if flag in OWNED_FLAGS:
+            own = "--api-key" if flag.startswith("--api-key") else flag
+            raise UsageError(f"refusing server argument {arg.split('=', 1)[0]!r} after `--`: pylmserv sets it",
+                             hint=f"Use `pylmserv serve {own} ...` instead: the bind address is checked by the "
+                                  "loopback rule (--public), and the API key never goes on the command line.")
+
+
+def check_api_key(key: Optional[str]) -> None:
+    """A key the servers read back as exactly one key: llama-server splits --api-key (and
+    LLAMA_API_KEY) on commas, key files are one key per line and skip '#' lines."""
+    if key is None:
+        return
+    if not key or "," in key or key.startswith("#") or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in key):
+        raise UsageError("unusable --api-key: it must be one token without commas, spaces or control characters, "
+                         "not starting with '#'",
+                         hint="llama-server would split it into several (weaker) keys; use e.g. "
+                              "`python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`.")
+
+
+def server_command(server: Path, model_path: Path, opts: ServeOptions, key_file: Optional[Path] = None) -> List[str]:
+    """llama-server's (or llamafile's --server) argument list. Never the API key itself:
+    llama-server reads it from LLAMA_API_KEY (server_env), llamafile 0.8.4 from `key_file`."""
     argv = [str(server)]
     if opts.engine == "llamafile":
         argv += ["--server", "--nobrowser"]
     argv += ["-m", str(model_path), "--host", opts.host, "--port", str(opts.port)]
     if opts.ngl is not None:
         argv += ["-ngl", str(opts.ngl)]
-    if opts.api_key:
-        argv += ["--api-key", opts.api_key]
+    if opts.api_key and opts.engine == "llamafile":
+        if key_file is None:
+            raise ValueError("llamafile needs the API key in a file")
+        argv += ["--api-key-file", str(key_file)]
     argv += list(opts.extra_args)
     return argv
+
+
+def server_env(opts: ServeOptions, base: Optional[dict] = None) -> dict:
+    """The child's environment: the API key for llama-server (LLAMA_API_KEY), none stray."""
+    env = dict(os.environ if base is None else base)
+    for name in OWNED_ENV:
+        env.pop(name, None)
+    if opts.api_key and opts.engine != "llamafile":
+        env["LLAMA_API_KEY"] = opts.api_key
+    return env
+
+
+@contextlib.contextmanager
+def api_key_file(opts: ServeOptions):
+    """A mode-0600 file with the key in a private (0700) directory, removed afterwards;
+    None when there is no key or the engine reads it from the environment."""
+    if not opts.api_key or opts.engine != "llamafile":
+        yield None
+        return
+    directory = Path(tempfile.mkdtemp(prefix="pylmserv-key."))  # mkdtemp: mode 0700
+    path = directory / "api-key"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(opts.api_key + "\n")
+        yield path
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 # -- the process ---------------------------------------------------------------------------
@@ -329,7 +393,8 @@ class _Stop:
     handlers: dict = field(default_factory=dict)
 
 
-def run_server(argv: Sequence[str], opts: ServeOptions, on_ready: Callable[[ServeUrls], None]) -> int:
+def run_server(argv: Sequence[str], opts: ServeOptions, on_ready: Callable[[ServeUrls], None],
+               env: Optional[dict] = None) -> int:
     """Start the server, wait for /health, call on_ready, block until it exits or we are signalled.
 
     Returns the exit status for the CLI: 130 when stopped by SIGINT/SIGTERM, else the
@@ -345,7 +410,7 @@ def run_server(argv: Sequence[str], opts: ServeOptions, on_ready: Callable[[Serv
         stop.signum = signum
         server.signal_group(signum)  # forward: llama-server shuts down cleanly on SIGINT/SIGTERM
 
-    server = ServerProcess(argv, log_file=opts.log_file)
+    server = ServerProcess(argv, log_file=opts.log_file, env=env)
     in_main = _is_main_thread()
     try:
         if in_main:
@@ -388,11 +453,14 @@ def serve(opts: ServeOptions, on_ready: Callable[[ServeUrls], None], config: Opt
     if not 0 < opts.port < 65536:
         raise UsageError(f"bad port {opts.port}", hint="Use a port between 1 and 65535.")
     check_bind(opts.host, opts.public, opts.api_key)
+    check_extra_args(opts.extra_args)
+    check_api_key(opts.api_key)
     check_port_free(opts.host, opts.port)
     model_path = resolve_model(opts.model, config, lock, offline=opts.offline)
     server = resolve_server(opts.engine, opts.backend, opts.server_bin, config, lock)
-    argv = server_command(server, model_path, opts)
-    if opts.engine == "llamafile" and _needs_shell(server):
-        argv = ["/bin/sh"] + argv  # APE files run as shell scripts when binfmt_misc cannot start them
-    log.info("serving %s with %s", model_path, server)
-    return run_server(argv, opts, on_ready)
+    with api_key_file(opts) as key_file:
+        argv = server_command(server, model_path, opts, key_file)
+        if opts.engine == "llamafile" and _needs_shell(server):
+            argv = ["/bin/sh"] + argv  # APE files run as shell scripts when binfmt_misc cannot start them
+        log.info("serving %s with %s", model_path, server)
+        return run_server(argv, opts, on_ready, env=server_env(opts))

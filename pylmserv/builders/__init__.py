@@ -44,21 +44,24 @@ def build(what: str = "llama.cpp", backend: str = "cpu", targets: Optional[Seque
           jobs: Optional[int] = None, prefix: Optional[Path] = None, cmake_args: Sequence[str] = (),
           force: bool = False, dry_run: bool = False, source_dir: Optional[Path] = None,
           config: Optional[Path] = None, lock: Optional[Path] = None, module_only: bool = False,
-          cuda_blas: Optional[str] = None) -> BuildResult:
+          cuda_blas: Optional[str] = None, reproducible: Optional[bool] = None) -> BuildResult:
     """Build `what` for `backend` ("auto": what this machine has, see resolve_backend); a no-op
-    (cache_hit=True) when the stamp says it is done."""
+    (cache_hit=True) when the stamp says it is done. `reproducible` (default: on for portable
+    llama.cpp builds): the same lock and options give the same bytes in any PYLMSERV_HOME."""
     backend, choice = resolve_backend(what, backend, source_dir=source_dir, config=config, lock=lock)
     result = _build(what, backend, targets, cuda_arch, gpu_targets, portable, jobs, prefix, cmake_args, force,
-                    dry_run, source_dir, config, lock, module_only, cuda_blas)
+                    dry_run, source_dir, config, lock, module_only, cuda_blas, reproducible)
     return dataclasses.replace(result, auto=choice.describe()) if choice is not None else result
 
 
 def _build(what, backend, targets, cuda_arch, gpu_targets, portable, jobs, prefix, cmake_args, force, dry_run,
-           source_dir, config, lock, module_only, cuda_blas) -> BuildResult:
+           source_dir, config, lock, module_only, cuda_blas, reproducible=None) -> BuildResult:
     if what == "llamafile":
         return build_llamafile(backend=backend, jobs=jobs, prefix=prefix, dry_run=dry_run, force=force,
                                config=config, lock=lock, source_dir=source_dir, cuda_arch=cuda_arch,
                                gpu_targets=gpu_targets, module_only=module_only, cuda_blas=cuda_blas or "tinyblas")
+    if reproducible is not None and what != "llama.cpp":
+        raise UsageError("--reproducible applies to `pylmserv build llama.cpp` only")
     if module_only or cuda_blas:
         raise UsageError("--module-only and --cuda-blas apply to `pylmserv build llamafile` only",
                          hint="llama.cpp's CUDA backend always links cuBLAS.")
@@ -71,7 +74,7 @@ def _build(what, backend, targets, cuda_arch, gpu_targets, portable, jobs, prefi
         raise UsageError(f"--jobs must be at least 1, got {jobs}")
     req = Request(backend=backend, targets=tuple(dict.fromkeys(targets or DEFAULT_TARGETS)),
                   cuda_arch=cuda_arch, gpu_targets=gpu_targets, portable=portable, jobs=jobs,
-                  cmake_args=tuple(cmake_args))
+                  cmake_args=tuple(cmake_args), reproducible=portable if reproducible is None else reproducible)
     return LlamaCppBuild(req, prefix=prefix, force=force, source_dir=source_dir, config=config, lock=lock).run(dry_run)
 
 
@@ -178,6 +181,7 @@ class LlamaCppBuild(BuildSkeleton):
             "backend": req.backend, "targets": sorted(req.targets), "cuda_arch": req.cuda_arch,
             "gpu_targets": req.gpu_targets, "portable": req.portable, "cmake_args": list(req.cmake_args),
             "build_type": req.build_type, "platform": f"{sys.platform}-{_platform.machine()}",
+            **({"reproducible": True} if req.reproducible else {}),  # absent when off: older keys stay valid
             "detected": {"openssl": det.openssl, "blas": det.blas_vendor, "cuda_archs": list(det.cuda_archs),
                          "gfx": list(det.gfx_targets),
                          # CUDA only: the keys of other backends' builds stay what they were
@@ -207,7 +211,8 @@ class LlamaCppBuild(BuildSkeleton):
                 notes=mapping.notes + (f"this CUDA toolkit has no stubs/libcuda.so: linking against a generated "
                                        f"stub {stub} (SONAME libcuda.so.1, the driver's exports from cuda.h)",))
         launcher = tc.ccache.path if tc.ccache.found else None
-        env = backend_env(self.req.backend, tc.extra.get("rocm"))
+        env = dict(mapping.env)  # reproducible builds: SOURCE_DATE_EPOCH, CCACHE_BASEDIR=""
+        env.update(backend_env(self.req.backend, tc.extra.get("rocm")))
         cmds = make_commands(tc.cmake.path or "cmake", tc.ninja.path, source, self.build_dir, mapping,
                              self.req.targets, self.req.jobs, launcher, self.req.backend, env)
         return mapping, cmds, env

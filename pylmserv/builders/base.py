@@ -9,6 +9,7 @@ prepared and compiled, which outputs are installed.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from filelock import FileLock
 
 from ..store import records as stamps
 from ..store.layout import home
-from .llama_cpp import install_files, point_current
+from .llama_cpp import install_files, point_current, shared_libs
 from .result import BuildResult
 
 log = logging.getLogger("pylmserv.build")
@@ -35,6 +36,22 @@ class Compiled:
     notes: Tuple[str, ...] = ()
     commands: Tuple[str, ...] = ()
     extra: Dict[str, object] = field(default_factory=dict)  # recorded in the stamp
+
+
+def output_digests(outputs: Mapping[str, Path], libs_dir: Optional[Path]) -> Dict[str, str]:
+    """sha256 of every file that ships (the installed outputs and the shared libraries beside
+    them), by file name: recorded in the stamp, so an up-to-date build reports them without
+    reading the files (reproducible builds are compared by these)."""
+    files = {Path(p).name: Path(p) for p in outputs.values()}
+    files.update({p.name: p for p in (shared_libs(libs_dir.parent) if libs_dir is not None else [])})
+    out = {}
+    for name, path in sorted(files.items()):
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        out[name] = h.hexdigest()
+    return out
 
 
 class BuildSkeleton:
@@ -99,21 +116,24 @@ class BuildSkeleton:
         if stamp is not None:
             log.debug("up to date: %s", self.build_dir)
             return self.finish(stamp.output_paths(), cache_hit=True, notes=("up to date: nothing to do",),
-                               commands=tuple(stamp.extra.get("commands", ())))
+                               commands=tuple(stamp.extra.get("commands", ())), sha256=stamp.extra.get("sha256"))
         source = self.prepare()
         self.build_dir.mkdir(parents=True, exist_ok=True)
         with FileLock(str(self.build_dir) + ".lock", timeout=LOCK_TIMEOUT):
             stamp = self._reusable()  # another process may have just finished it
             if stamp is not None:
                 return self.finish(stamp.output_paths(), cache_hit=True, notes=("built by a concurrent run",),
-                                   commands=tuple(stamp.extra.get("commands", ())))
+                                   commands=tuple(stamp.extra.get("commands", ())), sha256=stamp.extra.get("sha256"))
             stamps.remove_stamp(self.stamp_path)  # a failed build must not look done
             t0 = time.monotonic()
             done = self.compile(source)
+            digests = output_digests(self.select(done.outputs), self.libs_dir())
             stamp = stamps.make_stamp(self.inputs, done.outputs, seconds=time.monotonic() - t0,
-                                      extra={"commands": list(done.commands), "source": str(source), **done.extra})
+                                      extra={"commands": list(done.commands), "source": str(source), **done.extra,
+                                             "sha256": digests})
             stamps.write_stamp(self.stamp_path, stamp)
-        return self.finish(done.outputs, cache_hit=False, notes=done.notes, source=source, commands=done.commands)
+        return self.finish(done.outputs, cache_hit=False, notes=done.notes, source=source, commands=done.commands,
+                           sha256=digests)
 
     # -- install ---------------------------------------------------------------------------
 
@@ -122,11 +142,12 @@ class BuildSkeleton:
             return self.prefix
         return self.home / "bin" / f"{self.engine}-{self.kind}" / self.key
 
-    def finish(self, outputs: Dict[str, Path], cache_hit: bool, notes=(), source=None, commands=()) -> BuildResult:
+    def finish(self, outputs: Dict[str, Path], cache_hit: bool, notes=(), source=None, commands=(),
+               sha256=None) -> BuildResult:
         prefix = self.prefix_dir()
         bindir = prefix / "bin" if self.prefix is not None else prefix
         installed = install_files(self.select(outputs), bindir, with_libs=self.libs_dir())
         current = point_current(prefix) if self.prefix is None else None
         return BuildResult(self.engine, self.backend, installed, self.build_dir, prefix,
                            time.monotonic() - self.start, cache_hit, self.key, source, tuple(commands), (),
-                           tuple(notes), current=current)
+                           tuple(notes), current=current, sha256=dict(sha256 or {}))

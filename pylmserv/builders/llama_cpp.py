@@ -33,6 +33,10 @@ DEFAULT_TARGETS = ("llama-cli", "llama-server", "llama-bench")
 MAPPING_VERSION = 2  # bump when the option mapping changes: new build keys, no stale reuse
 LOG_NAME = "pylmserv-build.log"
 CONFIGURE_TIMEOUT = 900
+# Reproducible builds: the fixed time (1980-01-01, valid for zip too) when the user set none,
+# and where the source and build trees appear in the binaries whatever their real paths.
+SOURCE_DATE_EPOCH = "315532800"
+MAPPED_SOURCE, MAPPED_BUILD = "/pylmserv/source", "/pylmserv/build"
 BUILD_TIMEOUT = 6 * 3600
 
 # Where the CMake switches of a llama.cpp tree are declared (paths vary by version).
@@ -151,6 +155,7 @@ class Request:
     jobs: Optional[int] = None
     cmake_args: Tuple[str, ...] = ()
     build_type: str = "Release"
+    reproducible: bool = False  # same lock + options -> same bytes (path maps, fixed time, deterministic ar/ld)
 
 
 @dataclass(frozen=True)
@@ -172,6 +177,7 @@ class Mapping_:
     defines: Tuple[Tuple[str, str], ...]
     env: Tuple[Tuple[str, str], ...] = ()
     notes: Tuple[str, ...] = ()
+    reproducible: bool = False  # make_commands adds the -ffile-prefix-map flags (it knows the paths)
 
     def as_dict(self) -> Dict[str, str]:
         return dict(self.defines)
@@ -286,13 +292,38 @@ def map_options(req: Request, features: SourceFeatures, det: Detected,
         put(f"{P}_METAL", "ON")
         put(f"{P}_METAL_EMBED_LIBRARY", "ON")  # one self-contained binary, no .metal file beside it
 
+    if req.reproducible:
+        _reproducible(req, det, d, env, notes)
+
     for raw in req.cmake_args:
         name, value, note = translate_arg(raw, features)
         if note:
             notes.append(note)
         if name is not None:
             d[name] = value
-    return Mapping_(tuple(d.items()), tuple(sorted(env.items())), tuple(notes))
+    return Mapping_(tuple(d.items()), tuple(sorted(env.items())), tuple(notes), reproducible=req.reproducible)
+
+
+def _reproducible(req: Request, det: Detected, d: Dict[str, str], env: Dict[str, str], notes: List[str]) -> None:
+    """What leaks time and place into llama.cpp's binaries, fixed: __DATE__/__TIME__
+    (SOURCE_DATE_EPOCH), build-path RPATHs ($ORIGIN), archive member times and order
+    (ar/ranlib -D), the build-id (a hash of the linked bytes); __FILE__ and debug paths are
+    mapped in make_commands. ccache stays transparent: no base-dir path rewriting."""
+    env["SOURCE_DATE_EPOCH"] = os.environ.get("SOURCE_DATE_EPOCH") or SOURCE_DATE_EPOCH
+    env["CCACHE_BASEDIR"] = ""  # rewriting absolute paths to relative ones would defeat the path maps
+    d["CMAKE_BUILD_RPATH_USE_ORIGIN"] = "ON"
+    if det.platform.startswith("linux"):
+        for lang in ("C", "CXX"):
+            d[f"CMAKE_{lang}_ARCHIVE_CREATE"] = "<CMAKE_AR> qcD <TARGET> <LINK_FLAGS> <OBJECTS>"
+            d[f"CMAKE_{lang}_ARCHIVE_APPEND"] = "<CMAKE_AR> qD <TARGET> <LINK_FLAGS> <OBJECTS>"
+            d[f"CMAKE_{lang}_ARCHIVE_FINISH"] = "<CMAKE_RANLIB> -D <TARGET>"
+        for kind in ("EXE", "SHARED", "MODULE"):
+            d[f"CMAKE_{kind}_LINKER_FLAGS"] = "-Wl,--build-id=sha1"
+    if not req.portable and d.get("GGML_NATIVE", d.get("LLAMA_NATIVE")) == "ON":
+        notes.append("reproducible native build: identical bytes on machines with the same CPU features "
+                     "(-march=native); --portable gives one binary for every x86-64/arm64 CPU")
+    if req.backend in ("cuda", "rocm"):
+        notes.append(f"reproducible {req.backend} build: host code is path-mapped; device code was not verified")
 
 
 def translate_arg(raw: str, features: SourceFeatures) -> Tuple[Optional[str], str, Optional[str]]:
@@ -342,6 +373,14 @@ def make_commands(cmake: str, ninja: Optional[str], source: Path, build_dir: Pat
         if os.path.basename(ninja) != "ninja" or not shutil.which("ninja"):
             argv.append(f"-DCMAKE_MAKE_PROGRAM={ninja}")
     defines = dict(mapping.defines)
+    if mapping.reproducible:
+        # __FILE__ (GGML_ASSERT), debug info and macros name the mapped paths, not this machine's.
+        pairs = [(source, MAPPED_SOURCE), (build_dir, MAPPED_BUILD)]
+        pairs += [(Path(p).resolve(), m) for p, m in pairs if Path(p).resolve() != Path(p)]  # symlinked homes
+        maps = " ".join(f"-ffile-prefix-map={p}={m}" for p, m in pairs)
+        for lang in ("C", "CXX"):
+            key = f"CMAKE_{lang}_FLAGS"
+            defines[key] = f"{defines[key]} {maps}" if defines.get(key) else maps
     if launcher:
         langs = ["C", "CXX"] + (["CUDA"] if backend == "cuda" else []) + (["HIP"] if backend == "rocm" else [])
         for lang in langs:

@@ -1,7 +1,7 @@
 """What a build returns (both engines): installed binaries, where, and how it went."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -23,6 +23,7 @@ class BuildResult:
     dry_run: bool = False
     current: Optional[Path] = None  # the `current` link of this engine/backend, default prefix only
     auto: Optional[str] = None  # --backend auto: what it chose and why
+    sha256: Dict[str, str] = field(default_factory=dict)  # shipped file name -> sha256 hex, as built
 
     @property
     def paths(self) -> Dict[str, Path]:
@@ -35,5 +36,5 @@ class BuildResult:
             "paths": {k: str(v) for k, v in sorted(self.binaries.items())}, "key": self.key,
             "source": str(self.source) if self.source else None, "commands": list(self.commands),
             "current": str(self.current) if self.current else None, "notes": list(self.notes),
-            "dry_run": self.dry_run, "auto": self.auto,
+            "dry_run": self.dry_run, "auto": self.auto, "sha256": dict(sorted(self.sha256.items())),
         }

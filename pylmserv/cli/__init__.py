@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -16,6 +16,7 @@ import click
 
 from ..core.version import __version__
 from ..core.errors import EXIT_CODES, PylmservError
+from ..core.names import show
 
 # name -> (module under pylmserv.cli, one-line help shown by --help)
 COMMANDS = {
@@ -27,6 +28,10 @@ COMMANDS = {
     "list": ("list_", "Show catalog entries: locked, fetched, built."),
     "doctor": ("doctor", "Diagnose this machine: tools, GPUs, binfmt_misc, store, lock."),
     "serve": ("serve", "Run a model with llama-server on localhost."),
+    "verify": ("verify", "Re-hash the store; move rotten entries aside for the next fetch/build."),
+    "add": ("add", "Add a model or source to pylmserv.toml and pin it in one step."),
+    "update": ("update", "Move pins to the newest upstream release, tag or branch head."),
+    "gc": ("gc", "Delete what no lock, current build or running pylmserv still uses."),
 }
 
 
@@ -38,6 +43,30 @@ class GlobalOptions:
     quiet: bool = False
     config: Optional[Path] = None
     lock: Optional[Path] = None
+
+
+# Commands that read the project: they accept --config/--lock after their name too
+# (`pylmserv prefetch --lock x.lock`), not only before it.
+PROJECT_COMMANDS = ("prefetch", "fetch", "build", "list", "doctor", "serve")
+
+
+def _override(field_name):
+    def callback(ctx, _param, value):
+        if value is not None:
+            ctx.obj = replace(ctx.obj or GlobalOptions(), **{field_name: value})
+        return value
+
+    return callback
+
+
+def project_options():
+    """--config/--lock for a subcommand: given there, they override the group's."""
+    return [
+        click.Option(["--config"], type=click.Path(path_type=Path), expose_value=False, is_eager=True,
+                     callback=_override("config"), help="pylmserv.toml to use (same as before the command)."),
+        click.Option(["--lock"], type=click.Path(path_type=Path), expose_value=False, is_eager=True,
+                     callback=_override("lock"), help="pylmserv.lock to use (same as before the command)."),
+    ]
 
 
 class LazyGroup(click.Group):
@@ -54,7 +83,10 @@ class LazyGroup(click.Group):
             if exc.name != f"pylmserv.cli.{module}":
                 raise
             return _not_yet(name)
-        return mod.command
+        cmd = mod.command
+        if name in PROJECT_COMMANDS and not any(p.name == "config" for p in cmd.params):
+            cmd.params.extend(project_options())
+        return cmd
 
     def format_commands(self, ctx, formatter):
         # Help text comes from the table, not from importing every command.
@@ -90,10 +122,17 @@ def cli(ctx, verbose, quiet, config, lock):
     ctx.obj = GlobalOptions(verbose=verbose, quiet=quiet, config=config, lock=lock)
 
 
+class _SafeFormatter(logging.Formatter):
+    """Log lines carry names, URLs and server answers: control characters escaped."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return show(super().format(record), lines=True)
+
+
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setFormatter(_SafeFormatter("%(message)s"))
     root = logging.getLogger("pylmserv")
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -109,10 +148,23 @@ def main(argv=None) -> None:
         if verbose:
             import traceback
             traceback.print_exc()
-        click.echo(f"error: {exc.message}", err=True)
+        # Messages quote configs, servers and archives: no raw ESC/BEL reaches the terminal.
+        click.echo(f"error: {show(exc.message, lines=True)}", err=True)
         if exc.hint:
-            click.echo(f"hint: {exc.hint}", err=True)
+            click.echo(f"hint: {show(exc.hint, lines=True)}", err=True)
         sys.exit(exc.exit_code)
+    except OSError as exc:
+        # The environment refused a write or a path (read-only store, permissions,
+        # over-long names): one line naming the path, not a traceback.
+        err = _os_error(exc)
+        if err is None:
+            raise
+        if verbose:
+            import traceback
+            traceback.print_exc()
+        click.echo(f"error: {err.message}", err=True)
+        click.echo(f"hint: {err.hint}", err=True)
+        sys.exit(err.exit_code)
     except click.exceptions.Abort:
         click.echo("interrupted", err=True)
         sys.exit(130)
@@ -125,3 +177,25 @@ def main(argv=None) -> None:
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _os_error(exc: OSError) -> Optional[PylmservError]:
+    import errno
+
+    hints = {
+        errno.EROFS: "The store (or output) is on a read-only filesystem: set PYLMSERV_HOME to a writable "
+                     "directory, or use commands that only read it (list, fetch --offline of fetched models).",
+        errno.EACCES: "Check the permissions, or set PYLMSERV_HOME to a directory you own.",
+        errno.EPERM: "Check the permissions, or set PYLMSERV_HOME to a directory you own.",
+        errno.ENAMETOOLONG: "Use a shorter name or path.",
+        errno.ENOTDIR: "A path component that must be a directory is a file: check PYLMSERV_HOME and the paths given.",
+        errno.ELOOP: "A symlink loop is in the way: check the paths given.",
+        errno.ENOSPC: "Free some space (see `pylmserv doctor`) and run the command again.",
+    }
+    hint = hints.get(exc.errno)
+    if hint is None:
+        return None
+    where = f": {exc.filename}" if exc.filename else ""
+    if len(where) > 240:
+        where = where[:120] + " ... " + where[-100:]
+    return PylmservError(f"{exc.strerror}{where}", hint=hint, exit_code=2)

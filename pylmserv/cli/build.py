@@ -21,6 +21,9 @@ from ..core.errors import UsageError
 @click.option("--cuda-arch", metavar="LIST", help="CUDA architectures, e.g. 86 or 80;89 (default: detected GPUs).")
 @click.option("--gpu-targets", metavar="LIST", help="ROCm gfx targets, e.g. gfx1100,gfx90a (default: rocminfo).")
 @click.option("--portable", is_flag=True, help="No -march=native: all CPU variants, loaded at run time.")
+@click.option("--reproducible/--no-reproducible", default=None,
+              help="Same lock + options -> bit-identical binaries in any PYLMSERV_HOME (path maps, fixed "
+                   "SOURCE_DATE_EPOCH, deterministic ar/build-id); default: on with --portable.")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), help="Parallel compile jobs (default: CPU count).")
 @click.option("--prefix", type=click.Path(path_type=Path, file_okay=False),
               help="Install binaries to PREFIX/bin (default: the store, with a `current` link per backend).")
@@ -36,8 +39,8 @@ from ..core.errors import UsageError
 @click.option("--dry-run", is_flag=True, help="Print detections and the exact configure/build commands; fetch and build nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable result on stdout.")
 @click.pass_obj
-def command(obj, what, backend, targets, cuda_arch, gpu_targets, portable, jobs, prefix, cmake_args, source_dir,
-            force, module_only, cuda_blas, dry_run, as_json):
+def command(obj, what, backend, targets, cuda_arch, gpu_targets, portable, reproducible, jobs, prefix, cmake_args,
+            source_dir, force, module_only, cuda_blas, dry_run, as_json):
     import signal
 
     def terminated(signum, frame):
@@ -45,14 +48,15 @@ def command(obj, what, backend, targets, cuda_arch, gpu_targets, portable, jobs,
 
     signal.signal(signal.SIGTERM, terminated)
 
-    if what == "llamafile" and (targets or portable or cmake_args):
-        raise UsageError("--target/--portable/--cmake-arg apply to llama.cpp only",
+    if what == "llamafile" and (targets or portable or cmake_args or reproducible is not None):
+        raise UsageError("--target/--portable/--reproducible/--cmake-arg apply to llama.cpp only",
                          hint="`pylmserv build llamafile` takes --backend, --cuda-arch, --gpu-targets, --cuda-blas, "
                               "--module-only, --source, --jobs, --prefix, --force, --dry-run, --json.")
     result = build(what=what, backend=backend, targets=targets or None, cuda_arch=cuda_arch, gpu_targets=gpu_targets,
                    portable=portable, jobs=jobs, prefix=prefix, cmake_args=cmake_args, force=force, dry_run=dry_run,
                    source_dir=source_dir, config=obj.config if obj else None, lock=obj.lock if obj else None,
-                   module_only=module_only, cuda_blas=cuda_blas)
+                   module_only=module_only, cuda_blas=cuda_blas,
+                   **({"reproducible": reproducible} if reproducible is not None else {}))
     if as_json:
         data = result.to_json()
         if result.detected:

@@ -14,7 +14,7 @@ MARKS = {OK: ("ok  ", "green"), WARN: ("warn", "yellow"), FAIL: ("FAIL", "red")}
 
 def use_color() -> bool:
     # https://no-color.org: any non-empty NO_COLOR turns colour off; click already drops
-    # ANSI codes when stderr is not a terminal.
+    # ANSI codes when stdout is not a terminal.
     return not os.environ.get("NO_COLOR")
 
 
@@ -37,13 +37,13 @@ def command(g, as_json, backend):
         for c in report.checks:
             mark, fg = MARKS[c.status]
             mark = click.style(mark, fg=fg, bold=c.status == FAIL) if color else mark
-            click.echo(f"[{mark}] {c.name:<{width}}  {c.detail}", err=True)
+            click.echo(f"[{mark}] {c.name:<{width}}  {c.detail}")  # the report is the answer: stdout
             if c.hint and c.status != OK:
                 pad = " " * (width + 9)
                 lines = c.hint.splitlines()
-                click.echo(f"{pad}hint: {lines[0]}", err=True)
+                click.echo(f"{pad}hint: {lines[0]}")
                 for line in lines[1:]:  # multi-step fixes: one command per line, copy-pasteable
-                    click.echo(f"{pad}      {line}", err=True)
+                    click.echo(f"{pad}      {line}")
         counts = {s: sum(c.status == s for c in report.checks) for s in (OK, WARN, FAIL)}
-        click.echo(f"{counts[OK]} ok, {counts[WARN]} warnings, {counts[FAIL]} failed", err=True)
+        click.echo(f"{counts[OK]} ok, {counts[WARN]} warnings, {counts[FAIL]} failed")
     return 1 if report.failed else 0

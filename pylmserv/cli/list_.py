@@ -25,7 +25,7 @@ def command(g, as_json):
         click.echo(json.dumps({"config": str(project.config_path), "lock": str(project.lock_path),
                                "entries": [e.to_dict() for e in items]}, indent=2))
         return 0
-    echo = lambda text="": click.echo(text, err=True)  # noqa: E731 - human output goes to stderr
+    echo = click.echo  # the table is the answer: stdout, so it pipes
     echo(f"catalog: {project.config_path}")
     models = [e for e in items if e.kind == "model"]
     sources = [e for e in items if e.kind == "source"]
@@ -33,7 +33,7 @@ def command(g, as_json):
     echo("")
     echo(f"{'MODEL':<{width}}  {'LOCKED':<6}  {'SIZE':>9}  FETCHED")
     for e in models:
-        locked = "yes" if e.locked else "no"
+        locked = ("drift" if e.drift else "yes") if e.locked else "no"
         fetched = f"{e.fetched_path} ({_size(e.fetched_size)})" if e.fetched else "-"
         if e.stale:
             fetched += " [stale: the lock pins other bytes; run `pylmserv fetch " + e.name + "`]"
@@ -43,10 +43,15 @@ def command(g, as_json):
     pw = max([3] + [len(p) for p in pins])
     echo(f"{'SOURCE':<{width}}  {'LOCKED':<6}  {'PIN':<{pw}}  FETCHED / BUILT")
     for e, pin in zip(sources, pins):
-        locked = "yes" if e.locked else "no"
+        locked = ("drift" if e.drift else "yes") if e.locked else "no"
         rows = [str(e.fetched_path) if e.fetched else "-"]
         rows += [f"built {b.engine} {b.backend}: {b.path}" for b in e.built]
         echo(f"{e.name:<{width}}  {locked:<6}  {pin:<{pw}}  {rows[0]}")
         for extra in rows[1:]:
             echo(f"{'':<{width}}  {'':<6}  {'':<{pw}}  {extra}")
+    drifted = [e for e in items if e.drift]
+    if drifted:
+        echo("")
+        for e in drifted:
+            echo(f"drift: {e.kind} {e.name}: " + "; ".join(e.drift) + " (run `pylmserv prefetch " + e.name + "`)")
     return 0

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from ..app.serve import ENGINES, SERVER_BIN_ENV, ServeOptions, default_log_file, serve
+from ..builders.llama_cpp import BACKENDS
 from ..pins.config import load_project
 
 
@@ -24,8 +25,7 @@ def _complete_models(ctx, param, incomplete):
 @click.command("serve")
 @click.argument("model", shell_complete=_complete_models)
 @click.argument("extra_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- EXTRA_ARGS...]")
-@click.option("--backend", default="auto", show_default=True,
-              type=click.Choice(["auto", "cpu", "blas", "cuda", "rocm", "vulkan", "metal"]),
+@click.option("--backend", default="auto", show_default=True, type=click.Choice(("auto",) + BACKENDS),
               help="Which build of the engine to run (built first if missing); auto: what this machine has.")
 @click.option("--engine", default="llama.cpp", show_default=True, type=click.Choice(ENGINES))
 @click.option("--host", default="127.0.0.1", show_default=True,

@@ -19,13 +19,12 @@ import logging
 import os
 import stat
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 from .errors import DiskSpaceError, PylmservError, UsageError, VerificationError, ZipFormatError
-from .fsutil import unlink_missing_ok
+from .fsutil import remove_stale, stamped_name, unlink_missing_ok
 
 log = logging.getLogger("pylmserv.pack")
 
@@ -97,8 +96,20 @@ def write_archive(llamafile: Path, output: Path, files, blobs, align: int, verif
     (size, entries, kept_entries, replaced, zip64)."""
     zip_info = read_central_directory(llamafile)
     output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".part", dir=output.parent)
-    tmp = Path(tmp_name)
+    # The temp name carries this process's pid and start time: a run killed before it
+    # could clean up leaves a file that the next run into this directory removes.
+    prefix = f".{output.name}."
+    for stale in remove_stale(output.parent, prefix, ".part"):
+        log.info("removed %s, left by a pack that was killed", stale.name)
+    tmp = output.parent / stamped_name(prefix, ".part")
+    try:
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        raise PylmservError(f"{tmp} exists: another pack by this process is writing {output}",
+                            hint="Write each output from one pack at a time.") from None
+    except OSError as exc:
+        raise PylmservError(f"cannot write {output}: {exc.strerror or exc}",
+                            hint="Check the path and permissions.") from None
     try:
         with os.fdopen(fd, "w+b") as out:
             taken = {name for name, _ in files} | {name for name, _ in blobs}
@@ -409,7 +420,10 @@ def _central_record(e: PackedEntry) -> bytes:
     raw = e.name.encode("utf-8")
     z64_fields = []
     size_field = off_field = None
-    if e.size >= U32:
+    # Sizes go into the ZIP64 extra too whenever the offset does: UnZip 6.00 decides which
+    # extra fields to read from the previous entry's local sizes as well, and would read
+    # an offset-only extra as a size after a ZIP64-sized entry.
+    if e.size >= U32 or e.header_offset >= U32:
         z64_fields += [e.size, e.size]
         size_field = U32
     if e.header_offset >= U32:

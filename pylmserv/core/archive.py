@@ -125,27 +125,36 @@ def _safe_relpath(name: str, policy: str, archive: str) -> Optional[str]:
 
 
 def _prepare_parent(root: Path, rel: str, archive: str) -> Path:
-    """Create the parent directories of `rel`; never pass through a symlink."""
+    """Create the parent directories of `rel`; never pass through a symlink, never turn
+    an earlier file member into a directory (libarchive, so Nix, refuses both)."""
     target = root
     parts = rel.split("/")
-    for part in parts[:-1]:
+    for i, part in enumerate(parts[:-1]):
         target = target / part
         if target.is_symlink():
             raise UnsafeArchiveError(f"{archive}: refusing to extract {rel!r} through symlink {part!r}",
                                      hint=_MALICIOUS)
         if not target.is_dir():
             if os.path.lexists(target):
-                target.unlink()
+                where = "/".join(parts[:i + 1])
+                raise UnsafeArchiveError(f"{archive}: {rel!r} needs directory {where!r}, but the archive made "
+                                         "it a file (Nix refuses this archive too)", hint=_MALICIOUS)
             target.mkdir(mode=0o755)
     return target / parts[-1]
 
 
-def _clear(path: Path, keep_dir: bool = False) -> None:
-    """Later members replace earlier ones of the same name (as tar and libarchive do)."""
+def _clear(path: Path, keep_dir: bool = False, archive: str = "") -> None:
+    """Later members replace earlier ones of the same name (as tar and libarchive do); a
+    directory only while empty (libarchive: "Can't replace existing directory with
+    non-directory", so Nix refuses such an archive)."""
     if path.is_symlink() or path.is_file():
         path.unlink()
     elif path.is_dir() and not keep_dir:
-        shutil.rmtree(path)
+        if any(path.iterdir()):
+            raise UnsafeArchiveError(f"{archive}: a later member replaces the non-empty directory "
+                                     f"{path.name!r} with a non-directory (Nix refuses this archive too)",
+                                     hint=_MALICIOUS)
+        path.rmdir()
 
 
 def _check_link(rel: str, target: str, policy: str, archive: str) -> None:
@@ -295,22 +304,24 @@ def _extract_tar_member(tar, member, root: Path, policy: str, archive: str) -> N
         path.mkdir(mode=0o755, exist_ok=True)
     elif member.issym():
         _check_link(rel, member.linkname, policy, archive)
-        _clear(path)
+        _clear(path, archive=archive)
         os.symlink(member.linkname, path)
     elif member.islnk():
         source = _hardlink_source(root, rel, member.linkname, policy, archive)
         if source == path:
             return  # a link to itself: the file is already there
-        _clear(path)
+        _clear(path, archive=archive)
         if source.is_symlink():  # a second symlink with the same target, never its referent
             target = os.readlink(source)
             _check_link(rel, target, policy, archive)
             os.symlink(target, path)
             return
         shutil.copyfile(source, path)
-        os.chmod(path, 0o755 if member.mode & stat.S_IXUSR else 0o644)
+        # One inode, one mode: libarchive links, and the link's own header mode is not
+        # applied (Nix: `b -> a` has a's mode whatever b's header says).
+        os.chmod(path, os.stat(source).st_mode & 0o777)
     elif member.isreg():
-        _clear(path)
+        _clear(path, archive=archive)
         src = tar.extractfile(member)
         _write_file(path, src, bool(member.mode & stat.S_IXUSR))
     else:  # pragma: no cover - tarfile maps every other type to one of the above
@@ -336,7 +347,12 @@ def _extract_zip(archive: Path, root: Path, policy: str) -> None:
         for info, mode in _zip_members(zf):
             if info.flag_bits & 0x1:
                 raise UsageError(f"{name}: encrypted member {info.filename!r} is not supported")
-            rel = _safe_relpath(info.filename, policy, name)
+            member = info.filename
+            if "/" not in member and "\\" in member:
+                # Made on Windows: backslash separators (libarchive converts a name
+                # with no '/' at all; one with a '/' keeps its backslashes literally).
+                member = member.replace("\\", "/")
+            rel = _safe_relpath(member, policy, name)
             if rel is None:
                 continue
             ftype = stat.S_IFMT(mode)
@@ -345,16 +361,16 @@ def _extract_zip(archive: Path, root: Path, policy: str) -> None:
                                          hint="Source and model archives contain only files, directories and links.")
             path = _prepare_parent(root, rel, name)
             try:
-                if info.is_dir() or ftype == stat.S_IFDIR:
+                if member.endswith("/") or ftype == stat.S_IFDIR:
                     _clear(path, keep_dir=True)
                     path.mkdir(mode=0o755, exist_ok=True)
                 elif ftype == stat.S_IFLNK:
                     target = zf.read(info).decode("utf-8", "surrogateescape")
                     _check_link(rel, target, policy, name)
-                    _clear(path)
+                    _clear(path, archive=name)
                     os.symlink(target, path)
                 else:
-                    _clear(path)
+                    _clear(path, archive=name)
                     with zf.open(info) as src:
                         _write_file(path, src, bool(mode & stat.S_IXUSR))
             except zipfile.BadZipFile as exc:

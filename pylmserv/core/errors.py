@@ -46,6 +46,14 @@ class VerificationError(PylmservError):
     exit_code = 4
 
 
+class RotFound(VerificationError):
+    """`pylmserv verify` found bad store entries (they were moved aside): exit 4."""
+
+
+class RetaggedError(VerificationError):
+    """An upstream tag now names another commit than the one locked (`update` refuses to move)."""
+
+
 class ToolMissingError(PylmservError):
     """A required external tool (cmake, nvcc, nix, ...) is absent (exit 5)."""
 
@@ -100,5 +108,11 @@ EXIT_CODES = {
     4: "verification failed (hash, size, drift)",
     5: "a required tool is missing",
     6: "a build step failed",
+    10: "update: pins were (with --dry-run: would be) updated",
     130: "interrupted",
 }
+
+
+class Demote(Exception):
+    """Internal signal of the download scheduler, never shown to a user: a 403/429 on a
+    parallel range makes that worker stop, so fewer connections remain."""

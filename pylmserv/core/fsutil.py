@@ -47,3 +47,59 @@ def unlink_missing_ok(path: Union[str, Path]) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+# -- temp files stamped with their writer, so a later run can clear a killed one's -----
+
+def process_stamp(pid: int = 0) -> str:
+    """`<pid>-<start time>` of a process (default: this one). The start time (clock ticks
+    after boot, /proc/<pid>/stat) tells a reused pid apart; '' when the process is gone."""
+    pid = pid or os.getpid()
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return f"{pid}-{int(fields[19])}"
+    except (OSError, IndexError, ValueError):
+        if pid == os.getpid():
+            return f"{pid}-0"  # no /proc: pids alone
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return ""
+        except PermissionError:
+            pass
+        return f"{pid}-0"
+
+
+def stamped_name(prefix: str, suffix: str) -> str:
+    """A temp file name that says which process writes it: prefix + stamp + suffix."""
+    return f"{prefix}pylmserv-{process_stamp()}{suffix}"
+
+
+def remove_stale(directory: Union[str, Path], prefix: str, suffix: str) -> list:
+    """Delete files named by stamped_name(prefix, suffix) whose writer is dead (killed
+    before it could clean up); a live writer's file is left alone. Returns what went."""
+    import re
+
+    removed = []
+    pattern = re.compile(re.escape(prefix) + r"pylmserv-(\d+)-(\d+)" + re.escape(suffix) + r"\Z")
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        m = pattern.match(name)
+        if not m:
+            continue
+        pid, start = int(m.group(1)), m.group(2)
+        now = process_stamp(pid)
+        if now and (now == f"{pid}-{start}" or now.endswith("-0")):
+            continue  # its writer is alive (or cannot be told apart): not ours to delete
+        path = Path(directory) / name
+        try:
+            if path.is_symlink() or not path.is_dir():
+                path.unlink()
+                removed.append(path)
+        except OSError:
+            pass
+    return removed

@@ -79,7 +79,17 @@ def _bad(path: Path, why: str) -> VerificationError:
 
 def read_header(path: Path) -> GGUFHeader:
     """Parse and sanity-check the GGUF header of `path`; VerificationError if it is not one."""
-    path = Path(path)
+    return _parse(Path(path), layout=False)
+
+
+def check_layout(path: Path) -> GGUFHeader:
+    """The whole header, as a loader reads it: metadata, then every tensor's info (unique
+    name, 1..4 dimensions, a known type, an aligned offset) and its data inside the file.
+    What `pack` requires before a model goes into a llamafile that must load it."""
+    return _parse(Path(path), layout=True)
+
+
+def _parse(path: Path, layout: bool) -> GGUFHeader:
     size = path.stat().st_size
     with open(path, "rb") as f:
         r = _Reader(f, path, size)
@@ -103,12 +113,68 @@ def read_header(path: Path) -> GGUFHeader:
         metadata: Dict[str, object] = {}
         for _ in range(kvs):
             key = _read_string(r, count_fmt, limit=1 << 16)
+            if key in metadata:
+                raise _bad(path, f"metadata key {key!r} appears twice")
             vtype = r.unpack("I")
             metadata[key] = _read_value(r, vtype, count_fmt)
         # Each tensor info needs at least a name length, n_dims, a type and an offset.
         if r.f.tell() + tensors * (8 + 4 + 4 + 8) > size:
             raise _bad(path, f"{tensors} tensors cannot fit in {size} bytes")
+        if layout:
+            _check_tensors(r, tensors, count_fmt, metadata)
     return GGUFHeader(version, tensors, kvs, metadata)
+
+
+# ggml type id -> (elements per block, bytes per block), as ggml.c / gguf-py define them.
+GGML_TYPE_SIZES = {
+    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 9: (32, 40),
+    10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210), 15: (256, 292),
+    16: (256, 66), 17: (256, 74), 18: (256, 98), 19: (256, 50), 20: (32, 18), 21: (256, 110),
+    22: (256, 82), 23: (256, 136), 24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8), 28: (1, 8),
+    29: (256, 56), 30: (1, 2), 34: (256, 54), 35: (256, 66), 39: (32, 17), 40: (64, 36), 41: (128, 18),
+}
+MAX_DIMS = 4  # GGML_MAX_DIMS
+
+
+def _check_tensors(r: "_Reader", count: int, count_fmt: str, metadata: Dict[str, object]) -> None:
+    """llamafile 0.8.4's gguf_init_from_file rules (its ggml.c: unique names, n_dims <= 4,
+    elements a whole number of blocks, a u32 general.alignment) plus llama.cpp's loader's
+    (every tensor's data inside the file) and the GGUF spec's aligned offsets."""
+    alignment = metadata.get("general.alignment", 32)
+    if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 or alignment & (alignment - 1):
+        raise _bad(r.path, f"general.alignment {alignment!r} is not a power of two")
+    seen = set()
+    spans = []
+    for _ in range(count):
+        name = _read_string(r, count_fmt, limit=1 << 16)
+        if name in seen:
+            raise _bad(r.path, f"tensor {name!r} appears twice")
+        seen.add(name)
+        n_dims = r.unpack("I")
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise _bad(r.path, f"tensor {name!r} has {n_dims} dimensions (1 to {MAX_DIMS})")
+        dims = [r.unpack(count_fmt) for _ in range(n_dims)]
+        ttype = r.unpack("I")
+        offset = r.unpack("Q")
+        if ttype not in GGML_TYPE_SIZES:
+            raise _bad(r.path, f"tensor {name!r} has unknown type {ttype}")
+        block, type_size = GGML_TYPE_SIZES[ttype]
+        elements = 1
+        for d in dims:
+            elements *= d
+        if elements >= 1 << 62:
+            raise _bad(r.path, f"tensor {name!r} has an impossible shape {dims}")
+        if elements % block:
+            raise _bad(r.path, f"tensor {name!r}: {elements} elements are not a whole number of "
+                               f"{block}-element blocks")
+        if offset % alignment:
+            raise _bad(r.path, f"tensor {name!r} data offset {offset} is not aligned to {alignment}")
+        spans.append((offset, elements // block * type_size, name))
+    data_start = -(-r.f.tell() // alignment) * alignment
+    for offset, nbytes, name in spans:
+        end = data_start + offset + nbytes
+        if end > r.size:
+            raise _bad(r.path, f"tensor {name!r} runs past the end of the file ({end} > {r.size} bytes)")
 
 
 def _read_string(r: _Reader, count_fmt: str, limit: int = MAX_STRING) -> str:

@@ -9,6 +9,7 @@ string is a u64 little-endian length, the bytes, then zero padding to 8.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
@@ -40,34 +41,62 @@ _ENTRY_HEAD = _S["entry"] + _S["("] + _S["name"]
 
 
 def dump(path: PathLike, write: Callable[[bytes], object]) -> None:
-    """Serialise `path` as a NAR, calling `write` with successive byte chunks."""
+    """Serialise `path` as a NAR, calling `write` with successive byte chunks.
+
+    Iterative (an explicit stack of open directories), so a tree of any depth is as
+    fine as it is for Nix, which handles thousands of levels."""
     write(_S["nix-archive-1"])
-    _dump(os.fsencode(path), write, bytearray(_CHUNK))
-
-
-def _dump(path: bytes, write, buf: bytearray) -> None:
-    st = os.lstat(path)
-    mode = st.st_mode
-    if stat.S_ISREG(mode):
-        head = _FILE_HEAD + (_EXEC if mode & stat.S_IXUSR else b"") + _S["contents"]
-        size = st.st_size
-        write(head + struct.pack("<Q", size))
-        _copy_file(path, size, write, buf)
-        write(_ZEROS[: (-size) % 8] + _S[")"])
-    elif stat.S_ISDIR(mode):
-        write(_DIR_HEAD)
-        with os.scandir(path) as it:
-            names = sorted(e.name for e in it)
-        for name in names:
-            write(_ENTRY_HEAD + _str(name) + _S["node"])
-            _dump(path + b"/" + name, write, buf)
+    buf = bytearray(_CHUNK)
+    stack: list = []  # (directory path, iterator over its sorted entry names)
+    _node(os.fsencode(path), write, buf, stack)
+    while stack:
+        directory, names = stack[-1]
+        name = next(names, None)
+        if name is None:
+            stack.pop()
+            write(_S[")"])  # the directory node
+            if stack:
+                write(_S[")"])  # the entry that held it in its parent
+            continue
+        write(_ENTRY_HEAD + _str(name) + _S["node"])
+        if not _node(directory + b"/" + name, write, buf, stack):
             write(_S[")"])
-        write(_S[")"])
-    elif stat.S_ISLNK(mode):
-        write(_LINK_HEAD + _str(os.readlink(path)) + _S[")"])
-    else:
-        raise NarError(f"cannot put {os.fsdecode(path)!r} in a NAR: not a file, directory or symlink",
-                       hint="Remove sockets, fifos and device files from the tree first.")
+
+
+def _node(path: bytes, write, buf: bytearray, stack: list) -> bool:
+    """Write one node; a directory is only opened (pushed on `stack`): returns True."""
+    try:
+        st = os.lstat(path)
+        mode = st.st_mode
+        if stat.S_ISREG(mode):
+            head = _FILE_HEAD + (_EXEC if mode & stat.S_IXUSR else b"") + _S["contents"]
+            size = st.st_size
+            write(head + struct.pack("<Q", size))
+            _copy_file(path, size, write, buf)
+            write(_ZEROS[: (-size) % 8] + _S[")"])
+            return False
+        if stat.S_ISDIR(mode):
+            write(_DIR_HEAD)
+            with os.scandir(path) as it:
+                names = sorted(e.name for e in it)
+            stack.append((path, iter(names)))
+            return True
+        if stat.S_ISLNK(mode):
+            write(_LINK_HEAD + _str(os.readlink(path)) + _S[")"])
+            return False
+    except OSError as exc:
+        if exc.errno in (errno.ENAMETOOLONG, errno.ELOOP, errno.EACCES, errno.EPERM):
+            raise NarError(f"cannot read {_short(path)} for its NAR hash: {exc.strerror}",
+                           hint="Check the tree's permissions; paths longer than the system allows "
+                                "cannot be read.") from None
+        raise
+    raise NarError(f"cannot put {os.fsdecode(path)!r} in a NAR: not a file, directory or symlink",
+                   hint="Remove sockets, fifos and device files from the tree first.")
+
+
+def _short(path: bytes) -> str:
+    text = os.fsdecode(path)
+    return repr(text) if len(text) <= 200 else repr(text[:80] + " ... " + text[-80:])
 
 
 def _copy_file(path: bytes, size: int, write, buf: bytearray) -> None:
@@ -103,5 +132,8 @@ def hash_path(path: PathLike, mode: Optional[str] = None, algo: str = "sha256") 
     if mode == "nar":
         return nar_hash(path, algo)
     if mode == "flat":
+        if os.path.isdir(path):
+            raise UsageError(f"{os.fsdecode(path)!r} is a directory: --mode flat hashes the bytes of one file",
+                             hint="Use --mode nar (the default for directories), as `nix hash path` does.")
         return file_hash(path, algo)
     raise UsageError(f"unknown hash mode {mode!r}", hint="Use --mode nar or --mode flat.")

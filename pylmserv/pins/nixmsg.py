@@ -12,12 +12,19 @@ Formats, oldest first (a corpus of real outputs lives in tests/data/nixmsg/):
   Nix 2.4+     ... specified: sha256-<b64>  / got: sha256-<b64>   (SRI; eval-time fetchers
                print `sha256:<nix32>` under "hash mismatch in file downloaded from 'URL'")
   Lix 2.91+    adds `likely URL:` before and `expected path:` / `got path:` after.
+  fetchTree / fetchGit / flake inputs (eval time, a `narHash` that does not match):
+  Nix 2.4+     NAR hash mismatch in input 'INPUT' (STOREPATH), expected 'WANT', got 'GOT'
+               (NixOS/nix PR #3653; real Nix 2.8 here, still in reports from 2024)
+  newer Nix    NAR hash mismatch in input 'INPUT', expected 'WANT' but got 'GOT'  (2025 reports)
+               (some source revisions pass these two the other way round; when INPUT carries
+               `narHash=`, that one is the wanted hash whatever the label says)
 Quotes may be ASCII or typographic, lines may be wrapped, colours (ANSI) are ignored,
 and one output may hold several mismatches.
 """
 from __future__ import annotations
 
 import re
+from urllib.parse import unquote
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -42,6 +49,14 @@ _ONE_LINE = [
     re.compile(rf"expects\s+output\s+path\s+{_Q}(?P<path>{_NQ}*){_Q}\s+to\s+have\s+{_ALGO}\s+hash\s+"
                rf"{_Q}(?P<wanted>{_NQ}*){_Q},?\s+instead\s+it\s+has\s+{_Q}(?P<got>{_H}){_Q}"),
 ]
+
+# Eval-time fetchers (fetchTree, fetchGit, flake inputs); SRI hashes, one (possibly wrapped) line.
+_INPUT = re.compile(
+    # INPUT is greedy within its line: a URL may itself hold quotes and a fake trailer,
+    # Nix's own `expected ..., got ...` is the last one on the line.
+    rf"NAR hash mismatch in input\s+{_Q}(?P<input>[^\n]*){_Q}(?:\s*\((?P<path>[^)\s]*)\))?,?"
+    rf"\s+expected\s+{_Q}(?P<wanted>{_H}){_Q},?\s+(?:but\s+)?got\s+{_Q}(?P<got>{_H}){_Q}")
+_NARHASH_PARAM = re.compile(r"[?&]narHash=([^&\s]+)")
 
 # Block formats, read as a stream of labelled tokens in order of appearance.
 _TOKENS = re.compile(
@@ -88,9 +103,24 @@ def parse(output: str) -> List[Mismatch]:
             got = _hash(m.group("got"), algo)
             if got is not None:
                 found.append((m.start(), Mismatch(got, _hash(m.group("wanted"), algo), where=m.group("path"))))
+    found.extend(_parse_inputs(text))
     found.extend(_parse_blocks(text))
     found.sort(key=lambda pair: pair[0])
     return [mm for _, mm in found]
+
+
+def _parse_inputs(text: str) -> list:
+    out = []
+    for m in _INPUT.finditer(text):
+        got, wanted, where = _hash(m.group("got")), _hash(m.group("wanted")), m.group("input")
+        if got is None:
+            continue
+        param = _NARHASH_PARAM.search(where)
+        pinned = _hash(unquote(param.group(1))) if param else None
+        if pinned is not None and pinned == got and wanted is not None and wanted != got:
+            got, wanted = wanted, got  # labels swapped; the input's own narHash is the wanted one
+        out.append((m.start(), Mismatch(got, wanted, where=where, url=where.split("?", 1)[0])))
+    return out
 
 
 def _parse_blocks(text: str) -> list:
@@ -123,9 +153,12 @@ def _parse_blocks(text: str) -> list:
     return [tuple(pair) for pair in out]
 
 
-def got_hash(output: str) -> Hash:
-    """The single `got` hash in a Nix error output; raises when there is none or several differ."""
+def got_hash(output: str, url: Optional[str] = None) -> Hash:
+    """The single `got` hash in a Nix error output; raises when there is none or several differ.
+    With `url`, only mismatches about that URL count (a log may hold other inputs' mismatches)."""
     found = parse(output)
+    if url is not None:
+        found = [m for m in found if m.url == url]
     if not found:
         raise HashError("no hash mismatch found in Nix output",
                         hint="Run the nix command by hand to see what failed.")

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, List, Optional, Union
 
-from .config import Config, Lock, LockEntry, load_config, load_lock, packaged_dir, default_config_path, LOCK_NAME
 from ..core.errors import UsageError
+from .config import LOCK_NAME, Config, default_config_path, load_config
+from .drift import pin_drift
+from .lock import Lock, LockEntry, load_lock
+from .lockfile import refuse_packaged, update
 from .resolvers import git, github, hf, url
 from .resolvers.base import BACKENDS, Options
 
@@ -110,25 +113,35 @@ def prefetch(names: Optional[Iterable[str]] = None, config: Union[Path, str, Con
         current = load_lock(lock_path)
     selected = _select(cfg, names)
     if not check:
-        _refuse_packaged(current.path)
+        refuse_packaged(current.path)
     with tempfile.TemporaryDirectory(prefix="pylmserv-prefetch.") as work:
         opts = Options(via=via, refresh=refresh or check, work=Path(work))
         resolved = [_resolve(kind, spec, current.entry(kind, spec.name), opts) for kind, spec in selected]
     changes = [Change(e.kind, e.name, current.entry(e.kind, e.name), e) for e in resolved]
     if check:
-        drift = [d for d in (_drift(current.entry(e.kind, e.name), e) for e in resolved) if d]
+        drift = [Drift(e.kind, e.name, f, current.entry(e.kind, e.name), e)
+                 for e in resolved for f in [pin_drift(current.entry(e.kind, e.name), e)] if f]
         return PrefetchResult(current.path, changes, drift, written=False, checked=True)
-    new_lock = current
-    for entry in resolved:
-        new_lock = new_lock.with_entry(entry)
-    if names is None:  # a full prefetch also drops pins whose config entry is gone
-        for kind in ("sources", "models"):
-            wanted = getattr(cfg, kind)
-            gone = [n for n in getattr(current, kind) if n not in wanted]
-            for n in gone:
-                changes.append(Change(kind, n, current.entry(kind, n), None))
-            new_lock = replace(new_lock, **{kind: {n: e for n, e in getattr(new_lock, kind).items() if n not in gone}})
-    written = _write_if_changed(new_lock, current)
+
+    def merge(found: Lock) -> Lock:
+        # Another prefetch may have written other names meanwhile: keep them, add ours.
+        merged = found
+        for entry in resolved:
+            merged = merged.with_entry(entry)
+            other = "models" if entry.kind == "sources" else "sources"
+            if entry.name not in getattr(cfg, other):  # a name that moved kinds leaves no pin behind
+                merged = merged.without(other, entry.name)
+        if names is None:  # a full prefetch also drops pins whose config entry is gone
+            for kind in ("sources", "models"):
+                for n in [n for n in getattr(found, kind) if n not in getattr(cfg, kind)]:
+                    merged = merged.without(kind, n)
+        return merged
+
+    found, new_lock, written = update(current.path, merge)
+    changes = [Change(e.kind, e.name, found.entry(e.kind, e.name), e) for e in resolved]
+    if names is None:
+        changes += [Change(kind, n, found.entry(kind, n), None) for kind in ("sources", "models")
+                    for n in getattr(found, kind) if n not in getattr(cfg, kind)]
     return PrefetchResult(new_lock.path, changes, [], written=written)
 
 
@@ -154,30 +167,3 @@ def _resolve(kind: str, spec, locked: Optional[LockEntry], opts: Options) -> Loc
         entry = {"github": github, "git": git, "url": url}[spec.type].resolve(spec, locked, opts)
     log.debug("%s.%s: %s", kind, spec.name, entry.hash.sri)
     return entry
-
-
-def _drift(locked: Optional[LockEntry], actual: LockEntry) -> Optional[Drift]:
-    if locked is None:
-        return Drift(actual.kind, actual.name, ["missing"], None, actual)
-    fields = [f for f in ("hash", "rev", "url", "size") if getattr(locked, f) != getattr(actual, f)
-              and not (f == "size" and actual.size is None)]
-    return Drift(actual.kind, actual.name, fields, locked, actual) if fields else None
-
-
-def _write_if_changed(new_lock: Lock, current: Lock) -> bool:
-    path = new_lock.path
-    old_text = path.read_text(encoding="utf-8") if path and path.exists() else None
-    if old_text is not None and old_text == new_lock.to_toml():
-        return False
-    _refuse_packaged(path)
-    new_lock.write()
-    return True
-
-
-def _refuse_packaged(path: Optional[Path]) -> None:
-    """The catalog inside the installed package is read-only by design."""
-    if path is not None and path.resolve().parent == packaged_dir():
-        raise UsageError(f"refusing to write the packaged default lock {path}",
-                         hint="Create a local pylmserv.toml (e.g. copy the packaged one: "
-                              f"cp {packaged_dir() / 'pylmserv.toml'} .) and run `pylmserv prefetch` there, "
-                              "or pass --config/--lock.")

@@ -213,6 +213,8 @@ def _same_inode(a: Path, b: Path) -> bool:
 
 def _record(directory: Path, filename: str, h: Hash, size: int) -> None:
     manifest = _read_manifest(directory)
+    if manifest.get(filename) == {"sha256": h.hex, "size": size}:
+        return  # already recorded: a read-only store stays unwritten
     manifest[filename] = {"sha256": h.hex, "size": size}
     atomic_write_text(directory / MANIFEST, json.dumps({"files": manifest}, indent=1, sort_keys=True) + "\n")
 
@@ -222,6 +224,11 @@ def set_order(name: str, filenames: Sequence[str], home: Optional[Path] = None) 
     directory = entry_dir(name, home)
     manifest = _read_manifest(directory)
     data = {"files": manifest, "order": list(filenames)}
+    try:
+        if json.loads((directory / MANIFEST).read_text()) == data:
+            return  # unchanged: nothing to write
+    except (OSError, ValueError):
+        pass
     atomic_write_text(directory / MANIFEST, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 

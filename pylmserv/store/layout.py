@@ -9,14 +9,17 @@ Layout (this module is the only one that spells these names; everyone else asks 
   bin/<engine>-<backend>    installed binaries (`current` links per backend)
   tmp/                      partial downloads and staging (same filesystem: os.replace)
   logs/                     server logs
+  quarantine/               entries `pylmserv verify` found bad, moved aside (never deleted)
+  verified.json             when `pylmserv verify` last ran, and what it found
 """
 from __future__ import annotations
 
 import os
 import re
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
+from ..core.errors import UsageError
 from ..core.fsutil import atomic_write_text
 from ..core.hashing import Hash
 
@@ -38,18 +41,43 @@ def home() -> Path:
     return root
 
 
+_HOME_READY: List[Callable[[Path], None]] = []  # store/roots: gc roots wait for the store to exist
+
+
+def on_home_ready(hook: Callable[[Path], None]) -> None:
+    _HOME_READY.append(hook)
+
+
 def ensure_home(root: Optional[Path] = None) -> Path:
+    """The home, created if missing. A populated home on a read-only filesystem is fine:
+    nothing is written when nothing is missing."""
     root = root or home()
-    root.mkdir(parents=True, exist_ok=True)
+    if os.path.isdir(root):
+        pass
+    elif os.path.lexists(root):
+        raise UsageError(f"PYLMSERV_HOME {root} is not a directory",
+                         hint="Point PYLMSERV_HOME at a directory (it is created if missing), or remove that file.")
+    else:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise UsageError(f"cannot create the pylmserv home {root}: a parent is not a directory",
+                             hint="Point PYLMSERV_HOME at a directory path.") from None
     tag = root / "CACHEDIR.TAG"
     if not tag.exists():
-        atomic_write_text(tag, CACHEDIR_TAG)
+        try:
+            atomic_write_text(tag, CACHEDIR_TAG)
+        except OSError:
+            pass  # only a hint for backup tools; a read-only home still serves reads
+    for hook in _HOME_READY:
+        hook(root)
     return root
 
 
 def subdir(name: str, root: Optional[Path] = None) -> Path:
     path = ensure_home(root) / name
-    path.mkdir(parents=True, exist_ok=True)
+    if not path.is_dir():
+        path.mkdir(parents=True, exist_ok=True)
     return path
 
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 from urllib.parse import quote, urlsplit
 
 from ..core.errors import HubNotFound, NetworkError, UsageError  # noqa: F401
+from ..core.hashing import Hash
 from ..core.version import __version__
 from .download import redact
 
@@ -35,6 +37,14 @@ def auth_headers(url: str) -> Dict[str, str]:
 def _origin(url: str) -> tuple:
     p = urlsplit(url)
     return p.scheme, (p.hostname or "").lower(), p.port or {"http": 80, "https": 443}.get(p.scheme)
+
+
+def resolve_url(repo: str, revision: str, path: str, base: Optional[str] = None) -> str:
+    """The one download URL of `path` in `repo` at `revision`, every part percent-encoded
+    (a revision or file name with '?', '#', '%' or spaces stays one path segment)."""
+    owner_repo = "/".join(quote(part, safe="") for part in repo.split("/"))
+    return (f"{(base or endpoint()).rstrip('/')}/{owner_repo}/resolve/{quote(revision, safe='')}/"
+            f"{quote(path, safe='/')}")
 
 
 def on_endpoint(url: str) -> str:
@@ -71,12 +81,16 @@ def api_json(method: str, path: str, what: str, data=None):
                            hint="Check proxy settings and HF_ENDPOINT.") from None
 
 
+def _repo_path(repo: str) -> str:
+    return "/".join(quote(part, safe="") for part in repo.split("/"))
+
+
 def resolve_commit(repo: str, revision: str, what: str) -> str:
     """A branch or tag -> its commit; a full commit id is returned as is."""
     if _COMMIT.match(revision):
         return revision
     try:
-        data = api_json("GET", f"/api/models/{repo}/revision/{quote(revision, safe='')}", what)
+        data = api_json("GET", f"/api/models/{_repo_path(repo)}/revision/{quote(revision, safe='')}", what)
     except HubNotFound:
         raise UsageError(f"{what}: {repo} has no revision {revision!r} (or the repository does not exist)",
                          hint="Fix the repository name or revision.") from None
@@ -87,11 +101,62 @@ def resolve_commit(repo: str, revision: str, what: str) -> str:
     return sha
 
 
+@dataclass(frozen=True)
+class HubFile:
+    """What the Hub says about one file: its size and, for LFS files, its sha256."""
+
+    path: str
+    size: Optional[int]
+    sha256: Optional[Hash]  # None: a plain git file (the Hub publishes only a git blob id)
+
+
+_INT64 = 2 ** 63 - 1
+
+
+def hub_file(item: dict, what: str) -> HubFile:
+    """The one reading of the Hub's metadata for a file (paths-info or tree item). A
+    malformed answer is refused, never guessed at: its values go into the lock."""
+    path = item.get("path")
+    lfs = item.get("lfs")
+    if lfs is not None and not isinstance(lfs, dict):
+        raise NetworkError(f"{what}: the Hub answered malformed LFS metadata for {path!r}",
+                           hint="Check HF_ENDPOINT: it must be a Hugging Face Hub (or a faithful mirror).")
+    lfs = lfs or {}
+    oid = lfs.get("oid") or lfs.get("sha256")
+    sha = None
+    if oid is not None:
+        if not isinstance(oid, str) or not re.fullmatch(r"[0-9a-f]{64}", oid):
+            raise NetworkError(f"{what}: the Hub's LFS oid for {path!r} is not a sha256 ({str(oid)[:80]!r})",
+                               hint="Check HF_ENDPOINT: it must be a Hugging Face Hub (or a faithful mirror).")
+        sha = Hash("sha256", bytes.fromhex(oid))
+    size = lfs.get("size", item.get("size")) if lfs else item.get("size")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= _INT64):
+        raise NetworkError(f"{what}: the Hub's size for {path!r} is not a byte count ({str(size)[:80]!r})",
+                           hint="Check HF_ENDPOINT: it must be a Hugging Face Hub (or a faithful mirror).")
+    return HubFile(path, size, sha)
+
+
+def files_at(repo: str, commit: str, paths: List[str], what: str) -> Optional[Dict[str, HubFile]]:
+    """HubFile for each of `paths` at `commit`; None when the Hub has no metadata API (the
+    caller then downloads and hashes). A path the Hub does not list is a UsageError (exit
+    2) for prefetch and fetch alike."""
+    info = file_info(repo, commit, paths, what)
+    if info is None:
+        return None
+    out = {}
+    for p in paths:
+        if p not in info:
+            raise UsageError(f"{what}: {p!r} not found in {repo} at {commit[:12]}",
+                             hint="Fix `file` (or `revision`): check the repository's file list on the Hub.")
+        out[p] = hub_file(info[p], what)
+    return out
+
+
 def file_info(repo: str, commit: str, paths: List[str], what: str) -> Optional[Dict[str, dict]]:
     """Metadata of `paths` at `commit` ({path: {"size", "lfs": {"oid", "size"}}}), from
     paths-info, else the tree listing; None when the Hub offers neither endpoint."""
     try:
-        items = api_json("POST", f"/api/models/{repo}/paths-info/{commit}", what,
+        items = api_json("POST", f"/api/models/{_repo_path(repo)}/paths-info/{commit}", what,
                          data={"paths": paths, "expand": "true"})
     except NetworkError:
         items = _tree_items(repo, commit, paths, what)
@@ -107,7 +172,8 @@ def _tree_items(repo: str, commit: str, paths: List[str], what: str) -> Optional
     items = []
     for folder in sorted({p.rsplit("/", 1)[0] if "/" in p else "" for p in paths}):
         try:
-            listing = api_json("GET", f"/api/models/{repo}/tree/{commit}" + (f"/{folder}" if folder else ""), what)
+            listing = api_json("GET", f"/api/models/{_repo_path(repo)}/tree/{commit}"
+                               + (f"/{quote(folder)}" if folder else ""), what)
         except NetworkError:
             return None
         items.extend(listing if isinstance(listing, list) else [])

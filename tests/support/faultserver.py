@@ -18,6 +18,10 @@ Faults (all off by default):
                              stop sending after N body bytes for S seconds, K times
   fail_status / fail_times   answer the next K requests with this status (503)
   chunked                    200, Transfer-Encoding: chunked, no length, no ranges, no ETag
+  no_etag / weak_etag        send no ETag, or only a weak one (W/"..."): no strong validator
+  last_modified              send this Last-Modified (and honour If-Range with it)
+  gzip                       200 with the body gzip-compressed (Content-Encoding: gzip),
+                             ranges ignored, as a misconfigured server or proxy does
   signed_ttl                 /signed/PATH redirects to /s/TOKEN/PATH; a token is valid
                              for this many requests, then 403 (an expired signed URL)
 Other routes: /redirect/PATH -> 302 to PATH on `redirect_base` (another server = a CDN).
@@ -58,6 +62,9 @@ class Faults:
     fail_status: int = 503
     fail_times: int = 0
     chunked: bool = False
+    weak_etag: bool = False
+    last_modified: Optional[str] = None
+    gzip: bool = False
 
 
 @dataclass
@@ -87,6 +94,8 @@ class FaultServer:
         self.lock = threading.Lock()
         self.active_ranges = 0
         self.peak_ranges = 0  # most ranged requests in flight at once
+        self.sending = 0  # bodies being written right now
+        self.idle = threading.Condition(self.lock)  # notified whenever a body ends
         self.on_request = None  # callable(server, Request), run before each request is served
         self.tokens: Dict[str, int] = {}
         self._token_ids = itertools.count(1)
@@ -114,6 +123,14 @@ class FaultServer:
             self.requests.clear()
             self.bytes_sent = 0
             self.peak_ranges = 0
+
+    def wait_idle(self, timeout: float = 60.0) -> int:
+        """Block until no body is being sent (a killed client's connections have ended on
+        the server side too); returns bytes_sent then. An event, not a guess with sleeps."""
+        with self.idle:
+            if not self.idle.wait_for(lambda: self.sending == 0, timeout):
+                raise AssertionError(f"the server still sends {self.sending} bodies after {timeout}s")
+            return self.bytes_sent
 
     def ranged_requests(self) -> List[Request]:
         return [r for r in self.requests if "Range" in r.headers]
@@ -196,10 +213,27 @@ def _handler_for(server: FaultServer):
             size = len(data) if isinstance(data, bytes) else Path(data).stat().st_size
             if f.chunked:
                 return self._chunked(req, data if isinstance(data, bytes) else Path(data).read_bytes())
+            if f.gzip:
+                import gzip
+
+                body = gzip.compress(data if isinstance(data, bytes) else Path(data).read_bytes(), mtime=0)
+                req.status = 200
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Encoding", "gzip")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if not head:
+                    self._body(req, body, 0, len(body))
+                return
+            if f.weak_etag and etag:
+                etag = "W/" + etag
             rng = self.headers.get("Range")
             if_range = self.headers.get("If-Range")
             start, end, status = 0, size - 1, 200
-            if rng and not f.ignore_range and (if_range is None or if_range == etag):
+            strong = etag if etag and not etag.startswith("W/") and not f.no_etag else None
+            if_range_ok = if_range is None or if_range in (strong, f.last_modified)
+            if rng and not f.ignore_range and if_range_ok:
                 mm = re.match(r"bytes=(\d*)-(\d*)$", rng.strip())
                 if mm:
                     a, b = mm.group(1), mm.group(2)
@@ -230,6 +264,8 @@ def _handler_for(server: FaultServer):
                 self.send_header("Accept-Ranges", "bytes")
                 if etag and not f.no_etag:
                     self.send_header("ETag", etag)
+                if f.last_modified:
+                    self.send_header("Last-Modified", f.last_modified)
                 self.send_header("Content-Length", str(end - shown_start + 1))
                 if status == 206:
                     self.send_header("Content-Range", f"bytes {shown_start}-{end}/{size}")
@@ -243,6 +279,16 @@ def _handler_for(server: FaultServer):
 
         # -- bodies ----------------------------------------------------------
         def _body(self, req: Request, data, start: int, stop: int) -> None:
+            with self.srv.lock:
+                self.srv.sending += 1
+            try:
+                self._send_body(req, data, start, stop)
+            finally:
+                with self.srv.idle:
+                    self.srv.sending -= 1
+                    self.srv.idle.notify_all()
+
+        def _send_body(self, req: Request, data, start: int, stop: int) -> None:
             srv, f = self.srv, self.srv.faults
             cut = stall = None
             with srv.lock:

@@ -78,11 +78,11 @@ def vendored_tarball(version: str = SDIST_VERSION) -> Path:
 
 
 def tarball_nar_hash(version: str = SDIST_VERSION):
-    """NAR hash of the unpacked tarball (Nix fetchzip semantics), cached beside it."""
-    from pylmserv.core.archive import extract
+    """NAR hash of the unpacked tarball (Nix fetchzip semantics), cached beside it: unpacked
+    by the standard library and hashed by `nix hash path`, never by pylmserv (the code under test)."""
     from pylmserv.core.errors import HashError
     from pylmserv.core.hashing import Hash, file_hash
-    from pylmserv.core.nar import nar_hash
+    from tests.support import oracle
 
     tarball = vendored_tarball(version)
     flat = file_hash(tarball)
@@ -90,14 +90,13 @@ def tarball_nar_hash(version: str = SDIST_VERSION):
     if sidecar.is_file():
         try:
             flat_text, nar_text = sidecar.read_text().split()
-            if flat_text == flat.sri:
-                return Hash.parse(nar_text)
+            if flat_text == flat.sri and nar_text.startswith("nix:"):  # computed by Nix, not an older pylmserv one
+                return Hash.parse(nar_text[len("nix:"):])
         except (ValueError, HashError):  # a sidecar in another format: hash again
             pass
     with tempfile.TemporaryDirectory(dir=CACHE) as work:
-        tree = extract(tarball, Path(work) / "tree", policy="tar", strip_single_root=True)
-        got = nar_hash(tree)
-    sidecar.write_text(f"{flat.sri} {got.sri}\n")
+        got = oracle.nix_hash(oracle.unpack(tarball, Path(work) / "tree"))
+    sidecar.write_text(f"{flat.sri} nix:{got.sri}\n")
     return got
 
 

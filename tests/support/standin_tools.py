@@ -309,7 +309,7 @@ def llama_server(bin_dir: Path) -> Path:
             signal.signal(signal.SIGINT, stop)
             signal.signal(signal.SIGTERM, stop)
         ready_at = time.monotonic() + float(os.environ.get("STANDIN_LOAD_SECONDS", "0"))
-        key = opt("--api-key")
+        key = opt("--api-key") or os.environ.get("LLAMA_API_KEY")  # the real server reads both
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *a):

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Dict, Optional
 
 from ...core.hashing import Hash
-from ..config import LockEntry
 
 BACKENDS = ("auto", "python", "nix", "fod")
 
@@ -27,6 +26,7 @@ class Fetch:
 class Hashed:
     hash: Hash
     size: Optional[int] = None  # for files
+    fetcher: Optional[str] = None  # git: the Nix fetcher whose tree this is the NAR hash of
 
 
 @dataclass(frozen=True)
@@ -34,11 +34,3 @@ class Options:
     via: str = "auto"
     refresh: bool = False
     work: Path = Path(".")
-
-
-def same_pin(locked: Optional[LockEntry], url: str, mode: str, rev: Optional[str], ident: dict, opts: Options) -> bool:
-    """True when the locked entry already pins exactly this (no refetch needed)."""
-    if opts.refresh or locked is None:
-        return False
-    return (locked.url == url and locked.mode == mode and locked.rev == rev
-            and all(locked.extra.get(k) == v for k, v in ident.items()))

@@ -56,7 +56,7 @@ def hash_fetch(fetch: Fetch, work: Path) -> Hashed:
         if proc.returncode != 0:
             raise NetworkError(f"{fetch.name}: builtins.fetchGit failed: {proc.stderr.strip().splitlines()[-1:]}",
                                hint="Check the git URL and rev.")
-        return Hashed(Hash.parse(proc.stdout.strip().strip('"')))
+        return Hashed(Hash.parse(proc.stdout.strip().strip('"')), fetcher="builtins.fetchGit")
     if fetch.kind == "archive":
         expr = f"builtins.fetchTarball {{ url = {nix_str(fetch.url)}; sha256 = \"\"; }}"
         proc = _run(["nix-instantiate", "--eval", "--option", "tarball-ttl", "0", "--expr", expr])

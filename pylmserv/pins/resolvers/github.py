@@ -6,23 +6,27 @@ the archive and the git URL when fetching; the lock always records github.com UR
 """
 from __future__ import annotations
 
-from ..config import LockEntry
 from ...store.trees import mirror_url
+from ..drift import reusable
+from ..lock import GithubPin, LockEntry
 from . import hash_fetch
-from .base import Fetch, same_pin
-from .git import _meta, resolve_ref
+from .base import Fetch
+from .git import _meta, fetcher_for, resolve_ref
 
 
 def resolve(spec, locked, opts) -> LockEntry:
     rev = resolve_ref(mirror_url(spec.git_url), spec.ref)
-    ident = {"type": "github", "owner": spec.owner, "repo": spec.repo, "submodules": spec.submodules}
-    extra = dict(ident, ref=spec.ref, **_meta(spec))
     url = spec.git_url if spec.submodules else spec.archive_url(rev)
-    if same_pin(locked, url, "nar", rev, ident, opts):
-        return LockEntry("sources", spec.name, url, locked.hash, "nar", rev=rev, extra=extra)
+    ident = dict(url=url, rev=rev, owner=spec.owner, repo=spec.repo, git_url=spec.git_url,
+                 submodules=spec.submodules, fetcher=fetcher_for(opts.via, True) if spec.submodules else None)
+    common = dict(kind="sources", name=spec.name, ref=spec.ref, **ident, **_meta(spec))
+    if reusable(locked, GithubPin, opts.refresh, **ident):
+        return GithubPin(hash=locked.hash, **common)
     if spec.submodules:
         fetch = Fetch("git", mirror_url(url), spec.name, rev=rev, submodules=True)
     else:
         fetch = Fetch("archive", mirror_url(url), spec.name)
     got = hash_fetch(fetch, opts)
-    return LockEntry("sources", spec.name, url, got.hash, "nar", rev=rev, extra=extra)
+    if spec.submodules and got.fetcher:
+        common["fetcher"] = got.fetcher
+    return GithubPin(hash=got.hash, **common)

@@ -18,6 +18,18 @@ log = logging.getLogger("pylmserv.prefetch")
 TIMEOUT = 3600
 
 
+# Messages of a Nix that could not run at all here (no daemon, no store access, settings):
+# it checked nothing, so auto keeps Python's answer and says so. Anything else is Nix
+# refusing the input, and auto refuses the pin.
+_SETUP_ERRORS = ("cannot open connection to remote store", "opening lock file '/nix/", "getting status of '/nix/",
+                 "creating directory '/nix/", "Permission denied", "experimental Nix feature",
+                 "error: unknown setting", "cannot connect to socket")
+
+
+def is_setup_error(message: str) -> bool:
+    return any(marker in message for marker in _SETUP_ERRORS)
+
+
 def tool_for(fetch: Fetch) -> str:
     return "nix-prefetch-git" if fetch.kind == "git" else "nix-prefetch-url"
 
@@ -48,7 +60,8 @@ def hash_fetch(fetch: Fetch, work: Path) -> Hashed:
         args = ["nix-prefetch-git", "--quiet", "--url", fetch.url, "--rev", fetch.rev or "HEAD"]
         if fetch.submodules:
             args.append("--fetch-submodules")
-        return Hashed(parse_prefetch_git(_run(args)))
+        # With submodules fetchgit's checkout is builtins.fetchGit's tree too: name the builtin.
+        return Hashed(parse_prefetch_git(_run(args)), fetcher="builtins.fetchGit" if fetch.submodules else "fetchgit")
     if fetch.headers:
         raise ToolMissingError("nix-prefetch-url cannot send the authentication this download needs",
                                hint="Use --via python for gated / private files.")

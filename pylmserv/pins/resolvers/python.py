@@ -16,7 +16,7 @@ def hash_fetch(fetch: Fetch, work: Path) -> Hashed:
         tmp = Path(tmp)
         if fetch.kind == "git":
             tree = gitops.checkout(fetch.url, fetch.rev, tmp / "checkout", submodules=fetch.submodules)
-            return Hashed(nar_hash(tree))
+            return Hashed(nar_hash(tree), fetcher="builtins.fetchGit")
         h, size = download(fetch.url, tmp / "download", headers=fetch.headers, tmp_dir=tmp)
         if fetch.kind == "file":
             return Hashed(h, size)

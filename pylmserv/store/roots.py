@@ -1,0 +1,162 @@
+"""GC roots: which locks keep things in the store alive (as Nix's gcroots do).
+
+  gcroots/locks/<key>            the absolute path of a lock pylmserv used on this machine
+                                 (forgotten by `gc` once that file is gone)
+  gcroots/procs/<pid>-<r>.flock  held (flock) by a running pylmserv for its whole life;
+  gcroots/procs/<pid>-<r>/       copies of the locks that process read, as it read them,
+                                 so a running `serve` keeps its model even after the lock
+                                 on disk moved on (a dead process's flock is free: gc drops it)
+
+Registration never fails a command: a read-only or full store only loses the root. Nor
+does it create the store: while there is none, the root waits in memory and is written
+when this process creates the store (layout.on_home_ready), i.e. before it stores anything.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import uuid
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from ..core.fsutil import atomic_write_text
+from .layout import home as store_home
+from .layout import on_home_ready
+
+log = logging.getLogger("pylmserv.store")
+
+ROOTS = "gcroots"
+_held: Dict[str, Tuple[int, Path]] = {}  # home -> (the flocked fd held by this process, its directory)
+_pending: Dict[Tuple[str, str], bytes] = {}  # (home, lock path) -> lock text, until the store exists
+
+
+def _key(path: Path) -> str:
+    return hashlib.sha256(str(path).encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
+def roots_dir(home: Optional[Path] = None) -> Path:
+    return Path(home or store_home()) / ROOTS
+
+
+def use_lock(lock_path: Path, home: Optional[Path] = None) -> None:
+    """Record that this process uses the lock at `lock_path` (a persistent root, and this
+    process's own copy of the lock as read now)."""
+    try:
+        path = Path(lock_path).resolve()
+        text = path.read_bytes()
+    except OSError:
+        return
+    base = Path(home or store_home())
+    if not base.is_dir():  # reading commands never create the store
+        _pending[(str(base), str(path))] = text
+        return
+    _record(path, text, base)
+
+
+def _record(path: Path, text: bytes, home: Path) -> None:
+    try:
+        register_lock(path, home)
+        _hold(path, text, home)
+    except OSError as exc:
+        log.debug("gc root for %s not recorded: %s", path, exc)
+
+
+def _flush(home: Path) -> None:
+    """The store now exists: write the roots that waited for it."""
+    if not _pending:
+        return
+    for (base, path), text in list(_pending.items()):
+        if Path(base) == Path(home):
+            del _pending[(base, path)]
+            _record(Path(path), text, Path(home))
+
+
+on_home_ready(_flush)
+
+
+def register_lock(lock_path: Path, home: Optional[Path] = None) -> Path:
+    path = Path(lock_path).resolve()
+    entry = roots_dir(home) / "locks" / _key(path)
+    try:
+        if entry.read_text(encoding="utf-8", errors="surrogateescape") == str(path):
+            return entry
+    except OSError:
+        pass
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(entry, str(path))
+    return entry
+
+
+def _hold(lock_path: Path, text: bytes, home: Optional[Path]) -> None:
+    base = roots_dir(home) / "procs"
+    key = str(Path(home or store_home()).resolve())
+    if key not in _held:
+        try:
+            import fcntl  # flock, as filelock uses on Unix; importing filelock here would cost
+        except ImportError:  # the up-to-date `build` fast path ~0.1 s. Windows: no process roots.
+            return
+        base.mkdir(parents=True, exist_ok=True)
+        name = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        fd = os.open(base / f"{name}.flock", os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by children
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh name: never contended
+        _held[key] = (fd, base / name)
+    directory = _held[key][1]
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"{_key(lock_path)}.lock"
+    # No fsync: the copy lives only as long as this process (keeps `build`'s fast path fast).
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_bytes(text)
+    os.replace(tmp, target)
+
+
+def registered_locks(home: Optional[Path] = None, forget_missing: bool = True) -> List[Path]:
+    """Locks registered as roots whose file still exists (the others are forgotten)."""
+    base = roots_dir(home) / "locks"
+    out = []
+    for entry in sorted(base.glob("*")) if base.is_dir() else []:
+        try:
+            path = Path(entry.read_text(encoding="utf-8", errors="surrogateescape"))
+        except OSError:
+            continue
+        if path.is_file():
+            out.append(path)
+        elif forget_missing:
+            _unlink(entry)
+    return out
+
+
+def live_process_locks(home: Optional[Path] = None, cleanup: bool = True) -> List[Path]:
+    """Lock copies held by running pylmserv processes (this one excluded: its roots are the
+    registered ones). Records of dead processes are removed when `cleanup`."""
+    import shutil
+
+    from filelock import FileLock, Timeout
+
+    base = roots_dir(home) / "procs"
+    out: List[Path] = []
+    mine = {str(d) for _, d in _held.values()}
+    for flock_path in sorted(base.glob("*.flock")) if base.is_dir() else []:
+        directory = flock_path.with_suffix("")
+        if str(directory) in mine:
+            continue
+        probe = FileLock(str(flock_path))
+        try:
+            probe.acquire(timeout=0)
+        except Timeout:
+            out.extend(sorted(directory.glob("*.lock")))  # alive: its locks are roots
+            continue
+        try:
+            if cleanup:
+                shutil.rmtree(directory, ignore_errors=True)
+                _unlink(flock_path)
+        finally:
+            probe.release()
+    return out
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,201 @@
+"""HTTP transport for downloads: one requests session per download, credentials only to
+the origin host, raw bodies (decoded only for a Content-Encoding, as Nix does), and the
+small parsers the engine needs (Content-Range, errors, names)."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Dict, Optional
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+from ..core.errors import NetworkError, VerificationError
+from ..core.version import __version__
+
+CHUNK = 256 << 10  # bytes per read; memory per connection stays at about this
+CONNECT_TIMEOUT = 15.0
+
+
+@dataclass
+class Probe:
+    final_url: str
+    size: Optional[int]
+    etag: Optional[str]
+    last_modified: Optional[str]
+    ranges: bool
+    response: object = None  # an open 200 response, reused as the single stream
+    encoded: bool = False  # a Content-Encoding (gzip): sizes and ranges are of the encoded body
+
+    @property
+    def validator(self) -> Optional[str]:
+        """A strong validator for If-Range: a strong ETag, else Last-Modified, else None."""
+        if self.etag and not self.etag.startswith("W/"):
+            return self.etag
+        return self.last_modified or None
+
+
+class Transport:
+    """A pooled session for one download. urllib3 retries connection setup only; cuts
+    mid-body are the engine's to retry (it knows where to resume)."""
+
+    def __init__(self, url: str, headers: Dict[str, str], pool_size: int, read_timeout: float,
+                 retry_base: float):
+        self.origin = origin_of(url)
+        self.headers = dict(headers)
+        self.pool_size = pool_size
+        self.read_timeout = read_timeout
+        self.retry_base = retry_base
+        self._session = None
+
+    @property
+    def session(self):
+        if self._session is None:
+            import requests
+            from requests.adapters import HTTPAdapter
+            from urllib3.util.retry import Retry
+
+            s = requests.Session()
+            retry = Retry(total=None, connect=4, read=0, status=0, other=0, redirect=10,
+                          backoff_factor=self.retry_base, raise_on_status=False, respect_retry_after_header=False)
+            adapter = HTTPAdapter(max_retries=retry, pool_connections=4, pool_maxsize=self.pool_size)
+            s.mount("http://", adapter)
+            s.mount("https://", adapter)
+            s.headers.update({"User-Agent": f"pylmserv/{__version__}", "Accept-Encoding": "identity"})
+            self._session = s
+        return self._session
+
+    def get(self, url: str, extra: Dict[str, str]):
+        headers = dict(extra)
+        if origin_of(url) == self.origin:
+            headers.update(self.headers)  # credentials only to the host we were given
+        import requests
+
+        try:
+            return self.session.get(url, headers=headers, stream=True, allow_redirects=True,
+                                    timeout=(CONNECT_TIMEOUT, self.read_timeout))
+        except requests.exceptions.TooManyRedirects:
+            raise NetworkError(f"too many redirects for {redact(url)}") from None
+
+
+def redact(url: str) -> str:
+    """The URL without query string or credentials (signed URLs carry secrets)."""
+    parts = urlsplit(url)
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+
+def transient_errors() -> tuple:
+    """Errors worth a retry: cuts, timeouts, protocol errors (requests loaded lazily)."""
+    import http.client
+    import socket
+
+    import requests
+    import urllib3.exceptions
+
+    return (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException,
+            ConnectionError, TimeoutError, socket.timeout)
+
+
+def iter_raw(r, limit: Optional[int] = None):
+    """Raw body chunks as they arrive (no content decoding), stopping after `limit` bytes.
+
+    read1 returns what the socket has instead of blocking for a full chunk, so a cut or
+    a stall loses no byte already received: the resume starts exactly after it."""
+    raw = r.raw
+    read = raw.read1 if hasattr(raw, "read1") else raw.read
+    left = limit
+    while left is None or left > 0:
+        want = CHUNK if left is None else min(CHUNK, left)
+        data = read(want, decode_content=False)
+        if not data:
+            return
+        if left is not None:
+            left -= len(data)
+        yield data
+
+
+def content_encoding(r) -> str:
+    """The response's Content-Encoding, '' for none or identity."""
+    value = (r.headers.get("Content-Encoding") or "").strip().lower()
+    return "" if value in ("", "identity", "none") else value
+
+
+class GzipDecoder:
+    """Decodes a gzip body (several members, as `cat a.gz b.gz`, included)."""
+
+    def __init__(self, url: str):
+        import zlib
+
+        self.zlib = zlib
+        self.url = url
+        self.d = zlib.decompressobj(wbits=31)
+        self.midway = False  # the current member has begun but not ended
+
+    def feed(self, data: bytes) -> bytes:
+        out = []
+        try:
+            while data:
+                self.midway = True
+                out.append(self.d.decompress(data))
+                if not self.d.eof:
+                    break
+                self.midway = False
+                data = self.d.unused_data
+                self.d = self.zlib.decompressobj(wbits=31)
+        except self.zlib.error as exc:
+            raise VerificationError(f"{redact(self.url)}: the gzip-encoded body is corrupt ({exc})",
+                                    hint="The server or a proxy sent a broken compressed body; try again later.") from None
+        return b"".join(out)
+
+    def finish(self) -> None:
+        if self.midway:
+            raise VerificationError(f"{redact(self.url)}: the gzip-encoded body ends in the middle of a member",
+                                    hint="The server or a proxy cut the compressed body; try again later.")
+
+
+def decoder_for(encoding: str, url: str):
+    if encoding in ("gzip", "x-gzip"):
+        return GzipDecoder(url)
+    raise NetworkError(f"{redact(url)}: the server sent the body with Content-Encoding {encoding!r}, "
+                       "which pylmserv does not decode",
+                       hint="Nix hashes the decoded body; use a URL that serves the file plainly or with gzip.")
+
+
+def parse_content_range(value: Optional[str]):
+    m = re.match(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", value or "")
+    if not m:
+        return None
+    total = None if m.group(3) == "*" else int(m.group(3))
+    return int(m.group(1)), int(m.group(2)), total
+
+
+def raise_http(url: str, r):
+    status = r.status_code
+    hint = {401: "The server wants credentials: set HF_TOKEN for the Hugging Face Hub.",
+            403: "Access denied: check the token's permissions, or that the URL is public.",
+            404: "Check the URL, repository, file name and revision.",
+            429: "Rate-limited: wait a while and run the command again."}.get(
+        status, "Try again later; the partial download (if any) is kept for resume.")
+    raise NetworkError(f"HTTP {status} {r.reason or ''} from {redact(r.url or url)}".replace("  ", " "), hint=hint)
+
+
+def short_error(exc) -> str:
+    """One readable line: the OS error inside requests/urllib3 wrappers when there is one."""
+    text = str(exc) if not isinstance(exc, str) else exc
+    m = re.search(r"\[Errno -?\d+\] [^'\")\]]+", text)
+    if m:
+        return m.group(0).strip()
+    text = text.splitlines()[0] if text else type(exc).__name__
+    return text[:200]
+
+
+def file_name(url: str) -> str:
+    return unquote(urlsplit(url).path.rsplit("/", 1)[-1]) or urlsplit(url).netloc
+
+
+def origin_of(url: str) -> str:
+    parts = urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    return f"{parts.scheme}://{(parts.hostname or '').lower()}:{port}"

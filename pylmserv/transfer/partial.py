@@ -1,0 +1,119 @@
+"""The partial file of a download and its resume state.
+
+dl-<key>.part is preallocated (sparse) at the final size; parts are written at their
+offsets. dl-<key>.state.json records URL, ETag, validator, size and each part's progress,
+so a killed process resumes only the missing bytes - and only when the server still
+proves (same strong validator, same size) that it is the same file.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import List, Optional
+
+from ..core.errors import DiskSpaceError
+from ..core.fsutil import unlink_missing_ok
+from .http import file_name
+
+log = logging.getLogger("pylmserv.download")
+
+STATE_VERSION = 1
+
+
+class Part:
+    __slots__ = ("start", "end", "done")
+
+    def __init__(self, start: int, end: int, done: int = 0):
+        self.start, self.end, self.done = start, end, done  # end is exclusive
+
+    @property
+    def remaining(self) -> int:
+        return self.end - self.start - self.done
+
+
+class PartialFile:
+    def __init__(self, base: Path, url: str):
+        self.path = Path(str(base) + ".part")
+        self.state_path = Path(str(base) + ".state.json")
+        self.url = url
+
+    def discard(self) -> None:
+        unlink_missing_ok(self.state_path)
+        unlink_missing_ok(self.path)
+
+    def cleanup_state(self) -> None:
+        unlink_missing_ok(self.state_path)
+
+    def save_state(self, snapshot: List[List[int]], size: int, etag: Optional[str],
+                   validator: Optional[str]) -> None:
+        """Record part progress: temp file + rename, so a reader never sees half a state.
+
+        Not fsynced, on purpose: the page cache outlives a killed process, which is what
+        resume is for; after a power cut a stale or zero-filled part only costs a
+        re-download, because the whole file is hashed before it is installed."""
+        data = {"version": STATE_VERSION, "url": self.url, "etag": etag,
+                "validator": validator, "size": size, "parts": snapshot}
+        tmp = self.state_path.with_name(f"{self.state_path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps(data))
+            os.replace(tmp, self.state_path)
+        except OSError:
+            unlink_missing_ok(tmp)  # the previous state stays valid: it only undercounts
+            raise
+
+    def load_state(self, size: Optional[int], etag: Optional[str], validator: Optional[str]) -> Optional[List[Part]]:
+        """The saved parts when they are of this very file, else None (the partial is dropped)."""
+        try:
+            data = json.loads(self.state_path.read_text())
+            st = self.path.stat()
+        except (OSError, ValueError):
+            self.discard()
+            return None
+        ok = (isinstance(data, dict) and data.get("version") == STATE_VERSION and data.get("url") == self.url
+              and data.get("size") == size and st.st_size == size
+              and data.get("etag") == etag and data.get("validator") == validator
+              and validator)  # no strong validator: no proof it is the same file, start over
+        if not ok:
+            log.info("discarding a partial download of %s: the file changed or the state is stale",
+                     file_name(self.url))
+            self.discard()
+            return None
+        try:
+            parts = [Part(int(a), int(b), int(d)) for a, b, d in data["parts"]]
+        except (KeyError, TypeError, ValueError):
+            self.discard()
+            return None
+        if not parts or any(not (0 <= p.done <= p.end - p.start) for p in parts) or parts[-1].end != size:
+            self.discard()
+            return None
+        return parts
+
+    def preallocate(self, size: int) -> None:
+        """Create the partial at its final size, sparse.
+
+        Not posix_fallocate: on ext4 every write into fallocated (unwritten) extents
+        pays an extent conversion, measured 10x slower here. Free space is checked up
+        front instead, and ENOSPC while writing keeps the partial for resume."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.ftruncate(fd, size)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EFBIG):
+                raise DiskSpaceError(f"cannot create a {size}-byte file in {self.path.parent}: {exc.strerror}",
+                                     hint="Free some space or point PYLMSERV_HOME at a larger disk.") from None
+            raise
+        finally:
+            os.close(fd)
+
+    def check_space(self, need: int) -> None:
+        try:
+            free = shutil.disk_usage(self.path.parent).free
+        except OSError:
+            return
+        if need and free < need:
+            raise DiskSpaceError(f"not enough free space in {self.path.parent}: {need} bytes needed, {free} free",
+                                 hint="Free some space or point PYLMSERV_HOME at a larger disk.")
