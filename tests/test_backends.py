@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from pylmserv.builders import toolchain as tc
+from pylmserv.builders.auto import choose_backend
 from tests.conftest import run_cli
 from tests.support import llama_source
 from tests.support import standin_tools as st
@@ -52,7 +53,7 @@ def test_auto_standin_nvidia_with_toolkit_and_cublas_chooses_cuda(tmp_path):
     (toolkit / "lib64").mkdir(parents=True)
     (toolkit / "lib64" / "libcublas.so").write_bytes(b"")
     env = {**isolated(bins), "CUDA_PATH": str(toolkit)}
-    choice = tc.choose_backend("llama.cpp", env=env, sysfs=NO_DRM, platform="linux", cublas_wheel_dirs=[])
+    choice = choose_backend("llama.cpp", env=env, sysfs=NO_DRM, platform="linux", cublas_wheel_dirs=[])
     assert choice.backend == "cuda"
     assert "RTX 3090 (sm_86)" in choice.reason and "nvcc 12.4" in choice.reason and "libcublas.so" in choice.reason
 
@@ -62,11 +63,11 @@ def test_auto_standin_nvidia_without_cublas_is_not_cuda_and_says_why(tmp_path):
     st.nvidia_smi(bins, gpus=[st.RTX_3090])
     st.nvcc(bins, "12.4")
     env = {**isolated(bins), "CUDA_PATH": str(tmp_path / "cuda-without-cublas")}
-    choice = tc.choose_backend("llama.cpp", env=env, sysfs=NO_DRM, platform="linux", cublas_wheel_dirs=[])
+    choice = choose_backend("llama.cpp", env=env, sysfs=NO_DRM, platform="linux", cublas_wheel_dirs=[])
     assert choice.backend in ("cpu", "blas")
     assert any(p.startswith("cuda:") and "no cuBLAS" in p for p in choice.passed_over)
     # llamafile's module needs no cuBLAS (tinyBLAS): there cuda is usable
-    assert tc.choose_backend("llamafile", env=env, sysfs=NO_DRM, platform="linux").backend == "cuda"
+    assert choose_backend("llamafile", env=env, sysfs=NO_DRM, platform="linux").backend == "cuda"
 
 
 def test_auto_standin_amd_gpu_never_asks_for_nvcc(tmp_path):
@@ -77,7 +78,7 @@ def test_auto_standin_amd_gpu_never_asks_for_nvcc(tmp_path):
     nvcc_called = recording_tool(bins, "nvcc")
     smi_called = recording_tool(bins, "nvidia-smi")
     for engine in ("llama.cpp", "llamafile"):
-        choice = tc.choose_backend(engine, env=isolated(bins), sysfs=NO_DRM, platform="linux")
+        choice = choose_backend(engine, env=isolated(bins), sysfs=NO_DRM, platform="linux")
         assert choice.backend == "rocm", choice
         assert "gfx1100" in choice.reason and "HIP 6.2" in choice.reason
     assert not nvcc_called.exists()
@@ -88,7 +89,7 @@ def test_auto_standin_amd_gpu_with_too_old_hip_says_so(tmp_path):
     bins = tmp_path / "bin"
     st.rocminfo(bins, gpus=[("gfx1030", "Radeon RX 6800")])
     st.hipcc(bins, "5.2.21153-0")
-    choice = tc.choose_backend("llama.cpp", env=isolated(bins), sysfs=NO_DRM, platform="linux", min_hip=(6, 1))
+    choice = choose_backend("llama.cpp", env=isolated(bins), sysfs=NO_DRM, platform="linux", min_hip=(6, 1))
     assert choice.backend in ("cpu", "blas")
     assert "rocm: gfx1030 but HIP 5.2.21153 < 6.1 needed" in choice.passed_over
     assert "--backend auto chose" in choice.describe() and "not taken: rocm" in choice.describe()
@@ -99,30 +100,30 @@ def test_auto_standin_hardware_vulkan_with_sdk_chooses_vulkan(tmp_path):
     st.vulkaninfo(bins, devices=[("AMD Radeon RX 7600 (RADV NAVI33)", "PHYSICAL_DEVICE_TYPE_DISCRETE_GPU", "0x1002")])
     st.glslc(bins)
     sdk = tc.VulkanSdk(tc.detect_glslc(isolated(bins)), "/usr/include", (1, 3, 275), True, "/usr/lib/libvulkan.so", ())
-    choice = tc.choose_backend("llama.cpp", env=isolated(bins), sysfs=NO_DRM, platform="linux", vulkan_sdk=sdk)
+    choice = choose_backend("llama.cpp", env=isolated(bins), sysfs=NO_DRM, platform="linux", vulkan_sdk=sdk)
     assert choice.backend == "vulkan" and "RADV NAVI33" in choice.reason
     # the same device without glslc: not vulkan, and the missing package is named
     no_glslc = tc.VulkanSdk(tc.Tool("glslc"), "/usr/include", (1, 3, 275), True, "/usr/lib/libvulkan.so", ())
-    choice = tc.choose_backend("llama.cpp", env=isolated(bins), sysfs=NO_DRM, platform="linux", vulkan_sdk=no_glslc)
+    choice = choose_backend("llama.cpp", env=isolated(bins), sysfs=NO_DRM, platform="linux", vulkan_sdk=no_glslc)
     assert choice.backend != "vulkan" and any("apt-get install glslc" in p for p in choice.passed_over)
 
 
 def test_auto_standin_lavapipe_only_is_not_vulkan(tmp_path):
     bins = tmp_path / "bin"
     st.vulkaninfo(bins, devices=[("llvmpipe (LLVM 15.0.6, 256 bits)", "PHYSICAL_DEVICE_TYPE_CPU", "0x10005")])
-    choice = tc.choose_backend("llama.cpp", env=isolated(bins), sysfs=NO_DRM, platform="linux")
+    choice = choose_backend("llama.cpp", env=isolated(bins), sysfs=NO_DRM, platform="linux")
     assert choice.backend in ("cpu", "blas") and any("software rasterizer" in p for p in choice.passed_over)
 
 
 def test_auto_apple_silicon_is_metal():
-    assert tc.choose_backend("llama.cpp", env={"PATH": ""}, platform="darwin", machine="arm64").backend == "metal"
-    assert tc.choose_backend("llamafile", env={"PATH": ""}, platform="darwin", machine="arm64").backend == "cpu"
+    assert choose_backend("llama.cpp", env={"PATH": ""}, platform="darwin", machine="arm64").backend == "metal"
+    assert choose_backend("llamafile", env={"PATH": ""}, platform="darwin", machine="arm64").backend == "cpu"
 
 
 def test_auto_on_this_real_machine_and_cli_says_why(home, tmp_path):
     """No GPU here. If vulkaninfo sees lavapipe, it is passed over as software; blas when
     OpenBLAS is installed, else cpu."""
-    choice = tc.choose_backend("llama.cpp")
+    choice = choose_backend("llama.cpp")
     expected = "blas" if tc.detect_blas() else "cpu"
     if not tc.detect_nvidia_gpus():
         assert choice.backend == expected, choice

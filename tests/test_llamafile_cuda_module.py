@@ -10,20 +10,19 @@ No GPU can run the module here; compiling and linking are what these tests prove
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from pylmserv.core.archive import extract
+from pylmserv.builders import cudalink
 from pylmserv.builders import toolchain as tc
+from pylmserv.builders.cudalink import check_gpu_links as check_gpu_module_links
 from pylmserv.builders.llamafile import write_driver_stub
-from pylmserv.builders.toolchain import check_gpu_links as check_gpu_module_links
-from pylmserv.pins.config import Lock, LockEntry
 from pylmserv.core.errors import BuildError
 from pylmserv.core.hashing import Hash
+from pylmserv.pins.config import Lock, LockEntry
 from tests.conftest import run_cli
 
 FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "llamafile-0.8.4.tar.gz"
@@ -77,13 +76,13 @@ def test_real_ggml_cuda_module_compiles_and_links_lcuda(tmp_path, home, real_lla
     module = Path(doc["paths"]["ggml-cuda.so"])
     assert module.is_file() and module.read_bytes()[:4] == b"\x7fELF"
     # The link line: libcuda.so.1 is NEEDED, and it is what provides the driver symbols.
-    needed = tc.elf_needed(module)
+    needed = cudalink.elf_needed(module)
     assert "libcuda.so.1" in needed, needed
-    undefined = {s for s in tc.elf_symbols(module, defined=False) if s.startswith("cu") and s[2:3].isupper()}
+    undefined = {s for s in cudalink.elf_symbols(module, defined=False) if s.startswith("cu") and s[2:3].isupper()}
     assert DRIVER_SYMBOLS <= undefined  # what 0.8.4's ggml-cuda.cu calls (cuMemCreate & co: VMM pool)
     build_dir = Path(doc["build_dir"])
     stubs = tc.find_cuda_stubs(tc.detect_nvcc()) or build_dir / "gpu" / "stubs"
-    missing, found = tc.unprovided_symbols(module, r"cu[A-Z]|cublas", [stubs])
+    missing, found = cudalink.unprovided_symbols(module, r"cu[A-Z]|cublas", [stubs])
     assert missing == [] and "libcuda.so.1" in found
     # tinyBLAS: no cuBLAS at run time; sm_90 code inside
     assert not any(n.startswith("libcublas") for n in needed)
@@ -113,11 +112,11 @@ def test_module_without_lcuda_is_refused_by_the_link_check(tmp_path):
         check_gpu_module_links(bare, [])
     # with a stub generated from the object's own undefined symbols, linked with -lcuda
     stub = write_driver_stub(obj, tmp_path / "stubs" / "libcuda.so")
-    assert tc.elf_soname(stub) == "libcuda.so.1"
-    assert {"cuDeviceGet", "cuMemCreate"} <= set(tc.elf_symbols(stub, defined=True))
+    assert cudalink.elf_soname(stub) == "libcuda.so.1"
+    assert {"cuDeviceGet", "cuMemCreate"} <= set(cudalink.elf_symbols(stub, defined=True))
     linked = tmp_path / "linked.so"
     subprocess.run([cc, "-shared", "-o", linked, obj, f"-L{stub.parent}", "-lcuda"], check=True)
-    assert "libcuda.so.1" in tc.elf_needed(linked)
+    assert "libcuda.so.1" in cudalink.elf_needed(linked)
     check_gpu_module_links(linked, [stub.parent])  # no error
     # a NEEDED libcuda that lacks one of the symbols is caught too
     partial_obj = tmp_path / "partial.o"
@@ -149,11 +148,11 @@ def test_real_ggml_cuda_module_with_cublas_links_lcublas_too(tmp_path, home, rea
                    "--cuda-arch", "90", "--cuda-blas", "cublas", "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     module = Path(json.loads(proc.stdout)["paths"]["ggml-cuda.so"])
-    needed = tc.elf_needed(module)
+    needed = cudalink.elf_needed(module)
     assert "libcuda.so.1" in needed and any(n.startswith("libcublas.so") for n in needed), needed
-    undefined = tc.elf_symbols(module, defined=False)
+    undefined = cudalink.elf_symbols(module, defined=False)
     assert any(s.startswith("cublas") for s in undefined)  # cuBLAS really used, not tinyBLAS
     build_dir = Path(json.loads(proc.stdout)["build_dir"])
-    missing, found = tc.unprovided_symbols(module, r"cu[A-Z]|cublas", [build_dir / "gpu" / "stubs",
+    missing, found = cudalink.unprovided_symbols(module, r"cu[A-Z]|cublas", [build_dir / "gpu" / "stubs",
                                                                        Path(cublas.path).parent])
     assert missing == [] and any(k.startswith("libcublas") for k in found)

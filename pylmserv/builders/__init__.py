@@ -27,9 +27,11 @@ from .llama_cpp import (BACKENDS, BUILD_TIMEOUT, CONFIGURE_TIMEOUT, DEFAULT_TARG
                         preflight, run_logged, scan_features)
 from .llamafile import build_llamafile
 from .result import BuildResult
-from .toolchain import (DEFAULT_MIN_HIP, VULKAN_WAYS_OUT, check_gpu_links, cuda_header_driver_symbols, cuda_roots,
-                        detect_toolchain, detect_vulkan_sdk, find_cuda_header, find_cuda_stubs, hip_too_old,
-                        hip_version, required_hip_version, vulkan_headers_too_old, write_cuda_driver_stub)
+from .auto import choose_backend
+from .cudalink import check_gpu_links, cuda_header_driver_symbols, write_cuda_driver_stub
+from .toolchain import (DEFAULT_MIN_HIP, VULKAN_WAYS_OUT, cuda_roots, detect_toolchain, detect_vulkan_sdk,
+                        find_cuda_header, find_cuda_stubs, hip_too_old, hip_version, required_hip_version,
+                        vulkan_headers_too_old)
 
 log = logging.getLogger("pylmserv.build")
 
@@ -88,14 +90,14 @@ def build_llama_cpp(output_dir, cuda: bool = False, backend: Optional[str] = Non
 def resolve_backend(what: str, backend: str, source_dir: Optional[Path] = None, config: Optional[Path] = None,
                     lock: Optional[Path] = None):
     """(backend, BackendChoice or None): "auto" becomes what doctor's detection finds usable
-    here (toolchain.choose_backend); the choice and its reasons are logged."""
+    here (auto.choose_backend); the choice and its reasons are logged."""
     if backend != "auto":
         return backend, None
     min_hip = tc.DEFAULT_MIN_HIP
     tree = Path(source_dir) if source_dir else (stored_llama_source(config, lock) if what == "llama.cpp" else None)
     if tree is not None:
         min_hip = tc.required_hip_version(tree) or min_hip
-    choice = tc.choose_backend(what, min_hip=min_hip)
+    choice = choose_backend(what, min_hip=min_hip)
     log.warning("%s", choice.describe())
     return choice.backend, choice
 

@@ -49,6 +49,7 @@ from . import toolchain as tc
 from .base import BuildSkeleton, Compiled
 from .binfmt import is_ape, read_binfmt
 from .cosmocc import Cosmocc, ensure_cosmocc, find_entry, toolchain_dir
+from .cudalink import check_gpu_links, elf_symbols_of_object, write_cuda_driver_stub
 from .llama_cpp import run_logged
 from .result import BuildResult
 
@@ -446,7 +447,7 @@ class LlamafileBuild(BuildSkeleton):
         if not plan.gpu_dso.is_file():
             raise BuildError(f"{plan.gpu[-1].what} produced no {plan.gpu_dso}; log: {log_file}")
         if self.backend == "cuda":
-            tc.check_gpu_links(plan.gpu_dso, plan.link_dirs)
+            check_gpu_links(plan.gpu_dso, plan.link_dirs)
         for name in EMBED_INTO:
             if name in outputs:
                 embed_files(outputs[name], [(plan.gpu_dso.name, plan.gpu_dso)])
@@ -569,7 +570,7 @@ _DRIVER_SYMBOL = re.compile(r"cu[A-Z][A-Za-z0-9_]*\Z")
 
 def write_driver_stub(obj: Path, stub: Path, cc: Optional[str] = None) -> Path:
     """The link-time libcuda stub for `obj`: exactly the cu* driver symbols it leaves undefined."""
-    names = sorted({s for s in tc.elf_symbols_of_object(obj) if _DRIVER_SYMBOL.match(s)})
-    return tc.write_cuda_driver_stub(names, stub, cc)
+    names = sorted({s for s in elf_symbols_of_object(obj) if _DRIVER_SYMBOL.match(s)})
+    return write_cuda_driver_stub(names, stub, cc)
 
 

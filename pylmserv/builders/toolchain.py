@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from ..core.errors import BuildError
 
 Runner = Callable[[Sequence[str], float], Tuple[int, str]]
 
@@ -464,61 +463,6 @@ def detect_toolchain(backend: str, env=None, run: Runner = default_run, platform
     return Toolchain(detect_cmake(env, run), detect_ninja(env, run), cc, cxx, detect_ccache(env, run), extra)
 
 
-# -- ELF inspection (binutils' readelf and nm): does a built module link what it uses? --------
-
-def elf_needed(path: Path, run: Runner = default_run) -> List[str]:
-    """DT_NEEDED entries (`readelf -d`)."""
-    rc, out = run(["readelf", "-d", str(path)], PROBE_TIMEOUT)
-    return re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out) if rc == 0 else []
-
-
-def elf_soname(path: Path, run: Runner = default_run) -> Optional[str]:
-    rc, out = run(["readelf", "-d", str(path)], PROBE_TIMEOUT)
-    m = re.search(r"\(SONAME\)\s+Library soname: \[([^\]]+)\]", out) if rc == 0 else None
-    return m.group(1) if m else None
-
-
-def elf_symbols(path: Path, defined: bool, run: Runner = default_run) -> List[str]:
-    """Dynamic symbols of `path`: undefined ones (`nm -D --undefined-only`) or defined ones."""
-    flag = "--defined-only" if defined else "--undefined-only"
-    rc, out = run(["nm", "-D", flag, str(path)], PROBE_TIMEOUT)
-    if rc != 0:
-        return []
-    names = []
-    for line in out.splitlines():
-        parts = line.split()
-        if parts and (defined and len(parts) >= 3 and parts[1] not in ("U", "w", "v") or not defined and parts[0] in ("U", "w")):
-            names.append(parts[-1].split("@")[0])
-    return names
-
-
-def unprovided_symbols(dso: Path, pattern: str, search_dirs: Sequence[Path],
-                       run: Runner = default_run) -> Tuple[List[str], Dict[str, str]]:
-    """Undefined symbols of `dso` matching `pattern` that no NEEDED library provides.
-
-    NEEDED names are looked up in `search_dirs` (by file name, or by the SONAME of the
-    link-time file: a driver stub libcuda.so carries SONAME libcuda.so.1). Returns
-    (unprovided symbol names, NEEDED name -> file it was found as)."""
-    wanted = [s for s in elf_symbols(dso, defined=False, run=run) if re.match(pattern, s)]
-    found: Dict[str, str] = {}
-    provided = set()
-    for needed in elf_needed(dso, run=run):
-        for d in search_dirs:
-            cands = [Path(d) / needed] + sorted(Path(d).glob(needed.split(".so")[0] + ".so*"))
-            hit = next((c for c in cands if c.is_file() and (c.name == needed or elf_soname(c, run) == needed)), None)
-            if hit is not None:
-                found[needed] = str(hit)
-                provided.update(elf_symbols(hit, defined=True, run=run))
-                break
-    return sorted(s for s in wanted if s not in provided), found
-
-
-def elf_symbols_of_object(path: Path, run: Runner = default_run) -> List[str]:
-    """Undefined symbols of a relocatable object (`nm -u`; objects have no dynamic table)."""
-    rc, out = run(["nm", "-u", str(path)], PROBE_TIMEOUT)
-    return [ln.split()[-1] for ln in out.splitlines() if ln.strip()] if rc == 0 else []
-
-
 # -- ROCm/HIP version: what hipcc is, what the source needs ------------------------------------
 
 DEFAULT_MIN_HIP = (6, 1)  # current llama.cpp (ggml/src/ggml-hip/CMakeLists.txt), used before the source is fetched
@@ -693,140 +637,9 @@ VULKAN_WAYS_OUT = ("Install newer Vulkan headers (the LunarG Vulkan SDK, or libv
                    "--cmake-arg -DVulkan_INCLUDE_DIR=<its include dir>; or build --backend cpu.")
 
 
-# -- --backend auto ------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class BackendChoice:
-    backend: str
-    reason: str  # one line: why this backend
-    passed_over: Tuple[str, ...] = ()  # why the better ones were not taken
-
-    def describe(self) -> str:
-        tail = f" (not taken: {'; '.join(self.passed_over)})" if self.passed_over else ""
-        return f"--backend auto chose {self.backend}: {self.reason}{tail}"
-
-
-def choose_backend(engine: str = "llama.cpp", env=None, run: Runner = default_run, platform: str = sys.platform,
-                   machine: Optional[str] = None, sysfs: Path = Path("/sys/class/drm"),
-                   min_hip: Tuple[int, ...] = DEFAULT_MIN_HIP, vulkan_sdk: Optional[VulkanSdk] = None,
-                   cublas_wheel_dirs: Optional[Sequence[Path]] = None) -> BackendChoice:
-    """The backend this machine can build and run best, as doctor sees it: an NVIDIA GPU
-    with a usable CUDA toolkit -> cuda; an AMD GPU with ROCm >= `min_hip` -> rocm; a
-    hardware Vulkan device with the SDK -> vulkan (llama.cpp); Apple silicon -> metal
-    (llama.cpp); else cpu, or blas when OpenBLAS is there (llama.cpp). The toolkit of a
-    vendor is only probed when that vendor's GPU is present: no nvcc on an AMD machine."""
-    import platform as _pf
-
-    machine = machine or _pf.machine()
-    llama = engine == "llama.cpp"
-    if platform == "darwin":
-        if llama and machine in ("arm64", "aarch64"):
-            return BackendChoice("metal", "Apple silicon")
-        return BackendChoice("cpu", "macOS" + (": llamafile uses Metal at run time by itself" if not llama else
-                                              " on Intel: no Metal backend worth building"))
-    passed: List[str] = []
-    vendors = detect_gpu_vendors(env, run, sysfs, platform)
-    if "nvidia" in vendors:
-        gpus = detect_nvidia_gpus(env, run)
-        names = ", ".join(f"{g.name} (sm_{g.arch})" for g in gpus) or "NVIDIA GPU (PCI)"
-        nvcc = detect_nvcc(env, run)
-        if not nvcc.found:
-            passed.append(f"cuda: {names} but no CUDA toolkit (nvcc)")
-        else:
-            cublas = detect_cublas(nvcc, env, wheel_dirs=cublas_wheel_dirs) if llama else None
-            if cublas is not None and not cublas.found:
-                passed.append(f"cuda: {names}, nvcc {version_str(nvcc.version)} but no cuBLAS "
-                              "(pip install nvidia-cublas, or the toolkit's libcublas-dev)")
-            else:
-                return BackendChoice("cuda", f"{names}; nvcc {version_str(nvcc.version)} at {nvcc.path}"
-                                     + (f"; cuBLAS at {cublas.path}" if cublas is not None else ""), tuple(passed))
-    if "amd" in vendors:
-        rocm = detect_rocm(env, run)
-        targets = ", ".join(rocm.gfx_targets) or "AMD GPU (PCI)"
-        found = hip_version(rocm.hipcc, run)
-        if not rocm.hipcc.found:
-            passed.append(f"rocm: {targets} but no ROCm (hipcc)")
-        elif found is None or tuple(found[:len(min_hip)]) < tuple(min_hip):
-            passed.append(f"rocm: {targets} but HIP {version_str(found)} < {version_str(min_hip)} needed")
-        else:
-            return BackendChoice("rocm", f"{targets}; HIP {version_str(found)} at {rocm.hipcc.path}", tuple(passed))
-    if llama:
-        devices = detect_vulkan_devices(env, run)
-        if devices:
-            hardware = [d for d in devices if not d.software]
-            if not hardware:
-                passed.append("vulkan: only a software rasterizer (" + ", ".join(d.name for d in devices)
-                              + "): slower than the CPU backend")
-            else:
-                sdk = vulkan_sdk or detect_vulkan_sdk(env, run)
-                if sdk.missing():
-                    passed.append(f"vulkan: {hardware[0].name} but missing " + ", ".join(sdk.missing()))
-                else:
-                    return BackendChoice("vulkan", f"Vulkan device {hardware[0].name}; glslc and headers "
-                                         f"{version_str(sdk.header_version)} installed", tuple(passed))
-        blas = detect_blas(platform)
-        if blas:
-            return BackendChoice("blas", f"no usable GPU; {blas} found", tuple(passed))
-        return BackendChoice("cpu", "no usable GPU and no OpenBLAS (apt-get install libopenblas-dev for blas)",
-                             tuple(passed))
-    return BackendChoice("cpu", "no usable GPU", tuple(passed))
-
-
-# -- the CUDA driver stub: link against libcuda where the toolkit ships no stubs/ -----------------
-
-def cuda_header_driver_symbols(cuda_h: Path) -> List[str]:
-    """Every driver API function cuda.h declares, under both its plain and its versioned
-    name (`#define cuMemAlloc cuMemAlloc_v2`: the library exports the latter)."""
-    text = Path(cuda_h).read_text(encoding="utf-8", errors="replace")
-    names = set(re.findall(r"\bCUDAAPI\s+(cu[A-Z]\w*)\s*\(", text))
-    names.update(re.findall(r"^\s*#\s*define\s+cu[A-Z]\w*\s+(cu[A-Z]\w*)\s*$", text, re.M))
-    return sorted(names)
-
-
 def find_cuda_header(nvcc: Tool, env=None) -> Optional[Path]:
     for root in cuda_roots(nvcc, env):
         for cand in (root / "include" / "cuda.h", *sorted(root.glob("targets/*/include/cuda.h"))):
             if cand.is_file():
                 return cand
     return None
-
-
-def write_cuda_driver_stub(names: Sequence[str], stub: Path, cc: Optional[str] = None) -> Path:
-    """A link-time stand-in for the driver's libcuda.so: a tiny shared object with SONAME
-    libcuda.so.1 exporting `names` (what a toolkit's stubs/libcuda.so is). Binaries record
-    NEEDED libcuda.so.1; at run time the driver's own library is loaded, never this one."""
-    bad = [n for n in names if not re.fullmatch(r"cu[A-Z]\w*", n)]
-    if bad:
-        raise BuildError(f"refusing to write a libcuda stub with odd symbol names: {', '.join(bad[:3])}")
-    stub = Path(stub)
-    stub.parent.mkdir(parents=True, exist_ok=True)
-    c_file = stub.parent / "libcuda-stub.c"
-    c_file.write_text("/* pylmserv: link-time stub of the CUDA driver (SONAME libcuda.so.1); never loaded. */\n"
-                      + "".join(f"void {n}(void) {{}}\n" for n in names))
-    cc = cc or detect_compilers()[0].path or "cc"
-    tmp = stub.with_name(stub.name + ".tmp")
-    rc, out = default_run([cc, "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", str(tmp), str(c_file)], 300)
-    if rc != 0 or not tmp.is_file():
-        raise BuildError(f"cannot build the libcuda link stub with {cc}: {out.strip()[:300]}")
-    os.replace(tmp, stub)
-    return stub
-
-
-GPU_SYMBOLS = r"cu[A-Z]|cublas"  # driver API and cuBLAS (the runtime's cuda* may be static)
-
-
-def check_gpu_links(dso: Path, search_dirs) -> None:
-    """Every undefined cu*/cublas* symbol of `dso` must come from a NEEDED library, or
-    dlopen fails on every real machine (checked with readelf -d and nm -D)."""
-    missing, found = unprovided_symbols(dso, GPU_SYMBOLS, list(search_dirs) + _system_lib_dirs())
-    if missing:
-        shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
-        raise BuildError(f"{dso.name} leaves {shown} undefined and no NEEDED library "
-                         f"({', '.join(sorted(found)) or 'none'}) provides them: dlopen would fail",
-                         hint="The link line needs -lcuda (and -lcublas with cuBLAS); this is a pylmserv bug, "
-                              "please report it with the build log.")
-
-
-def _system_lib_dirs() -> List[Path]:
-    return [Path(d) for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/lib")
-            if Path(d).is_dir()]
