@@ -19,6 +19,7 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 from filelock import FileLock
 
 from ..store import records as stamps
+from ..store import layout
 from ..store.layout import home
 from .llama_cpp import install_files, point_current, shared_libs
 from .result import BuildResult
@@ -71,7 +72,7 @@ class BuildSkeleton:
         self.kind = kind
         self.inputs = dict(inputs)
         self.key = stamps.build_key(self.inputs)
-        self.build_dir = self.home / "builds" / f"{self.engine}-{kind}-{self.key}"
+        self.build_dir = layout.build_dir(self.engine, kind, self.key, self.home)
         self.stamp_path = self.build_dir / stamps.STAMP_NAME
 
     # -- hooks ---------------------------------------------------------------------------
@@ -140,7 +141,7 @@ class BuildSkeleton:
     def prefix_dir(self) -> Path:
         if self.prefix is not None:
             return self.prefix
-        return self.home / "bin" / f"{self.engine}-{self.kind}" / self.key
+        return layout.bin_dir(self.home) / f"{self.engine}-{self.kind}" / self.key
 
     def finish(self, outputs: Dict[str, Path], cache_hit: bool, notes=(), source=None, commands=(),
                sha256=None) -> BuildResult:

@@ -24,7 +24,7 @@ from ..core.errors import ConfigError, VerificationError
 from ..core.fsutil import atomic_write_text
 from ..core.hashing import Hash
 from ..pins.config import Lock, LockEntry
-from ..store.layout import ensure_home, home, subdir
+from ..store.layout import ensure_home, home, subdir, toolchains_dir
 from ..store.trees import ensure_source
 
 log = logging.getLogger("pylmserv.cosmocc")
@@ -74,9 +74,8 @@ def find_entry(lock: Lock, version: str) -> LockEntry:
 
 def toolchain_dir(entry: LockEntry, root: Optional[Path] = None) -> Path:
     """Where `entry`'s cosmocc is (or will be) unpacked: keyed by version and zip hash."""
-    base = Path(root) if root else home()
     version = str(entry.get("version") or entry.name)
-    return base / "toolchains" / f"cosmocc-{version}-{entry.hash.nix32[:12]}"
+    return toolchains_dir(Path(root) if root else home()) / f"cosmocc-{version}-{entry.hash.nix32[:12]}"
 
 
 def ensure_cosmocc(entry: LockEntry, root: Optional[Path] = None) -> Cosmocc:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
 from ..core.errors import BuildError, ToolMissingError, UsageError
+from ..core.proc import start_group, stop_group
 from .toolchain import MIN_CMAKE, version_str
 
 log = logging.getLogger("pylmserv.build")
@@ -494,15 +495,16 @@ def run_logged(argv: Sequence[str], log_file: Path, env: Mapping[str, str], time
         fh.write(f"\n$ {shlex.join(argv)}\n".encode())
         fh.flush()
         try:
-            proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=dict(env))
+            # Its own process group: `cmake --build` does not pass signals on to ninja and
+            # the compilers, so the whole group is stopped (core.proc.stop_group).
+            proc = start_group(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(env))
         except OSError as exc:
             raise ToolMissingError(f"cannot run {argv[0]}: {exc.strerror}") from None
         fired = threading.Event()
 
         def kill():
             fired.set()
-            _stop(proc)
+            stop_group(proc)
 
         watchdog = threading.Timer(timeout, kill)
         watchdog.daemon = True
@@ -521,9 +523,7 @@ def run_logged(argv: Sequence[str], log_file: Path, env: Mapping[str, str], time
             rc = proc.wait()
         finally:
             watchdog.cancel()
-            if proc.poll() is None:
-                _stop(proc)
-                proc.wait()
+            stop_group(proc)  # the step and anything it left running
     if fired.is_set():
         raise BuildError(f"{what} timed out after {timeout:.0f} s; full log: {log_file}",
                          hint="Rerun (it continues where it stopped), or use fewer targets.")
@@ -531,47 +531,6 @@ def run_logged(argv: Sequence[str], log_file: Path, env: Mapping[str, str], time
         first = first_error(log_file)
         raise BuildError(f"{what} failed (exit {rc}); full log: {log_file}\n{first}".rstrip(),
                          hint="Fix the cause shown above and rerun: the build continues where it stopped.")
-
-
-def _descendants(pid: int) -> List[int]:
-    """Child processes of `pid`, recursively (Linux /proc; elsewhere none are found)."""
-    children: Dict[int, List[int]] = {}
-    try:
-        entries = [e for e in os.listdir("/proc") if e.isdigit()]
-    except OSError:
-        return []
-    for e in entries:
-        try:
-            with open(f"/proc/{e}/stat", "rb") as fh:
-                ppid = int(fh.read().rsplit(b")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(e))
-    out, stack = [], [pid]
-    while stack:
-        for c in children.get(stack.pop(), []):
-            out.append(c)
-            stack.append(c)
-    return out
-
-
-def _stop(proc, grace: float = 10.0) -> None:
-    """SIGTERM to the step and everything under it (`cmake --build` does not pass it on to
-    ninja); SIGKILL whatever still runs after `grace` seconds."""
-    import signal
-
-    pids = [proc.pid] + _descendants(proc.pid)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except OSError:
-                pass
-        try:
-            proc.wait(timeout=grace)
-            return
-        except subprocess.TimeoutExpired:
-            pids = [proc.pid] + _descendants(proc.pid)
 
 
 _ERROR = re.compile(r"(CMake Error|error:|Error \d+|FAILED:|fatal error|undefined reference|ninja: build stopped)")

@@ -79,7 +79,7 @@ EMBED_INTO = ("llamafile", "llamafiler")  # executables that load the GPU module
 def default_llamafile(root=None) -> Path:
     """The llamafile binary pylmserv installed most recently (any backend)."""
     base = paths.home() if root is None else Path(root)
-    found = [p for p in (base / "bin").glob(f"{ENGINE}-*/current/llamafile") if p.is_file()]
+    found = [p for p in paths.bin_dir(base).glob(f"{ENGINE}-*/current/llamafile") if p.is_file()]
     found.sort(key=lambda p: p.stat().st_mtime, reverse=True)
     if not found:
         raise UsageError("no llamafile built by pylmserv was found",

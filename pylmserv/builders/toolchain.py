@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from ..core.proc import probe, which  # noqa: F401 (which: used by builders and doctor)
 
 
 Runner = Callable[[Sequence[str], float], Tuple[int, str]]
@@ -26,17 +26,10 @@ PROBE_TIMEOUT = 20.0
 
 def default_run(argv: Sequence[str], timeout: float = PROBE_TIMEOUT) -> Tuple[int, str]:
     """Run a probe; (returncode, stdout+stderr). Never raises for a missing/broken tool."""
-    try:
-        proc = subprocess.run(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL, timeout=timeout)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return 127, str(exc)
-    return proc.returncode, proc.stdout.decode("utf-8", "replace")
-
-
-def which(name: str, env: Optional[Mapping[str, str]] = None) -> Optional[str]:
-    path = (env if env is not None else os.environ).get("PATH", os.defpath)
-    return shutil.which(name, path=path)
+    proc = probe(argv, timeout=timeout)
+    if proc is None:
+        return 127, f"cannot run {argv[0]}"
+    return proc.returncode, proc.stdout + proc.stderr
 
 
 def parse_version(text: str) -> Optional[Tuple[int, ...]]:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
-from . import records
+from . import layout, records
 
 KINDS = ("blob", "source", "toolchain", "model", "build", "install", "partial", "staging")
 
@@ -103,7 +103,7 @@ def freed_bytes(paths: Iterable[Path]) -> int:
 
 def _remove(path: Path, home: Path) -> None:
     """Rename into tmp/ first (atomic: the store path is gone at once), then delete."""
-    trash = home / "tmp" / f"gc-trash.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    trash = layout.tmp_root(home) / f"gc-trash.{os.getpid()}.{uuid.uuid4().hex[:8]}"
     trash.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.replace(path, trash)
@@ -139,7 +139,7 @@ def _entries(directory: Path) -> List[Path]:
 def _current_keys(home: Path) -> Set[Tuple[str, str]]:
     """(engine-backend, key) of every `current` link under bin/."""
     out = set()
-    for d in _entries(home / "bin"):
+    for d in _entries(layout.bin_dir(home)):
         try:
             out.add((d.name, os.readlink(d / "current")))
         except OSError:
@@ -152,7 +152,7 @@ def _builds_to_keep(home: Path, keep: Keep, current: Set[Tuple[str, str]]) -> Se
     backend among builds of rooted sources (or local --source trees)."""
     groups: Dict[str, List[Tuple[float, str]]] = {}
     kept = set()
-    for d in _entries(home / "builds"):
+    for d in _entries(layout.builds_dir(home)):
         m = _BUILD.match(d.name)
         if not m or not d.is_dir():
             continue
@@ -190,7 +190,7 @@ def _model_kept(directory: Path, keep: Keep) -> bool:
 def plan(home: Path, keep: Keep) -> Tuple[List[Tuple[Item, Optional[Path]]], int]:
     """Garbage as (item, the lock to hold while deleting it), and how many things are kept."""
     home = Path(home)
-    tmp = home / "tmp"
+    tmp = layout.tmp_root(home)
     out: List[Tuple[Item, Optional[Path]]] = []
     kept = 0
 
@@ -201,27 +201,27 @@ def plan(home: Path, keep: Keep) -> Tuple[List[Tuple[Item, Optional[Path]]], int
         else:
             kept += 1
 
-    for p in _entries(home / "blobs" / "sha256"):
+    for p in _entries(layout.blobs_dir("sha256", home)):
         consider("blob", p, tmp / f"{p.name}.lock", p not in keep.paths, "no root pins this hash")
-    for p in _entries(home / "sources"):
+    for p in _entries(layout.sources_dir(home)):
         consider("source", p, tmp / f"{p.name}.lock", p not in keep.paths, "no root pins this tree")
-    for p in _entries(home / "toolchains"):
+    for p in _entries(layout.toolchains_dir(home)):
         consider("toolchain", p, tmp / f"{p.name}.lock", p not in keep.paths, "no root pins this toolchain")
-    for p in _entries(home / "models"):
+    for p in _entries(layout.models_dir(home)):
         consider("model", p, None, not _model_kept(p, keep), "no root names this model with these hashes")
     current = _current_keys(home)
     builds = _builds_to_keep(home, keep, current)
-    for p in _entries(home / "builds"):
+    for p in _entries(layout.builds_dir(home)):
         if p.name.endswith(".lock") or not p.is_dir():
             continue
         consider("build", p, Path(str(p) + ".lock"), p.name not in builds,
                  f"not current and not among the {keep.keep_builds} newest of a rooted source")
-    for group in _entries(home / "bin"):
+    for group in _entries(layout.bin_dir(home)):
         for p in _entries(group):
             if p.name == "current" or not p.is_dir():
                 continue
             garbage = (group.name, p.name) not in current and f"{group.name}-{p.name}" not in builds
-            consider("install", p, home / "builds" / f"{group.name}-{p.name}.lock", garbage,
+            consider("install", p, layout.builds_dir(home) / f"{group.name}-{p.name}.lock", garbage,
                      "its build is gone or not kept")
     for p in _entries(tmp):
         if p.name.endswith(".lock") or p.name.startswith("gc-trash."):
@@ -289,7 +289,7 @@ def sweep(home: Path, keep: Keep, dry_run: bool = False) -> Report:
     locks = _Locks()
     try:
         # Any pylmserv lock in tmp/ held elsewhere: something is in flight; its staging stays.
-        quiet = all([locks.take(p) for p in _entries(home / "tmp") if p.name.endswith(".lock")])
+        quiet = all([locks.take(p) for p in _entries(layout.tmp_root(home)) if p.name.endswith(".lock")])
         for item, lock in garbage:
             free = quiet if item.kind == "staging" else (lock is None or locks.take(lock))
             (report.garbage if free else report.in_use).append(item)
@@ -306,3 +306,4 @@ def sweep(home: Path, keep: Keep, dry_run: bool = False) -> Report:
 def store_size(home: Path) -> int:
     """Bytes under the store (hardlinks counted once)."""
     return freed_bytes([Path(home)]) if Path(home).exists() else 0
+

@@ -101,10 +101,14 @@ def blob_path(h: Hash, root: Optional[Path] = None) -> Path:
     return blobs_dir(h.algo, root) / h.hex
 
 
+def sources_dir(root: Optional[Path] = None) -> Path:
+    return _base(root) / "sources"
+
+
 def source_tree_path(h: Hash, name: str, root: Optional[Path] = None) -> Path:
     """sources/<nix32>-<name>: a verified unpacked tree (the name made path-safe)."""
     safe = re.sub(r"[^A-Za-z0-9+._=-]", "_", name).lstrip(".") or "source"  # a name is not a path
-    return _base(root) / "sources" / f"{h.nix32}-{safe}"
+    return sources_dir(root) / f"{h.nix32}-{safe}"
 
 
 def models_dir(root: Optional[Path] = None) -> Path:
@@ -143,6 +147,11 @@ def bin_dir(root: Optional[Path] = None) -> Path:
 
 
 # -- scratch ---------------------------------------------------------------------------------
+
+def tmp_root(root: Optional[Path] = None) -> Path:
+    """tmp/, not created (for readers such as gc)."""
+    return _base(root) / "tmp"
+
 
 def tmp_dir(root: Optional[Path] = None) -> Path:
     """tmp/ (created): partials and staging on the blobs' filesystem."""
