@@ -174,6 +174,10 @@ class _Escapes(Exception):
     pass
 
 
+class _Loop(_Escapes):
+    pass
+
+
 def _resolve_in_tree(root: Path, rel: str) -> Optional[str]:
     """Resolve `rel` the way the kernel would, but against the tree under `root` only:
     symlinks in the tree are followed by reading them (never by the host), an absolute
@@ -194,7 +198,7 @@ def _resolve_in_tree(root: Path, rel: str) -> Optional[str]:
         if here.is_symlink():
             hops += 1
             if hops > _MAX_HOPS:
-                raise _Escapes("a symlink loop")
+                raise _Loop("a symlink loop")
             target = os.readlink(here)
             if target.startswith("/"):
                 raise _Escapes(f"absolute symlink {'/'.join(done + [part])!r}")
@@ -218,6 +222,9 @@ def _check_symlinks_resolve(root: Path, archive: str) -> None:
             rel = path.relative_to(root).as_posix()
             try:
                 _resolve_in_tree(root, rel)
+            except _Loop:  # malformed rather than escaping: bad input, exit 2
+                raise UsageError(f"{archive}: symlink {rel!r} -> {os.readlink(path)!r} is part of a symlink loop",
+                                 hint="The archive is malformed: use another copy or ask its publisher to fix it.") from None
             except _Escapes as exc:
                 raise UnsafeArchiveError(f"{archive}: refusing symlink {rel!r} -> {os.readlink(path)!r}: "
                                          f"it resolves outside the target ({exc})", hint=_LINK_HINT) from None
