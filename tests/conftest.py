@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.faultserver import fault_server
 from tests.support.httpserver import serve_directory
 from tests.support.nixenv import nix_env, have_nix
 
@@ -37,6 +38,13 @@ def nix(monkeypatch):
     for key, value in nix_env().items():
         monkeypatch.setenv(key, value)
     return shutil.which("nix")
+
+
+@pytest.fixture
+def server():
+    """A loopback HTTP server whose faults a test injects (tests/support/faultserver.py)."""
+    with fault_server() as s:
+        yield s
 
 
 @pytest.fixture

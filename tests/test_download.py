@@ -15,12 +15,6 @@ MB = 1 << 20
 
 
 @pytest.fixture
-def server():
-    with fault_server() as s:
-        yield s
-
-
-@pytest.fixture
 def data():
     return os.urandom(4 * MB + 12345)
 

@@ -14,15 +14,8 @@ from pylmserv.core.errors import NetworkError, UsageError, VerificationError
 from pylmserv.core.hashing import Hash
 from pylmserv.transfer.download import download
 from tests.conftest import run_cli
-from tests.support.faultserver import fault_server
 
 MB = 1 << 20
-
-
-@pytest.fixture
-def server():
-    with fault_server() as s:
-        yield s
 
 
 def fetch(url, tmp_path, **kw):

@@ -17,14 +17,7 @@ from pylmserv.core.errors import UsageError, VerificationError
 from pylmserv.core.hashing import Hash
 from pylmserv.app.fetch_models import fetch
 from tests.conftest import run_cli
-from tests.support.faultserver import fault_server
 from tests.test_gguf import write_gguf
-
-
-@pytest.fixture
-def server():
-    with fault_server() as s:
-        yield s
 
 
 @pytest.fixture

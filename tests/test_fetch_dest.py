@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import os
 import tarfile
-from pathlib import Path
 
 import pytest
 
@@ -13,14 +12,7 @@ from pylmserv.app.fetch_models import fetch
 from pylmserv.core.errors import VerificationError
 from pylmserv.core.hashing import Hash
 from tests.conftest import run_cli
-from tests.support.faultserver import fault_server
 from tests.test_gguf import write_gguf
-
-
-@pytest.fixture
-def server():
-    with fault_server() as s:
-        yield s
 
 
 @pytest.fixture

@@ -15,16 +15,9 @@ from pylmserv.store import blobs as store
 from pylmserv.store.integrity import last_verified, verify_store
 from pylmserv.store.trees import ensure_source
 from tests.conftest import run_cli
-from tests.support.faultserver import fault_server
 from tests.test_archive import RICH_TREE, write_tar
 from tests.test_gguf import write_gguf
 from tests.test_sources import nar_entry
-
-
-@pytest.fixture
-def server():
-    with fault_server() as s:
-        yield s
 
 
 @pytest.fixture
