@@ -227,7 +227,10 @@ def test_quickstart_main_job_offline_variant(tmp_path):
     with serve_directory(www) as hub:
         env = dict(os.environ, HF_ENDPOINT=hub, PYLMSERV_HOME=str(home), PYLMSERV_PORT=str(port),
                    PYLMSERV_CONFIG=str(project / "pylmserv.toml"), PYLMSERV_LOCK=str(project / "pylmserv.lock"),
-                   NO_COLOR="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
+                   NO_COLOR="1", PIP_DISABLE_PIP_VERSION_CHECK="1",
+                   # The README's fresh machine has no OpenBLAS, so serve's `auto` is cpu there;
+                   # this test machine has it (the blas tests), and the session's build is cpu.
+                   PYLMSERV_BACKEND="cpu")
         env.pop("SOURCE_DATE_EPOCH", None)
         for words in steps[:-1]:
             words = _offline_step(words, root_without_sudo)

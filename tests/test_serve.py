@@ -479,3 +479,9 @@ def test_llamafile_gets_the_key_in_a_private_file_removed_afterwards(tmp_path):
     assert not path.exists() and not path.parent.exists()
     assert not {"LLAMA_API_KEY", "PYLMSERV_API_KEY"} & set(server_env(opts, {"LLAMA_API_KEY": "stray",
                                                                               "PYLMSERV_API_KEY": "lf-secret"}))
+
+
+def test_backend_from_the_environment_is_read_and_checked(tmp_path, home):
+    """PYLMSERV_BACKEND stands for --backend: a bad value is refused like a bad flag."""
+    proc = run_cli("serve", "tiny", env={"PYLMSERV_BACKEND": "nope"})
+    assert proc.returncode == 2 and "'nope' is not one of" in proc.stderr, proc.stderr

@@ -26,7 +26,9 @@ def _complete_models(ctx, param, incomplete):
 @click.argument("model", shell_complete=_complete_models)
 @click.argument("extra_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- EXTRA_ARGS...]")
 @click.option("--backend", default="auto", show_default=True, type=click.Choice(("auto",) + BACKENDS),
-              help="Which build of the engine to run (built first if missing); auto: what this machine has.")
+              envvar="PYLMSERV_BACKEND",
+              help="Which build of the engine to run (built first if missing); auto: what this machine has "
+                   "(env PYLMSERV_BACKEND).")
 @click.option("--engine", default="llama.cpp", show_default=True, type=click.Choice(ENGINES))
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on. Anything but loopback needs --public.")
