@@ -316,6 +316,16 @@ class _Engine:
         with self._lock:
             self.received += n
 
+    def _next_attempt(self, exc, attempt: int) -> int:
+        """The single-connection path's retry count after a transient error; gives up on a
+        stall or after MAX_ATTEMPTS."""
+        self._check_stalled(exc, kept=False)
+        attempt += 1
+        if attempt > MAX_ATTEMPTS:
+            raise NetworkError(f"download of {redact(self.url)} keeps failing: {short_error(exc)}",
+                               hint="Check your network and try again.") from None
+        return attempt
+
     def _check_stalled(self, reason, kept: bool = True) -> None:
         """Give up once no new byte has arrived for stall_limit seconds, however many
         retries and restarts that took: a stalled server costs a bounded time."""
@@ -450,11 +460,7 @@ class _Engine:
                 except NetworkError:
                     raise
                 except self.transient as exc:
-                    self._check_stalled(exc, kept=False)
-                    attempt += 1
-                    if attempt > MAX_ATTEMPTS:
-                        raise NetworkError(f"download of {redact(self.url)} keeps failing: {short_error(exc)}",
-                                           hint="Check your network and try again.") from None
+                    attempt = self._next_attempt(exc, attempt)
                     _sleep_backoff(attempt)
                     continue
                 if r.status_code != 200:
@@ -491,11 +497,7 @@ class _Engine:
                         if decoder is not None and (wire_total is None or wire == wire_total):
                             decoder.finish()
                     except self.transient as exc:
-                        self._check_stalled(exc, kept=False)
-                        attempt += 1
-                        if attempt > MAX_ATTEMPTS:
-                            raise NetworkError(f"download of {redact(self.url)} keeps failing: {short_error(exc)}",
-                                               hint="Check your network and try again.") from None
+                        attempt = self._next_attempt(exc, attempt)
                         log.warning("connection cut after %d bytes (%s); the server has no ranges, starting over",
                                     written, short_error(exc))
                         _sleep_backoff(attempt)

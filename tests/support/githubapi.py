@@ -19,12 +19,13 @@ from __future__ import annotations
 import contextlib
 import json
 import subprocess
-import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from tests.support.httpserver import serve_stub
 
 
 @dataclass
@@ -119,16 +120,5 @@ class _Handler(BaseHTTPRequestHandler):
 @contextlib.contextmanager
 def serve_github():
     """Run a GithubStub on 127.0.0.1; yields it with `.url` set (use as PYLMSERV_GITHUB_API)."""
-    stub = GithubStub()
-    handler = type("BoundGithubHandler", (_Handler,), {"stub": stub})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    stub.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serve_stub(GithubStub(), _Handler, "BoundGithubHandler") as stub:
         yield stub
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)

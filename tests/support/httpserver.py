@@ -86,3 +86,23 @@ def serve_directory(root):
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextlib.contextmanager
+def serve_stub(stub, handler_cls, name: str):
+    """Run `handler_cls` bound to `stub` (as its `stub` attribute) on 127.0.0.1; yields the
+    stub with `.url` set. The Hub and GitHub API stand-ins share this."""
+    from http.server import ThreadingHTTPServer
+
+    handler = type(name, (handler_cls,), {"stub": stub})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    stub.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield stub
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)

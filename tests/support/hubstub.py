@@ -22,11 +22,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Dict, List, Optional, Tuple
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from tests.support.httpserver import serve_stub
 
 LFS_THRESHOLD = 1024  # bytes; the Hub's real threshold is 10 MB, tests use small files
 
@@ -211,16 +212,5 @@ class _Handler(BaseHTTPRequestHandler):
 @contextlib.contextmanager
 def serve_hub(token: Optional[str] = None):
     """Run a HubStub on 127.0.0.1; yields it with `.url` set (use as HF_ENDPOINT)."""
-    stub = HubStub(token=token)
-    handler = type("BoundHubHandler", (_Handler,), {"stub": stub})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    stub.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serve_stub(HubStub(token=token), _Handler, "BoundHubHandler") as stub:
         yield stub
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
