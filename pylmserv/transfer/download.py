@@ -556,7 +556,7 @@ class _Engine:
         saver.start()
         syncer.start()
         try:
-            self.sched.run(self._fetch_part)
+            self.sched.run(self._fetch_run)
             if self.sched.error is not None:
                 raise self.sched.error
             hasher.finish(size)
@@ -578,12 +578,16 @@ class _Engine:
                     log.warning("could not update the resume state of %s: %s", file_name(self.url), exc.strerror)
             os.close(fd)
 
-    def _fetch_part(self, i: int) -> None:
-        part = self.parts[i]
+    def _fetch_run(self, run: List[int]) -> None:
+        """Consecutive parts (only the first may be partly done) in one ranged request, so
+        a connection that keeps up pays one request for several parts."""
+        parts = [self.parts[i] for i in run]
+        end = parts[-1].end
         attempt = 0
-        while part.remaining and not self.stop.is_set():
-            start = part.start + part.done
-            hdrs = {"Range": f"bytes={start}-{part.end - 1}"}
+        while parts[-1].remaining and not self.stop.is_set():
+            todo = [p for p in parts if p.remaining]
+            start = todo[0].start + todo[0].done
+            hdrs = {"Range": f"bytes={start}-{end - 1}"}
             if self.validator:
                 hdrs["If-Range"] = self.validator
             try:
@@ -611,18 +615,19 @@ class _Engine:
                 cr = parse_content_range(r.headers.get("Content-Range"))
                 if cr is None or cr[0] != start or (cr[2] is not None and cr[2] != self.size_total):
                     raise _Restart(f"Content-Range {r.headers.get('Content-Range')!r} does not match the requested "
-                                   f"bytes={start}-{part.end - 1}/{self.size_total}", distrust_ranges=True)
+                                   f"bytes={start}-{end - 1}/{self.size_total}", distrust_ranges=True)
                 if content_encoding(r):
                     raise _Restart(f"the server sent a range with Content-Encoding {content_encoding(r)!r}",
                                    distrust_ranges=True)
                 etag = r.headers.get("ETag")
                 if etag and self.probe_etag and etag != self.probe_etag:
                     raise _Restart(f"ETag changed from {self.probe_etag} to {etag}: the file changed")
-                before = part.done
+                before = sum(p.done for p in todo)
                 try:
-                    self._stream_part(r, part)
+                    for part in todo:
+                        self._stream_part(r, part)
                 except self.transient as exc:
-                    if part.done > before:
+                    if sum(p.done for p in todo) > before:
                         attempt = 0  # progress was made: the budget is for consecutive failures
                     attempt = self._retry(attempt, exc)
                     continue
@@ -641,12 +646,11 @@ class _Engine:
                                          "the partial download is kept for resume",
                                          hint="Free some space and run the same command again.") from None
                 raise
-            offset = part.start + part.done
+            self.hasher.offer(part.start + part.done, chunk)
             self.last_progress = time.monotonic()
             with self.cond:
                 part.done += n
                 self.cond.notify_all()
-            self.hasher.offer(offset, chunk)
             self.bar.update(n)
         if part.remaining and not self.stop.is_set():
             raise ConnectionError(f"body ended {part.remaining} bytes early")

@@ -14,6 +14,7 @@ Faults (all off by default):
   html                       200 with an HTML error page instead of the file
   empty                      200 with an empty body
   rate                       bytes per second per connection
+  link_rate                  bytes per second shared by all connections (the link's capacity)
   stall_after / stall_times / stall_seconds
                              stop sending after N body bytes for S seconds, K times
   fail_status / fail_times   answer the next K requests with this status (503)
@@ -54,6 +55,7 @@ class Faults:
     html: bool = False
     empty: bool = False
     rate: Optional[float] = None
+    link_rate: Optional[float] = None
     stall_after: Optional[int] = None
     stall_times: int = 0
     stall_seconds: float = 5.0
@@ -95,6 +97,7 @@ class FaultServer:
         self.active_ranges = 0
         self.peak_ranges = 0  # most ranged requests in flight at once
         self.sending = 0  # bodies being written right now
+        self.link_free = 0.0  # when the shared link (link_rate) is free to send again
         self.idle = threading.Condition(self.lock)  # notified whenever a body ends
         self.on_request = None  # callable(server, Request), run before each request is served
         self.tokens: Dict[str, int] = {}
@@ -298,8 +301,8 @@ def _handler_for(server: FaultServer):
                 if f.stall_after is not None and f.stall_times > 0:
                     f.stall_times -= 1
                     stall = f.stall_after
-                rate = f.rate
-            plain = cut is None and stall is None and rate is None and not isinstance(data, bytes)
+                rate, link_rate = f.rate, f.link_rate
+            plain = cut is None and stall is None and rate is None and link_rate is None and not isinstance(data, bytes)
             if plain:
                 return self._sendfile(req, Path(data), start, stop)
             pos, sent = start, 0
@@ -336,6 +339,11 @@ def _handler_for(server: FaultServer):
                         ahead = sent / rate - (time.monotonic() - t0)
                         if ahead > 0:
                             time.sleep(ahead)
+                    if link_rate:  # every connection queues for the one link
+                        with srv.lock:
+                            srv.link_free = max(srv.link_free, time.monotonic()) + len(piece) / link_rate
+                            until = srv.link_free
+                        time.sleep(max(0.0, until - time.monotonic()))
                 if cut is not None and sent >= cut:
                     self._abort()
             finally:
