@@ -83,6 +83,7 @@ def run_fetch(url: str, sha: str, connections: int, work: Path, kill_at: float =
     cmd = [sys.executable, "-m", "pylmserv", "-q", "fetch", url, "--sha256", sha, "--json",
            "--connections", str(connections), "--no-progress"]
     env = {**os.environ, "PYLMSERV_HOME": str(home), "PYTHONPATH": str(REPO)}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # an installed package has its .pyc files
     out = work / "stdout.json"
     started = time.monotonic()
     with open(out, "w") as fout:

@@ -28,7 +28,7 @@ from ..pins.config import ARCHIVE_SUFFIXES, Project, load_project
 from ..pins.lock import FilePin, HfPin, LockEntry, Shard
 from ..pins.lockfile import refuse_packaged, update
 from ..store import blobs as store
-from ..transfer import hub
+from ..transfer import http, hub
 from ..transfer.download import download, redact, resolve_stall_limit
 
 log = logging.getLogger("pylmserv.models")
@@ -99,6 +99,9 @@ def fetch(items: Union[str, Sequence[str]], dest: Optional[Path] = None, connect
              for item in items]
     if any(plan.record is not None for plan in plans):
         _tofu_lock_path(project)  # refuse before downloading, not after
+    if not offline and any(f.expected is None or not store.has_blob(f.expected, store.root(home))
+                           for plan in plans for f in plan.files):
+        http.load()  # once per process, before the clock of the first model's transfer starts
     results = []
     for plan in plans:
         results.append(_fetch_plan(plan, project, dest, connections, offline, progress, home, link_mode,

@@ -25,7 +25,6 @@ from .base import BuildSkeleton, Compiled
 from .llama_cpp import (BACKENDS, BUILD_TIMEOUT, CONFIGURE_TIMEOUT, DEFAULT_TARGETS, LOG_NAME, MAPPING_VERSION,
                         Detected, Request, backend_env, builtin_features, find_outputs, make_commands, map_options,
                         preflight, run_logged, scan_features)
-from .llamafile import build_llamafile
 from .result import BuildResult
 from .auto import choose_backend
 from .cudalink import check_gpu_links, cuda_header_driver_symbols, write_cuda_driver_stub
@@ -57,6 +56,8 @@ def build(what: str = "llama.cpp", backend: str = "cpu", targets: Optional[Seque
 def _build(what, backend, targets, cuda_arch, gpu_targets, portable, jobs, prefix, cmake_args, force, dry_run,
            source_dir, config, lock, module_only, cuda_blas, reproducible=None) -> BuildResult:
     if what == "llamafile":
+        from .llamafile import build_llamafile  # lazy: its modules cost ~15 ms that llama.cpp builds never use
+
         return build_llamafile(backend=backend, jobs=jobs, prefix=prefix, dry_run=dry_run, force=force,
                                config=config, lock=lock, source_dir=source_dir, cuda_arch=cuda_arch,
                                gpu_targets=gpu_targets, module_only=module_only, cuda_blas=cuda_blas or "tinyblas")

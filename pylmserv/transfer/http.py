@@ -86,6 +86,11 @@ def redact(url: str) -> str:
 
 
 
+def load() -> None:
+    """Import the HTTP library now (about 0.15 s, kept out of commands that need no network)."""
+    transient_errors()
+
+
 def transient_errors() -> tuple:
     """Errors worth a retry: cuts, timeouts, protocol errors (requests loaded lazily)."""
     import http.client
