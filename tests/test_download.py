@@ -447,3 +447,39 @@ def test_chunked_body_of_unknown_size(server, data, tmp_path):
     r = fetch(url, tmp_path, expected=Hash.of_bytes(data), connections=8)
     assert r.size == len(data) and (tmp_path / "out.bin").read_bytes() == data
     assert len(server.requests) == 1  # the probe's 200 stream was the download
+
+
+def test_trailing_hasher_gives_the_file_hash_whatever_it_is_handed(tmp_path):
+    """Chunks handed over in order, out of order, twice (a retried range), beyond the
+    window, or not at all: the hash is the file's, and the window bounds what is kept."""
+    import random
+    import threading
+
+    from pylmserv.transfer import hasher as hasher_mod
+
+    data = os.urandom(hasher_mod.WINDOW * 3 + 12345)
+    path = tmp_path / "f.bin"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    frontier = [0]
+    cond = threading.Condition()
+    h = hasher_mod.TrailingHasher(fd, lambda: frontier[0], cond)
+    h.start()
+    rng = random.Random(7)
+    chunks = [(o, data[o:o + 100_000]) for o in range(0, len(data), 100_000)]
+    try:
+        for i, (offset, chunk) in enumerate(chunks):
+            if rng.random() < 0.7:
+                h.offer(offset, chunk)
+            if rng.random() < 0.2 and i + 40 < len(chunks):
+                h.offer(*chunks[i + 40])  # far ahead: past the window, not kept
+            if rng.random() < 0.1 and i:
+                h.offer(*chunks[i - 1])  # a retried range: already hashed or queued
+            assert sum(len(c) for c in h.queue.values()) <= hasher_mod.WINDOW
+            with cond:
+                frontier[0] = offset + len(chunk)
+                cond.notify_all()
+        h.finish(len(data))
+    finally:
+        os.close(fd)
+    assert h.result() == Hash.of_bytes(data)

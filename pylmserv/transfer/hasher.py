@@ -8,7 +8,7 @@ from typing import Callable, Dict
 
 from ..core.hashing import Hash
 
-WINDOW = 16 << 20  # bytes ahead of the hash frontier whose chunks are kept in memory
+WINDOW = 8 << 20  # bytes ahead of the hash frontier whose chunks are kept in memory
 
 
 class TrailingHasher:
