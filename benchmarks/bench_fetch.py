@@ -20,7 +20,7 @@ of the fetch (the HTTP library's import included) to the verified, fsynced blob 
 store; Python's start and the CLI's imports are not in it, and the wall time with them
 is shown beside it, with `python3 -c pass` as their baseline.
 
-Usage: python benchmarks/bench_fetch.py [--size-mb 256] [--cap-mbps 12] [--reps 5]
+Usage: python benchmarks/bench_fetch.py [--size-mb 256] [--cap-mbps 12] [--reps 7]
                                         [--resume-mb 64] [--big-mb 1024] [--out benchmarks/out]
 """
 from __future__ import annotations
@@ -181,7 +181,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-mb", type=int, default=256, help="file size for the unthrottled and capped runs (MiB)")
     ap.add_argument("--cap-mbps", type=float, default=12.0, help="per-connection cap (MiB/s)")
-    ap.add_argument("--reps", type=int, default=5, help="repetitions of each unthrottled run (median kept)")
+    ap.add_argument("--reps", type=int, default=7, help="repetitions of each unthrottled run (median kept)")
     ap.add_argument("--capped-reps", type=int, default=1, help="repetitions of each capped run")
     ap.add_argument("--resume-mb", type=int, default=64, help="file size for the kill-and-resume run (MiB)")
     ap.add_argument("--big-mb", type=int, default=1024, help="the larger file of the memory comparison (MiB)")
@@ -203,6 +203,7 @@ def main(argv=None) -> int:
         big_sha, huge_sha = make_file(big, args.size_mb * MB), make_file(huge, args.big_mb * MB)
         resume_sha = make_file(resume, args.resume_mb * MB)
         size = big.stat().st_size
+        os.sync()  # the test files' 1.3 GiB of writeback must not land inside the first timed runs
         with contextlib.ExitStack() as stack:
             if use_nginx:
                 base = stack.enter_context(nginx_server(www, int(args.cap_mbps * MB)))
