@@ -168,25 +168,28 @@ def test_refused_parallel_ranges_fall_back_to_fewer_connections(server, tmp_path
     assert server.bytes_sent == len(data) + 1 + sum(q.sent for q in server.requests if q.status == status)
 
 
-def test_rate_limited_connections_run_in_parallel(server, tmp_path):
-    """Each connection capped (a CDN's per-stream limit): the pool grows to all of them."""
-    data = os.urandom(24 * MB)
+def fetch_shaped(server, tmp_path, mb, on_request=None, **faults):
+    """Fetch an `mb` MiB file with 8 connections through shaped faults; returns the peak of
+    parallel ranges the server saw."""
+    data = os.urandom(mb * MB)
     url = server.add("f.bin", data)
-    server.faults.rate = 4 * MB
+    for name, value in faults.items():
+        setattr(server.faults, name, value)
+    server.on_request = on_request
     fetch(url, tmp_path, data, connections=8)
     assert (tmp_path / "out.bin").read_bytes() == data
-    assert server.peak_ranges == 8
+    return server.peak_ranges
+
+
+def test_rate_limited_connections_run_in_parallel(server, tmp_path):
+    """Each connection capped (a CDN's per-stream limit): the pool grows to all of them."""
+    assert fetch_shaped(server, tmp_path, 24, rate=4 * MB) == 8
 
 
 def test_connections_that_do_not_add_throughput_are_given_back(server, tmp_path):
     """One link shared by every connection (what loopback or a LAN mirror is): a second
     connection adds nothing, so the pool goes back to one instead of growing to 8."""
-    data = os.urandom(16 * MB)
-    url = server.add("f.bin", data)
-    server.faults.link_rate = 8 * MB
-    fetch(url, tmp_path, data, connections=8)
-    assert (tmp_path / "out.bin").read_bytes() == data
-    assert server.peak_ranges == 2
+    assert fetch_shaped(server, tmp_path, 16, link_rate=8 * MB) == 2
     ranges = [q for q in server.requests if q.status == 206 and q.headers["Range"] != "bytes=0-0"]
     assert len(ranges) <= 10  # runs of parts taken together, not one request per 1 MiB part (16)
 
@@ -194,18 +197,11 @@ def test_connections_that_do_not_add_throughput_are_given_back(server, tmp_path)
 def test_a_slow_first_byte_is_not_taken_for_a_doubling_that_did_not_pay(server, tmp_path):
     """New connections that take long to answer (a TLS handshake, a far CDN) are measured
     once their bytes flow, so a per-connection cap still gets the whole pool."""
-    data = os.urandom(24 * MB)
-    url = server.add("f.bin", data)
-    server.faults.rate = 4 * MB
-
     def slow_start(srv, req):
         if req.headers.get("Range", "bytes=0-0") != "bytes=0-0":
             time.sleep(0.4)  # twice the ramp's measuring interval
 
-    server.on_request = slow_start
-    fetch(url, tmp_path, data, connections=8)
-    assert (tmp_path / "out.bin").read_bytes() == data
-    assert server.peak_ranges == 8
+    assert fetch_shaped(server, tmp_path, 24, on_request=slow_start, rate=4 * MB) == 8
 
 
 def test_stalled_connection_is_restarted(server, data, tmp_path):

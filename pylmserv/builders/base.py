@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
-
 from ..store import records as stamps
 from ..store import layout
 from ..store.layout import home
