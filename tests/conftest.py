@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import gitrepos
 from tests.support.faultserver import fault_server
 from tests.support.httpserver import serve_directory
 from tests.support.nixenv import nix_env, have_nix
@@ -45,6 +46,13 @@ def server():
     """A loopback HTTP server whose faults a test injects (tests/support/faultserver.py)."""
     with fault_server() as s:
         yield s
+
+
+@pytest.fixture
+def gitenv(monkeypatch):
+    """git with a fixed identity and dates and no user or system config (gitrepos.GIT_ENV)."""
+    for k, v in gitrepos.GIT_ENV.items():
+        monkeypatch.setenv(k, v)
 
 
 @pytest.fixture

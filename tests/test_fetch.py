@@ -161,7 +161,8 @@ def test_split_set_with_a_missing_shard_fails(home, server, tmp_path):
     assert "404" in str(exc.value) and names[1] in str(exc.value)
 
 
-def _tar_gz(members: dict, links: dict = None) -> bytes:
+def tar_gz(members: dict, links: dict = None) -> bytes:
+    """A .tar.gz of regular files (name -> bytes) and symlinks (name -> target)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tf:
         for name, data in members.items():
@@ -177,7 +178,7 @@ def _tar_gz(members: dict, links: dict = None) -> bytes:
 
 
 def test_archive_is_verified_then_unpacked(home, server, model, tmp_path):
-    blob = _tar_gz({"pack/tiny.gguf": model, "pack/README": b"hi"})
+    blob = tar_gz({"pack/tiny.gguf": model, "pack/README": b"hi"})
     url = server.add("pack.tar.gz", blob)
     [r] = fetch([url], sha256=Hash.of_bytes(blob).sri, progress=False, dest=tmp_path / "d")
     assert r.sha256 == Hash.of_bytes(blob)
@@ -196,7 +197,7 @@ def test_archive_is_verified_then_unpacked(home, server, model, tmp_path):
     ({}, {"link": "../../../../outside"}),
 ])
 def test_archive_traversal_is_refused(home, server, tmp_path, members, links):
-    blob = _tar_gz(members, links)
+    blob = tar_gz(members, links)
     url = server.add("evil.tar.gz", blob)
     with pytest.raises(VerificationError):
         fetch([url], sha256=Hash.of_bytes(blob).sri, progress=False)

@@ -2,9 +2,7 @@
 nothing already in DIR is written through (real loopback server, real archives)."""
 from __future__ import annotations
 
-import io
 import os
-import tarfile
 
 import pytest
 
@@ -12,27 +10,13 @@ from pylmserv.app.fetch_models import fetch
 from pylmserv.core.errors import VerificationError
 from pylmserv.core.hashing import Hash
 from tests.conftest import run_cli
+from tests.test_fetch import tar_gz
 from tests.test_gguf import write_gguf
 
 
 @pytest.fixture
 def model(tmp_path):
     return write_gguf(tmp_path / "tiny.gguf", pad=64 << 10).read_bytes()
-
-
-def tar_gz(files: dict, symlinks: dict = ()) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-        for name, target in dict(symlinks).items():
-            info = tarfile.TarInfo(name)
-            info.type = tarfile.SYMTYPE
-            info.linkname = target
-            tf.addfile(info)
-    return buf.getvalue()
 
 
 def test_symlink_to_an_ancestor_is_copied_as_a_link_not_followed(home, server, model, tmp_path):

@@ -97,12 +97,6 @@ def test_legacy_constructor_still_builds_typed_pins():
     assert type(g) is GithubPin and g.git_url == "https://github.com/o/r.git"
 
 
-@pytest.fixture
-def gitenv(monkeypatch):
-    for k, v in gitrepos.GIT_ENV.items():
-        monkeypatch.setenv(k, v)
-
-
 def test_git_pin_records_git_url_and_fetcher_and_the_flake_reads_git_url(tmp_path, gitenv):
     repo = gitrepos.make_repo(tmp_path / "r", {"a.txt": "1\n"})
     cfg = tmp_path / "pylmserv.toml"

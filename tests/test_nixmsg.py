@@ -94,12 +94,6 @@ GIT_GOT = Hash.parse("sha256-LXV/Bt1ZDZpoJR18KsaA8OgdcDnm8RNdby+8DHwf7Ts=")
 ZEROS = "sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
 
 
-@pytest.fixture
-def gitenv(monkeypatch):
-    for k, v in gitrepos.GIT_ENV.items():
-        monkeypatch.setenv(k, v)
-
-
 def test_input_mismatch_under_tty_colours():
     # How Nix colours it on a terminal: bold red `error:`, magenta quoted values.
     coloured = (FETCHTREE.replace("error:", "\x1b[31;1merror:\x1b[0m", 1)

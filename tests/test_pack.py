@@ -225,10 +225,12 @@ def test_pack_failure_keeps_existing_output(tmp_path):
     assert out.read_bytes() == b"previous good llamafile"
 
 
-def test_pack_full_disk_leaves_nothing(tmp_path):
-    """A write that fails for lack of space (RLIMIT_FSIZE: EFBIG, like ENOSPC) leaves no output."""
+def _pack_past_file_size_limit(tmp_path, killed: bool):
+    """`pylmserv pack` of a 3 MB model in a child whose files may not exceed 1 MB
+    (RLIMIT_FSIZE). Python ignores SIGXFSZ, so the write fails with EFBIG (like ENOSPC);
+    with `killed` the child restores the default action and the kernel kills it mid-write.
+    Returns (the finished child, the llamafile, the model, the output path)."""
     import resource
-    import signal
     import sys
 
     lf, _ = _inputs(tmp_path)
@@ -239,15 +241,22 @@ def test_pack_full_disk_leaves_nothing(tmp_path):
     out = out_dir / "packed"
 
     def limit():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
         resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
 
-    proc = subprocess.run([sys.executable, "-m", "pylmserv", "pack", str(model), "--llamafile", str(lf), "-o", str(out)],
+    child = (f"import runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.{'SIG_DFL' if killed else 'SIG_IGN'}); "
+             "sys.argv = ['pylmserv'] + sys.argv[1:]; runpy.run_module('pylmserv', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", child, "pack", str(model), "--llamafile", str(lf), "-o", str(out)],
                           capture_output=True, text=True, preexec_fn=limit, timeout=120)
+    return proc, lf, model, out
+
+
+def test_pack_full_disk_leaves_nothing(tmp_path):
+    """A write that fails for lack of space (RLIMIT_FSIZE: EFBIG, like ENOSPC) leaves no output."""
+    proc, _, _, out = _pack_past_file_size_limit(tmp_path, killed=False)
     assert proc.returncode != 0
     assert proc.stderr.startswith("error: cannot write") and "File too large" in proc.stderr
     assert "hint: Free space" in proc.stderr and "Traceback" not in proc.stderr
-    assert list(out_dir.iterdir()) == []
+    assert list(out.parent.iterdir()) == []
 
 
 def test_pack_rejects_line_break_in_arg_and_name_clash(tmp_path):
@@ -361,27 +370,12 @@ def test_killed_pack_leaves_a_partial_that_the_next_run_removes(tmp_path):
     """A pack killed mid-write (SIGXFSZ's default action: the kernel kills the process at
     the file size limit) cannot clean up; the next pack into that directory does, and
     leaves alone what is not a dead pack's partial."""
-    import resource
     import signal
-    import sys
 
     from pylmserv.core.fsutil import process_stamp
 
-    lf, _ = _inputs(tmp_path)
-    model = tmp_path / "big.gguf"
-    make_gguf(model, 3_000_000)
-    out_dir = tmp_path / "outdir"
-    out_dir.mkdir()
-    out = out_dir / "packed"
-
-    def limit():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
-
-    # Python ignores SIGXFSZ; this child restores the default (death) before running pack.
-    child = ("import runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_DFL); "
-             "sys.argv = ['pylmserv'] + sys.argv[1:]; runpy.run_module('pylmserv', run_name='__main__')")
-    proc = subprocess.run([sys.executable, "-c", child, "pack", str(model), "--llamafile", str(lf), "-o", str(out)],
-                          capture_output=True, text=True, preexec_fn=limit, timeout=120)
+    proc, lf, model, out = _pack_past_file_size_limit(tmp_path, killed=True)
+    out_dir = out.parent
     assert proc.returncode == -signal.SIGXFSZ, proc.stderr  # killed, no cleanup ran
     [left] = out_dir.iterdir()
     assert left.name.startswith(".packed.pylmserv-") and left.name.endswith(".part")

@@ -28,12 +28,6 @@ def nix_flat(url: str) -> Hash:
 
 
 @pytest.fixture
-def gitenv(monkeypatch):
-    for k, v in gitrepos.GIT_ENV.items():
-        monkeypatch.setenv(k, v)
-
-
-@pytest.fixture
 def github(http_dir, tmp_path, monkeypatch, gitenv):
     """A github.com stand-in on loopback holding owner/proj with tag v1 (annotated) and main."""
     www, base = http_dir

@@ -81,9 +81,7 @@ def _tree_hash_via_extract(archive: Path, scratch: Path) -> Hash:
 
 
 @pytest.mark.nix
-def test_git_with_submodules_matches_builtins_fetchgit(home, tmp_path, nix, monkeypatch):
-    for k, v in gitrepos.GIT_ENV.items():
-        monkeypatch.setenv(k, v)
+def test_git_with_submodules_matches_builtins_fetchgit(home, tmp_path, nix, gitenv):
     sub = gitrepos.make_repo(tmp_path / "sub", {"lib.c": "int x;\n", "tool": ("exec", "#!/bin/sh\n")})
     top = gitrepos.make_repo(tmp_path / "top", {"main.c": "int main(){}\n", "link": ("link", "main.c"),
                                                 "dir/abs": ("link", "/nonexistent")})
@@ -136,11 +134,9 @@ def test_concurrent_processes(home, http_dir, tmp_path):
 
 @pytest.mark.nix
 @pytest.mark.parametrize("submodules", [False, True])
-def test_git_export_ignore_follows_builtins_fetchgit(home, tmp_path, nix, monkeypatch, submodules):
+def test_git_export_ignore_follows_builtins_fetchgit(home, tmp_path, nix, gitenv, submodules):
     """Nix 2.8 exports a plain fetchGit with `git archive` (export-ignore applies) but checks
     out when submodules = true (it does not); pylmserv must give the same narHash both ways."""
-    for k, v in gitrepos.GIT_ENV.items():
-        monkeypatch.setenv(k, v)
     repo = gitrepos.make_repo(tmp_path / "r", {".gitattributes": "secret export-ignore\n", "secret": "s\n",
                                                "keep": ("exec", "k\n"), "l": ("link", "keep")})
     rev = gitrepos.head(repo)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 
 import pytest
@@ -36,12 +35,6 @@ owner = "ggml-org"
 repo = "llama.cpp"
 ref = "b9"
 """
-
-
-@pytest.fixture
-def gitenv(monkeypatch):
-    for k, v in gitrepos.GIT_ENV.items():
-        monkeypatch.setenv(k, v)
 
 
 @pytest.fixture
