@@ -42,6 +42,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Dict, List, Optional, Union
 
+LINK_BUFFER = 0.1  # seconds of sending the shared link (link_rate) holds in hand
 
 @dataclass
 class Faults:
@@ -341,7 +342,12 @@ def _handler_for(server: FaultServer):
                             time.sleep(ahead)
                     if link_rate:  # every connection queues for the one link
                         with srv.lock:
-                            srv.link_free = max(srv.link_free, time.monotonic()) + len(piece) / link_rate
+                            # The link keeps LINK_BUFFER seconds of sending in hand (what
+                            # socket buffers do): a sender's late wake-up is made up, so one
+                            # connection fills the link however the host's timers oversleep.
+                            now = time.monotonic()
+                            free = max(srv.link_free, now - LINK_BUFFER) if srv.link_free else now
+                            srv.link_free = free + len(piece) / link_rate
                             until = srv.link_free
                         time.sleep(max(0.0, until - time.monotonic()))
                 if cut is not None and sent >= cut:
