@@ -95,7 +95,7 @@ def test_list_shows_fetched_model_and_stale(tmp_path, home, http_dir):
 
 def test_list_shows_builds(tmp_path, home):
     """A build installed with the builder's own functions appears under its source."""
-    from pylmserv.builders.llama_cpp import install_files, point_current
+    from pylmserv.store.installs import install_files, point_current
 
     out = tmp_path / "out"
     out.mkdir()

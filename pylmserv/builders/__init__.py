@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..core.errors import BuildError, ConfigError, ToolMissingError, UsageError
-from ..pins.config import load_project
+from ..pins.config import CONFIG_NAME, load_project
+from ..store import replay
 from ..store.layout import home
 from ..store.trees import ensure_source, store_path
 from . import toolchain as tc
@@ -139,6 +140,9 @@ class LlamaCppBuild(BuildSkeleton):
 
     def _lock_entry(self):
         project = load_project(self.config, self.lock)
+        # What the answer depends on (replay_checks): the files read, and the config the
+        # search would find instead of the packaged one
+        self.project_files = [project.config_path, project.lock_path] + ([Path(CONFIG_NAME)] if not self.config else [])
         entry = project.lock.entry("sources", SOURCE_NAME)
         if entry is None:
             raise ConfigError(f"no [sources.{SOURCE_NAME}] in {project.lock_path}",
@@ -190,6 +194,15 @@ class LlamaCppBuild(BuildSkeleton):
                              "cublas_wheel": list(det.cublas_wheel) if det.cublas_wheel else None}
                           if req.backend == "cuda" else {})},
         }
+
+    def replay_checks(self) -> Optional[dict]:
+        """Replayable when the key needs stat calls only (no nvidia-smi/rocminfo/nvcc probe,
+        no local tree that changes under the same key)."""
+        if self.req.backend not in ("cpu", "blas", "vulkan", "metal") or self.entry is None or self.force:
+            return None
+        probed = tc.openssl_header_paths() + (list(tc.BLAS_HEADERS) if self.req.backend == "blas" else [])
+        return {"files": {os.path.abspath(p): replay.file_digest(p) for p in self.project_files},
+                "probed": {str(p): p.exists() for p in probed}, "lock": os.path.abspath(self.project_files[1])}
 
     # -- the pipeline -------------------------------------------------------------------
 

@@ -18,8 +18,8 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 from ..store import records as stamps
 from ..store import layout
+from ..store.installs import install_files, point_current, shared_libs
 from ..store.layout import home
-from .llama_cpp import install_files, point_current, shared_libs
 from .result import BuildResult
 
 log = logging.getLogger("pylmserv.build")
@@ -98,6 +98,12 @@ class BuildSkeleton:
     def dry_run(self) -> BuildResult:
         raise NotImplementedError
 
+    def replay_checks(self) -> Optional[dict]:
+        """What an up-to-date answer depends on besides the stamp, for store/replay.py:
+        {"files": {path: digest or None}, "probed": {path: exists}, "lock": path}. None (the
+        default): it depends on more (a probe that runs a tool), so it is never replayed."""
+        return None
+
     # -- the pipeline ----------------------------------------------------------------------
 
     def _reusable(self):
@@ -115,7 +121,8 @@ class BuildSkeleton:
         if stamp is not None:
             log.debug("up to date: %s", self.build_dir)
             return self.finish(stamp.output_paths(), cache_hit=True, notes=("up to date: nothing to do",),
-                               commands=tuple(stamp.extra.get("commands", ())), sha256=stamp.extra.get("sha256"))
+                               commands=tuple(stamp.extra.get("commands", ())), sha256=stamp.extra.get("sha256"),
+                               replay=self._replay_record(stamp))
         source = self.prepare()
         self.build_dir.mkdir(parents=True, exist_ok=True)
         from filelock import FileLock  # lazy: ~15 ms that the up-to-date path does not need
@@ -143,12 +150,26 @@ class BuildSkeleton:
             return self.prefix
         return layout.bin_dir(self.home) / f"{self.engine}-{self.kind}" / self.key
 
+    def bindir(self) -> Path:
+        return self.prefix_dir() / "bin" if self.prefix is not None else self.prefix_dir()
+
     def finish(self, outputs: Dict[str, Path], cache_hit: bool, notes=(), source=None, commands=(),
-               sha256=None) -> BuildResult:
+               sha256=None, replay=None) -> BuildResult:
         prefix = self.prefix_dir()
-        bindir = prefix / "bin" if self.prefix is not None else prefix
-        installed = install_files(self.select(outputs), bindir, with_libs=self.libs_dir())
+        installed = install_files(self.select(outputs), self.bindir(), with_libs=self.libs_dir())
         current = point_current(prefix) if self.prefix is None else None
         return BuildResult(self.engine, self.backend, installed, self.build_dir, prefix,
                            time.monotonic() - self.start, cache_hit, self.key, source, tuple(commands), (),
-                           tuple(notes), current=current, sha256=dict(sha256 or {}))
+                           tuple(notes), current=current, sha256=dict(sha256 or {}), replay=replay)
+
+    def _replay_record(self, stamp) -> Optional[dict]:
+        """How store/replay.py answers this up-to-date build again: the same install as
+        finish() does, after the hook's checks and the stamp's."""
+        checks = self.replay_checks()
+        if checks is None:
+            return None
+        libs = self.libs_dir()
+        return {**checks, "stamp": str(self.stamp_path), "key": self.key,
+                "install": sorted(self.select(stamp.output_paths())), "bindir": str(self.bindir()),
+                "libs": str(libs) if libs is not None else None,
+                "current": str(self.prefix_dir()) if self.prefix is None else None}

@@ -379,26 +379,30 @@ def detect_xcode(env=None, run: Runner = default_run, platform: str = sys.platfo
     return Xcode(dev, metal)
 
 
-def detect_openssl_headers(env=None, platform: str = sys.platform) -> bool:
-    """Cheap (stat only): are OpenSSL development headers where CMake looks by default?"""
+def openssl_header_paths(env=None) -> List[Path]:
+    """Where CMake finds OpenSSL's development headers by default (stat these, nothing else)."""
     env_ = env if env is not None else os.environ
     roots = [env_.get("OPENSSL_ROOT_DIR"), "/usr", "/usr/local", "/opt/homebrew/opt/openssl@3",
              "/usr/local/opt/openssl@3"]
     roots += [p.rstrip("/").rsplit("/lib/pkgconfig", 1)[0] for p in env_.get("PKG_CONFIG_PATH", "").split(":") if p]
-    return any(r and (Path(r) / "include" / "openssl" / "ssl.h").exists() for r in roots)
+    return [Path(r) / "include" / "openssl" / "ssl.h" for r in roots if r]
+
+
+def detect_openssl_headers(env=None, platform: str = sys.platform) -> bool:
+    """Cheap (stat only): are OpenSSL development headers where CMake looks by default?"""
+    return any(p.exists() for p in openssl_header_paths(env))
+
+
+BLAS_HEADERS = tuple(Path(d, "cblas.h") for d in (
+    "/usr/include/openblas", "/usr/include/x86_64-linux-gnu/openblas-pthread",
+    "/usr/include/aarch64-linux-gnu/openblas-pthread", "/usr/local/include/openblas", "/usr/include"))
 
 
 def detect_blas(platform: str = sys.platform) -> Optional[str]:
     """The BLAS vendor upstream would use: Apple (Accelerate) on macOS, OpenBLAS when its headers exist."""
     if platform == "darwin":
         return "Apple"
-    for inc in ("/usr/include/openblas", "/usr/include/x86_64-linux-gnu/openblas-pthread",
-                "/usr/include/aarch64-linux-gnu/openblas-pthread", "/usr/local/include/openblas"):
-        if Path(inc, "cblas.h").exists():
-            return "OpenBLAS"
-    if Path("/usr/include/cblas.h").exists() or Path("/usr/include/openblas/cblas.h").exists():
-        return "OpenBLAS"
-    return None
+    return "OpenBLAS" if any(p.exists() for p in BLAS_HEADERS) else None
 
 
 @dataclass(frozen=True)

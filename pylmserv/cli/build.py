@@ -9,6 +9,7 @@ import click
 from ..builders import build
 from ..builders.llama_cpp import BACKENDS
 from ..core.errors import UsageError
+from ..store import replay
 
 
 @click.command("build", help="Build llama.cpp (CMake, any backend) or llamafile from the locked source. "
@@ -57,11 +58,16 @@ def command(obj, what, backend, targets, cuda_arch, gpu_targets, portable, repro
                    source_dir=source_dir, config=obj.config if obj else None, lock=obj.lock if obj else None,
                    module_only=module_only, cuda_blas=cuda_blas,
                    **({"reproducible": reproducible} if reproducible is not None else {}))
+    # An up-to-date answer is recorded with what it depends on: the next identical
+    # `pylmserv build` repeats it without loading click or the builders (store/replay.py).
+    replayable = result.replay if result.cache_hit and not (obj and obj.verbose) else None
     if as_json:
         data = result.to_json()
         if result.detected:
             data["detected"] = list(result.detected)
-        click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+        click.echo(json.dumps(data, **replay.JSON_STYLE))
+        if replayable:
+            replay.remember(replayable, stderr="", data=data)
         return
     quiet = bool(obj and obj.quiet)
     if result.dry_run:
@@ -73,11 +79,14 @@ def command(obj, what, backend, targets, cuda_arch, gpu_targets, portable, repro
         for line in result.commands:
             click.echo(line)  # the commands are what a dry run is for: stdout
         return
-    if quiet:
-        return
-    state = "up to date" if result.cache_hit else f"built in {result.seconds:.1f} s"
-    click.echo(f"{result.what} ({result.backend}): {state}; build dir {result.build_dir}", err=True)
-    for name, path in sorted(result.binaries.items()):
-        click.echo(f"  {name}: {path}", err=True)
-    if result.current:
-        click.echo(f"  current: {result.current} -> {Path(result.prefix).name}", err=True)
+    lines = []
+    if not quiet:
+        state = "up to date" if result.cache_hit else f"built in {result.seconds:.1f} s"
+        lines.append(f"{result.what} ({result.backend}): {state}; build dir {result.build_dir}")
+        lines += [f"  {name}: {path}" for name, path in sorted(result.binaries.items())]
+        if result.current:
+            lines.append(f"  current: {result.current} -> {Path(result.prefix).name}")
+    for line in lines:
+        click.echo(line, err=True)
+    if replayable:
+        replay.remember(replayable, stderr="".join(line + "\n" for line in lines))

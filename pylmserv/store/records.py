@@ -14,9 +14,8 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, Mapping, Optional
+from typing import Dict, Iterable, Mapping, NamedTuple, Optional
 
 from ..core.fsutil import atomic_write_text, unlink_missing_ok
 
@@ -34,8 +33,7 @@ def build_key(inputs: Mapping, length: int = 16) -> str:
     return hashlib.sha256(canonical_json(inputs).encode()).hexdigest()[:length]
 
 
-@dataclass(frozen=True)
-class OutputRecord:
+class OutputRecord(NamedTuple):  # not a dataclass: `build`'s replay imports this module (store/replay.py)
     path: str
     size: int
     mtime_ns: int
@@ -53,21 +51,34 @@ class OutputRecord:
         return st.st_size == self.size and st.st_mtime_ns == self.mtime_ns
 
 
-@dataclass(frozen=True)
 class Stamp:
-    key: str
-    inputs: Dict[str, object]
-    outputs: Dict[str, OutputRecord]  # name -> record
-    created: float = 0.0
-    seconds: float = 0.0  # how long the build took
-    extra: Dict[str, object] = field(default_factory=dict)
+    """One build's record; a plain class, as OutputRecord."""
+
+    __slots__ = ("key", "inputs", "outputs", "created", "seconds", "extra")
+
+    def __init__(self, key: str, inputs: Dict[str, object], outputs: Dict[str, OutputRecord], created: float = 0.0,
+                 seconds: float = 0.0, extra: Optional[Dict[str, object]] = None):
+        self.key = key
+        self.inputs = inputs
+        self.outputs = outputs  # name -> record
+        self.created = created
+        self.seconds = seconds  # how long the build took
+        self.extra = extra if extra is not None else {}
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Stamp) and all(getattr(self, f) == getattr(other, f) for f in self.__slots__)
+
+    __hash__ = None  # mutable dicts inside
+
+    def __repr__(self) -> str:
+        return f"Stamp(key={self.key!r}, outputs={sorted(self.outputs)!r}, seconds={self.seconds!r})"
 
     def to_json(self) -> str:
         doc = {
             "version": STAMP_VERSION,
             "key": self.key,
             "inputs": self.inputs,
-            "outputs": {n: vars(r) for n, r in sorted(self.outputs.items())},
+            "outputs": {n: r._asdict() for n, r in sorted(self.outputs.items())},
             "created": self.created,
             "seconds": self.seconds,
             "extra": self.extra,

@@ -14,17 +14,13 @@ when this process creates the store (layout.on_home_ready), i.e. before it store
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
-import uuid
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from ..core.fsutil import atomic_write_text
 from .layout import home as store_home
 from .layout import on_home_ready
-
-log = logging.getLogger("pylmserv.store")
 
 ROOTS = "gcroots"
 _held: Dict[str, Tuple[int, Path]] = {}  # home -> (the flocked fd held by this process, its directory)
@@ -59,7 +55,9 @@ def _record(path: Path, text: bytes, home: Path) -> None:
         register_lock(path, home)
         _hold(path, text, home)
     except OSError as exc:
-        log.debug("gc root for %s not recorded: %s", path, exc)
+        import logging  # here: `build`'s replay (store/replay.py) imports this module and not logging
+
+        logging.getLogger("pylmserv.store").debug("gc root for %s not recorded: %s", path, exc)
 
 
 def _flush(home: Path) -> None:
@@ -97,7 +95,7 @@ def _hold(lock_path: Path, text: bytes, home: Optional[Path]) -> None:
         except ImportError:  # the up-to-date `build` fast path ~0.1 s. Windows: no process roots.
             return
         base.mkdir(parents=True, exist_ok=True)
-        name = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        name = f"{os.getpid()}-{os.urandom(4).hex()}"
         fd = os.open(base / f"{name}.flock", os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by children
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh name: never contended
         _held[key] = (fd, base / name)
@@ -105,7 +103,7 @@ def _hold(lock_path: Path, text: bytes, home: Optional[Path]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / f"{_key(lock_path)}.lock"
     # No fsync: the copy lives only as long as this process (keeps `build`'s fast path fast).
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = target.with_name(f".{target.name}.{os.urandom(4).hex()}.tmp")
     tmp.write_bytes(text)
     os.replace(tmp, target)
 

@@ -1,0 +1,64 @@
+"""Installed binaries: copies of a build's outputs (and the shared libraries beside them)
+under bin/<engine>-<backend>/<key>, or a user's --prefix, and the `current` link that names
+the one in use. Stat calls when nothing changed: an up-to-date build re-installs for free.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional
+
+
+def shared_libs(build_dir: Path) -> List[Path]:
+    """Libraries a shared/portable build puts beside the binaries (libggml*.so, backends)."""
+    bindir = build_dir / "bin"
+    pats = ("*.so", "*.so.*", "*.dylib", "*.dll")
+    return sorted({p for pat in pats for p in bindir.glob(pat) if p.is_file()})
+
+
+def _same_size_and_mtime(a: Path, b: Path) -> bool:
+    try:
+        sa, sb = a.stat(), b.stat()
+    except OSError:
+        return False
+    return sa.st_size == sb.st_size and int(sa.st_mtime) == int(sb.st_mtime)
+
+
+def _copy_atomic(src: Path, dest: Path) -> None:
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    import shutil  # lazy: ~3 ms the up-to-date replay (only stat calls) does not need
+
+    shutil.copy2(src, tmp)
+    os.replace(tmp, dest)
+
+
+def install_files(binaries: Mapping[str, Path], bindir: Path, with_libs: Optional[Path] = None) -> Dict[str, Path]:
+    """Copy built binaries (and shared libraries beside them) into `bindir`; unchanged files
+    are left alone, so re-installing an up-to-date build is a handful of stat() calls."""
+    bindir.mkdir(parents=True, exist_ok=True)
+    out = {}
+    files = [(name, Path(src)) for name, src in binaries.items()]
+    files += [(None, lib) for lib in (shared_libs(with_libs.parent) if with_libs else [])]
+    for name, src in files:
+        dest = bindir / src.name
+        if not _same_size_and_mtime(src, dest):
+            _copy_atomic(src, dest)
+        if name:
+            out[name] = dest
+    return out
+
+
+def point_current(target: Path) -> Path:
+    """Make `<target.parent>/current` a relative link to `target` (atomic replace)."""
+    link = target.parent / "current"
+    try:
+        if os.readlink(link) == target.name:
+            return link
+    except OSError:
+        pass
+    tmp = target.parent / f".current.{os.getpid()}.tmp"
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    os.symlink(target.name, tmp)
+    os.replace(tmp, link)
+    return link
