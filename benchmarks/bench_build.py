@@ -7,8 +7,9 @@
              (goal <= 0.2x cold)
   all        `cmake --build` of ALL targets (what a plain build does), fresh dir + empty ccache
   uptodate   `pylmserv build` when the stamp is current vs `python3 -c pass`
-             (goal <= Python start + 100 ms); the first such run after a build is the
-             full command (it records its answer), later ones replay it (store/replay.py)
+             (goal <= Python start + 100 ms): replayed from the record the build left
+             (store/replay.py), and the full command (no record: the config, lock,
+             environment or pylmserv changed since)
 
 The source is the real llama.cpp tree vendored in the llama-cpp-python sdist, served on
 127.0.0.1 and verified into the store once before timing (fetching is not build time).
@@ -166,7 +167,7 @@ def main() -> None:
             for _ in range(args.runs):
                 base.append(timed([sys.executable, "-c", "pass"], env)[0])
                 base_cpu.append(LAST_CPU[0])
-                shutil.rmtree(replay_dir, ignore_errors=True)  # the first up-to-date run after a build
+                shutil.rmtree(replay_dir, ignore_errors=True)  # no record: the full command
                 dt, data = pylmserv_build(config, lock, env, targets, args.jobs)
                 assert data["cache_hit"], data
                 full.append(dt)
@@ -178,7 +179,7 @@ def main() -> None:
             b, f, u = statistics.median(base), statistics.median(full), statistics.median(upto)
             bc, fc, uc = statistics.median(base_cpu), statistics.median(full_cpu), statistics.median(upto_cpu)
             rows.append((f"python3 -c pass (median of {args.runs}, wall)", b, f"baseline; CPU {bc:.3f} s"))
-            rows.append((f"up-to-date, first after the build (median of {args.runs})", f,
+            rows.append((f"up-to-date, no record (median of {args.runs})", f,
                          f"+{(f - b) * 1000:.0f} ms wall, +{(fc - bc) * 1000:.0f} ms CPU: the full command, "
                          f"which records its answer"))
             rows.append((f"up-to-date pylmserv build (median of {args.runs}, wall)", u,

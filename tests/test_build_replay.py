@@ -18,7 +18,8 @@ from pylmserv.builders import LlamaCppBuild
 from pylmserv.builders.llama_cpp import Request
 from pylmserv.store import gc, replay
 from pylmserv.store import records as stamps
-from tests.test_build_cli import project, recording_tool
+from pylmserv.store.trees import store_path
+from tests.test_build_cli import TINY_CMAKE, project, recording_tool
 
 REPO = Path(__file__).resolve().parent.parent
 DRIVER = ("import sys\nfrom pylmserv.__main__ import main\ntry:\n    main(sys.argv[1:])\nfinally:\n"
@@ -77,6 +78,34 @@ def test_second_identical_build_is_replayed_with_the_same_answer(stamped, home):
     _, _, text_again, replayed = pylmserv(*args, env=env)
     assert replayed and text_again == text
     assert not marker.exists()  # no toolchain probe on either path
+
+
+def test_a_fresh_build_records_the_answer_its_rerun_gives(home, tmp_path):
+    """A real build (real cmake and compiler; a small tree standing in for llama.cpp, placed
+    where the store keeps the locked source): the very next run is already replayed, and
+    answers what the full command answers."""
+    config, lock = project(tmp_path)
+    b = LlamaCppBuild(Request(targets=("llama-cli",)), config=config, lock=lock)
+    src = store_path(b.entry, home)
+    src.mkdir(parents=True)
+    (src / "CMakeLists.txt").write_text(TINY_CMAKE)
+    (src / "util.c").write_text("int util(void) { return 42; }\n")
+    (src / "cli.c").write_text("int util(void);\nint main(void) { return util() - 42; }\n")
+    env = {"PYLMSERV_HOME": str(home), "CCACHE_DISABLE": "1"}
+    args = ["--config", config, "--lock", lock, "build", "--target", "llama-cli", "-j", "1", "--json"]
+    rc, out, err, replayed = pylmserv(*args, env=env)
+    assert rc == 0 and not replayed and json.loads(out)["cache_hit"] is False, err
+    rc, out, err, replayed = pylmserv(*args, env=env)
+    assert rc == 0 and replayed, err
+    answer = json.loads(out)
+    assert answer["cache_hit"] is True and answer["notes"] == ["up to date: nothing to do"]
+    assert subprocess.run([answer["paths"]["llama-cli"]], timeout=30).returncode == 0
+    for record in (home / replay.DIR).glob("*.json"):
+        record.unlink()
+    rc, out, err, replayed = pylmserv(*args, env=env)  # the full command again
+    assert rc == 0 and not replayed, err
+    full = json.loads(out)
+    assert {k: v for k, v in full.items() if k != "seconds"} == {k: v for k, v in answer.items() if k != "seconds"}
 
 
 def test_replay_reinstalls_what_was_removed(stamped, home):

@@ -141,7 +141,7 @@ class BuildSkeleton:
                                              "sha256": digests})
             stamps.write_stamp(self.stamp_path, stamp)
         return self.finish(done.outputs, cache_hit=False, notes=done.notes, source=source, commands=done.commands,
-                           sha256=digests)
+                           sha256=digests, replay=self._replay_record(stamp))
 
     # -- install ---------------------------------------------------------------------------
 
@@ -163,8 +163,8 @@ class BuildSkeleton:
                            tuple(notes), current=current, sha256=dict(sha256 or {}), replay=replay)
 
     def _replay_record(self, stamp) -> Optional[dict]:
-        """How store/replay.py answers this up-to-date build again: the same install as
-        finish() does, after the hook's checks and the stamp's."""
+        """How store/replay.py answers this build again once it is up to date: the same
+        install as finish() does, after the hook's checks and the stamp's."""
         checks = self.replay_checks()
         if checks is None:
             return None

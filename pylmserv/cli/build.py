@@ -53,24 +53,13 @@ def command(obj, what, backend, targets, cuda_arch, gpu_targets, portable, repro
         raise UsageError("--target/--portable/--reproducible/--cmake-arg apply to llama.cpp only",
                          hint="`pylmserv build llamafile` takes --backend, --cuda-arch, --gpu-targets, --cuda-blas, "
                               "--module-only, --source, --jobs, --prefix, --force, --dry-run, --json.")
-    result = build(what=what, backend=backend, targets=targets or None, cuda_arch=cuda_arch, gpu_targets=gpu_targets,
-                   portable=portable, jobs=jobs, prefix=prefix, cmake_args=cmake_args, force=force, dry_run=dry_run,
-                   source_dir=source_dir, config=obj.config if obj else None, lock=obj.lock if obj else None,
-                   module_only=module_only, cuda_blas=cuda_blas,
-                   **({"reproducible": reproducible} if reproducible is not None else {}))
-    # An up-to-date answer is recorded with what it depends on: the next identical
-    # `pylmserv build` repeats it without loading click or the builders (store/replay.py).
-    replayable = result.replay if result.cache_hit and not (obj and obj.verbose) else None
-    if as_json:
-        data = result.to_json()
-        if result.detected:
-            data["detected"] = list(result.detected)
-        click.echo(json.dumps(data, **replay.JSON_STYLE))
-        if replayable:
-            replay.remember(replayable, stderr="", data=data)
-        return
-    quiet = bool(obj and obj.quiet)
-    if result.dry_run:
+    kwargs = dict(what=what, backend=backend, targets=targets or None, cuda_arch=cuda_arch, gpu_targets=gpu_targets,
+                  portable=portable, jobs=jobs, prefix=prefix, cmake_args=cmake_args, force=force, dry_run=dry_run,
+                  source_dir=source_dir, config=obj.config if obj else None, lock=obj.lock if obj else None,
+                  module_only=module_only, cuda_blas=cuda_blas,
+                  **({"reproducible": reproducible} if reproducible is not None else {}))
+    result = build(**kwargs)
+    if result.dry_run and not as_json:
         for line in result.detected:
             click.echo(f"detected: {line}", err=True)
         for note in result.notes:
@@ -79,14 +68,36 @@ def command(obj, what, backend, targets, cuda_arch, gpu_targets, portable, repro
         for line in result.commands:
             click.echo(line)  # the commands are what a dry run is for: stdout
         return
-    lines = []
-    if not quiet:
-        state = "up to date" if result.cache_hit else f"built in {result.seconds:.1f} s"
-        lines.append(f"{result.what} ({result.backend}): {state}; build dir {result.build_dir}")
-        lines += [f"  {name}: {path}" for name, path in sorted(result.binaries.items())]
-        if result.current:
-            lines.append(f"  current: {result.current} -> {Path(result.prefix).name}")
-    for line in lines:
-        click.echo(line, err=True)
-    if replayable:
-        replay.remember(replayable, stderr="".join(line + "\n" for line in lines))
+    quiet = bool(obj and obj.quiet)
+    data, text = _answer(result, as_json, quiet)
+    if data is not None:
+        click.echo(json.dumps(data, **replay.JSON_STYLE))
+    click.echo(text, nl=False, err=True)
+    # A replayable build's up-to-date answer is recorded with what it depends on: the next
+    # identical `pylmserv build` repeats it without loading click or the builders
+    # (store/replay.py). After a fresh build, the library is asked once more (it reads the
+    # stamp just written), so what is recorded is the answer a rerun gives.
+    if result.replay is None or (obj and obj.verbose):
+        return
+    if not result.cache_hit:
+        result = build(**kwargs)
+    if result.cache_hit and result.replay is not None:
+        data, text = _answer(result, as_json, quiet)
+        replay.remember(result.replay, stderr=text, data=data)
+
+
+def _answer(result, as_json: bool, quiet: bool):
+    """(the --json document or None, the text for stderr) of a build's result."""
+    if as_json:
+        data = result.to_json()
+        if result.detected:
+            data["detected"] = list(result.detected)
+        return data, ""
+    if quiet:
+        return None, ""
+    state = "up to date" if result.cache_hit else f"built in {result.seconds:.1f} s"
+    lines = [f"{result.what} ({result.backend}): {state}; build dir {result.build_dir}"]
+    lines += [f"  {name}: {path}" for name, path in sorted(result.binaries.items())]
+    if result.current:
+        lines.append(f"  current: {result.current} -> {Path(result.prefix).name}")
+    return None, "".join(line + "\n" for line in lines)
