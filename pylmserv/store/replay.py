@@ -80,13 +80,14 @@ def begin(argv: Sequence[str]) -> None:
     _invocation = list(argv)
 
 
-def remember(checks: dict, stderr: str, stdout: Optional[str] = None, data: Optional[dict] = None) -> Optional[Path]:
-    """Record what an up-to-date build printed (stdout text, or `data` for --json) with the
-    builder's `checks`. Only for an invocation begin() announced; never fails the command."""
+def remember(checks: dict, stderr: str, data: Optional[dict] = None) -> Optional[Path]:
+    """Record what an up-to-date build prints (its text on stderr; `data`, printed on stdout,
+    for --json) with the builder's `checks`. Only for an invocation begin() announced; never
+    fails the command."""
     if _invocation is None or not checks:
         return None
     try:
-        doc = {"version": VERSION, "argv": _invocation, **checks, "stderr": stderr, "stdout": stdout,
+        doc = {"version": VERSION, "argv": _invocation, **checks, "stderr": stderr,
                "json": json.loads(json.dumps(data, default=str)) if data is not None else None}
         path = _record_path(invocation_key(_invocation))
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -134,8 +135,6 @@ def replay(argv: Sequence[str]) -> bool:
     if doc.get("json") is not None:
         data = dict(doc["json"], seconds=round(time.monotonic() - t0, 3))
         sys.stdout.write(json.dumps(data, **JSON_STYLE) + "\n")
-    elif doc.get("stdout"):
-        sys.stdout.write(doc["stdout"])
     sys.stderr.write(doc.get("stderr") or "")
     return True
 
