@@ -52,7 +52,7 @@ class OutputRecord(NamedTuple):  # not a dataclass: `build`'s replay imports thi
 
 
 class Stamp:
-    """One build's record; a plain class, as OutputRecord."""
+    """One build's record (a plain class, for the reason OutputRecord gives)."""
 
     __slots__ = ("key", "inputs", "outputs", "created", "seconds", "extra")
 
