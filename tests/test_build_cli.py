@@ -99,19 +99,25 @@ def test_source_dir_without_cmakelists(home, tmp_path):
     assert proc.returncode == 2 and "no CMakeLists.txt" in proc.stderr
 
 
-def test_up_to_date_fast_path_invokes_no_cmake_and_installs(home, tmp_path):
-    """A stamped build (stand-in outputs) is returned as is: no cmake, no fetch, no compile."""
-    config, lock = project(tmp_path)
-    req = Request(targets=("llama-cli", "llama-server"))
-    b = LlamaCppBuild(req, config=config, lock=lock)
+def stamp_standin_build(b: LlamaCppBuild) -> dict:
+    """Stamp build `b` as done with stand-in outputs (shell scripts; nothing compiles)."""
     (b.build_dir / "bin").mkdir(parents=True)
     outputs = {}
-    for t in req.targets:
+    for t in b.req.targets:
         p = b.build_dir / "bin" / t
         p.write_text(f"#!/bin/sh\necho stand-in {t}\n")
         p.chmod(0o755)
         outputs[t] = p
     stamps.write_stamp(b.stamp_path, stamps.make_stamp(b.inputs, outputs))
+    return outputs
+
+
+def test_up_to_date_fast_path_invokes_no_cmake_and_installs(home, tmp_path):
+    """A stamped build (stand-in outputs) is returned as is: no cmake, no fetch, no compile."""
+    config, lock = project(tmp_path)
+    req = Request(targets=("llama-cli", "llama-server"))
+    b = LlamaCppBuild(req, config=config, lock=lock)
+    outputs = stamp_standin_build(b)
     marker = tmp_path / "invoked"
     tools = tmp_path / "tools"
     for name in ("cmake", "ninja", "cc", "c++", "nvidia-smi"):

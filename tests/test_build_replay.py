@@ -19,7 +19,7 @@ from pylmserv.builders.llama_cpp import Request
 from pylmserv.store import gc, replay
 from pylmserv.store import records as stamps
 from pylmserv.store.trees import store_path
-from tests.test_build_cli import TINY_CMAKE, project, recording_tool
+from tests.test_build_cli import TINY_CMAKE, project, recording_tool, stamp_standin_build
 
 REPO = Path(__file__).resolve().parent.parent
 DRIVER = ("import sys\nfrom pylmserv.__main__ import main\ntry:\n    main(sys.argv[1:])\nfinally:\n"
@@ -46,14 +46,7 @@ def stamped(home, tmp_path):
     ask for it, and an env whose cmake/cc/nvidia-smi record any call (the fast path makes none)."""
     config, lock = project(tmp_path)
     b = LlamaCppBuild(Request(targets=TARGETS), config=config, lock=lock)
-    (b.build_dir / "bin").mkdir(parents=True)
-    outputs = {}
-    for t in TARGETS:
-        p = b.build_dir / "bin" / t
-        p.write_text(f"#!/bin/sh\necho stand-in {t}\n")
-        p.chmod(0o755)
-        outputs[t] = p
-    stamps.write_stamp(b.stamp_path, stamps.make_stamp(b.inputs, outputs))
+    stamp_standin_build(b)
     marker = tmp_path / "invoked"
     for name in ("cmake", "ninja", "cc", "c++", "nvidia-smi"):
         recording_tool(tmp_path / "tools", name, marker)
