@@ -6,7 +6,10 @@ from pathlib import Path
 from typing import Union
 
 
-def atomic_write_bytes(path: Union[str, Path], data: bytes, mode: int = 0o644) -> None:
+def atomic_write_bytes(path: Union[str, Path], data: bytes, mode: int = 0o644, durable: bool = True) -> None:
+    """Readers see the old file or the new one, never a torn one. durable=False skips the
+    fsyncs: for caches and per-process copies, where a crash may lose the write (no harm)
+    and the cost would land on a fast path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     import tempfile  # here: ~4 ms that `build`'s replay (store/replay.py) never needs
@@ -16,17 +19,19 @@ def atomic_write_bytes(path: Union[str, Path], data: bytes, mode: int = 0o644) -
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         unlink_missing_ok(tmp)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
-def atomic_write_text(path: Union[str, Path], text: str, mode: int = 0o644) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"), mode)
+def atomic_write_text(path: Union[str, Path], text: str, mode: int = 0o644, durable: bool = True) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), mode, durable)
 
 
 def fsync_dir(path: Union[str, Path]) -> None:

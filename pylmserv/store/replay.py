@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from ..core.fsutil import atomic_write_text
 from . import installs, records, roots
 from .layout import home as store_home
 
@@ -90,10 +91,7 @@ def remember(checks: dict, stderr: str, data: Optional[dict] = None) -> Optional
         doc = {"version": VERSION, "argv": _invocation, **checks, "stderr": stderr,
                "json": json.loads(json.dumps(data, default=str)) if data is not None else None}
         path = _record_path(invocation_key(_invocation))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(doc, indent=1, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(doc, indent=1, sort_keys=True), durable=False)  # a cache
         return path
     except (OSError, TypeError, ValueError):
         return None

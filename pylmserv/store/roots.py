@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from ..core.fsutil import atomic_write_text
+from ..core.fsutil import atomic_write_bytes, atomic_write_text, unlink_missing_ok
 from .layout import home as store_home
 from .layout import on_home_ready
 
@@ -100,12 +100,8 @@ def _hold(lock_path: Path, text: bytes, home: Optional[Path]) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh name: never contended
         _held[key] = (fd, base / name)
     directory = _held[key][1]
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / f"{_key(lock_path)}.lock"
-    # No fsync: the copy lives only as long as this process (keeps `build`'s fast path fast).
-    tmp = target.with_name(f".{target.name}.{os.urandom(4).hex()}.tmp")
-    tmp.write_bytes(text)
-    os.replace(tmp, target)
+    # Not durable: the copy lives only as long as this process.
+    atomic_write_bytes(directory / f"{_key(lock_path)}.lock", text, durable=False)
 
 
 def registered_locks(home: Optional[Path] = None, forget_missing: bool = True) -> List[Path]:
@@ -120,7 +116,7 @@ def registered_locks(home: Optional[Path] = None, forget_missing: bool = True) -
         if path.is_file():
             out.append(path)
         elif forget_missing:
-            _unlink(entry)
+            unlink_missing_ok(entry)
     return out
 
 
@@ -147,14 +143,7 @@ def live_process_locks(home: Optional[Path] = None, cleanup: bool = True) -> Lis
         try:
             if cleanup:
                 shutil.rmtree(directory, ignore_errors=True)
-                _unlink(flock_path)
+                unlink_missing_ok(flock_path)
         finally:
             probe.release()
     return out
-
-
-def _unlink(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

@@ -85,7 +85,6 @@ def redact(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
-
 def load() -> None:
     """Import the HTTP library now (about 0.15 s, kept out of commands that need no network)."""
     transient_errors()
