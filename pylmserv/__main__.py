@@ -11,7 +11,6 @@ def main(argv=None) -> None:
 
     if replay.replay(args):
         return
-    replay.begin(args)
     from .cli import main as cli_main
 
     cli_main(args)

@@ -28,7 +28,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from ..core.fsutil import atomic_write_text
 from . import installs, records, roots
@@ -39,7 +39,8 @@ DIR = "replay"
 VOLATILE_ENV = frozenset({"_", "OLDPWD", "PWD", "SHLVL"})  # change between shells, never a build's input
 JSON_STYLE = {"indent": 2, "sort_keys": True, "default": str}  # how `build --json` prints (cli/build.py)
 
-_invocation: Optional[List[str]] = None  # this process's arguments, set by begin()
+# This process's arguments and their invocation_key(), set by replay() (computed once per process)
+_invocation: Optional[Tuple[List[str], str]] = None
 
 
 def file_digest(path) -> Optional[str]:
@@ -75,22 +76,17 @@ def _record_path(key: str, home: Optional[Path] = None) -> Path:
     return Path(home or store_home()) / DIR / f"{key}.json"
 
 
-def begin(argv: Sequence[str]) -> None:
-    """The command line is about to run `argv`: remember() may record its answer."""
-    global _invocation
-    _invocation = list(argv)
-
-
 def remember(checks: dict, stderr: str, data: Optional[dict] = None) -> Optional[Path]:
     """Record what an up-to-date build prints (its text on stderr; `data`, printed on stdout,
-    for --json) with the builder's `checks`. Only for an invocation begin() announced; never
+    for --json) with the builder's `checks`. Only for the invocation replay() looked up; never
     fails the command."""
     if _invocation is None or not checks:
         return None
     try:
-        doc = {"version": VERSION, "argv": _invocation, **checks, "stderr": stderr,
+        argv, key = _invocation
+        doc = {"version": VERSION, "argv": argv, **checks, "stderr": stderr,
                "json": json.loads(json.dumps(data, default=str)) if data is not None else None}
-        path = _record_path(invocation_key(_invocation))
+        path = _record_path(key)
         atomic_write_text(path, json.dumps(doc, indent=1, sort_keys=True), durable=False)  # a cache
         return path
     except (OSError, TypeError, ValueError):
@@ -112,12 +108,15 @@ def _up_to_date_stamp(doc: dict) -> Optional[records.Stamp]:
 
 def replay(argv: Sequence[str]) -> bool:
     """Print a recorded up-to-date build again when nothing it depended on changed; False
-    (nothing printed) otherwise."""
+    (nothing printed) otherwise, and then the command that runs may remember() its answer."""
+    global _invocation
     t0 = time.monotonic()
     if "build" not in argv:
         return False
     try:
-        doc = json.loads(_record_path(invocation_key(argv)).read_text(encoding="utf-8"))
+        key = invocation_key(argv)
+        _invocation = (list(argv), key)
+        doc = json.loads(_record_path(key).read_text(encoding="utf-8"))
         stamp = _up_to_date_stamp(doc) if doc.get("argv") == list(argv) else None
         if stamp is None:
             return False
