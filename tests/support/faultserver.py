@@ -97,9 +97,9 @@ class FaultServer:
         self.lock = threading.Lock()
         self.active_ranges = 0
         self.peak_ranges = 0  # most ranged requests in flight at once
-        self.sending = 0  # bodies being written right now
+        self.busy = 0  # requests being answered right now (headers, body, error page)
         self.link_free = 0.0  # when the shared link (link_rate) is free to send again
-        self.idle = threading.Condition(self.lock)  # notified whenever a body ends
+        self.idle = threading.Condition(self.lock)  # notified whenever an answer ends
         self.on_request = None  # callable(server, Request), run before each request is served
         self.tokens: Dict[str, int] = {}
         self._token_ids = itertools.count(1)
@@ -129,11 +129,12 @@ class FaultServer:
             self.peak_ranges = 0
 
     def wait_idle(self, timeout: float = 60.0) -> int:
-        """Block until no body is being sent (a killed client's connections have ended on
-        the server side too); returns bytes_sent then. An event, not a guess with sleeps."""
+        """Block until no request is being answered (a failed or killed client's last
+        requests have ended on the server side too, error pages included); returns
+        bytes_sent then. An event, not a guess with sleeps."""
         with self.idle:
-            if not self.idle.wait_for(lambda: self.sending == 0, timeout):
-                raise AssertionError(f"the server still sends {self.sending} bodies after {timeout}s")
+            if not self.idle.wait_for(lambda: self.busy == 0, timeout):
+                raise AssertionError(f"the server still answers {self.busy} requests after {timeout}s")
             return self.bytes_sent
 
     def ranged_requests(self) -> List[Request]:
@@ -169,10 +170,20 @@ def _handler_for(server: FaultServer):
             pass
 
         def do_HEAD(self):
-            self._serve(head=True)
+            self._answer(head=True)
 
         def do_GET(self):
-            self._serve(head=False)
+            self._answer(head=False)
+
+        def _answer(self, head: bool):
+            with self.srv.lock:
+                self.srv.busy += 1
+            try:
+                self._serve(head)
+            finally:
+                with self.srv.idle:
+                    self.srv.busy -= 1
+                    self.srv.idle.notify_all()
 
         # -- routing -------------------------------------------------------
         def _serve(self, head: bool):
@@ -283,16 +294,6 @@ def _handler_for(server: FaultServer):
 
         # -- bodies ----------------------------------------------------------
         def _body(self, req: Request, data, start: int, stop: int) -> None:
-            with self.srv.lock:
-                self.srv.sending += 1
-            try:
-                self._send_body(req, data, start, stop)
-            finally:
-                with self.srv.idle:
-                    self.srv.sending -= 1
-                    self.srv.idle.notify_all()
-
-        def _send_body(self, req: Request, data, start: int, stop: int) -> None:
             srv, f = self.srv, self.srv.faults
             cut = stall = None
             with srv.lock:
