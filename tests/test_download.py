@@ -159,8 +159,7 @@ def test_in_process_resume_fetches_only_missing_bytes(server, data, tmp_path, mo
     assert 0 < saved <= sent < len(data)  # some bytes on disk, the file not complete
     assert not (tmp_path / "out.bin").exists()
     heal(server)
-    server.wait_idle()  # the first run's connections have wound down on the server side
-    server.reset_counters()
+    server.reset_counters()  # once the first run's connections have wound down
     r = fetch(url, tmp_path, data, connections=4)
     assert (tmp_path / "out.bin").read_bytes() == data
     assert server.bytes_sent == len(data) - saved + 1  # exactly the missing bytes (+ the probe's byte)
@@ -416,7 +415,7 @@ def test_real_enospc_mid_download_keeps_the_partial_for_resume(server, data, sma
     filler = small_fs / "filler"
 
     def fill_up_after_1_5_mb():
-        while server.bytes_sent < 1.5 * MB:
+        while server.sent_so_far < 1.5 * MB:
             time.sleep(0.01)
         fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
         try:
@@ -436,9 +435,8 @@ def test_real_enospc_mid_download_keeps_the_partial_for_resume(server, data, sma
     saved = kept_bytes(small_fs / "tmp")
     assert saved > 0
     filler.unlink()
-    server.wait_idle()  # the first run's connections have wound down on the server side
     server.faults.rate = None
-    server.reset_counters()
+    server.reset_counters()  # once the first run's connections have wound down
     download(url, small_fs / "out.bin", expected=Hash.of_bytes(data), tmp_dir=small_fs / "tmp",
              connections=2, progress=False)
     assert (small_fs / "out.bin").read_bytes() == data

@@ -2,7 +2,9 @@
 
 Files are served from memory (bytes) or disk (Path, sent with sendfile when no fault
 shapes the body). Tests flip fault switches on `server.faults` and read counters
-(`bytes_sent`, `requests`) to prove what went over the wire.
+(`bytes_sent`, `requests`) to prove what went over the wire. `bytes_sent` is read once
+the server has finished answering (a client can hold every byte of a body a moment before
+the handler counts it); `sent_so_far` is the live count, for watching a transfer.
 
 Faults (all off by default):
   cut_at / cut_times         close the connection after N body bytes, for the next K responses
@@ -92,7 +94,7 @@ class FaultServer:
         self.etags: Dict[str, str] = {}
         self.faults = Faults()
         self.requests: List[Request] = []
-        self.bytes_sent = 0
+        self.sent_so_far = 0  # body bytes written so far (live)
         self.redirect_base: Optional[str] = None
         self.lock = threading.Lock()
         self.active_ranges = 0
@@ -123,19 +125,29 @@ class FaultServer:
         return self.url(path)
 
     def reset_counters(self) -> None:
-        with self.lock:
+        """Start counting afresh, once the last answers (an earlier client's) have ended."""
+        with self.idle:
+            self._wait_idle_locked(60.0)
             self.requests.clear()
-            self.bytes_sent = 0
+            self.sent_so_far = 0
             self.peak_ranges = 0
+
+    @property
+    def bytes_sent(self) -> int:
+        """Body bytes sent, counted once no request is being answered."""
+        return self.wait_idle()
 
     def wait_idle(self, timeout: float = 60.0) -> int:
         """Block until no request is being answered (a failed or killed client's last
         requests have ended on the server side too, error pages included); returns
         bytes_sent then. An event, not a guess with sleeps."""
         with self.idle:
-            if not self.idle.wait_for(lambda: self.busy == 0, timeout):
-                raise AssertionError(f"the server still answers {self.busy} requests after {timeout}s")
-            return self.bytes_sent
+            self._wait_idle_locked(timeout)
+            return self.sent_so_far
+
+    def _wait_idle_locked(self, timeout: float) -> None:
+        if not self.idle.wait_for(lambda: self.busy == 0, timeout):
+            raise AssertionError(f"the server still answers {self.busy} requests after {timeout}s")
 
     def ranged_requests(self) -> List[Request]:
         return [r for r in self.requests if "Range" in r.headers]
@@ -385,7 +397,7 @@ def _handler_for(server: FaultServer):
 
         def _count(self, req: Request, n: int) -> None:
             with self.srv.lock:
-                self.srv.bytes_sent += n
+                self.srv.sent_so_far += n
                 req.sent += n
 
         def _abort(self) -> None:
