@@ -152,6 +152,7 @@ def test_in_process_resume_fetches_only_missing_bytes(server, data, tmp_path, mo
     with pytest.raises(NetworkError, match="keeps failing") as exc:
         fetch(url, tmp_path, data, connections=4)
     assert "partial download is kept" in exc.value.hint
+    server.wait_idle()  # the first run's last answers have ended: their counts are final
     sent = sum(q.sent for q in server.requests if q.status == 206 and q.headers["Range"] != "bytes=0-0")
     # What the client kept, from its own state: bytes the server had sent into a connection
     # the client was already abandoning (another part failed first) are not on disk.
@@ -159,7 +160,7 @@ def test_in_process_resume_fetches_only_missing_bytes(server, data, tmp_path, mo
     assert 0 < saved <= sent < len(data)  # some bytes on disk, the file not complete
     assert not (tmp_path / "out.bin").exists()
     heal(server)
-    server.reset_counters()  # once the first run's connections have wound down
+    server.reset_counters()
     r = fetch(url, tmp_path, data, connections=4)
     assert (tmp_path / "out.bin").read_bytes() == data
     assert server.bytes_sent == len(data) - saved + 1  # exactly the missing bytes (+ the probe's byte)
