@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Union
 
 LINK_BUFFER = 0.1  # seconds of sending the shared link (link_rate) holds in hand
+IDLE_TIMEOUT = 60.0  # seconds to wait for the last answers to end (wait_idle, reset_counters)
 
 @dataclass
 class Faults:
@@ -127,7 +128,7 @@ class FaultServer:
     def reset_counters(self) -> None:
         """Start counting afresh, once the last answers (an earlier client's) have ended."""
         with self.idle:
-            self._wait_idle_locked(60.0)
+            self._wait_idle_locked(IDLE_TIMEOUT)
             self.requests.clear()
             self.sent_so_far = 0
             self.peak_ranges = 0
@@ -137,7 +138,7 @@ class FaultServer:
         """Body bytes sent, counted once no request is being answered."""
         return self.wait_idle()
 
-    def wait_idle(self, timeout: float = 60.0) -> int:
+    def wait_idle(self, timeout: float = IDLE_TIMEOUT) -> int:
         """Block until no request is being answered (a failed or killed client's last
         requests have ended on the server side too, error pages included); returns
         bytes_sent then. An event, not a guess with sleeps."""
