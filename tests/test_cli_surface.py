@@ -42,6 +42,46 @@ def test_lock_and_config_accepted_after_the_subcommand(project, tmp_path):
     assert json.loads(proc.stdout)["lock"] == str(elsewhere)
 
 
+
+def test_every_command_that_reads_the_project_takes_config_and_lock_after_its_name():
+    """The decorator, not a list: a command whose code reads the config or the lock
+    (`opts.config`, `g.lock`, ...) must accept --config/--lock after its name."""
+    import inspect
+    import re
+
+    from pylmserv.cli import COMMANDS, cli
+
+    ctx = cli.make_context("pylmserv", ["list"], resilient_parsing=True)
+    for name in COMMANDS:
+        cmd = cli.get_command(ctx, name)
+        reads = re.search(r"\b\w+\.(config|lock)\b", inspect.getsource(inspect.getmodule(cmd.callback)))
+        has = {p.name for p in cmd.params} >= {"config", "lock"}
+        assert bool(reads) == has, f"{name}: reads the project={bool(reads)}, takes --config/--lock={has}"
+
+
+@pytest.mark.parametrize("command", [["add", "--force"], ["update", "--dry-run"]])
+def test_add_and_update_take_config_and_lock_after_their_name(project, tmp_path, command):
+    """`pylmserv add --config X` failed with "No such option" (issue 19)."""
+    proj, _, _ = project
+    lock = tmp_path / "other.lock"
+    args = [*command, "--config", proj / "pylmserv.toml", "--lock", lock, "--json"]
+    if command[0] == "add":
+        args += ["--via", "python", "--name", "m", (proj / "pylmserv.toml").as_uri()]
+    proc = run_cli(*args, cwd=tmp_path)
+    assert "No such option" not in proc.stderr
+    assert proc.returncode in (0, 1, 2, 3, 4), proc.stderr
+
+
+def test_every_json_answer_is_printed_in_the_one_style(project, tmp_path, home):
+    """One emitter: indent 2, sorted keys, for every command's --json document."""
+    proj, _, _ = project
+    for args in (["list", "--json"], ["doctor", "--json"], ["gc", "--dry-run", "--json"], ["verify", "--json"]):
+        proc = run_cli(*args, "--config", proj / "pylmserv.toml", cwd=tmp_path) if args[0] in ("list", "doctor") \
+            else run_cli(*args, cwd=tmp_path)
+        doc = json.loads(proc.stdout)
+        assert proc.stdout == json.dumps(doc, indent=2, sort_keys=True) + "\n", args
+
+
 # -- hash ---------------------------------------------------------------------------------
 
 def test_hash_md5_and_hex_base64_formats_match_hashlib(tmp_path):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -17,6 +16,7 @@ import click
 from ..core.version import __version__
 from ..core.errors import EXIT_CODES, PylmservError
 from ..core.names import show
+from .options import GlobalOptions
 
 # name -> (module under pylmserv.cli, one-line help shown by --help)
 COMMANDS = {
@@ -35,40 +35,6 @@ COMMANDS = {
 }
 
 
-@dataclass(frozen=True)
-class GlobalOptions:
-    """Options every command sees (resolved once, passed down)."""
-
-    verbose: int = 0
-    quiet: bool = False
-    config: Optional[Path] = None
-    lock: Optional[Path] = None
-
-
-# Commands that read the project: they accept --config/--lock after their name too
-# (`pylmserv prefetch --lock x.lock`), not only before it.
-PROJECT_COMMANDS = ("prefetch", "fetch", "build", "list", "doctor", "serve")
-
-
-def _override(field_name):
-    def callback(ctx, _param, value):
-        if value is not None:
-            ctx.obj = replace(ctx.obj or GlobalOptions(), **{field_name: value})
-        return value
-
-    return callback
-
-
-def project_options():
-    """--config/--lock for a subcommand: given there, they override the group's."""
-    return [
-        click.Option(["--config"], type=click.Path(path_type=Path), expose_value=False, is_eager=True,
-                     callback=_override("config"), help="pylmserv.toml to use (same as before the command)."),
-        click.Option(["--lock"], type=click.Path(path_type=Path), expose_value=False, is_eager=True,
-                     callback=_override("lock"), help="pylmserv.lock to use (same as before the command)."),
-    ]
-
-
 class LazyGroup(click.Group):
     def list_commands(self, ctx):
         return sorted(COMMANDS)
@@ -83,10 +49,7 @@ class LazyGroup(click.Group):
             if exc.name != f"pylmserv.cli.{module}":
                 raise
             return _not_yet(name)
-        cmd = mod.command
-        if name in PROJECT_COMMANDS and not any(p.name == "config" for p in cmd.params):
-            cmd.params.extend(project_options())
-        return cmd
+        return mod.command
 
     def format_commands(self, ctx, formatter):
         # Help text comes from the table, not from importing every command.

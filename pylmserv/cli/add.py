@@ -1,21 +1,21 @@
 """`pylmserv add SPEC`: add an entry to pylmserv.toml and pin it in pylmserv.lock."""
 from __future__ import annotations
 
-import json
 
 import click
 
 from ..pins.add import add
+from .options import emit_json, json_option, project_command, via_option
 
 
+@project_command
 @click.command("add")
 @click.argument("spec")
 @click.option("--name", help="Entry name (default: derived from SPEC: letters, digits, '_', '-').")
 @click.option("--unpack", is_flag=True, help="URL sources: an archive, pinned by the NAR hash of its tree.")
 @click.option("--force", is_flag=True, help="Replace an entry of the same name.")
-@click.option("--via", type=click.Choice(["auto", "python", "nix", "fod"]), default="auto", show_default=True,
-              help="How to hash (as for prefetch).")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable result on stdout.")
+@via_option()
+@json_option()
 @click.pass_obj
 def command(opts, spec, name, unpack, force, via, as_json):
     """Add SPEC and pin it: hf://ORG/REPO/FILE.gguf[@REV], github:OWNER/REPO[@REF], or a URL.
@@ -24,7 +24,7 @@ def command(opts, spec, name, unpack, force, via, as_json):
     """
     result = add(spec, name=name, unpack=unpack, force=force, config=opts.config, lock=opts.lock, via=via)
     if as_json:
-        click.echo(json.dumps(result.to_json(), indent=2, sort_keys=True))
+        emit_json(result.to_json())
         return
     pin = result.change.new if result.change else None
     what = "replaced" if result.replaced else "added"

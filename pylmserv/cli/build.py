@@ -1,7 +1,6 @@
 """`pylmserv build [llama.cpp|llamafile]`: parse, call pylmserv.builders.build, render."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -10,8 +9,10 @@ from ..builders import build
 from ..builders.llama_cpp import BACKENDS
 from ..core.errors import UsageError
 from ..store import replay
+from .options import emit_json, json_option, project_command
 
 
+@project_command
 @click.command("build", help="Build llama.cpp (CMake, any backend) or llamafile from the locked source. "
                              "A no-op when the stamped build is up to date.")
 @click.argument("what", required=False, default="llama.cpp", type=click.Choice(["llama.cpp", "llamafile"]))
@@ -38,7 +39,7 @@ from ..store import replay
 @click.option("--cuda-blas", type=click.Choice(["tinyblas", "cublas"]),
               help="llamafile --backend cuda: tinyBLAS (default; no cuBLAS needed at run time) or cuBLAS.")
 @click.option("--dry-run", is_flag=True, help="Print detections and the exact configure/build commands; fetch and build nothing.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable result on stdout.")
+@json_option()
 @click.pass_obj
 def command(obj, what, backend, targets, cuda_arch, gpu_targets, portable, reproducible, jobs, prefix, cmake_args,
             source_dir, force, module_only, cuda_blas, dry_run, as_json):
@@ -71,7 +72,7 @@ def command(obj, what, backend, targets, cuda_arch, gpu_targets, portable, repro
     quiet = bool(obj and obj.quiet)
     data, text = _answer(result, as_json, quiet)
     if data is not None:
-        click.echo(json.dumps(data, **replay.JSON_STYLE))
+        emit_json(data)
     click.echo(text, nl=False, err=True)
     # A replayable build's up-to-date answer is recorded with what it depends on: the next
     # identical `pylmserv build` repeats it without loading click or the builders

@@ -1,13 +1,13 @@
 """`pylmserv doctor`: tools, GPUs and their toolchains, binfmt_misc, store, lock."""
 from __future__ import annotations
 
-import json
 import os
 
 import click
 
 from ..app.doctor import FAIL, OK, WARN, diagnose
 from ..builders.llama_cpp import BACKENDS
+from .options import emit_json, json_option, project_command
 
 MARKS = {OK: ("ok  ", "green"), WARN: ("warn", "yellow"), FAIL: ("FAIL", "red")}
 
@@ -18,8 +18,9 @@ def use_color() -> bool:
     return not os.environ.get("NO_COLOR")
 
 
+@project_command
 @click.command("doctor")
-@click.option("--json", "as_json", is_flag=True, help='Print {"checks": [{name, status, detail, hint}]} on stdout.')
+@json_option('Print {"checks": [{name, status, detail, hint}]} on stdout.')
 @click.option("--backend", type=click.Choice(BACKENDS),
               help="The backend you mean to build: also check its toolchain and that it fits the GPU.")
 @click.pass_obj
@@ -30,7 +31,7 @@ def command(g, as_json, backend):
     """
     report = diagnose(config=g.config if g else None, lock=g.lock if g else None, backend=backend)
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2))
+        emit_json(report.to_dict())
     else:
         color = use_color()
         width = max(len(c.name) for c in report.checks)

@@ -1,15 +1,16 @@
 """`pylmserv fetch`: download models verified into the store (see pylmserv.models)."""
 from __future__ import annotations
 
-import json as jsonlib
 from pathlib import Path
 
 import click
 
 from ..core.errors import UsageError
 from ..app.fetch_models import fetch
+from .options import emit_json, json_option, project_command
 
 
+@project_command
 @click.command("fetch")
 @click.argument("items", nargs=-1, metavar="NAME_OR_URL...")
 @click.option("--sha256", "sha256", metavar="HASH", help="Expected sha256 of a URL item (hex or SRI).")
@@ -22,7 +23,7 @@ from ..app.fetch_models import fetch
 @click.option("--offline", is_flag=True, help="Use the store only (also HF_HUB_OFFLINE=1).")
 @click.option("--trust-on-first-use", "tofu", is_flag=True,
               help="Accept an unpinned name or URL and record the hash seen now in the lock.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON array of results on stdout.")
+@json_option("Print a JSON array of results on stdout.")
 @click.option("--no-progress", is_flag=True, help="No progress bar or progress log lines.")
 @click.pass_obj
 def command(opts, items, sha256, dest, connections, stall_limit, offline, tofu, as_json, no_progress):
@@ -36,7 +37,7 @@ def command(opts, items, sha256, dest, connections, stall_limit, offline, tofu, 
                     trust_on_first_use=tofu, stall_limit=stall_limit, config=opts.config if opts else None,
                     lock=opts.lock if opts else None, progress=not no_progress and not (opts and opts.quiet))
     if as_json:
-        click.echo(jsonlib.dumps([r.to_json() for r in results], indent=2))
+        emit_json([r.to_json() for r in results])
         return
     if opts and opts.quiet:  # -q: only errors
         return

@@ -1,29 +1,30 @@
 """`pylmserv list`: catalog entries, which are locked, fetched (path, size), built (backend, path)."""
 from __future__ import annotations
 
-import json
 
 import click
 
 from ..app.doctor import human_size
 from ..app.listing import entries
 from ..pins.config import load_project
+from .options import emit_json, json_option, project_command
 
 
 def _size(n):
     return human_size(n) if n is not None else "-"
 
 
+@project_command
 @click.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Print {\"entries\": [...]} on stdout.")
+@json_option("Print {\"entries\": [...]} on stdout.")
 @click.pass_obj
 def command(g, as_json):
     """Show the catalog: models and sources, locked or not, fetched, built."""
     project = load_project(g.config if g else None, g.lock if g else None)
     items = entries(project)
     if as_json:
-        click.echo(json.dumps({"config": str(project.config_path), "lock": str(project.lock_path),
-                               "entries": [e.to_dict() for e in items]}, indent=2))
+        emit_json({"config": str(project.config_path), "lock": str(project.lock_path),
+                   "entries": [e.to_dict() for e in items]})
         return 0
     echo = click.echo  # the table is the answer: stdout, so it pipes
     echo(f"catalog: {project.config_path}")

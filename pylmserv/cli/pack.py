@@ -1,7 +1,6 @@
 """`pylmserv pack`: embed a model (and args) into a llamafile, aligned, without zipalign."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import click
 
 from ..app.pack import pack
 from ..builders.llamafile import default_llamafile
+from .options import emit_json, json_option
 
 
 @click.command("pack")
@@ -23,7 +23,7 @@ from ..builders.llamafile import default_llamafile
 @click.option("--verify", "verify", type=click.Choice(["sample", "full", "none"]), default="sample", show_default=True,
               help="After writing: re-read sampled windows of large files (sample), every byte with a CRC-32 "
                    "check (full: a second pass), or check only the zip structure and alignment (none).")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@json_option("Print the result as JSON on stdout.")
 def command(model, extra_files, llamafile, output, args, align, verify, as_json):
     """Pack MODEL.gguf (and MORE_FILES) into a copy of a llamafile, writing -o OUT.
 
@@ -33,12 +33,12 @@ def command(model, extra_files, llamafile, output, args, align, verify, as_json)
         llamafile = default_llamafile()
     result = pack(model, llamafile, output, extra_files=extra_files, args=args, align=align, verify=verify)
     if as_json:
-        click.echo(json.dumps({
+        emit_json({
             "output": str(result.output), "size": result.size, "align": result.align, "args": result.args,
             "zip64": result.zip64, "kept_entries": result.kept_entries, "warnings": result.warnings,
             "entries": [{"name": e.name, "offset": e.header_offset, "data_offset": e.data_offset,
                          "size": e.size, "crc32": f"{e.crc32:08x}"} for e in result.entries],
-        }, indent=2))
+        })
     else:
         names = ", ".join(e.name for e in result.entries)
         logging.getLogger("pylmserv.pack").info("packed %s into %s (%.1f MiB, aligned to %d)", names, result.output,

@@ -1,29 +1,28 @@
 """`pylmserv prefetch`: resolve refs, compute Nix-exact hashes, write pylmserv.lock."""
 from __future__ import annotations
 
-import json
 
 import click
 
 from ..core.errors import VerificationError
 from ..pins.prefetch import prefetch
+from .options import emit_json, json_option, project_command, via_option
 
 
+@project_command
 @click.command("prefetch")
 @click.argument("names", nargs=-1)
-@click.option("--via", type=click.Choice(["auto", "python", "nix", "fod"]), default="auto", show_default=True,
-              help="How to hash: in-process (python), nix-prefetch-url/-git (nix), a fixed-output derivation "
-                   "built by Nix (fod); auto = python cross-checked with the nix tools when present.")
+@via_option()
 @click.option("--check", is_flag=True, help="Recompute and compare with the lock; write nothing; exit 4 on drift.")
 @click.option("--refresh", is_flag=True, help="Refetch even entries whose ref still resolves to the locked rev.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable result on stdout.")
+@json_option()
 @click.pass_obj
 def command(opts, names, via, check, refresh, as_json):
     """Pin NAMES (default: every source and model in pylmserv.toml) into pylmserv.lock."""
     result = prefetch(names=list(names) or None, config=opts.config, lock=opts.lock, via=via,
                       check=check, refresh=refresh)
     if as_json:
-        click.echo(json.dumps(result.to_json(), indent=2, sort_keys=True))
+        emit_json(result.to_json())
     if not opts.quiet and not check:
         for change in result.changes:
             if change.status != "unchanged" or opts.verbose:

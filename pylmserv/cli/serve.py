@@ -1,8 +1,6 @@
 """`pylmserv serve`: fetch + build if needed, run llama-server on loopback until Ctrl-C."""
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
 import click
@@ -10,6 +8,7 @@ import click
 from ..app.serve import ENGINES, SERVER_BIN_ENV, ServeOptions, default_log_file, serve
 from ..builders.llama_cpp import BACKENDS
 from ..pins.config import load_project
+from .options import emit_json, json_option, project_command
 
 
 def _complete_models(ctx, param, incomplete):
@@ -22,6 +21,7 @@ def _complete_models(ctx, param, incomplete):
     return [n for n in names if n.startswith(incomplete)]
 
 
+@project_command
 @click.command("serve")
 @click.argument("model", shell_complete=_complete_models)
 @click.argument("extra_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- EXTRA_ARGS...]")
@@ -43,7 +43,7 @@ def _complete_models(ctx, param, incomplete):
 @click.option("--offline", is_flag=True, envvar="HF_HUB_OFFLINE", help="Use only models already in the store.")
 @click.option("--log", "log_path", type=click.Path(path_type=Path),
               help="Server log file (default: <store>/logs/llama-server-PORT.log; -v shows it live instead).")
-@click.option("--json", "as_json", is_flag=True, help="When ready, print {url, api, model} as one JSON line on stdout.")
+@json_option("When ready, print {url, api, model} as one JSON line on stdout.")
 @click.pass_obj
 def command(g, model, extra_args, backend, engine, host, port, ngl, public, api_key, server_bin, health_timeout,
             offline, log_path, as_json):
@@ -64,8 +64,7 @@ def command(g, model, extra_args, backend, engine, host, port, ngl, public, api_
     def on_ready(urls):
         state["ready"] = True
         if as_json:
-            click.echo(json.dumps({"url": urls.base + "/", "api": urls.api, "model": model}))
-            sys.stdout.flush()
+            emit_json({"url": urls.base + "/", "api": urls.api, "model": model}, event=True)
         if not quiet:
             click.echo(f"pylmserv: {model} is ready", err=True)
             click.echo(f"  web UI:                 {urls.base}/", err=True)

@@ -1,22 +1,22 @@
 """`pylmserv update`: move pins to the newest upstream release, tag or branch head."""
 from __future__ import annotations
 
-import json
 
 import click
 
 from ..pins.update import EXIT_UPDATED, update
+from .options import emit_json, json_option, project_command, via_option
 
 
+@project_command
 @click.command("update", epilog=f"Exit status: 0 nothing to update; {EXIT_UPDATED} something was updated "
                                 "(with --dry-run: would be); other codes are errors (see pylmserv --help).")
 @click.argument("names", nargs=-1)
 @click.option("--dry-run", is_flag=True, help="Show what would move; write nothing.")
 @click.option("--commit", "git_commit", is_flag=True,
               help="One git commit per updated entry (\"NAME: OLD -> NEW\"), config and lock only.")
-@click.option("--via", type=click.Choice(["auto", "python", "nix", "fod"]), default="auto", show_default=True,
-              help="How to hash the new pins (as for prefetch).")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable result on stdout.")
+@via_option()
+@json_option()
 @click.pass_obj
 def command(opts, names, dry_run, git_commit, via, as_json):
     """Follow upstream for NAMES (default: all) as each entry's `track` key says; print
@@ -24,7 +24,7 @@ def command(opts, names, dry_run, git_commit, via, as_json):
     result = update(names=list(names) or None, config=opts.config, lock=opts.lock, dry_run=dry_run,
                     commit=git_commit, via=via)
     if as_json:
-        click.echo(json.dumps(result.to_json(), indent=2, sort_keys=True))
+        emit_json(result.to_json())
     elif not opts.quiet or result.changed:
         for entry in result.entries:
             if entry.changed or not opts.quiet:

@@ -1,17 +1,16 @@
 """`pylmserv verify`: re-hash the store, move rotten entries aside (see store.integrity)."""
 from __future__ import annotations
 
-import json as jsonlib
 
 import click
 
 from ..store.integrity import OK, RotFound, verify_store
+from .options import emit_json, json_option
 
 
 @click.command("verify")
 @click.argument("names", nargs=-1, metavar="[NAME...]")
-@click.option("--json", "as_json", is_flag=True,
-              help='Print {"checked_at", "checked", "bad", "entries": [{kind, name, path, status, '
+@json_option('Print {"checked_at", "checked", "bad", "entries": [{kind, name, path, status, '
                    'detail, expected, got, moved_to}]} on stdout.')
 @click.option("--no-repair", is_flag=True, help="Only report; leave bad entries where they are.")
 def command(names, as_json, no_repair):
@@ -22,7 +21,7 @@ def command(names, as_json, no_repair):
     was bad. `pylmserv doctor` shows when this last ran."""
     report = verify_store(names, repair=not no_repair)
     if as_json:
-        click.echo(jsonlib.dumps(report.to_json(), indent=2))
+        emit_json(report.to_json())
     else:
         for f in report.findings:
             mark = {OK: "ok     "}.get(f.status, f"{f.status.upper():<7}")
