@@ -55,6 +55,72 @@ def unlink_missing_ok(path: Union[str, Path]) -> None:
         pass
 
 
+def remove_no_follow(path: Union[str, Path]) -> None:
+    """Delete `path` and, when it is a real directory, everything below it, without ever
+    following a symlink: a link is removed as a link (its target is untouched), and no
+    directory is entered through one. The one way every pylmserv deleter removes a tree.
+
+    shutil.rmtree on Linux works on directory file descriptors (openat/unlinkat with
+    O_NOFOLLOW: `rmtree.avoids_symlink_attacks`), so a link swapped in while it runs is
+    not followed either. Read-only directories inside (a build's, an unpacked archive's)
+    are made writable first; only real directories are chmod'ed, never a link's target.
+    Already gone is fine."""
+    import shutil
+    import stat as _stat
+
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not _stat.S_ISDIR(st.st_mode):  # a file, a link (to anything), a fifo: one unlink
+        unlink_missing_ok(path)
+        return
+
+    def onerror(func, p, exc_info):
+        if isinstance(exc_info[1], FileNotFoundError):
+            return
+        parent = os.path.dirname(p)
+        for d in (parent, p):
+            try:
+                if _stat.S_ISDIR(os.lstat(d).st_mode):
+                    os.chmod(d, 0o700, follow_symlinks=False)
+            except (OSError, NotImplementedError):
+                pass
+        if func in (os.rmdir, os.unlink, os.remove):
+            try:
+                func(p)
+            except FileNotFoundError:
+                pass
+            return
+        # os.open / os.scandir failed on an unreadable directory: now readable, go again below it
+        if _stat.S_ISDIR(os.lstat(p).st_mode):
+            shutil.rmtree(p, onerror=onerror)
+
+    if not shutil.rmtree.avoids_symlink_attacks:  # pragma: no cover (no openat: macOS, Windows)
+        _remove_walk(Path(path))
+        return
+    shutil.rmtree(path, onerror=onerror)
+
+
+def _remove_walk(path: Path) -> None:
+    """remove_no_follow without fd-relative calls: lstat each entry, unlink what is not a
+    real directory, recurse (iteratively) into real directories only."""
+    import stat as _stat
+
+    stack = [(path, False)]
+    while stack:
+        d, emptied = stack.pop()
+        if emptied:
+            os.rmdir(d)
+            continue
+        stack.append((d, True))
+        for entry in os.scandir(d):
+            if entry.is_dir(follow_symlinks=False):
+                stack.append((Path(entry.path), False))
+            else:
+                os.unlink(entry.path)
+
+
 # -- temp files stamped with their writer, so a later run can clear a killed one's -----
 
 def process_stamp(pid: int = 0) -> str:

@@ -94,7 +94,7 @@ def ensure_source(entry: SourcePin, root: Optional[Path] = None) -> Path:
         if os.path.lexists(target):  # another process finished it while we waited
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=f"{target.name[-60:]}.", dir=tmp) as work:
+        with tempfile.TemporaryDirectory(prefix=f"tree.{os.getpid()}.{target.name[-60:]}.", dir=tmp) as work:
             staged = fetch_entry(entry, Path(work))
             got = nar_hash(staged, entry.hash.algo) if entry.mode == "nar" else _flat(staged, entry.hash.algo)
             check_hash(entry, got)
