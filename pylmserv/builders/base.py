@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,7 +121,8 @@ class BuildSkeleton:
         stamp = self._reusable()
         if stamp is not None:
             log.debug("up to date: %s", self.build_dir)
-            return self.finish(stamp.output_paths(), cache_hit=True, notes=("up to date: nothing to do",),
+            restored = self._restore_source()
+            return self.finish(stamp.output_paths(), cache_hit=True, notes=(restored or "up to date: nothing to do",),
                                commands=tuple(stamp.extra.get("commands", ())), sha256=stamp.extra.get("sha256"),
                                replay=self._replay_record(stamp))
         source = self.prepare()
@@ -142,6 +144,24 @@ class BuildSkeleton:
             stamps.write_stamp(self.stamp_path, stamp)
         return self.finish(done.outputs, cache_hit=False, notes=done.notes, source=source, commands=done.commands,
                            sha256=digests, replay=self._replay_record(stamp))
+
+    def _restore_source(self) -> Optional[str]:
+        """An up-to-date build whose locked source tree is gone from the store (`verify`
+        moved a bad one aside) fetches it back from its pin: the store keeps what the lock
+        pins, as docs/security.md promises. One lstat when it is there."""
+        entry = getattr(self, "entry", None)
+        if entry is None or self.source_dir is not None:
+            return None
+        path = (layout.blob_path(entry.hash, self.home) if entry.mode == "flat"
+                else layout.source_tree_path(entry.hash, entry.name, self.home))
+        if os.path.lexists(path):
+            return None
+        from ..store.trees import ensure_source
+
+        log.warning("%s: the source tree is missing from the store (moved aside by verify?): fetching it again",
+                    entry.name)
+        ensure_source(entry, self.home)
+        return f"up to date; the source {entry.name}, missing from the store, was fetched again"
 
     # -- install ---------------------------------------------------------------------------
 

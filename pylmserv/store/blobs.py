@@ -18,6 +18,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 import uuid
@@ -126,12 +127,15 @@ def install_blob(verified_file: Path, h: Hash, home: Optional[Path] = None) -> P
     return target
 
 
+_HEX64 = re.compile(r"[0-9a-f]{64}\Z")
+
+
 def blobs(home: Optional[Path] = None) -> List[Tuple[Hash, Path, int]]:
     base = layout.blobs_dir("sha256", home)
     out = []
     if base.is_dir():
         for p in sorted(base.iterdir()):
-            if len(p.name) == 64 and p.is_file():
+            if _HEX64.match(p.name) and p.is_file():  # anything else is not a blob (verify names it)
                 out.append((Hash("sha256", bytes.fromhex(p.name)), p, p.stat().st_size))
     return out
 

@@ -56,6 +56,12 @@ def point_current(target: Path) -> Path:
             return link
     except OSError:
         pass
+    if os.path.isdir(link) and not os.path.islink(link):  # os.replace cannot put a link over it
+        from ..core.errors import UsageError
+
+        raise UsageError(f"{link} is a directory, where pylmserv keeps the link to the build in use",
+                         hint=f"Move that directory away (pylmserv never deletes it for you), then run the "
+                              f"command again; the build itself is done: {target}.")
     tmp = target.parent / f".current.{os.getpid()}.tmp"
     if os.path.lexists(tmp):
         os.unlink(tmp)
