@@ -30,6 +30,7 @@ from ..pins.lockfile import refuse_packaged, update
 from ..store import blobs as store
 from ..transfer import http, hub
 from ..transfer.download import download, redact, resolve_stall_limit
+from ..transfer.http import refuse_credentials
 
 log = logging.getLogger("pylmserv.models")
 
@@ -176,6 +177,7 @@ def _plan(item: str, project: Optional[Project], sha256: Optional[Hash], tofu: b
     if item.startswith("hf://"):
         return _plan_hf(item, project, tofu, offline)
     if _is_url(item):
+        refuse_credentials(item, "fetch")
         filename = _filename_of(item)
         name = _name_for(filename)
         if sha256 is None:

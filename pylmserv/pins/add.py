@@ -20,6 +20,7 @@ from typing import Dict, Optional
 from urllib.parse import unquote, urlsplit
 
 from ..core.errors import UsageError
+from ..transfer.http import refuse_credentials
 from . import upstream
 from .config import ARCHIVE_SUFFIXES, CONFIG_NAME, LOCK_NAME, URL_SCHEMES, check_name, packaged_dir
 from . import lockfile
@@ -93,6 +94,7 @@ def parse_spec(spec: str, unpack: bool = False) -> Addition:
             table["track"] = "releases"
         return Addition("sources", derive_name(repo), table)
     if spec.startswith(URL_SCHEMES):
+        refuse_credentials(spec, "add")  # before anything is pinned, written or printed
         path = unquote(urlsplit(spec).path).rstrip("/")
         filename = path.rsplit("/", 1)[-1]
         if not filename:

@@ -85,6 +85,29 @@ def redact(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
+CREDENTIALS_HINT = ("Remove user:password@ from the URL. For a server that needs a login, put it in ~/.netrc "
+                    "(`machine HOST login USER password SECRET`, mode 600), which pylmserv's HTTP client reads; "
+                    "for the Hugging Face Hub set HF_TOKEN, for GitHub GITHUB_TOKEN.")
+
+
+def refuse_credentials(url: str, where: str) -> str:
+    """`url` when it carries no credentials, else ConfigError (exit 2) naming it redacted.
+
+    A password in a URL would be written into pylmserv.toml, pylmserv.lock, logs and --json
+    in clear, so no URL with userinfo is taken at all (http, https, file, git); only an ssh
+    URL may name its user (ssh://git@host/..., no password: that is no secret)."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    userinfo = parts.netloc.rpartition("@")[0]
+    if parts.scheme.lower() in ("ssh", "git+ssh", "ssh+git") and ":" not in userinfo:
+        return url
+    from ..core.errors import ConfigError
+
+    raise ConfigError(f"{where}: the URL {redact(url)} carries credentials (a user or password before the @); pylmserv never "
+                      "writes them into the config, the lock or its output", hint=CREDENTIALS_HINT)
+
+
 def load() -> None:
     """Import the HTTP library now (about 0.15 s, kept out of commands that need no network)."""
     transient_errors()

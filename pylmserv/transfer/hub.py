@@ -17,13 +17,14 @@ from ..core.errors import HubNotFound, NetworkError, UsageError  # noqa: F401
 from ..core.hashing import Hash
 from ..core.version import __version__
 from .download import redact
+from .http import refuse_credentials
 
 HUB = "https://huggingface.co"
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
 def endpoint() -> str:
-    return (os.environ.get("HF_ENDPOINT") or HUB).rstrip("/")
+    return refuse_credentials((os.environ.get("HF_ENDPOINT") or HUB).rstrip("/"), "HF_ENDPOINT")
 
 
 def auth_headers(url: str) -> Dict[str, str]:
