@@ -148,7 +148,7 @@ def _parse_sha256(value) -> Optional[Hash]:
 def _load_project(config, lock, items) -> Optional[Project]:
     needs = bool(config or lock) or any(not _is_url(i) for i in items)
     try:
-        return load_project(config, lock)
+        return load_project(config, lock).use_as_gc_root()  # fetch stores what the lock pins
     except UsageError:
         if needs:
             raise

@@ -139,7 +139,7 @@ class LlamaCppBuild(BuildSkeleton):
     # -- identity ---------------------------------------------------------------------
 
     def _lock_entry(self):
-        project = load_project(self.config, self.lock)
+        project = load_project(self.config, self.lock).use_as_gc_root()  # a build keeps its source
         # What the answer depends on (replay_checks): the files read, and the config the
         # search would find instead of the packaged one
         self.project_files = [project.config_path, project.lock_path] + ([Path(CONFIG_NAME)] if not self.config else [])

@@ -175,7 +175,7 @@ class LlamafileBuild(BuildSkeleton):
         self.cuda_blas = cuda_blas if backend == "cuda" else None
         env_dir = os.environ.get("PYLMSERV_BINFMT_DIR")
         self.binfmt_dir = Path(binfmt_dir) if binfmt_dir else (Path(env_dir) if env_dir else None)
-        project = load_project(config, lock)
+        project = load_project(config, lock).use_as_gc_root()  # a build keeps its sources
         self.entry = None
         if self.source_dir is None:
             self.entry = project.lock.entry("sources", SOURCE_NAME)

@@ -114,6 +114,14 @@ class Project:
     def is_packaged_default(self) -> bool:
         return is_packaged(self.config.path)
 
+    def use_as_gc_root(self) -> "Project":
+        """Make this project's lock a gc root (store/roots): what it pins stays in the store.
+        The commands that store things (fetch, build, serve through them) call it; loading
+        a project writes nothing, so `list` and `doctor` leave the store as they found it."""
+        if self.lock.path is not None and Path(self.lock.path).exists():
+            use_lock(Path(self.lock.path))
+        return self
+
 
 # -- loading ---------------------------------------------------------------------
 
@@ -139,10 +147,7 @@ def load_project(config: Optional[Path] = None, lock: Optional[Path] = None) -> 
     """Config from --config, ./pylmserv.toml, or the packaged catalog; lock beside it."""
     config_path = Path(config) if config else default_config_path()
     lock_path = Path(lock) if lock else config_path.with_name(LOCK_NAME)
-    project = Project(config=load_config(config_path), lock=load_lock(lock_path))
-    if lock_path.exists():
-        use_lock(lock_path)  # a gc root: what this lock pins stays in the store
-    return project
+    return Project(config=load_config(config_path), lock=load_lock(lock_path))
 
 
 def _read_toml(path: Path, what: str, hint: str) -> dict:
