@@ -20,7 +20,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 from ..core.archive import extract
 from ..core.errors import UsageError, VerificationError
-from ..core.fsutil import unlink_missing_ok
+from ..core.fsutil import remove_no_follow, unlink_missing_ok, walk_no_follow
 from ..core.gguf import check_split_set, read_header, split_info, split_names
 from ..core.hashing import Hash
 from ..core.names import pin_name, show
@@ -349,7 +349,7 @@ def _fetch_plan(plan: _Plan, project, dest, connections, offline, progress, home
             try:
                 check_split_set(files)
             except VerificationError:
-                shutil.rmtree(store.entry_dir(plan.name, home), ignore_errors=True)  # no half-valid entry
+                _remove(store.entry_dir(plan.name, home))  # no half-valid entry
                 raise
         path = files[0]
         total = sum(size for _, _, size in got)
@@ -409,11 +409,11 @@ def _unpack(name: str, archive_hash: Hash, home: Path) -> Tuple[Path, List[Path]
         files = [f.path for f in existing.files]
         return _entry_path(target, files), files
     staging = store.tmp_dir(home) / f"unpack-{name}.{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
+    _remove(staging)
     try:
         extract(store.blob_path(archive_hash, home), staging, policy="data")
-        rels = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file() and not p.is_symlink())
+        rels = sorted(os.path.relpath(os.path.join(d, f), staging) for d, _, files in walk_no_follow(staging)
+                      for f in files if os.path.isfile(os.path.join(d, f)) and not os.path.islink(os.path.join(d, f)))
         rels.sort(key=lambda rel: not _gguf_name(rel))  # models first: lookup(name).path is one
         for rel in rels:
             if _gguf_name(rel):
@@ -426,10 +426,9 @@ def _unpack(name: str, archive_hash: Hash, home: Path) -> Tuple[Path, List[Path]
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging, target)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
     finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        _remove(staging)
     files = [target / rel for rel in rels]
     return _entry_path(target, files), files
 
@@ -491,7 +490,7 @@ def _copy_contained(src: Path, out: Path, name: str) -> None:
     _remove(tmp)
     try:
         tmp.mkdir()
-        for dirpath, dirnames, filenames in os.walk(src, followlinks=False):
+        for dirpath, dirnames, filenames in walk_no_follow(src):
             rel = os.path.relpath(dirpath, src)
             here = tmp if rel == "." else tmp / rel
             for entry in sorted(dirnames + filenames):
@@ -526,11 +525,9 @@ def _copy_contained(src: Path, out: Path, name: str) -> None:
 
 
 def _remove(path: Path) -> None:
-    """Delete a file, a symlink (not what it points at) or a directory tree."""
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.exists():
-        shutil.rmtree(path)
+    """Delete a file, a symlink (not what it points at) or a directory tree (no link
+    followed, no depth limit)."""
+    remove_no_follow(path)
 
 
 def _record_tofu(plan: _Plan, got, project: Optional[Project]) -> None:

@@ -1,9 +1,10 @@
 """Atomic file writes: temp file in the same directory, fsync, os.replace."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Union
 
 
 def atomic_write_bytes(path: Union[str, Path], data: bytes, mode: int = 0o644, durable: bool = True) -> None:
@@ -99,26 +100,74 @@ def remove_no_follow(path: Union[str, Path]) -> None:
     if not shutil.rmtree.avoids_symlink_attacks:  # pragma: no cover (no openat: macOS, Windows)
         _remove_walk(Path(path))
         return
-    shutil.rmtree(path, onerror=onerror)
+    try:
+        shutil.rmtree(path, onerror=onerror)
+    except RecursionError:  # Python < 3.12 recurses per level: a tree 1,000 deep goes on iteratively
+        _remove_walk(Path(path))
+
+
+def walk_no_follow(top: Union[str, Path]):
+    """os.walk(top) without following links and without recursion (os.walk in Python < 3.12
+    recurses once per level, so a hostile tree 1,000 levels deep raised RecursionError):
+    (dirpath, dirnames, filenames), top-down; links are listed among the filenames."""
+    stack = [str(top)]
+    while stack:
+        d = stack.pop()
+        try:
+            entries = list(os.scandir(d))
+        except OSError:
+            continue
+        dirs, files = [], []
+        for e in entries:
+            try:
+                (dirs if e.is_dir(follow_symlinks=False) else files).append(e.name)
+            except OSError:
+                files.append(e.name)
+        yield d, dirs, files
+        stack.extend(os.path.join(d, name) for name in reversed(dirs))
+
+
+@contextlib.contextmanager
+def temp_dir(prefix: str = "pylmserv.", dir: Union[str, Path, None] = None) -> Iterator[Path]:
+    """tempfile.TemporaryDirectory, removed by remove_no_follow (no links followed, no
+    recursion limit: what an archive unpacked into it holds may be 1,000 levels deep)."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=dir))
+    try:
+        yield path
+    finally:
+        remove_no_follow(path)
 
 
 def _remove_walk(path: Path) -> None:
     """remove_no_follow without fd-relative calls: lstat each entry, unlink what is not a
     real directory, recurse (iteratively) into real directories only."""
-    import stat as _stat
 
     stack = [(path, False)]
     while stack:
         d, emptied = stack.pop()
         if emptied:
-            os.rmdir(d)
+            try:
+                os.rmdir(d)
+            except FileNotFoundError:
+                pass
             continue
         stack.append((d, True))
-        for entry in os.scandir(d):
+        if not os.access(d, os.R_OK | os.W_OK | os.X_OK):  # a read-only directory (d is no link)
+            try:
+                os.chmod(d, 0o700)
+            except OSError:
+                pass
+        try:
+            entries = list(os.scandir(d))
+        except FileNotFoundError:
+            continue
+        for entry in entries:
             if entry.is_dir(follow_symlinks=False):
                 stack.append((Path(entry.path), False))
             else:
-                os.unlink(entry.path)
+                unlink_missing_ok(entry.path)
 
 
 # -- temp files stamped with their writer, so a later run can clear a killed one's -----

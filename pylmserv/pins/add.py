@@ -12,6 +12,7 @@ failed pin writes nothing.
 """
 from __future__ import annotations
 
+import errno
 import re
 from dataclasses import dataclass, field
 from dataclasses import replace as dataclass_replace
@@ -19,7 +20,8 @@ from pathlib import Path
 from typing import Dict, Optional
 from urllib.parse import unquote, urlsplit
 
-from ..core.errors import UsageError
+from ..core.errors import PylmservError, UsageError
+from ..core.fsutil import atomic_write_bytes, unlink_missing_ok
 from ..transfer.http import refuse_credentials
 from . import upstream
 from .config import ARCHIVE_SUFFIXES, CONFIG_NAME, LOCK_NAME, URL_SCHEMES, check_name, packaged_dir
@@ -109,6 +111,17 @@ def parse_spec(spec: str, unpack: bool = False) -> Addition:
                      hint="Use hf://ORG/REPO/FILE.gguf[@REV], github:OWNER/REPO[@REF] or an https:// URL.")
 
 
+def _restore(lock_path: Path, old: Optional[bytes]) -> None:
+    """Put the lock back as it was before this add (gone, if it did not exist)."""
+    try:
+        if old is None:
+            unlink_missing_ok(lock_path)
+        elif not lock_path.is_file() or lock_path.read_bytes() != old:
+            atomic_write_bytes(lock_path, old)
+    except OSError:
+        pass  # it could not be written in the first place
+
+
 def add(spec: str, name: Optional[str] = None, unpack: bool = False, force: bool = False,
         config: Optional[Path] = None, lock: Optional[Path] = None, via: str = "auto") -> AddResult:
     """Add SPEC to the config (kept as the user wrote it) and pin it in the lock."""
@@ -134,12 +147,24 @@ def add(spec: str, name: Optional[str] = None, unpack: bool = False, force: bool
                 text = remove_table(text, other, addition.name)
         new_text = put_table(text, addition.kind, addition.name, addition.table)
         cfg = parse_config(new_text, config_path)
-        # Pin first: prefetch writes the lock only when every selected entry resolved.
-        result = prefetch(names=[addition.name], config=cfg, lock=lock_path, via=via)
-        if replaced:  # a name that moves between sources and models leaves no pin behind
-            other = "models" if addition.kind == "sources" else "sources"
-            lockfile.update(lock_path, lambda found: dataclass_replace(
-                found, **{other: {n: e for n, e in getattr(found, other).items() if n != addition.name}}))
-        write_config(config_path, new_text)
+        old_lock = lock_path.read_bytes() if lock_path.is_file() else None
+        failed = lock_path
+        try:
+            # Pin first: prefetch writes the lock only when every selected entry resolved.
+            result = prefetch(names=[addition.name], config=cfg, lock=lock_path, via=via)
+            if replaced:  # a name that moves between sources and models leaves no pin behind
+                other = "models" if addition.kind == "sources" else "sources"
+                lockfile.update(lock_path, lambda found: dataclass_replace(
+                    found, **{other: {n: e for n, e in getattr(found, other).items() if n != addition.name}}))
+            failed = config_path
+            write_config(config_path, new_text)
+        except OSError as exc:  # both or neither: a lock pinning what the config lacks is undone
+            _restore(lock_path, old_lock)
+            raise PylmservError(
+                f"add: cannot write {failed}: {exc.strerror or exc}; nothing was changed",
+                hint=("A file bind-mounted on its own (a container) cannot be replaced by a rename: mount its "
+                      "directory instead, or add the entry by hand and run `pylmserv prefetch "
+                      f"{addition.name}`." if exc.errno == errno.EBUSY else
+                      "Check that the project directory is writable.")) from None
     change = next((c for c in result.changes if c.name == addition.name), None)
     return AddResult(addition, config_path, lock_path, change, replaced)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
-from ..core.fsutil import remove_no_follow
+from ..core.fsutil import remove_no_follow, walk_no_follow
 from . import layout, records, replay
 
 KINDS = ("blob", "source", "toolchain", "model", "build", "install", "partial", "staging")
@@ -78,8 +78,8 @@ def _files(path: Path) -> Iterator[os.stat_result]:
     if not stat.S_ISDIR(st.st_mode):
         yield st
         return
-    for dirpath, dirnames, filenames in os.walk(path):
-        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+    for dirpath, dirnames, filenames in walk_no_follow(path):
+        for name in filenames:  # links (to directories too) are among the files: never entered
             try:
                 yield os.lstat(os.path.join(dirpath, name))
             except OSError:

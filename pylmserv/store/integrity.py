@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
 from ..core.errors import PylmservError, RotFound  # noqa: F401 (RotFound: re-exported)
-from ..core.fsutil import atomic_write_text
+from ..core.fsutil import atomic_write_text, walk_no_follow
 from ..core.hashing import Hash, file_hash, nix32_decode
 from ..core.nar import nar_hash
 from . import blobs as store
@@ -250,7 +250,7 @@ def _check_model(name: str, directory: Path, files: Dict[str, Optional[str]], ba
         return bad("unpacked from an archive blob that is bad")
     root = os.path.realpath(directory)
     listed = set(files) | {store.MANIFEST}
-    for dirpath, dirnames, filenames in os.walk(directory, followlinks=False):
+    for dirpath, dirnames, filenames in walk_no_follow(directory):
         for entry in dirnames + filenames:
             path = os.path.join(dirpath, entry)
             rel = os.path.relpath(path, directory)
