@@ -85,6 +85,41 @@ def redact(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
+MAX_API_ANSWER = 16 << 20  # bytes: a page of tags, a release, a Hub file listing is far smaller
+
+
+def bounded_json(resp, what: str, source: str, limit: int = 0):
+    """The JSON of an API answer (a requests response opened with stream=True), read no
+    further than `limit` bytes (default MAX_API_ANSWER): a hostile or broken API cannot make
+    pylmserv hold an answer of any size in memory. Raises NetworkError saying what was too
+    big; ValueError when it is not JSON."""
+    import json
+
+    limit = limit or MAX_API_ANSWER
+    declared = resp.headers.get("Content-Length")
+    too_big = NetworkError(f"{what}: the answer of {source} is over {limit >> 20} MiB"
+                           + (f" ({int(declared)} bytes declared)" if declared and declared.isdigit() else "")
+                           + "; stopped reading", hint="An API page is never that large: check the API address "
+                                                       "(a proxy?) and try again later.")
+    if declared and declared.isdigit() and int(declared) > limit:
+        resp.close()
+        raise too_big
+    import requests
+
+    body = bytearray()
+    try:
+        for chunk in resp.iter_content(1 << 16):
+            body += chunk
+            if len(body) > limit:
+                raise too_big
+    except requests.RequestException as exc:
+        raise NetworkError(f"{what}: the answer of {source} was cut: {short_error(exc)}",
+                           hint="Try again later.") from None
+    finally:
+        resp.close()
+    return json.loads(bytes(body).decode(resp.encoding or "utf-8", errors="replace") if body else "")
+
+
 CREDENTIALS_HINT = ("Remove user:password@ from the URL. For a server that needs a login, put it in ~/.netrc "
                     "(`machine HOST login USER password SECRET`, mode 600), which pylmserv's HTTP client reads; "
                     "for the Hugging Face Hub set HF_TOKEN, for GitHub GITHUB_TOKEN.")

@@ -17,7 +17,7 @@ from ..core.errors import HubNotFound, NetworkError, UsageError  # noqa: F401
 from ..core.hashing import Hash
 from ..core.version import __version__
 from .download import redact
-from .http import refuse_credentials
+from .http import bounded_json, refuse_credentials
 
 HUB = "https://huggingface.co"
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -64,7 +64,7 @@ def api_json(method: str, path: str, what: str, data=None):
     url = endpoint() + path
     headers = {"User-Agent": f"pylmserv/{__version__}", **auth_headers(url)}
     try:
-        resp = requests.request(method, url, data=data, headers=headers, timeout=(15, 60))
+        resp = requests.request(method, url, data=data, headers=headers, timeout=(15, 60), stream=True)
     except requests.RequestException as exc:
         raise NetworkError(f"{what}: cannot reach the Hugging Face Hub at {endpoint()}: {type(exc).__name__}",
                            hint="Check the network, or set HF_ENDPOINT to a reachable mirror.") from None
@@ -76,7 +76,7 @@ def api_json(method: str, path: str, what: str, data=None):
     if resp.status_code >= 400:
         raise NetworkError(f"{what}: HTTP {resp.status_code} from {redact(url)}", hint="Try again later.")
     try:
-        return resp.json()
+        return bounded_json(resp, what, redact(url))
     except ValueError:
         raise NetworkError(f"{what}: {redact(url)} did not answer JSON (a proxy page?)",
                            hint="Check proxy settings and HF_ENDPOINT.") from None
