@@ -21,6 +21,7 @@ from ..store import records as stamps
 from ..store import layout
 from ..store.installs import install_files, point_current, shared_libs
 from ..store.layout import home
+from ..store.trees import ensure_source
 from .result import BuildResult
 
 log = logging.getLogger("pylmserv.build")
@@ -156,8 +157,6 @@ class BuildSkeleton:
                 else layout.source_tree_path(entry.hash, entry.name, self.home))
         if os.path.lexists(path):
             return None
-        from ..store.trees import ensure_source
-
         log.warning("%s: the source tree is missing from the store (moved aside by verify?): fetching it again",
                     entry.name)
         ensure_source(entry, self.home)

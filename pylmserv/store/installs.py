@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional
 
+from ..core.errors import UsageError
+
 
 def shared_libs(build_dir: Path) -> List[Path]:
     """Libraries a shared/portable build puts beside the binaries (libggml*.so, backends)."""
@@ -57,8 +59,6 @@ def point_current(target: Path) -> Path:
     except OSError:
         pass
     if os.path.isdir(link) and not os.path.islink(link):  # os.replace cannot put a link over it
-        from ..core.errors import UsageError
-
         raise UsageError(f"{link} is a directory, where pylmserv keeps the link to the build in use",
                          hint=f"Move that directory away (pylmserv never deletes it for you), then run the "
                               f"command again; the build itself is done: {target}.")

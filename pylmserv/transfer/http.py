@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Dict, Optional
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from ..core.errors import NetworkError, VerificationError
+from ..core.errors import ConfigError, NetworkError, VerificationError
 from ..core.version import __version__
 
 CHUNK = 256 << 10  # bytes per read; memory per connection stays at about this
@@ -137,8 +137,6 @@ def refuse_credentials(url: str, where: str) -> str:
     userinfo = parts.netloc.rpartition("@")[0]
     if parts.scheme.lower() in ("ssh", "git+ssh", "ssh+git") and ":" not in userinfo:
         return url
-    from ..core.errors import ConfigError
-
     raise ConfigError(f"{where}: the URL {redact(url)} carries credentials (a user or password before the @); pylmserv never "
                       "writes them into the config, the lock or its output", hint=CREDENTIALS_HINT)
 
