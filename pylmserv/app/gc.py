@@ -1,7 +1,7 @@
 """`pylmserv gc`: gather the roots, then let the store sweep what none of them references.
 
-Roots: every lock pylmserv has used on this machine (store/roots: registered when a project
-is loaded, forgotten once the file is gone), the copies of the locks running pylmserv
+Roots: every lock pylmserv has stored things for on this machine (store/roots: registered
+by fetch and build through Project.use_as_gc_root, forgotten once the file is gone), the copies of the locks running pylmserv
 processes read, and the `current` build of each engine and backend (store/gc keeps those
 itself). A root lock that cannot be read stops gc: it never deletes on a guess.
 """
