@@ -42,6 +42,7 @@ from typing import Dict, List, Optional, Tuple
 
 from ..core.apezip import embed_files
 from ..core.errors import BuildError, ConfigError, ToolMissingError, UsageError
+from ..core.fsutil import remove_no_follow
 from ..pins.config import load_project
 from ..store import layout as paths
 from ..store.trees import ensure_source, store_path
@@ -372,7 +373,7 @@ class LlamafileBuild(BuildSkeleton):
         for d in ("home", "tmp"):
             (self.build_dir / d).mkdir(exist_ok=True)
         if self.stage.exists():
-            shutil.rmtree(self.stage)
+            remove_no_follow(self.stage)
         try:
             self._run_steps(plan, log_file, run_logged)
         except ToolMissingError as exc:
@@ -410,7 +411,7 @@ class LlamafileBuild(BuildSkeleton):
             return
         tmp = self.build_dir / "src.tmp"
         if tmp.exists():
-            shutil.rmtree(tmp)
+            remove_no_follow(tmp)
         shutil.copytree(source, tmp, symlinks=True, ignore=shutil.ignore_patterns(".cosmocc"))
         for dirpath, dirs, files in os.walk(tmp):
             os.chmod(dirpath, 0o755)  # store trees are read-only; make writes o/ here
@@ -419,7 +420,7 @@ class LlamafileBuild(BuildSkeleton):
                 if not os.path.islink(p):
                     os.chmod(p, os.stat(p).st_mode | 0o200)
         if self.src.exists():
-            shutil.rmtree(self.src)
+            remove_no_follow(self.src)
         os.replace(tmp, self.src)
 
     def _build_gpu(self, plan: Plan, source: Path, log_file: Path, outputs: Dict[str, Path]) -> None:
@@ -472,13 +473,13 @@ def seed_cosmocc(seed: Path, cc, exec_mode: str) -> None:
     if seed.is_symlink() or seed.is_file():
         seed.unlink()
     elif seed.is_dir():
-        shutil.rmtree(seed)  # our own shim tree (never the store: that is reached only through links)
+        remove_no_follow(seed)  # our own shim tree (never the store: that is reached only through links)
     if exec_mode == "direct":
         os.symlink(cc.root, seed)
     else:
         tmp = seed.with_name(seed.name + ".tmp")
         if os.path.lexists(tmp):
-            shutil.rmtree(tmp)
+            remove_no_follow(tmp)
         _shim_tree(cc.root, tmp, str(cc.loader()), is_ape)
         os.replace(tmp, seed)
     marker.write_text(json.dumps(want, sort_keys=True) + "\n")
