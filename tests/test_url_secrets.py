@@ -129,3 +129,57 @@ def test_a_redirect_to_a_url_with_credentials_writes_no_secret(tmp_path, home):
         assert missing.returncode != 0 and "404" in missing.stderr
     assert url in (tmp_path / "pylmserv.lock").read_text()
     no_secret_anywhere(add, fetch, missing, roots=[tmp_path, home])
+
+
+def test_netrc_is_the_way_that_works(tmp_path, home):
+    """The hint is true: a server that wants a login gets it from ~/.netrc (requests reads
+    it), and neither the lock nor any output carries the password."""
+    import base64
+    import hashlib
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    want = "Basic " + base64.b64encode(f"user:{SECRET}".encode()).decode()
+
+    class Guarded(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            if self.headers.get("Authorization") != want:
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", 'Basic realm="models"')
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(GGUF)))
+            self.end_headers()
+            self.wfile.write(GGUF)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Guarded)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/m.gguf"
+        user_home = tmp_path / "user"
+        user_home.mkdir()
+        sha = hashlib.sha256(GGUF).hexdigest()
+        denied = run_cli("fetch", url, "--sha256", sha, "--no-progress", cwd=tmp_path,
+                         env={"HOME": str(user_home)})
+        assert denied.returncode != 0 and "401" in denied.stderr
+        netrc = user_home / ".netrc"
+        netrc.write_text(f"machine 127.0.0.1 login user password {SECRET}\n")
+        netrc.chmod(0o600)
+        proj = tmp_path / "proj"
+        proj.mkdir()
+        added = run_cli("add", url, "--via", "python", cwd=proj, env={"HOME": str(user_home)})
+        assert added.returncode == 0, added.stderr
+        fetched = run_cli("fetch", "m", "--json", cwd=proj, env={"HOME": str(user_home)})
+        assert fetched.returncode == 0, fetched.stderr
+    finally:
+        server.shutdown()
+        server.server_close()
+    from pylmserv.core.hashing import Hash
+
+    assert Hash.of_bytes(GGUF).sri in (proj / "pylmserv.lock").read_text()
+    no_secret_anywhere(denied, added, fetched, roots=[proj, home])
