@@ -155,11 +155,14 @@ def test_top_level_links_are_followed_once_and_foreign_files_stay(tmp_path, home
     (scratch / "job-42").mkdir()
     (scratch / "job-42" / "out.bin").write_bytes(os.urandom(100))
     (scratch / "cache.4000000.abcdef12.tmp.keep").write_text("not our pattern\n")
+    (scratch / ".profile.4000000.tmp").write_text("someone's temp file\n")
     mine = "stage.4000000.abcdef12.tmp"
     (scratch / mine).write_bytes(b"left by a killed pylmserv")
+    also_mine = "dl-" + "3" * 32 + ".state.json.4000000.tmp"
+    (scratch / also_mine).write_text("{}")
     home.mkdir()
     os.symlink(scratch, home / "tmp")
-    before = {k: v for k, v in snapshot(scratch).items() if k != mine}
+    before = {k: v for k, v in snapshot(scratch).items() if k not in (mine, also_mine)}
 
     other_fs = Path("/dev/shm")
     if not other_fs.is_dir():
@@ -177,7 +180,7 @@ def test_top_level_links_are_followed_once_and_foreign_files_stay(tmp_path, home
         assert (home / "tmp").is_symlink() and (home / "blobs").is_symlink()  # the user's links stay
         ours = f"{blob.name}.lock"  # gc's lock on the blob it deleted: a pylmserv name
         assert {k: v for k, v in snapshot(scratch).items() if k != ours} == before
-        assert not (scratch / mine).exists()
+        assert not (scratch / mine).exists() and not (scratch / also_mine).exists()
 
         # verify on the other disk: a bad blob there cannot be renamed into quarantine/
         bad = disk2 / "sha256" / ("c" * 64)

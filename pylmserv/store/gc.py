@@ -133,8 +133,11 @@ _BUILD = re.compile(r"^(?P<engine>.+)-(?P<backend>[a-z]+)-(?P<key>[0-9a-f]{16})$
 _PARTIAL = re.compile(r"^(dl-[0-9a-f]+)\.(part|state\.json)$")  # a download's partial + state
 _STAGING_PID = (re.compile(r"\.(\d+)\.[0-9a-f]{6,}\.tmp$"),  # blobs.temp_path, a state file's temp
                 re.compile(r"^unpack-.+\.(\d+)$"),  # fetch's archive unpacking
+                re.compile(r"^dl-[0-9a-f]+\.state\.json\.(\d+)\.tmp$"),  # a resume state being written
+                # the download engine's temp files beside a staging path (blobs.temp_path)
+                re.compile(r"^\..+\.\d+\.[0-9a-f]{8}\.tmp\.(\d+)\.(?:\d+\.part|tmp)$"),
                 re.compile(r"^gc-trash\.(\d+)\.[0-9a-f]{8}$"),  # a killed gc's trash
-                re.compile(r"^tree\.(\d+)\..+\.[a-z0-9_]{8}$"))  # trees.ensure_tree's work directory
+                re.compile(r"^tree\.(\d+)\..+\.[a-z0-9_]{8}$"))  # trees.ensure_source's work directory
 _OUR_LOCK = re.compile(r"^(dl-[0-9a-f]+|[0-9a-f]{64}|[0-9a-df-np-sv-z]{52}-.+|cosmocc-.+|lockfile-.+)\.lock$")
 
 
