@@ -283,11 +283,13 @@ def test_gc_dry_run_keeps_dead_processes_records_and_gc_drops_them(home):
     (procs / "4000000-dead.flock").write_bytes(b"")
     (procs / "4000000-dead").mkdir()
     (procs / "4000000-dead" / "k.lock").write_text("version = 2\n")
+    (home / "gcroots" / "locks").mkdir()
+    (home / "gcroots" / "locks" / ("0" * 32)).write_text(str(home.parent / "gone" / "pylmserv.lock"))
     before = snapshot(home)
     assert run_cli("gc", "--dry-run").returncode == 0
     assert snapshot(home) == before
     assert run_cli("gc").returncode == 0
-    assert list(procs.iterdir()) == []
+    assert list(procs.iterdir()) == [] and list((home / "gcroots" / "locks").iterdir()) == []
 
 
 def test_list_writes_nothing_into_the_store(tmp_path, home, read_only_home):
