@@ -277,3 +277,28 @@ def test_a_process_removes_its_own_root_record(tmp_path, home):
     assert roots.registered_locks(home) == [(tmp_path / "pylmserv.lock").resolve()]  # the persistent root
     assert os.listdir(home / "gcroots" / "procs") == []  # its per-process record went with it
     assert cli("gc", "--dry-run").returncode == 0
+
+
+def test_writers_never_write_through_a_planted_link(tmp_path, home):
+    """A fetch into models/<name> and a build's install into bin/<engine>-<backend>/ where
+    links were planted: the links go, the files land in the home, the outside is untouched."""
+    from pylmserv.store.blobs import install_blob, link_named
+    from tests.test_build_skeleton import ToyBuild
+
+    out = outside_world(tmp_path)
+    before = snapshot(out)
+    (home / "models").mkdir(parents=True)
+    os.symlink(out / "model-dir", home / "models" / "m")
+    staged = tmp_path / "blob"
+    staged.write_bytes(b"GGUF model bytes")
+    h = Hash.of_bytes(b"GGUF model bytes")
+    install_blob(staged, h, home)
+    placed = link_named("m", h, "m.gguf", home=home)
+    assert placed.parent == home / "models" / "m" and not placed.parent.is_symlink()
+    key = ToyBuild().key
+    (home / "bin").mkdir()
+    os.symlink(out / "victim-dir", home / "bin" / "toy-cpu")
+    result = ToyBuild().run()
+    assert result.binaries["toy-bin"].read_text() == "built\n"
+    assert not (home / "bin" / "toy-cpu").is_symlink() and (home / "bin" / "toy-cpu" / key / "toy-bin").is_file()
+    assert snapshot(out) == before

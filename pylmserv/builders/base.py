@@ -19,7 +19,7 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 from ..store import records as stamps
 from ..store import layout
-from ..store.installs import install_files, point_current, shared_libs
+from ..store.installs import install_files, point_current, real_dirs, shared_libs
 from ..store.layout import home
 from ..store.trees import ensure_source
 from .result import BuildResult
@@ -175,6 +175,8 @@ class BuildSkeleton:
     def finish(self, outputs: Dict[str, Path], cache_hit: bool, notes=(), source=None, commands=(),
                sha256=None, replay=None) -> BuildResult:
         prefix = self.prefix_dir()
+        if self.prefix is None:  # the store's bin/<engine>-<backend>/<key>: never through a planted link
+            real_dirs(layout.bin_dir(self.home), f"{self.engine}-{self.kind}", self.key)
         installed = install_files(self.select(outputs), self.bindir(), with_libs=self.libs_dir())
         current = point_current(prefix) if self.prefix is None else None
         return BuildResult(self.engine, self.backend, installed, self.build_dir, prefix,

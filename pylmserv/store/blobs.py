@@ -168,6 +168,8 @@ def link_named(name: str, h: Hash, filename: Optional[str] = None, home: Optiona
     filename = filename or name
     _check_name(filename)
     directory = entry_dir(name, home)
+    if os.path.islink(directory):  # a link planted where an entry belongs: removed, never written through
+        os.unlink(directory)
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / filename
     if _same_inode(target, blob):

@@ -34,6 +34,19 @@ def _copy_atomic(src: Path, dest: Path) -> None:
     os.replace(tmp, dest)
 
 
+def real_dirs(base: Path, *parts: str) -> Path:
+    """base/parts..., each part a real directory: a link planted in its place (not pylmserv's)
+    is removed as a link, so nothing is installed through it outside the home. `base`
+    itself (a layout directory such as bin/) may be a link: the user's choice."""
+    path = Path(base)
+    for part in parts:
+        path = path / part
+        if os.path.islink(path):
+            os.unlink(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def install_files(binaries: Mapping[str, Path], bindir: Path, with_libs: Optional[Path] = None) -> Dict[str, Path]:
     """Copy built binaries (and shared libraries beside them) into `bindir`; unchanged files
     are left alone, so re-installing an up-to-date build is a handful of stat() calls."""
