@@ -1,0 +1,218 @@
+"""Shared builds: a portable build pushed (signed) from one store is substituted by another
+store over HTTP, sha256-identical, only under a trusted key; refused for a bad signature, an
+untrusted key or tampered bytes (nothing installed), and `--no-build` never compiles.
+
+The build is real but small: tests/data/tiny-llama is a stand-in llama.cpp source tree (the
+same CMake switches, a shared libggml that dlopens a CPU-variant module beside the binary),
+locked and served on 127.0.0.1 like the real source, built by real cmake and cc through the
+normal `pylmserv build --portable` path. test_real_llama_cpp_portable_round_trip (slow) does
+the same with the real llama.cpp tree.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from pylmserv.core.nar import hash_path
+from pylmserv.core.signing import SecretKey
+from pylmserv.pins.config import Lock, LockEntry
+from tests.support.httpserver import serve_directory
+
+TREE = Path(__file__).parent / "data" / "tiny-llama"
+TARGETS = ("--target", "llama-cli", "--target", "llama-server")
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def world(tmp_path):
+    """A project locking the tiny stand-in source served on loopback, a signing key, a cache dir
+    served over HTTP; yields a namespace of paths and helpers."""
+    www = tmp_path / "www"
+    www.mkdir()
+    src = tmp_path / "tiny-llama"
+    shutil.copytree(TREE, src)
+    with tarfile.open(www / "tiny-llama.tar.gz", "w:gz") as tar:
+        tar.add(src, arcname="tiny-llama")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    key_file = tmp_path / "team.sk"
+    key_file.write_text(SecretKey.generate("team-cache-1").to_text())
+    with serve_directory(www) as base, serve_directory(cache) as cache_url:
+        proj = tmp_path / "project"
+        proj.mkdir()
+        url = f"{base}/tiny-llama.tar.gz"
+        (proj / "pylmserv.toml").write_text(f'[sources.llama-cpp]\ntype = "url"\nurl = "{url}"\nunpack = true\n'
+                                            'version = "tiny-1"\n')
+        Lock(path=proj / "pylmserv.lock").with_entry(LockEntry(
+            "sources", "llama-cpp", url, hash_path(src, "nar"), "nar", rev="tiny-1",
+            extra={"type": "url", "unpack": True, "version": "tiny-1"})).write()
+
+        class W:
+            pass
+
+        w = W()
+        w.tmp, w.proj, w.cache, w.cache_url, w.key_file = tmp_path, proj, cache, cache_url, key_file
+        w.public = str(SecretKey.read(key_file).public)
+
+        def cli(home, *args, env=None):
+            """`pylmserv` with its own home; env values of None unset a variable."""
+            e = dict(os.environ)
+            for k in ("SOURCE_DATE_EPOCH", "PYLMSERV_SUBSTITUTERS", "PYLMSERV_TRUSTED_KEYS"):
+                e.pop(k, None)
+            e.update({"PYLMSERV_HOME": str(tmp_path / home), "CCACHE_DISABLE": "1"})
+            e.update(env or {})
+            e = {k: v for k, v in e.items() if v is not None}
+            argv = [sys.executable, "-m", "pylmserv", "--config", str(proj / "pylmserv.toml"),
+                    "--lock", str(proj / "pylmserv.lock"), *map(str, args)]
+            return subprocess.run(argv, capture_output=True, text=True, env=e, timeout=600)
+
+        w.cli = cli
+        yield w
+
+
+def build_and_push(w):
+    built = w.cli("builder", "build", "--portable", "--json", "-j", "2", *TARGETS)
+    assert built.returncode == 0, built.stderr
+    data = json.loads(built.stdout)
+    assert data["cache_hit"] is False
+    pushed = w.cli("builder", "push", "llama.cpp", "--to", w.cache, "--sign-key", w.key_file, "--json")
+    assert pushed.returncode == 0, pushed.stderr
+    assert w.key_file.read_text() not in pushed.stdout + pushed.stderr  # the secret is never printed
+    (manifest,) = json.loads(pushed.stdout)["pushed"]
+    return data, manifest
+
+
+def no_compilers(w) -> dict:
+    """PATH with cmake/ninja/cc/c++ that record being run and fail: proof nothing compiles."""
+    tools = w.tmp / "no-compilers"
+    tools.mkdir(exist_ok=True)
+    marker = w.tmp / "compiler-ran"
+    for name in ("cmake", "ninja", "cc", "c++", "gcc", "g++"):
+        p = tools / name
+        p.write_text(f"#!/bin/sh\necho \"{name} $*\" >> '{marker}'\nexit 1\n")
+        p.chmod(0o755)
+    return {"PATH": f"{tools}{os.pathsep}{os.environ['PATH']}"}, marker
+
+
+def installed(home: Path) -> Path:
+    return home / "bin" / "llama.cpp-cpu" / "current"
+
+
+def test_pushed_build_is_substituted_identical_and_runs(world):
+    w = world
+    built, manifest = build_and_push(w)
+    assert manifest["signatures"][0].startswith("team-cache-1:")
+    shipped = set(manifest["files"])
+    assert {"llama-cli", "llama-server", "libggml.so", "libggml-cpu-generic.so", "libggml-cpu-x86-64-v3.so"} <= shipped
+    env, marker = no_compilers(w)
+    env.update({"PYLMSERV_SUBSTITUTERS": w.cache_url, "PYLMSERV_TRUSTED_KEYS": w.public})
+    got = w.cli("user", "build", "--portable", "--no-build", "--json", *TARGETS, env=env)
+    assert got.returncode == 0, got.stderr
+    assert not marker.exists()  # nothing compiled, no toolchain run
+    data = json.loads(got.stdout)
+    assert "substituted from" in got.stderr and "signed by team-cache-1" in got.stderr
+    assert data["key"] == built["key"]  # the same local build key: stamps and `current` as for a build
+    cur = installed(w.tmp / "user")
+    builder_bin = w.tmp / "builder" / "bin" / "llama.cpp-cpu" / "current"
+    for name in shipped:
+        assert sha256(cur / name) == sha256(builder_bin / name) == manifest["files"][name]
+    # the substitute runs from its install dir and loads its CPU module beside it ($ORIGIN)
+    out = subprocess.run([str(cur / "llama-cli")], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and out.stdout.strip() == "llama-cli: cpu-generic", out
+    # and is an up-to-date build from now on: no substituter asked, no compiler run
+    again = w.cli("user", "build", "--portable", "--no-build", "--json", *TARGETS,
+                  env={**env, "PYLMSERV_SUBSTITUTERS": "http://127.0.0.1:9"})
+    assert again.returncode == 0 and json.loads(again.stdout)["cache_hit"] is True, again.stderr
+    assert not marker.exists()
+
+
+def test_untrusted_key_refused_nothing_installed_no_build_fails(world):
+    w = world
+    build_and_push(w)
+    other = SecretKey.generate("someone-else-1")
+    env, marker = no_compilers(w)
+    env.update({"PYLMSERV_SUBSTITUTERS": w.cache_url, "PYLMSERV_TRUSTED_KEYS": str(other.public)})
+    got = w.cli("user", "build", "--portable", "--no-build", *TARGETS, env=env)
+    assert got.returncode == 6, got.stderr
+    assert "refused build" in got.stderr and "untrusted key team-cache-1" in got.stderr
+    assert "--no-build forbids compiling" in got.stderr and "Traceback" not in got.stderr
+    assert not marker.exists()
+    assert not installed(w.tmp / "user").exists()
+    assert not list((w.tmp / "user" / "builds").glob("*/bin/*"))
+    # same name, another key: a bad signature, not an untrusted name
+    impostor = SecretKey.generate("team-cache-1")
+    env["PYLMSERV_TRUSTED_KEYS"] = str(impostor.public)
+    got = w.cli("user", "build", "--portable", "--no-build", *TARGETS, env=env)
+    assert got.returncode == 6 and "bad signature by team-cache-1" in got.stderr, got.stderr
+
+
+def test_tampered_bytes_refused_then_the_build_proceeds(world):
+    w = world
+    _, manifest = build_and_push(w)
+    blob = w.cache / "sha256" / manifest["files"]["libggml.so"]
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))  # the registry/server now serves other bytes under the same name
+    env = {"PYLMSERV_SUBSTITUTERS": w.cache_url, "PYLMSERV_TRUSTED_KEYS": w.public}
+    nb_env, marker = no_compilers(w)
+    got = w.cli("user", "build", "--portable", "--no-build", *TARGETS, env={**env, **nb_env})
+    assert got.returncode == 6, got.stderr
+    assert "libggml.so" in got.stderr and "bytes do not match the signed sha256" in got.stderr
+    assert not installed(w.tmp / "user").exists() and not marker.exists()
+    # without --no-build: refused, then compiled here
+    got = w.cli("user", "build", "--portable", "--json", "-j", "2", *TARGETS, env=env)
+    assert got.returncode == 0, got.stderr
+    assert "bytes do not match" in got.stderr and "substituted" not in json.dumps(json.loads(got.stdout)["notes"])
+    assert (installed(w.tmp / "user") / "llama-cli").is_file()
+
+
+def test_rewritten_manifest_is_a_bad_signature(world):
+    """A server that rewrites the manifest to name its own bytes breaks the signature."""
+    w = world
+    _, pushed = build_and_push(w)
+    (path,) = (w.cache / "pylmserv-builds").glob("*.json")
+    doc = json.loads(path.read_text())
+    evil = w.cache / "sha256" / ("e" * 64)
+    evil.write_bytes(b"#!/bin/sh\necho owned\n")
+    for f in doc["files"]:
+        if f["name"] == "llama-cli":
+            f["sha256"], f["size"] = "e" * 64, evil.stat().st_size
+    path.write_text(json.dumps(doc))
+    env, marker = no_compilers(w)
+    env.update({"PYLMSERV_SUBSTITUTERS": w.cache_url, "PYLMSERV_TRUSTED_KEYS": w.public})
+    got = w.cli("user", "build", "--portable", "--no-build", *TARGETS, env=env)
+    assert got.returncode == 6 and "bad signature by team-cache-1" in got.stderr, got.stderr
+    assert not installed(w.tmp / "user").exists()
+
+
+def test_config_cache_table_and_other_build_keys(world):
+    """[cache] in pylmserv.toml works like the environment; a build with other options is
+    another key (not substituted); a native build never asks a substituter."""
+    w = world
+    build_and_push(w)
+    config = w.proj / "pylmserv.toml"
+    config.write_text(config.read_text() + f'\n[cache]\nsubstituters = ["{w.cache_url}"]\n'
+                                           f'trusted-public-keys = ["{w.public}"]\n')
+    e, marker = no_compilers(w)
+    got = w.cli("user", "build", "--portable", "--no-build", *TARGETS, env=e)
+    assert got.returncode == 0 and "substituted from" in got.stderr, got.stderr
+    other = w.cli("user2", "build", "--portable", "--no-build", "--target", "llama-cli", env=e)
+    assert other.returncode == 6 and "no trusted substitute" in other.stderr
+    native = w.cli("user3", "build", "--no-build", *TARGETS, env=e)
+    assert native.returncode == 2 and "--portable" in native.stderr
+    assert not marker.exists()
+    config.write_text(config.read_text().replace(w.public, "team-cache-1:bm90IGEga2V5"))
+    bad = w.cli("user4", "build", "--portable", "--dry-run")
+    assert bad.returncode == 2 and "[cache] trusted-public-keys" in bad.stderr, bad.stderr
