@@ -216,3 +216,58 @@ def test_config_cache_table_and_other_build_keys(world):
     config.write_text(config.read_text().replace(w.public, "team-cache-1:bm90IGEga2V5"))
     bad = w.cli("user4", "build", "--portable", "--dry-run")
     assert bad.returncode == 2 and "[cache] trusted-public-keys" in bad.stderr, bad.stderr
+
+
+@pytest.mark.slow
+def test_real_llama_cpp_portable_round_trip(tmp_path):
+    """The real llama.cpp tree (vendored in the llama-cpp-python sdist, served on loopback):
+    `build --portable` in one home (GGML_BACKEND_DL, every CPU variant), `push` to a cache dir
+    served over HTTP, `build --portable --no-build` in a second home: the same bytes, no
+    compiler run, and the substituted llama-cli runs. The times go to stdout (pytest -s):
+    docs/sharing.md quotes them; nothing here asserts on time."""
+    import time
+
+    from tests.support import llama_source
+
+    llama_source.require_sdist()
+    key = SecretKey.generate("team-cache-1")
+    key_file = tmp_path / "team.sk"
+    key_file.write_text(key.to_text())
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    with llama_source.served_project(tmp_path) as (config, lock, _), serve_directory(cache) as cache_url:
+        builder = llama_source.build_env({"PYLMSERV_HOME": str(tmp_path / "builder")})
+        t0 = time.monotonic()
+        proc = llama_source.run_build(config, lock, "--portable", env=builder, timeout=4 * 3600)
+        cold = time.monotonic() - t0
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        built = json.loads(proc.stdout)
+        push = subprocess.run([sys.executable, "-m", "pylmserv", "--config", str(config), "--lock", str(lock), "push",
+                               "--to", str(cache), "--sign-key", str(key_file), "--json"],
+                              capture_output=True, text=True, env=builder, timeout=600)
+        assert push.returncode == 0, push.stderr
+        (manifest,) = json.loads(push.stdout)["pushed"]
+        assert any(name.startswith("libggml-cpu-") for name in manifest["files"])  # the CPU variants ship
+        user_home = tmp_path / "user"
+        tools = tmp_path / "no-compilers"
+        tools.mkdir()
+        marker = tmp_path / "compiler-ran"
+        for name in ("cmake", "ninja", "cc", "c++", "gcc", "g++"):
+            (tools / name).write_text(f"#!/bin/sh\necho {name} >> '{marker}'\nexit 1\n")
+            (tools / name).chmod(0o755)
+        user = llama_source.build_env({"PYLMSERV_HOME": str(user_home), "PYLMSERV_SUBSTITUTERS": cache_url,
+                                       "PYLMSERV_TRUSTED_KEYS": str(key.public),
+                                       "PATH": f"{tools}{os.pathsep}{os.environ['PATH']}"})
+        t0 = time.monotonic()
+        proc = llama_source.run_build(config, lock, "--portable", "--no-build", env=user, timeout=600)
+        subst = time.monotonic() - t0
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert not marker.exists() and "substituted from" in proc.stderr
+        got = json.loads(proc.stdout)
+        assert got["sha256"] == built["sha256"] == manifest["files"]
+        cli = Path(got["paths"]["llama-cli"])
+        out = subprocess.run([str(cli), "--version"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        size = sum(Path(cli.parent / n).stat().st_size for n in manifest["files"])
+        print(f"\nbuild cache timing: cold portable build {cold:.1f} s; substitution {subst:.1f} s "
+              f"({len(manifest['files'])} files, {size / 1e6:.1f} MB)")
