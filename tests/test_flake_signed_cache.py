@@ -81,3 +81,29 @@ def test_flake_outputs_round_trip_through_a_signed_http_cache(nix, tmp_path):
         # the fixed-output model needs no signature: Nix checks its hash
         proc, got_model = build(world.flake, "model-tiny", *from_cache(store3, other_public))
         assert proc.returncode == 0 and got_model == model, proc.stderr
+
+
+def test_model_fod_comes_from_a_content_addressed_mirror(nix, tmp_path):
+    """A model's fixed-output derivation (builtin:fetchurl) fetched with its origin gone, from
+    a mirror in the content-addressed layout (BASE/sha256/HEX, the layout pylmserv's mirrors
+    and build caches use) that Nix's `hashed-mirrors` setting names; a mirror serving other
+    bytes under that name is refused by the hash."""
+    nginx.require_nginx()
+    www = tmp_path / "www"
+    www.mkdir()
+    with serve_directory(www) as base:
+        world = fw.build_world(tmp_path, www, base)
+    digest = world.expected["model-tiny"].hex
+    mirror = tmp_path / "mirror"
+    (mirror / "sha256").mkdir(parents=True)
+    (mirror / "sha256" / digest).write_bytes(world.model_bytes)
+    with nginx.serve(mirror, tmp_path / "nginx") as url:
+        store = tmp_path / "store2"
+        proc, got = build(world.flake, "model-tiny", "--store", str(store), "--option", "hashed-mirrors", url)
+        assert proc.returncode == 0, proc.stderr
+        with open(str(store) + got, "rb") as f:
+            assert f.read() == world.model_bytes
+        (mirror / "sha256" / digest).write_bytes(world.model_bytes[:-1] + b"x")
+        proc, _ = build(world.flake, "model-tiny", "--store", str(tmp_path / "store3"), "--option", "hashed-mirrors",
+                        url)
+        assert proc.returncode != 0  # the lying mirror is refused, and the origin is gone
