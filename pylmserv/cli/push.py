@@ -16,7 +16,7 @@ from .options import emit_json, json_option, project_command
                             "Other machines substitute them with `pylmserv build --portable`.")
 @click.argument("what", type=click.Choice(["llama.cpp"]), default="llama.cpp", required=False)
 @click.option("--to", "to", required=True, metavar="CACHE", help="Where: a directory, file:///DIR or oci://HOST/REPO.")
-@click.option("--sign-key", "sign_key", required=True, type=click.Path(path_type=Path, dir_okay=False, exists=True),
+@click.option("--sign-key", "sign_key", required=True, type=click.Path(path_type=Path, dir_okay=False),
               help="Secret key file (`pylmserv key generate NAME -o FILE` or `nix key generate-secret`).")
 @click.option("--backend", "backends", multiple=True, type=click.Choice(BACKENDS),
               help="Only this backend's builds (repeatable; default: every backend built).")
