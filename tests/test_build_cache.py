@@ -271,3 +271,53 @@ def test_real_llama_cpp_portable_round_trip(tmp_path):
         size = sum(Path(cli.parent / n).stat().st_size for n in manifest["files"])
         print(f"\nbuild cache timing: cold portable build {cold:.1f} s; substitution {subst:.1f} s "
               f"({len(manifest['files'])} files, {size / 1e6:.1f} MB)")
+
+
+def test_cache_key_drops_host_only_bits_and_needs_portable_locked_source():
+    from pylmserv.builders.llama_cpp import portable_cache_inputs
+    from pylmserv.builders.substitute import cache_key
+
+    inputs = {"engine": "llama.cpp", "mapping": 2, "source": "sha256-AAAA", "rev": "b1", "backend": "cuda",
+              "targets": ["llama-cli"], "portable": True, "platform": "linux-x86_64", "cmake_args": [],
+              "detected": {"openssl": True, "cuda_archs": [], "nvcc_archs": ["90"],
+                           "cublas_wheel": ["/home/alice/venv/nvidia/cu13/lib/libcublas.so.13", "/home/alice/inc"]}}
+    alice = portable_cache_inputs(inputs, "glibc")
+    bob_inputs = json.loads(json.dumps(inputs))
+    bob_inputs["detected"]["cublas_wheel"] = ["/opt/bob/nvidia/cu13/lib/libcublas.so.13", "/opt/bob/inc"]
+    bob = portable_cache_inputs(bob_inputs, "glibc")
+    assert cache_key(alice) == cache_key(bob) and "alice" not in json.dumps(alice)
+    assert alice["detected"]["cublas_wheel"] == "libcublas.so.13"
+    # what decides the result changes the key
+    for change in ({"backend": "cpu"}, {"source": "sha256-BBBB"}, {"platform": "linux-aarch64"},
+                   {"cmake_args": ["-DGGML_CUDA_F16=ON"]}, {"targets": ["llama-cli", "llama-server"]}):
+        assert cache_key(portable_cache_inputs({**inputs, **change}, "glibc")) != cache_key(alice), change
+    assert cache_key(portable_cache_inputs(inputs, "musl")) != cache_key(alice)
+    # native builds and local trees are never shared
+    assert portable_cache_inputs({**inputs, "portable": False}, "glibc") is None
+    assert portable_cache_inputs({**inputs, "source": "path:/home/alice/llama.cpp"}, "glibc") is None
+
+
+def test_newer_glibc_than_the_host_is_refused():
+    from pylmserv.builders.substitute import check_libc, libc
+    from pylmserv.core.errors import VerificationError
+
+    family, version = libc()
+    if family != "glibc":
+        pytest.skip("not a glibc host")
+    check_libc({"built_with": {"libc": ["glibc", version]}})
+    check_libc({"built_with": {"libc": ["glibc", "2.17"]}})
+    with pytest.raises(VerificationError, match="newer than this host"):
+        check_libc({"built_with": {"libc": ["glibc", "99.0"]}})
+
+
+def test_push_without_a_portable_build_or_key_is_one_clear_line(world):
+    w = world
+    nothing = w.cli("builder", "push", "llama.cpp", "--to", w.cache, "--sign-key", w.key_file)
+    assert nothing.returncode == 2 and "no portable llama.cpp build" in nothing.stderr, nothing.stderr
+    missing = w.cli("builder", "push", "--to", w.cache, "--sign-key", w.tmp / "nope.sk")
+    assert missing.returncode == 2 and "cannot read the secret key file" in missing.stderr
+    (w.tmp / "bad.sk").write_text("team:" + "A" * 10)
+    bad = w.cli("builder", "push", "--to", w.cache, "--sign-key", w.tmp / "bad.sk")
+    assert bad.returncode == 2 and "secret key" in bad.stderr and "AAAA" not in bad.stderr
+    assert not list(w.cache.iterdir())
+    assert "Traceback" not in nothing.stderr + missing.stderr + bad.stderr
