@@ -321,3 +321,30 @@ def test_push_without_a_portable_build_or_key_is_one_clear_line(world):
     assert bad.returncode == 2 and "secret key" in bad.stderr and "AAAA" not in bad.stderr
     assert not list(w.cache.iterdir())
     assert "Traceback" not in nothing.stderr + missing.stderr + bad.stderr
+
+
+def test_signed_manifest_with_hostile_entries_is_still_refused():
+    """Even a trusted signer's manifest cannot name a file outside the build or lack a target."""
+    from pylmserv.builders.substitute import cache_key, check_manifest, make_manifest, sign_manifest
+    from pylmserv.core.errors import VerificationError
+
+    key = SecretKey.generate("team-cache-1")
+    inputs = {"portable": True}
+    k = cache_key(inputs)
+
+    def check(files, wanted=("llama-cli",), for_key=k):
+        doc = sign_manifest(make_manifest(k, inputs, "llama.cpp", "cpu", files, {}), key)
+        return check_manifest(json.dumps(doc).encode(), for_key, [key.public], wanted)
+
+    good = {"name": "llama-cli", "sha256": "a" * 64, "size": 1, "target": "llama-cli", "executable": True}
+    assert check([good])[1] == key.public
+    for bad in ({**good, "name": "../llama-cli"}, {**good, "name": ".hidden"}, {**good, "size": -1},
+                {**good, "target": ["x"]}, {**good, "sha256": "A" * 64}, {**good, "executable": "yes"}):
+        with pytest.raises(VerificationError, match="bad file entry"):
+            check([bad])
+    with pytest.raises(VerificationError, match="lacks llama-server"):
+        check([good], wanted=("llama-cli", "llama-server"))
+    with pytest.raises(VerificationError, match="another build"):
+        check([good], for_key="0" * 64)
+    with pytest.raises(VerificationError, match="not JSON"):
+        check_manifest(b"\xff", k, [key.public], ())

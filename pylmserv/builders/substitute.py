@@ -122,7 +122,8 @@ def check_manifest(body: bytes, key: str, trusted: Sequence[PublicKey], wanted: 
     for f in files:
         if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not _NAME.fullmatch(f["name"]) \
                 or not re.fullmatch(r"[0-9a-f]{64}", str(f.get("sha256"))) or not isinstance(f.get("size"), int) \
-                or f["size"] < 0 or f["name"] in names:
+                or f["size"] < 0 or f["name"] in names \
+                or not isinstance(f.get("target", ""), str) or not isinstance(f.get("executable", False), bool):
             raise VerificationError(f"bad file entry in the manifest: {str(f)[:120]}")
         names.add(f["name"])
     targets = {f.get("target") for f in files if f.get("target")}
