@@ -14,15 +14,18 @@ Each kind implements the same four calls (`get_manifest`, `put_manifest`, `get_b
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Optional
 from urllib.parse import unquote, urlsplit
 
 from ..core.errors import NetworkError, UsageError, VerificationError
 from ..core.fsutil import atomic_write_bytes
+from ..core.hashing import Hash
 from .http import redact, short_error
 
 MANIFEST_DIR = "pylmserv-builds"
@@ -195,6 +198,68 @@ def open_cache(url: str) -> BuildCache:
                      hint="Use file:///DIR, a directory path, http(s)://BASE or oci://HOST/REPO.")
 
 
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+BUILD_MANIFEST_TYPE = "application/vnd.pylmserv.build.manifest.v1+json"
+LAYER_TYPE = "application/octet-stream"
+TITLE = "org.opencontainers.image.title"
+
+
+class OciCache(BuildCache):
+    """A repository of an OCI registry (`registry`: transfer/oci.py's Registry, or anything
+    with its get_manifest/put_manifest/pull_blob/push_blob). A build is an artifact tagged with
+    its cache key: the signed pylmserv manifest is its config blob, each file a raw layer
+    whose digest is the file's sha256 (titled with its name), so any registry stores it and
+    `skopeo inspect` shows it."""
+
+    def __init__(self, registry, url: str):
+        self.registry = registry
+        self.url = url
+
+    def get_manifest(self, key: str) -> Optional[bytes]:
+        try:
+            body, _media, _digest = self.registry.get_manifest(_check_key(key))
+        except NetworkError as exc:
+            if "HTTP 404" in exc.message:
+                return None
+            raise
+        try:
+            config = json.loads(body)["config"]
+            if config.get("mediaType") != BUILD_MANIFEST_TYPE:
+                raise ValueError(config.get("mediaType"))
+            algo, _, hexdigest = str(config["digest"]).partition(":")
+            size = int(config["size"])
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise VerificationError(f"{self.url}:{key}: not a pylmserv build artifact") from None
+        if algo != "sha256" or size > MAX_MANIFEST:
+            raise VerificationError(f"{self.url}:{key}: its config is not a pylmserv build manifest")
+        with tempfile.TemporaryDirectory(prefix="pylmserv-oci-") as tmp:
+            dest = Path(tmp) / "manifest.json"
+            self.get_blob(_check_hex(hexdigest), dest, size, what=f"{self.url}:{key} manifest")
+            return dest.read_bytes()
+
+    def put_manifest(self, key: str, body: bytes) -> None:
+        files = json.loads(body)["files"]
+        config = Hash.of_bytes(body)
+        with tempfile.TemporaryDirectory(prefix="pylmserv-oci-") as tmp:
+            path = Path(tmp) / "manifest.json"
+            path.write_bytes(body)
+            self.registry.push_blob(path, config, len(body))
+        doc = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": BUILD_MANIFEST_TYPE,
+               "config": {"mediaType": BUILD_MANIFEST_TYPE, "digest": f"sha256:{config.hex}", "size": len(body)},
+               "layers": [{"mediaType": LAYER_TYPE, "digest": f"sha256:{f['sha256']}", "size": f["size"],
+                           "annotations": {TITLE: f["name"]}} for f in files]}
+        self.registry.put_manifest(_check_key(key), json.dumps(doc, sort_keys=True).encode(), OCI_MANIFEST)
+
+    def get_blob(self, hexdigest: str, dest: Path, size: Optional[int] = None, what: str = "") -> None:
+        self.registry.pull_blob(Hash("sha256", bytes.fromhex(_check_hex(hexdigest))), dest, size)
+
+    def put_blob(self, hexdigest: str, path: Path) -> None:
+        self.registry.push_blob(Path(path), Hash("sha256", bytes.fromhex(_check_hex(hexdigest))),
+                                Path(path).stat().st_size)
+
+
 def oci_cache(ref: str) -> BuildCache:
+    # With transfer/oci.py (the model-sharing work) this is:
+    #   return OciCache(Registry(OciRef.parse("oci://" + ref)), "oci://" + ref)
     raise UsageError(f"oci://{ref}: this pylmserv has no OCI registry client yet",
                      hint="Use a directory or http(s):// build cache.")
