@@ -180,9 +180,15 @@ def _install(build, cache, doc: dict, signer: PublicKey):
         shutil.rmtree(staging)
     (staging / "bin").mkdir(parents=True)
     try:
+        fetched: dict = {}  # sha256 -> first file with those bytes (libfoo.so, .so.0, .so.0.1.2)
         for f in doc["files"]:
             dest = staging / "bin" / f["name"]
-            cache.get_blob(f["sha256"], dest, f["size"], what=f"{f['name']} from {cache}")
+            first = fetched.get((f["sha256"], f["size"]))
+            if first is not None:
+                shutil.copyfile(first, dest)  # checked when it arrived: one download per content
+            else:
+                cache.get_blob(f["sha256"], dest, f["size"], what=f"{f['name']} from {cache}")
+                fetched[(f["sha256"], f["size"])] = dest
             os.chmod(dest, 0o755 if f.get("executable") else 0o644)
         stamps.remove_stamp(build.stamp_path)
         old = build.build_dir / "bin"
@@ -234,8 +240,12 @@ def push(cache, key: str, cache_inputs: Mapping, stamp, engine: str, backend: st
          sign_key: SecretKey) -> dict:
     """Upload a stamped build's files (blobs first, then the signed manifest)."""
     files = files_of(stamp, targets)
+    sent = set()
     for f in files:
-        cache.put_blob(f["sha256"], Path(f.pop("path")))
+        path = Path(f.pop("path"))
+        if f["sha256"] not in sent:  # versioned library links share their bytes: one blob
+            cache.put_blob(f["sha256"], path)
+            sent.add(f["sha256"])
     family, version = libc()
     manifest = make_manifest(key, cache_inputs, engine, backend, files, {
         "libc": [family, version], "seconds": round(stamp.seconds, 1),
