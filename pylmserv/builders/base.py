@@ -169,10 +169,10 @@ class BuildSkeleton:
     def _substitute(self, FileLock) -> Optional[BuildResult]:
         """A signed, verified build from a substituter, installed like a compiled one (None:
         none accepted; not tried with --force or for builds that have no cache inputs)."""
-        inputs = None if self.force else self.cache_inputs()
-        if inputs is None:
+        if self.force or not settings(self.cache_config())[0]:
             return None
-        if not settings(self.cache_config())[0]:
+        inputs = self.cache_inputs()
+        if inputs is None:
             return None
         self.build_dir.mkdir(parents=True, exist_ok=True)
         with FileLock(str(self.build_dir) + ".lock", timeout=LOCK_TIMEOUT):

@@ -20,9 +20,7 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import re
-import shutil
 import time
 from pathlib import Path
 from typing import List, Mapping, Optional, Sequence, Tuple
@@ -53,6 +51,8 @@ def cache_key(cache_inputs: Mapping) -> str:
 
 def libc() -> Tuple[str, str]:
     """(family, version) of this host's C library: ("glibc", "2.36"); ("", "") when unknown."""
+    import platform  # lazy: only substitutions and pushes ask
+
     family, version = platform.libc_ver()
     return family or "", version or ""
 
@@ -175,6 +175,8 @@ def substitute(build, cache_inputs: Mapping, cache_config: Optional[Mapping]):
 def _install(build, cache, doc: dict, signer: PublicKey):
     """Download every file into a staging dir beside the build's bin/, each checked against
     its signed sha256; only when all match does staging become bin/ and the stamp is written."""
+    import shutil
+
     staging = build.build_dir / f".substitute-{os.getpid()}"
     if staging.exists():
         shutil.rmtree(staging)

@@ -17,8 +17,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 from urllib.parse import unquote, urlsplit
@@ -129,6 +127,8 @@ class DirectoryCache(BuildCache):
             return  # content-addressed: the same name is the same bytes
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+        import shutil
+
         shutil.copyfile(path, tmp)
         os.replace(tmp, dest)
 
@@ -232,6 +232,8 @@ class OciCache(BuildCache):
             raise VerificationError(f"{self.url}:{key}: not a pylmserv build artifact") from None
         if algo != "sha256" or size > MAX_MANIFEST:
             raise VerificationError(f"{self.url}:{key}: its config is not a pylmserv build manifest")
+        import tempfile  # lazy: stdlib modules the up-to-date build path never needs
+
         with tempfile.TemporaryDirectory(prefix="pylmserv-oci-") as tmp:
             dest = Path(tmp) / "manifest.json"
             self.get_blob(_check_hex(hexdigest), dest, size, what=f"{self.url}:{key} manifest")
@@ -240,6 +242,8 @@ class OciCache(BuildCache):
     def put_manifest(self, key: str, body: bytes) -> None:
         files = json.loads(body)["files"]
         config = Hash.of_bytes(body)
+        import tempfile
+
         with tempfile.TemporaryDirectory(prefix="pylmserv-oci-") as tmp:
             path = Path(tmp) / "manifest.json"
             path.write_bytes(body)
