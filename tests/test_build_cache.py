@@ -351,3 +351,31 @@ def test_signed_manifest_with_hostile_entries_is_still_refused():
         check([good], for_key="0" * 64)
     with pytest.raises(VerificationError, match="not JSON"):
         check_manifest(b"\xff", k, [key.public], ())
+
+
+def test_cut_or_lying_server_is_a_refusal_line_and_the_build_goes_on(world, server):
+    """A substituter that cuts every blob, serves an HTML page, or answers with an endless
+    manifest: each is one refusal line (no traceback, nothing installed); --no-build then fails."""
+    w = world
+    _, manifest = build_and_push(w)
+    for path in w.cache.rglob("*"):
+        if path.is_file():
+            server.add(str(path.relative_to(w.cache)), path.read_bytes())
+    env, marker = no_compilers(w)
+    env.update({"PYLMSERV_SUBSTITUTERS": f"{server.base} http://127.0.0.1:9", "PYLMSERV_TRUSTED_KEYS": w.public})
+    server.faults.cut_at, server.faults.cut_times = 10000, 100  # the manifest (~2 KB) arrives, the binaries not
+    got = w.cli("user", "build", "--portable", "--no-build", *TARGETS, env=env)
+    assert got.returncode == 6 and "Traceback" not in got.stderr, got.stderr
+    assert f"substituter {server.base}: refused build" in got.stderr and "Connection broken" in got.stderr
+    assert "substituter http://127.0.0.1:9: refused build" in got.stderr  # unreachable: named too
+    assert not installed(w.tmp / "user").exists() and not marker.exists()
+    server.faults.cut_at, server.faults.cut_times = None, 0
+    server.faults.html = True
+    got = w.cli("user", "build", "--portable", "--no-build", *TARGETS, env=env)
+    assert got.returncode == 6 and "not JSON" in got.stderr, got.stderr
+    server.faults.html = False
+    (key_path,) = [p for p in server.files if p.startswith("/pylmserv-builds/")]
+    server.add(key_path, b"{" + b" " * (2 << 20))
+    got = w.cli("user", "build", "--portable", "--no-build", *TARGETS, env=env)
+    assert got.returncode == 6 and "refused unread" in got.stderr, got.stderr
+    assert not installed(w.tmp / "user").exists()

@@ -24,7 +24,7 @@ from urllib.parse import unquote, urlsplit
 from ..core.errors import NetworkError, UsageError, VerificationError
 from ..core.fsutil import atomic_write_bytes
 from ..core.hashing import Hash
-from .http import redact, short_error
+from .http import redact, short_error, transient_errors
 
 MANIFEST_DIR = "pylmserv-builds"
 MAX_MANIFEST = 1 << 20  # a manifest lists a few dozen files: a bigger answer is a liar
@@ -41,6 +41,12 @@ def _check_key(key: str) -> str:
     if not re.fullmatch(r"[0-9a-f]{16,64}", key or ""):
         raise UsageError(f"not a build cache key: {key!r}")
     return key
+
+
+def _bounded(body: bytes, where: str) -> bytes:
+    if len(body) > MAX_MANIFEST:
+        raise VerificationError(f"{where}: a manifest of over {MAX_MANIFEST} bytes; refused unread")
+    return body
 
 
 def copy_hashed(src, dest: Path, hexdigest: str, size: Optional[int], what: str) -> None:
@@ -103,7 +109,7 @@ class DirectoryCache(BuildCache):
         path = self.root / MANIFEST_DIR / f"{_check_key(key)}.json"
         try:
             with open(path, "rb") as fh:
-                return fh.read(MAX_MANIFEST + 1)[:MAX_MANIFEST + 1]
+                return _bounded(fh.read(MAX_MANIFEST + 1), str(path))
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -160,8 +166,11 @@ class HttpCache(BuildCache):
                 return None
             if r.status_code != 200:
                 raise NetworkError(f"{redact(url)}: HTTP {r.status_code}")
-            body = r.raw.read(MAX_MANIFEST + 1, decode_content=True)
-        return body
+            try:
+                body = r.raw.read(MAX_MANIFEST + 1, decode_content=True)
+            except transient_errors() as exc:
+                raise NetworkError(f"{redact(url)}: {short_error(exc)}") from None
+        return _bounded(body, url)
 
     def put_manifest(self, key: str, body: bytes) -> None:
         raise UsageError(f"{self.url}: an HTTP cache is read-only here",
@@ -176,7 +185,10 @@ class HttpCache(BuildCache):
             if r.status_code != 200:
                 raise NetworkError(f"{redact(url)}: HTTP {r.status_code}")
             r.raw.decode_content = True
-            copy_hashed(r.raw, dest, hexdigest, size, what or redact(url))
+            try:
+                copy_hashed(r.raw, dest, hexdigest, size, what or redact(url))
+            except transient_errors() as exc:  # a cut, a timeout: one line, never a traceback
+                raise NetworkError(f"{redact(url)}: {short_error(exc)}") from None
 
 
 def open_cache(url: str) -> BuildCache:
