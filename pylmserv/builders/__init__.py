@@ -25,8 +25,13 @@ from . import toolchain as tc
 from .base import BuildSkeleton, Compiled
 from .llama_cpp import (BACKENDS, BUILD_TIMEOUT, CONFIGURE_TIMEOUT, DEFAULT_TARGETS, LOG_NAME, MAPPING_VERSION,
                         Detected, Request, backend_env, builtin_features, find_outputs, make_commands, map_options,
-                        preflight, run_logged, scan_features)
+                        portable_cache_inputs, preflight, run_logged, scan_features)
 from .result import BuildResult
+from .substitute import cache_key, libc, push as push_to
+from ..core.signing import SecretKey
+from ..store import layout
+from ..store import records as stamps
+from ..transfer.buildcache import open_cache
 from .auto import choose_backend
 from .cudalink import check_gpu_links, cuda_header_driver_symbols, write_cuda_driver_stub
 from .toolchain import (DEFAULT_MIN_HIP, VULKAN_WAYS_OUT, cuda_roots, detect_toolchain, detect_vulkan_sdk,
@@ -44,18 +49,23 @@ def build(what: str = "llama.cpp", backend: str = "cpu", targets: Optional[Seque
           jobs: Optional[int] = None, prefix: Optional[Path] = None, cmake_args: Sequence[str] = (),
           force: bool = False, dry_run: bool = False, source_dir: Optional[Path] = None,
           config: Optional[Path] = None, lock: Optional[Path] = None, module_only: bool = False,
-          cuda_blas: Optional[str] = None, reproducible: Optional[bool] = None) -> BuildResult:
+          cuda_blas: Optional[str] = None, reproducible: Optional[bool] = None, no_build: bool = False) -> BuildResult:
     """Build `what` for `backend` ("auto": what this machine has, see resolve_backend); a no-op
     (cache_hit=True) when the stamp says it is done. `reproducible` (default: on for portable
-    llama.cpp builds): the same lock and options give the same bytes in any PYLMSERV_HOME."""
+    llama.cpp builds): the same lock and options give the same bytes in any PYLMSERV_HOME.
+    A portable llama.cpp build is first asked of the substituters ([cache]); `no_build`:
+    substitute or fail, never compile."""
     backend, choice = resolve_backend(what, backend, source_dir=source_dir, config=config, lock=lock)
     result = _build(what, backend, targets, cuda_arch, gpu_targets, portable, jobs, prefix, cmake_args, force,
-                    dry_run, source_dir, config, lock, module_only, cuda_blas, reproducible)
+                    dry_run, source_dir, config, lock, module_only, cuda_blas, reproducible, no_build)
     return dataclasses.replace(result, auto=choice.describe()) if choice is not None else result
 
 
 def _build(what, backend, targets, cuda_arch, gpu_targets, portable, jobs, prefix, cmake_args, force, dry_run,
-           source_dir, config, lock, module_only, cuda_blas, reproducible=None) -> BuildResult:
+           source_dir, config, lock, module_only, cuda_blas, reproducible=None, no_build=False) -> BuildResult:
+    if no_build and (what != "llama.cpp" or not portable):
+        raise UsageError("--no-build applies to portable llama.cpp builds (only those are substituted)",
+                         hint="Add --portable: `pylmserv build llama.cpp --portable --no-build`.")
     if what == "llamafile":
         from .llamafile import build_llamafile  # lazy: its modules cost ~15 ms that llama.cpp builds never use
 
@@ -77,7 +87,8 @@ def _build(what, backend, targets, cuda_arch, gpu_targets, portable, jobs, prefi
     req = Request(backend=backend, targets=tuple(dict.fromkeys(targets or DEFAULT_TARGETS)),
                   cuda_arch=cuda_arch, gpu_targets=gpu_targets, portable=portable, jobs=jobs,
                   cmake_args=tuple(cmake_args), reproducible=portable if reproducible is None else reproducible)
-    return LlamaCppBuild(req, prefix=prefix, force=force, source_dir=source_dir, config=config, lock=lock).run(dry_run)
+    return LlamaCppBuild(req, prefix=prefix, force=force, source_dir=source_dir, config=config, lock=lock,
+                         no_build=no_build).run(dry_run)
 
 
 def build_llama_cpp(output_dir, cuda: bool = False, backend: Optional[str] = None, jobs: Optional[int] = None,
@@ -87,6 +98,37 @@ def build_llama_cpp(output_dir, cuda: bool = False, backend: Optional[str] = Non
     with a usable toolkit, else the best this machine has)."""
     return build("llama.cpp", backend=backend or ("auto" if cuda else "cpu"), jobs=jobs,
                  prefix=Path(output_dir), force=force, **kwargs)
+
+
+def push_builds(to: str, sign_key: Path, what: str = "llama.cpp", backends: Sequence[str] = (),
+                config: Optional[Path] = None, lock: Optional[Path] = None) -> List[dict]:
+    """Push every stamped portable build of the locked llama.cpp source (of `backends`, else
+    all) to the build cache `to`, signed with the Nix-format secret key in `sign_key`; the
+    signed manifests pushed. Its files are re-hashed against the stamp first."""
+    if what != "llama.cpp":
+        raise UsageError("only portable llama.cpp builds are pushed to a build cache",
+                         hint="llamafile's outputs are single portable files: share them with `pylmserv pack`.")
+    key = SecretKey.read(sign_key)
+    project = load_project(config, lock)
+    entry = project.lock.entry("sources", SOURCE_NAME)
+    if entry is None:
+        raise ConfigError(f"no [sources.{SOURCE_NAME}] in {project.lock_path}", hint=f"Run `pylmserv prefetch {SOURCE_NAME}`.")
+    cache = open_cache(to)
+    pushed = []
+    for backend in backends or BACKENDS:
+        for directory in layout.build_dirs("llama.cpp", backend, home()):
+            stamp = stamps.read_stamp(directory / stamps.STAMP_NAME)
+            if stamp is None or stamp.inputs.get("source") != entry.hash.sri or "substituted" in stamp.extra:
+                continue
+            inputs = portable_cache_inputs(stamp.inputs, libc()[0])
+            targets = list(stamp.inputs.get("targets") or [])
+            if inputs is None or not targets or not stamps.is_up_to_date(stamp, targets):
+                continue
+            pushed.append(push_to(cache, cache_key(inputs), inputs, stamp, "llama.cpp", backend, targets, key))
+    if not pushed:
+        raise UsageError(f"no portable llama.cpp build of the locked source {entry.hash.sri} to push",
+                         hint="Build one first: `pylmserv build llama.cpp --portable`.")
+    return pushed
 
 
 def resolve_backend(what: str, backend: str, source_dir: Optional[Path] = None, config: Optional[Path] = None,
@@ -120,8 +162,9 @@ class LlamaCppBuild(BuildSkeleton):
 
     engine = "llama.cpp"
 
-    def __init__(self, req, prefix=None, force=False, source_dir=None, config=None, lock=None):
-        super().__init__(prefix, force, source_dir)
+    def __init__(self, req, prefix=None, force=False, source_dir=None, config=None, lock=None, no_build=False):
+        super().__init__(prefix, force, source_dir, no_build=no_build)
+        self._cache_config: dict = {}
         self.req = req
         self.backend = req.backend
         self.config, self.lock = config, lock
@@ -143,6 +186,7 @@ class LlamaCppBuild(BuildSkeleton):
         # What the answer depends on (replay_checks): the files read, and the config the
         # search would find instead of the packaged one
         self.project_files = [project.config_path, project.lock_path] + ([Path(CONFIG_NAME)] if not self.config else [])
+        self._cache_config = project.config.cache
         entry = project.lock.entry("sources", SOURCE_NAME)
         if entry is None:
             raise ConfigError(f"no [sources.{SOURCE_NAME}] in {project.lock_path}",
@@ -194,6 +238,12 @@ class LlamaCppBuild(BuildSkeleton):
                              "cublas_wheel": list(det.cublas_wheel) if det.cublas_wheel else None}
                           if req.backend == "cuda" else {})},
         }
+
+    def cache_inputs(self) -> Optional[dict]:
+        return portable_cache_inputs(self.inputs, libc()[0])
+
+    def cache_config(self):
+        return self._cache_config
 
     def replay_checks(self) -> Optional[dict]:
         """Replayable when the key needs stat calls only (no nvidia-smi/rocminfo/nvcc probe,

@@ -8,6 +8,7 @@ vs ..._WEBUI, LLAMA_OPENSSL vs LLAMA_CURL) is read from the pinned tree itself.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -350,6 +351,35 @@ def translate_arg(raw: str, features: SourceFeatures) -> Tuple[Optional[str], st
 
 def _split_list(text: Optional[str]) -> List[str]:
     return [p.strip() for p in re.split(r"[;,\s]+", text or "") if p.strip()]
+
+
+# -- the shared build cache's key ----------------------------------------------------------
+
+CACHE_KEY_VERSION = 1  # bump when what the cache key covers changes
+
+
+def portable_cache_inputs(inputs: Mapping, libc_family: str) -> Optional[dict]:
+    """What names a build in a shared cache: the build key's inputs (LlamaCppBuild._inputs)
+    less what only the builder's host knows, plus the C library family the binaries link
+    against. Only portable builds of a locked source qualify (None otherwise): a native build
+    is tuned to the builder's CPU, and a local --source tree has no content hash.
+
+    Kept: source (NAR hash) and rev, the option mapping's version, backend, targets,
+    --portable/--reproducible, --cmake-arg, build type, GPU architectures asked for or
+    detected, target OS and machine (`linux-x86_64`), the detections that change the -D
+    switches (OpenSSL on/off, BLAS vendor). Dropped: paths on the builder (the cuBLAS wheel's
+    directory: only its library's name is kept). Not in the key but recorded in the signed
+    manifest: the builder's toolchain and C library version (a substitute built against a
+    newer glibc than the host's is refused at install)."""
+    if not inputs.get("portable") or not str(inputs.get("source", "")).startswith("sha256-"):
+        return None
+    out = json.loads(json.dumps(dict(inputs), sort_keys=True, default=str))
+    det = out.get("detected") or {}
+    if det.get("cublas_wheel"):
+        det["cublas_wheel"] = Path(det["cublas_wheel"][0]).name
+    out["libc"] = libc_family
+    out["cache_key_version"] = CACHE_KEY_VERSION
+    return out
 
 
 # -- commands -----------------------------------------------------------------------------

@@ -16,9 +16,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on older Pythons only
     import tomli as tomllib
 
-from ..core.errors import ConfigError, HashError
+from ..core.errors import ConfigError, HashError, UsageError
 from ..core.hashing import Hash
 from ..core.names import check_name, check_version, show
+from ..core.signing import PublicKey
 from ..transfer.hub import HUB, resolve_url as hf_resolve_url
 from .lock import LOCK_VERSION, Lock, LockEntry, check_nix_value, load_lock  # noqa: F401 (re-exported)
 from ..store.roots import use_lock
@@ -95,6 +96,7 @@ class Config:
     path: Optional[Path]
     sources: Dict[str, SourceSpec]
     models: Dict[str, ModelSpec]
+    cache: Dict[str, object] = field(default_factory=dict)  # [cache]: substituters, trusted-public-keys
 
 
 @dataclass(frozen=True)
@@ -192,10 +194,29 @@ def _depth(value) -> int:
 
 def load_config(path: Path) -> Config:
     data = _read_toml(Path(path), "config", "Create pylmserv.toml or pass --config PATH.")
-    _only_keys(data, {"sources", "models", "version"}, str(path))
+    _only_keys(data, {"sources", "models", "version", "cache"}, str(path))
     sources = {name: _parse_source(name, t, path) for name, t in _tables(data, "sources", path).items()}
     models = {name: _parse_model(name, t, path) for name, t in _tables(data, "models", path).items()}
-    return Config(path=Path(path), sources=sources, models=models)
+    return Config(path=Path(path), sources=sources, models=models, cache=_parse_cache(data.get("cache", {}), path))
+
+
+def _parse_cache(t, path) -> Dict[str, object]:
+    """[cache]: substituters (URLs of shared build caches, tried in order) and
+    trusted-public-keys (Nix-format ed25519 public keys; a substitute must be signed by one)."""
+    where = f"{path}: [cache]"
+    if not isinstance(t, dict):
+        raise ConfigError(f"{where} must be a table")
+    _only_keys(t, {"substituters", "trusted-public-keys"}, where)
+    for key in ("substituters", "trusted-public-keys"):
+        value = t.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where} {key} must be a list of strings")
+    for text in t.get("trusted-public-keys", []):
+        try:
+            PublicKey.parse(text)
+        except UsageError as exc:
+            raise ConfigError(f"{where} trusted-public-keys: {exc.message}", hint=exc.hint) from None
+    return {k: list(t[k]) for k in ("substituters", "trusted-public-keys") if k in t}
 
 
 def _tables(data: dict, key: str, path) -> dict:
