@@ -21,6 +21,7 @@ from ..builders import binfmt, source_checks, stored_llama_source
 from ..builders import toolchain as tc
 from ..builders.llama_cpp import preflight
 from ..core.errors import PylmservError, ToolMissingError
+from ..core.fsutil import human_size, tree_size
 from ..core.proc import probe
 from ..core.version import __version__
 from ..pins.config import load_project
@@ -490,42 +491,17 @@ def check_binfmt(machine: Machine) -> Check:
 
 
 def _ape_loader_in_store(machine: Machine) -> Optional[str]:
-    root = machine.store_root or _store_root(machine)
+    root = machine.store_root or paths.home(machine.environ)
     arch = platform.machine() or "x86_64"
     for cand in sorted(paths.toolchains_dir(root).glob(f"cosmocc-*/bin/ape-{arch}.elf"), reverse=True):
         return str(cand)
     return None
 
 
-def _store_root(machine: Machine) -> Path:
-    env_home = machine.environ.get("PYLMSERV_HOME")
-    return Path(env_home).expanduser() if env_home else paths.home()
-
-
 # -- store -----------------------------------------------------------------------------
 
-def _tree_size(path: Path) -> int:
-    total = 0
-    for root, dirs, files in os.walk(path):
-        for name in files:
-            try:
-                st = os.lstat(os.path.join(root, name))
-            except OSError:
-                continue
-            total += st.st_size
-    return total
-
-
-def human_size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
 def check_store(machine: Machine) -> List[Check]:
-    root = machine.store_root or _store_root(machine)
+    root = machine.store_root or paths.home(machine.environ)
     # The store may not exist yet: measure the nearest existing parent's filesystem.
     probe = root
     while not probe.exists() and probe != probe.parent:
@@ -541,7 +517,7 @@ def check_store(machine: Machine) -> List[Check]:
         for name, where in (("blobs", paths.blobs_root(root)), ("builds", paths.builds_dir(root)),
                             ("toolchains", paths.toolchains_dir(root))):
             if where.exists():
-                parts.append(f"{name} {human_size(_tree_size(where))}")
+                parts.append(f"{name} {human_size(tree_size(where))}")
     sizes = ", ".join(parts) if parts else "empty"
     detail = f"{root}: {human_size(free)} free of {human_size(usage.total)}; {sizes}"
     writable = os.access(probe, os.W_OK)
@@ -559,7 +535,7 @@ def check_store(machine: Machine) -> List[Check]:
 
 def check_verified(machine: Machine) -> Check:
     """When `pylmserv verify` last re-hashed the store, and what it found."""
-    root = machine.store_root or _store_root(machine)
+    root = machine.store_root or paths.home(machine.environ)
     last = last_verified(root) if root.is_dir() else None
     if last is None:
         return Check("store-verified", OK, "never (the store is trusted as written)",
@@ -571,7 +547,7 @@ def check_verified(machine: Machine) -> Check:
     return Check("store-verified", OK, detail)
 def check_gc(machine: Machine) -> Check:
     """The store's size and what `pylmserv gc` would free (computed, nothing deleted)."""
-    root = machine.store_root or _store_root(machine)
+    root = machine.store_root or paths.home(machine.environ)
     try:
         size, free, count = estimate(root)
     except PylmservError as exc:
