@@ -121,3 +121,10 @@ class Check:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def toolkit_missing(name: str, gpu: str, missing: str, backend_label: str, requested: bool, hint: str) -> Check:
+    """A backend's toolkit line when its compiler is absent: a failure when that backend was
+    asked for, else a warning (a GPU without its toolkit can still use another backend)."""
+    return Check(name, FAIL if requested else WARN,
+                 f"{gpu}, {missing}" + (f"; {backend_label} was requested" if requested else ""), hint)

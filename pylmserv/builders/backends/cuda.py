@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from ..probe import (FAIL, OK, PROBE_TIMEOUT, WARN, Check, Library, Runner, Tool, default_run, python_lib_dirs,
-                     version_str, which)
+from ..probe import (OK, PROBE_TIMEOUT, WARN, Check, Library, Runner, Tool, default_run, python_lib_dirs,
+                     toolkit_missing, version_str, which)
 from . import Switches, split_list
 
 NAME = "cuda"
@@ -239,11 +239,10 @@ def toolkit_check(env=None, run: Runner = default_run, gpus: Sequence[NvidiaGpu]
     """The cuda-toolkit line: nvcc, whether it can target these GPUs and the driver, cuBLAS."""
     nvcc = detect_nvcc(env, run)
     if not nvcc.found:
-        gpu = "NVIDIA GPU found" if gpus else "no NVIDIA GPU found"
-        return Check("cuda-toolkit", FAIL if requested else WARN,
-                     f"{gpu}, no CUDA toolkit (nvcc not found)" + ("; CUDA was requested" if requested else ""),
-                     "Install the CUDA toolkit (https://developer.nvidia.com/cuda-downloads) or "
-                     "`nix develop .#cuda`; without it use --backend vulkan.")
+        return toolkit_missing("cuda-toolkit", "NVIDIA GPU found" if gpus else "no NVIDIA GPU found",
+                               "no CUDA toolkit (nvcc not found)", "CUDA", requested,
+                               "Install the CUDA toolkit (https://developer.nvidia.com/cuda-downloads) or "
+                               "`nix develop .#cuda`; without it use --backend vulkan.")
     detail = nvcc.describe()
     if nvcc.origin != "system":
         detail += " (not on PATH)"

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
 
 from ...core.errors import ToolMissingError
-from ..probe import FAIL, OK, PROBE_TIMEOUT, WARN, Check, Runner, Tool, default_run, probe_tool, version_str, which
+from ..probe import (OK, PROBE_TIMEOUT, WARN, Check, Runner, Tool, default_run, probe_tool, toolkit_missing,
+                     version_str, which)
 from . import Switches, split_list
 
 NAME = "rocm"
@@ -184,11 +185,10 @@ def toolkit_check(rocm: RocmInfo, run: Runner = default_run, have_amd: bool = Fa
     """The rocm-toolkit line: hipcc, its HIP version against current llama.cpp's minimum."""
     hipcc = rocm.hipcc
     if not hipcc.found:
-        gpu = "AMD GPU found" if have_amd else "no AMD GPU found"
-        return Check("rocm-toolkit", FAIL if requested else WARN,
-                     f"{gpu}, no ROCm (hipcc not found)" + ("; ROCm was requested" if requested else ""),
-                     "Install ROCm (https://rocm.docs.amd.com, `amdgpu-install --usecase=rocm`) or "
-                     "`nix develop .#rocm`; without it use --backend vulkan.")
+        return toolkit_missing("rocm-toolkit", "AMD GPU found" if have_amd else "no AMD GPU found",
+                               "no ROCm (hipcc not found)", "ROCm", requested,
+                               "Install ROCm (https://rocm.docs.amd.com, `amdgpu-install --usecase=rocm`) or "
+                               "`nix develop .#rocm`; without it use --backend vulkan.")
     targets = ", ".join(rocm.gfx_targets) or "no GPU agents detected"
     hip = hip_version(hipcc, run)
     detail = f"{hipcc.describe()}; HIP {version_str(hip)}; ROCm at {rocm.rocm_path}; targets {targets}"
