@@ -165,7 +165,7 @@ def tool_presence(machine: Machine, name: str, why: str, hint: str, missing: str
 # -- build tools (cmake, ninja, compilers, ccache) ----------------------------------
 
 def check_build_tools(machine: Machine) -> List[Check]:
-    # Detection lives with the builder (pylmserv.builders.toolchain); doctor only judges.
+    # Detection lives with the builder (builders/toolchain.py); doctor only judges.
 
     env, run = machine.environ, machine.runner
     checks = []
