@@ -26,14 +26,15 @@ _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 def parse_hf(item: str) -> Tuple[str, str, str]:
     """hf://org/repo/path/file.gguf[@revision] -> (org/repo, path, revision); revision
-    defaults to main. Empty, `.`, `..` and backslashed path parts are refused."""
+    defaults to main. Empty, `.`, `..` and backslashed path parts, and an empty revision
+    after `@`, are refused."""
     body = item[len("hf://"):] if item.startswith("hf://") else item
     revision = "main"
     head, sep, tail = body.rpartition("@")
-    if sep and "/" in head and tail:
+    if sep and "/" in head:
         body, revision = head, tail
     parts = body.split("/")
-    if len(parts) < 3 or not all(p not in ("", ".", "..") and "\\" not in p for p in parts):
+    if len(parts) < 3 or not revision or not all(p not in ("", ".", "..") and "\\" not in p for p in parts):
         raise UsageError(f"bad hf:// reference {show(repr(item))}",
                          hint="Use hf://ORG/REPO/PATH/FILE.gguf[@REVISION].")
     return "/".join(parts[:2]), "/".join(parts[2:]), revision
