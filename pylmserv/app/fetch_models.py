@@ -23,7 +23,7 @@ from ..core.errors import UsageError, VerificationError
 from ..core.fsutil import remove_no_follow, unlink_missing_ok, walk_no_follow
 from ..core.gguf import check_split_set, read_header, split_info, split_names
 from ..core.hashing import Hash
-from ..core.names import pin_name, show
+from ..core.names import pin_name
 from ..pins.config import ARCHIVE_SUFFIXES, Project, load_project
 from ..pins.lock import FilePin, HfPin, LockEntry, Shard
 from ..pins.lockfile import refuse_packaged, update
@@ -271,21 +271,8 @@ def _plan_lock(name: str, entry: LockEntry) -> _Plan:
 
 # -- Hugging Face ----------------------------------------------------------------------------
 
-def parse_hf(item: str) -> Tuple[str, str, str]:
-    """hf://org/repo/path/file.gguf[@revision] -> (org/repo, path, revision)."""
-    body = item[len("hf://"):]
-    revision = "main"
-    head, sep, tail = body.rpartition("@")
-    if sep and "/" in head and tail:
-        body, revision = head, tail
-    parts = body.split("/")
-    if len(parts) < 3 or not all(p not in ("", ".", "..") and "\\" not in p for p in parts):
-        raise UsageError(f"bad hf:// reference {show(repr(item))}", hint="Use hf://org/repo/path/file.gguf[@revision].")
-    return "/".join(parts[:2]), "/".join(parts[2:]), revision
-
-
 def _plan_hf(item: str, project: Optional[Project], tofu: bool, offline: bool) -> _Plan:
-    repo, path, revision = parse_hf(item)
+    repo, path, revision = hub.parse_hf(item)
     filename = path.rsplit("/", 1)[-1]
     name = _name_for(filename)
     # A lock entry for the same repo/file at the same revision needs no network at all.

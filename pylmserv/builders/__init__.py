@@ -10,7 +10,6 @@ import dataclasses
 import logging
 import os
 import platform as _platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -21,10 +20,10 @@ from ..pins.config import CONFIG_NAME, load_project
 from ..store import replay
 from ..store.layout import home
 from ..store.trees import ensure_source, store_path
-from . import toolchain as tc
+from .backends import blas, cuda, rocm
 from .base import BuildSkeleton, Compiled
 from .llama_cpp import (BACKENDS, BUILD_TIMEOUT, CONFIGURE_TIMEOUT, DEFAULT_TARGETS, LOG_NAME, MAPPING_VERSION,
-                        Detected, Request, backend_env, builtin_features, find_outputs, make_commands, map_options,
+                        Detected, Request, builtin_features, find_outputs, make_commands, map_options,
                         portable_cache_inputs, preflight, run_logged, scan_features)
 from .result import BuildResult
 from .substitute import cache_key, libc, push as push_to
@@ -34,9 +33,8 @@ from ..store import records as stamps
 from ..transfer.buildcache import open_cache
 from .auto import choose_backend
 from .cudalink import check_gpu_links, cuda_header_driver_symbols, write_cuda_driver_stub
-from .toolchain import (DEFAULT_MIN_HIP, VULKAN_WAYS_OUT, cuda_roots, detect_toolchain, detect_vulkan_sdk,
-                        find_cuda_header, find_cuda_stubs, hip_too_old, hip_version, required_hip_version,
-                        vulkan_headers_too_old)
+from .probe import Tool, default_run, which
+from .toolchain import BACKEND_MODULES, detect_openssl_headers, detect_toolchain, openssl_header_paths
 
 log = logging.getLogger("pylmserv.build")
 
@@ -137,10 +135,10 @@ def resolve_backend(what: str, backend: str, source_dir: Optional[Path] = None, 
     here (auto.choose_backend); the choice and its reasons are logged."""
     if backend != "auto":
         return backend, None
-    min_hip = tc.DEFAULT_MIN_HIP
+    min_hip = rocm.DEFAULT_MIN_HIP
     tree = Path(source_dir) if source_dir else (stored_llama_source(config, lock) if what == "llama.cpp" else None)
     if tree is not None:
-        min_hip = tc.required_hip_version(tree) or min_hip
+        min_hip = rocm.required_hip_version(tree) or min_hip
     choice = choose_backend(what, min_hip=min_hip)
     log.warning("%s", choice.describe())
     return choice.backend, choice
@@ -205,19 +203,18 @@ class LlamaCppBuild(BuildSkeleton):
         gfx: Tuple[str, ...] = ()
         cublas_wheel = None
         if req.backend == "cuda":
-            nvcc = tc.Tool("nvcc", tc.which("nvcc"))  # stat only: no version probe on the fast path
-            cublas = tc.detect_cublas(nvcc)
+            nvcc = Tool("nvcc", which("nvcc"))  # stat only: no version probe on the fast path
+            cublas = cuda.detect_cublas(nvcc)
             if cublas.origin == "pip-wheel":
                 cublas_wheel = (cublas.path, cublas.include or "")
             if not req.cuda_arch:
-                cuda_archs = tuple(sorted({g.arch for g in tc.detect_nvidia_gpus()}))
+                cuda_archs = tuple(sorted({g.arch for g in cuda.detect_nvidia_gpus()}))
                 if not cuda_archs and nvcc.found:
-                    rc, out = tc.default_run([nvcc.path, "--list-gpu-arch"])
-                    nvcc_archs = tuple(sorted(set(re.findall(r"compute_(\d+)", out)), key=int)) if rc == 0 else ()
+                    nvcc_archs = cuda.nvcc_arches(nvcc.path, default_run) or ()
         if req.backend == "rocm" and not req.gpu_targets:
-            gfx = tc.detect_rocm().gfx_targets
-        return Detected(platform=sys.platform, openssl=tc.detect_openssl_headers(),
-                        blas_vendor=tc.detect_blas() if req.backend == "blas" else None,
+            gfx = rocm.detect_rocm().gfx_targets
+        return Detected(platform=sys.platform, openssl=detect_openssl_headers(),
+                        blas_vendor=blas.detect_blas() if req.backend == "blas" else None,
                         cuda_archs=cuda_archs, gfx_targets=gfx,
                         source_date_epoch="SOURCE_DATE_EPOCH" in os.environ, nvcc_archs=nvcc_archs,
                         cublas_wheel=cublas_wheel)
@@ -250,7 +247,7 @@ class LlamaCppBuild(BuildSkeleton):
         no local tree that changes under the same key)."""
         if self.req.backend not in ("cpu", "blas", "vulkan", "metal") or self.entry is None or self.force:
             return None
-        probed = tc.openssl_header_paths() + (list(tc.BLAS_HEADERS) if self.req.backend == "blas" else [])
+        probed = openssl_header_paths() + (list(blas.BLAS_HEADERS) if self.req.backend == "blas" else [])
         return {"files": {os.path.abspath(p): replay.file_digest(p) for p in self.project_files},
                 "probed": {str(p): p.exists() for p in probed}, "lock": os.path.abspath(self.project_files[1])}
 
@@ -276,7 +273,8 @@ class LlamaCppBuild(BuildSkeleton):
                                        f"stub {stub} (SONAME libcuda.so.1, the driver's exports from cuda.h)",))
         launcher = tc.ccache.path if tc.ccache.found else None
         env = dict(mapping.env)  # reproducible builds: SOURCE_DATE_EPOCH, CCACHE_BASEDIR=""
-        env.update(backend_env(self.req.backend, tc.extra.get("rocm")))
+        if self.req.backend == "rocm":
+            env.update(rocm.build_env(tc.extra.get("rocm")))
         cmds = make_commands(tc.cmake.path or "cmake", tc.ninja.path, source, self.build_dir, mapping,
                              self.req.targets, self.req.jobs, launcher, self.req.backend, env)
         return mapping, cmds, env
@@ -284,7 +282,7 @@ class LlamaCppBuild(BuildSkeleton):
     def _driver_stub(self, tc) -> Optional[Path]:
         """Where the libcuda link stub goes when the toolkit has none (NVIDIA's PyPI wheels)."""
         nvcc = tc.extra.get("nvcc")
-        if self.req.backend != "cuda" or nvcc is None or not nvcc.found or find_cuda_stubs(nvcc) is not None:
+        if self.req.backend != "cuda" or nvcc is None or not nvcc.found or cuda.find_cuda_stubs(nvcc) is not None:
             return None
         return self.build_dir / "cuda-stubs" / "libcuda.so"
 
@@ -295,7 +293,7 @@ class LlamaCppBuild(BuildSkeleton):
         cublas = tc.extra.get("cublas")
         if cublas is not None and cublas.found:
             dirs.append(Path(cublas.path).parent)
-        for root in cuda_roots(nvcc):
+        for root in cuda.cuda_roots(nvcc):
             dirs += [root / "lib64", root / "lib64" / "stubs", *sorted(root.glob("targets/*/lib"))]
         for name, path in sorted(outputs.items()):
             check_gpu_links(path, [d for d in dirs if d.is_dir()])
@@ -341,7 +339,7 @@ class LlamaCppBuild(BuildSkeleton):
         tc, mapping, cmds = self.tc, self.mapping, self.cmds
         stub = self._driver_stub(tc)
         if stub is not None:
-            header = find_cuda_header(tc.extra["nvcc"])
+            header = cuda.find_cuda_header(tc.extra["nvcc"])
             if header is None:
                 raise ToolMissingError(f"the CUDA toolkit of {tc.extra['nvcc'].path} has neither stubs/libcuda.so "
                                        "nor include/cuda.h", hint="Install the full CUDA toolkit (cuda-toolkit).")
@@ -369,26 +367,10 @@ class LlamaCppBuild(BuildSkeleton):
 
 
 def source_checks(backend: str, tc, source: Optional[Path], cmake_args: Sequence[str] = ()) -> None:
-    """What the pinned source needs of the toolkit, read from the source itself: the HIP
-    version its ggml-hip/CMakeLists.txt requires, the vk:: names its ggml-vulkan uses
-    (source None: not fetched yet; ROCm is then held to current llama.cpp's minimum).
-    Raises ToolMissingError (one line, the ways out in the hint); doctor says the same."""
-    if backend == "rocm":
-        rocm = tc.extra["rocm"]
-        needed = required_hip_version(source) if source is not None else DEFAULT_MIN_HIP
-        where = "ggml/src/ggml-hip/CMakeLists.txt" if source is not None else "current llama.cpp"
-        if needed and rocm.hipcc.found:
-            problem = hip_too_old(rocm.hipcc, hip_version(rocm.hipcc), needed, where)
-            if problem:
-                raise ToolMissingError(f"cannot build llama.cpp (rocm): {problem}",
-                                       hint="Install a newer ROCm and put its bin/ first on PATH (or set ROCM_PATH), "
-                                            "then rerun; `pylmserv doctor --backend rocm` checks it.")
-    elif backend == "vulkan" and source is not None:
-        sdk = tc.extra.get("vulkan_sdk") or detect_vulkan_sdk()
-        for arg in cmake_args:  # headers the user points CMake at (e.g. a pinned Vulkan-Headers tree)
-            m = re.match(r"(?:-D)?Vulkan_INCLUDE_DIR(?::\w+)?=(.+)", arg)
-            if m:
-                sdk = detect_vulkan_sdk(include_dirs=[Path(m.group(1))])
-        problem = vulkan_headers_too_old(source, sdk)
-        if problem:
-            raise ToolMissingError(f"cannot build llama.cpp (vulkan): {problem}", hint=VULKAN_WAYS_OUT)
+    """What the pinned source needs of the toolkit, read from the source itself (the
+    backend module's `source_check`: the HIP version ggml-hip requires, the vk:: names
+    ggml-vulkan uses; source None: not fetched yet). Raises ToolMissingError (one line,
+    the ways out in the hint); doctor says the same."""
+    check = getattr(BACKEND_MODULES.get(backend), "source_check", None)
+    if check is not None:
+        check(tc.extra, source, cmake_args)
