@@ -4,8 +4,12 @@ Parts are handed out in file order (the trailing hasher then keeps pace with the
 download) to at most `connections` worker threads. The pool starts with one worker and
 doubles while doubling pays (the file's byte rate rises by RAMP_GAIN): on a link where
 each connection is capped (a CDN's per-stream limit) it reaches `connections` within a
-second; where one connection already fills the link (loopback, a LAN mirror) the extra
-workers would only compete for the CPU, so the pool goes back to the last size that paid.
+second; where one connection already fills the link (a LAN mirror) the extra workers
+would only compete for the CPU, so the pool goes back to the last size that paid. Where
+the connections keep this process busy (RAMP_BUSY of their time on the CPU, as on a fast
+local link), the bottleneck is this machine, not the link: the pool is not grown at all,
+so the default is never slower than one connection there. The decision is ramp_step(),
+a pure function of what was measured.
 A worker refused by the server (403/429 on a parallel range: Demote) gives its part back
 and the pool shrinks for good; the first fatal error of any worker stops all of them.
 """
@@ -13,7 +17,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, List, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
 
 from ..core.errors import Demote
 from .partial import Part
@@ -23,6 +28,30 @@ PARTS_PER_CONNECTION = 8  # small parts taken in order: the hash keeps up with t
 RAMP_INTERVAL = 0.2  # seconds of transfer measured before deciding to double the pool
 RAMP_GAIN = 1.25  # a doubling must raise the byte rate this much, or the pool goes back
 RAMP_SETTLE_MAX = 10.0  # longest wait for new connections' first bytes (TLS, slow first byte)
+RAMP_BUSY = 0.5  # connections on the CPU this share of the time: this machine is the bottleneck
+
+
+@dataclass(frozen=True)
+class Sample:
+    """What the ramp measured over one interval with `size` workers."""
+
+    size: int
+    rate: float  # bytes of the file per second, all workers together
+    busy: float  # the workers' CPU time / (interval x size): 1.0 = never waiting on the link
+
+
+def ramp_step(now: Sample, paid: Optional[Sample], allowed: int, queued: int) -> int:
+    """The ramp's decision after measuring `now`: how many workers to add (> 0), or the
+    pool's final size (<= 0: -n means "settle at n workers").
+
+    `paid` is the last size whose doubling paid (None at the start); `allowed` the most
+    workers allowed; `queued` the runs of parts still waiting."""
+    if paid is not None and now.rate < paid.rate * RAMP_GAIN:
+        return -paid.size  # the last doubling did not pay: back to the size that did
+    if now.busy >= RAMP_BUSY:
+        return -now.size  # the CPU, not the link, limits: more connections would compete for it
+    grow = min(now.size, allowed - now.size, queued)
+    return grow if grow > 0 else -now.size
 
 
 def new_parts(size: int, connections: int, min_part_size: int) -> List[Part]:
@@ -43,6 +72,8 @@ class PartScheduler:
         self.ramping = False
         self.held = {}  # worker thread -> (first part of its run, that part's bytes when taken)
         self.active = 0  # workers running now
+        self.cpu: Dict[int, float] = {}  # worker thread -> its CPU seconds when it last noted them
+        self.samples: List[Sample] = []  # what the ramp measured, in order
         self.stop = stop
         self.error: Optional[BaseException] = None
         self._lock = threading.Lock()
@@ -73,6 +104,13 @@ class PartScheduler:
                 self.active -= 1
                 return True
         return False
+
+    def note_cpu(self) -> None:
+        """Called by a worker as bytes arrive: its CPU time, for the ramp's busy measure."""
+        self.cpu[threading.get_ident()] = time.thread_time()
+
+    def cpu_seconds(self) -> float:
+        return sum(list(self.cpu.values()))  # list(): one C call, safe while workers note
 
     def done_bytes(self) -> int:
         return sum(p.done for p in self.parts)
@@ -151,31 +189,32 @@ class PartScheduler:
             return len(self.held) >= self.active and all(self.parts[i].done > d0 or not self.parts[i].remaining for i, d0 in self.held.values())
 
     def _ramp(self, threads: List[threading.Thread], spawn: Callable[[int], None], queue: list) -> None:
-        """Double the pool while that raises the byte rate by RAMP_GAIN.
+        """Double the pool while that raises the byte rate by RAMP_GAIN and the workers
+        spend most of their time waiting on the link.
 
         Each rate is measured over RAMP_INTERVAL once every connection delivers bytes, so
         a new connection's handshake (a TLS round trip, a slow first byte) is not mistaken
         for a doubling that did not pay."""
-        paid_size, paid_rate = 0, 0.0
+        paid: Optional[Sample] = None
         while self.ramping:
             settle = time.monotonic() + RAMP_SETTLE_MAX
             while not self._flowing() and time.monotonic() < settle:
                 if self.stop.wait(0.01) or not any(t.is_alive() for t in threads):
                     return
-            before, t0 = self.done_bytes(), time.monotonic()
+            before, cpu0, t0 = self.done_bytes(), self.cpu_seconds(), time.monotonic()
             if self.stop.wait(RAMP_INTERVAL) or not any(t.is_alive() for t in threads) or not queue:
                 return
-            rate = (self.done_bytes() - before) / (time.monotonic() - t0)
+            elapsed = time.monotonic() - t0
             with self._lock:
                 size = self.active
-            if paid_size and rate < paid_rate * RAMP_GAIN:
-                with self._lock:  # the last doubling did not pay: back to the size that did
-                    self.allowed = paid_size
+            sample = Sample(size, (self.done_bytes() - before) / elapsed,
+                            (self.cpu_seconds() - cpu0) / (elapsed * max(1, size)))
+            self.samples.append(sample)
+            step = ramp_step(sample, paid, self.allowed, len(queue))
+            if step <= 0:
+                with self._lock:
+                    self.allowed = min(self.allowed, -step)
                 self.ramping = False
                 return
-            paid_size, paid_rate = size, rate
-            grow = min(size, self.allowed - size, len(queue))
-            if grow <= 0:
-                self.ramping = False
-                return
-            spawn(grow)
+            paid = sample
+            spawn(step)
