@@ -205,14 +205,63 @@ def test_connections_that_do_not_add_throughput_are_given_back(server, tmp_path)
     assert len(ranges) <= 10  # runs of parts taken together, not one request per 1 MiB part (16)
 
 
-def test_a_slow_first_byte_is_not_taken_for_a_doubling_that_did_not_pay(server, tmp_path):
+def test_a_slow_first_byte_is_not_taken_for_a_doubling_that_did_not_pay(server, tmp_path, monkeypatch):
     """New connections that take long to answer (a TLS handshake, a far CDN) are measured
-    once their bytes flow, so a per-connection cap still gets the whole pool."""
+    once their bytes flow, so a per-connection cap still gets the whole pool.
+
+    Event-driven: each new connection is held until the ramp has seen it not flowing yet,
+    then for several measuring intervals; an interval measured meanwhile would be a doubling
+    that did not pay, and the pool would stop short of 8."""
+    import threading
+
+    from pylmserv.transfer import scheduler
+
+    waiting = threading.Event()
+    real_flowing = scheduler.PartScheduler._flowing
+
+    def flowing(self):
+        ok = real_flowing(self)
+        if not ok:
+            waiting.set()
+        return ok
+
+    monkeypatch.setattr(scheduler.PartScheduler, "_flowing", flowing)
+    monkeypatch.setattr(scheduler, "RAMP_INTERVAL", 0.05)
+
     def slow_start(srv, req):
-        if req.headers.get("Range", "bytes=0-0") != "bytes=0-0":
-            time.sleep(0.4)  # twice the ramp's measuring interval
+        if req.headers.get("Range", "bytes=0-0") != "bytes=0-0" and len(srv.ranged_requests()) > 1:
+            assert waiting.wait(30), "the ramp never waited for a new connection"
+            time.sleep(4 * scheduler.RAMP_INTERVAL)
 
     assert fetch_shaped(server, tmp_path, 24, on_request=slow_start, rate=4 * MB) == 8
+
+
+def test_ramp_decisions():
+    """The ramp's decision is a function of what it measured: no clock, no threads."""
+    from pylmserv.transfer.scheduler import RAMP_BUSY, RAMP_GAIN, Sample, ramp_step
+
+    mb = float(MB)
+    one = Sample(1, 4 * mb, 0.02)  # a capped connection, waiting on the link
+    assert ramp_step(one, None, allowed=8, queued=50) == 1
+    two = Sample(2, 8 * mb, 0.02)
+    assert ramp_step(two, one, allowed=8, queued=50) == 2  # it paid: double again
+    assert ramp_step(Sample(4, 16 * mb, 0.02), two, allowed=8, queued=2) == 2  # no more than is queued
+    assert ramp_step(Sample(8, 32 * mb, 0.02), Sample(4, 16 * mb, 0.02), allowed=8, queued=50) == -8  # full
+    # One shared link: the second connection did not raise the rate by RAMP_GAIN: back to one.
+    assert ramp_step(Sample(2, 4 * mb * (RAMP_GAIN - 0.01), 0.02), one, allowed=8, queued=50) == -1
+    # A fast local link: the one connection keeps the CPU busy, so no second one is tried.
+    assert ramp_step(Sample(1, 900 * mb, RAMP_BUSY), None, allowed=8, queued=50) == -1
+    assert ramp_step(Sample(1, 900 * mb, RAMP_BUSY - 0.01), None, allowed=8, queued=50) == 1
+    assert ramp_step(one, None, allowed=1, queued=50) == -1  # -c 1
+
+
+def test_a_busy_connection_is_not_doubled(server, tmp_path, monkeypatch):
+    """When the measured connection keeps this process on the CPU (as on a fast local
+    link), the pool stays at one connection: the default is -c 1 there."""
+    from pylmserv.transfer import scheduler
+
+    monkeypatch.setattr(scheduler, "RAMP_BUSY", 0.0)  # any CPU time at all counts as busy
+    assert fetch_shaped(server, tmp_path, 8, rate=4 * MB) == 1
 
 
 def test_stalled_connection_is_restarted(server, data, tmp_path):

@@ -620,7 +620,7 @@ class _Engine:
                                          hint="Free some space and run the same command again.") from None
                 raise
             self.hasher.offer(part.start + part.done, chunk)
-            self.sched.note_cpu()
+            self.sched.note_chunk()
             self.last_progress = time.monotonic()
             with self.cond:
                 part.done += n
