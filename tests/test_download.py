@@ -226,12 +226,11 @@ def test_a_slow_first_byte_is_not_taken_for_a_doubling_that_did_not_pay(server, 
         return ok
 
     monkeypatch.setattr(scheduler.PartScheduler, "_flowing", flowing)
-    monkeypatch.setattr(scheduler, "RAMP_INTERVAL", 0.05)
 
     def slow_start(srv, req):
         if req.headers.get("Range", "bytes=0-0") != "bytes=0-0" and len(srv.ranged_requests()) > 1:
             assert waiting.wait(30), "the ramp never waited for a new connection"
-            time.sleep(4 * scheduler.RAMP_INTERVAL)
+            time.sleep(2 * scheduler.RAMP_INTERVAL)
 
     assert fetch_shaped(server, tmp_path, 24, on_request=slow_start, rate=4 * MB) == 8
 
@@ -265,10 +264,24 @@ def test_a_busy_connection_is_not_doubled(server, tmp_path, monkeypatch):
 
 
 def test_stalled_connection_is_restarted(server, data, tmp_path):
+    import threading
+
     url = server.add("f.bin", data)
     # 3 stalls: the 1-byte probe (harmless) and both parts, 100 kB into their bodies.
     server.faults.stall_after, server.faults.stall_times, server.faults.stall_seconds = 100_000, 3, 3.0
     half = -(-len(data) // 2)
+    second_part = threading.Event()
+
+    def second_part_first(srv, req):
+        """Events, not timing: the first part's retry waits until the second part was asked
+        for, so the three stalls are the probe's and each part's first answer."""
+        rng = req.headers.get("Range", "")
+        if rng.startswith(f"bytes={half}-"):
+            second_part.set()
+        elif rng.startswith("bytes=100000-"):
+            assert second_part.wait(30), "the second part was never asked for"
+
+    server.on_request = second_part_first
     fetch(url, tmp_path, data, connections=2, stall_timeout=0.5, min_part_size=half)  # 2 parts
     assert (tmp_path / "out.bin").read_bytes() == data
     ranges = [q.headers["Range"] for q in server.ranged_requests()]

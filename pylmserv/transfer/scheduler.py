@@ -73,7 +73,6 @@ class PartScheduler:
         self.held = {}  # worker thread -> (first part of its run, that part's bytes when taken)
         self.active = 0  # workers running now
         self.cpu: Dict[int, float] = {}  # worker thread -> its CPU seconds when it last noted them
-        self.chunks: Dict[int, int] = {}  # worker thread -> chunks it has received
         self.samples: List[Sample] = []  # what the ramp measured, in order
         self.stop = stop
         self.error: Optional[BaseException] = None
@@ -107,17 +106,9 @@ class PartScheduler:
         return False
 
     def note_chunk(self) -> None:
-        """Called by a worker for each chunk it receives: its CPU time (the ramp's busy
-        measure) and its count of chunks (an interval ends once every worker had one)."""
-        me = threading.get_ident()
-        self.cpu[me] = time.thread_time()
-        self.chunks[me] = self.chunks.get(me, 0) + 1
-
-    def _all_delivered_since(self, marks: Dict[int, int]) -> bool:
-        """Every worker that holds a run has received a chunk since `marks` (or finished)."""
-        with self._lock:
-            held = list(self.held.items())
-        return all(self.chunks.get(t, 0) > marks.get(t, 0) or not self.parts[i].remaining for t, (i, _) in held)
+        """Called by a worker for each chunk it receives: its CPU time, for the ramp's
+        busy measure."""
+        self.cpu[threading.get_ident()] = time.thread_time()
 
     def cpu_seconds(self) -> float:
         return sum(list(self.cpu.values()))  # list(): one C call, safe while workers note
@@ -211,14 +202,9 @@ class PartScheduler:
             while not self._flowing() and time.monotonic() < settle:
                 if self.stop.wait(0.01) or not any(t.is_alive() for t in threads):
                     return
-            before, cpu0, marks, t0 = self.done_bytes(), self.cpu_seconds(), dict(self.chunks), time.monotonic()
+            before, cpu0, t0 = self.done_bytes(), self.cpu_seconds(), time.monotonic()
             if self.stop.wait(RAMP_INTERVAL) or not any(t.is_alive() for t in threads) or not queue:
                 return
-            # The interval ends with an event, not only a time: every connection has delivered
-            # in it, so one that was merely not scheduled for a moment is not measured as idle.
-            while not self._all_delivered_since(marks) and time.monotonic() < t0 + RAMP_SETTLE_MAX:
-                if self.stop.wait(0.01) or not any(t.is_alive() for t in threads) or not queue:
-                    return
             elapsed = time.monotonic() - t0
             with self._lock:
                 size = self.active
