@@ -4,7 +4,7 @@ download(url, dest) fetches one URL into `dest` atomically. Over HTTP it probes 
 one-byte ranged GET (size, ETag, Accept-Ranges; HEAD is not signed for S3/CDN URLs),
 then splits the file into parts written at their offsets into one preallocated partial
 file under the store's tmp/. A sidecar JSON state (URL, ETag, size, part progress) is
-saved about twice a second, so a killed process resumes only the missing bytes.
+saved about four times a second, so a killed process resumes only the missing bytes.
 
 Never splice two versions: every ranged request carries If-Range with the ETag and its
 Content-Range start is checked; a 200 to a Range request, a changed ETag or a wrong
@@ -14,9 +14,10 @@ and size + hash are checked before the atomic rename into `dest`. Without a stro
 validator and without an expected hash, the file comes over one connection (a stitched
 file could not be caught); a stall gives up after `stall_limit` seconds without progress.
 
-The pieces: http.py (transport, probe, body decoding), partial.py (partial file and resume
-state), scheduler.py (parts to workers), hasher.py (trailing SHA-256); this module runs
-them: probe, one stream or parallel parts, retries and restarts, verification, install.
+The pieces: http.py (transport, probe, body decoding), partial.py (the persisted side: the
+partial file, its resume state and ResumeState, which keeps both up to date while a run goes
+on), scheduler.py (parts to workers, the ramp), hasher.py (trailing SHA-256); this module
+runs them: probe, one stream or parallel parts, retries and restarts, verification, install.
 """
 from __future__ import annotations
 
