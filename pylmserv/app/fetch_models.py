@@ -20,16 +20,17 @@ from urllib.parse import quote, unquote, urlsplit
 
 from ..core.archive import extract
 from ..core.errors import UsageError, VerificationError
-from ..core.fsutil import unlink_missing_ok
+from ..core.fsutil import remove_no_follow, unlink_missing_ok, walk_no_follow
 from ..core.gguf import check_split_set, read_header, split_info, split_names
 from ..core.hashing import Hash
-from ..core.names import pin_name, show
+from ..core.names import pin_name
 from ..pins.config import ARCHIVE_SUFFIXES, Project, load_project
 from ..pins.lock import FilePin, HfPin, LockEntry, Shard
 from ..pins.lockfile import refuse_packaged, update
 from ..store import blobs as store
 from ..transfer import http, hub
 from ..transfer.download import download, redact, resolve_stall_limit
+from ..transfer.http import refuse_credentials
 
 log = logging.getLogger("pylmserv.models")
 
@@ -147,7 +148,7 @@ def _parse_sha256(value) -> Optional[Hash]:
 def _load_project(config, lock, items) -> Optional[Project]:
     needs = bool(config or lock) or any(not _is_url(i) for i in items)
     try:
-        return load_project(config, lock)
+        return load_project(config, lock).use_as_gc_root()  # fetch stores what the lock pins
     except UsageError:
         if needs:
             raise
@@ -176,6 +177,7 @@ def _plan(item: str, project: Optional[Project], sha256: Optional[Hash], tofu: b
     if item.startswith("hf://"):
         return _plan_hf(item, project, tofu, offline)
     if _is_url(item):
+        refuse_credentials(item, "fetch")
         filename = _filename_of(item)
         name = _name_for(filename)
         if sha256 is None:
@@ -269,21 +271,8 @@ def _plan_lock(name: str, entry: LockEntry) -> _Plan:
 
 # -- Hugging Face ----------------------------------------------------------------------------
 
-def parse_hf(item: str) -> Tuple[str, str, str]:
-    """hf://org/repo/path/file.gguf[@revision] -> (org/repo, path, revision)."""
-    body = item[len("hf://"):]
-    revision = "main"
-    head, sep, tail = body.rpartition("@")
-    if sep and "/" in head and tail:
-        body, revision = head, tail
-    parts = body.split("/")
-    if len(parts) < 3 or not all(p not in ("", ".", "..") and "\\" not in p for p in parts):
-        raise UsageError(f"bad hf:// reference {show(repr(item))}", hint="Use hf://org/repo/path/file.gguf[@revision].")
-    return "/".join(parts[:2]), "/".join(parts[2:]), revision
-
-
 def _plan_hf(item: str, project: Optional[Project], tofu: bool, offline: bool) -> _Plan:
-    repo, path, revision = parse_hf(item)
+    repo, path, revision = hub.parse_hf(item)
     filename = path.rsplit("/", 1)[-1]
     name = _name_for(filename)
     # A lock entry for the same repo/file at the same revision needs no network at all.
@@ -347,7 +336,7 @@ def _fetch_plan(plan: _Plan, project, dest, connections, offline, progress, home
             try:
                 check_split_set(files)
             except VerificationError:
-                shutil.rmtree(store.entry_dir(plan.name, home), ignore_errors=True)  # no half-valid entry
+                _remove(store.entry_dir(plan.name, home))  # no half-valid entry
                 raise
         path = files[0]
         total = sum(size for _, _, size in got)
@@ -407,11 +396,11 @@ def _unpack(name: str, archive_hash: Hash, home: Path) -> Tuple[Path, List[Path]
         files = [f.path for f in existing.files]
         return _entry_path(target, files), files
     staging = store.tmp_dir(home) / f"unpack-{name}.{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
+    _remove(staging)
     try:
         extract(store.blob_path(archive_hash, home), staging, policy="data")
-        rels = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file() and not p.is_symlink())
+        rels = sorted(os.path.relpath(os.path.join(d, f), staging) for d, _, files in walk_no_follow(staging)
+                      for f in files if os.path.isfile(os.path.join(d, f)) and not os.path.islink(os.path.join(d, f)))
         rels.sort(key=lambda rel: not _gguf_name(rel))  # models first: lookup(name).path is one
         for rel in rels:
             if _gguf_name(rel):
@@ -424,10 +413,9 @@ def _unpack(name: str, archive_hash: Hash, home: Path) -> Tuple[Path, List[Path]
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging, target)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
     finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        _remove(staging)
     files = [target / rel for rel in rels]
     return _entry_path(target, files), files
 
@@ -489,7 +477,7 @@ def _copy_contained(src: Path, out: Path, name: str) -> None:
     _remove(tmp)
     try:
         tmp.mkdir()
-        for dirpath, dirnames, filenames in os.walk(src, followlinks=False):
+        for dirpath, dirnames, filenames in walk_no_follow(src):
             rel = os.path.relpath(dirpath, src)
             here = tmp if rel == "." else tmp / rel
             for entry in sorted(dirnames + filenames):
@@ -524,11 +512,9 @@ def _copy_contained(src: Path, out: Path, name: str) -> None:
 
 
 def _remove(path: Path) -> None:
-    """Delete a file, a symlink (not what it points at) or a directory tree."""
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.exists():
-        shutil.rmtree(path)
+    """Delete a file, a symlink (not what it points at) or a directory tree (no link
+    followed, no depth limit)."""
+    remove_no_follow(path)
 
 
 def _record_tofu(plan: _Plan, got, project: Optional[Project]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..app.doctor import human_size
+from ..core.fsutil import human_size
 from ..app.listing import entries
 from ..pins.config import load_project
 from .options import emit_json, json_option, project_command

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import threading
 import time
 from pathlib import Path
@@ -74,9 +75,12 @@ class PartialFile:
         """The saved parts when they are of this very file, else None (the partial is dropped)."""
         try:
             data = json.loads(self.state_path.read_text())
-            st = self.path.stat()
+            st = os.lstat(self.path)  # a link is no partial of ours: never written through
         except (OSError, ValueError):
             self.discard()
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            self.discard()  # unlinks the link itself, never what it points at
             return None
         ok = (isinstance(data, dict) and data.get("version") == STATE_VERSION and data.get("url") == self.url
               and data.get("size") == size and st.st_size == size
@@ -103,7 +107,9 @@ class PartialFile:
         Not posix_fallocate: on ext4 every write into fallocated (unwritten) extents
         pays an extent conversion, measured 10x slower here. Free space is checked up
         front instead, and ENOSPC while writing keeps the partial for resume."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        if os.path.islink(self.path):
+            unlink_missing_ok(self.path)  # planted: removed as a link, its target untouched
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
         try:
             os.ftruncate(fd, size)
         except OSError as exc:
@@ -165,7 +171,7 @@ class ResumeState:
                 raise DiskSpaceError(f"no space left on device in {self.file.path.parent}",
                                      hint="Free some space and run the command again.") from None
         self.parts = parts
-        self.fd = os.open(self.file.path, os.O_RDWR)
+        self.fd = os.open(self.file.path, os.O_RDWR | os.O_NOFOLLOW)  # checked regular above, never a link
         return parts
 
     def done(self) -> int:
