@@ -9,8 +9,7 @@ would only compete for the CPU, so the pool goes back to the last size that paid
 the connections keep this process busy (RAMP_BUSY of their time on a CPU or waiting for
 one, as on a fast local link or a loaded machine), the bottleneck is this machine, not
 the link: the pool is not grown at all, so the default is never slower than one
-connection there. The decision is ramp_step(),
-a pure function of what was measured.
+connection there. The decision is ramp_step(), a pure function of what was measured.
 A worker refused by the server (403/429 on a parallel range: Demote) gives its part back
 and the pool shrinks for good; the first fatal error of any worker stops all of them.
 """
@@ -215,9 +214,10 @@ class PartScheduler:
         """Double the pool while that raises the byte rate by RAMP_GAIN and the workers
         spend most of their time waiting on the link.
 
-        Each rate is measured over RAMP_INTERVAL once every connection delivers bytes, so
-        a new connection's handshake (a TLS round trip, a slow first byte) is not mistaken
-        for a doubling that did not pay."""
+        Each rate is measured over RAMP_INTERVAL once every connection delivers bytes and
+        RAMP_WARMUP after that, so a new connection's handshake (a TLS round trip, a slow
+        first byte) is not mistaken for a doubling that did not pay, nor the burst a server
+        pushes into a fresh socket before pacing it for one that did."""
         paid: Optional[Sample] = None
         while self.ramping:
             settle = time.monotonic() + RAMP_SETTLE_MAX
