@@ -32,6 +32,8 @@ COMMANDS = {
     "add": ("add", "Add a model or source to pylmserv.toml and pin it in one step."),
     "update": ("update", "Move pins to the newest upstream release, tag or branch head."),
     "gc": ("gc", "Delete what no lock, current build or running pylmserv still uses."),
+    "adopt": ("adopt", "Take verified copies of locked models from other tools' caches."),
+    "link": ("link", "Show fetched models to other tools (HF cache, ollama, LM Studio) by hard link."),
 }
 
 
