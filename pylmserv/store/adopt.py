@@ -262,7 +262,8 @@ def check(path: Path, want: Want, place: Place, home: Path, adopt: bool = True) 
 
 
 def _ident(st: os.stat_result) -> tuple:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    # Not ctime: our own hard link changes it (the link count is inode metadata).
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _hash_fd(fd: int, out: Optional[int] = None) -> Tuple[Hash, int]:
