@@ -90,6 +90,17 @@ def _executables(directory: Path):
                     yield p
 
 
+def linked(home: Optional[Path] = None) -> List[dict]:
+    """Models laid out for other tools by `pylmserv link` whose links still exist."""
+    from .link import linked as live_links
+
+    out = []
+    for l in live_links(home):
+        paths = [m.path for m in l.made if m.how in ("hardlink", "symlink")] + list(l.kept)
+        out.append({"name": l.name, "layout": l.layout, "root": l.root, "paths": paths})
+    return out
+
+
 def entries(project: Project, home: Optional[Path] = None) -> List[Entry]:
     """Every model and source of the config (and any the lock pins beyond it)."""
     home = Path(home) if home else paths.home()
