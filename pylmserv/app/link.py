@@ -14,6 +14,7 @@ from ..pins.lock import HfPin, LockEntry
 from ..store import blobs as store
 from ..store import views
 from ..store.adopt import repo_of_url
+from ..store.layout import home as store_home
 
 
 def _filename(url: str) -> str:
@@ -82,7 +83,5 @@ def unlink(names: Sequence[str], layout: Optional[str] = None, to: Optional[Path
 
 def linked(home: Optional[Path] = None) -> List[views.Link]:
     """Recorded links whose files still exist (what `list` shows)."""
-    from ..store.layout import home as store_home
-
     home = Path(home or store_home())
     return [l for l in views.read_links(home) if views.live(l, home)] if home.is_dir() else []

@@ -15,6 +15,7 @@ from ..pins.drift import config_drift
 from ..store import blobs as store
 from ..store import layout as paths
 from ..store.trees import store_path
+from .link import linked as live_links
 
 ENGINES = ("llama.cpp", "llamafile")
 # Which catalog source each engine is built from.
@@ -92,8 +93,6 @@ def _executables(directory: Path):
 
 def linked(home: Optional[Path] = None) -> List[dict]:
     """Models laid out for other tools by `pylmserv link` whose links still exist."""
-    from .link import linked as live_links
-
     out = []
     for l in live_links(home):
         paths = [m.path for m in l.made if m.how in ("hardlink", "symlink")] + list(l.kept)

@@ -30,7 +30,8 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 from ..core.errors import UsageError
 from ..core.fsutil import atomic_write_bytes, atomic_write_text, unlink_missing_ok
 from ..core.hashing import Hash
-from . import layout
+from ..core.gguf import read_header
+from . import adopt, layout
 from .blobs import blob_path
 
 LAYOUTS = ("hf", "ollama", "lmstudio")
@@ -104,8 +105,6 @@ class Link:
 
 
 def default_root(view: str, env=None) -> Path:
-    from . import adopt
-
     if view == "hf":
         return adopt.hf_cache_dir(env)
     if view == "ollama":
@@ -196,8 +195,6 @@ def _lmstudio(model: Model, root: Path, home: Path, link: Link) -> None:
 
 def ollama_metadata(gguf: Path) -> Tuple[dict, Optional[str], Optional[dict]]:
     """(config, Go template or None, params or None) for a GGUF, from its header."""
-    from ..core.gguf import read_header
-
     header = read_header(gguf)
     arch = header.architecture or "llama"
     config = {"model_format": "gguf", "model_family": arch, "model_families": [arch], "model_type": "",
