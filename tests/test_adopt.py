@@ -269,7 +269,9 @@ def test_an_unreadable_directory_is_skipped_and_the_search_goes_on(tmp_path):
         with as_nobody():
             outcome = adopt.find(want, places, base / "home", adopt=False)  # dry run: reads only
         assert outcome.found is not None and outcome.found.path == user / "b" / "m.gguf"
-        assert any("Permission denied" in s.reason for s in outcome.skipped), outcome.skipped
+        reasons = {s.path: s.reason for s in outcome.skipped}
+        assert "Permission denied" in reasons[locked / "blobs" / hexd], reasons  # the HF repo folder
+        assert "folder cannot be read" in reasons[user / "a" / "closed"], reasons  # the user's folder
     finally:
         for p in [base, *base.rglob("*")]:
             with contextlib.suppress(OSError):

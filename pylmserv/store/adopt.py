@@ -169,9 +169,9 @@ def _hf_dirs(root: Path, repo: Optional[str]) -> List[Path]:
     return out
 
 
-def candidates(want: Want, place: Place) -> Iterator[Path]:
+def candidates(want: Want, place: Place, problems: Optional[List[Tuple[Path, str]]] = None) -> Iterator[Path]:
     """Paths in `place` that may hold `want` (unchecked: existence, size and bytes are the
-    caller's to check)."""
+    caller's to check). Folders that cannot be read are added to `problems`."""
     root, hexd = place.root, want.hash.hex
     if place.tool in ("hf", "llama.cpp"):
         for d in _hf_dirs(root, want.repo):
@@ -185,9 +185,9 @@ def candidates(want: Want, place: Place) -> Iterator[Path]:
     if place.tool == "lmstudio":
         if want.repo:
             yield root / want.repo / want.filename
-        yield from _walk(root, {want.filename}, depth=3)
+        yield from _walk(root, {want.filename}, depth=3, problems=problems)
     if place.tool == "user":
-        yield from _walk(root, {want.filename, hexd, f"sha256-{hexd}"}, depth=USER_DEPTH)
+        yield from _walk(root, {want.filename, hexd, f"sha256-{hexd}"}, depth=USER_DEPTH, problems=problems)
 
 
 def _listed(root: Path, match) -> Iterator[Path]:
@@ -200,13 +200,18 @@ def _listed(root: Path, match) -> Iterator[Path]:
             yield root / n
 
 
-def _walk(root: Path, names: set, depth: int) -> Iterator[Path]:
+def _walk(root: Path, names: set, depth: int, problems: Optional[List[Tuple[Path, str]]] = None) -> Iterator[Path]:
     """Files named one of `names` under `root`, `depth` levels at most; symlinked folders
-    are not entered, unreadable ones skipped (os.walk's onerror)."""
+    are not entered, unreadable ones skipped and added to `problems`."""
     if not os.path.isdir(root):
         return
+
+    def unreadable(exc: OSError) -> None:
+        if problems is not None:
+            problems.append((Path(exc.filename or root), f"folder cannot be read ({exc.strerror}); not searched"))
+
     base = len(str(root).rstrip(os.sep).split(os.sep))
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=lambda e: None):
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=unreadable):
         level = len(dirpath.rstrip(os.sep).split(os.sep)) - base
         if level >= depth - 1:
             dirnames[:] = []
@@ -361,7 +366,8 @@ def find(want: Want, places: Iterable[Place], home: Path, adopt: bool = True) ->
     outcome = Outcome()
     seen = set()
     for place in places:
-        for path in candidates(want, place):
+        problems: List[Tuple[Path, str]] = []
+        for path in candidates(want, place, problems):
             key = str(path)
             if key in seen:
                 continue
@@ -371,9 +377,10 @@ def find(want: Want, places: Iterable[Place], home: Path, adopt: bool = True) ->
             except OSError as exc:
                 found, why = None, f"cannot be read ({exc.strerror})"
             if found is not None:
-                return Outcome(found, outcome.skipped)
+                return Outcome(found, outcome.skipped + [Skipped(p, place.tool, w) for p, w in problems])
             if why:
                 outcome.skipped.append(Skipped(path, place.tool, why))
+        outcome.skipped.extend(Skipped(p, place.tool, why) for p, why in problems)
     return outcome
 
 
