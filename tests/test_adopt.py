@@ -309,6 +309,21 @@ def test_adopt_command_dry_run_reports_then_adopts(home, tools, tmp_path):
     assert inode(home / "models" / "a" / "a.gguf") == inode(tools["hf"] / "models--org--a" / "blobs" / Hash.of_bytes(a).hex)
 
 
+def test_llama_cpp_old_flat_cache_file_is_adopted(home, tools, tmp_path):
+    """llama.cpp's cache before its move to the HF layout: LLAMA_CACHE/OWNER_REPO_FILE with the
+    file's '/' made '_' (ggml-org/llama.cpp common/hf-cache.cpp @
+    6fd16ba05c88846ba5e6d8fd053c6230509d5ffc, make_old_cache_filename), beside an .etag file."""
+    data = write_gguf(tmp_path / "m.gguf").read_bytes()
+    old = tools["llama.cpp"] / "org_repo_sub_m.gguf"
+    old.parent.mkdir(parents=True)
+    old.write_bytes(data)
+    (tools["llama.cpp"] / "org_repo_sub_m.gguf.etag").write_text('"x"')
+    want = adopt.Want(Hash.of_bytes(data), len(data), "m.gguf", "org/repo")
+    found = adopt.find(want, adopt.default_places(), home).found
+    assert found is not None and found.tool == "llama.cpp" and found.method == "hardlink"
+    assert inode(blob(home, data)) == inode(old)
+
+
 def test_adopt_from_in_the_config(home, tools, tmp_path):
     from pylmserv.pins.config import load_config
 

@@ -7,8 +7,10 @@ only that they are checked. This module looks in the places other tools keep mod
              models--ORG--REPO/blobs/<sha256>   (an LFS file's blob is named by its sha256)
   ollama     $OLLAMA_MODELS, ~/.ollama/models:  blobs/sha256-<hex>
   lmstudio   ~/.lmstudio/models, ~/.cache/lm-studio/models: PUBLISHER/REPO/FILE
-  llama.cpp  $LLAMA_CACHE, ~/.cache/llama.cpp: the old flat naming ORG_REPO_FILE, and the
-             Hugging Face layout (models--ORG--REPO/blobs/<sha256>) it moved to
+  llama.cpp  $LLAMA_CACHE, ~/.cache/llama.cpp: the old flat naming OWNER_REPO_FILE ('/' in
+             FILE made '_'), and the Hugging Face layout (llama.cpp common/hf-cache.cpp @
+             6fd16ba05c88846ba5e6d8fd053c6230509d5ffc: make_old_cache_filename; newer llama.cpp
+             writes models--ORG--REPO/blobs/<sha256> into the HF cache itself, scanned as hf)
   user       directories the user lists (adopt-from in pylmserv.toml, $PYLMSERV_ADOPT_FROM):
              a file with the wanted name, or named by the hash (<hex>, sha256-<hex>), up to
              a few levels deep
@@ -179,7 +181,7 @@ def candidates(want: Want, place: Place, problems: Optional[List[Tuple[Path, str
     if place.tool == "ollama":
         yield root / "blobs" / f"sha256-{hexd}"
     if place.tool == "llama.cpp":
-        if want.repo:  # the old flat naming: ORG_REPO_FILE (common/arg.cpp before the move)
+        if want.repo:  # the old flat naming: OWNER_REPO_FILE (hf-cache.cpp make_old_cache_filename)
             yield root / (want.repo.replace("/", "_") + "_" + want.filename)
         yield from _listed(root, lambda n: n == want.filename or n.endswith("_" + want.filename))
     if place.tool == "lmstudio":
