@@ -324,6 +324,30 @@ def test_llama_cpp_old_flat_cache_file_is_adopted(home, tools, tmp_path):
     assert inode(blob(home, data)) == inode(old)
 
 
+def test_another_filesystem_is_copied_hashed_as_written_and_said(home, tools, tmp_path):
+    """/dev/shm (tmpfs) is another filesystem than the store: no hard link (EXDEV), no reflink
+    across filesystems, so a copy - our own inode, read-only - and the source is untouched."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        if os.environ.get("CI"):
+            pytest.fail("/dev/shm on another filesystem than the test's tmp is needed")
+        pytest.skip("no second filesystem at /dev/shm")
+    data = write_gguf(tmp_path / "m.gguf").read_bytes()
+    other = Path(tempfile.mkdtemp(dir=shm, prefix="pylmserv-adopt-"))
+    try:
+        src = other / "m.gguf"
+        src.write_bytes(data)
+        os.chmod(src, 0o640)
+        want = adopt.Want(Hash.of_bytes(data), len(data), "m.gguf")
+        found = adopt.find(want, [adopt.Place("user", other)], home).found
+        assert found is not None and found.method == "copy" and found.bytes_copied == len(data)
+        assert inode(blob(home, data)) != inode(src) and blob(home, data).read_bytes() == data
+        assert oct(blob(home, data).stat().st_mode & 0o777) == oct(0o444)  # our copy: read-only
+        assert oct(src.stat().st_mode & 0o777) == oct(0o640) and src.read_bytes() == data  # theirs: untouched
+    finally:
+        shutil.rmtree(other, ignore_errors=True)
+
+
 def test_adopt_from_in_the_config(home, tools, tmp_path):
     from pylmserv.pins.config import load_config
 

@@ -171,6 +171,27 @@ def test_a_tools_own_file_is_never_replaced_nor_removed(home, fetched, tools):
     assert own.read_bytes() == b"the user's own file"
 
 
+def test_linking_twice_is_idempotent_and_remove_still_removes_all(home, fetched, tools):
+    for _ in range(2):
+        link(fetched, "m", "--layout", "ollama")
+        link(fetched, "m", "--layout", "hf")
+    root = tools["ollama"]
+    run_cli("link", "--remove", "m", env=fetched["env"], cwd=fetched["proj"], check=True)
+    assert not (root / "manifests").exists() or not any((root / "manifests").rglob("latest"))
+    assert not any((root / "blobs").iterdir()) if (root / "blobs").exists() else True
+    assert not (tools["hf"] / "models--org--repo").exists()
+
+
+def test_an_ollama_model_of_the_same_name_is_not_overwritten(home, fetched, tools):
+    target = tools["ollama"] / "manifests" / "registry.ollama.ai" / "library" / "m" / "latest"
+    target.parent.mkdir(parents=True)
+    target.write_text('{"schemaVersion": 2, "layers": []}')
+    proc = run_cli("link", "m", "--layout", "ollama", env=fetched["env"], cwd=fetched["proj"])
+    assert proc.returncode == 2 and "already has a model m:latest" in proc.stderr
+    assert target.read_text() == '{"schemaVersion": 2, "layers": []}'
+    assert not (tools["ollama"] / "blobs").exists() or not any((tools["ollama"] / "blobs").iterdir())  # undone
+
+
 def test_remove_ollama_keeps_blobs_another_manifest_uses(home, fetched, tools):
     link(fetched, "m", "--layout", "ollama")
     root = tools["ollama"]

@@ -63,7 +63,7 @@ def link(project: Project, names: Sequence[str], layout: str, to: Optional[Path]
                              hint="Known: " + ", ".join(sorted(project.lock.models)) or "the lock has no models")
         made = views.make(model_of(entry), layout, root, home)
         views.record(home, made)
-        out.append(made)
+        out.append(made)  # this run's: what it made, what it found there
     return out
 
 

@@ -41,10 +41,10 @@ def command(g, names, layout, to, remove, as_json):
         emit_json({"links": [l.to_json() for l in made]})
         return 0
     for l in made:
-        models = [m for m in l.made if m.how in ("hardlink", "symlink")]
         click.echo(f"{l.name}: {l.layout} view under {l.root}")
-        for m in models:
-            click.echo(f"  {m.path} ({m.how})")
+        for m in l.made:
+            if m.how != "dir":
+                click.echo(f"  {m.path} ({'written' if m.how == 'file' else m.how})")
         for k in l.kept:
             click.echo(f"  {k} (already there, left alone)")
     return 0

@@ -236,10 +236,18 @@ def _ollama(model: Model, root: Path, home: Path, link: Link) -> None:
     config_layer = _blob_layer(root, OLLAMA_CONFIG, json.dumps(config).encode(), link)
     manifest = {"schemaVersion": 2, "mediaType": OLLAMA_MANIFEST, "config": config_layer, "layers": layers}
     target = ollama_manifest_path(root, model.name)
-    if os.path.lexists(target):
+    data = (json.dumps(manifest) + "\n").encode()
+    if os.path.lexists(target) and not _same_bytes(target, data):
         raise UsageError(f"ollama already has a model {model.name}:{OLLAMA_TAG} ({target})",
                          hint=f"Remove it with `ollama rm {model.name}` or link under another --to.")
-    _write(target, (json.dumps(manifest) + "\n").encode(), link)
+    _write(target, data, link)  # the same manifest already there: linked before, left as is
+
+
+def _same_bytes(path: Path, data: bytes) -> bool:
+    try:
+        return not os.path.islink(path) and os.path.getsize(path) == len(data) and Path(path).read_bytes() == data
+    except OSError:
+        return False
 
 
 # -- undoing ----------------------------------------------------------------------------------------
@@ -270,7 +278,7 @@ def _still_ours(m: Made, home: Path) -> bool:
 def _ollama_referenced(root: Path, digest_names: Set[str], skip: Path) -> Set[str]:
     """Of `digest_names` (sha256-HEX), those another ollama manifest still names."""
     used = set()
-    for m in root.glob("manifests/*/*/*/*"):
+    for m in (root / "manifests").rglob("*"):  # host/ns/model/tag, and host/ns/kind/model/tag (name.go)
         if m == skip or not m.is_file():
             continue
         try:
@@ -288,7 +296,7 @@ def _undo(link: Link, home: Optional[Path] = None) -> List[str]:
     removed = []
     keep: Set[str] = set()
     if link.layout == "ollama":
-        manifest = [m for m in link.made if "/manifests/" in m.path]
+        manifest = [m for m in link.made if m.how == "file" and Path(m.path).parent.parent.parent.parent.name == "manifests"]
         names = {Path(m.path).name for m in link.made if Path(m.path).parent.name == "blobs"}
         keep = _ollama_referenced(Path(link.root), names, Path(manifest[0].path) if manifest else Path())
     for m in reversed(link.made):
@@ -334,9 +342,18 @@ def write_links(home: Path, links: Sequence[Link]) -> None:
     atomic_write_text(_state(home), json.dumps({"links": [l.to_json() for l in links]}, indent=1, sort_keys=True) + "\n")
 
 
-def record(home: Path, link: Link) -> None:
-    others = [l for l in read_links(home) if (l.name, l.layout, l.root) != (link.name, link.layout, link.root)]
-    write_links(home, others + [link])
+def record(home: Path, link: Link) -> Link:
+    """Add `link` to links.json; linking the same model again keeps what the first run made
+    (the second finds it "already there": it is still ours to remove). Returns the merged record."""
+    key = (link.name, link.layout, link.root)
+    links = read_links(home)
+    old = next((l for l in links if (l.name, l.layout, l.root) == key), None)
+    if old is not None:
+        mine = {m.path for m in old.made}
+        made = old.made + [m for m in link.made if m.path not in mine]
+        link = Link(link.name, link.layout, link.root, made, [k for k in link.kept if k not in mine])
+    write_links(home, [l for l in links if (l.name, l.layout, l.root) != key] + [link])
+    return link
 
 
 def remove(home: Path, name: str, view: Optional[str] = None, root: Optional[Path] = None) -> List[Tuple[Link, List[str]]]:
