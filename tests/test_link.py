@@ -192,6 +192,25 @@ def test_an_ollama_model_of_the_same_name_is_not_overwritten(home, fetched, tool
     assert not (tools["ollama"] / "blobs").exists() or not any((tools["ollama"] / "blobs").iterdir())  # undone
 
 
+def test_a_tampered_record_removes_nothing_that_is_not_ours(home, fetched, tools, tmp_path):
+    link(fetched, "m", "--layout", "lmstudio")
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me")
+    elsewhere = tmp_path / "a-link"
+    elsewhere.symlink_to(victim)
+    inside = tools["lmstudio"] / "org" / "repo" / "user-link"
+    inside.symlink_to(victim)
+    state = json.loads((home / "links.json").read_text())
+    hexd = Hash.of_bytes(fetched["m"]).hex
+    state["links"][0]["made"] += [{"path": str(victim), "how": "file", "sha256": Hash.of_bytes(b"keep me").hex},
+                                  {"path": str(elsewhere), "how": "symlink", "sha256": hexd},
+                                  {"path": str(inside), "how": "symlink", "sha256": hexd}]
+    (home / "links.json").write_text(json.dumps(state))
+    run_cli("link", "--remove", "m", env=fetched["env"], cwd=fetched["proj"], check=True)
+    assert victim.read_text() == "keep me" and elsewhere.is_symlink() and inside.is_symlink()
+    assert not (tools["lmstudio"] / "org" / "repo" / "m.gguf").exists()  # ours went
+
+
 def test_remove_ollama_keeps_blobs_another_manifest_uses(home, fetched, tools):
     link(fetched, "m", "--layout", "ollama")
     root = tools["ollama"]

@@ -264,8 +264,12 @@ def _still_ours(m: Made, home: Path) -> bool:
         except OSError:
             return False
         return (st.st_dev, st.st_ino) == (b.st_dev, b.st_ino)
-    if m.how == "symlink":
-        return os.path.islink(m.path)
+    if m.how == "symlink":  # ours points at a blob named by its hash (ours or the view's own)
+        try:
+            return bool(m.sha256) and re.fullmatch(r"[0-9a-f]{64}", m.sha256) is not None and \
+                os.readlink(m.path).endswith("/" + m.sha256)
+        except OSError:
+            return False
     if m.how == "file":
         try:
             with open(m.path, "rb") as fh:
@@ -299,9 +303,12 @@ def _undo(link: Link, home: Optional[Path] = None) -> List[str]:
         manifest = [m for m in link.made if m.how == "file" and Path(m.path).parent.parent.parent.parent.name == "manifests"]
         names = {Path(m.path).name for m in link.made if Path(m.path).parent.name == "blobs"}
         keep = _ollama_referenced(Path(link.root), names, Path(manifest[0].path) if manifest else Path())
+    root = os.path.abspath(link.root)
     for m in reversed(link.made):
         if Path(m.path).name in keep:
             continue
+        if not os.path.abspath(m.path).startswith(root.rstrip(os.sep) + os.sep):
+            continue  # a record naming a path outside the view's root is not ours (tampered)
         if home is not None and not _still_ours(m, home):
             continue
         try:
