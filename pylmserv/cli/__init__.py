@@ -33,7 +33,7 @@ COMMANDS = {
     "update": ("update", "Move pins to the newest upstream release, tag or branch head."),
     "gc": ("gc", "Delete what no lock, current build or running pylmserv still uses."),
     "adopt": ("adopt", "Take verified copies of locked models from other tools' caches."),
-    "link": ("link", "Show fetched models to other tools (HF cache, ollama, LM Studio) by hard link."),
+    "link": ("link", "Lay fetched models out for HF, ollama, LM Studio by hard link."),
 }
 
 
