@@ -154,6 +154,11 @@ def test_no_adopt_downloads_instead(home, tools, tmp_path):
                        cwd=tmp_path / "proj")
     assert proc.returncode != 0 and "not in the store" in proc.stderr
     assert not blob(home, data).exists()
+    proc = run_offline("fetch", "--offline", "m", env={"PYLMSERV_HOME": str(home), adopt.NO_ADOPT_ENV: "1"},
+                       cwd=tmp_path / "proj")
+    assert proc.returncode != 0 and not blob(home, data).exists()
+    proc = run_offline("fetch", "--offline", "m", env={"PYLMSERV_HOME": str(home)}, cwd=tmp_path / "proj")
+    assert proc.returncode == 0 and inode(blob(home, data)) == inode(ob)  # the same, adoption on
 
 
 # -- hostile candidates --------------------------------------------------------------------------------
