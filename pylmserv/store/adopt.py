@@ -25,6 +25,7 @@ with the reason.
 """
 from __future__ import annotations
 
+import contextvars
 import errno
 import hashlib
 import logging
@@ -414,8 +415,6 @@ def repo_of_url(url: str) -> Optional[str]:
 
 
 # -- the hook `fetch` calls before it downloads ------------------------------------------------
-
-import contextvars  # noqa: E402  (kept with the hook it serves)
 
 _PLACES: contextvars.ContextVar[Optional[List[Place]]] = contextvars.ContextVar("pylmserv_adopt_places",
                                                                               default=None)
