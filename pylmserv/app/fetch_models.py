@@ -27,6 +27,7 @@ from ..core.names import pin_name
 from ..pins.config import ARCHIVE_SUFFIXES, Project, load_project
 from ..pins.lock import FilePin, HfPin, LockEntry, Shard
 from ..pins.lockfile import refuse_packaged, update
+from ..store import adopt as adopting
 from ..store import blobs as store
 from ..transfer import http, hub
 from ..transfer.download import download, redact, resolve_stall_limit
@@ -76,11 +77,11 @@ def fetch(items: Union[str, Sequence[str]], dest: Optional[Path] = None, connect
           offline: bool = False, sha256: Union[None, str, Hash] = None, trust_on_first_use: bool = False,
           config: Optional[Path] = None, lock: Optional[Path] = None, progress: bool = True,
           home: Optional[Path] = None, link_mode: Optional[str] = None,
-          stall_limit: Optional[float] = None) -> List[FetchResult]:
+          stall_limit: Optional[float] = None, adopt: bool = True) -> List[FetchResult]:
     """Make every item present and verified in the store; returns one result per item
     (FetchResult.to_json() is what `pylmserv fetch --json` prints). `stall_limit`:
     seconds without new data before a download gives up (default $PYLMSERV_STALL_LIMIT,
-    else 120)."""
+    else 120). `adopt`: first look for a missing file in other tools' caches (store/adopt)."""
     if isinstance(items, str):
         items = [items]
     items = list(items)
@@ -96,6 +97,7 @@ def fetch(items: Union[str, Sequence[str]], dest: Optional[Path] = None, connect
         raise UsageError("--sha256 applies to exactly one URL item",
                          hint="Fetch URLs one at a time, each with its own --sha256.")
     project = _load_project(config, lock, items)
+    adopting.configure(adopting.default_places(project.config.adopt_from if project else ()) if adopt else [])
     plans = [_plan(item, project, expected if _is_url(item) else None, trust_on_first_use, offline)
              for item in items]
     if any(plan.record is not None for plan in plans):
@@ -359,6 +361,9 @@ def _ensure_blob(f: _File, connections, offline, progress, home, check_gguf: boo
         if f.size is None or size == f.size:
             log.info("%s: in the store (sha256 %s)", f.filename, f.expected.hex[:12])
             return f.expected, size, 0
+    adopted = adopting.before_download(f.expected, f.size, f.filename, f.url, home)  # other tools' copies
+    if adopted is not None:
+        return adopted
     if offline:
         raise UsageError(f"{f.filename} is not in the store and --offline (or HF_HUB_OFFLINE) forbids downloading",
                          hint="Run the same command without --offline once.")

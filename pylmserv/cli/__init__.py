@@ -34,6 +34,8 @@ COMMANDS = {
     "gc": ("gc", "Delete what no lock, current build or running pylmserv still uses."),
     "push": ("push", "Push portable builds to a build cache, signed (Nix key format)."),
     "key": ("key", "Make ed25519 signing keys in Nix's NAME:BASE64 format."),
+    "adopt": ("adopt", "Take verified copies of locked models from other tools' caches."),
+    "link": ("link", "Lay fetched models out for HF, ollama, LM Studio by hard link."),
 }
 
 

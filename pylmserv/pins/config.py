@@ -9,7 +9,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -97,6 +97,7 @@ class Config:
     sources: Dict[str, SourceSpec]
     models: Dict[str, ModelSpec]
     cache: Dict[str, object] = field(default_factory=dict)  # [cache]: substituters, trusted-public-keys
+    adopt_from: Tuple[Path, ...] = ()  # `adopt-from = [...]`: folders to look in before downloading
 
 
 @dataclass(frozen=True)
@@ -194,10 +195,11 @@ def _depth(value) -> int:
 
 def load_config(path: Path) -> Config:
     data = _read_toml(Path(path), "config", "Create pylmserv.toml or pass --config PATH.")
-    _only_keys(data, {"sources", "models", "version", "cache"}, str(path))
+    _only_keys(data, {"sources", "models", "version", "cache", "adopt-from"}, str(path))
     sources = {name: _parse_source(name, t, path) for name, t in _tables(data, "sources", path).items()}
     models = {name: _parse_model(name, t, path) for name, t in _tables(data, "models", path).items()}
-    return Config(path=Path(path), sources=sources, models=models, cache=_parse_cache(data.get("cache", {}), path))
+    return Config(path=Path(path), sources=sources, models=models, cache=_parse_cache(data.get("cache", {}), path),
+                  adopt_from=_adopt_from(data, Path(path)))
 
 
 def _parse_cache(t, path) -> Dict[str, object]:
@@ -217,6 +219,15 @@ def _parse_cache(t, path) -> Dict[str, object]:
         except UsageError as exc:
             raise ConfigError(f"{where} trusted-public-keys: {exc.message}", hint=exc.hint) from None
     return {k: list(t[k]) for k in ("substituters", "trusted-public-keys") if k in t}
+
+
+def _adopt_from(data: dict, path: Path) -> Tuple[Path, ...]:
+    """`adopt-from = ["~/models", ...]`: folders (relative ones from the config's folder)."""
+    value = data.get("adopt-from", [])
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{path}: adopt-from must be a list of folder paths (strings)",
+                          hint='e.g. adopt-from = ["~/models", "/srv/gguf"]')
+    return tuple(path.parent / Path(v).expanduser() for v in value)
 
 
 def _tables(data: dict, key: str, path) -> dict:
