@@ -18,6 +18,10 @@ $SUDO apt-get install -y -qq --no-install-recommends \
 # (header check, doctor --backend vulkan), OpenBLAS (--backend blas).
 $SUDO apt-get install -y -qq --no-install-recommends \
   binutils hipcc glslc libvulkan-dev spirv-headers mesa-vulkan-drivers vulkan-tools libopenblas-dev >/dev/null
+# Sharing (tests/test_oci.py, test_share*.py): a real OCI registry (CNCF distribution) with
+# htpasswd logins, skopeo to read and copy what pylmserv writes, nginx-light as a mirror.
+$SUDO apt-get install -y -qq --no-install-recommends \
+  docker-registry apache2-utils skopeo nginx-light >/dev/null
 python3 -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 python3 -m pip install -q -e '.[test]'
 cache="${PYLMSERV_TEST_CACHE:-$HOME/.cache/pylmserv-tests}"
