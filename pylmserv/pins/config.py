@@ -9,7 +9,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -95,6 +95,7 @@ class Config:
     path: Optional[Path]
     sources: Dict[str, SourceSpec]
     models: Dict[str, ModelSpec]
+    mirrors: Tuple[str, ...] = ()  # tried before the origin of every locked file (transfer/mirrors.py)
 
 
 @dataclass(frozen=True)
@@ -187,10 +188,18 @@ def _depth(value) -> int:
 
 def load_config(path: Path) -> Config:
     data = _read_toml(Path(path), "config", "Create pylmserv.toml or pass --config PATH.")
-    _only_keys(data, {"sources", "models", "version"}, str(path))
+    _only_keys(data, {"sources", "models", "version", "mirrors"}, str(path))
     sources = {name: _parse_source(name, t, path) for name, t in _tables(data, "sources", path).items()}
     models = {name: _parse_model(name, t, path) for name, t in _tables(data, "models", path).items()}
-    return Config(path=Path(path), sources=sources, models=models)
+    mirrors = data.get("mirrors", [])
+    if not isinstance(mirrors, list) or not all(isinstance(m, str) and m.strip() for m in mirrors):
+        raise ConfigError(f"{path}: mirrors must be a list of URLs",
+                          hint='e.g. mirrors = ["oci://127.0.0.1:5000/models", "http://store.lan/blobs"]')
+    for m in mirrors:  # the full check is transfer/mirrors.parse_mirror's, when a fetch uses them
+        if not m.strip().lower().startswith(("http://", "https://", "file://", "oci://")):
+            raise ConfigError(f"{path}: mirrors: unsupported mirror {show(repr(m.split('@')[-1]))}",
+                              hint="Use http(s)://BASE or file:///BASE (BASE/sha256/HEX), or oci://HOST[:PORT]/REPO.")
+    return Config(path=Path(path), sources=sources, models=models, mirrors=tuple(m.strip() for m in mirrors))
 
 
 def _tables(data: dict, key: str, path) -> dict:

@@ -71,10 +71,14 @@ class OciRef:
 
     @classmethod
     def parse(cls, text: str) -> "OciRef":
+        rest = text[len("oci://"):].rstrip("/") if text.startswith("oci://") else text
+        host, _, repo = rest.partition("/")
+        if "@" in host:  # user:password@host: never echoed back
+            raise UsageError("a registry reference carries credentials (USER:PASSWORD@HOST); refused",
+                             hint="Put the login in an auth file (REGISTRY_AUTH_FILE, "
+                                  "~/.config/containers/auth.json or ~/.docker/config.json).")
         if not text.startswith("oci://"):
             raise UsageError(f"not an oci:// reference: {text!r}", hint="Use oci://HOST[:PORT]/REPO.")
-        rest = text[len("oci://"):].rstrip("/")
-        host, _, repo = rest.partition("/")
         parts = urlsplit("//" + host)
         try:
             port = parts.port

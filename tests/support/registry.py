@@ -230,8 +230,10 @@ def nginx_dir(root: Path, tmp: Path):
     tmp.mkdir(parents=True, exist_ok=True)
     port = free_port()
     conf = tmp / "nginx.conf"
+    # As root nginx's workers would drop to nobody, who cannot read pytest's 0700 temp dirs.
+    user = "user root root;\n" if os.geteuid() == 0 else ""
     conf.write_text(f"""daemon off;
-worker_processes 1;
+{user}worker_processes 1;
 pid {tmp}/nginx.pid;
 error_log {tmp}/error.log warn;
 events {{ worker_connections 64; }}
