@@ -32,6 +32,9 @@ COMMANDS = {
     "add": ("add", "Add a model or source to pylmserv.toml and pin it in one step."),
     "update": ("update", "Move pins to the newest upstream release, tag or branch head."),
     "gc": ("gc", "Delete what no lock, current build or running pylmserv still uses."),
+    "push": ("push", "Push locked models to an OCI registry (CNCF ModelPack artifacts)."),
+    "export": ("export", "Write locked models into one OCI archive for an offline machine."),
+    "import": ("import_", "Install an exported archive into the store, offline, every digest checked."),
 }
 
 
