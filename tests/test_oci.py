@@ -235,3 +235,58 @@ def test_redirect_off_loopback_to_plain_http_is_refused(tmp_path, liar, auth_env
     with pytest.raises(NetworkError, match="203.0.113.9.*plain HTTP is only for loopback"):
         oci.Registry(ref, insecure=[]).pull_blob(sha(b"x"), tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_authorization_never_follows_a_redirect(tmp_path, auth_env):
+    """A registry that wants a login and redirects blob GETs to storage elsewhere (S3-style):
+    the login goes to the registry only, the storage server never sees it."""
+    body = b"GGUF the model bytes" * 5000
+    seen = []
+
+    class Storage(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            seen.append(dict(self.headers))
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    storage = ThreadingHTTPServer(("127.0.0.1", 0), Storage)
+    threading.Thread(target=storage.serve_forever, daemon=True).start()
+
+    class Reg(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            if not self.headers.get("Authorization", "").startswith("Basic "):
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", 'Basic realm="r"')
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(307)
+            self.send_header("Location", f"http://127.0.0.1:{storage.server_address[1]}/bucket/blob?sig=x")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    reg = ThreadingHTTPServer(("127.0.0.1", 0), Reg)
+    threading.Thread(target=reg.serve_forever, daemon=True).start()
+    try:
+        host = f"127.0.0.1:{reg.server_address[1]}"
+        write_auth_file(auth_env, host, "erin", PASSWORD)
+        out = tmp_path / "blob"
+        oci.Registry(oci.OciRef.parse(f"oci://{host}/m")).pull_blob(sha(body), out, size=len(body))
+        assert out.read_bytes() == body
+        assert seen and all("Authorization" not in h for h in seen)
+    finally:
+        for s in (storage, reg):
+            s.shutdown()
+            s.server_close()
