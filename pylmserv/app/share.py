@@ -37,6 +37,7 @@ import re
 import shutil
 import tarfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -219,6 +220,10 @@ def export(names: Sequence[str], out: Path, *, config=None, lock=None, home=None
     project = _project(names, config, lock)
     arts = [artifact(project, n, home) for n in dict.fromkeys(names)]
     out = Path(out)
+    if not out.parent.is_dir():
+        raise UsageError(f"{out.parent} is not a directory", hint="Create it, or name another output file.")
+    if out.is_dir():
+        raise UsageError(f"{out} is a directory", hint="Name the archive file to write, e.g. -o models.oci.tar.")
     index = {"schemaVersion": 2, "mediaType": oci.OCI_INDEX,
              "manifests": [{"mediaType": oci.OCI_MANIFEST, "artifactType": ARTIFACT_TYPE,
                             "digest": f"sha256:{a.digest.hex}", "size": len(a.manifest),
@@ -294,7 +299,8 @@ def import_bundle(path: Path, *, home=None, progress: bool = True) -> List[Impor
     nothing enters the store unless the whole bundle checks out."""
     path = Path(path)
     home = store.root(home)
-    staging = store.tmp_dir(home) / f"import-{os.getpid()}-{int(time.time() * 1000)}"
+    # named as gc knows a live process's staging (.PID.HEX.tmp): a gc meanwhile leaves it alone
+    staging = store.tmp_dir(home) / f"import.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     staging.mkdir(parents=True)
     try:
         small, blobs = _read_bundle(path, staging, progress)

@@ -113,6 +113,7 @@ def fetch_verified(origin: str, dest: Path, expected: Optional[Hash], size: Opti
                                   connections=connections, progress=progress, tmp_dir=_tmp_for(tmp_dir, mirror),
                                   stall_limit=stall_limit, on_progress=on_progress)
             log.info("%s: from mirror %s", expected.hex[:12], mirror)
+            _drop_partials(sources, expected, tmp_dir)
             return result
         except DiskSpaceError:
             raise
@@ -136,9 +137,12 @@ def fetch_verified(origin: str, dest: Path, expected: Optional[Hash], size: Opti
     if not origin:
         raise NetworkError(f"{dest.name}: no source left: " + "; ".join(failures or ["no origin URL"]))
     try:
-        return download(origin, dest, expected=expected, size=size, connections=connections,
-                        headers=origin_headers, progress=progress, tmp_dir=tmp_dir, stall_limit=stall_limit,
-                        on_progress=on_progress)
+        result = download(origin, dest, expected=expected, size=size, connections=connections,
+                          headers=origin_headers, progress=progress, tmp_dir=tmp_dir, stall_limit=stall_limit,
+                          on_progress=on_progress)
+        if expected is not None:
+            _drop_partials(sources, expected, tmp_dir)
+        return result
     except DiskSpaceError:
         raise
     except PylmservError as exc:
@@ -150,6 +154,13 @@ def fetch_verified(origin: str, dest: Path, expected: Optional[Hash], size: Opti
         raise cls(f"{dest.name} ({what}): every source failed: " + "; ".join(failures),
                   hint="Nothing was kept. Check the mirrors and the network; a mirror named as sending "
                        "other bytes holds wrong data.") from None
+
+
+def _drop_partials(sources: Sequence[Mirror], expected: Hash, tmp_dir: Path) -> None:
+    """The file is in hand: what a registry left for a resume of it is no longer needed."""
+    for mirror in sources:
+        if mirror.kind == "oci":
+            unlink_missing_ok(_tmp_for(tmp_dir, mirror) / f"{expected.hex}.part")
 
 
 def _reason(exc: PylmservError) -> str:
