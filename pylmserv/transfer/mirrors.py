@@ -35,7 +35,7 @@ from ..core.errors import ConfigError, DiskSpaceError, NetworkError, PylmservErr
 from ..core.fsutil import unlink_missing_ok
 from ..core.hashing import Hash
 from ..core.progress import Progress
-from .download import DownloadResult, download, redact
+from .download import DownloadResult, download, redact, resolve_stall_limit
 from .oci import OciRef, Registry
 
 log = logging.getLogger("pylmserv.mirrors")
@@ -107,7 +107,8 @@ def fetch_verified(origin: str, dest: Path, expected: Optional[Hash], size: Opti
         started = time.monotonic()
         try:
             if mirror.kind == "oci":
-                result = _pull_oci(mirror, expected, size, dest, tmp_dir, progress, on_progress)
+                result = _pull_oci(mirror, expected, size, dest, tmp_dir, progress, on_progress,
+                                   resolve_stall_limit(stall_limit))
             else:
                 result = download(mirror.blob_url(expected), dest, expected=expected, size=size,
                                   connections=connections, progress=progress, tmp_dir=_tmp_for(tmp_dir, mirror),
@@ -175,10 +176,10 @@ def _reason(exc: PylmservError) -> str:
 
 
 def _pull_oci(mirror: Mirror, expected: Hash, size: Optional[int], dest: Path, tmp_dir: Path, progress: bool,
-              on_progress) -> DownloadResult:
+              on_progress, stall_limit: float) -> DownloadResult:
     started = time.monotonic()
     partial = _tmp_for(tmp_dir, mirror) / f"{expected.hex}.part"  # kept across runs: the next one resumes
-    client = Registry(OciRef.parse(mirror.spec))
+    client = Registry(OciRef.parse(mirror.spec), read_timeout=stall_limit)  # one stream: a silent read is a stall
     bar = Progress(dest.name, size, enabled=progress, callback=on_progress)
     try:
         received = client.pull_blob(expected, partial, size=size, on_progress=bar.update)

@@ -269,8 +269,10 @@ class _Bounded:
 class Registry:
     """One repository on one registry. Not thread-safe; one per transfer."""
 
-    def __init__(self, ref: OciRef, insecure: Optional[Iterable[str]] = None, env=None):
+    def __init__(self, ref: OciRef, insecure: Optional[Iterable[str]] = None, env=None,
+                 read_timeout: float = READ_TIMEOUT):
         self.ref = ref
+        self.read_timeout = read_timeout  # seconds a read may wait for a byte (a stall gives up)
         self.insecure = set(insecure) if insecure is not None else None
         self.scheme = "http" if plain_http_allowed(ref.host, self.insecure) else "https"
         self.base = f"{self.scheme}://{ref.host}/v2/{ref.repo}"
@@ -326,7 +328,7 @@ class Registry:
             h["Authorization"] = self._authorization
         try:
             return self.session.request(method, url, headers=h, data=data, stream=stream, allow_redirects=False,
-                                        timeout=(CONNECT_TIMEOUT, READ_TIMEOUT))
+                                        timeout=(CONNECT_TIMEOUT, self.read_timeout))
         except requests.exceptions.RequestException as exc:
             raise NetworkError(f"{self.ref}: {method} failed: {short_error(exc)}",
                                hint="Check that the registry is running and reachable.") from None
