@@ -255,6 +255,13 @@ class _Bounded:
     def __len__(self):
         return self.len
 
+    def __iter__(self):  # requests sends an iterable with a length as CHUNK-sized writes
+        while True:
+            data = self.read(CHUNK)
+            if not data:
+                return
+            yield data
+
     def read(self, n: int = -1) -> bytes:
         if self.left <= 0:
             return b""
