@@ -34,7 +34,7 @@ COMMANDS = {
     "gc": ("gc", "Delete what no lock, current build or running pylmserv still uses."),
     "push": ("push", "Push locked models to an OCI registry (CNCF ModelPack artifacts)."),
     "export": ("export", "Write locked models into one OCI archive for an offline machine."),
-    "import": ("import_", "Install an exported archive into the store, offline, every digest checked."),
+    "import": ("import_", "Install an exported archive offline, every digest checked."),
 }
 
 
