@@ -187,6 +187,12 @@ def test_bearer_token_flow(tmp_path, auth_env):
                    for s in scopes), tokens.requests
         # The password went to the token realm as basic auth, never to the registry.
         assert PASSWORD not in reg.log.read_text(errors="replace")
+        # A wrong password: the token service refuses, and the error names the auth file, not the secret.
+        write_auth_file(auth_env, reg.host, "bob", "x" + PASSWORD)
+        with pytest.raises(NetworkError) as e:
+            oci.Registry(ref).blob_info(digest)
+        text = f"{e.value} {e.value.hint}"
+        assert "token service answered HTTP 401" in text and str(auth_env) in text and PASSWORD not in text
 
 
 class _Liar(BaseHTTPRequestHandler):
