@@ -113,7 +113,7 @@ def test_every_source_failing_names_each_and_keeps_nothing(world):
     empty.mkdir()
     with nginx_dir(liar, w["tmp"] / "liar-nginx") as lying, nginx_dir(empty, w["tmp"] / "empty-nginx") as hollow:
         r = fetch_b(w, "m", mirrors=f"{lying.url} {hollow.url}")
-    assert r.returncode != 0
+    assert r.returncode == 3, r.stderr  # the origin's verdict: unreachable
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1, r.stderr
     line = errors[0]

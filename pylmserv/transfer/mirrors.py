@@ -150,11 +150,11 @@ def fetch_verified(origin: str, dest: Path, expected: Optional[Hash], size: Opti
         if not failures:
             raise
         failures.append(f"origin {redact(origin)} ({_reason(exc)})")
-        cls = VerificationError if lied and isinstance(exc, VerificationError) else type(exc)
         what = f"sha256 {expected.hex}" if expected is not None else redact(origin)
-        raise cls(f"{dest.name} ({what}): every source failed: " + "; ".join(failures),
-                  hint="Nothing was kept. Check the mirrors and the network; a mirror named as sending "
-                       "other bytes holds wrong data.") from None
+        raise PylmservError(f"{dest.name} ({what}): every source failed: " + "; ".join(failures),
+                            hint="Nothing was kept. Check the mirrors and the network"
+                                 + ("; a mirror named as sending other bytes holds wrong data." if lied else "."),
+                            exit_code=exc.exit_code) from None  # the origin's verdict: 3 network, 4 other bytes
 
 
 def _drop_partials(sources: Sequence[Mirror], expected: Hash, tmp_dir: Path) -> None:
