@@ -98,6 +98,7 @@ class Config:
     models: Dict[str, ModelSpec]
     cache: Dict[str, object] = field(default_factory=dict)  # [cache]: substituters, trusted-public-keys
     adopt_from: Tuple[Path, ...] = ()  # `adopt-from = [...]`: folders to look in before downloading
+    mirrors: Tuple[str, ...] = ()  # tried before the origin of every locked file (transfer/mirrors.py)
 
 
 @dataclass(frozen=True)
@@ -195,11 +196,19 @@ def _depth(value) -> int:
 
 def load_config(path: Path) -> Config:
     data = _read_toml(Path(path), "config", "Create pylmserv.toml or pass --config PATH.")
-    _only_keys(data, {"sources", "models", "version", "cache", "adopt-from"}, str(path))
+    _only_keys(data, {"sources", "models", "version", "cache", "adopt-from", "mirrors"}, str(path))
     sources = {name: _parse_source(name, t, path) for name, t in _tables(data, "sources", path).items()}
     models = {name: _parse_model(name, t, path) for name, t in _tables(data, "models", path).items()}
+    mirrors = data.get("mirrors", [])
+    if not isinstance(mirrors, list) or not all(isinstance(m, str) and m.strip() for m in mirrors):
+        raise ConfigError(f"{path}: mirrors must be a list of URLs",
+                          hint='e.g. mirrors = ["oci://127.0.0.1:5000/models", "http://store.lan/blobs"]')
+    for m in mirrors:  # the full check is transfer/mirrors.parse_mirror's, when a fetch uses them
+        if not m.strip().lower().startswith(("http://", "https://", "file://", "oci://")):
+            raise ConfigError(f"{path}: mirrors: unsupported mirror {show(repr(m.split('@')[-1]))}",
+                              hint="Use http(s)://BASE or file:///BASE (BASE/sha256/HEX), or oci://HOST[:PORT]/REPO.")
     return Config(path=Path(path), sources=sources, models=models, cache=_parse_cache(data.get("cache", {}), path),
-                  adopt_from=_adopt_from(data, Path(path)))
+                  adopt_from=_adopt_from(data, Path(path)), mirrors=tuple(m.strip() for m in mirrors))
 
 
 def _parse_cache(t, path) -> Dict[str, object]:
