@@ -393,11 +393,16 @@ def _ensure_blob(f: _File, connections, offline, progress, home, check_gguf: boo
 
 
 def _refuse_missing_offline(plans, mirrors, home: Path) -> None:
-    """Offline: name every file the store lacks (and no file:// mirror could give) at once."""
+    """Offline: name every file the store lacks (and neither another tool's copy nor a
+    file:// mirror could give) at once."""
+    def present(f) -> bool:
+        if f.expected is not None and store.has_blob(f.expected, home, f.size):
+            return True
+        return adopting.before_download(f.expected, f.size, f.filename, f.url, home) is not None
+
     missing = [f"{plan.name}: {f.filename}" + (f" (sha256 {f.expected.hex[:12]}...)" if f.expected else "")
                for plan in plans for f in plan.files
-               if not (f.expected is not None and store.has_blob(f.expected, home, f.size))
-               and not mirror_chain.offline_sources(mirrors, f.expected)]
+               if not present(f) and not mirror_chain.offline_sources(mirrors, f.expected)]
     if missing:
         raise UsageError(f"offline, and {len(missing)} file(s) are not in the store: " + "; ".join(missing),
                          hint="Fetch them once with the network, import a bundle (`pylmserv import FILE`), "

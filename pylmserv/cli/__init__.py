@@ -32,7 +32,7 @@ COMMANDS = {
     "add": ("add", "Add a model or source to pylmserv.toml and pin it in one step."),
     "update": ("update", "Move pins to the newest upstream release, tag or branch head."),
     "gc": ("gc", "Delete what no lock, current build or running pylmserv still uses."),
-    "push": ("push", "Push models or signed portable builds to a registry or build cache."),
+    "push": ("push", "Push models or signed builds to a registry or build cache."),
     "key": ("key", "Make ed25519 signing keys in Nix's NAME:BASE64 format."),
     "adopt": ("adopt", "Take verified copies of locked models from other tools' caches."),
     "link": ("link", "Lay fetched models out for HF, ollama, LM Studio by hard link."),

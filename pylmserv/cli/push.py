@@ -7,6 +7,9 @@ from pathlib import Path
 
 import click
 
+from ..app.share import push
+from ..builders import push_builds
+from ..builders.llama_cpp import BACKENDS
 from ..core.errors import UsageError
 from .options import emit_json, json_option, project_command
 
@@ -50,8 +53,6 @@ def command(opts, names, to, sign_key, backends, chunk_size, as_json, no_progres
     if sign_key is not None or backends:
         raise UsageError("--sign-key and --backend apply to `pylmserv push llama.cpp` (builds) only",
                          hint="Models are checked by their sha256 in the lock: push them without a key.")
-    from ..app.share import push
-
     results = push(list(names), to, config=config, lock=lock,
                    progress=not no_progress and not (opts and opts.quiet), chunk_size=chunk_size)
     if as_json:
@@ -62,9 +63,6 @@ def command(opts, names, to, sign_key, backends, chunk_size, as_json, no_progres
 
 
 def _push_builds(to, sign_key, backends, config, lock, as_json) -> None:
-    from ..builders import push_builds
-    from ..builders.llama_cpp import BACKENDS
-
     for b in backends:
         if b not in BACKENDS:
             raise UsageError(f"--backend {b}: not a backend", hint=f"One of: {', '.join(BACKENDS)}.")
