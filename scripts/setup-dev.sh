@@ -18,6 +18,8 @@ $SUDO apt-get install -y -qq --no-install-recommends \
 # (header check, doctor --backend vulkan), OpenBLAS (--backend blas).
 $SUDO apt-get install -y -qq --no-install-recommends \
   binutils hipcc glslc libvulkan-dev spirv-headers mesa-vulkan-drivers vulkan-tools libopenblas-dev >/dev/null
+# systemd: `systemd-analyze verify` checks the units `serve --generate systemd` prints.
+$SUDO apt-get install -y -qq --no-install-recommends systemd >/dev/null
 python3 -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 python3 -m pip install -q -e '.[test]'
 cache="${PYLMSERV_TEST_CACHE:-$HOME/.cache/pylmserv-tests}"

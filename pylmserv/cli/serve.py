@@ -74,10 +74,15 @@ def _complete_models(ctx, param, incomplete):
 @click.option("--offline", is_flag=True, envvar="HF_HUB_OFFLINE", help="Use only models already in the store.")
 @click.option("--log", "log_path", type=click.Path(path_type=Path),
               help="Server log file (default: <store>/logs/llama-server-PORT.log; -v shows it live instead).")
+@click.option("--generate", type=click.Choice(["systemd"]),
+              help="Print a systemd unit that runs this serve (loopback, hardened, key as a credential) "
+                   "instead of serving.")
+@click.option("--user/--system", "user_unit", default=True, show_default=True,
+              help="With --generate systemd: a user unit or a system unit.")
 @json_option("When ready, print {url, api, model, models} as one JSON line on stdout.")
 @click.pass_context
 def command(ctx, models, all_models, backend, engine, host, port, ngl, public, api_key, api_key_file, max_loaded,
-            idle_unload, pin, preload, server_bin, health_timeout, offline, log_path, as_json):
+            idle_unload, pin, preload, server_bin, health_timeout, offline, log_path, generate, user_unit, as_json):
     """Serve MODEL (a catalog name or a .gguf path) with llama-server; several names (or
     --all) serve every one of them behind one endpoint (llama-server's router mode).
 
@@ -110,6 +115,12 @@ def command(ctx, models, all_models, backend, engine, host, port, ngl, public, a
                         host=host, port=port, ngl=ngl, public=public, api_key=api_key, extra_args=tuple(extra_args),
                         server_bin=server_bin, health_timeout=health_timeout, offline=offline, log_file=log_file,
                         router=router)
+    if generate == "systemd":
+        from ..app.unit import systemd_unit
+
+        click.echo(systemd_unit(opts, models, "user" if user_unit else "system", api_key_file=api_key_file,
+                                all_models=all_models, config=config, lock=lock), nl=False)
+        return 0
     quiet = bool(g and g.quiet)
     shown = models[0] if router is None else ", ".join(models)
 
