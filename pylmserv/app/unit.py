@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from ..builders import resolve_backend
 from ..core.errors import PylmservError, UsageError
 from ..pins.config import load_project
 from ..store import layout
@@ -178,8 +179,6 @@ def _server(opts: ServeOptions, config, lock):
         return resolve_server(opts.engine, opts.backend, Path(explicit), config, lock).resolve(), opts.backend
     backend = opts.backend
     if opts.engine == "llama.cpp":
-        from ..builders import resolve_backend
-
         backend, _ = resolve_backend(opts.engine, opts.backend, config=config, lock=lock)
         if existing_build_targets(backend, config, lock) is None:
             raise UsageError(f"no {backend} build of the locked llama.cpp with llama-server yet: the unit never builds",

@@ -11,6 +11,7 @@ import click
 
 from ..app.serve import (ENGINES, SERVER_BIN_ENV, RouterSettings, ServeOptions, all_model_names, default_log_file,
                          read_api_key_file, serve)
+from ..app.unit import systemd_unit
 from ..builders.llama_cpp import BACKENDS
 from ..core.errors import UsageError
 from ..pins.config import load_project
@@ -116,8 +117,6 @@ def command(ctx, models, all_models, backend, engine, host, port, ngl, public, a
                         server_bin=server_bin, health_timeout=health_timeout, offline=offline, log_file=log_file,
                         router=router)
     if generate == "systemd":
-        from ..app.unit import systemd_unit
-
         click.echo(systemd_unit(opts, models, "user" if user_unit else "system", api_key_file=api_key_file,
                                 all_models=all_models, config=config, lock=lock), nl=False)
         return 0
