@@ -143,6 +143,15 @@ def test_all_and_router_settings(proj, home, standin, tmp_path):
         stop(proc)
 
 
+def test_a_preloaded_model_that_fails_is_named_and_nothing_is_left(proj, home, standin, tmp_path):
+    proc, _, record = start(proj, home, standin, tmp_path, "chat-a", "c", "--preload", "c",
+                            env={"STANDIN_FAIL_MODEL": "c"})
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and out == ""  # never announced ready
+    assert "model c failed to load" in err and "Traceback" not in err
+    assert wait_for(lambda: not alive(json.loads(record.read_text())["pid"]))
+
+
 @pytest.mark.parametrize("settings, message", [
     (RouterSettings(("a", "b", "c"), max_loaded=2, pin=("a",)), "--pin cannot be kept with --max-loaded 2"),
     (RouterSettings(("a", "b", "c"), max_loaded=1, preload=("a", "b")), "2 models to load at start"),

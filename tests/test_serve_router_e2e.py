@@ -169,3 +169,30 @@ def test_sixteen_clients_two_models_max_loaded_one(project):
         assert {r[1] for r in answers} == {"tiny-chat", "tiny-chat-2"}, results
     finally:
         stop_and_check(proc, seen)
+
+
+def test_key_file_and_preload_on_the_real_router(project, tmp_path):
+    """--api-key-file: the router and the model instances it starts (they inherit
+    LLAMA_API_KEY) answer only with the key; --preload: ready means that model is loaded."""
+    key_file = tmp_path / "key"
+    key_file.write_text("e2e-router-key\n")
+    proc = start(project, "tiny-chat", "tiny-embed", "--api-key-file", str(key_file), "--preload", "tiny-chat")
+    seen = set()
+    try:
+        ready = read_ready(proc, timeout=300)
+        seen |= descendants(proc.pid)
+        assert len(seen) >= 2  # the router and the preloaded instance, before any request
+        keyed = openai.OpenAI(base_url=ready["api"], api_key="e2e-router-key", timeout=120, max_retries=0)
+        listed = {m.id: m for m in keyed.models.list().data}
+        assert set(listed) == {"tiny-chat", "tiny-embed"}
+        reply = keyed.chat.completions.create(model="tiny-chat", max_tokens=4,
+                                              messages=[{"role": "user", "content": "hi"}])
+        assert reply.choices[0].message.role == "assistant"
+        wrong = openai.OpenAI(base_url=ready["api"], api_key="not-the-key", timeout=60, max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            wrong.chat.completions.create(model="tiny-chat", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
+        for pid in seen:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                assert b"e2e-router-key" not in f.read()
+    finally:
+        stop_and_check(proc, seen)

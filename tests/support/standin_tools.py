@@ -275,7 +275,8 @@ def llama_server(bin_dir: Path) -> Path:
 
     Router mode (no -m, `--models-preset FILE`, as llama-server since Dec 2025): the preset's
     text and the environment's LLAMA_CACHE are recorded ("preset", "llama_cache"), and
-    GET /models lists the preset's sections, those with load-on-startup = true as loaded.
+    GET /models lists the preset's sections, those with load-on-startup = true as loaded
+    (STANDIN_FAIL_MODEL=NAME: that one as failed, exit code 1).
     """
     return _write(bin_dir, "llama-server", '''
         import json, os, signal, subprocess, sys, threading, time
@@ -350,7 +351,9 @@ def llama_server(bin_dir: Path) -> Path:
                 if self.path in ("/models", "/v1/models") and preset:
                     return self.reply(200, {"object": "list", "data": [
                         {"id": n, "object": "model", "path": opts.get("model"),
-                         "status": {"value": "loaded" if opts.get("load-on-startup") == "true" else "unloaded"}}
+                         "status": {"value": "unloaded", "failed": True, "exit_code": 1}
+                         if n == os.environ.get("STANDIN_FAIL_MODEL") else
+                         {"value": "loaded" if opts.get("load-on-startup") == "true" else "unloaded"}}
                         for n, opts in sections.items() if n != "*"]})
                 self.reply(404, {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}})
             def do_POST(self):
