@@ -197,3 +197,38 @@ def test_key_file_and_preload_on_the_real_router(project, tmp_path):
                 assert b"e2e-router-key" not in f.read()
     finally:
         stop_and_check(proc, seen)
+
+
+def test_generated_unit_runs_the_real_router_with_the_store_read_only(project, tmp_path):
+    """`serve ... --generate systemd` against the real build; its ExecStart run as the unit's
+    sandbox would (store read-only, only logs writable, the key from %d): both models answer."""
+    from tests.test_serve_unit import need_root, sandboxed_exec_start
+
+    need_root()
+    proj, env = project
+    key_file = tmp_path / "key"
+    key_file.write_text("unit-e2e-key\n")
+    port = free_port()
+    gen = subprocess.run([sys.executable, "-m", "pylmserv", "serve", "tiny-chat", "tiny-embed", "--backend", "cpu",
+                          "--port", str(port), "--api-key-file", str(key_file), "--max-loaded", "1",
+                          "--generate", "systemd", "--", "--ctx-size", "256", "--threads", "2"],
+                         cwd=proj, capture_output=True, text=True, env=env, timeout=600)
+    assert gen.returncode == 0, gen.stderr
+    assert "unit-e2e-key" not in gen.stdout and "PrivateDevices=yes" in gen.stdout
+    home = Path(env["PYLMSERV_HOME"])
+    proc = sandboxed_exec_start(gen.stdout, home, tmp_path, key_file, env=env)
+    seen = set()
+    try:
+        ready = read_ready(proc, timeout=300)
+        client = openai.OpenAI(base_url=ready["api"], api_key="unit-e2e-key", timeout=120, max_retries=0)
+        assert sorted(m.id for m in client.models.list().data) == ["tiny-chat", "tiny-embed"]
+        reply = client.chat.completions.create(model="tiny-chat", max_tokens=4,
+                                               messages=[{"role": "user", "content": "hi"}])
+        assert reply.model == "tiny-chat"
+        seen |= descendants(proc.pid)
+        emb = client.embeddings.create(model="tiny-embed", input="hello")  # evicts tiny-chat (--max-loaded 1)
+        assert len(emb.data[0].embedding) == 64
+        seen |= descendants(proc.pid)
+    finally:
+        out, err = stop_and_check(proc, seen)
+    assert "STORE-WRITABLE" not in err

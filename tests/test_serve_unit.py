@@ -153,34 +153,47 @@ def test_quote_arg_escapes_specifiers_and_variables():
         quote_arg("a\nb")
 
 
-def test_exec_start_runs_with_the_store_read_only_and_only_logs_writable(fetched, proj, home, standin, key_file, tmp_path):
-    """The unit's own ExecStart, in a mount namespace shaped like its sandbox: serve fetches
-    (verifies), writes the router's preset to its private /tmp, logs, serves, stops on SIGINT."""
+def need_root():
     if os.geteuid() != 0:
         if os.environ.get("CI"):
             pytest.fail("this test needs root (a private mount namespace)")
         pytest.skip("needs root for unshare -m")
     need_tool("unshare")
-    port = free_port()
-    unit = generate(proj, home, standin, "chat-a", "c", "--api-key-file", key_file, "--port", str(port)).stdout
+
+
+def sandboxed_exec_start(unit: str, home: Path, tmp_path: Path, key_file=None, env=None) -> subprocess.Popen:
+    """Run the unit's ExecStart (plus --json) as its sandbox would: in a private mount
+    namespace where the store is read-only and only its logs are writable; %d is a
+    credentials directory holding the key. Refuses to start if the store stayed writable."""
     exec_start = settings(unit)["ExecStart"][0]
     creds = tmp_path / "credentials"  # what systemd's %d would be
     creds.mkdir()
-    shutil.copy(key_file, creds / "pylmserv-api-key")
+    if key_file is not None:
+        shutil.copy(key_file, creds / "pylmserv-api-key")
     argv = [a.replace("%d", str(creds)) for a in shlex.split(exec_start)]
     argv.insert(argv.index("--"), "--json") if "--" in argv else argv.append("--json")
     rw = tmp_path / "logs-rw"
     rw.mkdir()
     h, logs = home.resolve(), home.resolve() / "logs"
-    record = tmp_path / "record.json"
     script = (f"set -e; mount --bind {logs} {rw}; mount --bind {h} {h}; mount -o remount,bind,ro {h}; "
               f"mount --bind {rw} {logs}; "
-              f"if touch {h}/probe 2>/dev/null; then echo STORE-WRITABLE; exit 9; fi; "
+              f"if touch {h}/probe 2>/dev/null; then echo STORE-WRITABLE >&2; exit 9; fi; "
               f"touch {logs}/probe && rm {logs}/probe; "
               f"exec {' '.join(shlex.quote(a) for a in argv)}")
-    env = dict(os.environ, PYLMSERV_HOME=str(h), STANDIN_RECORD=str(record))
-    proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    full_env = dict(os.environ, PYLMSERV_HOME=str(h))
+    full_env.update(env or {})
+    return subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env)
+
+
+def test_exec_start_runs_with_the_store_read_only_and_only_logs_writable(fetched, proj, home, standin, key_file, tmp_path):
+    """The unit's own ExecStart, in a mount namespace shaped like its sandbox: serve fetches
+    (verifies), writes the router's preset to its private /tmp, logs, serves, stops on SIGINT."""
+    need_root()
+    port = free_port()
+    unit = generate(proj, home, standin, "chat-a", "c", "--api-key-file", key_file, "--port", str(port)).stdout
+    record = tmp_path / "record.json"
+    proc = sandboxed_exec_start(unit, home, tmp_path, key_file, env={"STANDIN_RECORD": str(record)})
     try:
         from tests.test_serve import read_ready
         ready = read_ready(proc, timeout=60)
