@@ -25,6 +25,8 @@ $SUDO apt-get install -y -qq --no-install-recommends \
 # copy what pylmserv writes.
 $SUDO apt-get install -y -qq --no-install-recommends \
   nginx-light aria2 docker-registry apache2-utils skopeo >/dev/null
+# systemd: `systemd-analyze verify` checks the units `serve --generate systemd` prints.
+$SUDO apt-get install -y -qq --no-install-recommends systemd >/dev/null
 python3 -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 python3 -m pip install -q -e '.[test]'
 cache="${PYLMSERV_TEST_CACHE:-$HOME/.cache/pylmserv-tests}"
