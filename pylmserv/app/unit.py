@@ -24,7 +24,7 @@ from ..builders import resolve_backend
 from ..core.errors import PylmservError, UsageError
 from ..pins.config import load_project
 from ..store import layout
-from .serve import (ServeOptions, all_model_names, check_api_key, check_extra_args, check_router_extra_args,
+from .serve import (ServeOptions, check_api_key, check_extra_args, check_router_extra_args,
                     check_router_settings, existing_build_targets, is_loopback, resolve_server)
 from .fetch_models import fetch
 
