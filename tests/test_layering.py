@@ -28,6 +28,23 @@ LAZY_ALLOWED: dict = {
     ("pylmserv.builders", "pylmserv.builders.llamafile"):
         "start-up: llamafile's engine (ZIP, cosmocc, binfmt) is ~15 ms that an up-to-date llama.cpp build "
         "must not pay (issue 14: within Python start + 100 ms); no cycle is dodged",
+    # The same budget (issue 18: met by lazy imports, not by a second judge of "up to date"):
+    # modules an up-to-date build never uses; no cycle is dodged.
+    ("pylmserv.builders", "pylmserv.store.trees"):
+        "start-up: the store's trees (archive, NAR, git, the download engine) only when a source is fetched",
+    ("pylmserv.builders", "pylmserv.builders.auto"):
+        "start-up: --backend auto's detection only when asked for",
+    ("pylmserv.builders", "pylmserv.builders.toolchain"):
+        "start-up: tool probes and the toolchain's records only when a build runs (the key's stat-only "
+        "detections are in builders/probes.py)",
+    ("pylmserv.builders.llama_cpp", "pylmserv.builders.toolchain"):
+        "start-up: preflight's cmake minimum only when a build runs",
+    ("pylmserv.builders.llama_cpp", "pylmserv.core.proc"):
+        "start-up: subprocess and process groups only when a step runs",
+    ("pylmserv.builders", "pylmserv.builders.cudalink"):
+        "start-up: the CUDA driver stub and link checks only in a CUDA compile",
+    ("pylmserv.pins.config", "pylmserv.transfer.hub"):
+        "start-up: the Hub client (and the download engine under it) only when an hf URL is resolved",
 }
 
 
@@ -169,7 +186,9 @@ def test_no_pylmserv_import_inside_a_function():
 
 
 def test_lazy_allowlist_is_short_and_current():
-    assert len(LAZY_ALLOWED) <= 3
+    assert len(LAZY_ALLOWED) <= 10
+    # laziness for start-up speed only, never to dodge a cycle (DESIGN.md "Layout")
+    assert all(why.startswith("start-up:") for why in LAZY_ALLOWED.values())
     live = {(i, t) for i, t, _, f in EDGES if f}
     assert set(LAZY_ALLOWED) <= live, "stale entries in LAZY_ALLOWED"
 

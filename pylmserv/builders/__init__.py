@@ -17,21 +17,19 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..core.errors import BuildError, ConfigError, ToolMissingError, UsageError
-from ..pins.config import CONFIG_NAME, load_project
-from ..store import replay
+from ..pins.config import load_project
 from ..store.layout import home
-from ..store.trees import ensure_source, store_path
-from . import toolchain as tc
+# The toolchain's probes and records, the store's trees (archive, NAR, git, the download
+# engine), auto's detection and the CUDA link checks are imported where they are used: an
+# up-to-date build reads the lock and one stamp and must stay within Python start + 100 ms
+# (docs/build.md), and these modules cost ~25 ms it never uses. Speed only, no cycle is
+# dodged. The stat-only detections that are part of the key are in probes.py.
+from . import probes
 from .base import BuildSkeleton, Compiled
 from .llama_cpp import (BACKENDS, BUILD_TIMEOUT, CONFIGURE_TIMEOUT, DEFAULT_TARGETS, LOG_NAME, MAPPING_VERSION,
                         Detected, Request, backend_env, builtin_features, find_outputs, make_commands, map_options,
                         preflight, run_logged, scan_features)
 from .result import BuildResult
-from .auto import choose_backend
-from .cudalink import check_gpu_links, cuda_header_driver_symbols, write_cuda_driver_stub
-from .toolchain import (DEFAULT_MIN_HIP, VULKAN_WAYS_OUT, cuda_roots, detect_toolchain, detect_vulkan_sdk,
-                        find_cuda_header, find_cuda_stubs, hip_too_old, hip_version, required_hip_version,
-                        vulkan_headers_too_old)
 
 log = logging.getLogger("pylmserv.build")
 
@@ -95,6 +93,9 @@ def resolve_backend(what: str, backend: str, source_dir: Optional[Path] = None, 
     here (auto.choose_backend); the choice and its reasons are logged."""
     if backend != "auto":
         return backend, None
+    from . import toolchain as tc  # lazy for speed (see the imports above)
+    from .auto import choose_backend
+
     min_hip = tc.DEFAULT_MIN_HIP
     tree = Path(source_dir) if source_dir else (stored_llama_source(config, lock) if what == "llama.cpp" else None)
     if tree is not None:
@@ -106,6 +107,8 @@ def resolve_backend(what: str, backend: str, source_dir: Optional[Path] = None, 
 
 def stored_llama_source(config=None, lock=None) -> Optional[Path]:
     """The locked llama.cpp tree when it is already in the store (auto reads its HIP minimum)."""
+    from ..store.trees import store_path  # lazy for speed (see the imports above)
+
     try:
         entry = load_project(config, lock).lock.entry("sources", SOURCE_NAME)
     except ConfigError:
@@ -140,9 +143,6 @@ class LlamaCppBuild(BuildSkeleton):
 
     def _lock_entry(self):
         project = load_project(self.config, self.lock)
-        # What the answer depends on (replay_checks): the files read, and the config the
-        # search would find instead of the packaged one
-        self.project_files = [project.config_path, project.lock_path] + ([Path(CONFIG_NAME)] if not self.config else [])
         entry = project.lock.entry("sources", SOURCE_NAME)
         if entry is None:
             raise ConfigError(f"no [sources.{SOURCE_NAME}] in {project.lock_path}",
@@ -160,6 +160,8 @@ class LlamaCppBuild(BuildSkeleton):
         nvcc_archs: Tuple[str, ...] = ()
         gfx: Tuple[str, ...] = ()
         cublas_wheel = None
+        if req.backend in ("cuda", "rocm"):
+            from . import toolchain as tc  # lazy for speed (see the imports above): GPU builds only
         if req.backend == "cuda":
             nvcc = tc.Tool("nvcc", tc.which("nvcc"))  # stat only: no version probe on the fast path
             cublas = tc.detect_cublas(nvcc)
@@ -172,8 +174,8 @@ class LlamaCppBuild(BuildSkeleton):
                     nvcc_archs = tuple(sorted(set(re.findall(r"compute_(\d+)", out)), key=int)) if rc == 0 else ()
         if req.backend == "rocm" and not req.gpu_targets:
             gfx = tc.detect_rocm().gfx_targets
-        return Detected(platform=sys.platform, openssl=tc.detect_openssl_headers(),
-                        blas_vendor=tc.detect_blas() if req.backend == "blas" else None,
+        return Detected(platform=sys.platform, openssl=probes.detect_openssl_headers(),
+                        blas_vendor=probes.detect_blas() if req.backend == "blas" else None,
                         cuda_archs=cuda_archs, gfx_targets=gfx,
                         source_date_epoch="SOURCE_DATE_EPOCH" in os.environ, nvcc_archs=nvcc_archs,
                         cublas_wheel=cublas_wheel)
@@ -194,15 +196,6 @@ class LlamaCppBuild(BuildSkeleton):
                              "cublas_wheel": list(det.cublas_wheel) if det.cublas_wheel else None}
                           if req.backend == "cuda" else {})},
         }
-
-    def replay_checks(self) -> Optional[dict]:
-        """Replayable when the key needs stat calls only (no nvidia-smi/rocminfo/nvcc probe,
-        no local tree that changes under the same key)."""
-        if self.req.backend not in ("cpu", "blas", "vulkan", "metal") or self.entry is None or self.force:
-            return None
-        probed = tc.openssl_header_paths() + (list(tc.BLAS_HEADERS) if self.req.backend == "blas" else [])
-        return {"files": {os.path.abspath(p): replay.file_digest(p) for p in self.project_files},
-                "probed": {str(p): p.exists() for p in probed}, "lock": os.path.abspath(self.project_files[1])}
 
     # -- the pipeline -------------------------------------------------------------------
 
@@ -233,6 +226,8 @@ class LlamaCppBuild(BuildSkeleton):
 
     def _driver_stub(self, tc) -> Optional[Path]:
         """Where the libcuda link stub goes when the toolkit has none (NVIDIA's PyPI wheels)."""
+        from .toolchain import find_cuda_stubs  # lazy for speed (see the imports above)
+
         nvcc = tc.extra.get("nvcc")
         if self.req.backend != "cuda" or nvcc is None or not nvcc.found or find_cuda_stubs(nvcc) is not None:
             return None
@@ -240,6 +235,9 @@ class LlamaCppBuild(BuildSkeleton):
 
     def _check_cuda_links(self, tc, outputs: Dict[str, Path], stub: Optional[Path]) -> None:
         """readelf/nm: every cu*/cublas* symbol the binaries use comes from a NEEDED library."""
+        from .cudalink import check_gpu_links  # lazy for speed (see the imports above)
+        from .toolchain import cuda_roots
+
         nvcc = tc.extra["nvcc"]
         dirs = [stub.parent] if stub is not None else []
         cublas = tc.extra.get("cublas")
@@ -251,6 +249,9 @@ class LlamaCppBuild(BuildSkeleton):
             check_gpu_links(path, [d for d in dirs if d.is_dir()])
 
     def dry_run(self) -> BuildResult:
+        from ..store.trees import store_path  # lazy for speed (see the imports above)
+        from .toolchain import detect_toolchain
+
         tc = detect_toolchain(self.req.backend)
         notes: List[str] = []
         try:
@@ -275,6 +276,9 @@ class LlamaCppBuild(BuildSkeleton):
                            detected, tuple(notes) + mapping.notes, dry_run=True)
 
     def prepare(self) -> Path:
+        from ..store.trees import ensure_source  # lazy for speed (see the imports above)
+        from .toolchain import detect_toolchain
+
         tc = detect_toolchain(self.req.backend)
         self.warnings = preflight(self.req.backend, tc)
         for w in self.warnings:
@@ -291,6 +295,9 @@ class LlamaCppBuild(BuildSkeleton):
         tc, mapping, cmds = self.tc, self.mapping, self.cmds
         stub = self._driver_stub(tc)
         if stub is not None:
+            from .cudalink import cuda_header_driver_symbols, write_cuda_driver_stub  # lazy for speed (above)
+            from .toolchain import find_cuda_header
+
             header = find_cuda_header(tc.extra["nvcc"])
             if header is None:
                 raise ToolMissingError(f"the CUDA toolkit of {tc.extra['nvcc'].path} has neither stubs/libcuda.so "
@@ -323,6 +330,8 @@ def source_checks(backend: str, tc, source: Optional[Path], cmake_args: Sequence
     version its ggml-hip/CMakeLists.txt requires, the vk:: names its ggml-vulkan uses
     (source None: not fetched yet; ROCm is then held to current llama.cpp's minimum).
     Raises ToolMissingError (one line, the ways out in the hint); doctor says the same."""
+    from .toolchain import (DEFAULT_MIN_HIP, VULKAN_WAYS_OUT, detect_vulkan_sdk, hip_too_old, hip_version,
+                            required_hip_version, vulkan_headers_too_old)  # lazy for speed (see the imports above)
     if backend == "rocm":
         rocm = tc.extra["rocm"]
         needed = required_hip_version(source) if source is not None else DEFAULT_MIN_HIP

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,12 +99,6 @@ class BuildSkeleton:
     def dry_run(self) -> BuildResult:
         raise NotImplementedError
 
-    def replay_checks(self) -> Optional[dict]:
-        """What an up-to-date answer depends on besides the stamp, for store/replay.py:
-        {"files": {path: digest or None}, "probed": {path: exists}, "lock": path}. None (the
-        default): it depends on more (a probe that runs a tool), so it is never replayed."""
-        return None
-
     # -- the pipeline ----------------------------------------------------------------------
 
     def _reusable(self):
@@ -112,7 +107,19 @@ class BuildSkeleton:
         if self.force or self.source_dir is not None:
             return None
         stamp = stamps.read_stamp(self.stamp_path)
-        return stamp if stamps.is_up_to_date(stamp, self.wanted(), inputs=self.inputs) else None
+        if not stamps.is_up_to_date(stamp, self.wanted(), inputs=self.inputs):
+            return None
+        # A build's outputs are in its build directory; a stamp that names a file elsewhere
+        # (edited, or copied from another build) is not this build's: build again rather than
+        # install what it points at.
+        inside = os.path.realpath(self.build_dir)
+        for path in stamp.output_paths().values():
+            real = os.path.realpath(path)
+            if os.path.commonpath([inside, real]) != inside or real == inside:
+                log.warning("warning: %s names an output outside its build directory (%s): building again",
+                            self.stamp_path, path)
+                return None
+        return stamp
 
     def run(self, dry_run: bool = False) -> BuildResult:
         if dry_run:
@@ -121,8 +128,7 @@ class BuildSkeleton:
         if stamp is not None:
             log.debug("up to date: %s", self.build_dir)
             return self.finish(stamp.output_paths(), cache_hit=True, notes=("up to date: nothing to do",),
-                               commands=tuple(stamp.extra.get("commands", ())), sha256=stamp.extra.get("sha256"),
-                               replay=self._replay_record(stamp))
+                               commands=tuple(stamp.extra.get("commands", ())), sha256=stamp.extra.get("sha256"))
         source = self.prepare()
         self.build_dir.mkdir(parents=True, exist_ok=True)
         from filelock import FileLock  # lazy: ~15 ms that the up-to-date path does not need
@@ -141,7 +147,7 @@ class BuildSkeleton:
                                              "sha256": digests})
             stamps.write_stamp(self.stamp_path, stamp)
         return self.finish(done.outputs, cache_hit=False, notes=done.notes, source=source, commands=done.commands,
-                           sha256=digests, replay=self._replay_record(stamp))
+                           sha256=digests)
 
     # -- install ---------------------------------------------------------------------------
 
@@ -154,22 +160,10 @@ class BuildSkeleton:
         return self.prefix_dir() / "bin" if self.prefix is not None else self.prefix_dir()
 
     def finish(self, outputs: Dict[str, Path], cache_hit: bool, notes=(), source=None, commands=(),
-               sha256=None, replay=None) -> BuildResult:
+               sha256=None) -> BuildResult:
         prefix = self.prefix_dir()
         installed = install_files(self.select(outputs), self.bindir(), with_libs=self.libs_dir())
         current = point_current(prefix) if self.prefix is None else None
         return BuildResult(self.engine, self.backend, installed, self.build_dir, prefix,
                            time.monotonic() - self.start, cache_hit, self.key, source, tuple(commands), (),
-                           tuple(notes), current=current, sha256=dict(sha256 or {}), replay=replay)
-
-    def _replay_record(self, stamp) -> Optional[dict]:
-        """How store/replay.py answers this build again once it is up to date: the same
-        install as finish() does, after the hook's checks and the stamp's."""
-        checks = self.replay_checks()
-        if checks is None:
-            return None
-        libs = self.libs_dir()
-        return {**checks, "stamp": str(self.stamp_path), "key": self.key,
-                "install": sorted(self.select(stamp.output_paths())), "bindir": str(self.bindir()),
-                "libs": str(libs) if libs is not None else None,
-                "current": str(self.prefix_dir()) if self.prefix is None else None}
+                           tuple(notes), current=current, sha256=dict(sha256 or {}))

@@ -11,9 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shlex
-import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -21,8 +18,6 @@ from pathlib import Path
 from typing import Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
 from ..core.errors import BuildError, ToolMissingError, UsageError
-from ..core.proc import start_group, stop_group
-from .toolchain import MIN_CMAKE, version_str
 
 log = logging.getLogger("pylmserv.build")
 
@@ -361,6 +356,8 @@ class Commands:
     env: Tuple[Tuple[str, str], ...] = ()
 
     def lines(self) -> List[str]:
+        import shlex  # lazy: the up-to-date build path never prints commands
+
         prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env)
         return [(prefix + " " if prefix else "") + shlex.join(self.configure), shlex.join(self.build)]
 
@@ -371,6 +368,8 @@ def make_commands(cmake: str, ninja: Optional[str], source: Path, build_dir: Pat
     argv = [cmake, "-S", str(source), "-B", str(build_dir)]
     if ninja:
         argv += ["-G", "Ninja"]
+        import shutil  # lazy: not on the up-to-date build path
+
         if os.path.basename(ninja) != "ninja" or not shutil.which("ninja"):
             argv.append(f"-DCMAKE_MAKE_PROGRAM={ninja}")
     defines = dict(mapping.defines)
@@ -413,6 +412,8 @@ NIX_HINT = "or enter a shell that has it: `nix develop .#{shell}`"
 
 def preflight(backend: str, tc, platform: str = sys.platform) -> List[str]:
     """Warnings; raises ToolMissingError naming every missing tool with how to get it."""
+    from .toolchain import MIN_CMAKE, version_str  # lazy for speed: not on the up-to-date path (builders/__init__.py)
+
     missing: List[str] = []
     warnings: List[str] = []
     shell = {"cuda": "cuda", "rocm": "rocm", "vulkan": "vulkan"}.get(backend, "default")
@@ -488,7 +489,11 @@ def _vendor_mismatch(backend: str, want: str, vendors: Sequence[str]) -> Optiona
 def run_logged(argv: Sequence[str], log_file: Path, env: Mapping[str, str], timeout: float, what: str) -> None:
     """Run a step, appending its output to `log_file`; progress on the logger every few seconds.
     A watchdog kills the step at `timeout` even when it prints nothing."""
+    import shlex
+    import subprocess
     import threading
+
+    from ..core.proc import start_group, stop_group  # lazy for speed: not on the up-to-date build path
 
     last = time.monotonic()
     with open(log_file, "ab") as fh:

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..core.proc import probe, which  # noqa: F401 (which: used by builders and doctor)
+# the stat-only detections of a build's key live in probes.py (the up-to-date path loads it alone)
+from .probes import BLAS_HEADERS, detect_blas, detect_openssl_headers, openssl_header_paths  # noqa: F401
 
 
 Runner = Callable[[Sequence[str], float], Tuple[int, str]]
@@ -377,32 +379,6 @@ def detect_xcode(env=None, run: Runner = default_run, platform: str = sys.platfo
         rc, _ = run([xcrun, "--find", "metal"], PROBE_TIMEOUT)
         metal = rc == 0
     return Xcode(dev, metal)
-
-
-def openssl_header_paths(env=None) -> List[Path]:
-    """Where CMake finds OpenSSL's development headers by default (stat these, nothing else)."""
-    env_ = env if env is not None else os.environ
-    roots = [env_.get("OPENSSL_ROOT_DIR"), "/usr", "/usr/local", "/opt/homebrew/opt/openssl@3",
-             "/usr/local/opt/openssl@3"]
-    roots += [p.rstrip("/").rsplit("/lib/pkgconfig", 1)[0] for p in env_.get("PKG_CONFIG_PATH", "").split(":") if p]
-    return [Path(r) / "include" / "openssl" / "ssl.h" for r in roots if r]
-
-
-def detect_openssl_headers(env=None, platform: str = sys.platform) -> bool:
-    """Cheap (stat only): are OpenSSL development headers where CMake looks by default?"""
-    return any(p.exists() for p in openssl_header_paths(env))
-
-
-BLAS_HEADERS = tuple(Path(d, "cblas.h") for d in (
-    "/usr/include/openblas", "/usr/include/x86_64-linux-gnu/openblas-pthread",
-    "/usr/include/aarch64-linux-gnu/openblas-pthread", "/usr/local/include/openblas", "/usr/include"))
-
-
-def detect_blas(platform: str = sys.platform) -> Optional[str]:
-    """The BLAS vendor upstream would use: Apple (Accelerate) on macOS, OpenBLAS when its headers exist."""
-    if platform == "darwin":
-        return "Apple"
-    return "OpenBLAS" if any(p.exists() for p in BLAS_HEADERS) else None
 
 
 @dataclass(frozen=True)

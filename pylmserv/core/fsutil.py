@@ -12,7 +12,7 @@ def atomic_write_bytes(path: Union[str, Path], data: bytes, mode: int = 0o644, d
     and the cost would land on a fast path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    import tempfile  # here: ~4 ms that `build`'s replay (store/replay.py) never needs
+    import tempfile  # lazy: ~4 ms that an up-to-date `build` never needs
 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -19,7 +19,6 @@ else:  # pragma: no cover - exercised on older Pythons only
 from ..core.errors import ConfigError, HashError
 from ..core.hashing import Hash
 from ..core.names import check_name, check_version, show
-from ..transfer.hub import HUB, resolve_url as hf_resolve_url
 from .lock import LOCK_VERSION, Lock, LockEntry, check_nix_value, load_lock  # noqa: F401 (re-exported)
 from ..store.roots import use_lock
 
@@ -78,10 +77,14 @@ class ModelSpec:
     description: str = ""
     follow: Dict[str, str] = field(default_factory=dict)  # track = "branch", branch: read by `update` only
 
-    def resolve_url(self, endpoint: str = HUB, revision: Optional[str] = None) -> str:
+    def resolve_url(self, endpoint: Optional[str] = None, revision: Optional[str] = None) -> str:
         if self.url:
             return self.url
-        return hf_resolve_url(self.hf, revision or self.revision, self.file, endpoint)
+        # lazy: the Hub client pulls in the download engine (~25 ms), which `build` and every
+        # other command that only reads the project never need
+        from ..transfer import hub
+
+        return hub.resolve_url(self.hf, revision or self.revision, self.file, endpoint or hub.HUB)
 
     @property
     def filename(self) -> str:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
-from . import layout, records, replay
+from . import layout, records
 
 KINDS = ("blob", "source", "toolchain", "model", "build", "install", "partial", "staging")
 
@@ -297,7 +297,6 @@ def sweep(home: Path, keep: Keep, dry_run: bool = False) -> Report:
         if not dry_run:
             for item in report.garbage:
                 _remove(item.path, home)
-            replay.forget_stale(home)  # records of up-to-date answers about builds just deleted
     finally:
         locks.release()
     report.store_size = store_size(home)
