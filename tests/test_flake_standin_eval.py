@@ -107,7 +107,7 @@ in {
                 cosmocc = x.llamafile.cosmocc.outPath; cosmoccPath = x.cosmocc.outPath; src = src x.llamafile; };
   llamafileCuda = { inherit (x.llamafile-cuda) postBuild postInstall nvccFlags linkFlags zipArgs stdenv dontStrip pname;
                     inputs = names (x.llamafile-cuda.nativeBuildInputs ++ x.llamafile-cuda.buildInputs); };
-  pylmserv = { inherit (x.pylmserv) pname version doCheck pytestFlagsArray;
+  pylmserv = { inherit (x.pylmserv) pname version doCheck disabledTestMarks;
                deps = names x.pylmserv.propagatedBuildInputs; same = x.default.drvPath == x.pylmserv.drvPath; };
   models = builtins.listToAttrs (map (n: { name = n; value = { inherit (x.${n}) name outputHash outputHashMode url system builder; path = x.${n}.outPath; }; })
     (withPrefix "model-" x));
