@@ -65,12 +65,12 @@ def timed(argv, env, cwd=None, timeout=7200, check=True):
     return dt, proc
 
 
-def pylmserv_build(config, lock, env, targets, jobs, *extra):
+def pylmserv_build(config, lock, env, targets, jobs, *extra, cwd=None):
     argv = [sys.executable, "-m", "pylmserv", "--config", str(config), "--lock", str(lock), "build", "--json",
             "-j", str(jobs), *extra]
     for t in targets:
         argv += ["--target", t]
-    dt, proc = timed(argv, env)
+    dt, proc = timed(argv, env, cwd=cwd)
     return dt, json.loads(proc.stdout)
 
 
@@ -204,11 +204,13 @@ def main() -> None:
                 wall["pass"].append(timed([sys.executable, "-c", "pass"], env)[0])
                 cpu["pass"].append(LAST_CPU[0])
                 for name in ("pyc", "no-pyc"):
-                    dt, data = pylmserv_build(config, lock, envs[name], targets, args.jobs)
+                    # cwd outside the checkout: `python -m` would import ./pylmserv before PYTHONPATH's
+                    dt, data = pylmserv_build(config, lock, envs[name], targets, args.jobs, cwd=work)
                     assert data["cache_hit"], data
                     wall[name].append(dt)
                     cpu[name].append(LAST_CPU[0])
             assert not list((code["no-pyc"] / "pylmserv").rglob("*.pyc")), "bytecode was written"
+            assert data["paths"], data
             med = {k: statistics.median(v) for k, v in wall.items()}
             low = {k: min(v) for k, v in cpu.items()}
             results["uptodate"] = {k: (med[k], statistics.median(cpu[k]), low[k]) for k in wall}
@@ -217,8 +219,8 @@ def main() -> None:
             if args.instructions:
                 argv = [sys.executable, "-m", "pylmserv", "--config", str(config), "--lock", str(lock), "build",
                         "--json", *[a for t_ in targets for a in ("--target", t_)]]
-                ir = {"pass": instructions([sys.executable, "-c", "pass"], env),
-                      **{k: instructions(argv, envs[k]) for k in ("pyc", "no-pyc")}}
+                ir = {"pass": instructions([sys.executable, "-c", "pass"], env, work),
+                      **{k: instructions(argv, envs[k], work) for k in ("pyc", "no-pyc")}}
                 for k in ("pyc", "no-pyc"):
                     rows.append((f"instructions, {k} (callgrind)", ir[k] / 1e9,
                                  f"+{(ir[k] - ir['pass']) / 1e6:.0f} M over `python3 -c pass` ({ir['pass'] / 1e6:.0f} M): "
@@ -252,13 +254,13 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def instructions(argv, env) -> int:
+def instructions(argv, env, cwd) -> int:
     """Instructions one run executes (valgrind --tool=callgrind: the whole process tree)."""
     import re
 
     with tempfile.TemporaryDirectory() as tmp:
         proc = subprocess.run(["valgrind", "--tool=callgrind", "--trace-children=yes",
-                               f"--callgrind-out-file={tmp}/cg.%p", *argv], env=env, capture_output=True, text=True,
+                               f"--callgrind-out-file={tmp}/cg.%p", *argv], env=env, cwd=cwd, capture_output=True, text=True,
                               timeout=600)
     counts = [int(n) for n in re.findall(r"Collected : (\d+)", proc.stderr)]
     if proc.returncode != 0 or not counts:

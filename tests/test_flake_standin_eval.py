@@ -23,6 +23,7 @@ import pytest
 from pylmserv.core.hashing import Hash
 from tests.support import flakeworld as fw
 from tests.support.nixenv import have_nix, nix_env
+from tests.support.tools import missing, require  # noqa: F401
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -47,7 +48,7 @@ def standin_error(flake, attr, apply="x: x"):
 @pytest.fixture(scope="module")
 def nix_module():
     if not have_nix():
-        pytest.skip("real Nix not installed (apt-get install nix-bin)")
+        missing("real Nix", "apt-get install nix-bin; scripts/setup-dev.sh installs it")
     patch = pytest.MonkeyPatch()
     for key, value in nix_env().items():
         patch.setenv(key, value)

@@ -347,6 +347,7 @@ in
   nix-prefetch-git = leaf "nix-prefetch-git" { };
   blas = leaf "blas" { meta.available = true; };
   autoAddDriverRunpath = leaf "auto-add-driver-runpath-hook" { };
+  patchelf = leaf "patchelf" { version = "0.15.2"; };
   addDriverRunpath = { driverLink = "/run/opengl-driver"; };
   vulkan-headers = leaf "vulkan-headers" { version = "1.4.313.0"; };
   vulkan-loader = leaf "vulkan-loader" { version = "1.4.313.0"; };
