@@ -167,6 +167,7 @@ effectiveStdenv.mkDerivation {
     homepage = "https://github.com/Mozilla-Ocho/llamafile";
     license = lib.licenses.asl20;
     mainProgram = "llamafile";
-    platforms = if useCuda then [ "x86_64-linux" ] else lib.platforms.linux ++ lib.platforms.darwin;
+    # Linux until a darwin build has been seen (it needs cosmocc, linux-only here).
+    platforms = if useCuda then [ "x86_64-linux" ] else lib.platforms.linux;
   };
 }

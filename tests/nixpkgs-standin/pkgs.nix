@@ -249,6 +249,9 @@ let
 
   rocmPackages = {
     clr = rocmLeaf "clr" // {
+      # nixpkgs: clr's LLVM bin/ (clang++ for HIP); localGpuTargets only where the user's
+      # config names rocmGpuTargets (absent here: the full list applies)
+      hipClangPath = "${rocmLeaf "clang"}/bin";
       gpuTargets = [ "gfx900" "gfx906" "gfx908" "gfx90a" "gfx942" "gfx1010" "gfx1012" "gfx1030" "gfx1100" "gfx1101" "gfx1102" "gfx1200" "gfx1201" ];
     };
     hipblas = rocmLeaf "hipblas";
