@@ -38,12 +38,12 @@ def fetch(cfg: Path, home: Path, *names: str) -> None:
 
 
 def holder(home: Path, cfg: Path = None, locks=()) -> subprocess.Popen:
-    """A second, real process: loads a project (as any pylmserv command does) and holds locks."""
+    """A second, real process: loads a project as fetch and build do (a gc root) and holds locks."""
     code = ("import sys, time\n"
             "from filelock import FileLock\n"
             "from pylmserv.pins.config import load_project\n"
             f"cfg = {str(cfg)!r} if {cfg is not None!r} else None\n"
-            "if cfg: load_project(cfg)\n"
+            "if cfg: load_project(cfg).use_as_gc_root()\n"
             f"held = [FileLock(p) for p in {[str(p) for p in locks]!r}]\n"
             "[h.acquire(timeout=0) for h in held]\n"
             "print('ready', flush=True)\n"
@@ -188,8 +188,8 @@ def test_loading_a_project_creates_no_store_and_the_first_store_write_roots_it(t
 
     (tmp_path / "pylmserv.toml").write_text('[models.m]\nurl = "https://example.invalid/m.gguf"\n')
     Lock(path=tmp_path / "pylmserv.lock").write()
-    load_project(tmp_path / "pylmserv.toml")
-    assert not home.exists()  # reading commands (list, doctor) never create the store
+    load_project(tmp_path / "pylmserv.toml").use_as_gc_root()
+    assert not home.exists()  # rooting waits for the store: it never creates one
     layout.subdir("tmp")  # what a fetch or build does first
     assert roots.registered_locks(home) == [(tmp_path / "pylmserv.lock").resolve()]
     assert len(list((home / "gcroots" / "procs").glob("*.flock"))) == 1

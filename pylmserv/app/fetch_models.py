@@ -20,16 +20,18 @@ from urllib.parse import quote, unquote, urlsplit
 
 from ..core.archive import extract
 from ..core.errors import UsageError, VerificationError
-from ..core.fsutil import unlink_missing_ok
+from ..core.fsutil import remove_no_follow, unlink_missing_ok, walk_no_follow
 from ..core.gguf import check_split_set, read_header, split_info, split_names
 from ..core.hashing import Hash
-from ..core.names import pin_name, show
+from ..core.names import pin_name
 from ..pins.config import ARCHIVE_SUFFIXES, Project, load_project
 from ..pins.lock import FilePin, HfPin, LockEntry, Shard
 from ..pins.lockfile import refuse_packaged, update
+from ..store import adopt as adopting
 from ..store import blobs as store
 from ..transfer import http, hub
 from ..transfer.download import download, redact, resolve_stall_limit
+from ..transfer.http import refuse_credentials
 
 log = logging.getLogger("pylmserv.models")
 
@@ -75,11 +77,11 @@ def fetch(items: Union[str, Sequence[str]], dest: Optional[Path] = None, connect
           offline: bool = False, sha256: Union[None, str, Hash] = None, trust_on_first_use: bool = False,
           config: Optional[Path] = None, lock: Optional[Path] = None, progress: bool = True,
           home: Optional[Path] = None, link_mode: Optional[str] = None,
-          stall_limit: Optional[float] = None) -> List[FetchResult]:
+          stall_limit: Optional[float] = None, adopt: bool = True) -> List[FetchResult]:
     """Make every item present and verified in the store; returns one result per item
     (FetchResult.to_json() is what `pylmserv fetch --json` prints). `stall_limit`:
     seconds without new data before a download gives up (default $PYLMSERV_STALL_LIMIT,
-    else 120)."""
+    else 120). `adopt`: first look for a missing file in other tools' caches (store/adopt)."""
     if isinstance(items, str):
         items = [items]
     items = list(items)
@@ -95,6 +97,7 @@ def fetch(items: Union[str, Sequence[str]], dest: Optional[Path] = None, connect
         raise UsageError("--sha256 applies to exactly one URL item",
                          hint="Fetch URLs one at a time, each with its own --sha256.")
     project = _load_project(config, lock, items)
+    adopting.configure(adopting.default_places(project.config.adopt_from if project else ()) if adopt else [])
     plans = [_plan(item, project, expected if _is_url(item) else None, trust_on_first_use, offline)
              for item in items]
     if any(plan.record is not None for plan in plans):
@@ -147,7 +150,7 @@ def _parse_sha256(value) -> Optional[Hash]:
 def _load_project(config, lock, items) -> Optional[Project]:
     needs = bool(config or lock) or any(not _is_url(i) for i in items)
     try:
-        return load_project(config, lock)
+        return load_project(config, lock).use_as_gc_root()  # fetch stores what the lock pins
     except UsageError:
         if needs:
             raise
@@ -176,6 +179,7 @@ def _plan(item: str, project: Optional[Project], sha256: Optional[Hash], tofu: b
     if item.startswith("hf://"):
         return _plan_hf(item, project, tofu, offline)
     if _is_url(item):
+        refuse_credentials(item, "fetch")
         filename = _filename_of(item)
         name = _name_for(filename)
         if sha256 is None:
@@ -269,21 +273,8 @@ def _plan_lock(name: str, entry: LockEntry) -> _Plan:
 
 # -- Hugging Face ----------------------------------------------------------------------------
 
-def parse_hf(item: str) -> Tuple[str, str, str]:
-    """hf://org/repo/path/file.gguf[@revision] -> (org/repo, path, revision)."""
-    body = item[len("hf://"):]
-    revision = "main"
-    head, sep, tail = body.rpartition("@")
-    if sep and "/" in head and tail:
-        body, revision = head, tail
-    parts = body.split("/")
-    if len(parts) < 3 or not all(p not in ("", ".", "..") and "\\" not in p for p in parts):
-        raise UsageError(f"bad hf:// reference {show(repr(item))}", hint="Use hf://org/repo/path/file.gguf[@revision].")
-    return "/".join(parts[:2]), "/".join(parts[2:]), revision
-
-
 def _plan_hf(item: str, project: Optional[Project], tofu: bool, offline: bool) -> _Plan:
-    repo, path, revision = parse_hf(item)
+    repo, path, revision = hub.parse_hf(item)
     filename = path.rsplit("/", 1)[-1]
     name = _name_for(filename)
     # A lock entry for the same repo/file at the same revision needs no network at all.
@@ -347,7 +338,7 @@ def _fetch_plan(plan: _Plan, project, dest, connections, offline, progress, home
             try:
                 check_split_set(files)
             except VerificationError:
-                shutil.rmtree(store.entry_dir(plan.name, home), ignore_errors=True)  # no half-valid entry
+                _remove(store.entry_dir(plan.name, home))  # no half-valid entry
                 raise
         path = files[0]
         total = sum(size for _, _, size in got)
@@ -370,6 +361,9 @@ def _ensure_blob(f: _File, connections, offline, progress, home, check_gguf: boo
         if f.size is None or size == f.size:
             log.info("%s: in the store (sha256 %s)", f.filename, f.expected.hex[:12])
             return f.expected, size, 0
+    adopted = adopting.before_download(f.expected, f.size, f.filename, f.url, home)  # other tools' copies
+    if adopted is not None:
+        return adopted
     if offline:
         raise UsageError(f"{f.filename} is not in the store and --offline (or HF_HUB_OFFLINE) forbids downloading",
                          hint="Run the same command without --offline once.")
@@ -407,11 +401,11 @@ def _unpack(name: str, archive_hash: Hash, home: Path) -> Tuple[Path, List[Path]
         files = [f.path for f in existing.files]
         return _entry_path(target, files), files
     staging = store.tmp_dir(home) / f"unpack-{name}.{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
+    _remove(staging)
     try:
         extract(store.blob_path(archive_hash, home), staging, policy="data")
-        rels = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file() and not p.is_symlink())
+        rels = sorted(os.path.relpath(os.path.join(d, f), staging) for d, _, files in walk_no_follow(staging)
+                      for f in files if os.path.isfile(os.path.join(d, f)) and not os.path.islink(os.path.join(d, f)))
         rels.sort(key=lambda rel: not _gguf_name(rel))  # models first: lookup(name).path is one
         for rel in rels:
             if _gguf_name(rel):
@@ -424,10 +418,9 @@ def _unpack(name: str, archive_hash: Hash, home: Path) -> Tuple[Path, List[Path]
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging, target)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
     finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        _remove(staging)
     files = [target / rel for rel in rels]
     return _entry_path(target, files), files
 
@@ -489,7 +482,7 @@ def _copy_contained(src: Path, out: Path, name: str) -> None:
     _remove(tmp)
     try:
         tmp.mkdir()
-        for dirpath, dirnames, filenames in os.walk(src, followlinks=False):
+        for dirpath, dirnames, filenames in walk_no_follow(src):
             rel = os.path.relpath(dirpath, src)
             here = tmp if rel == "." else tmp / rel
             for entry in sorted(dirnames + filenames):
@@ -524,11 +517,9 @@ def _copy_contained(src: Path, out: Path, name: str) -> None:
 
 
 def _remove(path: Path) -> None:
-    """Delete a file, a symlink (not what it points at) or a directory tree."""
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.exists():
-        shutil.rmtree(path)
+    """Delete a file, a symlink (not what it points at) or a directory tree (no link
+    followed, no depth limit)."""
+    remove_no_follow(path)
 
 
 def _record_tofu(plan: _Plan, got, project: Optional[Project]) -> None:

@@ -1,7 +1,7 @@
 """`pylmserv gc`: gather the roots, then let the store sweep what none of them references.
 
-Roots: every lock pylmserv has used on this machine (store/roots: registered when a project
-is loaded, forgotten once the file is gone), the copies of the locks running pylmserv
+Roots: every lock pylmserv has stored things for on this machine (store/roots: registered
+by fetch and build through Project.use_as_gc_root, forgotten once the file is gone), the copies of the locks running pylmserv
 processes read, and the `current` build of each engine and backend (store/gc keeps those
 itself). A root lock that cannot be read stops gc: it never deletes on a guess.
 """
@@ -12,16 +12,21 @@ from typing import List, Optional
 
 from ..builders.cosmocc import toolchain_dir
 from ..core.errors import PylmservError
+from ..core.hashing import Hash
 from ..pins.config import Lock, load_lock
 from ..store import gc as sweeper
 from ..store import roots
 from ..store.blobs import blob_path
 from ..store.layout import home as store_home
 from ..store.trees import store_path
+from ..store.views import rooted_blobs
 
 
-def root_locks(home: Path) -> List[Path]:
-    return roots.registered_locks(home) + roots.live_process_locks(home)
+def root_locks(home: Path, dry_run: bool = False) -> List[Path]:
+    """The root locks; a real run also forgets roots whose lock is gone and records of
+    processes that ended (a dry run writes and deletes nothing at all)."""
+    return (roots.registered_locks(home, forget_missing=not dry_run)
+            + roots.live_process_locks(home, cleanup=not dry_run))
 
 
 def keep_set(locks: List[Lock], home: Path, keep_builds: int) -> sweeper.Keep:
@@ -38,6 +43,9 @@ def keep_set(locks: List[Lock], home: Path, keep_builds: int) -> sweeper.Keep:
                     keep.paths.add(toolchain_dir(entry, home))  # an unpacked cosmocc, if it is one
             else:
                 keep.models.setdefault(entry.name, set()).add(entry.hash.hex)
+    for name, hexes in rooted_blobs(home).items():  # `pylmserv link` views: roots while they exist
+        keep.paths.update(blob_path(Hash("sha256", bytes.fromhex(h)), home) for h in hexes)
+        keep.models.setdefault(name, set()).update(hexes)
     return keep
 
 
@@ -49,7 +57,7 @@ def collect(home: Optional[Path] = None, keep_builds: int = 1, dry_run: bool = F
     if not home.is_dir():
         return sweeper.Report(home=home, dry_run=dry_run)
     locks = []
-    for path in root_locks(home):
+    for path in root_locks(home, dry_run):
         try:
             locks.append(load_lock(path, missing_ok=False))
         except PylmservError as exc:

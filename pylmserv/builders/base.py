@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
+from ..core.errors import BuildError
 from ..store import records as stamps
 from ..store import layout
-from ..store.installs import install_files, point_current, shared_libs
+from ..store.installs import install_files, point_current, real_dirs, shared_libs
 from ..store.layout import home
 from .result import BuildResult
 
@@ -60,8 +61,11 @@ class BuildSkeleton:
 
     engine = ""
 
-    def __init__(self, prefix: Optional[Path] = None, force: bool = False, source_dir: Optional[Path] = None):
+    def __init__(self, prefix: Optional[Path] = None, force: bool = False, source_dir: Optional[Path] = None,
+                 no_build: bool = False):
         self.force = force
+        self.no_build = no_build  # substitute or fail: never compile
+        self.refusals: list = []  # substitutes refused, one line each (substitute.py)
         self.prefix = Path(prefix).expanduser().resolve() if prefix else None
         self.source_dir = Path(source_dir).expanduser().resolve() if source_dir else None
         self.home = home()
@@ -99,6 +103,15 @@ class BuildSkeleton:
     def dry_run(self) -> BuildResult:
         raise NotImplementedError
 
+    def cache_inputs(self) -> Optional[dict]:
+        """What names this build in a shared build cache (substitute.py): the key's inputs less
+        what only the builder's host knows. None (the default): never substituted."""
+        return None
+
+    def cache_config(self) -> Optional[Mapping]:
+        """The project's [cache] table (substituters, trusted-public-keys)."""
+        return None
+
     # -- the pipeline ----------------------------------------------------------------------
 
     def _reusable(self):
@@ -127,11 +140,21 @@ class BuildSkeleton:
         stamp = self._reusable()
         if stamp is not None:
             log.debug("up to date: %s", self.build_dir)
-            return self.finish(stamp.output_paths(), cache_hit=True, notes=("up to date: nothing to do",),
+            restored = self._restore_source()
+            return self.finish(stamp.output_paths(), cache_hit=True, notes=(restored or "up to date: nothing to do",),
                                commands=tuple(stamp.extra.get("commands", ())), sha256=stamp.extra.get("sha256"))
+        from filelock import FileLock  # lazy: ~15 ms that the up-to-date path does not need
+
+        substituted = self._substitute(FileLock)
+        if substituted is not None:
+            return substituted
+        if self.no_build:
+            raise BuildError(f"{self.engine} ({self.backend}): no trusted substitute for this build, and --no-build "
+                             "forbids compiling" + "".join(f"\n  {line}" for line in self.refusals),
+                             hint="Configure [cache] substituters and trusted-public-keys (or PYLMSERV_SUBSTITUTERS, "
+                                  "PYLMSERV_TRUSTED_KEYS) and push this build from a builder, or drop --no-build.")
         source = self.prepare()
         self.build_dir.mkdir(parents=True, exist_ok=True)
-        from filelock import FileLock  # lazy: ~15 ms that the up-to-date path does not need
 
         with FileLock(str(self.build_dir) + ".lock", timeout=LOCK_TIMEOUT):
             stamp = self._reusable()  # another process may have just finished it
@@ -149,6 +172,43 @@ class BuildSkeleton:
         return self.finish(done.outputs, cache_hit=False, notes=done.notes, source=source, commands=done.commands,
                            sha256=digests)
 
+    def _restore_source(self) -> Optional[str]:
+        """An up-to-date build whose locked source tree is gone from the store (`verify`
+        moved a bad one aside) fetches it back from its pin: the store keeps what the lock
+        pins, as docs/security.md promises. One lstat when it is there."""
+        entry = getattr(self, "entry", None)
+        if entry is None or self.source_dir is not None:
+            return None
+        path = (layout.blob_path(entry.hash, self.home) if entry.mode == "flat"
+                else layout.source_tree_path(entry.hash, entry.name, self.home))
+        if os.path.lexists(path):
+            return None
+        log.warning("%s: the source tree is missing from the store (moved aside by verify?): fetching it again",
+                    entry.name)
+        from ..store.trees import ensure_source  # lazy for speed: only when the source went missing
+
+        ensure_source(entry, self.home)
+        return f"up to date; the source {entry.name}, missing from the store, was fetched again"
+
+    def _substitute(self, FileLock) -> Optional[BuildResult]:
+        """A signed, verified build from a substituter, installed like a compiled one (None:
+        none accepted; not tried with --force or for builds that have no cache inputs)."""
+        # lazy for speed: the build cache is not on the up-to-date path (builders/__init__.py)
+        from .substitute import settings, substitute
+
+        if self.force or not settings(self.cache_config())[0]:
+            return None
+        inputs = self.cache_inputs()
+        if inputs is None:
+            return None
+        self.build_dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.build_dir) + ".lock", timeout=LOCK_TIMEOUT):
+            stamp = self._reusable()  # another process may have just finished it
+            if stamp is not None:
+                return self.finish(stamp.output_paths(), cache_hit=True, notes=("built by a concurrent run",),
+                                   commands=tuple(stamp.extra.get("commands", ())), sha256=stamp.extra.get("sha256"))
+            return substitute(self, inputs, self.cache_config())
+
     # -- install ---------------------------------------------------------------------------
 
     def prefix_dir(self) -> Path:
@@ -162,6 +222,8 @@ class BuildSkeleton:
     def finish(self, outputs: Dict[str, Path], cache_hit: bool, notes=(), source=None, commands=(),
                sha256=None) -> BuildResult:
         prefix = self.prefix_dir()
+        if self.prefix is None:  # the store's bin/<engine>-<backend>/<key>: never through a planted link
+            real_dirs(layout.bin_dir(self.home), f"{self.engine}-{self.kind}", self.key)
         installed = install_files(self.select(outputs), self.bindir(), with_libs=self.libs_dir())
         current = point_current(prefix) if self.prefix is None else None
         return BuildResult(self.engine, self.backend, installed, self.build_dir, prefix,

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import platform
-import shutil
 import stat
 import tempfile
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from typing import List, Optional, Tuple
 
 from ..core.archive import extract
 from ..core.errors import ConfigError, VerificationError
-from ..core.fsutil import atomic_write_text
+from ..core.fsutil import atomic_write_text, remove_no_follow
 from ..core.hashing import Hash
 from ..pins.config import Lock, LockEntry
 from ..store.layout import ensure_home, home, subdir, toolchains_dir
@@ -106,10 +105,10 @@ def ensure_cosmocc(entry: LockEntry, root: Optional[Path] = None) -> Cosmocc:
                 raise VerificationError(f"{entry.url}: no bin/ directory in the zip; this is not a cosmocc release",
                                         hint=f"Check [sources.{entry.name}] in pylmserv.toml points at cosmocc-X.Y.Z.zip.")
             if os.path.lexists(target):
-                shutil.rmtree(target)  # a half-finished earlier unpack (no marker)
+                remove_no_follow(target)  # a half-finished earlier unpack (no marker)
             os.replace(tree, target)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            _remove_quietly(staging)
 
         atomic_write_text(marker, json.dumps({"version": version, "zip": entry.hash.sri, "url": entry.url,
                                               "fixed_modes": fixed}, indent=2, sort_keys=True) + "\n")
@@ -175,3 +174,10 @@ def _marker(target: Path) -> Path:
 def _mkdir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        remove_no_follow(path)
+    except OSError:
+        pass

@@ -1,16 +1,17 @@
-"""Stat-only detections that are part of a build's key (OpenSSL and BLAS headers).
+"""Stat-only detections that are part of a build's key (OpenSSL's headers).
 
 Apart from builders/toolchain.py (which re-exports them) because an up-to-date build runs
-them on every call and must not pay for the toolchain module's tool probes and records
-(docs/build.md: an up-to-date `pylmserv build` within Python start + 100 ms). Standard
-library only; no subprocess, no dataclass.
+them on every call and must not pay for the toolchain's and the backends' modules, their
+tool probes and records (docs/build.md: the up-to-date budget). Standard library only;
+no subprocess, no dataclass. BLAS headers (the blas backend's key) are in
+builders/backends/blas.py.
 """
 from __future__ import annotations
 
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 
 def openssl_header_paths(env=None) -> List[Path]:
@@ -25,15 +26,3 @@ def openssl_header_paths(env=None) -> List[Path]:
 def detect_openssl_headers(env=None, platform: str = sys.platform) -> bool:
     """Cheap (stat only): are OpenSSL development headers where CMake looks by default?"""
     return any(p.exists() for p in openssl_header_paths(env))
-
-
-BLAS_HEADERS = tuple(Path(d, "cblas.h") for d in (
-    "/usr/include/openblas", "/usr/include/x86_64-linux-gnu/openblas-pthread",
-    "/usr/include/aarch64-linux-gnu/openblas-pthread", "/usr/local/include/openblas", "/usr/include"))
-
-
-def detect_blas(platform: str = sys.platform) -> Optional[str]:
-    """The BLAS vendor upstream would use: Apple (Accelerate) on macOS, OpenBLAS when its headers exist."""
-    if platform == "darwin":
-        return "Apple"
-    return "OpenBLAS" if any(p.exists() for p in BLAS_HEADERS) else None

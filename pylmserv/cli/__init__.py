@@ -32,6 +32,10 @@ COMMANDS = {
     "add": ("add", "Add a model or source to pylmserv.toml and pin it in one step."),
     "update": ("update", "Move pins to the newest upstream release, tag or branch head."),
     "gc": ("gc", "Delete what no lock, current build or running pylmserv still uses."),
+    "push": ("push", "Push portable builds to a build cache, signed (Nix key format)."),
+    "key": ("key", "Make ed25519 signing keys in Nix's NAME:BASE64 format."),
+    "adopt": ("adopt", "Take verified copies of locked models from other tools' caches."),
+    "link": ("link", "Lay fetched models out for HF, ollama, LM Studio by hard link."),
 }
 
 

@@ -33,8 +33,16 @@ def command(names, as_json, no_repair):
             click.echo(line)
         if not report.findings:
             click.echo("the store is empty: nothing to verify", err=True)
+    if report.not_recorded:
+        click.echo(f"verify: the result was not recorded in the store ({report.not_recorded})", err=True)
     if report.bad:
-        what = "moved aside; the next fetch/build restores them" if not no_repair else "left in place (--no-repair)"
+        moved = sum(1 for f in report.bad if f.moved_to)
+        if no_repair:
+            what = "left in place (--no-repair)"
+        elif moved == len(report.bad):
+            what = "moved aside; the next fetch/build restores them"
+        else:
+            what = f"{moved} moved aside, {len(report.bad) - moved} could not be moved (see above)"
         raise RotFound(f"{len(report.bad)} of {len(report.findings)} store entries are bad ({what})",
                        hint="Run `pylmserv fetch NAME` / `pylmserv build` to restore them from their pins.")
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator, Optional
 
 from .errors import UnsafeArchiveError, UsageError, VerificationError  # noqa: F401
+from .fsutil import remove_no_follow, walk_no_follow
 
 POLICIES = ("data", "tar")
 _CHUNK = 1 << 20
@@ -98,7 +99,10 @@ def extract(archive: Path, dest: Path, *, policy: str = "data", strip_single_roo
                 top = root / entries[0]
         os.replace(top, dest)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            remove_no_follow(staging)  # iterative where a deep tree would overflow rmtree's recursion
+        except OSError:
+            pass
     return dest
 
 
@@ -214,8 +218,8 @@ def _check_symlinks_resolve(root: Path, archive: str) -> None:
     """Data policy: every symlink of the finished tree, resolved through the tree's own
     links (chains included), stays inside it. Lexical checks alone miss `a -> .`,
     `b -> a/..` and friends."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
+    for dirpath, dirnames, filenames in walk_no_follow(root):
+        for name in filenames:  # links are among the files
             path = Path(dirpath, name)
             if not path.is_symlink():
                 continue

@@ -1,9 +1,12 @@
-"""Atomic file writes: temp file in the same directory, fsync, os.replace."""
+"""Atomic file writes (temp file in the same directory, fsync, os.replace); the size of a
+tree on disk, and how a size is shown."""
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Union
 
 
 def atomic_write_bytes(path: Union[str, Path], data: bytes, mode: int = 0o644, durable: bool = True) -> None:
@@ -67,6 +70,120 @@ def unlink_missing_ok(path: Union[str, Path]) -> None:
         pass
 
 
+def remove_no_follow(path: Union[str, Path]) -> None:
+    """Delete `path` and, when it is a real directory, everything below it, without ever
+    following a symlink: a link is removed as a link (its target is untouched), and no
+    directory is entered through one. The one way every pylmserv deleter removes a tree.
+
+    shutil.rmtree on Linux works on directory file descriptors (openat/unlinkat with
+    O_NOFOLLOW: `rmtree.avoids_symlink_attacks`), so a link swapped in while it runs is
+    not followed either. Read-only directories inside (a build's, an unpacked archive's)
+    are made writable first; only real directories are chmod'ed, never a link's target.
+    Already gone is fine."""
+    import shutil
+    import stat as _stat
+
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not _stat.S_ISDIR(st.st_mode):  # a file, a link (to anything), a fifo: one unlink
+        unlink_missing_ok(path)
+        return
+
+    def onerror(func, p, exc_info):
+        if isinstance(exc_info[1], FileNotFoundError):
+            return
+        parent = os.path.dirname(p)
+        for d in (parent, p):
+            try:
+                if _stat.S_ISDIR(os.lstat(d).st_mode):
+                    os.chmod(d, 0o700, follow_symlinks=False)
+            except (OSError, NotImplementedError):
+                pass
+        if func in (os.rmdir, os.unlink, os.remove):
+            try:
+                func(p)
+            except FileNotFoundError:
+                pass
+            return
+        # os.open / os.scandir failed on an unreadable directory: now readable, go again below it
+        if _stat.S_ISDIR(os.lstat(p).st_mode):
+            shutil.rmtree(p, onerror=onerror)
+
+    if not shutil.rmtree.avoids_symlink_attacks:  # pragma: no cover (no openat: macOS, Windows)
+        _remove_walk(Path(path))
+        return
+    try:
+        shutil.rmtree(path, onerror=onerror)
+    except RecursionError:  # Python < 3.12 recurses per level: a tree 1,000 deep goes on iteratively
+        _remove_walk(Path(path))
+
+
+def walk_no_follow(top: Union[str, Path]):
+    """os.walk(top) without following links and without recursion (os.walk in Python < 3.12
+    recurses once per level, so a hostile tree 1,000 levels deep raised RecursionError):
+    (dirpath, dirnames, filenames), top-down; links are listed among the filenames."""
+    stack = [str(top)]
+    while stack:
+        d = stack.pop()
+        try:
+            entries = list(os.scandir(d))
+        except OSError:
+            continue
+        dirs, files = [], []
+        for e in entries:
+            try:
+                (dirs if e.is_dir(follow_symlinks=False) else files).append(e.name)
+            except OSError:
+                files.append(e.name)
+        yield d, dirs, files
+        stack.extend(os.path.join(d, name) for name in reversed(dirs))
+
+
+@contextlib.contextmanager
+def temp_dir(prefix: str = "pylmserv.", dir: Union[str, Path, None] = None) -> Iterator[Path]:
+    """tempfile.TemporaryDirectory, removed by remove_no_follow (no links followed, no
+    recursion limit: what an archive unpacked into it holds may be 1,000 levels deep)."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=dir))
+    try:
+        yield path
+    finally:
+        remove_no_follow(path)
+
+
+def _remove_walk(path: Path) -> None:
+    """remove_no_follow without fd-relative calls: lstat each entry, unlink what is not a
+    real directory, recurse (iteratively) into real directories only."""
+
+    stack = [(path, False)]
+    while stack:
+        d, emptied = stack.pop()
+        if emptied:
+            try:
+                os.rmdir(d)
+            except FileNotFoundError:
+                pass
+            continue
+        stack.append((d, True))
+        if not os.access(d, os.R_OK | os.W_OK | os.X_OK):  # a read-only directory (d is no link)
+            try:
+                os.chmod(d, 0o700)
+            except OSError:
+                pass
+        try:
+            entries = list(os.scandir(d))
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                stack.append((Path(entry.path), False))
+            else:
+                unlink_missing_ok(entry.path)
+
+
 # -- temp files stamped with their writer, so a later run can clear a killed one's -----
 
 def process_stamp(pid: int = 0) -> str:
@@ -121,3 +238,35 @@ def remove_stale(directory: Union[str, Path], prefix: str, suffix: str) -> list:
         except OSError:
             pass
     return removed
+
+
+def tree_stats(path: Union[str, Path]) -> Iterator[os.stat_result]:
+    """lstat of every file (and symlink) at or under `path`; never follows a link, skips
+    what vanishes or cannot be read."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        yield st
+        return
+    for dirpath, dirnames, filenames in walk_no_follow(path):
+        for name in filenames:  # links (to directories too) are among the files: never entered
+            try:
+                yield os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                pass
+
+
+def tree_size(path: Union[str, Path]) -> int:
+    """Bytes of the files (and links) at or under `path` (a link counts as itself)."""
+    return sum(st.st_size for st in tree_stats(path))
+
+
+def human_size(n: float) -> str:
+    """1536 -> "1.5 KiB" (binary units; bytes without a decimal)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

@@ -12,6 +12,7 @@ failed pin writes nothing.
 """
 from __future__ import annotations
 
+import errno
 import re
 from dataclasses import dataclass, field
 from dataclasses import replace as dataclass_replace
@@ -19,7 +20,10 @@ from pathlib import Path
 from typing import Dict, Optional
 from urllib.parse import unquote, urlsplit
 
-from ..core.errors import UsageError
+from ..core.errors import PylmservError, UsageError
+from ..core.fsutil import atomic_write_bytes, unlink_missing_ok
+from ..transfer.http import refuse_credentials
+from ..transfer.hub import parse_hf
 from . import upstream
 from .config import ARCHIVE_SUFFIXES, CONFIG_NAME, LOCK_NAME, URL_SCHEMES, check_name, packaged_dir
 from . import lockfile
@@ -65,14 +69,11 @@ def parse_spec(spec: str, unpack: bool = False) -> Addition:
     if any(ord(c) < 32 or ord(c) == 127 for c in spec):
         raise UsageError("the spec contains control characters", hint="Pass a plain hf://, github: or URL spec.")
     if spec.startswith("hf://"):
-        body, _, rev = spec[len("hf://"):].partition("@")
-        parts = body.split("/")
-        if len(parts) < 3 or not all(parts) or any(p in (".", "..") for p in parts):
-            raise UsageError(f"{spec!r}: expected hf://ORG/REPO/FILE.gguf[@REVISION]")
+        repo, path, revision = parse_hf(spec)
         if unpack:
             raise UsageError("--unpack applies to URL sources only")
-        table = {"hf": "/".join(parts[:2]), "file": "/".join(parts[2:]), "revision": rev or "main"}
-        return Addition("models", derive_name(parts[-1]), table)
+        table = {"hf": repo, "file": path, "revision": revision}
+        return Addition("models", derive_name(path.rsplit("/", 1)[-1]), table)
     if spec.startswith("github:"):
         body, _, ref = spec[len("github:"):].partition("@")
         parts = body.split("/")
@@ -93,6 +94,7 @@ def parse_spec(spec: str, unpack: bool = False) -> Addition:
             table["track"] = "releases"
         return Addition("sources", derive_name(repo), table)
     if spec.startswith(URL_SCHEMES):
+        refuse_credentials(spec, "add")  # before anything is pinned, written or printed
         path = unquote(urlsplit(spec).path).rstrip("/")
         filename = path.rsplit("/", 1)[-1]
         if not filename:
@@ -105,6 +107,17 @@ def parse_spec(spec: str, unpack: bool = False) -> Addition:
         return Addition("sources", derive_name(filename), table)
     raise UsageError(f"unknown spec {spec!r}",
                      hint="Use hf://ORG/REPO/FILE.gguf[@REV], github:OWNER/REPO[@REF] or an https:// URL.")
+
+
+def _restore(lock_path: Path, old: Optional[bytes]) -> None:
+    """Put the lock back as it was before this add (gone, if it did not exist)."""
+    try:
+        if old is None:
+            unlink_missing_ok(lock_path)
+        elif not lock_path.is_file() or lock_path.read_bytes() != old:
+            atomic_write_bytes(lock_path, old)
+    except OSError:
+        pass  # it could not be written in the first place
 
 
 def add(spec: str, name: Optional[str] = None, unpack: bool = False, force: bool = False,
@@ -132,12 +145,24 @@ def add(spec: str, name: Optional[str] = None, unpack: bool = False, force: bool
                 text = remove_table(text, other, addition.name)
         new_text = put_table(text, addition.kind, addition.name, addition.table)
         cfg = parse_config(new_text, config_path)
-        # Pin first: prefetch writes the lock only when every selected entry resolved.
-        result = prefetch(names=[addition.name], config=cfg, lock=lock_path, via=via)
-        if replaced:  # a name that moves between sources and models leaves no pin behind
-            other = "models" if addition.kind == "sources" else "sources"
-            lockfile.update(lock_path, lambda found: dataclass_replace(
-                found, **{other: {n: e for n, e in getattr(found, other).items() if n != addition.name}}))
-        write_config(config_path, new_text)
+        old_lock = lock_path.read_bytes() if lock_path.is_file() else None
+        failed = lock_path
+        try:
+            # Pin first: prefetch writes the lock only when every selected entry resolved.
+            result = prefetch(names=[addition.name], config=cfg, lock=lock_path, via=via)
+            if replaced:  # a name that moves between sources and models leaves no pin behind
+                other = "models" if addition.kind == "sources" else "sources"
+                lockfile.update(lock_path, lambda found: dataclass_replace(
+                    found, **{other: {n: e for n, e in getattr(found, other).items() if n != addition.name}}))
+            failed = config_path
+            write_config(config_path, new_text)
+        except OSError as exc:  # both or neither: a lock pinning what the config lacks is undone
+            _restore(lock_path, old_lock)
+            raise PylmservError(
+                f"add: cannot write {failed}: {exc.strerror or exc}; nothing was changed",
+                hint=("A file bind-mounted on its own (a container) cannot be replaced by a rename: mount its "
+                      "directory instead, or add the entry by hand and run `pylmserv prefetch "
+                      f"{addition.name}`." if exc.errno == errno.EBUSY else
+                      "Check that the project directory is writable.")) from None
     change = next((c for c in result.changes if c.name == addition.name), None)
     return AddResult(addition, config_path, lock_path, change, replaced)

@@ -9,16 +9,17 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on older Pythons only
     import tomli as tomllib
 
-from ..core.errors import ConfigError, HashError
+from ..core.errors import ConfigError, HashError, UsageError
 from ..core.hashing import Hash
 from ..core.names import check_name, check_version, show
+from ..core.signing import PublicKey
 from .lock import LOCK_VERSION, Lock, LockEntry, check_nix_value, load_lock  # noqa: F401 (re-exported)
 from ..store.roots import use_lock
 
@@ -98,6 +99,8 @@ class Config:
     path: Optional[Path]
     sources: Dict[str, SourceSpec]
     models: Dict[str, ModelSpec]
+    cache: Dict[str, object] = field(default_factory=dict)  # [cache]: substituters, trusted-public-keys
+    adopt_from: Tuple[Path, ...] = ()  # `adopt-from = [...]`: folders to look in before downloading
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,14 @@ class Project:
     @property
     def is_packaged_default(self) -> bool:
         return is_packaged(self.config.path)
+
+    def use_as_gc_root(self) -> "Project":
+        """Make this project's lock a gc root (store/roots): what it pins stays in the store.
+        The commands that store things (fetch, build, serve through them) call it; loading
+        a project writes nothing, so `list` and `doctor` leave the store as they found it."""
+        if self.lock.path is not None and Path(self.lock.path).exists():
+            use_lock(Path(self.lock.path))
+        return self
 
 
 # -- loading ---------------------------------------------------------------------
@@ -142,10 +153,7 @@ def load_project(config: Optional[Path] = None, lock: Optional[Path] = None) -> 
     """Config from --config, ./pylmserv.toml, or the packaged catalog; lock beside it."""
     config_path = Path(config) if config else default_config_path()
     lock_path = Path(lock) if lock else config_path.with_name(LOCK_NAME)
-    project = Project(config=load_config(config_path), lock=load_lock(lock_path))
-    if lock_path.exists():
-        use_lock(lock_path)  # a gc root: what this lock pins stays in the store
-    return project
+    return Project(config=load_config(config_path), lock=load_lock(lock_path))
 
 
 def _read_toml(path: Path, what: str, hint: str) -> dict:
@@ -190,10 +198,39 @@ def _depth(value) -> int:
 
 def load_config(path: Path) -> Config:
     data = _read_toml(Path(path), "config", "Create pylmserv.toml or pass --config PATH.")
-    _only_keys(data, {"sources", "models", "version"}, str(path))
+    _only_keys(data, {"sources", "models", "version", "cache", "adopt-from"}, str(path))
     sources = {name: _parse_source(name, t, path) for name, t in _tables(data, "sources", path).items()}
     models = {name: _parse_model(name, t, path) for name, t in _tables(data, "models", path).items()}
-    return Config(path=Path(path), sources=sources, models=models)
+    return Config(path=Path(path), sources=sources, models=models, cache=_parse_cache(data.get("cache", {}), path),
+                  adopt_from=_adopt_from(data, Path(path)))
+
+
+def _parse_cache(t, path) -> Dict[str, object]:
+    """[cache]: substituters (URLs of shared build caches, tried in order) and
+    trusted-public-keys (Nix-format ed25519 public keys; a substitute must be signed by one)."""
+    where = f"{path}: [cache]"
+    if not isinstance(t, dict):
+        raise ConfigError(f"{where} must be a table")
+    _only_keys(t, {"substituters", "trusted-public-keys"}, where)
+    for key in ("substituters", "trusted-public-keys"):
+        value = t.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where} {key} must be a list of strings")
+    for text in t.get("trusted-public-keys", []):
+        try:
+            PublicKey.parse(text)
+        except UsageError as exc:
+            raise ConfigError(f"{where} trusted-public-keys: {exc.message}", hint=exc.hint) from None
+    return {k: list(t[k]) for k in ("substituters", "trusted-public-keys") if k in t}
+
+
+def _adopt_from(data: dict, path: Path) -> Tuple[Path, ...]:
+    """`adopt-from = ["~/models", ...]`: folders (relative ones from the config's folder)."""
+    value = data.get("adopt-from", [])
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{path}: adopt-from must be a list of folder paths (strings)",
+                          hint='e.g. adopt-from = ["~/models", "/srv/gguf"]')
+    return tuple(path.parent / Path(v).expanduser() for v in value)
 
 
 def _tables(data: dict, key: str, path) -> dict:

@@ -29,6 +29,7 @@ from ..core.errors import ConfigError, HashError
 from ..core.fsutil import atomic_write_text
 from ..core.hashing import Hash
 from ..core.names import check_name, check_version
+from ..transfer.http import refuse_credentials
 
 LOCK_VERSION = 2
 KINDS = ("sources", "models")
@@ -57,6 +58,8 @@ def check_nix_value(value, where: str, url: bool = False) -> None:
         if bad:
             raise ConfigError(f"{where}: contains the control character U+{ord(bad.group()):04X}",
                               hint="Remove it: Nix cannot carry it through the lock.")
+        if url:
+            refuse_credentials(value, where)
         bad_url = _URL_BAD.search(value) if url else None
         if bad_url:
             raise ConfigError(f"{where}: {value!r} is not a URL Nix can fetch (it holds {bad_url.group()!r})",
@@ -264,15 +267,6 @@ class HfPin(LockEntry):
 
 
 PIN_TYPES = {cls.TYPE: cls for cls in (FilePin, ArchivePin, GitPin, GithubPin, HfPin)}
-
-
-def is_git(entry: LockEntry) -> bool:
-    """Fetched with git (a checkout at rev), not as an archive or file."""
-    return isinstance(entry, GitPin) or (isinstance(entry, GithubPin) and entry.submodules)
-
-
-def git_url_of(entry: LockEntry) -> str:
-    return getattr(entry, "git_url", None) or entry.url
 
 
 # -- reading ---------------------------------------------------------------------------

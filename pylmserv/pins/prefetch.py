@@ -6,12 +6,12 @@ when all of them succeeded, so any error leaves the old lock byte-for-byte in pl
 from __future__ import annotations
 
 import logging
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, List, Optional, Union
 
 from ..core.errors import UsageError
+from ..core.fsutil import temp_dir
 from .config import LOCK_NAME, Config, default_config_path, load_config
 from .drift import pin_drift
 from .lock import Lock, LockEntry, load_lock
@@ -114,8 +114,8 @@ def prefetch(names: Optional[Iterable[str]] = None, config: Union[Path, str, Con
     selected = _select(cfg, names)
     if not check:
         refuse_packaged(current.path)
-    with tempfile.TemporaryDirectory(prefix="pylmserv-prefetch.") as work:
-        opts = Options(via=via, refresh=refresh or check, work=Path(work))
+    with temp_dir(prefix="pylmserv-prefetch.") as work:
+        opts = Options(via=via, refresh=refresh or check, work=work)
         resolved = [_resolve(kind, spec, current.entry(kind, spec.name), opts) for kind, spec in selected]
     changes = [Change(e.kind, e.name, current.entry(e.kind, e.name), e) for e in resolved]
     if check:

@@ -20,6 +20,7 @@ from urllib.parse import urljoin, urlsplit
 from ..core.errors import NetworkError, UsageError
 from ..core.version import __version__
 from ..transfer.git import ls_remote
+from ..transfer.http import bounded_json
 
 log = logging.getLogger("pylmserv.update")
 
@@ -88,7 +89,7 @@ def _get(url: str, what: str, sleep: Callable[[float], None] = time.sleep):
 
     for attempt in range(RATE_RETRIES + 1):
         try:
-            resp = requests.get(url, headers=_headers(url), timeout=(15, 60), allow_redirects=False)
+            resp = requests.get(url, headers=_headers(url), timeout=(15, 60), allow_redirects=False, stream=True)
         except requests.RequestException as exc:
             raise NetworkError(f"{what}: cannot reach the GitHub API at {api_base()}: {type(exc).__name__}",
                                hint="Check the network, or set PYLMSERV_GITHUB_API to a reachable API.") from None
@@ -115,7 +116,7 @@ def _get(url: str, what: str, sleep: Callable[[float], None] = time.sleep):
         raise NetworkError(f"{what}: HTTP {resp.status_code} from the GitHub API ({urlsplit(url).path})",
                            hint="Try again later.")
     try:
-        return resp.json(), resp
+        return bounded_json(resp, what, f"the GitHub API ({urlsplit(url).path})"), resp
     except ValueError:
         raise NetworkError(f"{what}: the GitHub API did not answer JSON (a proxy page?)",
                            hint="Check PYLMSERV_GITHUB_API and proxy settings.") from None

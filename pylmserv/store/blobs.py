@@ -18,6 +18,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 import uuid
@@ -126,12 +127,15 @@ def install_blob(verified_file: Path, h: Hash, home: Optional[Path] = None) -> P
     return target
 
 
+_HEX64 = re.compile(r"[0-9a-f]{64}\Z")
+
+
 def blobs(home: Optional[Path] = None) -> List[Tuple[Hash, Path, int]]:
     base = layout.blobs_dir("sha256", home)
     out = []
     if base.is_dir():
         for p in sorted(base.iterdir()):
-            if len(p.name) == 64 and p.is_file():
+            if _HEX64.match(p.name) and p.is_file():  # anything else is not a blob (verify names it)
                 out.append((Hash("sha256", bytes.fromhex(p.name)), p, p.stat().st_size))
     return out
 
@@ -164,6 +168,8 @@ def link_named(name: str, h: Hash, filename: Optional[str] = None, home: Optiona
     filename = filename or name
     _check_name(filename)
     directory = entry_dir(name, home)
+    if os.path.islink(directory):  # a link planted where an entry belongs: removed, never written through
+        os.unlink(directory)
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / filename
     if _same_inode(target, blob):

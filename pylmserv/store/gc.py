@@ -16,15 +16,16 @@ Other staging files in tmp/ are removed only when no pylmserv lock in tmp/ is he
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
-import shutil
 import stat
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional, Set, Tuple
+from typing import Dict, Iterable, List, Optional, Set, Tuple
 
+from ..core.fsutil import remove_no_follow, tree_size, tree_stats
 from . import layout, records
 
 KINDS = ("blob", "source", "toolchain", "model", "build", "install", "partial", "staging")
@@ -69,31 +70,11 @@ class Keep:
 
 # -- sizes ------------------------------------------------------------------------------------
 
-def _files(path: Path) -> Iterator[os.stat_result]:
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return
-    if not stat.S_ISDIR(st.st_mode):
-        yield st
-        return
-    for dirpath, dirnames, filenames in os.walk(path):
-        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
-            try:
-                yield os.lstat(os.path.join(dirpath, name))
-            except OSError:
-                pass
-
-
-def tree_size(path: Path) -> int:
-    return sum(st.st_size for st in _files(path))
-
-
 def freed_bytes(paths: Iterable[Path]) -> int:
     """Bytes freed by deleting all `paths`: an inode counts when all its links are among them."""
     seen: Dict[Tuple[int, int], List] = {}
     for p in paths:
-        for st in _files(p):
+        for st in tree_stats(p):
             rec = seen.setdefault((st.st_dev, st.st_ino), [st.st_size, st.st_nlink, 0])
             rec[2] += 1
     return sum(size for size, nlink, count in seen.values() if count >= nlink)
@@ -102,44 +83,67 @@ def freed_bytes(paths: Iterable[Path]) -> int:
 # -- locks -------------------------------------------------------------------------------------
 
 def _remove(path: Path, home: Path) -> None:
-    """Rename into tmp/ first (atomic: the store path is gone at once), then delete."""
-    trash = layout.tmp_root(home) / f"gc-trash.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-    trash.parent.mkdir(parents=True, exist_ok=True)
+    """Rename into tmp/ first (atomic: the store path is gone at once), then delete without
+    following any link (core.fsutil.remove_no_follow: a link goes as a link). A store
+    directory that is a link to another filesystem (blobs/ on another disk) cannot be
+    renamed into tmp/: the item is renamed beside itself instead, then deleted."""
+    name = f"gc-trash.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    trash = layout.tmp_root(home) / name
     try:
+        if not os.path.isdir(trash.parent):
+            trash.parent.mkdir(parents=True, exist_ok=True)
         os.replace(path, trash)
     except FileNotFoundError:
-        return
-    if trash.is_dir() and not trash.is_symlink():
-        def onerror(func, p, exc):
-            try:
-                os.chmod(os.path.dirname(p), 0o700)
-                os.chmod(p, 0o700)
-            except OSError:
-                pass
-            func(p)
-
-        shutil.rmtree(trash, onerror=onerror)
-    else:
-        os.unlink(trash)
+        if not os.path.lexists(path):
+            return
+        raise
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        trash = path.parent / f".{name}"
+        os.replace(path, trash)
+    remove_no_follow(trash)
 
 
 # -- the sweep ----------------------------------------------------------------------------------
 
 _BUILD = re.compile(r"^(?P<engine>.+)-(?P<backend>[a-z]+)-(?P<key>[0-9a-f]{16})$")
-_PID = re.compile(r"\.(\d+)\.[0-9a-f]{6,}\.tmp$")
+# What pylmserv itself puts in tmp/ (gc removes nothing else there: tmp/ may be a link to
+# a shared scratch directory, whose other files are not ours):
+_PARTIAL = re.compile(r"^(dl-[0-9a-f]+)\.(part|state\.json)$")  # a download's partial + state
+_STAGING_PID = (re.compile(r"\.(\d+)\.[0-9a-f]{6,}\.tmp$"),  # blobs.temp_path, a state file's temp
+                re.compile(r"^unpack-.+\.(\d+)$"),  # fetch's archive unpacking
+                re.compile(r"^dl-[0-9a-f]+\.state\.json\.(\d+)\.tmp$"),  # a resume state being written
+                # the download engine's temp files beside a staging path (blobs.temp_path)
+                re.compile(r"^\..+\.\d+\.[0-9a-f]{8}\.tmp\.(\d+)\.(?:\d+\.part|tmp)$"),
+                re.compile(r"^gc-trash\.(\d+)\.[0-9a-f]{8}$"),  # a killed gc's trash
+                re.compile(r"^tree\.(\d+)\..+\.[a-z0-9_]{8}$"))  # trees.ensure_source's work directory
+_OUR_LOCK = re.compile(r"^(dl-[0-9a-f]+|[0-9a-f]{64}|[0-9a-df-np-sv-z]{52}-.+|cosmocc-.+|lockfile-.+)\.lock$")
 
 
 def _entries(directory: Path) -> List[Path]:
+    """What `directory` holds (following `directory` itself when it is a link: a layout
+    directory linked elsewhere is the user's choice), never anything below the entries."""
     try:
         return sorted(directory.iterdir())
     except OSError:
         return []
 
 
+def _real_dir(path: Path) -> bool:
+    """A directory that is not a link (lstat): the only kind gc looks inside."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def _current_keys(home: Path) -> Set[Tuple[str, str]]:
     """(engine-backend, key) of every `current` link under bin/."""
     out = set()
     for d in _entries(layout.bin_dir(home)):
+        if not _real_dir(d):
+            continue
         try:
             out.add((d.name, os.readlink(d / "current")))
         except OSError:
@@ -154,7 +158,7 @@ def _builds_to_keep(home: Path, keep: Keep, current: Set[Tuple[str, str]]) -> Se
     kept = set()
     for d in _entries(layout.builds_dir(home)):
         m = _BUILD.match(d.name)
-        if not m or not d.is_dir():
+        if not m or not _real_dir(d):
             continue
         group = f"{m['engine']}-{m['backend']}"
         if (group, m["key"]) in current:
@@ -174,7 +178,7 @@ def _model_kept(directory: Path, keep: Keep) -> bool:
     import json
 
     allowed = keep.models.get(directory.name)
-    if allowed is None:
+    if allowed is None or not _real_dir(directory):  # a link in models/ is no entry of ours
         return False
     try:
         data = json.loads((directory / ".pylmserv.json").read_text())
@@ -212,31 +216,48 @@ def plan(home: Path, keep: Keep) -> Tuple[List[Tuple[Item, Optional[Path]]], int
     current = _current_keys(home)
     builds = _builds_to_keep(home, keep, current)
     for p in _entries(layout.builds_dir(home)):
-        if p.name.endswith(".lock") or not p.is_dir():
+        if p.name.endswith(".lock") and not os.path.islink(p):
+            continue
+        if not _real_dir(p):
+            if os.path.islink(p):  # not ours: the link goes, never what it points at
+                consider("build", p, None, True, LINK_REASON)
             continue
         consider("build", p, Path(str(p) + ".lock"), p.name not in builds,
                  f"not current and not among the {keep.keep_builds} newest of a rooted source")
     for group in _entries(layout.bin_dir(home)):
+        if not _real_dir(group):
+            if os.path.islink(group):
+                consider("install", group, None, True, LINK_REASON)
+            continue
         for p in _entries(group):
-            if p.name == "current" or not p.is_dir():
+            if p.name == "current":
+                continue
+            if not _real_dir(p):
+                if os.path.islink(p):
+                    consider("install", p, None, True, LINK_REASON)
                 continue
             garbage = (group.name, p.name) not in current and f"{group.name}-{p.name}" not in builds
             consider("install", p, layout.builds_dir(home) / f"{group.name}-{p.name}.lock", garbage,
                      "its build is gone or not kept")
     for p in _entries(tmp):
-        if p.name.endswith(".lock") or p.name.startswith("gc-trash."):
+        if p.name.endswith(".lock"):
             continue
-        m = re.match(r"^(dl-[0-9a-f]+)\.(part|state\.json)$", p.name)
+        m = _PARTIAL.match(p.name)
         if m:
             out.append((Item("partial", p, tree_size(p), "partial download of no running process"),
                         tmp / f"{m.group(1)}.lock"))
             continue
-        pid = _PID.search(p.name)
-        if pid and _alive(int(pid.group(1))):
+        pid = next((m.group(1) for m in (r.search(p.name) for r in _STAGING_PID) if m), None)
+        if pid is None:
+            continue  # not a name pylmserv writes: not ours to delete
+        if _alive(int(pid)):
             kept += 1
             continue
         out.append((Item("staging", p, tree_size(p), "left over by a stopped pylmserv"), None))
     return out, kept
+
+
+LINK_REASON = "a symlink where pylmserv keeps a directory (the link goes; what it points at stays)"
 
 
 def _alive(pid: int) -> bool:
@@ -252,11 +273,16 @@ def _alive(pid: int) -> bool:
 
 
 class _Locks:
-    """Locks taken without waiting and held until the sweep ends (one flock per file)."""
+    """Locks taken without waiting and held until the sweep ends (one flock per file).
 
-    def __init__(self) -> None:
+    A lock file that is a link is not pylmserv's: opening it would truncate what it points
+    at, so it is removed as a link (a dry run only looks: nothing is created or removed,
+    and a lock file that does not exist is held by nobody)."""
+
+    def __init__(self, dry_run: bool = False) -> None:
         self.held: Dict[str, object] = {}
         self.busy: Set[str] = set()
+        self.dry_run = dry_run
 
     def take(self, lock_file: Path) -> bool:
         from filelock import FileLock, Timeout
@@ -266,6 +292,19 @@ class _Locks:
             return True
         if key in self.busy:
             return False
+        try:
+            st = os.lstat(key)
+        except FileNotFoundError:
+            st = None
+        except OSError:
+            self.busy.add(key)
+            return False
+        if st is None and self.dry_run:
+            return True
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            if self.dry_run or not stat.S_ISLNK(st.st_mode):
+                return self.dry_run
+            remove_no_follow(key)
         lock = FileLock(key)
         try:
             lock.acquire(timeout=0)
@@ -286,10 +325,10 @@ def sweep(home: Path, keep: Keep, dry_run: bool = False) -> Report:
     home = Path(home)
     report = Report(home=home, dry_run=dry_run)
     garbage, report.kept = plan(home, keep)
-    locks = _Locks()
+    locks = _Locks(dry_run)
     try:
         # Any pylmserv lock in tmp/ held elsewhere: something is in flight; its staging stays.
-        quiet = all([locks.take(p) for p in _entries(layout.tmp_root(home)) if p.name.endswith(".lock")])
+        quiet = all([locks.take(p) for p in _entries(layout.tmp_root(home)) if _OUR_LOCK.match(p.name)])
         for item, lock in garbage:
             free = quiet if item.kind == "staging" else (lock is None or locks.take(lock))
             (report.garbage if free else report.in_use).append(item)

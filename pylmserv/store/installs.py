@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional
 
+from ..core.errors import UsageError
+
 
 def shared_libs(build_dir: Path) -> List[Path]:
     """Libraries a shared/portable build puts beside the binaries (libggml*.so, backends)."""
@@ -30,6 +32,19 @@ def _copy_atomic(src: Path, dest: Path) -> None:
 
     shutil.copy2(src, tmp)
     os.replace(tmp, dest)
+
+
+def real_dirs(base: Path, *parts: str) -> Path:
+    """base/parts..., each part a real directory: a link planted in its place (not pylmserv's)
+    is removed as a link, so nothing is installed through it outside the home. `base`
+    itself (a layout directory such as bin/) may be a link: the user's choice."""
+    path = Path(base)
+    for part in parts:
+        path = path / part
+        if os.path.islink(path):
+            os.unlink(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def install_files(binaries: Mapping[str, Path], bindir: Path, with_libs: Optional[Path] = None) -> Dict[str, Path]:
@@ -56,6 +71,10 @@ def point_current(target: Path) -> Path:
             return link
     except OSError:
         pass
+    if os.path.isdir(link) and not os.path.islink(link):  # os.replace cannot put a link over it
+        raise UsageError(f"{link} is a directory, where pylmserv keeps the link to the build in use",
+                         hint=f"Move that directory away (pylmserv never deletes it for you), then run the "
+                              f"command again; the build itself is done: {target}.")
     tmp = target.parent / f".current.{os.getpid()}.tmp"
     if os.path.lexists(tmp):
         os.unlink(tmp)

@@ -13,6 +13,7 @@ its time and result in verified.json, which `doctor` reports.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
 from ..core.errors import PylmservError, RotFound  # noqa: F401 (RotFound: re-exported)
-from ..core.fsutil import atomic_write_text
+from ..core.fsutil import atomic_write_text, walk_no_follow
 from ..core.hashing import Hash, file_hash, nix32_decode
 from ..core.nar import nar_hash
 from . import blobs as store
@@ -55,6 +56,7 @@ class Finding:
 class Report:
     findings: List[Finding] = field(default_factory=list)
     checked_at: float = 0.0
+    not_recorded: str = ""  # why verified.json could not be written (a read-only store)
 
     @property
     def bad(self) -> List[Finding]:
@@ -82,12 +84,12 @@ def verify_store(names: Iterable[str] = (), home: Optional[Path] = None, repair:
     if wanted:
         needed = {h for files in entries.values() for h in files.values() if h} | _archive_blobs(entries, home)
     bad_blobs = set()
-    for h, path, _size in store.blobs(home):
-        if needed is not None and h.hex not in needed:
+    for name, path in _blob_files(home):
+        if needed is not None and name not in needed:
             continue
-        finding = _check_blob(h, path)
+        finding = _check_blob(name, path)
         if finding.status != OK:
-            bad_blobs.add(h.hex)
+            bad_blobs.add(name)
         report.findings.append(finding)
     for path, (name, h) in sorted(sources.items()):
         report.findings.append(_check_source(name, h, path))
@@ -96,8 +98,16 @@ def verify_store(names: Iterable[str] = (), home: Optional[Path] = None, repair:
     if repair:
         for finding in report.bad:
             if os.path.lexists(finding.path):
-                finding.moved_to = _quarantine(finding, home)
-    _record(report, home)
+                try:
+                    finding.moved_to = _quarantine(finding, home)
+                except OSError as exc:  # a read-only store, quarantine/ on another disk: say so
+                    why = ("quarantine/ is on another filesystem" if exc.errno == errno.EXDEV
+                           else exc.strerror or str(exc))
+                    finding.detail += f"; left in place, cannot be moved aside: {why}"
+    try:
+        _record(report, home)
+    except OSError as exc:  # a read-only store is still verified: only the record is lost
+        report.not_recorded = exc.strerror or str(exc)
     return report
 
 
@@ -166,7 +176,33 @@ def _source_trees(home: Path, wanted: set) -> Dict[Path, tuple]:
 
 # -- checks -------------------------------------------------------------------------------
 
-def _check_blob(h: Hash, path: Path) -> Finding:
+_HEX64 = re.compile(r"[0-9a-f]{64}\Z")
+
+
+def _blob_files(home: Path):
+    """(name, path) of everything in blobs/sha256/ but pylmserv's own dot-files: files,
+    links (dangling ones included) and anything else that sits where only blobs belong."""
+    base = home / "blobs" / "sha256"
+    try:
+        names = sorted(os.listdir(base))
+    except OSError:
+        return []
+    return [(n, base / n) for n in names if not n.startswith(".")]
+
+
+def _check_blob(name: str, path: Path) -> Finding:
+    shown = name if len(name) <= 80 else name[:80] + "..."
+    if not _HEX64.match(name):
+        return Finding("blob", shown, path, BAD, "not a blob: the name is not a sha256 (64 lowercase hex digits)")
+    h = Hash("sha256", bytes.fromhex(name))
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return Finding("blob", h.hex, path, BAD, "a dangling symlink" if os.path.islink(path) else "vanished", h.hex)
+    except OSError as exc:
+        return Finding("blob", h.hex, path, BAD, f"unreadable: {exc.strerror}", h.hex)
+    if not stat.S_ISREG(st.st_mode):
+        return Finding("blob", h.hex, path, BAD, "not a regular file", h.hex)
     try:
         got = file_hash(path, h.algo)
     except OSError as exc:
@@ -214,7 +250,7 @@ def _check_model(name: str, directory: Path, files: Dict[str, Optional[str]], ba
         return bad("unpacked from an archive blob that is bad")
     root = os.path.realpath(directory)
     listed = set(files) | {store.MANIFEST}
-    for dirpath, dirnames, filenames in os.walk(directory, followlinks=False):
+    for dirpath, dirnames, filenames in walk_no_follow(directory):
         for entry in dirnames + filenames:
             path = os.path.join(dirpath, entry)
             rel = os.path.relpath(path, directory)

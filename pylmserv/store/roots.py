@@ -5,7 +5,8 @@
   gcroots/procs/<pid>-<r>.flock  held (flock) by a running pylmserv for its whole life;
   gcroots/procs/<pid>-<r>/       copies of the locks that process read, as it read them,
                                  so a running `serve` keeps its model even after the lock
-                                 on disk moved on (a dead process's flock is free: gc drops it)
+                                 on disk moved on; the process removes both when it ends
+                                 (a killed one's flock is free: gc drops it)
 
 Registration never fails a command: a read-only or full store only loses the root. Nor
 does it create the store: while there is none, the root waits in memory and is written
@@ -18,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from ..core.fsutil import atomic_write_bytes, atomic_write_text, unlink_missing_ok
+from ..core.fsutil import atomic_write_bytes, atomic_write_text, remove_no_follow, unlink_missing_ok
 from .layout import home as store_home
 from .layout import on_home_ready
 
@@ -99,9 +100,30 @@ def _hold(lock_path: Path, text: bytes, home: Optional[Path]) -> None:
         fd = os.open(base / f"{name}.flock", os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by children
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh name: never contended
         _held[key] = (fd, base / name)
+        if len(_held) == 1:
+            import atexit
+
+            atexit.register(release_all)
     directory = _held[key][1]
     # Not durable: the copy lives only as long as this process.
     atomic_write_bytes(directory / f"{_key(lock_path)}.lock", text, durable=False)
+
+
+def release_all() -> None:
+    """Remove this process's own records (at exit): its lock copies, then its flock file.
+    A process killed before it could does not matter: its flock is free, and gc drops it."""
+    while _held:
+        key, (fd, directory) = _held.popitem()
+        try:
+            remove_no_follow(directory)
+            unlink_missing_ok(Path(str(directory) + ".flock"))
+        except OSError:
+            pass
+        finally:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 def registered_locks(home: Optional[Path] = None, forget_missing: bool = True) -> List[Path]:
@@ -123,7 +145,7 @@ def registered_locks(home: Optional[Path] = None, forget_missing: bool = True) -
 def live_process_locks(home: Optional[Path] = None, cleanup: bool = True) -> List[Path]:
     """Lock copies held by running pylmserv processes (this one excluded: its roots are the
     registered ones). Records of dead processes are removed when `cleanup`."""
-    import shutil
+    import stat
 
     from filelock import FileLock, Timeout
 
@@ -134,6 +156,14 @@ def live_process_locks(home: Optional[Path] = None, cleanup: bool = True) -> Lis
         directory = flock_path.with_suffix("")
         if str(directory) in mine:
             continue
+        try:
+            regular = stat.S_ISREG(os.lstat(flock_path).st_mode)
+        except OSError:
+            continue
+        if not regular:  # not a record pylmserv writes (a link would be opened through)
+            if cleanup:
+                remove_no_follow(flock_path)
+            continue
         probe = FileLock(str(flock_path))
         try:
             probe.acquire(timeout=0)
@@ -142,8 +172,11 @@ def live_process_locks(home: Optional[Path] = None, cleanup: bool = True) -> Lis
             continue
         try:
             if cleanup:
-                shutil.rmtree(directory, ignore_errors=True)
-                unlink_missing_ok(flock_path)
+                try:
+                    remove_no_follow(directory)
+                    unlink_missing_ok(flock_path)
+                except OSError:
+                    pass  # a read-only store: the record stays, still ignored
         finally:
             probe.release()
     return out

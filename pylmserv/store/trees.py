@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Tuple
 
 from ..core.archive import extract
 from ..core.errors import PylmservError, UsageError, VerificationError
+from ..core.fsutil import temp_dir
 from ..core.hashing import Hash, file_hash
 from ..core.nar import nar_hash
 from ..transfer import git as gitutil
@@ -94,8 +94,8 @@ def ensure_source(entry: SourcePin, root: Optional[Path] = None) -> Path:
         if os.path.lexists(target):  # another process finished it while we waited
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=f"{target.name[-60:]}.", dir=tmp) as work:
-            staged = fetch_entry(entry, Path(work))
+        with temp_dir(prefix=f"tree.{os.getpid()}.{target.name[-60:]}.", dir=tmp) as work:
+            staged = fetch_entry(entry, work)
             got = nar_hash(staged, entry.hash.algo) if entry.mode == "nar" else _flat(staged, entry.hash.algo)
             check_hash(entry, got)
             if entry.mode == "flat":

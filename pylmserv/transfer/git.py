@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Dict, List, Optional
 
 from ..core.archive import extract
 from ..core.errors import GitError, NetworkError, UsageError
+from ..core.fsutil import remove_no_follow, walk_no_follow
 from ..core.proc import run_tool
 
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
@@ -85,15 +85,18 @@ def checkout(url: str, rev: str, dest: Path, submodules: bool = False) -> Path:
             _git(["archive", "--format=tar", "-o", str(tar), commit], cwd=repo)
             extract(tar, dest, policy="tar")
     finally:
-        shutil.rmtree(repo, ignore_errors=True)
+        try:
+            remove_no_follow(repo)
+        except OSError:
+            pass
     return dest
 
 
 def strip_dot_git(root: Path) -> None:
     """Remove every entry named .git (dirs in the top repo, files in submodules)."""
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in walk_no_follow(root):  # iterative: any depth
         if ".git" in dirnames:
             dirnames.remove(".git")
-            shutil.rmtree(os.path.join(dirpath, ".git"))
+            remove_no_follow(os.path.join(dirpath, ".git"))
         if ".git" in filenames:
             os.unlink(os.path.join(dirpath, ".git"))

@@ -8,11 +8,16 @@ from dataclasses import dataclass
 from typing import Dict, Optional
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from ..core.errors import NetworkError, VerificationError
+from ..core.errors import ConfigError, NetworkError, VerificationError
 from ..core.version import __version__
 
 CHUNK = 256 << 10  # bytes per read; memory per connection stays at about this
 CONNECT_TIMEOUT = 15.0
+CONNECT_RETRIES = 4  # connection setup failures urllib3 retries (with backoff) before giving up
+# A refused connection to this machine means nothing listens on that port: it answers at
+# once and the same way again, so the backoff (0.4 + 0.8 + 1.6 s) would only be waiting.
+# One immediate retry covers a server that is just being restarted.
+LOOPBACK_REFUSED_RETRIES = 1
 
 
 @dataclass
@@ -54,8 +59,9 @@ class Transport:
             from urllib3.util.retry import Retry
 
             s = requests.Session()
-            retry = Retry(total=None, connect=4, read=0, status=0, other=0, redirect=10,
-                          backoff_factor=self.retry_base, raise_on_status=False, respect_retry_after_header=False)
+            retry = connect_retry(Retry)(total=None, connect=CONNECT_RETRIES, read=0, status=0, other=0, redirect=10,
+                                         backoff_factor=self.retry_base, raise_on_status=False,
+                                         respect_retry_after_header=False)
             adapter = HTTPAdapter(max_retries=retry, pool_connections=4, pool_maxsize=self.pool_size)
             s.mount("http://", adapter)
             s.mount("https://", adapter)
@@ -76,6 +82,51 @@ class Transport:
             raise NetworkError(f"too many redirects for {redact(url)}") from None
 
 
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost (a name, not a lookup)."""
+    import ipaddress
+
+    host = (host or "").strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def is_refused(error) -> bool:
+    """Is `error` (urllib3's wrapper, or the OS error itself) a refused connection?"""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, ConnectionRefusedError):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
+_RETRY_CLASSES: dict = {}
+
+
+def connect_retry(base):
+    """urllib3's Retry (`base`, passed in: urllib3 is imported lazily) with the loopback fast
+    path: a refused connection to this machine is retried LOOPBACK_REFUSED_RETRIES times,
+    not CONNECT_RETRIES times with backoff. Every other failure is retried as configured."""
+    cls = _RETRY_CLASSES.get(base)
+    if cls is None:
+        class LoopbackAwareRetry(base):
+            def increment(self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None):
+                if (error is not None and len(self.history) >= LOOPBACK_REFUSED_RETRIES
+                        and is_loopback(getattr(_pool, "host", "")) and is_refused(error)):
+                    spent = self.new(connect=0)  # exhausted by this failure: MaxRetryError
+                    return base.increment(spent, method, url, response, error, _pool, _stacktrace)
+                return super().increment(method, url, response, error, _pool, _stacktrace)
+
+        cls = _RETRY_CLASSES[base] = LoopbackAwareRetry
+    return cls
+
+
 def redact(url: str) -> str:
     """The URL without query string or credentials (signed URLs carry secrets)."""
     parts = urlsplit(url)
@@ -83,6 +134,62 @@ def redact(url: str) -> str:
     if parts.port:
         netloc += f":{parts.port}"
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+MAX_API_ANSWER = 16 << 20  # bytes: a page of tags, a release, a Hub file listing is far smaller
+
+
+def bounded_json(resp, what: str, source: str, limit: int = 0):
+    """The JSON of an API answer (a requests response opened with stream=True), read no
+    further than `limit` bytes (default MAX_API_ANSWER): a hostile or broken API cannot make
+    pylmserv hold an answer of any size in memory. Raises NetworkError saying what was too
+    big; ValueError when it is not JSON."""
+    import json
+
+    limit = limit or MAX_API_ANSWER
+    declared = resp.headers.get("Content-Length")
+    too_big = NetworkError(f"{what}: the answer of {source} is over {limit >> 20} MiB"
+                           + (f" ({int(declared)} bytes declared)" if declared and declared.isdigit() else "")
+                           + "; stopped reading", hint="An API page is never that large: check the API address "
+                                                       "(a proxy?) and try again later.")
+    if declared and declared.isdigit() and int(declared) > limit:
+        resp.close()
+        raise too_big
+    import requests
+
+    body = bytearray()
+    try:
+        for chunk in resp.iter_content(1 << 16):
+            body += chunk
+            if len(body) > limit:
+                raise too_big
+    except requests.RequestException as exc:
+        raise NetworkError(f"{what}: the answer of {source} was cut: {short_error(exc)}",
+                           hint="Try again later.") from None
+    finally:
+        resp.close()
+    return json.loads(bytes(body).decode(resp.encoding or "utf-8", errors="replace") if body else "")
+
+
+CREDENTIALS_HINT = ("Remove user:password@ from the URL. For a server that needs a login, put it in ~/.netrc "
+                    "(`machine HOST login USER password SECRET`, mode 600), which pylmserv's HTTP client reads; "
+                    "for the Hugging Face Hub set HF_TOKEN, for GitHub GITHUB_TOKEN.")
+
+
+def refuse_credentials(url: str, where: str) -> str:
+    """`url` when it carries no credentials, else ConfigError (exit 2) naming it redacted.
+
+    A password in a URL would be written into pylmserv.toml, pylmserv.lock, logs and --json
+    in clear, so no URL with userinfo is taken at all (http, https, file, git); only an ssh
+    URL may name its user (ssh://git@host/..., no password: that is no secret)."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    userinfo = parts.netloc.rpartition("@")[0]
+    if parts.scheme.lower() in ("ssh", "git+ssh", "ssh+git") and ":" not in userinfo:
+        return url
+    raise ConfigError(f"{where}: the URL {redact(url)} carries credentials (a user or password before the @); pylmserv never "
+                      "writes them into the config, the lock or its output", hint=CREDENTIALS_HINT)
 
 
 def load() -> None:

@@ -3,27 +3,46 @@ and file metadata (the LFS oid is the file's sha256) without downloading.
 
 HF_ENDPOINT picks the Hub (a mirror, a test stand-in); HF_TOKEN authenticates and is sent
 to that host only, never printed. Used by `pylmserv prefetch` (resolvers/hf.py) and by
-`pylmserv fetch hf://...` (models.py), so both see the same Hub the same way.
+`pylmserv fetch hf://...` (app/fetch_models.py), so both see the same Hub the same way; `parse_hf`
+is the one reader of an `hf://` reference (fetch and `pylmserv add` use it).
 """
 from __future__ import annotations
 
 import os
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 from urllib.parse import quote, urlsplit
 
 from ..core.errors import HubNotFound, NetworkError, UsageError  # noqa: F401
 from ..core.hashing import Hash
+from ..core.names import show
 from ..core.version import __version__
 from .download import redact
+from .http import bounded_json, refuse_credentials
 
 HUB = "https://huggingface.co"
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
+def parse_hf(item: str) -> Tuple[str, str, str]:
+    """hf://org/repo/path/file.gguf[@revision] -> (org/repo, path, revision); revision
+    defaults to main. Empty, `.`, `..` and backslashed path parts, and an empty revision
+    after `@`, are refused."""
+    body = item[len("hf://"):] if item.startswith("hf://") else item
+    revision = "main"
+    head, sep, tail = body.rpartition("@")
+    if sep and "/" in head:
+        body, revision = head, tail
+    parts = body.split("/")
+    if len(parts) < 3 or not revision or not all(p not in ("", ".", "..") and "\\" not in p for p in parts):
+        raise UsageError(f"bad hf:// reference {show(repr(item))}",
+                         hint="Use hf://ORG/REPO/PATH/FILE.gguf[@REVISION].")
+    return "/".join(parts[:2]), "/".join(parts[2:]), revision
+
+
 def endpoint() -> str:
-    return (os.environ.get("HF_ENDPOINT") or HUB).rstrip("/")
+    return refuse_credentials((os.environ.get("HF_ENDPOINT") or HUB).rstrip("/"), "HF_ENDPOINT")
 
 
 def auth_headers(url: str) -> Dict[str, str]:
@@ -63,7 +82,7 @@ def api_json(method: str, path: str, what: str, data=None):
     url = endpoint() + path
     headers = {"User-Agent": f"pylmserv/{__version__}", **auth_headers(url)}
     try:
-        resp = requests.request(method, url, data=data, headers=headers, timeout=(15, 60))
+        resp = requests.request(method, url, data=data, headers=headers, timeout=(15, 60), stream=True)
     except requests.RequestException as exc:
         raise NetworkError(f"{what}: cannot reach the Hugging Face Hub at {endpoint()}: {type(exc).__name__}",
                            hint="Check the network, or set HF_ENDPOINT to a reachable mirror.") from None
@@ -75,7 +94,7 @@ def api_json(method: str, path: str, what: str, data=None):
     if resp.status_code >= 400:
         raise NetworkError(f"{what}: HTTP {resp.status_code} from {redact(url)}", hint="Try again later.")
     try:
-        return resp.json()
+        return bounded_json(resp, what, redact(url))
     except ValueError:
         raise NetworkError(f"{what}: {redact(url)} did not answer JSON (a proxy page?)",
                            hint="Check proxy settings and HF_ENDPOINT.") from None

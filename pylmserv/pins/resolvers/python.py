@@ -1,10 +1,10 @@
 """Backend python: download / clone in-process, unpack with Nix semantics, hash."""
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 from ...core.archive import extract
+from ...core.fsutil import temp_dir
 from ...core.nar import nar_hash
 from ...store.trees import download
 from ...transfer import git as gitops
@@ -12,8 +12,7 @@ from .base import Fetch, Hashed
 
 
 def hash_fetch(fetch: Fetch, work: Path) -> Hashed:
-    with tempfile.TemporaryDirectory(prefix="py.", dir=work) as tmp:
-        tmp = Path(tmp)
+    with temp_dir(prefix="py.", dir=work) as tmp:  # an unpacked tree may be 1,000 levels deep
         if fetch.kind == "git":
             tree = gitops.checkout(fetch.url, fetch.rev, tmp / "checkout", submodules=fetch.submodules)
             return Hashed(nar_hash(tree), fetcher="builtins.fetchGit")
