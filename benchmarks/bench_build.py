@@ -112,11 +112,12 @@ def stamp_standin(home: Path, config: Path, lock: Path, targets) -> None:
     os.environ["PYLMSERV_HOME"] = str(home)
     from pylmserv.builders import LlamaCppBuild
     from pylmserv.builders.llama_cpp import Request
-    from tests.test_build_cli import stamp_standin_build
+    from tests.test_build_cli import stamp_standin_build, standin_source
 
     b = LlamaCppBuild(Request(targets=tuple(targets)), config=config, lock=lock)
     if not b.stamp_path.exists():
         stamp_standin_build(b)
+    standin_source(b)  # an up-to-date build fetches a missing locked source back first
 
 
 def share_source(src_home: Path, dst_home: Path) -> None:

@@ -17,9 +17,10 @@ from pylmserv.builders import LlamaCppBuild
 from pylmserv.builders.llama_cpp import Request
 from pylmserv.store import records as stamps
 from tests.conftest import run_cli
-from tests.test_build_cli import project, recording_tool, stamp_standin_build
+from tests.test_build_cli import project, recording_tool, stamp_standin_build, standin_source
 
 TARGETS = ("llama-cli", "llama-server")
+REFETCH = "missing from the store"  # the up-to-date path restoring a missing source (base.py)
 
 
 @pytest.fixture
@@ -29,12 +30,20 @@ def stamped(home, tmp_path):
     config, lock = project(tmp_path)
     b = LlamaCppBuild(Request(targets=TARGETS), config=config, lock=lock)
     stamp_standin_build(b)
+    standin_source(b)  # an up-to-date build fetches a missing locked source back first
     marker = tmp_path / "invoked"
     for name in ("cmake", "ninja", "cc", "c++", "nvidia-smi"):
         recording_tool(tmp_path / "tools", name, marker)
     env = {"PYLMSERV_HOME": str(home), "PATH": f"{tmp_path / 'tools'}{os.pathsep}{os.environ['PATH']}"}
     args = ["--config", config, "--lock", lock, "build", "--target", "llama-cli", "--target", "llama-server"]
     return b, args, env, marker
+
+
+def without_source(b) -> None:
+    """Remove the stand-in source from the store: a build that is not up to date then goes
+    on to fetch it from the (unreachable) locked URL, exit 3 naming it, before any tool runs.
+    (A build taken as up to date would fetch it too, but says so first: REFETCH.)"""
+    shutil.rmtree(standin_source(b))
 
 
 def outside_snapshot(root: Path) -> dict:
@@ -90,8 +99,9 @@ def test_a_changed_build_is_built_again(stamped, change):
     else:
         lock = Path(args[3])
         lock.write_text(lock.read_text().replace('rev = "b9941"', 'rev = "b9990"'))
+    without_source(b)
     proc = run_cli(*args, env=env)
-    assert proc.returncode == 3 and "never-fetched.tar.gz" in proc.stderr, proc.stderr
+    assert proc.returncode == 3 and "never-fetched.tar.gz" in proc.stderr and REFETCH not in proc.stderr, proc.stderr
 
 
 @pytest.mark.skipif(not shutil.which("setarch") or os.uname().machine != "x86_64",
@@ -101,13 +111,14 @@ def test_another_machine_type_is_another_build(stamped):
     holds the machine type, so it is another build now."""
     b, args, env, _ = stamped
     run_cli(*args, env=env, check=True)
+    without_source(b)
     import subprocess
     import sys
 
     full = dict(os.environ, **env)
     proc = subprocess.run(["setarch", "linux32", sys.executable, "-m", "pylmserv", *map(str, args)],
                           capture_output=True, text=True, env=full, timeout=300)
-    assert proc.returncode == 3 and "never-fetched.tar.gz" in proc.stderr, proc.stderr
+    assert proc.returncode == 3 and "never-fetched.tar.gz" in proc.stderr and REFETCH not in proc.stderr, proc.stderr
 
 
 def test_backend_auto_detects_again_on_every_run(home, tmp_path, monkeypatch):
@@ -118,7 +129,9 @@ def test_backend_auto_detects_again_on_every_run(home, tmp_path, monkeypatch):
 
     config, lock = project(tmp_path)
     for backend in ("cpu", "blas"):
-        stamp_standin_build(LlamaCppBuild(Request(backend=backend, targets=TARGETS), config=config, lock=lock))
+        b = LlamaCppBuild(Request(backend=backend, targets=TARGETS), config=config, lock=lock)
+        stamp_standin_build(b)
+    standin_source(b)
     chosen = []
 
     def machine(now):
@@ -156,16 +169,18 @@ def test_an_edited_stamp_installs_nothing_from_outside_and_touches_nothing_there
     before = outside_snapshot(outside)
     installed = home / "bin" / "llama.cpp-cpu" / b.key
     shutil.rmtree(installed)
+    without_source(b)
     st = stamps.read_stamp(b.stamp_path)
     for target in (outside / "bin", outside / "link", b.build_dir / "bin" / ".." / ".." / ".." / ".." / "outside" / "bin"):
         edited = stamps.make_stamp(b.inputs, {n: target / n for n in TARGETS})
         stamps.write_stamp(b.stamp_path, edited)
         proc = run_cli(*args, env=env)
-        assert proc.returncode == 3 and "never-fetched.tar.gz" in proc.stderr, proc.stderr
+        assert proc.returncode == 3 and "never-fetched.tar.gz" in proc.stderr and REFETCH not in proc.stderr, proc.stderr
         assert "outside its build directory" in proc.stderr
         assert outside_snapshot(outside) == before
         assert not any(p.is_file() for p in installed.rglob("*")) if installed.exists() else True
     stamps.write_stamp(b.stamp_path, st)  # the true stamp: up to date again
+    standin_source(b)
     assert run_cli(*args, env=env, check=True).returncode == 0
 
 

@@ -45,7 +45,8 @@ LAZY_FOR_SPEED = {
                                     "is planned or run", ("pylmserv.builders.backends", "pylmserv.builders.probe",
                                                           "pylmserv.builders.toolchain", "pylmserv.core.proc")),
     "pylmserv.pins.config": ("start-up: the Hub client (and the download engine under it) only when an hf URL "
-                             "is resolved", ("pylmserv.transfer.hub",)),
+                             "is resolved; signing only for a [cache] table's keys",
+                             ("pylmserv.transfer.hub", "pylmserv.core.signing")),
 }
 LAZY_ALLOWED.update({(importer, target): why for importer, (why, targets) in LAZY_FOR_SPEED.items()
                      for target in targets})

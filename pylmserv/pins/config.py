@@ -19,7 +19,6 @@ else:  # pragma: no cover - exercised on older Pythons only
 from ..core.errors import ConfigError, HashError, UsageError
 from ..core.hashing import Hash
 from ..core.names import check_name, check_version, show
-from ..core.signing import PublicKey
 from .lock import LOCK_VERSION, Lock, LockEntry, check_nix_value, load_lock  # noqa: F401 (re-exported)
 from ..store.roots import use_lock
 
@@ -216,6 +215,10 @@ def _parse_cache(t, path) -> Dict[str, object]:
         value = t.get(key, [])
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{where} {key} must be a list of strings")
+    # lazy for speed: only a config with [cache] keys needs the signing module (a dataclass and
+    # base64 handling an up-to-date `build` of an ordinary project never uses)
+    from ..core.signing import PublicKey
+
     for text in t.get("trusted-public-keys", []):
         try:
             PublicKey.parse(text)
