@@ -317,10 +317,10 @@ def test_push_without_a_portable_build_or_key_is_one_clear_line(world):
     w = world
     nothing = w.cli("builder", "push", "llama.cpp", "--to", w.cache, "--sign-key", w.key_file)
     assert nothing.returncode == 2 and "no portable llama.cpp build" in nothing.stderr, nothing.stderr
-    missing = w.cli("builder", "push", "--to", w.cache, "--sign-key", w.tmp / "nope.sk")
+    missing = w.cli("builder", "push", "llama.cpp", "--to", w.cache, "--sign-key", w.tmp / "nope.sk")
     assert missing.returncode == 2 and "cannot read the secret key file" in missing.stderr
     (w.tmp / "bad.sk").write_text("team:" + "A" * 10)
-    bad = w.cli("builder", "push", "--to", w.cache, "--sign-key", w.tmp / "bad.sk")
+    bad = w.cli("builder", "push", "llama.cpp", "--to", w.cache, "--sign-key", w.tmp / "bad.sk")
     assert bad.returncode == 2 and "secret key" in bad.stderr and "AAAA" not in bad.stderr
     assert not list(w.cache.iterdir())
     assert "Traceback" not in nothing.stderr + missing.stderr + bad.stderr

@@ -29,8 +29,8 @@ from ..pins.lock import FilePin, HfPin, LockEntry, Shard
 from ..pins.lockfile import refuse_packaged, update
 from ..store import adopt as adopting
 from ..store import blobs as store
-from ..transfer import http, hub
-from ..transfer.download import download, redact, resolve_stall_limit
+from ..transfer import http, hub, mirrors as mirror_chain
+from ..transfer.download import redact, resolve_stall_limit
 from ..transfer.http import refuse_credentials
 
 log = logging.getLogger("pylmserv.models")
@@ -102,13 +102,16 @@ def fetch(items: Union[str, Sequence[str]], dest: Optional[Path] = None, connect
              for item in items]
     if any(plan.record is not None for plan in plans):
         _tofu_lock_path(project)  # refuse before downloading, not after
+    sources = mirror_chain.configured(project.config.mirrors if project is not None else ())
+    if offline:
+        _refuse_missing_offline(plans, sources, store.root(home))
     if not offline and any(f.expected is None or not store.has_blob(f.expected, store.root(home))
                            for plan in plans for f in plan.files):
         http.load()  # once per process, before the clock of the first model's transfer starts
     results = []
     for plan in plans:
         results.append(_fetch_plan(plan, project, dest, connections, offline, progress, home, link_mode,
-                                   stall_limit))
+                                   stall_limit, sources))
     return results
 
 
@@ -317,14 +320,14 @@ def _plan_hf(item: str, project: Optional[Project], tofu: bool, offline: bool) -
 # -- fetching ------------------------------------------------------------------------------
 
 def _fetch_plan(plan: _Plan, project, dest, connections, offline, progress, home, link_mode,
-                stall_limit=None) -> FetchResult:
+                stall_limit=None, mirrors=()) -> FetchResult:
     started = time.monotonic()
     home = store.root(home)
     got: List[Tuple[_File, Hash, int]] = []
     downloaded = 0
     for f in plan.files:
         h, size, nbytes = _ensure_blob(f, connections, offline, progress, home, check_gguf=not plan.archive,
-                                       stall_limit=stall_limit)
+                                       stall_limit=stall_limit, mirrors=mirrors)
         got.append((f, h, size))
         downloaded += nbytes
     if plan.archive:
@@ -354,7 +357,7 @@ def _split(path: Path) -> bool:
 
 
 def _ensure_blob(f: _File, connections, offline, progress, home, check_gguf: bool,
-                 stall_limit: Optional[float] = None) -> Tuple[Hash, int, int]:
+                 stall_limit: Optional[float] = None, mirrors=()) -> Tuple[Hash, int, int]:
     """(hash, size, bytes downloaded) of `f`, in the store afterwards."""
     if f.expected is not None and store.has_blob(f.expected, home):
         size = store.blob_path(f.expected, home).stat().st_size
@@ -364,10 +367,10 @@ def _ensure_blob(f: _File, connections, offline, progress, home, check_gguf: boo
     adopted = adopting.before_download(f.expected, f.size, f.filename, f.url, home)  # other tools' copies
     if adopted is not None:
         return adopted
-    if offline:
+    if offline and not mirror_chain.offline_sources(mirrors, f.expected):
         raise UsageError(f"{f.filename} is not in the store and --offline (or HF_HUB_OFFLINE) forbids downloading",
                          hint="Run the same command without --offline once.")
-    if not f.url:
+    if not f.url and not offline:
         raise UsageError(f"{f.filename}: no URL to download from")
     key = f.expected or Hash.of_bytes(f.url.encode())
     with store.blob_lock(key, home):
@@ -376,9 +379,10 @@ def _ensure_blob(f: _File, connections, offline, progress, home, check_gguf: boo
         log.info("fetching %s", redact(f.url))
         staged = store.temp_path(f.filename, home)
         try:
-            result = download(f.url, staged, expected=f.expected, size=f.size, connections=connections,
-                              stall_limit=stall_limit,
-                              headers=hub.auth_headers(f.url), progress=progress, tmp_dir=store.tmp_dir(home))
+            result = mirror_chain.fetch_verified(  # mirrors first, then the origin; each source checked
+                f.url, staged, f.expected, f.size, mirrors=mirrors, tmp_dir=store.tmp_dir(home), offline=offline,
+                origin_headers=hub.auth_headers(f.url) if f.url else None, connections=connections,
+                progress=progress, stall_limit=stall_limit)
             if check_gguf and _gguf_name(f.filename):
                 read_header(staged)
             blob = store.install_blob(staged, result.sha256, home)
@@ -386,6 +390,23 @@ def _ensure_blob(f: _File, connections, offline, progress, home, check_gguf: boo
             unlink_missing_ok(staged)
     log.info("%s: verified sha256 %s (%d bytes) -> %s", f.filename, result.sha256.hex, result.size, blob)
     return result.sha256, result.size, result.bytes_downloaded
+
+
+def _refuse_missing_offline(plans, mirrors, home: Path) -> None:
+    """Offline: name every file the store lacks (and neither another tool's copy nor a
+    file:// mirror could give) at once."""
+    def present(f) -> bool:
+        if f.expected is not None and store.has_blob(f.expected, home, f.size):
+            return True
+        return adopting.before_download(f.expected, f.size, f.filename, f.url, home) is not None
+
+    missing = [f"{plan.name}: {f.filename}" + (f" (sha256 {f.expected.hex[:12]}...)" if f.expected else "")
+               for plan in plans for f in plan.files
+               if not present(f) and not mirror_chain.offline_sources(mirrors, f.expected)]
+    if missing:
+        raise UsageError(f"offline, and {len(missing)} file(s) are not in the store: " + "; ".join(missing),
+                         hint="Fetch them once with the network, import a bundle (`pylmserv import FILE`), "
+                              "or name a file:// mirror (PYLMSERV_MIRRORS).")
 
 
 def _gguf_name(filename: str) -> bool:

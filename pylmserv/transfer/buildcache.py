@@ -5,7 +5,7 @@ manifest's signature and every blob's hash (builders/substitute.py).
   file:///DIR or DIR   a directory (push writes it; serve it with any static HTTP server)
   http(s)://BASE       the same layout read over HTTP: BASE/sha256/<hex> (the content-addressed
                        mirror layout) and BASE/pylmserv-builds/<key>.json
-  oci://HOST/REPO      an OCI registry (transfer/oci.py, when present): the manifest is an
+  oci://HOST/REPO      an OCI registry (transfer/oci.py): the manifest is an
                        artifact tagged with the key, each file a layer whose digest is its sha256
 
 Each kind implements the same four calls (`get_manifest`, `put_manifest`, `get_blob`,
@@ -25,6 +25,7 @@ from ..core.errors import NetworkError, UsageError, VerificationError
 from ..core.fsutil import atomic_write_bytes
 from ..core.hashing import Hash
 from .http import redact, short_error, transient_errors
+from .oci import OciRef, Registry
 
 MANIFEST_DIR = "pylmserv-builds"
 MAX_MANIFEST = 1 << 20  # a manifest lists a few dozen files: a bigger answer is a liar
@@ -275,7 +276,4 @@ class OciCache(BuildCache):
 
 
 def oci_cache(ref: str) -> BuildCache:
-    # With transfer/oci.py (the model-sharing work) this is:
-    #   return OciCache(Registry(OciRef.parse("oci://" + ref)), "oci://" + ref)
-    raise UsageError(f"oci://{ref}: this pylmserv has no OCI registry client yet",
-                     hint="Use a directory or http(s):// build cache.")
+    return OciCache(Registry(OciRef.parse("oci://" + ref)), "oci://" + ref)
