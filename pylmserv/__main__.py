@@ -1,19 +1,13 @@
-"""`pylmserv` and `python -m pylmserv`: an up-to-date build is answered from its record
-(store/replay.py) before the command line (click) and the builders are imported."""
+"""`pylmserv` and `python -m pylmserv`."""
 from __future__ import annotations
 
 import sys
 
 
 def main(argv=None) -> None:
-    args = list(sys.argv[1:] if argv is None else argv)
-    from .store import replay
-
-    if replay.replay(args):
-        return
     from .cli import main as cli_main
 
-    cli_main(args)
+    cli_main(list(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

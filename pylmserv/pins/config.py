@@ -20,8 +20,6 @@ else:  # pragma: no cover - exercised on older Pythons only
 from ..core.errors import ConfigError, HashError, UsageError
 from ..core.hashing import Hash
 from ..core.names import check_name, check_version, show
-from ..core.signing import PublicKey
-from ..transfer.hub import HUB, resolve_url as hf_resolve_url
 from .lock import LOCK_VERSION, Lock, LockEntry, check_nix_value, load_lock  # noqa: F401 (re-exported)
 from ..store.roots import use_lock
 
@@ -90,10 +88,14 @@ class ModelSpec:
     role: str = "chat"  # `role = "embedding"`: served with llama-server's embeddings on (`serve`)
     server: Dict[str, object] = field(default_factory=dict)  # [models.NAME.server]: llama-server options
 
-    def resolve_url(self, endpoint: str = HUB, revision: Optional[str] = None) -> str:
+    def resolve_url(self, endpoint: Optional[str] = None, revision: Optional[str] = None) -> str:
         if self.url:
             return self.url
-        return hf_resolve_url(self.hf, revision or self.revision, self.file, endpoint)
+        # lazy: the Hub client pulls in the download engine (~25 ms), which `build` and every
+        # other command that only reads the project never need
+        from ..transfer import hub
+
+        return hub.resolve_url(self.hf, revision or self.revision, self.file, endpoint or hub.HUB)
 
     @property
     def filename(self) -> str:
@@ -233,6 +235,10 @@ def _parse_cache(t, path) -> Dict[str, object]:
         value = t.get(key, [])
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{where} {key} must be a list of strings")
+    # lazy for speed: only a config with [cache] keys needs the signing module (a dataclass and
+    # base64 handling an up-to-date `build` of an ordinary project never uses)
+    from ..core.signing import PublicKey
+
     for text in t.get("trusted-public-keys", []):
         try:
             PublicKey.parse(text)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 from ..core.fsutil import remove_no_follow, tree_size, tree_stats
-from . import layout, records, replay
+from . import layout, records
 
 KINDS = ("blob", "source", "toolchain", "model", "build", "install", "partial", "staging")
 
@@ -336,7 +336,6 @@ def sweep(home: Path, keep: Keep, dry_run: bool = False) -> Report:
         if not dry_run:
             for item in report.garbage:
                 _remove(item.path, home)
-            replay.forget_stale(home)  # records of up-to-date answers about builds just deleted
     finally:
         locks.release()
     report.store_size = store_size(home)

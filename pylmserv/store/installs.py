@@ -28,7 +28,7 @@ def _same_size_and_mtime(a: Path, b: Path) -> bool:
 
 def _copy_atomic(src: Path, dest: Path) -> None:
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    import shutil  # lazy: ~3 ms the up-to-date replay (only stat calls) does not need
+    import shutil  # lazy: ~3 ms an up-to-date `build` (only stat calls when unchanged) does not need
 
     shutil.copy2(src, tmp)
     os.replace(tmp, dest)

@@ -33,7 +33,7 @@ def build_key(inputs: Mapping, length: int = 16) -> str:
     return hashlib.sha256(canonical_json(inputs).encode()).hexdigest()[:length]
 
 
-class OutputRecord(NamedTuple):  # not a dataclass: `build`'s replay imports this module (store/replay.py)
+class OutputRecord(NamedTuple):  # not a dataclass: cheaper to create on the up-to-date `build` path
     path: str
     size: int
     mtime_ns: int

@@ -56,7 +56,7 @@ def _record(path: Path, text: bytes, home: Path) -> None:
         register_lock(path, home)
         _hold(path, text, home)
     except OSError as exc:
-        import logging  # here: `build`'s replay (store/replay.py) imports this module and not logging
+        import logging  # lazy: only this rare failure logs; the up-to-date `build` path stays light
 
         logging.getLogger("pylmserv.store").debug("gc root for %s not recorded: %s", path, exc)
 
