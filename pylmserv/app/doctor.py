@@ -21,6 +21,7 @@ from ..builders import binfmt, source_checks, stored_llama_source
 from ..builders import toolchain as tc
 from ..builders.llama_cpp import preflight
 from ..core.errors import PylmservError, ToolMissingError
+from ..core.fsutil import walk_no_follow
 from ..core.proc import probe
 from ..core.version import __version__
 from ..pins.config import load_project
@@ -506,7 +507,7 @@ def _store_root(machine: Machine) -> Path:
 
 def _tree_size(path: Path) -> int:
     total = 0
-    for root, dirs, files in os.walk(path):
+    for root, dirs, files in walk_no_follow(path):  # iterative: a tree of any depth
         for name in files:
             try:
                 st = os.lstat(os.path.join(root, name))

@@ -127,6 +127,47 @@ def walk_no_follow(top: Union[str, Path]):
         stack.extend(os.path.join(d, name) for name in reversed(dirs))
 
 
+def copy_tree_no_follow(src: Union[str, Path], dst: Union[str, Path], skip_names=(), writable: bool = False) -> None:
+    """shutil.copytree(src, dst, symlinks=True) without recursion (a tree 1,000 levels deep
+    is fine) and without opening anything but regular files: links are copied as links,
+    a FIFO, socket or device is refused (opening a FIFO would block forever). Names in
+    `skip_names` are left out at every level. `writable`: directories 0755 and files with
+    the owner's write bit (a writable copy of a read-only store tree). `dst` must not exist."""
+    import shutil
+    import stat as _stat
+
+    from .errors import UsageError
+
+    skip = frozenset(skip_names)
+    os.mkdir(dst)
+    stack = [(str(src), str(dst))]
+    dirs_done = []
+    while stack:
+        s, d = stack.pop()
+        for entry in sorted(os.scandir(s), key=lambda e: e.name):
+            if entry.name in skip:
+                continue
+            target = os.path.join(d, entry.name)
+            st = entry.stat(follow_symlinks=False)
+            if _stat.S_ISLNK(st.st_mode):
+                os.symlink(os.readlink(entry.path), target)
+            elif _stat.S_ISDIR(st.st_mode):
+                os.mkdir(target)
+                stack.append((entry.path, target))
+            elif _stat.S_ISREG(st.st_mode):
+                shutil.copy2(entry.path, target, follow_symlinks=False)
+                if writable:
+                    os.chmod(target, _stat.S_IMODE(st.st_mode) | 0o200)
+            else:
+                raise UsageError(f"{entry.path}: not a regular file, directory or link (a FIFO, socket or device); "
+                                 "it cannot be copied", hint="Remove it from the source tree.")
+        dirs_done.append((s, d))
+    for s, d in reversed(dirs_done):  # after their contents: a read-only directory is filled first
+        shutil.copystat(s, d, follow_symlinks=False)
+        if writable:
+            os.chmod(d, 0o755)
+
+
 @contextlib.contextmanager
 def temp_dir(prefix: str = "pylmserv.", dir: Union[str, Path, None] = None) -> Iterator[Path]:
     """tempfile.TemporaryDirectory, removed by remove_no_follow (no links followed, no
