@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
+from ..core.fsutil import lock_file_path
 from ..store import records as stamps
 from ..store import layout
 from ..store.installs import install_files, point_current, real_dirs, shared_libs
@@ -130,7 +131,7 @@ class BuildSkeleton:
         self.build_dir.mkdir(parents=True, exist_ok=True)
         from filelock import FileLock  # lazy: ~15 ms that the up-to-date path does not need
 
-        with FileLock(str(self.build_dir) + ".lock", timeout=LOCK_TIMEOUT):
+        with FileLock(lock_file_path(str(self.build_dir) + ".lock"), timeout=LOCK_TIMEOUT):
             stamp = self._reusable()  # another process may have just finished it
             if stamp is not None:
                 return self.finish(stamp.output_paths(), cache_hit=True, notes=("built by a concurrent run",),

@@ -20,7 +20,7 @@ from typing import List, Optional, Tuple
 
 from ..core.archive import extract
 from ..core.errors import ConfigError, VerificationError
-from ..core.fsutil import atomic_write_text, remove_no_follow, walk_no_follow
+from ..core.fsutil import atomic_write_text, lock_file_path, remove_no_follow, walk_no_follow
 from ..core.hashing import Hash
 from ..pins.config import Lock, LockEntry
 from ..store.layout import ensure_home, home, subdir, toolchains_dir
@@ -91,7 +91,7 @@ def ensure_cosmocc(entry: LockEntry, root: Optional[Path] = None) -> Cosmocc:
     marker = _marker(target)
     if target.is_dir() and marker.is_file():
         return _load(entry, target, marker)
-    with FileLock(str(subdir("tmp", root) / f"{target.name}.lock"), timeout=3600):
+    with FileLock(lock_file_path(subdir("tmp", root) / f"{target.name}.lock"), timeout=3600):
         if target.is_dir() and marker.is_file():
             return _load(entry, target, marker)
 

@@ -106,6 +106,29 @@ def remove_no_follow(path: Union[str, Path]) -> None:
         _remove_walk(Path(path))
 
 
+def lock_file_path(path: Union[str, Path]) -> str:
+    """`path`, made safe to hand to filelock.FileLock: filelock opens its file with O_TRUNC
+    (every 3.x release) and, before 3.20.1, follows a symlink there, so a link planted at a
+    lock file would truncate its target outside the home. A link there (never one pylmserv
+    makes) is removed as a link, its target untouched; anything else that is not a regular
+    file (a directory, a FIFO) is one clean error instead of a traceback or a hang."""
+    import stat as _stat
+
+    from .errors import UsageError
+
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return str(path)
+    if _stat.S_ISLNK(st.st_mode):
+        unlink_missing_ok(path)
+    elif not _stat.S_ISREG(st.st_mode):
+        kind = "directory" if _stat.S_ISDIR(st.st_mode) else "special file"
+        raise UsageError(f"{path}: a {kind} is where pylmserv keeps a lock file",
+                         hint="It is not pylmserv's: move it away, then run the command again.")
+    return str(path)
+
+
 def walk_no_follow(top: Union[str, Path]):
     """os.walk(top) without following links and without recursion (os.walk in Python < 3.12
     recurses once per level, so a hostile tree 1,000 levels deep raised RecursionError):

@@ -28,7 +28,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 from ..core.errors import UsageError
 from ..core.hashing import Hash
-from ..core.fsutil import atomic_write_text, fsync_dir, unlink_missing_ok
+from ..core.fsutil import atomic_write_text, fsync_dir, lock_file_path, unlink_missing_ok
 from . import layout
 from .layout import ensure_home
 
@@ -98,7 +98,7 @@ def blob_lock(h: Hash, home: Optional[Path] = None) -> Iterator[None]:
     releases it with its death, so stale locks recover by themselves."""
     from filelock import FileLock, Timeout  # lazy: a third-party import
 
-    lock = FileLock(str(tmp_dir(home) / f"{h.hex}.lock"))
+    lock = FileLock(lock_file_path(tmp_dir(home) / f"{h.hex}.lock"))
     try:
         lock.acquire(timeout=0.2)
     except Timeout:

@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 
 from ..core.archive import extract
 from ..core.errors import PylmservError, UsageError, VerificationError
-from ..core.fsutil import temp_dir
+from ..core.fsutil import lock_file_path, temp_dir
 from ..core.hashing import Hash, file_hash
 from ..core.nar import nar_hash
 from ..transfer import git as gitutil
@@ -84,7 +84,7 @@ def ensure_source(entry: SourcePin, root: Optional[Path] = None) -> Path:
     if os.path.lexists(target):
         return target
     tmp = layout.tmp_dir(root)
-    lock = FileLock(str(tmp / f"{target.name}.lock"))
+    lock = FileLock(lock_file_path(tmp / f"{target.name}.lock"))
     try:
         lock.acquire(timeout=LOCK_TIMEOUT)
     except Timeout:
