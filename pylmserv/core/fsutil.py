@@ -106,6 +106,40 @@ def remove_no_follow(path: Union[str, Path]) -> None:
         _remove_walk(Path(path))
 
 
+STATE_LIMIT = 16 << 20  # bytes: a state file pylmserv writes (record, manifest, stamp) is far smaller
+
+
+def read_state_text(path: Union[str, Path], limit: int = STATE_LIMIT) -> str:
+    """The text of a small state file pylmserv wrote in its home (a gc-root record, a
+    manifest, a stamp, verify's record, a resume state), read so that an edited or planted
+    one cannot hang or exhaust a command: never through a link (O_NOFOLLOW), never a FIFO
+    or device (O_NONBLOCK, then fstat: only a regular file), at most `limit` bytes, strict
+    UTF-8. Raises OSError (or UnicodeDecodeError, a ValueError) for anything else: callers
+    treat it as a missing or unreadable record."""
+    import errno
+    import stat as _stat
+
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not _stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        if st.st_size > limit:
+            raise OSError(errno.EFBIG, f"over {limit} bytes", str(path))
+        chunks, left = [], limit + 1
+        while left > 0:
+            data = os.read(fd, min(left, 1 << 20))
+            if not data:
+                break
+            chunks.append(data)
+            left -= len(data)
+        if left <= 0:
+            raise OSError(errno.EFBIG, f"over {limit} bytes", str(path))
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode("utf-8")
+
+
 def lock_file_path(path: Union[str, Path]) -> str:
     """`path`, made safe to hand to filelock.FileLock: filelock opens its file with O_TRUNC
     (every 3.x release) and, before 3.20.1, follows a symlink there, so a link planted at a

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from ..core.errors import DiskSpaceError
-from ..core.fsutil import unlink_missing_ok
+from ..core.fsutil import read_state_text, unlink_missing_ok
 from .http import file_name
 
 log = logging.getLogger("pylmserv.download")
@@ -69,7 +69,7 @@ class PartialFile:
     def load_state(self, size: Optional[int], etag: Optional[str], validator: Optional[str]) -> Optional[List[Part]]:
         """The saved parts when they are of this very file, else None (the partial is dropped)."""
         try:
-            data = json.loads(self.state_path.read_text())
+            data = json.loads(read_state_text(self.state_path))
             st = os.lstat(self.path)  # a link is no partial of ours: never written through
         except (OSError, ValueError):
             self.discard()

@@ -1,0 +1,146 @@
+"""State files in the home edited or replaced by an attacker or an unlucky user (issue 18):
+a FIFO or a link to /dev/zero where a gc-root record, a manifest, a stamp or verify's record
+is (commands hung forever or read without end), manifests of the wrong JSON type or naming
+files outside the entry (`../`, absolute paths). Every command answers, and no path outside
+the home is taken for a stored model."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pylmserv.core.fsutil import read_state_text
+from tests.conftest import run_cli
+from tests.test_adversarial_locks import _project
+
+TIMEOUT = 60  # a hang is the failure: the commands answer within seconds
+
+
+def cli(*args, cwd, home):
+    env = dict(os.environ, PYLMSERV_HOME=str(home), PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    try:
+        return subprocess.run([sys.executable, "-m", "pylmserv", *map(str, args)], capture_output=True, text=True,
+                              env=env, cwd=cwd, timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"pylmserv {' '.join(map(str, args))} hung")
+
+
+def plant(path: Path, kind: str) -> None:
+    if os.path.lexists(path):
+        os.unlink(path)
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "zero":
+        os.symlink("/dev/zero", path)
+
+
+def test_read_state_text_refuses_fifo_link_device_and_huge(tmp_path):
+    os.mkfifo(tmp_path / "fifo")
+    os.symlink("/dev/zero", tmp_path / "zero")
+    (tmp_path / "big").write_bytes(b"x" * 2000)
+    (tmp_path / "ok").write_text('{"a": 1}')
+    for name in ("fifo", "zero"):
+        with pytest.raises(OSError):
+            read_state_text(tmp_path / name)
+    with pytest.raises(OSError):
+        read_state_text("/dev/zero")
+    with pytest.raises(OSError):
+        read_state_text(tmp_path / "big", limit=1000)
+    assert read_state_text(tmp_path / "ok") == '{"a": 1}'
+
+
+@pytest.mark.parametrize("kind", ["fifo", "zero"])
+def test_gc_and_doctor_answer_with_a_planted_root_record(kind, tmp_path, home):
+    proj, _ = _project(tmp_path)
+    cli("fetch", "m", cwd=proj, home=home)
+    locks = home / "gcroots" / "locks"
+    record = sorted(locks.iterdir())[0]
+    plant(locks / ("0" * 32), kind)
+    for args in (("gc", "--dry-run"), ("gc",), ("doctor",), ("fetch", "m")):
+        proc = cli(*args, cwd=proj, home=home)
+        assert "Traceback" not in proc.stderr, proc.stderr
+    assert record.is_file()  # the real root is kept, and with it the model
+    assert cli("fetch", "m", "--offline", cwd=proj, home=home).returncode == 0
+
+
+@pytest.mark.parametrize("kind", ["fifo", "zero"])
+def test_a_planted_record_at_this_projects_own_key_does_not_hang_fetch(kind, tmp_path, home):
+    proj, _ = _project(tmp_path)
+    cli("fetch", "m", cwd=proj, home=home)
+    record = sorted((home / "gcroots" / "locks").iterdir())[0]
+    plant(record, kind)
+    proc = cli("fetch", "m", cwd=proj, home=home)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_a_relative_root_record_is_not_read_against_the_working_directory(tmp_path, home):
+    proj, _ = _project(tmp_path)
+    cli("fetch", "m", cwd=proj, home=home)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "pylmserv.lock").write_text("this is no lock [\n")
+    (home / "gcroots" / "locks" / ("1" * 32)).write_text("pylmserv.lock")
+    proc = cli("gc", "--dry-run", cwd=tmp_path / "elsewhere", home=home)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("state", ["verified.json"])
+@pytest.mark.parametrize("kind", ["fifo", "zero"])
+def test_doctor_and_verify_answer_with_a_planted_verify_record(state, kind, tmp_path, home):
+    proj, _ = _project(tmp_path)
+    cli("fetch", "m", cwd=proj, home=home)
+    plant(home / state, kind)
+    for args in (("doctor",), ("verify",)):
+        proc = cli(*args, cwd=proj, home=home)
+        assert "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("kind", ["fifo", "zero"])
+def test_a_planted_manifest_does_not_hang_list_fetch_gc_verify(kind, tmp_path, home):
+    proj, _ = _project(tmp_path)
+    cli("fetch", "m", cwd=proj, home=home)
+    plant(home / "models" / "m" / ".pylmserv.json", kind)
+    for args in (("list",), ("fetch", "m"), ("gc", "--dry-run"), ("verify", "--no-repair")):
+        proc = cli(*args, cwd=proj, home=home)
+        assert "Traceback" not in proc.stderr, (args, proc.stderr)
+
+
+OUTSIDE_SIZE = 640  # the test model's size: a file outside with the same size
+
+
+@pytest.mark.parametrize("manifest", [
+    [],
+    "x",
+    {"files": "m.gguf"},
+    {"files": {"m.gguf": "sha"}, "order": ["m.gguf"]},
+    {"files": {"m.gguf": {"size": 640, "sha256": 5}}, "order": 7},
+    {"files": {"m.gguf": {"size": 640, "sha256": "zz"}}},
+    {"files": {"m.gguf": {"size": 640, "sha256": ["a"]}}},
+    {"files": {"m.gguf": None, "": {}}},
+    "OUTSIDE_ABS",
+    "OUTSIDE_REL",
+])
+def test_an_edited_manifest_never_names_a_file_outside_the_entry(manifest, tmp_path, home):
+    proj, hexdigest = _project(tmp_path)
+    assert cli("fetch", "m", cwd=proj, home=home).returncode == 0
+    outside = tmp_path / "outside.gguf"
+    outside.write_bytes(b"o" * (home / "models" / "m" / "m.gguf").stat().st_size)
+    entry = home / "models" / "m"
+    if manifest == "OUTSIDE_ABS":
+        manifest = {"files": {str(outside): {"size": outside.stat().st_size, "sha256": hexdigest}}, "order": [str(outside)]}
+    elif manifest == "OUTSIDE_REL":
+        rel = os.path.relpath(outside, entry)
+        manifest = {"files": {rel: {"size": outside.stat().st_size, "sha256": hexdigest}}, "order": [rel]}
+    os.chmod(entry, 0o755)
+    (entry / ".pylmserv.json").write_text(json.dumps(manifest))
+    for args in (("list",), ("fetch", "m", "--offline"), ("gc", "--dry-run"), ("verify", "--no-repair"), ("fetch", "m")):
+        proc = cli(*args, cwd=proj, home=home)
+        assert "Traceback" not in proc.stderr, (args, proc.stderr)
+        assert str(outside) not in proc.stdout, (args, proc.stdout)
+    from pylmserv.store.blobs import lookup
+
+    found = lookup("m", home)
+    assert found is None or all(home in Path(f.path).parents for f in found.files)
