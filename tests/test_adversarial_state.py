@@ -144,3 +144,27 @@ def test_an_edited_manifest_never_names_a_file_outside_the_entry(manifest, tmp_p
 
     found = lookup("m", home)
     assert found is None or all(home in Path(f.path).parents for f in found.files)
+
+
+# -- installed binaries ------------------------------------------------------------------------
+
+def test_install_replaces_a_link_planted_at_an_installed_binary(tmp_path):
+    """A link at bin/<engine>-<backend>/<key>/<binary> to a file outside of the same size and
+    mtime was taken as the installed copy: `current` then ran the file outside."""
+    from pylmserv.store.installs import install_files
+
+    build = tmp_path / "build" / "bin"
+    build.mkdir(parents=True)
+    src = build / "llama-server"
+    src.write_bytes(b"real binary\n")
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"evil binary\n")
+    st = src.stat()
+    os.utime(outside, ns=(st.st_atime_ns, st.st_mtime_ns))
+    bindir = tmp_path / "bin" / "llama.cpp-cpu" / "key"
+    bindir.mkdir(parents=True)
+    os.symlink(outside, bindir / "llama-server")
+    os.symlink(outside, bindir / f".llama-server.{os.getpid()}.tmp")  # the temp name, predicted
+    out = install_files({"llama-server": src}, bindir)
+    assert not os.path.islink(out["llama-server"]) and out["llama-server"].read_bytes() == b"real binary\n"
+    assert outside.read_bytes() == b"evil binary\n"
