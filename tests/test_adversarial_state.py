@@ -168,3 +168,19 @@ def test_install_replaces_a_link_planted_at_an_installed_binary(tmp_path):
     out = install_files({"llama-server": src}, bindir)
     assert not os.path.islink(out["llama-server"]) and out["llama-server"].read_bytes() == b"real binary\n"
     assert outside.read_bytes() == b"evil binary\n"
+
+
+# -- the project's own files ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("which", ["pylmserv.toml", "pylmserv.lock"])
+@pytest.mark.parametrize("kind", ["fifo", "zero"])
+def test_a_fifo_or_device_as_config_or_lock_is_one_line(which, kind, tmp_path, home):
+    from tests.test_clean_errors import one_clean_line
+
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "pylmserv.toml").write_text('[models.m]\nurl = "http://127.0.0.1/m.gguf"\n')
+    plant(proj / which, kind)
+    for args in (("list",), ("fetch", "m"), ("prefetch", "--via", "python")):
+        msg = one_clean_line(cli(*args, cwd=proj, home=home), 2)
+        assert "not a regular file" in msg

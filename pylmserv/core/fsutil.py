@@ -109,23 +109,21 @@ def remove_no_follow(path: Union[str, Path]) -> None:
 STATE_LIMIT = 16 << 20  # bytes: a state file pylmserv writes (record, manifest, stamp) is far smaller
 
 
-def read_state_text(path: Union[str, Path], limit: int = STATE_LIMIT) -> str:
-    """The text of a small state file pylmserv wrote in its home (a gc-root record, a
-    manifest, a stamp, verify's record, a resume state), read so that an edited or planted
-    one cannot hang or exhaust a command: never through a link (O_NOFOLLOW), never a FIFO
-    or device (O_NONBLOCK, then fstat: only a regular file), at most `limit` bytes, strict
-    UTF-8. Raises OSError (or UnicodeDecodeError, a ValueError) for anything else: callers
-    treat it as a missing or unreadable record."""
+def read_regular_bytes(path: Union[str, Path], limit: int, follow: bool = True) -> bytes:
+    """The bytes of a regular file, read so that a FIFO or a device in its place cannot hang
+    or exhaust a command: O_NONBLOCK, then fstat (a regular file only: EINVAL otherwise), at
+    most `limit` bytes (EFBIG otherwise). `follow=False`: never through a link (ELOOP)."""
     import errno
     import stat as _stat
 
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | (0 if follow else os.O_NOFOLLOW)
+    fd = os.open(path, flags)
     try:
         st = os.fstat(fd)
         if not _stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))
         if st.st_size > limit:
-            raise OSError(errno.EFBIG, f"over {limit} bytes", str(path))
+            raise OSError(errno.EFBIG, f"larger than {limit} bytes", str(path))
         chunks, left = [], limit + 1
         while left > 0:
             data = os.read(fd, min(left, 1 << 20))
@@ -134,10 +132,19 @@ def read_state_text(path: Union[str, Path], limit: int = STATE_LIMIT) -> str:
             chunks.append(data)
             left -= len(data)
         if left <= 0:
-            raise OSError(errno.EFBIG, f"over {limit} bytes", str(path))
+            raise OSError(errno.EFBIG, f"larger than {limit} bytes", str(path))
     finally:
         os.close(fd)
-    return b"".join(chunks).decode("utf-8")
+    return b"".join(chunks)
+
+
+def read_state_text(path: Union[str, Path], limit: int = STATE_LIMIT) -> str:
+    """The text of a small state file pylmserv wrote in its home (a gc-root record, a
+    manifest, a stamp, verify's record, a resume state), read so that an edited or planted
+    one cannot hang or exhaust a command: never through a link (O_NOFOLLOW), never a FIFO
+    or device, at most `limit` bytes, strict UTF-8. Raises OSError (or UnicodeDecodeError,
+    a ValueError) for anything else: callers treat it as a missing or unreadable record."""
+    return read_regular_bytes(path, limit, follow=False).decode("utf-8")
 
 
 def lock_file_path(path: Union[str, Path]) -> str:
