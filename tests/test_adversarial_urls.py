@@ -121,3 +121,19 @@ def test_a_broken_hf_endpoint_is_one_line(endpoint, tmp_path, home):
                    env={"HF_ENDPOINT": endpoint})
     one_clean_line(proc, 2)
     no_secret(proc)
+
+
+@pytest.mark.parametrize("var", ["PYLMSERV_GITHUB_URL", "PYLMSERV_GITHUB_API"])
+def test_github_mirror_variables_with_credentials_are_refused(var, monkeypatch):
+    """The GitHub mirror and API variables are URLs like HF_ENDPOINT: no userinfo, no bad port."""
+    from pylmserv.pins.upstream import api_base
+    from pylmserv.store.trees import github_base
+
+    read = github_base if var == "PYLMSERV_GITHUB_URL" else api_base
+    for value in (f"http://u:{SECRET}@127.0.0.1:1", "http://127.0.0.1:99999"):
+        monkeypatch.setenv(var, value)
+        with pytest.raises(ConfigError) as exc:
+            read()
+        assert SECRET not in exc.value.message and var in exc.value.message
+    monkeypatch.setenv(var, "http://127.0.0.1:8080/")
+    assert read() == "http://127.0.0.1:8080"

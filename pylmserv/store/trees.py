@@ -22,6 +22,7 @@ from ..core.hashing import Hash, file_hash
 from ..core.nar import nar_hash
 from ..transfer import git as gitutil
 from ..transfer.download import download as engine
+from ..transfer.http import refuse_credentials
 from . import layout
 from .blobs import install_blob
 from .layout import ensure_home
@@ -52,7 +53,7 @@ LOCK_TIMEOUT = 3600  # seconds to wait for another process fetching the same ent
 
 def github_base() -> str:
     """https://github.com, or PYLMSERV_GITHUB_URL (a mirror; tests use a loopback server)."""
-    return (os.environ.get("PYLMSERV_GITHUB_URL") or GITHUB).rstrip("/")
+    return refuse_credentials((os.environ.get("PYLMSERV_GITHUB_URL") or GITHUB).rstrip("/"), "PYLMSERV_GITHUB_URL")
 
 
 def mirror_url(url: str) -> str:
