@@ -184,3 +184,41 @@ def test_a_fifo_or_device_as_config_or_lock_is_one_line(which, kind, tmp_path, h
     for args in (("list",), ("fetch", "m"), ("prefetch", "--via", "python")):
         msg = one_clean_line(cli(*args, cwd=proj, home=home), 2)
         assert "not a regular file" in msg
+
+
+# -- builds ---------------------------------------------------------------------------------------
+
+def test_a_link_planted_at_a_build_directory_is_never_built_into(tmp_path, home):
+    """builds/<engine>-<backend>-<key> as a link to a directory outside: the build wrote its
+    tree (and the llamafile copy deleted its src/) there, and a stamp planted there made
+    `build` answer "up to date" with binaries from outside. The link is removed as a link."""
+    import shutil
+
+    from tests.test_build_skeleton import ToyBuild
+
+    first = ToyBuild()
+    first.run()
+    outside = tmp_path / "outside"
+    shutil.copytree(first.build_dir, outside)  # a stamp that says "done", outputs and all
+    (outside / "toy-bin").write_text("evil\n")
+    (outside / "keep").write_text("mine\n")
+    shutil.rmtree(first.build_dir)
+    os.symlink(outside, first.build_dir)
+    again = ToyBuild()
+    result = again.run()
+    assert not result.cache_hit and again.calls["compile"] == 1
+    assert not os.path.islink(again.build_dir) and (again.build_dir / "toy-bin").read_text() == "built\n"
+    assert (outside / "keep").read_text() == "mine\n" and (outside / "toy-bin").read_text() == "evil\n"
+    assert result.binaries["toy-bin"].read_text() == "built\n"
+
+
+def test_a_link_planted_at_the_build_log_is_never_appended_to(tmp_path):
+    from pylmserv.builders.llama_cpp import run_logged
+
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    log = tmp_path / "pylmserv-build.log"
+    os.symlink(victim, log)
+    run_logged([sys.executable, "-c", "print('hello')"], log, dict(os.environ), 60, "step")
+    assert victim.read_text() == "precious\n"
+    assert not os.path.islink(log) and "hello" in log.read_text()

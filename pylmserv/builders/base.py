@@ -120,6 +120,8 @@ class BuildSkeleton:
     def run(self, dry_run: bool = False) -> BuildResult:
         if dry_run:
             return self.dry_run()
+        if os.path.islink(self.build_dir):  # planted (pylmserv makes none): never built into nor read
+            os.unlink(self.build_dir)       # through; only the link goes, its target is untouched
         stamp = self._reusable()
         if stamp is not None:
             log.debug("up to date: %s", self.build_dir)
