@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Iterator, Union
 
+from .errors import UsageError
+
 
 def atomic_write_bytes(path: Union[str, Path], data: bytes, mode: int = 0o644, durable: bool = True) -> None:
     """Readers see the old file or the new one, never a torn one. durable=False skips the
@@ -155,8 +157,6 @@ def lock_file_path(path: Union[str, Path]) -> str:
     file (a directory, a FIFO) is one clean error instead of a traceback or a hang."""
     import stat as _stat
 
-    from .errors import UsageError
-
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -199,8 +199,6 @@ def copy_tree_no_follow(src: Union[str, Path], dst: Union[str, Path], skip_names
     the owner's write bit (a writable copy of a read-only store tree). `dst` must not exist."""
     import shutil
     import stat as _stat
-
-    from .errors import UsageError
 
     skip = frozenset(skip_names)
     os.mkdir(dst)
