@@ -137,3 +137,12 @@ def test_github_mirror_variables_with_credentials_are_refused(var, monkeypatch):
         assert SECRET not in exc.value.message and var in exc.value.message
     monkeypatch.setenv(var, "http://127.0.0.1:8080/")
     assert read() == "http://127.0.0.1:8080"
+
+
+@pytest.mark.parametrize("url", SAMPLE[:3])
+def test_verbose_tracebacks_and_json_never_show_the_secret(url, tmp_path, home):
+    for args in (("-v", "add", url), ("-v", "fetch", url, "--trust-on-first-use"), ("add", url, "--json"),
+                 ("fetch", url, "--json")):
+        proc = run_cli(*args, cwd=tmp_path)
+        assert proc.returncode == 2, (args, proc.stderr)
+        no_secret(proc)
