@@ -90,6 +90,8 @@
         inherit cosmoccVersion cosmoccPin;
       };
 
+      nixosModules.default = import ./nix/module.nix { inherit self; };
+
       overlays.default = final: prev:
         let
           # Build-time fetchers (fetchFromGitHub/fetchzip/fetchgit) wherever the lock's

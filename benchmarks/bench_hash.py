@@ -1,20 +1,22 @@
 """Hashing speed vs the reference tools, measured in the same run.
 
-  NAR sha256 of the real llama.cpp tree (vendor/llama.cpp of the llama-cpp-python sdist)
-      pylmserv.core.nar.nar_hash   vs  `nix-hash --type sha256 --base32`  and  `nix hash path`
-  flat sha256 of a 1 GiB file
-      pylmserv.core.hashing.file_hash  vs  `sha256sum`
+  NAR sha256 of the real llama.cpp tree (vendor/llama.cpp of the llama-cpp-python sdist),
+  whole processes, wall clock, paired: `pylmserv hash TREE` and `nix hash path TREE` run
+  one after the other (which goes first alternates), --repeat pairs, both answers checked
+  equal every time; the figure is the median of the pairs' ratios.
+      goal (issue 19): pylmserv hash <= 1.0x nix hash path
+  In-process, best of --repeat (no start-up in it): pylmserv.core.nar.nar_hash vs
+  `nix-hash --type sha256 --base32`, and the naive Python NAR reference.
+  flat sha256 of a 1 GiB file: pylmserv.core.hashing.file_hash vs `sha256sum`.
 
-Each timing is the best of --repeat runs on a warm page cache (the first run warms it).
-The goal (issue 2): NAR hashing within 1.25x of nix-hash's wall time.
+Warm page cache (a first unmeasured run warms it).
 
-    python3 benchmarks/bench_hash.py [--sdist PATH] [--repeat 5] [--flat-gib 1]
+    python3 benchmarks/bench_hash.py [--sdist PATH] [--repeat 9] [--flat-gib 1]
 """
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -105,33 +107,60 @@ def tree_stats(path: Path):
     return files, size
 
 
+def paired(tree: Path, repeat: int):
+    """(nix wall list, pylmserv wall list, ratio list): whole processes, alternating order."""
+    py_cmd = [sys.executable, "-m", "pylmserv", "hash", str(tree)]
+    py_env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    py_env.pop("PYTHONDONTWRITEBYTECODE", None)
+    nix_cmd = ["nix", "hash", "path", str(tree)]
+
+    def once(cmd, env):
+        t0 = time.perf_counter()
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env, timeout=600).stdout.strip()
+        return time.perf_counter() - t0, Hash.parse(out)
+
+    once(nix_cmd, NIX_ENV), once(py_cmd, py_env)  # warm-up: page cache, .pyc files
+    nix_t, py_t, ratios = [], [], []
+    for i in range(repeat):
+        if i % 2:
+            (tp, hp), (tn, hn) = once(py_cmd, py_env), once(nix_cmd, NIX_ENV)
+        else:
+            (tn, hn), (tp, hp) = once(nix_cmd, NIX_ENV), once(py_cmd, py_env)
+        assert hp == hn, f"pylmserv hash {hp} != nix hash path {hn}"
+        nix_t.append(tn)
+        py_t.append(tp)
+        ratios.append(tp / tn)
+    return nix_t, py_t, ratios
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sdist", type=Path, default=DEFAULT_SDIST)
-    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=9)
     ap.add_argument("--flat-gib", type=float, default=1.0)
     args = ap.parse_args()
     if not args.sdist.exists():
         print(f"missing {args.sdist}: run scripts/setup-dev.sh", file=sys.stderr)
         return 2
+    import statistics
+
     rows = []
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-hash.") as tmp:
         tmp = Path(tmp)
         tree = llama_tree(args.sdist, tmp)
         files, size = tree_stats(tree)
+        what = f"NAR, llama.cpp tree ({files} files, {size / 1e6:.0f} MB)"
+        nix_t, py_t, ratios = paired(tree, args.repeat)
+        paired_row = (what, statistics.median(nix_t), statistics.median(py_t), statistics.median(ratios),
+                      min(ratios), max(ratios))
         t_py, h_py = best_of(args.repeat, lambda: nar_hash(tree))
-        if shutil.which("nix-hash"):
-            t_nh, out = best_of(args.repeat, lambda: run(["nix-hash", "--type", "sha256", "--base32", str(tree)]))
-            assert Hash.parse(out, algo="sha256") == h_py, "pylmserv and nix-hash disagree"
-            t_nix, out = best_of(args.repeat, lambda: run(["nix", "hash", "path", str(tree)]))
-            assert Hash.parse(out) == h_py, "pylmserv and nix hash path disagree"
-            rows.append((f"NAR llama.cpp tree ({files} files, {size / 1e6:.0f} MB)", "nix-hash", t_nh, t_py))
-            rows.append(("", "nix hash path", t_nix, t_py))
-            t_naive, h_naive = best_of(args.repeat, lambda: naive_nar_hash(tree))
-            assert h_naive == h_py
-            rows.append(("naive Python NAR (reference, not pylmserv)", "nix-hash", t_nh, t_naive))
-        else:
-            print("nix-hash not found: NAR rows skipped", file=sys.stderr)
+        t_nh, out = best_of(args.repeat, lambda: run(["nix-hash", "--type", "sha256", "--base32", str(tree)]))
+        assert Hash.parse(out, algo="sha256") == h_py, "pylmserv and nix-hash disagree"
+        rows.append((what + ", in-process", "nix-hash", t_nh, t_py))
+        t_naive, h_naive = best_of(args.repeat, lambda: naive_nar_hash(tree))
+        assert h_naive == h_py
+        rows.append(("naive Python NAR (reference, not pylmserv)", "nix-hash", t_nh, t_naive))
         big = tmp / "big.bin"
         chunk = os.urandom(1 << 20)
         with open(big, "wb") as f:
@@ -141,10 +170,18 @@ def main() -> int:
         t_flat, h_flat = best_of(args.repeat, lambda: file_hash(big))
         assert out.split()[0] == h_flat.hex, "pylmserv and sha256sum disagree"
         rows.append((f"flat sha256, {args.flat_gib:g} GiB file", "sha256sum", t_sum, t_flat))
-    print(f"{'what':<44} {'baseline':<14} {'baseline s':>10} {'candidate s':>11} {'ratio':>6}")
+    load_after = os.getloadavg()[0]
+    lines = [f"load average {load_before:.1f} before, {load_after:.1f} after ({os.cpu_count()} CPUs); warm cache",
+             "", "| what | baseline | baseline s | pylmserv s | ratio (median of pairs) | min-max ratio | goal | met |",
+             "|---|---|---:|---:|---:|---:|---:|---|",
+             f"| {paired_row[0]}: whole processes, {args.repeat} pairs | `nix hash path` | {paired_row[1]:.3f} | "
+             f"{paired_row[2]:.3f} | {paired_row[3]:.2f}x | {paired_row[4]:.2f}-{paired_row[5]:.2f}x | <= 1.0x | "
+             f"{'yes' if paired_row[3] <= 1.0 else 'NO'} |",
+             "", "| what | baseline | baseline s | candidate s | ratio |", "|---|---|---:|---:|---:|"]
     for what, base, tb, tp in rows:
-        print(f"{what:<44} {base:<14} {tb:>10.3f} {tp:>11.3f} {tp / tb:>5.2f}x")
-    print(f"(best of {args.repeat}, warm cache; ratio = candidate / baseline, lower is better; goal NAR <= 1.25x)")
+        lines.append(f"| {what} | {base} | {tb:.3f} | {tp:.3f} | {tp / tb:.2f}x |")
+    lines.append(f"(in-process rows: best of {args.repeat}; ratio = candidate / baseline, lower is better)")
+    print("\n".join(lines))
     return 0
 
 

@@ -21,7 +21,10 @@ let
   # "tomli>=1.1; python_version < '3.11'" -> "tomli", or null when the marker excludes it.
   requirementName = spec:
     let
-      name = lib.toLower (builtins.head (builtins.match "[[:space:]]*([A-Za-z0-9_.-]+).*" spec));
+      # PEP 503's normalized name, which nixpkgs' python3Packages attributes follow
+      # (huggingface_hub -> huggingface-hub).
+      name = lib.replaceStrings [ "_" "." ] [ "-" "-" ]
+        (lib.toLower (builtins.head (builtins.match "[[:space:]]*([A-Za-z0-9_.-]+).*" spec)));
       below = builtins.match ".*python_version[[:space:]]*<[[:space:]]*['\"]([0-9.]+)['\"].*" spec;
       applies = below == null || lib.versionOlder pythonVersion (builtins.head below);
     in

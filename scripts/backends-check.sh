@@ -23,8 +23,8 @@ if command -v nvcc >/dev/null; then
   release=$(nvcc --version | sed -n 's/.*release \([0-9]*\.[0-9]*\).*/\1/p')  # e.g. 13.0
   python3 - <<'PY' || python3 -m pip install -q "nvidia-cublas==${release}.*"
 import sys
-from pylmserv.builders import toolchain as tc
-sys.exit(0 if tc.detect_cublas(tc.detect_nvcc()).found else 1)
+from pylmserv.builders.backends import cuda
+sys.exit(0 if cuda.detect_cublas(cuda.detect_nvcc()).found else 1)
 PY
 fi
 export PYLMSERV_TEST_JOBS="${PYLMSERV_TEST_JOBS:-2}"

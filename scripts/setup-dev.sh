@@ -18,6 +18,15 @@ $SUDO apt-get install -y -qq --no-install-recommends \
 # (header check, doctor --backend vulkan), OpenBLAS (--backend blas).
 $SUDO apt-get install -y -qq --no-install-recommends \
   binutils hipcc glslc libvulkan-dev spirv-headers mesa-vulkan-drivers vulkan-tools libopenblas-dev >/dev/null
+# nginx-light: serves a signed Nix binary cache on 127.0.0.1 (tests/test_flake_signed_cache.py), is a
+# mirror (a store's blobs/ served read-only) and the origin of benchmarks/bench_fetch.py; aria2c is
+# that benchmark's parallel, checksumming baseline (curl is above). Sharing (tests/test_oci.py,
+# test_share*.py): a real OCI registry (CNCF distribution) with htpasswd logins, skopeo to read and
+# copy what pylmserv writes.
+$SUDO apt-get install -y -qq --no-install-recommends \
+  nginx-light aria2 docker-registry apache2-utils skopeo >/dev/null
+# systemd: `systemd-analyze verify` checks the units `serve --generate systemd` prints.
+$SUDO apt-get install -y -qq --no-install-recommends systemd >/dev/null
 python3 -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 python3 -m pip install -q -e '.[test]'
 cache="${PYLMSERV_TEST_CACHE:-$HOME/.cache/pylmserv-tests}"

@@ -10,6 +10,7 @@ import pytest
 
 from pylmserv.core.errors import ConfigError, NetworkError, UsageError
 from pylmserv.pins.add import add, derive_name, parse_spec
+from pylmserv.transfer.hub import parse_hf
 from pylmserv.pins.config import load_config, load_lock
 from tests.conftest import run_cli
 from tests.support import gitrepos
@@ -44,6 +45,19 @@ def test_derive_name_follows_the_name_rule():
 def test_bad_specs_are_usage_errors(spec):
     with pytest.raises(UsageError):
         parse_spec(spec)
+
+
+@pytest.mark.parametrize("spec", ["hf://org/repo/dir/m.gguf@v1", "hf://org/repo/m.gguf", "hf://o/r/a@b/m.gguf@main",
+                                  "hf://o/r/m.gguf@", "hf://o/r/a\\b.gguf", "hf://o/r/./m.gguf"])
+def test_hf_specs_read_as_fetch_reads_them(spec):
+    """`add` and `fetch hf://...` share one reader (transfer/hub.parse_hf): the same table, or both refuse."""
+    try:
+        repo, path, revision = parse_hf(spec)
+    except UsageError:
+        with pytest.raises(UsageError):
+            parse_spec(spec)
+        return
+    assert parse_spec(spec).table == {"hf": repo, "file": path, "revision": revision}
 
 
 @pytest.mark.parametrize("bad", ["a.b", "../x", ".x", "-x", "a/b", "x\x07", "a" * 101, ""])

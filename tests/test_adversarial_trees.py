@@ -128,8 +128,8 @@ def test_cosmocc_shim_tree_1000_deep(tmp_path, low_recursion):
     assert n == 1
 
 
-def test_doctor_store_size_1000_deep(tmp_path, low_recursion):
-    from pylmserv.app import doctor
+def test_store_size_1000_deep(tmp_path, low_recursion):
+    from pylmserv.core.fsutil import tree_size
 
     deep_tree(tmp_path / "t", data=b"12345")
-    assert doctor._tree_size(tmp_path / "t") == 5
+    assert tree_size(tmp_path / "t") == 5

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from pylmserv.builders.backends import blas, cuda, rocm, vulkan
 from pylmserv.builders import toolchain as tc
 from pylmserv.builders.auto import choose_backend
 from tests.conftest import run_cli
@@ -99,11 +100,11 @@ def test_auto_standin_hardware_vulkan_with_sdk_chooses_vulkan(tmp_path):
     bins = tmp_path / "bin"
     st.vulkaninfo(bins, devices=[("AMD Radeon RX 7600 (RADV NAVI33)", "PHYSICAL_DEVICE_TYPE_DISCRETE_GPU", "0x1002")])
     st.glslc(bins)
-    sdk = tc.VulkanSdk(tc.detect_glslc(isolated(bins)), "/usr/include", (1, 3, 275), True, "/usr/lib/libvulkan.so", ())
+    sdk = vulkan.VulkanSdk(vulkan.detect_glslc(isolated(bins)), "/usr/include", (1, 3, 275), True, "/usr/lib/libvulkan.so", ())
     choice = choose_backend("llama.cpp", env=isolated(bins), sysfs=NO_DRM, platform="linux", vulkan_sdk=sdk)
     assert choice.backend == "vulkan" and "RADV NAVI33" in choice.reason
     # the same device without glslc: not vulkan, and the missing package is named
-    no_glslc = tc.VulkanSdk(tc.Tool("glslc"), "/usr/include", (1, 3, 275), True, "/usr/lib/libvulkan.so", ())
+    no_glslc = vulkan.VulkanSdk(tc.Tool("glslc"), "/usr/include", (1, 3, 275), True, "/usr/lib/libvulkan.so", ())
     choice = choose_backend("llama.cpp", env=isolated(bins), sysfs=NO_DRM, platform="linux", vulkan_sdk=no_glslc)
     assert choice.backend != "vulkan" and any("apt-get install glslc" in p for p in choice.passed_over)
 
@@ -124,10 +125,10 @@ def test_auto_on_this_real_machine_and_cli_says_why(home, tmp_path):
     """No GPU here. If vulkaninfo sees lavapipe, it is passed over as software; blas when
     OpenBLAS is installed, else cpu."""
     choice = choose_backend("llama.cpp")
-    expected = "blas" if tc.detect_blas() else "cpu"
-    if not tc.detect_nvidia_gpus():
+    expected = "blas" if blas.detect_blas() else "cpu"
+    if not cuda.detect_nvidia_gpus():
         assert choice.backend == expected, choice
-    devices = tc.detect_vulkan_devices() or ()
+    devices = vulkan.detect_vulkan_devices() or ()
     if devices and all(d.software for d in devices):
         assert any("software rasterizer" in p for p in choice.passed_over)
     repo = Path(__file__).resolve().parent.parent
@@ -176,7 +177,7 @@ def _cmake_tree(dest: Path, version: str = llama_source.SDIST_VERSION) -> Path:
 def _hipcc_5_2(tmp_path) -> dict:
     """Debian 12's real hipcc (5.2) when installed; else a stand-in printing its --version."""
     real = shutil.which("hipcc", path="/usr/bin")
-    if real and tc.hip_version(tc.Tool("hipcc", real)) and tc.hip_version(tc.Tool("hipcc", real))[:2] < (6, 1):
+    if real and rocm.hip_version(tc.Tool("hipcc", real)) and rocm.hip_version(tc.Tool("hipcc", real))[:2] < (6, 1):
         return dict(os.environ)
     bins = tmp_path / "standin-bin"
     st.hipcc(bins, "5.2.21153-0")
@@ -185,7 +186,7 @@ def _hipcc_5_2(tmp_path) -> dict:
 
 def test_rocm_too_old_refused_before_configure_with_source_minimum(home, tmp_path):
     tree = _cmake_tree(tmp_path / "llama.cpp")
-    assert tc.required_hip_version(tree) == (6, 1)  # read from ggml/src/ggml-hip/CMakeLists.txt
+    assert rocm.required_hip_version(tree) == (6, 1)  # read from ggml/src/ggml-hip/CMakeLists.txt
     env = _hipcc_5_2(tmp_path)
     proc = run_cli("build", "--backend", "rocm", "--source", tree, env=env)
     assert proc.returncode == 5, proc.stderr
@@ -205,16 +206,16 @@ def test_rocm_minimum_follows_the_source(tmp_path):
     (old / "ggml/src/ggml-hip").mkdir(parents=True)
     (old / "ggml/src/ggml-hip/CMakeLists.txt").write_text(
         'if (${hip_VERSION} VERSION_LESS 5.5)\n    message(FATAL_ERROR "At least ROCM/HIP V5.5 is required")\nendif()\n')
-    assert tc.required_hip_version(old) == (5, 5)
+    assert rocm.required_hip_version(old) == (5, 5)
     hipcc = tc.Tool("hipcc", "/opt/rocm/bin/hipcc")
-    assert tc.hip_too_old(hipcc, (5, 2, 21153), (5, 5), "x") and tc.hip_too_old(hipcc, (5, 7, 1), (5, 5), "x") is None
-    assert tc.required_hip_version(tmp_path / "nothing-here") is None
+    assert rocm.hip_too_old(hipcc, (5, 2, 21153), (5, 5), "x") and rocm.hip_too_old(hipcc, (5, 7, 1), (5, 5), "x") is None
+    assert rocm.required_hip_version(tmp_path / "nothing-here") is None
 
 
 # -- Vulkan headers vs the source ------------------------------------------------------------------
 
 def _real_headers():
-    sdk = tc.detect_vulkan_sdk()
+    sdk = vulkan.detect_vulkan_sdk()
     if not sdk.headers:
         pytest.skip("no Vulkan C++ headers here (apt-get install libvulkan-dev)")
     return sdk
@@ -227,9 +228,9 @@ def test_vulkan_headers_refuse_vendored_0_3_36_accept_0_3_9(home, tmp_path):
     old = _cmake_tree(tmp_path / "old", "0.3.9")
     if sdk.header_version and sdk.header_version >= (1, 3, 275):
         pytest.skip(f"headers {sdk.header_version} are new enough for both")
-    problem = tc.vulkan_headers_too_old(new, sdk)
+    problem = vulkan.vulkan_headers_too_old(new, sdk)
     assert problem and "vk::LayerSettingEXT" in problem and "1.3.239" in problem or sdk.header_version != (1, 3, 239)
-    assert tc.vulkan_headers_too_old(old, sdk) is None
+    assert vulkan.vulkan_headers_too_old(old, sdk) is None
     proc = run_cli("build", "--backend", "vulkan", "--source", new)
     assert proc.returncode == 5
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
@@ -249,26 +250,26 @@ def test_vulkan_header_gaps_derived_from_source_not_a_table(tmp_path):
     (src / "ggml/src/ggml-vulkan/ggml-vulkan.cpp").write_text(
         "vk::Instance i;\n#if defined(VK_KHR_cooperative_matrix)\nvk::ComponentTypeKHR guarded;\n#endif\n"
         "vk::Device d;\nvk::ShinyNewThingEXT s;\n")
-    sdk = tc.detect_vulkan_sdk(include_dirs=[headers], lib_dirs=[], icd_dirs=())
+    sdk = vulkan.detect_vulkan_sdk(include_dirs=[headers], lib_dirs=[], icd_dirs=())
     assert sdk.header_version == (1, 2, 204)
-    assert tc.vulkan_header_gaps(src, sdk.headers) == {"ShinyNewThingEXT": "ggml/src/ggml-vulkan/ggml-vulkan.cpp:6"}
-    assert "vk::ShinyNewThingEXT" in tc.vulkan_headers_too_old(src, sdk)
+    assert vulkan.vulkan_header_gaps(src, sdk.headers) == {"ShinyNewThingEXT": "ggml/src/ggml-vulkan/ggml-vulkan.cpp:6"}
+    assert "vk::ShinyNewThingEXT" in vulkan.vulkan_headers_too_old(src, sdk)
     assert sdk.missing() == ["glslc (apt-get install glslc)", "SPIR-V headers (apt-get install spirv-headers)",
                              "the Vulkan loader libvulkan.so (apt-get install libvulkan-dev)"] \
-        or tc.detect_glslc().found
+        or vulkan.detect_glslc().found
 
 
 def test_doctor_vulkan_real_machine_names_devices_and_software_rasterizer(home):
     if not shutil.which("vulkaninfo"):
         pytest.skip("vulkaninfo not installed")
-    devices = tc.detect_vulkan_devices()
+    devices = vulkan.detect_vulkan_devices()
     proc = run_cli("doctor", "--backend", "vulkan", "--json")
     checks = {c["name"]: c for c in json.loads(proc.stdout)["checks"]}
     for d in devices or ():
         assert d.name in checks["gpu-vulkan"]["detail"]
     if devices and all(d.software for d in devices):
         assert checks["gpu-vulkan"]["status"] == "warn" and "software rasterizer" in checks["gpu-vulkan"]["detail"]
-    sdk = tc.detect_vulkan_sdk()
+    sdk = vulkan.detect_vulkan_sdk()
     assert (checks["vulkan-toolkit"]["status"] == "ok") == (not sdk.missing() and bool(sdk.icds))
 
 

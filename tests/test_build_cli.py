@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from pylmserv.builders import LlamaCppBuild
+from pylmserv.store import layout
 from pylmserv.store import records as stamps
 from pylmserv.builders.llama_cpp import Request
 from pylmserv.pins.config import Lock, LockEntry
@@ -99,6 +100,14 @@ def test_source_dir_without_cmakelists(home, tmp_path):
     assert proc.returncode == 2 and "no CMakeLists.txt" in proc.stderr
 
 
+def standin_source(b: LlamaCppBuild) -> Path:
+    """An (empty) tree where build `b`'s locked source lives in the store: an up-to-date build
+    whose source is missing fetches it back first (builders/base.py `_restore_source`)."""
+    path = layout.source_tree_path(b.entry.hash, b.entry.name, b.home)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def stamp_standin_build(b: LlamaCppBuild) -> dict:
     """Stamp build `b` as done with stand-in outputs (shell scripts; nothing compiles)."""
     (b.build_dir / "bin").mkdir(parents=True)
@@ -118,6 +127,7 @@ def test_up_to_date_fast_path_invokes_no_cmake_and_installs(home, tmp_path):
     req = Request(targets=("llama-cli", "llama-server"))
     b = LlamaCppBuild(req, config=config, lock=lock)
     outputs = stamp_standin_build(b)
+    source = standin_source(b)
     marker = tmp_path / "invoked"
     tools = tmp_path / "tools"
     for name in ("cmake", "ninja", "cc", "c++", "nvidia-smi"):
@@ -138,6 +148,7 @@ def test_up_to_date_fast_path_invokes_no_cmake_and_installs(home, tmp_path):
     assert other.build_dir != b.build_dir
     # a touched output is no longer up to date
     outputs["llama-cli"].write_text("#!/bin/sh\necho changed\n")
+    source.rmdir()  # never fetched, as the lock's URL says
     proc = run_cli(*args, "--prefix", tmp_path / "prefix", env=env)
     # not up to date any more: it went on to probe the toolchain and fetch the (unreachable) source
     assert marker.exists() and proc.returncode == 3, proc.stderr
@@ -228,6 +239,7 @@ def test_seed_compatible_build_llama_cpp_installs_under_output_dir(home, tmp_pat
         outputs[t] = b.build_dir / "bin" / t
         outputs[t].write_text(f"stand-in {t}\n")
     stamps.write_stamp(b.stamp_path, stamps.make_stamp(b.inputs, outputs))
+    standin_source(b)
     result = pylmserv.build_llama_cpp(tmp_path / "out", cuda=False, config=config, lock=lock)
     assert result.cache_hit and result.backend == "cpu"
     assert result.binaries == {t: tmp_path / "out" / "bin" / t for t in req.targets}

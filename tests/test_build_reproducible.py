@@ -1,7 +1,13 @@
 """Reproducible llama.cpp builds: the option mapping (fast), and the proof (slow): the real
-llama.cpp source (vendored in the llama-cpp-python sdist, served on loopback) built twice
-by `pylmserv build --reproducible` in two PYLMSERV_HOMEs with different path lengths,
-without ccache, gives bit-identical binaries, whose sha256 the build's JSON records."""
+llama.cpp source (vendored in the llama-cpp-python sdist, served on loopback) built by
+`pylmserv build --reproducible` in two PYLMSERV_HOMEs with different path lengths gives
+bit-identical binaries, whose sha256 the build's JSON records.
+
+One of the two is the test session's own home (llama_source.PERSISTENT_HOME, where the
+session's llama.cpp build already unpacked the source, with its ccache): its paths are the
+same in every run, so after the first run that side is a stamp hit, or ccache hits made
+from a real compile of the same command line. The other home is new in every run and
+built cold without ccache, so every run compares a fresh compile against the stable one."""
 from __future__ import annotations
 
 import hashlib
@@ -61,12 +67,14 @@ def test_portable_defaults_to_reproducible_and_keys_differ(tmp_path, monkeypatch
 @pytest.mark.slow
 def test_two_homes_build_bit_identical_binaries(tmp_path):
     llama_source.require_sdist()
-    homes = [tmp_path / "h1", tmp_path / "a-much-longer-directory-name" / "home-number-two"]
+    fresh = tmp_path / "a-much-longer-directory-name" / "home-number-two"
+    homes = [llama_source.PERSISTENT_HOME, fresh]
+    assert len(str(homes[0])) != len(str(homes[1]))
+    # the session's home, its ccache on; a new home, cold (no ccache: nothing cached hides a difference)
+    envs = [llama_source.build_env(), dict(llama_source.build_env(), PYLMSERV_HOME=str(fresh), CCACHE_DISABLE="1")]
     results = []
     with llama_source.served_project(tmp_path / "w") as (config, lock, _):
-        for home in homes:
-            env = dict(os.environ, PYLMSERV_HOME=str(home), CCACHE_DISABLE="1")
-            env.pop("SOURCE_DATE_EPOCH", None)
+        for env in envs:
             argv = [sys.executable, "-m", "pylmserv", "--config", str(config), "--lock", str(lock), "build", "--json",
                     "--reproducible", "-j", os.environ.get("PYLMSERV_TEST_JOBS", "2"), "--target", "llama-gguf",
                     "--cmake-arg", "-DLLAMA_BUILD_EXAMPLES=ON"]
@@ -74,7 +82,8 @@ def test_two_homes_build_bit_identical_binaries(tmp_path):
             assert proc.returncode == 0, proc.stderr[-4000:]
             results.append(json.loads(proc.stdout))
     a, b = results
-    assert a["build_dir"] != b["build_dir"] and not a["cache_hit"] and not b["cache_hit"]
+    assert a["build_dir"] != b["build_dir"] and not b["cache_hit"]  # the new home really compiled
+    assert a["key"] == b["key"]  # same lock and options: the same build, whatever the home
     binaries = [Path(r["paths"]["llama-gguf"]) for r in results]
     digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in binaries]
     assert digests[0] == digests[1], "the two builds differ"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from pylmserv.builders.backends import cuda, rocm
 from pylmserv.builders import toolchain as tc
 from pylmserv.builders.llama_cpp import preflight
 from pylmserv.core.errors import ToolMissingError
@@ -80,27 +81,27 @@ def env_for(bindir: Path) -> dict:
 
 def test_nvidia_smi_standin_compute_caps(bindir):
     standin(bindir, "nvidia-smi", NVIDIA_SMI_OUT)
-    gpus = tc.detect_nvidia_gpus(env_for(bindir))
+    gpus = cuda.detect_nvidia_gpus(env_for(bindir))
     assert [(g.name, g.compute_cap, g.arch) for g in gpus] == [
         ("NVIDIA GeForce RTX 3090", "8.6", "86"), ("NVIDIA H100 80GB HBM3", "9.0", "90")]
 
 
 def test_nvidia_smi_standin_failing_means_no_gpus(bindir):
     standin(bindir, "nvidia-smi", "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.\n", rc=9)
-    assert tc.detect_nvidia_gpus(env_for(bindir)) == ()
+    assert cuda.detect_nvidia_gpus(env_for(bindir)) == ()
 
 
 def test_rocminfo_standin_gfx_targets(bindir):
     standin(bindir, "rocminfo", ROCMINFO_OUT)
     standin(bindir, "hipcc", "HIP version: 6.2.41133-dd7f95766\nAMD clang version 18.0.0git\n")
-    info = tc.detect_rocm(env_for(bindir))
+    info = rocm.detect_rocm(env_for(bindir))
     assert info.gfx_targets == ("gfx1100", "gfx90a")
     assert info.hipcc.found and info.hipcc.version == (6, 2, 41133)
 
 
 def test_nvcc_standin_release_version(bindir):
     standin(bindir, "nvcc", NVCC_OUT)
-    nvcc = tc.detect_nvcc(env_for(bindir))
+    nvcc = cuda.detect_nvcc(env_for(bindir))
     assert nvcc.found and nvcc.version == (12, 5)
 
 
@@ -178,7 +179,7 @@ def test_preflight_cuda_toolkit_present_but_amd_gpu_is_a_warning(bindir, tmp_pat
     lib = tmp_path / "cuda" / "lib64" / "libcublas.so"  # a complete toolkit: cuBLAS present
     lib.parent.mkdir(parents=True)
     lib.write_bytes(b"")
-    t = dataclasses.replace(t, extra={**t.extra, "cublas": tc.detect_cublas(t.extra["nvcc"], roots=[lib.parent.parent])})
+    t = dataclasses.replace(t, extra={**t.extra, "cublas": cuda.detect_cublas(t.extra["nvcc"], roots=[lib.parent.parent])})
     warnings = preflight("cuda", t, platform="linux")
     assert any("GPU is AMD" in w for w in warnings)
 
@@ -211,11 +212,11 @@ def test_cublas_found_or_missing_in_a_toolkit_tree(tmp_path):
     nvcc = standin(root / "bin", "nvcc", NVCC_OUT)
     (root / "targets" / "x86_64-linux" / "lib").mkdir(parents=True)
     tool = tc.Tool("nvcc", str(nvcc), (12, 5))
-    assert not tc.detect_cublas(tool, roots=[root]).found
+    assert not cuda.detect_cublas(tool, roots=[root]).found
     lib = root / "targets" / "x86_64-linux" / "lib" / "libcublas.so"
     lib.write_bytes(b"")
-    assert tc.detect_cublas(tool, roots=[root]).path == str(lib)
-    assert tc.cuda_roots(tool, env={"CUDA_PATH": str(root)})[0] == root
+    assert cuda.detect_cublas(tool, roots=[root]).path == str(lib)
+    assert cuda.cuda_roots(tool, env={"CUDA_PATH": str(root)})[0] == root
 
 
 def test_preflight_cuda_without_cublas(bindir):

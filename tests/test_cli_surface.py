@@ -169,6 +169,7 @@ def test_build_force_ignores_an_up_to_date_stamp(tmp_path, home):
     from pylmserv.builders import LlamaCppBuild
     from pylmserv.builders.llama_cpp import Request
     from pylmserv.store import records as stamps
+    from tests.test_build_cli import standin_source
 
     config, lock = _build_project(tmp_path)
     b = LlamaCppBuild(Request(targets=("llama-server",)), config=config, lock=lock)
@@ -177,10 +178,12 @@ def test_build_force_ignores_an_up_to_date_stamp(tmp_path, home):
     out.write_text("#!/bin/sh\n")
     out.chmod(0o755)
     stamps.write_stamp(b.stamp_path, stamps.make_stamp(b.inputs, {"llama-server": out}))
+    source = standin_source(b)
     args = ("--config", config, "--lock", lock, "build", "--json", "--target", "llama-server")
     env = {"PYLMSERV_HOME": str(home)}
     hit = run_cli(*args, env=env)
     assert hit.returncode == 0 and json.loads(hit.stdout)["cache_hit"] is True, hit.stderr
+    source.rmdir()  # never fetched, as the lock's URL says
     forced = run_cli(*args, "--force", env=env)
     assert forced.returncode == 3, forced.stderr  # went past the stamp: the (unreachable) fetch failed
     assert "never-fetched.tar.gz" in forced.stderr

@@ -202,24 +202,86 @@ def test_connections_that_do_not_add_throughput_are_given_back(server, tmp_path)
     connection adds nothing, so the pool goes back to one instead of growing to 8."""
     assert fetch_shaped(server, tmp_path, 16, link_rate=8 * MB) == 2
     ranges = [q for q in server.requests if q.status == 206 and q.headers["Range"] != "bytes=0-0"]
-    assert len(ranges) <= 10  # runs of parts taken together, not one request per 1 MiB part (16)
+    assert len(ranges) < 16  # runs of parts taken together, not one request per 1 MiB part (16)
 
 
-def test_a_slow_first_byte_is_not_taken_for_a_doubling_that_did_not_pay(server, tmp_path):
+def test_a_slow_first_byte_is_not_taken_for_a_doubling_that_did_not_pay(server, tmp_path, monkeypatch):
     """New connections that take long to answer (a TLS handshake, a far CDN) are measured
-    once their bytes flow, so a per-connection cap still gets the whole pool."""
+    once their bytes flow, so a per-connection cap still gets the whole pool.
+
+    Event-driven: each new connection is held until the ramp has seen it not flowing yet,
+    then for several measuring intervals; an interval measured meanwhile would be a doubling
+    that did not pay, and the pool would stop short of 8."""
+    import threading
+
+    from pylmserv.transfer import scheduler
+
+    waiting = threading.Event()
+    real_flowing = scheduler.PartScheduler._flowing
+
+    def flowing(self):
+        ok = real_flowing(self)
+        if not ok:
+            waiting.set()
+        return ok
+
+    monkeypatch.setattr(scheduler.PartScheduler, "_flowing", flowing)
+
     def slow_start(srv, req):
-        if req.headers.get("Range", "bytes=0-0") != "bytes=0-0":
-            time.sleep(0.4)  # twice the ramp's measuring interval
+        if req.headers.get("Range", "bytes=0-0") != "bytes=0-0" and len(srv.ranged_requests()) > 1:
+            assert waiting.wait(30), "the ramp never waited for a new connection"
+            time.sleep(2 * scheduler.RAMP_INTERVAL)
 
     assert fetch_shaped(server, tmp_path, 24, on_request=slow_start, rate=4 * MB) == 8
 
 
+def test_ramp_decisions():
+    """The ramp's decision is a function of what it measured: no clock, no threads."""
+    from pylmserv.transfer.scheduler import RAMP_BUSY, RAMP_GAIN, Sample, ramp_step
+
+    mb = float(MB)
+    one = Sample(1, 4 * mb, 0.02)  # a capped connection, waiting on the link
+    assert ramp_step(one, None, allowed=8, queued=50) == 1
+    two = Sample(2, 8 * mb, 0.02)
+    assert ramp_step(two, one, allowed=8, queued=50) == 2  # it paid: double again
+    assert ramp_step(Sample(4, 16 * mb, 0.02), two, allowed=8, queued=2) == 2  # no more than is queued
+    assert ramp_step(Sample(8, 32 * mb, 0.02), Sample(4, 16 * mb, 0.02), allowed=8, queued=50) == -8  # full
+    # One shared link: the second connection did not raise the rate by RAMP_GAIN: back to one.
+    assert ramp_step(Sample(2, 4 * mb * (RAMP_GAIN - 0.01), 0.02), one, allowed=8, queued=50) == -1
+    # A fast local link: the one connection keeps the CPU busy, so no second one is tried.
+    assert ramp_step(Sample(1, 900 * mb, RAMP_BUSY), None, allowed=8, queued=50) == -1
+    assert ramp_step(Sample(1, 900 * mb, RAMP_BUSY - 0.01), None, allowed=8, queued=50) == 1
+    assert ramp_step(one, None, allowed=1, queued=50) == -1  # -c 1
+
+
+def test_a_busy_connection_is_not_doubled(server, tmp_path, monkeypatch):
+    """When the measured connection keeps this process on the CPU (as on a fast local
+    link), the pool stays at one connection: the default is -c 1 there."""
+    from pylmserv.transfer import scheduler
+
+    monkeypatch.setattr(scheduler, "RAMP_BUSY", 0.0)  # any CPU time at all counts as busy
+    assert fetch_shaped(server, tmp_path, 8, rate=4 * MB) == 1
+
+
 def test_stalled_connection_is_restarted(server, data, tmp_path):
+    import threading
+
     url = server.add("f.bin", data)
     # 3 stalls: the 1-byte probe (harmless) and both parts, 100 kB into their bodies.
     server.faults.stall_after, server.faults.stall_times, server.faults.stall_seconds = 100_000, 3, 3.0
     half = -(-len(data) // 2)
+    second_part = threading.Event()
+
+    def second_part_first(srv, req):
+        """Events, not timing: the first part's retry waits until the second part was asked
+        for, so the three stalls are the probe's and each part's first answer."""
+        rng = req.headers.get("Range", "")
+        if rng.startswith(f"bytes={half}-"):
+            second_part.set()
+        elif rng.startswith("bytes=100000-"):
+            assert second_part.wait(30), "the second part was never asked for"
+
+    server.on_request = second_part_first
     fetch(url, tmp_path, data, connections=2, stall_timeout=0.5, min_part_size=half)  # 2 parts
     assert (tmp_path / "out.bin").read_bytes() == data
     ranges = [q.headers["Range"] for q in server.ranged_requests()]

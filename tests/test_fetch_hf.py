@@ -6,7 +6,8 @@ import pytest
 from pylmserv.pins.config import Lock, LockEntry, load_lock
 from pylmserv.core.errors import NetworkError, UsageError
 from pylmserv.core.hashing import Hash
-from pylmserv.app.fetch_models import fetch, parse_hf
+from pylmserv.app.fetch_models import fetch
+from pylmserv.transfer.hub import parse_hf
 from tests.conftest import run_cli
 from tests.support.hubstub import serve_hub
 from tests.test_gguf import write_gguf

@@ -107,7 +107,8 @@ def test_cuda_shell_has_one_cuda_root_where_pylmserv_finds_cublas(repo_flake):
     layout as marker files); CUDA_PATH is their symlinkJoin, built here for real, and
     pylmserv's own cuBLAS preflight finds the library under it. CUDA_PATH = cuda_nvcc
     alone (what the shell had) fails the same preflight."""
-    from pylmserv.builders.toolchain import Tool, detect_cublas
+    from pylmserv.builders.backends.cuda import detect_cublas
+    from pylmserv.builders.probe import Tool
 
     root = _realise(_eval_raw(repo_flake, "devShells.x86_64-linux.cuda.cudaRoot.drvPath"))
     assert _eval_raw(repo_flake, "devShells.x86_64-linux.cuda.CUDA_PATH") == root

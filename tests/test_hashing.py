@@ -1,6 +1,8 @@
-"""Hash: every encoding of every algorithm, checked against `nix hash to-*` (real Nix)."""
+"""Hash: every encoding of every algorithm, checked against `nix hash to-*` (real Nix); the NAR
+walk without recursion, a failing consumer of its stream, a file that grows while hashed."""
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -74,3 +76,76 @@ def test_special_files_are_refused_by_nar(tmp_path):
     os.mkfifo(tmp_path / "fifo")
     with pytest.raises(ValueError, match="not a file, directory or symlink"):
         nar_hash(tmp_path)
+
+
+def test_thousand_levels_deep_without_recursion(tmp_path):
+    """The walk keeps its own stack: 1,000 levels hash under a recursion limit of 200
+    (the CLI and Nix oracle check of the same depth is in test_clean_errors)."""
+    import sys
+
+    from tests.test_clean_errors import deep_tree
+
+    tree = deep_tree(tmp_path / "deep", 1000)
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(200)
+    try:
+        got = _dump(tree)
+    finally:
+        sys.setrecursionlimit(limit)
+        subprocess.run(["rm", "-rf", str(tree)], timeout=120)
+    assert got.count(b"directory") == 1001 and b"bottom\n" in got
+    assert got.endswith(_close_all(1001))  # every directory closed, root included
+
+
+def _close_all(levels: int) -> bytes:
+    close = (1).to_bytes(8, "little") + b")" + bytes(7)  # the NAR string ")"
+    return close * (2 * levels - 1)  # each directory node, and each entry but the root's
+
+
+def test_a_failing_writer_stops_the_walk(tmp_path):
+    """An error in the consumer of the stream surfaces in the caller; nothing hangs."""
+    from pylmserv.core import nar
+
+    root = tmp_path / "t"
+    root.mkdir()
+    for i in range(40):
+        (root / f"f{i}").write_bytes(os.urandom(300_000))
+    calls = []
+
+    def write(chunk):
+        calls.append(len(chunk))
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        nar.dump(root, write)
+    assert len(calls) == 1
+
+
+def test_a_file_that_grows_while_hashed_is_refused(tmp_path, monkeypatch):
+    from pylmserv.core import nar
+    from pylmserv.core.errors import NarError
+
+    f = tmp_path / "f"
+    f.write_bytes(b"a" * 100)
+    real_lstat = os.lstat
+
+    def lstat_then_grow(path, *a, **kw):
+        st = real_lstat(path, *a, **kw)
+        if os.fsencode(path) == os.fsencode(f):
+            with open(f, "ab") as out:
+                out.write(b"more")
+        return st
+
+    monkeypatch.setattr(nar.os, "lstat", lstat_then_grow)
+    with pytest.raises(NarError, match="changed size"):
+        nar.nar_hash(f)
+
+
+def _dump(path) -> bytes:
+    import io
+
+    from pylmserv.core.nar import dump
+
+    buf = io.BytesIO()
+    dump(path, buf.write)
+    return buf.getvalue()

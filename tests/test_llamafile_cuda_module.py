@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from pylmserv.builders import cudalink
+from pylmserv.builders.backends import cuda
 from pylmserv.builders import toolchain as tc
 from pylmserv.builders.cudalink import check_gpu_links as check_gpu_module_links
 from pylmserv.builders.llamafile import write_driver_stub
@@ -33,7 +34,7 @@ DRIVER_SYMBOLS = {"cuDeviceGet", "cuDeviceGetAttribute", "cuGetErrorString", "cu
                   "cuMemAddressReserve", "cuMemCreate", "cuMemGetAllocationGranularity", "cuMemMap",
                   "cuMemRelease", "cuMemSetAccess", "cuMemUnmap"}
 
-needs_nvcc = pytest.mark.skipif(not tc.detect_nvcc().found, reason="no nvcc on this machine")
+needs_nvcc = pytest.mark.skipif(not cuda.detect_nvcc().found, reason="no nvcc on this machine")
 needs_binutils = pytest.mark.skipif(not (shutil.which("readelf") and shutil.which("nm")), reason="no binutils")
 
 
@@ -81,7 +82,7 @@ def test_real_ggml_cuda_module_compiles_and_links_lcuda(tmp_path, home, real_lla
     undefined = {s for s in cudalink.elf_symbols(module, defined=False) if s.startswith("cu") and s[2:3].isupper()}
     assert DRIVER_SYMBOLS <= undefined  # what 0.8.4's ggml-cuda.cu calls (cuMemCreate & co: VMM pool)
     build_dir = Path(doc["build_dir"])
-    stubs = tc.find_cuda_stubs(tc.detect_nvcc()) or build_dir / "gpu" / "stubs"
+    stubs = cuda.find_cuda_stubs(cuda.detect_nvcc()) or build_dir / "gpu" / "stubs"
     missing, found = cudalink.unprovided_symbols(module, r"cu[A-Z]|cublas", [stubs])
     assert missing == [] and "libcuda.so.1" in found
     # tinyBLAS: no cuBLAS at run time; sm_90 code inside
@@ -139,7 +140,7 @@ def test_module_only_needs_a_gpu_backend(home, tmp_path, real_llamafile_lock):
 def test_real_ggml_cuda_module_with_cublas_links_lcublas_too(tmp_path, home, real_llamafile_lock, monkeypatch):
     """--cuda-blas cublas: upstream's other link line (`-lcublas -lcuda`). cuBLAS comes from
     the toolkit or NVIDIA's PyPI wheel (scripts/backends-check.sh installs the wheel)."""
-    cublas = tc.detect_cublas(tc.detect_nvcc())
+    cublas = cuda.detect_cublas(cuda.detect_nvcc())
     if not cublas.found:
         pytest.skip("no cuBLAS here (pip install nvidia-cublas==<CUDA major.minor>.*)")
     monkeypatch.setenv("HOME", str(tmp_path / "userhome"))

@@ -282,11 +282,11 @@ def test_llamafile_fixture_rocm_module_mock_hipcc(tmp_path, project, home, monke
 def test_llamafile_cuda_preflight_names_missing_nvcc_mock_detection(tmp_path, project, home, monkeypatch):
     """This machine has a real nvcc in /usr/local/cuda (detect_nvcc always looks there), so
     the "no nvcc" machine is simulated by replacing the detection: a mock, named as such."""
-    from pylmserv.builders import toolchain
-    from pylmserv.builders.toolchain import Tool
+    from pylmserv.builders.backends import cuda
+    from pylmserv.builders.probe import Tool
 
     cfg, lock = project()
-    monkeypatch.setattr(toolchain, "detect_nvcc", lambda env=None, run=None: Tool("nvcc"))
+    monkeypatch.setattr(cuda, "detect_nvcc", lambda env=None, run=None: Tool("nvcc"))
     with pytest.raises(ToolMissingError, match="needs nvcc") as info:
         build_llamafile(backend="cuda", config=cfg, lock=lock)
     assert "CUDA toolkit" in info.value.hint
@@ -337,10 +337,10 @@ def test_llamafile_fixture_cuda_module_with_real_nvcc(tmp_path, project, home, m
     """The GPU step with the real nvcc installed on this machine (compiling needs no GPU):
     the exact flags pylmserv passes are accepted and give a real shared object, which
     ends up inside the llamafile zip. The cosmocc side is still the fixture."""
-    from pylmserv.builders import toolchain
+    from pylmserv.builders.backends import cuda
     from pylmserv.builders.llamafile import default_cuda_archs
 
-    nvcc = toolchain.detect_nvcc()
+    nvcc = cuda.detect_nvcc()
     if not nvcc.found:
         pytest.skip("no real nvcc on this machine")
     monkeypatch.setenv("HOME", str(tmp_path / "userhome"))  # nvcc may write caches under HOME

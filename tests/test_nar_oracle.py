@@ -123,3 +123,20 @@ def test_sha512_and_sha1_nar_match_nix(nix, tmp_path):
         out = subprocess.run(["nix", "hash", "path", "--type", algo, str(tmp_path / "t")], capture_output=True,
                              text=True, timeout=60, check=True)
         assert nar_hash(tmp_path / "t", algo) == Hash.parse(out.stdout.strip())
+
+
+def test_stream_buffers_boundaries_and_reuse_match_nix_store_dump(nix, tmp_path):
+    """Files that end exactly at, just before and just after a stream buffer's end, and one
+    larger than all buffers together (they are reused while it is read): byte-for-byte
+    what `nix-store --dump` writes."""
+    from pylmserv.core import nar
+
+    root = tmp_path / "t"
+    root.mkdir()
+    seg = nar.SEGMENT
+    for i, size in enumerate([seg - 120, seg, seg + 1, 3, seg * nar.SEGMENTS + 12345, 0, 2 * seg - 7]):
+        (root / f"f{i}").write_bytes(os.urandom(size))
+    os.symlink("x" * 4000, root / "long-link")
+    assert our_dump(root) == nix_dump(root)
+    assert nar_hash(root) == nix_hash_path(root)
+

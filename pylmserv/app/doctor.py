@@ -3,25 +3,28 @@
 Every probe reads the machine through a `Machine` value (PATH, environment, the
 binfmt_misc directory, the store root, the disk-usage function, the OS name), so tests
 fabricate machines instead of patching globals. Tool detection that builds also need
-(compilers, cmake, GPUs, nvcc/hipcc/glslc) comes from pylmserv.builders.toolchain and
-binfmt_misc parsing from pylmserv.builders.binfmt; this module only judges and words it.
+comes from the builders: cmake, compilers and GPU vendors from builders/toolchain.py, each
+backend's toolkit and GPU lines from its module in builders/backends/ (the same module the
+build's preflight asks), binfmt_misc parsing from builders/binfmt.py. This module runs
+the checks, judges what is not one backend's, and words the report.
 """
 from __future__ import annotations
 
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Mapping, Optional, Sequence
 from ..builders import binfmt, source_checks, stored_llama_source
 from ..builders import toolchain as tc
+from ..builders.backends import cuda, metal, rocm, vulkan
+from ..builders.probe import FAIL, OK, WARN, Check, version_str
 from ..builders.llama_cpp import preflight
 from ..core.errors import PylmservError, ToolMissingError
-from ..core.fsutil import walk_no_follow
+from ..core.fsutil import human_size, tree_size
 from ..core.proc import probe
 from ..core.version import __version__
 from ..pins.config import load_project
@@ -30,24 +33,10 @@ from ..store.integrity import last_verified
 from ..pins.drift import config_drift
 from .gc import estimate
 
-OK, WARN, FAIL = "ok", "warn", "fail"
 GiB = 1 << 30
 # Below this much free space the store cannot take even a small model plus a build.
 DEFAULT_MIN_FREE = 5 * GiB
 MIN_FREE_ENV = "PYLMSERV_DOCTOR_MIN_FREE"  # bytes; lets users (and tests) raise the bar
-
-
-@dataclass(frozen=True)
-class Check:
-    """One line of the report. `hint` says what to do; empty when status is ok."""
-
-    name: str
-    status: str  # ok | warn | fail
-    detail: str
-    hint: str = ""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -176,12 +165,12 @@ def tool_presence(machine: Machine, name: str, why: str, hint: str, missing: str
 # -- build tools (cmake, ninja, compilers, ccache) ----------------------------------
 
 def check_build_tools(machine: Machine) -> List[Check]:
-    # Detection lives with the builder (pylmserv.builders.toolchain); doctor only judges.
+    # Detection lives with the builder (builders/toolchain.py); doctor only judges.
 
     env, run = machine.environ, machine.runner
     checks = []
     cmake = tc.detect_cmake(env, run)
-    need = tc.version_str(tc.MIN_CMAKE)
+    need = version_str(tc.MIN_CMAKE)
     if not cmake.found:
         checks.append(Check("cmake", FAIL, "not found (llama.cpp builds with CMake only)",
                             "pip install cmake (the PyPI wheel is enough), or apt-get install cmake."))
@@ -260,99 +249,29 @@ def _nix_features(machine: Machine, nix: str) -> Optional[set]:
 
 # -- GPUs and their toolchains -------------------------------------------------------
 
-def _nvidia_driver(machine: Machine, exe: str) -> tuple:
-    """(driver version, highest CUDA version the driver supports) from nvidia-smi."""
-    driver = cuda = None
-    proc = machine.run([exe, "--query-gpu=driver_version", "--format=csv,noheader"])
-    if proc is not None and proc.returncode == 0 and proc.stdout.strip():
-        driver = proc.stdout.strip().splitlines()[0].strip()
-    proc = machine.run([exe])  # the banner carries "CUDA Version: 12.4"
-    if proc is not None and proc.returncode == 0:
-        m = re.search(r"CUDA Version:\s*(\d+)\.(\d+)", proc.stdout)
-        if m:
-            cuda = (int(m.group(1)), int(m.group(2)))
-    return driver, cuda
-
-
-def _nvcc_arches(machine: Machine, nvcc: str) -> Optional[set]:
-    proc = machine.run([nvcc, "--list-gpu-arch"])  # compute_75 compute_80 ... (CUDA >= 11.0)
-    if proc is None or proc.returncode != 0:
-        return None
-    return set(re.findall(r"compute_(\d+)", proc.stdout))
-
-
 def check_gpus(machine: Machine, backend: Optional[str], config: Optional[Path] = None,
                lock: Optional[Path] = None) -> List[Check]:
+    """One line per GPU vendor (each backend module words its own), then whether the
+    toolkit for the GPU found, or for the backend asked for, is there and fits."""
     env, run = machine.environ, machine.runner
-    checks: List[Check] = []
-
-    # NVIDIA
-    smi = machine.which("nvidia-smi")
-    nvidia = tc.detect_nvidia_gpus(env, run)
-    driver = driver_cuda = None
-    if not smi:
-        checks.append(Check("gpu-nvidia", OK, "no NVIDIA GPU (nvidia-smi not found)"))
-    elif not nvidia:
-        proc = machine.run([smi])
-        said = ((proc.stdout or proc.stderr).strip().splitlines() or ["no output"])[0] if proc else "cannot run"
-        checks.append(Check("gpu-nvidia", WARN, f"nvidia-smi found but lists no GPU: {said}",
-                            "Load the NVIDIA driver (reboot after installing it) or remove the stale nvidia-smi."))
-    else:
-        driver, driver_cuda = _nvidia_driver(machine, smi)
-        names = ", ".join(f"{g.name} (compute {g.compute_cap})" for g in nvidia)
-        extra = f"; driver {driver}" if driver else ""
-        extra += f", supports CUDA <= {driver_cuda[0]}.{driver_cuda[1]}" if driver_cuda else ""
-        checks.append(Check("gpu-nvidia", OK, names + extra))
-
-    # AMD
-    rocm = tc.detect_rocm(env, run)
-    if rocm.rocminfo.found and rocm.gfx_targets:
-        checks.append(Check("gpu-amd", OK, "ROCm agents: " + ", ".join(rocm.gfx_targets)))
-    elif rocm.rocminfo.found:
-        checks.append(Check("gpu-amd", WARN, "rocminfo found but lists no GPU agent",
-                            "Check that the amdgpu driver is loaded and you are in the render and video groups."))
-    else:
-        checks.append(Check("gpu-amd", OK, "no AMD GPU seen by ROCm (rocminfo not found)"))
-
-    # Vulkan
-    vk = machine.which("vulkaninfo")
-    vk_devices = tc.detect_vulkan_devices(env, run) if vk else None
-    if not vk:
-        checks.append(Check("gpu-vulkan", WARN if backend == "vulkan" else OK,
-                            "vulkaninfo not found (only needed for --backend vulkan)",
-                            "apt-get install vulkan-tools (to list Vulkan devices)" if backend == "vulkan" else ""))
-    elif vk_devices is None:
-        checks.append(Check("gpu-vulkan", WARN, "vulkaninfo --summary failed (no Vulkan driver?)",
-                            "Install your GPU's Vulkan driver (Mesa: apt-get install mesa-vulkan-drivers)."))
-    elif vk_devices and all(d.software for d in vk_devices):
-        checks.append(Check("gpu-vulkan", WARN, "devices: " + ", ".join(d.name for d in vk_devices)
-                            + " - a software rasterizer only (runs on the CPU: works, slowly)",
-                            "For speed install your GPU's Vulkan driver; on this machine --backend cpu/blas is faster."))
-    else:
-        checks.append(Check("gpu-vulkan", OK, "devices: " + (", ".join(d.name for d in vk_devices) or "none")))
-
-    # Metal
+    nvidia_line, nvidia, driver_cuda = cuda.gpu_check(env, run)
+    rocm_info = rocm.detect_rocm(env, run)
+    vulkan_line, vk_devices = vulkan.gpu_check(env, run, requested=backend == "vulkan")
+    checks = [nvidia_line, rocm.gpu_check(rocm_info), vulkan_line]
     if machine.system == "Darwin":
-        xcode = tc.detect_xcode(env, run, "darwin")
-        if xcode.found:
-            checks.append(Check("gpu-metal", OK, f"Metal via Xcode at {xcode.developer_dir}"
-                                + ("" if xcode.metal else " (no `metal` compiler: the embedded library is used)")))
-        else:
-            checks.append(Check("gpu-metal", WARN, "Xcode command line tools not found",
-                                "xcode-select --install"))
-
+        checks.append(metal.gpu_check(env, run))
     vendors = tc.detect_gpu_vendors(env, run, machine.sysfs_drm, machine.sys_platform)
-    checks += _toolchain_matches(machine, backend, nvidia, driver_cuda, rocm, vk_devices, vendors, config, lock)
+    checks += _toolchain_matches(machine, backend, nvidia, driver_cuda, rocm_info, vk_devices, vendors, config, lock)
     return checks
 
 
-def _toolchain_matches(machine, backend, nvidia, driver_cuda, rocm, vk_devices, vendors, config=None,
+def _toolchain_matches(machine, backend, nvidia, driver_cuda, rocm_info, vk_devices, vendors, config=None,
                        lock=None) -> List[Check]:
     """Is the toolchain for the GPU (or for the requested backend) there, and does it fit?"""
     env, run = machine.environ, machine.runner
     checks: List[Check] = []
     have_nvidia = bool(nvidia) or "nvidia" in vendors
-    have_amd = bool(rocm.gfx_targets) or "amd" in vendors
+    have_amd = bool(rocm_info.gfx_targets) or "amd" in vendors
     want = backend
 
     # The seed's story: the backend asked for does not match the GPU that is there.
@@ -374,44 +293,14 @@ def _toolchain_matches(machine, backend, nvidia, driver_cuda, rocm, vk_devices, 
         checks.append(Check("backend", OK, f"{want} requested; GPUs: {', '.join(vendors) or 'none'}"))
 
     if have_nvidia or want == "cuda":
-        checks.append(_check_nvcc(machine, tc.detect_nvcc(env, run), nvidia, driver_cuda, want == "cuda"))
+        checks.append(cuda.toolkit_check(env, run, nvidia, driver_cuda, want == "cuda"))
     if have_amd or want == "rocm":
-        hipcc = rocm.hipcc
-        if hipcc.found:
-            targets = ", ".join(rocm.gfx_targets) or "no GPU agents detected"
-            hip = tc.hip_version(hipcc, run)
-            detail = f"{hipcc.describe()}; HIP {tc.version_str(hip)}; ROCm at {rocm.rocm_path}; targets {targets}"
-            if hip is not None and tuple(hip[:2]) < tc.DEFAULT_MIN_HIP:
-                checks.append(Check("rocm-toolkit", WARN, detail + f" (current llama.cpp needs HIP >= "
-                                    f"{tc.version_str(tc.DEFAULT_MIN_HIP)})",
-                                    "Install ROCm >= 6.1 (https://rocm.docs.amd.com) or `nix develop .#rocm`."))
-            else:
-                checks.append(Check("rocm-toolkit", OK, detail))
-        else:
-            gpu = "AMD GPU found" if have_amd else "no AMD GPU found"
-            checks.append(Check("rocm-toolkit", FAIL if want == "rocm" else WARN,
-                                f"{gpu}, no ROCm (hipcc not found)"
-                                + ("; ROCm was requested" if want == "rocm" else ""),
-                                "Install ROCm (https://rocm.docs.amd.com, `amdgpu-install --usecase=rocm`) or "
-                                "`nix develop .#rocm`; without it use --backend vulkan."))
+        checks.append(rocm.toolkit_check(rocm_info, run, have_amd, want == "rocm"))
     if vk_devices or want == "vulkan":
-        checks.append(_check_vulkan_sdk(machine, want == "vulkan"))
+        checks.append(vulkan.toolkit_check(env, run, want == "vulkan"))
     if want in ("cuda", "rocm", "vulkan", "blas"):
         checks += _check_build_preflight(machine, want, config, lock)
     return checks
-
-
-def _check_vulkan_sdk(machine: Machine, requested: bool) -> Check:
-    """Each package ggml-vulkan needs, by name (glslc, headers, spirv-headers, loader, ICD)."""
-    sdk = tc.detect_vulkan_sdk(machine.environ, machine.runner)
-    missing = sdk.missing()
-    if not sdk.icds:
-        missing.append("a Vulkan driver (ICD) (apt-get install mesa-vulkan-drivers, or your GPU vendor's driver)")
-    if missing:
-        return Check("vulkan-toolkit", FAIL if requested else WARN, "missing " + "; ".join(missing),
-                     "Install the packages named, or the LunarG Vulkan SDK, or `nix develop .#vulkan`.")
-    return Check("vulkan-toolkit", OK, f"{sdk.glslc.describe()}; headers {tc.version_str(sdk.header_version)} in "
-                 f"{sdk.headers}; loader {sdk.loader}; {len(sdk.icds)} ICD(s)")
 
 
 def _check_build_preflight(machine: Machine, backend: str, config: Optional[Path] = None,
@@ -436,41 +325,6 @@ def _check_build_preflight(machine: Machine, backend: str, config: Optional[Path
     return [Check("build-preflight", OK, detail)]
 
 
-def _check_nvcc(machine: Machine, nvcc, nvidia, driver_cuda, requested: bool) -> Check:
-    if not nvcc.found:
-        gpu = "NVIDIA GPU found" if nvidia else "no NVIDIA GPU found"
-        return Check("cuda-toolkit", FAIL if requested else WARN,
-                     f"{gpu}, no CUDA toolkit (nvcc not found)" + ("; CUDA was requested" if requested else ""),
-                     "Install the CUDA toolkit (https://developer.nvidia.com/cuda-downloads) or "
-                     "`nix develop .#cuda`; without it use --backend vulkan.")
-    detail = nvcc.describe()
-    if nvcc.origin != "system":
-        detail += " (not on PATH)"
-    problems, hints = [], []
-    arches = _nvcc_arches(machine, nvcc.path)
-    if arches is not None and nvidia:
-        unsupported = [g for g in nvidia if g.arch not in arches]
-        if unsupported:
-            names = ", ".join(f"{g.name} (sm_{g.arch})" for g in unsupported)
-            problems.append(f"nvcc {tc.version_str(nvcc.version)} cannot target {names}; "
-                            f"it supports sm_{min(arches, key=int)} and newer")
-            hints.append("Use a CUDA toolkit that still supports that GPU (CUDA 12.x for Maxwell/Pascal/Volta), "
-                         "or --backend vulkan.")
-    if driver_cuda and nvcc.version and tuple(nvcc.version[:2]) > driver_cuda:
-        problems.append(f"the driver supports CUDA <= {driver_cuda[0]}.{driver_cuda[1]} but nvcc is "
-                        f"{tc.version_str(nvcc.version)}: built binaries will not start")
-        hints.append("Update the NVIDIA driver, or install a CUDA toolkit no newer than the driver supports.")
-    if nvcc.origin != "system":
-        hints.append(f"Add {Path(nvcc.path).parent} to PATH (or set CUDACXX={nvcc.path}).")
-    if problems:
-        return Check("cuda-toolkit", WARN, detail + ": " + "; ".join(problems), " ".join(hints))
-    if nvcc.origin != "system":
-        return Check("cuda-toolkit", WARN, detail, " ".join(hints))
-    cublas = tc.detect_cublas(nvcc, machine.environ)
-    detail += f"; cuBLAS {cublas.path} ({cublas.origin})" if cublas.found else "; no cuBLAS (see build-preflight)"
-    return Check("cuda-toolkit", OK, detail + (f"; targets sm_{min(arches, key=int)}+" if arches else ""))
-
-
 # -- binfmt_misc ------------------------------------------------------------------------
 
 def check_binfmt(machine: Machine) -> Check:
@@ -491,42 +345,17 @@ def check_binfmt(machine: Machine) -> Check:
 
 
 def _ape_loader_in_store(machine: Machine) -> Optional[str]:
-    root = machine.store_root or _store_root(machine)
+    root = machine.store_root or paths.home(machine.environ)
     arch = platform.machine() or "x86_64"
     for cand in sorted(paths.toolchains_dir(root).glob(f"cosmocc-*/bin/ape-{arch}.elf"), reverse=True):
         return str(cand)
     return None
 
 
-def _store_root(machine: Machine) -> Path:
-    env_home = machine.environ.get("PYLMSERV_HOME")
-    return Path(env_home).expanduser() if env_home else paths.home()
-
-
 # -- store -----------------------------------------------------------------------------
 
-def _tree_size(path: Path) -> int:
-    total = 0
-    for root, dirs, files in walk_no_follow(path):  # iterative: a tree of any depth
-        for name in files:
-            try:
-                st = os.lstat(os.path.join(root, name))
-            except OSError:
-                continue
-            total += st.st_size
-    return total
-
-
-def human_size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
 def check_store(machine: Machine) -> List[Check]:
-    root = machine.store_root or _store_root(machine)
+    root = machine.store_root or paths.home(machine.environ)
     # The store may not exist yet: measure the nearest existing parent's filesystem.
     probe = root
     while not probe.exists() and probe != probe.parent:
@@ -542,7 +371,7 @@ def check_store(machine: Machine) -> List[Check]:
         for name, where in (("blobs", paths.blobs_root(root)), ("builds", paths.builds_dir(root)),
                             ("toolchains", paths.toolchains_dir(root))):
             if where.exists():
-                parts.append(f"{name} {human_size(_tree_size(where))}")
+                parts.append(f"{name} {human_size(tree_size(where))}")
     sizes = ", ".join(parts) if parts else "empty"
     detail = f"{root}: {human_size(free)} free of {human_size(usage.total)}; {sizes}"
     writable = os.access(probe, os.W_OK)
@@ -560,7 +389,7 @@ def check_store(machine: Machine) -> List[Check]:
 
 def check_verified(machine: Machine) -> Check:
     """When `pylmserv verify` last re-hashed the store, and what it found."""
-    root = machine.store_root or _store_root(machine)
+    root = machine.store_root or paths.home(machine.environ)
     last = last_verified(root) if root.is_dir() else None
     if last is None:
         return Check("store-verified", OK, "never (the store is trusted as written)",
@@ -572,7 +401,7 @@ def check_verified(machine: Machine) -> Check:
     return Check("store-verified", OK, detail)
 def check_gc(machine: Machine) -> Check:
     """The store's size and what `pylmserv gc` would free (computed, nothing deleted)."""
-    root = machine.store_root or _store_root(machine)
+    root = machine.store_root or paths.home(machine.environ)
     try:
         size, free, count = estimate(root)
     except PylmservError as exc:

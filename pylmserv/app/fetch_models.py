@@ -23,13 +23,14 @@ from ..core.errors import UsageError, VerificationError
 from ..core.fsutil import remove_no_follow, unlink_missing_ok, walk_no_follow
 from ..core.gguf import check_split_set, read_header, split_info, split_names
 from ..core.hashing import Hash
-from ..core.names import pin_name, show
+from ..core.names import pin_name
 from ..pins.config import ARCHIVE_SUFFIXES, Project, load_project
 from ..pins.lock import FilePin, HfPin, LockEntry, Shard
 from ..pins.lockfile import refuse_packaged, update
+from ..store import adopt as adopting
 from ..store import blobs as store
-from ..transfer import http, hub
-from ..transfer.download import download, redact, resolve_stall_limit
+from ..transfer import http, hub, mirrors as mirror_chain
+from ..transfer.download import redact, resolve_stall_limit
 from ..transfer.http import refuse_credentials
 
 log = logging.getLogger("pylmserv.models")
@@ -76,11 +77,11 @@ def fetch(items: Union[str, Sequence[str]], dest: Optional[Path] = None, connect
           offline: bool = False, sha256: Union[None, str, Hash] = None, trust_on_first_use: bool = False,
           config: Optional[Path] = None, lock: Optional[Path] = None, progress: bool = True,
           home: Optional[Path] = None, link_mode: Optional[str] = None,
-          stall_limit: Optional[float] = None) -> List[FetchResult]:
+          stall_limit: Optional[float] = None, adopt: bool = True) -> List[FetchResult]:
     """Make every item present and verified in the store; returns one result per item
     (FetchResult.to_json() is what `pylmserv fetch --json` prints). `stall_limit`:
     seconds without new data before a download gives up (default $PYLMSERV_STALL_LIMIT,
-    else 120)."""
+    else 120). `adopt`: first look for a missing file in other tools' caches (store/adopt)."""
     if isinstance(items, str):
         items = [items]
     items = list(items)
@@ -96,17 +97,21 @@ def fetch(items: Union[str, Sequence[str]], dest: Optional[Path] = None, connect
         raise UsageError("--sha256 applies to exactly one URL item",
                          hint="Fetch URLs one at a time, each with its own --sha256.")
     project = _load_project(config, lock, items)
+    adopting.configure(adopting.default_places(project.config.adopt_from if project else ()) if adopt else [])
     plans = [_plan(item, project, expected if _is_url(item) else None, trust_on_first_use, offline)
              for item in items]
     if any(plan.record is not None for plan in plans):
         _tofu_lock_path(project)  # refuse before downloading, not after
+    sources = mirror_chain.configured(project.config.mirrors if project is not None else ())
+    if offline:
+        _refuse_missing_offline(plans, sources, store.root(home))
     if not offline and any(f.expected is None or not store.has_blob(f.expected, store.root(home))
                            for plan in plans for f in plan.files):
         http.load()  # once per process, before the clock of the first model's transfer starts
     results = []
     for plan in plans:
         results.append(_fetch_plan(plan, project, dest, connections, offline, progress, home, link_mode,
-                                   stall_limit))
+                                   stall_limit, sources))
     return results
 
 
@@ -273,21 +278,8 @@ def _plan_lock(name: str, entry: LockEntry) -> _Plan:
 
 # -- Hugging Face ----------------------------------------------------------------------------
 
-def parse_hf(item: str) -> Tuple[str, str, str]:
-    """hf://org/repo/path/file.gguf[@revision] -> (org/repo, path, revision)."""
-    body = item[len("hf://"):]
-    revision = "main"
-    head, sep, tail = body.rpartition("@")
-    if sep and "/" in head and tail:
-        body, revision = head, tail
-    parts = body.split("/")
-    if len(parts) < 3 or not all(p not in ("", ".", "..") and "\\" not in p for p in parts):
-        raise UsageError(f"bad hf:// reference {show(repr(item))}", hint="Use hf://org/repo/path/file.gguf[@revision].")
-    return "/".join(parts[:2]), "/".join(parts[2:]), revision
-
-
 def _plan_hf(item: str, project: Optional[Project], tofu: bool, offline: bool) -> _Plan:
-    repo, path, revision = parse_hf(item)
+    repo, path, revision = hub.parse_hf(item)
     filename = path.rsplit("/", 1)[-1]
     name = _name_for(filename)
     # A lock entry for the same repo/file at the same revision needs no network at all.
@@ -330,14 +322,14 @@ def _plan_hf(item: str, project: Optional[Project], tofu: bool, offline: bool) -
 # -- fetching ------------------------------------------------------------------------------
 
 def _fetch_plan(plan: _Plan, project, dest, connections, offline, progress, home, link_mode,
-                stall_limit=None) -> FetchResult:
+                stall_limit=None, mirrors=()) -> FetchResult:
     started = time.monotonic()
     home = store.root(home)
     got: List[Tuple[_File, Hash, int]] = []
     downloaded = 0
     for f in plan.files:
         h, size, nbytes = _ensure_blob(f, connections, offline, progress, home, check_gguf=not plan.archive,
-                                       stall_limit=stall_limit)
+                                       stall_limit=stall_limit, mirrors=mirrors)
         got.append((f, h, size))
         downloaded += nbytes
     if plan.archive:
@@ -367,17 +359,20 @@ def _split(path: Path) -> bool:
 
 
 def _ensure_blob(f: _File, connections, offline, progress, home, check_gguf: bool,
-                 stall_limit: Optional[float] = None) -> Tuple[Hash, int, int]:
+                 stall_limit: Optional[float] = None, mirrors=()) -> Tuple[Hash, int, int]:
     """(hash, size, bytes downloaded) of `f`, in the store afterwards."""
     if f.expected is not None and store.has_blob(f.expected, home):
         size = store.blob_path(f.expected, home).stat().st_size
         if f.size is None or size == f.size:
             log.info("%s: in the store (sha256 %s)", f.filename, f.expected.hex[:12])
             return f.expected, size, 0
-    if offline:
+    adopted = adopting.before_download(f.expected, f.size, f.filename, f.url, home)  # other tools' copies
+    if adopted is not None:
+        return adopted
+    if offline and not mirror_chain.offline_sources(mirrors, f.expected):
         raise UsageError(f"{f.filename} is not in the store and --offline (or HF_HUB_OFFLINE) forbids downloading",
                          hint="Run the same command without --offline once.")
-    if not f.url:
+    if not f.url and not offline:
         raise UsageError(f"{f.filename}: no URL to download from")
     key = f.expected or Hash.of_bytes(f.url.encode())
     with store.blob_lock(key, home):
@@ -386,9 +381,10 @@ def _ensure_blob(f: _File, connections, offline, progress, home, check_gguf: boo
         log.info("fetching %s", redact(f.url))
         staged = store.temp_path(f.filename, home)
         try:
-            result = download(f.url, staged, expected=f.expected, size=f.size, connections=connections,
-                              stall_limit=stall_limit,
-                              headers=hub.auth_headers(f.url), progress=progress, tmp_dir=store.tmp_dir(home))
+            result = mirror_chain.fetch_verified(  # mirrors first, then the origin; each source checked
+                f.url, staged, f.expected, f.size, mirrors=mirrors, tmp_dir=store.tmp_dir(home), offline=offline,
+                origin_headers=hub.auth_headers(f.url) if f.url else None, connections=connections,
+                progress=progress, stall_limit=stall_limit)
             if check_gguf and _gguf_name(f.filename):
                 read_header(staged)
             blob = store.install_blob(staged, result.sha256, home)
@@ -396,6 +392,23 @@ def _ensure_blob(f: _File, connections, offline, progress, home, check_gguf: boo
             unlink_missing_ok(staged)
     log.info("%s: verified sha256 %s (%d bytes) -> %s", f.filename, result.sha256.hex, result.size, blob)
     return result.sha256, result.size, result.bytes_downloaded
+
+
+def _refuse_missing_offline(plans, mirrors, home: Path) -> None:
+    """Offline: name every file the store lacks (and neither another tool's copy nor a
+    file:// mirror could give) at once."""
+    def present(f) -> bool:
+        if f.expected is not None and store.has_blob(f.expected, home, f.size):
+            return True
+        return adopting.before_download(f.expected, f.size, f.filename, f.url, home) is not None
+
+    missing = [f"{plan.name}: {f.filename}" + (f" (sha256 {f.expected.hex[:12]}...)" if f.expected else "")
+               for plan in plans for f in plan.files
+               if not present(f) and not mirror_chain.offline_sources(mirrors, f.expected)]
+    if missing:
+        raise UsageError(f"offline, and {len(missing)} file(s) are not in the store: " + "; ".join(missing),
+                         hint="Fetch them once with the network, import a bundle (`pylmserv import FILE`), "
+                              "or name a file:// mirror (PYLMSERV_MIRRORS).")
 
 
 def _gguf_name(filename: str) -> bool:

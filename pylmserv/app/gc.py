@@ -12,12 +12,14 @@ from typing import List, Optional
 
 from ..builders.cosmocc import toolchain_dir
 from ..core.errors import PylmservError
+from ..core.hashing import Hash
 from ..pins.config import Lock, load_lock
 from ..store import gc as sweeper
 from ..store import roots
 from ..store.blobs import blob_path
 from ..store.layout import home as store_home
 from ..store.trees import store_path
+from ..store.views import rooted_blobs
 
 
 def root_locks(home: Path, dry_run: bool = False) -> List[Path]:
@@ -41,6 +43,9 @@ def keep_set(locks: List[Lock], home: Path, keep_builds: int) -> sweeper.Keep:
                     keep.paths.add(toolchain_dir(entry, home))  # an unpacked cosmocc, if it is one
             else:
                 keep.models.setdefault(entry.name, set()).add(entry.hash.hex)
+    for name, hexes in rooted_blobs(home).items():  # `pylmserv link` views: roots while they exist
+        keep.paths.update(blob_path(Hash("sha256", bytes.fromhex(h)), home) for h in hexes)
+        keep.models.setdefault(name, set()).update(hexes)
     return keep
 
 

@@ -15,6 +15,7 @@ from ..pins.drift import config_drift
 from ..store import blobs as store
 from ..store import layout as paths
 from ..store.trees import store_path
+from .link import linked as live_links
 
 ENGINES = ("llama.cpp", "llamafile")
 # Which catalog source each engine is built from.
@@ -88,6 +89,15 @@ def _executables(directory: Path):
                 if p.is_file() and os.access(p, os.X_OK) and not p.name.endswith((".so", ".dylib", ".dll")) \
                         and ".so." not in p.name:
                     yield p
+
+
+def linked(home: Optional[Path] = None) -> List[dict]:
+    """Models laid out for other tools by `pylmserv link` whose links still exist."""
+    out = []
+    for l in live_links(home):
+        paths = [m.path for m in l.made if m.how in ("hardlink", "symlink")] + list(l.kept)
+        out.append({"name": l.name, "layout": l.layout, "root": l.root, "paths": paths})
+    return out
 
 
 def entries(project: Project, home: Optional[Path] = None) -> List[Entry]:

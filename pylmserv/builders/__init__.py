@@ -10,7 +10,6 @@ import dataclasses
 import logging
 import os
 import platform as _platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -21,17 +20,21 @@ from ..pins.config import CONFIG_NAME, load_project
 from ..store import replay
 from ..store.layout import home
 from ..store.trees import ensure_source, store_path
-from . import toolchain as tc
+from .backends import blas, cuda, rocm
 from .base import BuildSkeleton, Compiled
 from .llama_cpp import (BACKENDS, BUILD_TIMEOUT, CONFIGURE_TIMEOUT, DEFAULT_TARGETS, LOG_NAME, MAPPING_VERSION,
-                        Detected, Request, backend_env, builtin_features, find_outputs, make_commands, map_options,
-                        preflight, run_logged, scan_features)
+                        Detected, Request, builtin_features, find_outputs, make_commands, map_options,
+                        portable_cache_inputs, preflight, run_logged, scan_features)
 from .result import BuildResult
+from .substitute import cache_key, libc, push as push_to
+from ..core.signing import SecretKey
+from ..store import layout
+from ..store import records as stamps
+from ..transfer.buildcache import open_cache
 from .auto import choose_backend
 from .cudalink import check_gpu_links, cuda_header_driver_symbols, write_cuda_driver_stub
-from .toolchain import (DEFAULT_MIN_HIP, VULKAN_WAYS_OUT, cuda_roots, detect_toolchain, detect_vulkan_sdk,
-                        find_cuda_header, find_cuda_stubs, hip_too_old, hip_version, required_hip_version,
-                        vulkan_headers_too_old)
+from .probe import Tool, default_run, which
+from .toolchain import BACKEND_MODULES, detect_openssl_headers, detect_toolchain, openssl_header_paths
 
 log = logging.getLogger("pylmserv.build")
 
@@ -44,18 +47,23 @@ def build(what: str = "llama.cpp", backend: str = "cpu", targets: Optional[Seque
           jobs: Optional[int] = None, prefix: Optional[Path] = None, cmake_args: Sequence[str] = (),
           force: bool = False, dry_run: bool = False, source_dir: Optional[Path] = None,
           config: Optional[Path] = None, lock: Optional[Path] = None, module_only: bool = False,
-          cuda_blas: Optional[str] = None, reproducible: Optional[bool] = None) -> BuildResult:
+          cuda_blas: Optional[str] = None, reproducible: Optional[bool] = None, no_build: bool = False) -> BuildResult:
     """Build `what` for `backend` ("auto": what this machine has, see resolve_backend); a no-op
     (cache_hit=True) when the stamp says it is done. `reproducible` (default: on for portable
-    llama.cpp builds): the same lock and options give the same bytes in any PYLMSERV_HOME."""
+    llama.cpp builds): the same lock and options give the same bytes in any PYLMSERV_HOME.
+    A portable llama.cpp build is first asked of the substituters ([cache]); `no_build`:
+    substitute or fail, never compile."""
     backend, choice = resolve_backend(what, backend, source_dir=source_dir, config=config, lock=lock)
     result = _build(what, backend, targets, cuda_arch, gpu_targets, portable, jobs, prefix, cmake_args, force,
-                    dry_run, source_dir, config, lock, module_only, cuda_blas, reproducible)
+                    dry_run, source_dir, config, lock, module_only, cuda_blas, reproducible, no_build)
     return dataclasses.replace(result, auto=choice.describe()) if choice is not None else result
 
 
 def _build(what, backend, targets, cuda_arch, gpu_targets, portable, jobs, prefix, cmake_args, force, dry_run,
-           source_dir, config, lock, module_only, cuda_blas, reproducible=None) -> BuildResult:
+           source_dir, config, lock, module_only, cuda_blas, reproducible=None, no_build=False) -> BuildResult:
+    if no_build and (what != "llama.cpp" or not portable):
+        raise UsageError("--no-build applies to portable llama.cpp builds (only those are substituted)",
+                         hint="Add --portable: `pylmserv build llama.cpp --portable --no-build`.")
     if what == "llamafile":
         from .llamafile import build_llamafile  # lazy: its modules cost ~15 ms that llama.cpp builds never use
 
@@ -77,7 +85,8 @@ def _build(what, backend, targets, cuda_arch, gpu_targets, portable, jobs, prefi
     req = Request(backend=backend, targets=tuple(dict.fromkeys(targets or DEFAULT_TARGETS)),
                   cuda_arch=cuda_arch, gpu_targets=gpu_targets, portable=portable, jobs=jobs,
                   cmake_args=tuple(cmake_args), reproducible=portable if reproducible is None else reproducible)
-    return LlamaCppBuild(req, prefix=prefix, force=force, source_dir=source_dir, config=config, lock=lock).run(dry_run)
+    return LlamaCppBuild(req, prefix=prefix, force=force, source_dir=source_dir, config=config, lock=lock,
+                         no_build=no_build).run(dry_run)
 
 
 def build_llama_cpp(output_dir, cuda: bool = False, backend: Optional[str] = None, jobs: Optional[int] = None,
@@ -89,16 +98,47 @@ def build_llama_cpp(output_dir, cuda: bool = False, backend: Optional[str] = Non
                  prefix=Path(output_dir), force=force, **kwargs)
 
 
+def push_builds(to: str, sign_key: Path, what: str = "llama.cpp", backends: Sequence[str] = (),
+                config: Optional[Path] = None, lock: Optional[Path] = None) -> List[dict]:
+    """Push every stamped portable build of the locked llama.cpp source (of `backends`, else
+    all) to the build cache `to`, signed with the Nix-format secret key in `sign_key`; the
+    signed manifests pushed. Its files are re-hashed against the stamp first."""
+    if what != "llama.cpp":
+        raise UsageError("only portable llama.cpp builds are pushed to a build cache",
+                         hint="llamafile's outputs are single portable files: share them with `pylmserv pack`.")
+    key = SecretKey.read(sign_key)
+    project = load_project(config, lock)
+    entry = project.lock.entry("sources", SOURCE_NAME)
+    if entry is None:
+        raise ConfigError(f"no [sources.{SOURCE_NAME}] in {project.lock_path}", hint=f"Run `pylmserv prefetch {SOURCE_NAME}`.")
+    cache = open_cache(to)
+    pushed = []
+    for backend in backends or BACKENDS:
+        for directory in layout.build_dirs("llama.cpp", backend, home()):
+            stamp = stamps.read_stamp(directory / stamps.STAMP_NAME)
+            if stamp is None or stamp.inputs.get("source") != entry.hash.sri or "substituted" in stamp.extra:
+                continue
+            inputs = portable_cache_inputs(stamp.inputs, libc()[0])
+            targets = list(stamp.inputs.get("targets") or [])
+            if inputs is None or not targets or not stamps.is_up_to_date(stamp, targets):
+                continue
+            pushed.append(push_to(cache, cache_key(inputs), inputs, stamp, "llama.cpp", backend, targets, key))
+    if not pushed:
+        raise UsageError(f"no portable llama.cpp build of the locked source {entry.hash.sri} to push",
+                         hint="Build one first: `pylmserv build llama.cpp --portable`.")
+    return pushed
+
+
 def resolve_backend(what: str, backend: str, source_dir: Optional[Path] = None, config: Optional[Path] = None,
                     lock: Optional[Path] = None):
     """(backend, BackendChoice or None): "auto" becomes what doctor's detection finds usable
     here (auto.choose_backend); the choice and its reasons are logged."""
     if backend != "auto":
         return backend, None
-    min_hip = tc.DEFAULT_MIN_HIP
+    min_hip = rocm.DEFAULT_MIN_HIP
     tree = Path(source_dir) if source_dir else (stored_llama_source(config, lock) if what == "llama.cpp" else None)
     if tree is not None:
-        min_hip = tc.required_hip_version(tree) or min_hip
+        min_hip = rocm.required_hip_version(tree) or min_hip
     choice = choose_backend(what, min_hip=min_hip)
     log.warning("%s", choice.describe())
     return choice.backend, choice
@@ -120,8 +160,9 @@ class LlamaCppBuild(BuildSkeleton):
 
     engine = "llama.cpp"
 
-    def __init__(self, req, prefix=None, force=False, source_dir=None, config=None, lock=None):
-        super().__init__(prefix, force, source_dir)
+    def __init__(self, req, prefix=None, force=False, source_dir=None, config=None, lock=None, no_build=False):
+        super().__init__(prefix, force, source_dir, no_build=no_build)
+        self._cache_config: dict = {}
         self.req = req
         self.backend = req.backend
         self.config, self.lock = config, lock
@@ -143,6 +184,7 @@ class LlamaCppBuild(BuildSkeleton):
         # What the answer depends on (replay_checks): the files read, and the config the
         # search would find instead of the packaged one
         self.project_files = [project.config_path, project.lock_path] + ([Path(CONFIG_NAME)] if not self.config else [])
+        self._cache_config = project.config.cache
         entry = project.lock.entry("sources", SOURCE_NAME)
         if entry is None:
             raise ConfigError(f"no [sources.{SOURCE_NAME}] in {project.lock_path}",
@@ -161,19 +203,18 @@ class LlamaCppBuild(BuildSkeleton):
         gfx: Tuple[str, ...] = ()
         cublas_wheel = None
         if req.backend == "cuda":
-            nvcc = tc.Tool("nvcc", tc.which("nvcc"))  # stat only: no version probe on the fast path
-            cublas = tc.detect_cublas(nvcc)
+            nvcc = Tool("nvcc", which("nvcc"))  # stat only: no version probe on the fast path
+            cublas = cuda.detect_cublas(nvcc)
             if cublas.origin == "pip-wheel":
                 cublas_wheel = (cublas.path, cublas.include or "")
             if not req.cuda_arch:
-                cuda_archs = tuple(sorted({g.arch for g in tc.detect_nvidia_gpus()}))
+                cuda_archs = tuple(sorted({g.arch for g in cuda.detect_nvidia_gpus()}))
                 if not cuda_archs and nvcc.found:
-                    rc, out = tc.default_run([nvcc.path, "--list-gpu-arch"])
-                    nvcc_archs = tuple(sorted(set(re.findall(r"compute_(\d+)", out)), key=int)) if rc == 0 else ()
+                    nvcc_archs = cuda.nvcc_arches(nvcc.path, default_run) or ()
         if req.backend == "rocm" and not req.gpu_targets:
-            gfx = tc.detect_rocm().gfx_targets
-        return Detected(platform=sys.platform, openssl=tc.detect_openssl_headers(),
-                        blas_vendor=tc.detect_blas() if req.backend == "blas" else None,
+            gfx = rocm.detect_rocm().gfx_targets
+        return Detected(platform=sys.platform, openssl=detect_openssl_headers(),
+                        blas_vendor=blas.detect_blas() if req.backend == "blas" else None,
                         cuda_archs=cuda_archs, gfx_targets=gfx,
                         source_date_epoch="SOURCE_DATE_EPOCH" in os.environ, nvcc_archs=nvcc_archs,
                         cublas_wheel=cublas_wheel)
@@ -195,12 +236,18 @@ class LlamaCppBuild(BuildSkeleton):
                           if req.backend == "cuda" else {})},
         }
 
+    def cache_inputs(self) -> Optional[dict]:
+        return portable_cache_inputs(self.inputs, libc()[0])
+
+    def cache_config(self):
+        return self._cache_config
+
     def replay_checks(self) -> Optional[dict]:
         """Replayable when the key needs stat calls only (no nvidia-smi/rocminfo/nvcc probe,
         no local tree that changes under the same key)."""
         if self.req.backend not in ("cpu", "blas", "vulkan", "metal") or self.entry is None or self.force:
             return None
-        probed = tc.openssl_header_paths() + (list(tc.BLAS_HEADERS) if self.req.backend == "blas" else [])
+        probed = openssl_header_paths() + (list(blas.BLAS_HEADERS) if self.req.backend == "blas" else [])
         return {"files": {os.path.abspath(p): replay.file_digest(p) for p in self.project_files},
                 "probed": {str(p): p.exists() for p in probed}, "lock": os.path.abspath(self.project_files[1])}
 
@@ -226,7 +273,8 @@ class LlamaCppBuild(BuildSkeleton):
                                        f"stub {stub} (SONAME libcuda.so.1, the driver's exports from cuda.h)",))
         launcher = tc.ccache.path if tc.ccache.found else None
         env = dict(mapping.env)  # reproducible builds: SOURCE_DATE_EPOCH, CCACHE_BASEDIR=""
-        env.update(backend_env(self.req.backend, tc.extra.get("rocm")))
+        if self.req.backend == "rocm":
+            env.update(rocm.build_env(tc.extra.get("rocm")))
         cmds = make_commands(tc.cmake.path or "cmake", tc.ninja.path, source, self.build_dir, mapping,
                              self.req.targets, self.req.jobs, launcher, self.req.backend, env)
         return mapping, cmds, env
@@ -234,7 +282,7 @@ class LlamaCppBuild(BuildSkeleton):
     def _driver_stub(self, tc) -> Optional[Path]:
         """Where the libcuda link stub goes when the toolkit has none (NVIDIA's PyPI wheels)."""
         nvcc = tc.extra.get("nvcc")
-        if self.req.backend != "cuda" or nvcc is None or not nvcc.found or find_cuda_stubs(nvcc) is not None:
+        if self.req.backend != "cuda" or nvcc is None or not nvcc.found or cuda.find_cuda_stubs(nvcc) is not None:
             return None
         return self.build_dir / "cuda-stubs" / "libcuda.so"
 
@@ -245,7 +293,7 @@ class LlamaCppBuild(BuildSkeleton):
         cublas = tc.extra.get("cublas")
         if cublas is not None and cublas.found:
             dirs.append(Path(cublas.path).parent)
-        for root in cuda_roots(nvcc):
+        for root in cuda.cuda_roots(nvcc):
             dirs += [root / "lib64", root / "lib64" / "stubs", *sorted(root.glob("targets/*/lib"))]
         for name, path in sorted(outputs.items()):
             check_gpu_links(path, [d for d in dirs if d.is_dir()])
@@ -291,7 +339,7 @@ class LlamaCppBuild(BuildSkeleton):
         tc, mapping, cmds = self.tc, self.mapping, self.cmds
         stub = self._driver_stub(tc)
         if stub is not None:
-            header = find_cuda_header(tc.extra["nvcc"])
+            header = cuda.find_cuda_header(tc.extra["nvcc"])
             if header is None:
                 raise ToolMissingError(f"the CUDA toolkit of {tc.extra['nvcc'].path} has neither stubs/libcuda.so "
                                        "nor include/cuda.h", hint="Install the full CUDA toolkit (cuda-toolkit).")
@@ -319,26 +367,10 @@ class LlamaCppBuild(BuildSkeleton):
 
 
 def source_checks(backend: str, tc, source: Optional[Path], cmake_args: Sequence[str] = ()) -> None:
-    """What the pinned source needs of the toolkit, read from the source itself: the HIP
-    version its ggml-hip/CMakeLists.txt requires, the vk:: names its ggml-vulkan uses
-    (source None: not fetched yet; ROCm is then held to current llama.cpp's minimum).
-    Raises ToolMissingError (one line, the ways out in the hint); doctor says the same."""
-    if backend == "rocm":
-        rocm = tc.extra["rocm"]
-        needed = required_hip_version(source) if source is not None else DEFAULT_MIN_HIP
-        where = "ggml/src/ggml-hip/CMakeLists.txt" if source is not None else "current llama.cpp"
-        if needed and rocm.hipcc.found:
-            problem = hip_too_old(rocm.hipcc, hip_version(rocm.hipcc), needed, where)
-            if problem:
-                raise ToolMissingError(f"cannot build llama.cpp (rocm): {problem}",
-                                       hint="Install a newer ROCm and put its bin/ first on PATH (or set ROCM_PATH), "
-                                            "then rerun; `pylmserv doctor --backend rocm` checks it.")
-    elif backend == "vulkan" and source is not None:
-        sdk = tc.extra.get("vulkan_sdk") or detect_vulkan_sdk()
-        for arg in cmake_args:  # headers the user points CMake at (e.g. a pinned Vulkan-Headers tree)
-            m = re.match(r"(?:-D)?Vulkan_INCLUDE_DIR(?::\w+)?=(.+)", arg)
-            if m:
-                sdk = detect_vulkan_sdk(include_dirs=[Path(m.group(1))])
-        problem = vulkan_headers_too_old(source, sdk)
-        if problem:
-            raise ToolMissingError(f"cannot build llama.cpp (vulkan): {problem}", hint=VULKAN_WAYS_OUT)
+    """What the pinned source needs of the toolkit, read from the source itself (the
+    backend module's `source_check`: the HIP version ggml-hip requires, the vk:: names
+    ggml-vulkan uses; source None: not fetched yet). Raises ToolMissingError (one line,
+    the ways out in the hint); doctor says the same."""
+    check = getattr(BACKEND_MODULES.get(backend), "source_check", None)
+    if check is not None:
+        check(tc.extra, source, cmake_args)

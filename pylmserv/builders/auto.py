@@ -1,5 +1,5 @@
 """`--backend auto`: the backend this machine can build and run best, decided from the
-same detections doctor shows (pylmserv.builders.toolchain)."""
+same detections doctor shows (builders/backends/ and builders/toolchain.py)."""
 from __future__ import annotations
 
 import platform as _pf
@@ -8,9 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from .toolchain import (DEFAULT_MIN_HIP, Runner, VulkanSdk, default_run, detect_blas, detect_cublas,
-                        detect_gpu_vendors, detect_nvcc, detect_nvidia_gpus, detect_rocm, detect_vulkan_devices,
-                        detect_vulkan_sdk, hip_version, version_str)
+from .backends.blas import detect_blas
+from .backends.cuda import detect_cublas, detect_nvcc, detect_nvidia_gpus
+from .backends.rocm import DEFAULT_MIN_HIP, detect_rocm, hip_version
+from .backends.vulkan import VulkanSdk, detect_vulkan_devices, detect_vulkan_sdk
+from .probe import Runner, default_run, version_str
+from .toolchain import detect_gpu_vendors
 
 @dataclass(frozen=True)
 class BackendChoice:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
+from ..core.errors import BuildError
 from ..core.fsutil import lock_file_path
 from ..store import records as stamps
 from ..store import layout
@@ -24,6 +25,7 @@ from ..store.installs import install_files, point_current, real_dirs, shared_lib
 from ..store.layout import home
 from ..store.trees import ensure_source
 from .result import BuildResult
+from .substitute import settings, substitute
 
 log = logging.getLogger("pylmserv.build")
 
@@ -62,8 +64,11 @@ class BuildSkeleton:
 
     engine = ""
 
-    def __init__(self, prefix: Optional[Path] = None, force: bool = False, source_dir: Optional[Path] = None):
+    def __init__(self, prefix: Optional[Path] = None, force: bool = False, source_dir: Optional[Path] = None,
+                 no_build: bool = False):
         self.force = force
+        self.no_build = no_build  # substitute or fail: never compile
+        self.refusals: list = []  # substitutes refused, one line each (substitute.py)
         self.prefix = Path(prefix).expanduser().resolve() if prefix else None
         self.source_dir = Path(source_dir).expanduser().resolve() if source_dir else None
         self.home = home()
@@ -101,6 +106,15 @@ class BuildSkeleton:
     def dry_run(self) -> BuildResult:
         raise NotImplementedError
 
+    def cache_inputs(self) -> Optional[dict]:
+        """What names this build in a shared build cache (substitute.py): the key's inputs less
+        what only the builder's host knows. None (the default): never substituted."""
+        return None
+
+    def cache_config(self) -> Optional[Mapping]:
+        """The project's [cache] table (substituters, trusted-public-keys)."""
+        return None
+
     def replay_checks(self) -> Optional[dict]:
         """What an up-to-date answer depends on besides the stamp, for store/replay.py:
         {"files": {path: digest or None}, "probed": {path: exists}, "lock": path}. None (the
@@ -129,9 +143,18 @@ class BuildSkeleton:
             return self.finish(stamp.output_paths(), cache_hit=True, notes=(restored or "up to date: nothing to do",),
                                commands=tuple(stamp.extra.get("commands", ())), sha256=stamp.extra.get("sha256"),
                                replay=self._replay_record(stamp))
+        from filelock import FileLock  # lazy: ~15 ms that the up-to-date path does not need
+
+        substituted = self._substitute(FileLock)
+        if substituted is not None:
+            return substituted
+        if self.no_build:
+            raise BuildError(f"{self.engine} ({self.backend}): no trusted substitute for this build, and --no-build "
+                             "forbids compiling" + "".join(f"\n  {line}" for line in self.refusals),
+                             hint="Configure [cache] substituters and trusted-public-keys (or PYLMSERV_SUBSTITUTERS, "
+                                  "PYLMSERV_TRUSTED_KEYS) and push this build from a builder, or drop --no-build.")
         source = self.prepare()
         self.build_dir.mkdir(parents=True, exist_ok=True)
-        from filelock import FileLock  # lazy: ~15 ms that the up-to-date path does not need
 
         with FileLock(lock_file_path(str(self.build_dir) + ".lock"), timeout=LOCK_TIMEOUT):
             stamp = self._reusable()  # another process may have just finished it
@@ -164,6 +187,22 @@ class BuildSkeleton:
                     entry.name)
         ensure_source(entry, self.home)
         return f"up to date; the source {entry.name}, missing from the store, was fetched again"
+
+    def _substitute(self, FileLock) -> Optional[BuildResult]:
+        """A signed, verified build from a substituter, installed like a compiled one (None:
+        none accepted; not tried with --force or for builds that have no cache inputs)."""
+        if self.force or not settings(self.cache_config())[0]:
+            return None
+        inputs = self.cache_inputs()
+        if inputs is None:
+            return None
+        self.build_dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.build_dir) + ".lock", timeout=LOCK_TIMEOUT):
+            stamp = self._reusable()  # another process may have just finished it
+            if stamp is not None:
+                return self.finish(stamp.output_paths(), cache_hit=True, notes=("built by a concurrent run",),
+                                   commands=tuple(stamp.extra.get("commands", ())), sha256=stamp.extra.get("sha256"))
+            return substitute(self, inputs, self.cache_config())
 
     # -- install ---------------------------------------------------------------------------
 

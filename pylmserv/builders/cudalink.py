@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..core.errors import BuildError
-from .toolchain import PROBE_TIMEOUT, Runner, default_run, detect_compilers
+from .probe import PROBE_TIMEOUT, Runner, default_run
+from .toolchain import detect_compilers
 
 # -- ELF inspection (binutils' readelf and nm): does a built module link what it uses? --------
 

@@ -8,6 +8,7 @@ vs ..._WEBUI, LLAMA_OPENSSL vs LLAMA_CURL) is read from the pinned tree itself.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -22,14 +23,13 @@ from typing import Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
 from ..core.errors import BuildError, ToolMissingError, UsageError
 from ..core.proc import start_group, stop_group
-from .toolchain import MIN_CMAKE, version_str
+from .backends import Switches
+from .probe import version_str
+from .toolchain import BACKEND_MODULES, MIN_CMAKE
 
 log = logging.getLogger("pylmserv.build")
 
 BACKENDS = ("cpu", "blas", "cuda", "rocm", "vulkan", "metal")
-# llama.cpp's own non-native CUDA architecture list (ggml/src/ggml-cuda/CMakeLists.txt, 2025-26).
-UPSTREAM_CUDA_ARCHS = ("50-virtual", "61-virtual", "70-virtual", "75-virtual", "80-virtual", "86-real", "89-real",
-                       "90-virtual", "120a-real")
 DEFAULT_TARGETS = ("llama-cli", "llama-server", "llama-bench")
 MAPPING_VERSION = 2  # bump when the option mapping changes: new build keys, no stale reuse
 LOG_NAME = "pylmserv-build.log"
@@ -144,6 +144,14 @@ def build_number(rev: Optional[str]) -> Optional[int]:
 
 # -- the option mapping -------------------------------------------------------------------
 
+# Only the programs: no tests, no examples, no downloads during the build.
+PROGRAMS_ONLY = (("LLAMA_BUILD_TESTS", "OFF"), ("LLAMA_BUILD_EXAMPLES", "OFF"), ("LLAMA_BUILD_TOOLS", "ON"),
+                 ("LLAMA_BUILD_SERVER", "ON"), ("LLAMA_BUILD_COMMON", "ON"))
+# --portable where the tree can: every CPU variant as a loadable backend beside the binaries.
+PORTABLE_DL = (("GGML_BACKEND_DL", "ON"), ("GGML_CPU_ALL_VARIANTS", "ON"),
+               ("BUILD_SHARED_LIBS", "ON"),  # GGML_BACKEND_DL requires it
+               ("CMAKE_BUILD_RPATH_USE_ORIGIN", "ON"))  # $ORIGIN rpath: binaries + libs relocate together
+
 @dataclass(frozen=True)
 class Request:
     """What the user asked for, resolved once and passed down (immutable)."""
@@ -186,113 +194,55 @@ class Mapping_:
 
 def map_options(req: Request, features: SourceFeatures, det: Detected,
                 rev: Optional[str] = None) -> Mapping_:
-    """The -D switches for `req` on a tree with `features`: pure, deterministic, ordered."""
+    """The -D switches for `req` on a tree with `features`: pure, deterministic, ordered.
+    What every build gets is here; each backend's own switches are its module's table and
+    `options` (builders/backends/)."""
     if req.backend not in BACKENDS:
         raise UsageError(f"unknown backend {req.backend!r}", hint="Use one of: " + ", ".join(BACKENDS) + ".")
-    P = features.ggml
-    d: Dict[str, str] = {}
-    notes: List[str] = []
+    sw = Switches(features)
     env: Dict[str, str] = {}
-
-    def put(name: str, value: str) -> None:
-        if features.has(name) or name.startswith("CMAKE_"):
-            d[name] = value
-
-    d["CMAKE_BUILD_TYPE"] = req.build_type
-    # Only the programs: no tests, no examples, no downloads during the build.
-    for name in ("LLAMA_BUILD_TESTS", "LLAMA_BUILD_EXAMPLES"):
-        put(name, "OFF")
-    for name in ("LLAMA_BUILD_TOOLS", "LLAMA_BUILD_SERVER", "LLAMA_BUILD_COMMON"):
-        put(name, "ON")
+    sw.set("CMAKE_BUILD_TYPE", req.build_type)
+    sw.table(PROGRAMS_ONLY)
     for current, legacy in (("LLAMA_BUILD_UI", "LLAMA_BUILD_WEBUI"), ("LLAMA_USE_PREBUILT_UI", "LLAMA_USE_PREBUILT_WEBUI")):
         # npm build / HF bucket download of the web UI: neither is pinned, so neither runs
-        if features.has(current):
-            d[current] = "OFF"
-        elif features.has(legacy):
-            d[legacy] = "OFF"
-    if features.has("LLAMA_OPENSSL"):
-        d["LLAMA_OPENSSL"] = "ON" if det.openssl else "OFF"
+        if sw.has(current):
+            sw.set(current, "OFF")
+        elif sw.has(legacy):
+            sw.set(legacy, "OFF")
+    if sw.has("LLAMA_OPENSSL"):
+        sw.set("LLAMA_OPENSSL", "ON" if det.openssl else "OFF")
         if not det.openssl:
-            notes.append("OpenSSL headers not found: LLAMA_OPENSSL=OFF (llama-server/-cli cannot download over https; "
-                         "pylmserv fetch does that)")
-    elif features.has("LLAMA_CURL"):
-        d["LLAMA_CURL"] = "OFF"  # needs libcurl-dev; pylmserv fetches models itself
+            sw.notes.append("OpenSSL headers not found: LLAMA_OPENSSL=OFF (llama-server/-cli cannot download over "
+                            "https; pylmserv fetch does that)")
+    elif sw.has("LLAMA_CURL"):
+        sw.set("LLAMA_CURL", "OFF")  # needs libcurl-dev; pylmserv fetches models itself
     # `llama-cli --version` names the locked rev (the tree has no .git for CMake to ask)
     n = build_number(rev)
-    if n is not None and features.has("LLAMA_BUILD_NUMBER"):
-        d["LLAMA_BUILD_NUMBER"] = str(n)
-    if rev and features.has("LLAMA_BUILD_COMMIT"):
-        d["LLAMA_BUILD_COMMIT"] = rev[:10] if re.fullmatch(r"[0-9a-f]{40}", rev) else rev
+    if n is not None and sw.has("LLAMA_BUILD_NUMBER"):
+        sw.set("LLAMA_BUILD_NUMBER", str(n))
+    if rev and sw.has("LLAMA_BUILD_COMMIT"):
+        sw.set("LLAMA_BUILD_COMMIT", rev[:10] if re.fullmatch(r"[0-9a-f]{40}", rev) else rev)
 
-    portable = req.portable
-    if portable:
-        put(f"{P}_NATIVE", "OFF")
-        if features.has("GGML_CPU_ALL_VARIANTS") and features.has("GGML_BACKEND_DL") and det.platform != "darwin":
-            d["GGML_BACKEND_DL"] = "ON"
-            d["GGML_CPU_ALL_VARIANTS"] = "ON"
-            d["BUILD_SHARED_LIBS"] = "ON"  # GGML_BACKEND_DL requires it
-            d["CMAKE_BUILD_RPATH_USE_ORIGIN"] = "ON"  # $ORIGIN rpath: binaries + libs relocate together
+    if req.portable:
+        sw.put(f"{sw.prefix}_NATIVE", "OFF")
+        if sw.has("GGML_CPU_ALL_VARIANTS") and sw.has("GGML_BACKEND_DL") and det.platform != "darwin":
+            for name, value in PORTABLE_DL:
+                sw.set(name, value)
         else:
-            notes.append("this llama.cpp has no GGML_CPU_ALL_VARIANTS/GGML_BACKEND_DL: portable = generic CPU code")
-            put("BUILD_SHARED_LIBS", "OFF")
+            sw.notes.append("this llama.cpp has no GGML_CPU_ALL_VARIANTS/GGML_BACKEND_DL: portable = generic CPU code")
+            sw.put("BUILD_SHARED_LIBS", "OFF")
     else:
-        put(f"{P}_NATIVE", "ON")
-        put("BUILD_SHARED_LIBS", "OFF")  # self-contained binaries: install is a copy
+        sw.put(f"{sw.prefix}_NATIVE", "ON")
+        sw.put("BUILD_SHARED_LIBS", "OFF")  # self-contained binaries: install is a copy
         if det.source_date_epoch:
-            notes.append("SOURCE_DATE_EPOCH is set: upstream would silently turn GGML_NATIVE off; "
-                         "pylmserv passes GGML_NATIVE=ON explicitly (use --portable for a portable build)")
+            sw.notes.append("SOURCE_DATE_EPOCH is set: upstream would silently turn GGML_NATIVE off; "
+                            "pylmserv passes GGML_NATIVE=ON explicitly (use --portable for a portable build)")
 
-    b = req.backend
-    if b == "blas":
-        vendor = det.blas_vendor or ("Apple" if det.platform == "darwin" else "OpenBLAS")
-        put(f"{P}_BLAS", "ON")
-        put(f"{P}_BLAS_VENDOR", vendor)
-    elif b == "cuda":
-        put(f"{P}_CUDA", "ON")
-        archs = _split_list(req.cuda_arch)
-        if archs:
-            d["CMAKE_CUDA_ARCHITECTURES"] = ";".join(a.replace(".", "") for a in archs)
-        elif det.cuda_archs:
-            d["CMAKE_CUDA_ARCHITECTURES"] = ";".join(sorted(set(det.cuda_archs)))
-            notes.append(f"CUDA architectures from nvidia-smi: {d['CMAKE_CUDA_ARCHITECTURES']}")
-        elif det.nvcc_archs:
-            # GGML_NATIVE would ask for "native", which fails without a GPU: upstream's portable
-            # list instead, cut to what this nvcc can target (CUDA 13 dropped sm_50..sm_70).
-            archs = [a for a in UPSTREAM_CUDA_ARCHS if re.match(r"\d+", a).group() in det.nvcc_archs]
-            d["CMAKE_CUDA_ARCHITECTURES"] = ";".join(archs)
-            notes.append(f"no --cuda-arch and no GPU detected: CMAKE_CUDA_ARCHITECTURES={d['CMAKE_CUDA_ARCHITECTURES']} "
-                         "(what this nvcc supports; --cuda-arch 89 builds one and is much faster)")
-        else:
-            notes.append("no --cuda-arch and no GPU detected: upstream's default architecture list (slower build)")
-        if det.cublas_wheel:
-            lib, include = det.cublas_wheel
-            # FindCUDAToolkit looks for libcublas.so beside the toolkit; the wheel has only
-            # libcublas.so.N (and libcublasLt.so.N) in site-packages/nvidia/cuXX/lib.
-            d["CUDA_cublas_LIBRARY"] = lib
-            lt = str(Path(lib).with_name(Path(lib).name.replace("libcublas.", "libcublasLt.")))
-            d["CUDA_cublasLt_LIBRARY"] = lt
-            if include:
-                d["CMAKE_CUDA_FLAGS"] = f"-I{include}"
-            notes.append(f"cuBLAS from NVIDIA's PyPI wheel: {lib}")
-    elif b == "rocm":
-        hip = "GGML_HIP" if features.has("GGML_HIP") else (f"{P}_HIPBLAS")
-        d[hip] = "ON"
-        targets = _split_list(req.gpu_targets) or list(det.gfx_targets)
-        if targets:
-            var = "GPU_TARGETS" if features.has("GPU_TARGETS") else "AMDGPU_TARGETS"
-            d[var] = ";".join(targets)
-            if not req.gpu_targets:
-                notes.append(f"GPU targets from rocminfo: {d[var]}")
-        else:
-            notes.append("no --gpu-targets and rocminfo found no GPU: upstream's default target list")
-    elif b == "vulkan":
-        put(f"{P}_VULKAN", "ON")
-    elif b == "metal":
-        if det.platform != "darwin":
-            raise UsageError("the metal backend needs macOS", hint="Use --backend cpu, vulkan, cuda or rocm here.")
-        put(f"{P}_METAL", "ON")
-        put(f"{P}_METAL_EMBED_LIBRARY", "ON")  # one self-contained binary, no .metal file beside it
+    module = BACKEND_MODULES.get(req.backend)
+    if module is not None:
+        module.options(sw, req, det)
 
+    d, notes = sw.defines, sw.notes
     if req.reproducible:
         _reproducible(req, det, d, env, notes)
 
@@ -352,6 +302,35 @@ def _split_list(text: Optional[str]) -> List[str]:
     return [p.strip() for p in re.split(r"[;,\s]+", text or "") if p.strip()]
 
 
+# -- the shared build cache's key ----------------------------------------------------------
+
+CACHE_KEY_VERSION = 1  # bump when what the cache key covers changes
+
+
+def portable_cache_inputs(inputs: Mapping, libc_family: str) -> Optional[dict]:
+    """What names a build in a shared cache: the build key's inputs (LlamaCppBuild._inputs)
+    less what only the builder's host knows, plus the C library family the binaries link
+    against. Only portable builds of a locked source qualify (None otherwise): a native build
+    is tuned to the builder's CPU, and a local --source tree has no content hash.
+
+    Kept: source (NAR hash) and rev, the option mapping's version, backend, targets,
+    --portable/--reproducible, --cmake-arg, build type, GPU architectures asked for or
+    detected, target OS and machine (`linux-x86_64`), the detections that change the -D
+    switches (OpenSSL on/off, BLAS vendor). Dropped: paths on the builder (the cuBLAS wheel's
+    directory: only its library's name is kept). Not in the key but recorded in the signed
+    manifest: the builder's toolchain and C library version (a substitute built against a
+    newer glibc than the host's is refused at install)."""
+    if not inputs.get("portable") or not str(inputs.get("source", "")).startswith("sha256-"):
+        return None
+    out = json.loads(json.dumps(dict(inputs), sort_keys=True, default=str))
+    det = out.get("detected") or {}
+    if det.get("cublas_wheel"):
+        det["cublas_wheel"] = Path(det["cublas_wheel"][0]).name
+    out["libc"] = libc_family
+    out["cache_key_version"] = CACHE_KEY_VERSION
+    return out
+
+
 # -- commands -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -392,20 +371,6 @@ def make_commands(cmake: str, ninja: Optional[str], source: Path, build_dir: Pat
     return Commands(tuple(argv), tuple(build), tuple(sorted(dict(env).items())))
 
 
-def backend_env(backend: str, rocm=None, base: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
-    """Environment upstream documents for a backend (ROCm: HIPCXX, HIP_PATH, HIP_DEVICE_LIB_PATH)."""
-    base = base if base is not None else os.environ
-    env: Dict[str, str] = {}
-    if backend == "rocm" and rocm is not None:
-        if rocm.hip_clang and not base.get("HIPCXX"):
-            env["HIPCXX"] = rocm.hip_clang
-        if rocm.rocm_path and not base.get("HIP_PATH"):
-            env["HIP_PATH"] = rocm.rocm_path
-        if rocm.device_lib_path and not base.get("HIP_DEVICE_LIB_PATH"):
-            env["HIP_DEVICE_LIB_PATH"] = rocm.device_lib_path
-    return env
-
-
 # -- preflight ----------------------------------------------------------------------------
 
 NIX_HINT = "or enter a shell that has it: `nix develop .#{shell}`"
@@ -427,40 +392,13 @@ def preflight(backend: str, tc, platform: str = sys.platform) -> List[str]:
         if not comp.found:
             how = "xcode-select --install" if platform == "darwin" else "apt-get install build-essential"
             missing.append(f"{pkg} ({comp.name}: {how}; or set CC/CXX)")
-    vendors = tc.extra.get("gpu_vendors", ())
-    if backend == "cuda":
-        if not tc.extra["nvcc"].found:
-            missing.append("nvcc, the CUDA toolkit (https://developer.nvidia.com/cuda-downloads, "
-                           f"apt-get install nvidia-cuda-toolkit; {nix})")
-        elif "cublas" in tc.extra and not tc.extra["cublas"].found:
-            missing.append(f"cuBLAS (libcublas), which ggml-cuda links: {tc.extra['nvcc'].path} has no libcublas "
-                           "beside it (install the full CUDA toolkit, e.g. cuda-libraries-dev or libcublas-dev; "
-                           f"{nix})")
-        mismatch = _vendor_mismatch("cuda", "nvidia", vendors)
-        if mismatch:
-            (missing if not tc.extra["nvcc"].found else warnings).append(mismatch)
-    elif backend == "rocm":
-        rocm = tc.extra["rocm"]
-        if not rocm.found:
-            missing.append(f"hipcc / ROCm (https://rocm.docs.amd.com, apt-get install rocm-hip-sdk; {nix})")
-        mismatch = _vendor_mismatch("rocm", "amd", vendors)
-        if mismatch:
-            (missing if not rocm.found else warnings).append(mismatch)
-    elif backend == "vulkan":
-        sdk = tc.extra.get("vulkan_sdk")
-        if sdk is not None and sdk.missing():
-            missing += [f"{m} (or the LunarG Vulkan SDK; {nix})" for m in sdk.missing()]
-        elif sdk is None and not tc.extra["glslc"].found:
-            missing.append(f"glslc, the Vulkan shader compiler (apt-get install glslc libvulkan-dev, "
-                           f"or the LunarG Vulkan SDK; {nix})")
-    elif backend == "metal":
-        xcode = tc.extra["xcode"]
-        if not xcode.found or not xcode.metal:
-            missing.append("Xcode with the metal compiler (install Xcode, then `xcode-select -s "
-                           "/Applications/Xcode.app`; the command-line tools alone lack `metal`)")
-    elif backend == "blas":
-        if not tc.extra.get("blas_vendor"):
-            missing.append("a BLAS library (apt-get install libopenblas-dev; macOS uses Accelerate)")
+    module = BACKEND_MODULES.get(backend)
+    if module is not None:
+        missing += module.preflight(tc.extra, nix)
+        want = getattr(module, "GPU_VENDOR", None)
+        mismatch = _vendor_mismatch(backend, want, tc.extra.get("gpu_vendors", ())) if want else None
+        if mismatch:  # no toolkit either: it cannot start; a toolkit: a build host, say so
+            (warnings if module.toolkit_found(tc.extra) else missing).append(mismatch)
     if missing:
         raise ToolMissingError(f"cannot build llama.cpp ({backend}): missing " + "; ".join(missing),
                                hint="Install the tools named above and rerun; `pylmserv build --dry-run` shows "

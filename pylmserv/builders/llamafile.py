@@ -47,7 +47,9 @@ from ..core.fsutil import copy_tree_no_follow, remove_no_follow, walk_no_follow
 from ..pins.config import load_project
 from ..store import layout as paths
 from ..store.trees import ensure_source, store_path
-from . import toolchain as tc
+from .backends import cuda, rocm
+from .probe import default_run, version_str
+from .toolchain import detect_ccache
 from .base import BuildSkeleton, Compiled
 from .binfmt import is_ape, read_binfmt
 from .cosmocc import Cosmocc, ensure_cosmocc, find_entry, toolchain_dir
@@ -254,7 +256,7 @@ class LlamafileBuild(BuildSkeleton):
         # beside it, so its quoted #includes resolve without a working directory.
         flat_main = str(gpu_dir / (plan.gpu_sources[-1][1] if plan.gpu_sources else "ggml-cuda.cu"))
         if self.backend == "cuda":
-            nvcc = tc.detect_nvcc()
+            nvcc = cuda.detect_nvcc()
             exe = nvcc.path or "nvcc"
             arch = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in self.cuda_archs]
             arch.append(f"-gencode=arch=compute_{self.cuda_archs[-1]},code=compute_{self.cuda_archs[-1]}")  # PTX for newer GPUs
@@ -262,13 +264,13 @@ class LlamafileBuild(BuildSkeleton):
             link_dirs: List[Path] = []
             libs: List[str] = []
             if self.cuda_blas == "cublas":
-                cublas = tc.detect_cublas(nvcc)
+                cublas = cuda.detect_cublas(nvcc)
                 if cublas.include:
                     blas.append(f"-I{cublas.include}")
                 libs += cublas.link_args("cublas")
                 if cublas.found:
                     link_dirs.append(Path(cublas.libdir))
-            stubs = tc.find_cuda_stubs(nvcc)
+            stubs = cuda.find_cuda_stubs(nvcc)
             if stubs is None:
                 stubs = gpu_dir / "stubs"
                 plan.driver_stub = stubs / "libcuda.so"
@@ -278,7 +280,7 @@ class LlamafileBuild(BuildSkeleton):
             dso = gpu_dir / "ggml-cuda.so"
             compile_ = [exe, "-c", *arch, "--forward-unknown-to-host-compiler", "--compiler-options", "-fPIC -O3",
                         *GGML_GPU_DEFINES, *blas, "-o", str(obj), flat_main]
-            ccache = tc.detect_ccache()
+            ccache = detect_ccache()
             if ccache.found and ccache.name == "ccache":
                 compile_.insert(0, ccache.path)
             link = [exe, "--shared", "-o", str(dso), str(obj), *libs]
@@ -286,8 +288,7 @@ class LlamafileBuild(BuildSkeleton):
                         Step(tuple(link), "nvcc link", timeout=GPU_TIMEOUT)]
             plan.link_dirs = tuple(link_dirs)
         else:
-            rocm = tc.detect_rocm()
-            exe = rocm.hipcc.path or "hipcc"
+            exe = rocm.detect_rocm().hipcc.path or "hipcc"
             dso = gpu_dir / "ggml-rocm.so"
             argv = [exe, "-O3", "-fPIC", "-shared", f"--offload-arch={','.join(self.gfx)}", *GGML_GPU_DEFINES,
                     "-DGGML_USE_HIPBLAS", "-DGGML_USE_TINYBLAS", "-o", str(dso), flat_main]
@@ -296,19 +297,19 @@ class LlamafileBuild(BuildSkeleton):
         plan.gpu_dso = dso
 
     def _preflight(self) -> None:
-        if self.backend == "cuda" and not tc.detect_nvcc().found:
+        if self.backend == "cuda" and not cuda.detect_nvcc().found:
             raise ToolMissingError("--backend cuda needs nvcc (the CUDA toolkit), which was not found on PATH, "
                                    "in $CUDA_PATH/bin or /usr/local/cuda/bin",
                                    hint="Install the CUDA toolkit (e.g. apt install nvidia-cuda-toolkit) or set CUDA_PATH; "
                                         "or build --backend cpu.")
         if self.backend == "cuda" and self.cuda_blas == "cublas":
-            nvcc = tc.detect_nvcc()
-            if not tc.detect_cublas(nvcc).found:
+            nvcc = cuda.detect_nvcc()
+            if not cuda.detect_cublas(nvcc).found:
                 raise ToolMissingError(f"--cuda-blas cublas needs cuBLAS, which is neither in the CUDA toolkit of "
                                        f"{nvcc.path} nor installed from PyPI",
-                                       hint=f"pip install nvidia-cublas (CUDA {tc.version_str(nvcc.version)}), install "
+                                       hint=f"pip install nvidia-cublas (CUDA {version_str(nvcc.version)}), install "
                                             "the toolkit's libcublas-dev, or use --cuda-blas tinyblas.")
-        if self.backend == "rocm" and not tc.detect_rocm().hipcc.found:
+        if self.backend == "rocm" and not rocm.detect_rocm().hipcc.found:
             raise ToolMissingError("--backend rocm needs hipcc (ROCm), which was not found on PATH",
                                    hint="Install ROCm (hipcc) and put /opt/rocm/bin on PATH; or build --backend cpu.")
 
@@ -549,11 +550,10 @@ def _gpu_sources(cuda_c: Path) -> List[Tuple[str, str]]:
 def default_cuda_archs(nvcc: Optional[str] = None, run=None) -> Tuple[str, ...]:
     """PREFERRED_CUDA_ARCHS that this nvcc can target, in order; DEFAULT_CUDA_ARCHS when
     nvcc is missing or does not answer --list-gpu-arch (CUDA < 11)."""
-    exe = nvcc or tc.detect_nvcc().path
+    exe = nvcc or cuda.detect_nvcc().path
     if not exe:
         return DEFAULT_CUDA_ARCHS
-    rc, out = (run or tc.default_run)([exe, "--list-gpu-arch"], tc.PROBE_TIMEOUT)
-    supported = set(re.findall(r"compute_(\d+)", out)) if rc == 0 else set()
+    supported = set(cuda.nvcc_arches(exe, run or default_run) or ())
     archs = tuple(a for a in PREFERRED_CUDA_ARCHS if a in supported)
     return archs or DEFAULT_CUDA_ARCHS
 

@@ -32,6 +32,12 @@ COMMANDS = {
     "add": ("add", "Add a model or source to pylmserv.toml and pin it in one step."),
     "update": ("update", "Move pins to the newest upstream release, tag or branch head."),
     "gc": ("gc", "Delete what no lock, current build or running pylmserv still uses."),
+    "push": ("push", "Push models or signed builds to a registry or build cache."),
+    "key": ("key", "Make ed25519 signing keys in Nix's NAME:BASE64 format."),
+    "adopt": ("adopt", "Take verified copies of locked models from other tools' caches."),
+    "link": ("link", "Lay fetched models out for HF, ollama, LM Studio by hard link."),
+    "export": ("export", "Write locked models into one OCI archive for an offline machine."),
+    "import": ("import_", "Install an exported archive offline, every digest checked."),
 }
 
 

@@ -38,11 +38,13 @@ from .options import emit_json, json_option, project_command
               help="llamafile: build only the GPU module (ggml-cuda.so / ggml-rocm.so; needs nvcc or hipcc, not cosmocc).")
 @click.option("--cuda-blas", type=click.Choice(["tinyblas", "cublas"]),
               help="llamafile --backend cuda: tinyBLAS (default; no cuBLAS needed at run time) or cuBLAS.")
+@click.option("--no-build", is_flag=True,
+              help="With --portable: install a signed substitute from [cache] substituters or fail; never compile.")
 @click.option("--dry-run", is_flag=True, help="Print detections and the exact configure/build commands; fetch and build nothing.")
 @json_option()
 @click.pass_obj
 def command(obj, what, backend, targets, cuda_arch, gpu_targets, portable, reproducible, jobs, prefix, cmake_args,
-            source_dir, force, module_only, cuda_blas, dry_run, as_json):
+            source_dir, force, module_only, cuda_blas, no_build, dry_run, as_json):
     import signal
 
     def terminated(signum, frame):
@@ -57,7 +59,7 @@ def command(obj, what, backend, targets, cuda_arch, gpu_targets, portable, repro
     kwargs = dict(what=what, backend=backend, targets=targets or None, cuda_arch=cuda_arch, gpu_targets=gpu_targets,
                   portable=portable, jobs=jobs, prefix=prefix, cmake_args=cmake_args, force=force, dry_run=dry_run,
                   source_dir=source_dir, config=obj.config if obj else None, lock=obj.lock if obj else None,
-                  module_only=module_only, cuda_blas=cuda_blas,
+                  module_only=module_only, cuda_blas=cuda_blas, **({"no_build": True} if no_build else {}),
                   **({"reproducible": reproducible} if reproducible is not None else {}))
     result = build(**kwargs)
     if result.dry_run and not as_json:

@@ -23,10 +23,12 @@ from .options import emit_json, json_option, project_command
 @click.option("--offline", is_flag=True, help="Use the store only (also HF_HUB_OFFLINE=1).")
 @click.option("--trust-on-first-use", "tofu", is_flag=True,
               help="Accept an unpinned name or URL and record the hash seen now in the lock.")
+@click.option("--no-adopt", is_flag=True,
+              help="Never take a verified copy from other tools' caches (HF, ollama, LM Studio, llama.cpp); download.")
 @json_option("Print a JSON array of results on stdout.")
 @click.option("--no-progress", is_flag=True, help="No progress bar or progress log lines.")
 @click.pass_obj
-def command(opts, items, sha256, dest, connections, stall_limit, offline, tofu, as_json, no_progress):
+def command(opts, items, sha256, dest, connections, stall_limit, offline, tofu, no_adopt, as_json, no_progress):
     """Fetch models by lock name, hf://org/repo/file.gguf[@rev], or URL (with --sha256).
 
     Downloads are resumable (re-run after an interruption), use several connections,
@@ -35,7 +37,8 @@ def command(opts, items, sha256, dest, connections, stall_limit, offline, tofu, 
         raise UsageError("nothing to fetch", hint="e.g. `pylmserv fetch stories15m` (names: `pylmserv list`).")
     results = fetch(list(items), dest=dest, connections=connections, offline=offline, sha256=sha256,
                     trust_on_first_use=tofu, stall_limit=stall_limit, config=opts.config if opts else None,
-                    lock=opts.lock if opts else None, progress=not no_progress and not (opts and opts.quiet))
+                    lock=opts.lock if opts else None, progress=not no_progress and not (opts and opts.quiet),
+                    adopt=not no_adopt)
     if as_json:
         emit_json([r.to_json() for r in results])
         return

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..app.doctor import human_size
+from ..core.fsutil import human_size
 from ..app.gc import collect
 from .options import emit_json, json_option
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from ..app.doctor import human_size
-from ..app.listing import entries
+from ..core.fsutil import human_size
+from ..app.listing import entries, linked
 from ..pins.config import load_project
 from .options import emit_json, json_option, project_command
 
@@ -22,9 +22,10 @@ def command(g, as_json):
     """Show the catalog: models and sources, locked or not, fetched, built."""
     project = load_project(g.config if g else None, g.lock if g else None)
     items = entries(project)
+    links = linked()
     if as_json:
         emit_json({"config": str(project.config_path), "lock": str(project.lock_path),
-                   "entries": [e.to_dict() for e in items]})
+                   "entries": [e.to_dict() for e in items], "links": links})
         return 0
     echo = click.echo  # the table is the answer: stdout, so it pipes
     echo(f"catalog: {project.config_path}")
@@ -50,6 +51,10 @@ def command(g, as_json):
         echo(f"{e.name:<{width}}  {locked:<6}  {pin:<{pw}}  {rows[0]}")
         for extra in rows[1:]:
             echo(f"{'':<{width}}  {'':<6}  {'':<{pw}}  {extra}")
+    if links:
+        echo("")
+        for l in links:
+            echo(f"linked: {l['name']} ({l['layout']}) " + ", ".join(l["paths"]))
     drifted = [e for e in items if e.drift]
     if drifted:
         echo("")

@@ -1,8 +1,10 @@
-"""Atomic file writes: temp file in the same directory, fsync, os.replace."""
+"""Atomic file writes (temp file in the same directory, fsync, os.replace); the size of a
+tree on disk, and how a size is shown."""
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from pathlib import Path
 from typing import Iterator, Union
 
@@ -327,3 +329,35 @@ def remove_stale(directory: Union[str, Path], prefix: str, suffix: str) -> list:
         except OSError:
             pass
     return removed
+
+
+def tree_stats(path: Union[str, Path]) -> Iterator[os.stat_result]:
+    """lstat of every file (and symlink) at or under `path`; never follows a link, skips
+    what vanishes or cannot be read."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        yield st
+        return
+    for dirpath, dirnames, filenames in walk_no_follow(path):
+        for name in filenames:  # links (to directories too) are among the files: never entered
+            try:
+                yield os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                pass
+
+
+def tree_size(path: Union[str, Path]) -> int:
+    """Bytes of the files (and links) at or under `path` (a link counts as itself)."""
+    return sum(st.st_size for st in tree_stats(path))
+
+
+def human_size(n: float) -> str:
+    """1536 -> "1.5 KiB" (binary units; bytes without a decimal)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

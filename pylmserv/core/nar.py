@@ -1,7 +1,12 @@
 """Streaming NAR serialiser (Nix ARchive), exact to Nix's format.
 
 Used to compute the hash Nix gives a tree (`nix hash path`, fetchzip/fetchFromGitHub
-narHash). Memory stays constant: file contents are streamed in chunks.
+narHash). The stream is one sequence (one hash), but reading it need not be: the walk
+(this thread) assembles the stream in order, reading file contents straight into
+reused buffers of SEGMENT bytes, and one writer thread hands each full buffer to
+`write` (hashlib releases the GIL on large buffers, so hashing overlaps the walk and
+the reads on a machine with two cores or more, where Nix does all three on one).
+Memory stays bounded: SEGMENTS buffers in all.
 
 Rules (from Nix's archive.cc): entries sorted by raw name bytes; a file is executable
 iff the owner-exec bit is set; symlinks are never followed, also at the root; every
@@ -12,8 +17,10 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import queue
 import stat
 import struct
+import threading
 from typing import Callable, Optional, Union
 
 from .errors import NarError, UsageError  # noqa: F401 - NarError re-exported
@@ -22,7 +29,8 @@ from .hashing import Hash, file_hash
 
 PathLike = Union[str, "os.PathLike[str]", bytes]
 _ZEROS = bytes(8)
-_CHUNK = 1 << 20
+SEGMENT = 1 << 20  # the stream is assembled and written in buffers of this size
+SEGMENTS = 8  # buffers in all: the most the walk is ahead of the writer
 
 
 def _str(data: bytes) -> bytes:
@@ -41,76 +49,167 @@ _ENTRY_HEAD = _S["entry"] + _S["("] + _S["name"]
 
 
 def dump(path: PathLike, write: Callable[[bytes], object]) -> None:
-    """Serialise `path` as a NAR, calling `write` with successive byte chunks.
+    """Serialise `path` as a NAR, calling `write` (from one thread, in order) with
+    successive chunks: memoryviews valid only during the call (hashlib and io copy them).
 
     Iterative (an explicit stack of open directories), so a tree of any depth is as
     fine as it is for Nix, which handles thousands of levels."""
-    write(_S["nix-archive-1"])
-    buf = bytearray(_CHUNK)
-    stack: list = []  # (directory path, iterator over its sorted entry names)
-    _node(os.fsencode(path), write, buf, stack)
-    while stack:
-        directory, names = stack[-1]
-        name = next(names, None)
-        if name is None:
-            stack.pop()
-            write(_S[")"])  # the directory node
-            if stack:
-                write(_S[")"])  # the entry that held it in its parent
-            continue
-        write(_ENTRY_HEAD + _str(name) + _S["node"])
-        if not _node(directory + b"/" + name, write, buf, stack):
-            write(_S[")"])
+    with _Stream(write) as out:
+        out.put(_S["nix-archive-1"])
+        stack: list = []  # (directory path, iterator over its sorted entry names)
+        _node(os.fsencode(path), out, stack)
+        while stack:
+            directory, names = stack[-1]
+            name = next(names, None)
+            if name is None:
+                stack.pop()
+                out.put(_S[")"])  # the directory node
+                if stack:
+                    out.put(_S[")"])  # the entry that held it in its parent
+                continue
+            out.put(_ENTRY_HEAD + _str(name) + _S["node"])
+            if not _node(directory + b"/" + name, out, stack):
+                out.put(_S[")"])
 
 
-def _node(path: bytes, write, buf: bytearray, stack: list) -> bool:
-    """Write one node; a directory is only opened (pushed on `stack`): returns True."""
+def _node(path: bytes, out: "_Stream", stack: list) -> bool:
+    """Lay out one node; a directory is only opened (pushed on `stack`): returns True."""
     try:
         st = os.lstat(path)
         mode = st.st_mode
         if stat.S_ISREG(mode):
             head = _FILE_HEAD + (_EXEC if mode & stat.S_IXUSR else b"") + _S["contents"]
             size = st.st_size
-            write(head + struct.pack("<Q", size))
-            _copy_file(path, size, write, buf)
-            write(_ZEROS[: (-size) % 8] + _S[")"])
+            out.put(head + struct.pack("<Q", size))
+            out.file(path, size)
+            out.put(_ZEROS[: (-size) % 8] + _S[")"])
             return False
         if stat.S_ISDIR(mode):
-            write(_DIR_HEAD)
+            out.put(_DIR_HEAD)
             with os.scandir(path) as it:
                 names = sorted(e.name for e in it)
             stack.append((path, iter(names)))
             return True
         if stat.S_ISLNK(mode):
-            write(_LINK_HEAD + _str(os.readlink(path)) + _S[")"])
+            out.put(_LINK_HEAD + _str(os.readlink(path)) + _S[")"])
             return False
     except OSError as exc:
-        if exc.errno in (errno.ENAMETOOLONG, errno.ELOOP, errno.EACCES, errno.EPERM):
-            raise NarError(f"cannot read {_short(path)} for its NAR hash: {exc.strerror}",
-                           hint="Check the tree's permissions; paths longer than the system allows "
-                                "cannot be read.") from None
-        raise
+        raise _os_error(path, exc) from None
     raise NarError(f"cannot put {os.fsdecode(path)!r} in a NAR: not a file, directory or symlink",
                    hint="Remove sockets, fifos and device files from the tree first.")
+
+
+def _os_error(path: bytes, exc: OSError) -> BaseException:
+    if exc.errno in (errno.ENAMETOOLONG, errno.ELOOP, errno.EACCES, errno.EPERM):
+        return NarError(f"cannot read {_short(path)} for its NAR hash: {exc.strerror}",
+                        hint="Check the tree's permissions; paths longer than the system allows "
+                             "cannot be read.")
+    return exc
+
+
+class _Stream:
+    """The NAR stream, assembled in order by the walking thread into SEGMENT-sized
+    buffers (headers copied in, file contents read straight into them) and written by
+    one writer thread, which hands each buffer back for reuse once it is written."""
+
+    def __init__(self, write: Callable[[memoryview], object]):
+        self.write = write
+        self.free: "queue.SimpleQueue" = queue.SimpleQueue()  # written buffers, for reuse
+        self.full: "queue.SimpleQueue" = queue.SimpleQueue()  # (buffer, length) to write, in order
+        self.made = 1
+        self.buf = bytearray(SEGMENT)
+        self.view = memoryview(self.buf)
+        self.n = 0
+        self.error: Optional[BaseException] = None
+        self.writer = threading.Thread(target=self._write_loop, name="nar-write", daemon=True)
+        self.writer.start()
+
+    def put(self, data: bytes) -> None:
+        n = len(data)
+        if self.n + n > SEGMENT:
+            self._hand_over()
+            if n > SEGMENT:  # a symlink target longer than a segment: unheard of, but valid
+                self.full.put((bytearray(data), n))
+                return
+        self.view[self.n:self.n + n] = data
+        self.n += n
+
+    def file(self, path: bytes, size: int) -> None:
+        """The file's bytes, read into the stream; it must still have `size` bytes."""
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise _os_error(path, exc) from None
+        got = 0
+        try:
+            while got <= size:
+                if self.n == SEGMENT:
+                    self._hand_over()
+                want = min(SEGMENT - self.n, size - got) or 1  # 1: the read that must find the end
+                k = os.readv(fd, [self.view[self.n:self.n + want]])
+                if not k:
+                    break
+                self.n += k
+                got += k
+        finally:
+            os.close(fd)
+        if got != size:
+            raise NarError(f"{os.fsdecode(path)!r} changed size while being hashed",
+                           hint="Hash it again when it is not being written.")
+
+    def _hand_over(self) -> None:
+        if self.error is not None:
+            raise self.error
+        self.full.put((self.buf, self.n))
+        try:
+            self.buf = self.free.get_nowait()
+        except queue.Empty:
+            if self.made < SEGMENTS:
+                self.made += 1
+                self.buf = bytearray(SEGMENT)
+            else:
+                self.buf = self._wait_free()
+        self.view = memoryview(self.buf)
+        self.n = 0
+
+    def _wait_free(self) -> bytearray:
+        while True:
+            try:
+                return self.free.get(timeout=0.1)
+            except queue.Empty:
+                if self.error is not None:
+                    raise self.error from None
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self.full.get()
+            if item is None:
+                return
+            buf, n = item
+            if self.error is None:
+                try:
+                    with memoryview(buf) as view:
+                        self.write(view[:n])
+                except BaseException as exc:  # the walk stops at its next hand-over
+                    self.error = exc
+            self.free.put(buf)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb):
+        if kind is None and self.n and self.error is None:
+            self.full.put((self.buf, self.n))
+        self.full.put(None)
+        self.writer.join()
+        if kind is None and self.error is not None:
+            raise self.error
+        return False
 
 
 def _short(path: bytes) -> str:
     text = os.fsdecode(path)
     return repr(text) if len(text) <= 200 else repr(text[:80] + " ... " + text[-80:])
-
-
-def _copy_file(path: bytes, size: int, write, buf: bytearray) -> None:
-    view = memoryview(buf)
-    done = 0
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            done += n
-            write(view[:n])
-    if done != size:
-        raise NarError(f"{os.fsdecode(path)!r} changed size while being hashed", hint="Hash it again when it is not being written.")
 
 
 def nar_hash(path: PathLike, algo: str = "sha256") -> Hash:

@@ -23,6 +23,7 @@ from urllib.parse import unquote, urlsplit
 from ..core.errors import PylmservError, UsageError
 from ..core.fsutil import atomic_write_bytes, unlink_missing_ok
 from ..transfer.http import redact, refuse_credentials
+from ..transfer.hub import parse_hf
 from . import upstream
 from .config import ARCHIVE_SUFFIXES, CONFIG_NAME, LOCK_NAME, URL_SCHEMES, check_name, packaged_dir
 from . import lockfile
@@ -70,14 +71,11 @@ def parse_spec(spec: str, unpack: bool = False) -> Addition:
     if "://" in spec:  # any scheme, any case (HTTP://u:p@host): no credential is echoed or pinned
         refuse_credentials(spec, "add")
     if spec.startswith("hf://"):
-        body, _, rev = spec[len("hf://"):].partition("@")
-        parts = body.split("/")
-        if len(parts) < 3 or not all(parts) or any(p in (".", "..") for p in parts):
-            raise UsageError(f"{redact(spec)!r}: expected hf://ORG/REPO/FILE.gguf[@REVISION]")
+        repo, path, revision = parse_hf(spec)
         if unpack:
             raise UsageError("--unpack applies to URL sources only")
-        table = {"hf": "/".join(parts[:2]), "file": "/".join(parts[2:]), "revision": rev or "main"}
-        return Addition("models", derive_name(parts[-1]), table)
+        table = {"hf": repo, "file": path, "revision": revision}
+        return Addition("models", derive_name(path.rsplit("/", 1)[-1]), table)
     if spec.startswith("github:"):
         body, _, ref = spec[len("github:"):].partition("@")
         parts = body.split("/")

@@ -5,20 +5,22 @@ core.names' rule, values must read back through Nix 2.8's builtins.fromTOML (loc
 """
 from __future__ import annotations
 
+import math
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on older Pythons only
     import tomli as tomllib
 
-from ..core.errors import ConfigError, HashError
+from ..core.errors import ConfigError, HashError, UsageError
 from ..core.hashing import Hash
 from ..core.names import check_name, check_version, show
+from ..core.signing import PublicKey
 from ..transfer.hub import HUB, resolve_url as hf_resolve_url
 from .lock import LOCK_VERSION, Lock, LockEntry, check_nix_value, load_lock, read_project_file  # noqa: F401 (re-exported)
 from ..store.roots import use_lock
@@ -29,6 +31,14 @@ SOURCE_TYPES = ("github", "git", "url")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tbz2", ".tar.zst", ".tzst", ".zip")
 URL_SCHEMES = ("https://", "http://", "file://")
 TRACK_KINDS = ("releases", "tags", "branch")  # `track` key: what `pylmserv update` follows
+MODEL_ROLES = ("chat", "embedding")
+# [models.NAME.server] keys pylmserv sets itself (the model file, the bind, the key, the
+# router's own settings) or that have their own spelling (role, --preload, --idle-unload).
+SERVER_KEYS_OWNED = ("model", "m", "hf-repo", "hf", "hfr", "hf-file", "hff", "model-url", "mu", "alias", "a",
+                     "host", "port", "api-key", "api-key-file", "ssl-key-file", "ssl-cert-file", "embedding",
+                     "embeddings", "load-on-startup", "sleep-idle-seconds", "models-dir", "models-preset",
+                     "models-max", "models-autoload", "no-models-autoload", "log-file")
+_SERVER_KEY = re.compile(r"[a-z][a-z0-9-]*\Z")
 
 
 # -- intent (pylmserv.toml) -----------------------------------------------------
@@ -77,6 +87,8 @@ class ModelSpec:
     size: Optional[int] = None
     description: str = ""
     follow: Dict[str, str] = field(default_factory=dict)  # track = "branch", branch: read by `update` only
+    role: str = "chat"  # `role = "embedding"`: served with llama-server's embeddings on (`serve`)
+    server: Dict[str, object] = field(default_factory=dict)  # [models.NAME.server]: llama-server options
 
     def resolve_url(self, endpoint: str = HUB, revision: Optional[str] = None) -> str:
         if self.url:
@@ -95,6 +107,9 @@ class Config:
     path: Optional[Path]
     sources: Dict[str, SourceSpec]
     models: Dict[str, ModelSpec]
+    cache: Dict[str, object] = field(default_factory=dict)  # [cache]: substituters, trusted-public-keys
+    adopt_from: Tuple[Path, ...] = ()  # `adopt-from = [...]`: folders to look in before downloading
+    mirrors: Tuple[str, ...] = ()  # tried before the origin of every locked file (transfer/mirrors.py)
 
 
 @dataclass(frozen=True)
@@ -192,10 +207,47 @@ def _depth(value) -> int:
 
 def load_config(path: Path) -> Config:
     data = _read_toml(Path(path), "config", "Create pylmserv.toml or pass --config PATH.")
-    _only_keys(data, {"sources", "models", "version"}, str(path))
+    _only_keys(data, {"sources", "models", "version", "cache", "adopt-from", "mirrors"}, str(path))
     sources = {name: _parse_source(name, t, path) for name, t in _tables(data, "sources", path).items()}
     models = {name: _parse_model(name, t, path) for name, t in _tables(data, "models", path).items()}
-    return Config(path=Path(path), sources=sources, models=models)
+    mirrors = data.get("mirrors", [])
+    if not isinstance(mirrors, list) or not all(isinstance(m, str) and m.strip() for m in mirrors):
+        raise ConfigError(f"{path}: mirrors must be a list of URLs",
+                          hint='e.g. mirrors = ["oci://127.0.0.1:5000/models", "http://store.lan/blobs"]')
+    for m in mirrors:  # the full check is transfer/mirrors.parse_mirror's, when a fetch uses them
+        if not m.strip().lower().startswith(("http://", "https://", "file://", "oci://")):
+            raise ConfigError(f"{path}: mirrors: unsupported mirror {show(repr(m.split('@')[-1]))}",
+                              hint="Use http(s)://BASE or file:///BASE (BASE/sha256/HEX), or oci://HOST[:PORT]/REPO.")
+    return Config(path=Path(path), sources=sources, models=models, cache=_parse_cache(data.get("cache", {}), path),
+                  adopt_from=_adopt_from(data, Path(path)), mirrors=tuple(m.strip() for m in mirrors))
+
+
+def _parse_cache(t, path) -> Dict[str, object]:
+    """[cache]: substituters (URLs of shared build caches, tried in order) and
+    trusted-public-keys (Nix-format ed25519 public keys; a substitute must be signed by one)."""
+    where = f"{path}: [cache]"
+    if not isinstance(t, dict):
+        raise ConfigError(f"{where} must be a table")
+    _only_keys(t, {"substituters", "trusted-public-keys"}, where)
+    for key in ("substituters", "trusted-public-keys"):
+        value = t.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where} {key} must be a list of strings")
+    for text in t.get("trusted-public-keys", []):
+        try:
+            PublicKey.parse(text)
+        except UsageError as exc:
+            raise ConfigError(f"{where} trusted-public-keys: {exc.message}", hint=exc.hint) from None
+    return {k: list(t[k]) for k in ("substituters", "trusted-public-keys") if k in t}
+
+
+def _adopt_from(data: dict, path: Path) -> Tuple[Path, ...]:
+    """`adopt-from = ["~/models", ...]`: folders (relative ones from the config's folder)."""
+    value = data.get("adopt-from", [])
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{path}: adopt-from must be a list of folder paths (strings)",
+                          hint='e.g. adopt-from = ["~/models", "/srv/gguf"]')
+    return tuple(path.parent / Path(v).expanduser() for v in value)
 
 
 def _tables(data: dict, key: str, path) -> dict:
@@ -307,9 +359,14 @@ def _parse_source(name: str, t: dict, path) -> SourceSpec:
 def _parse_model(name: str, t: dict, path) -> ModelSpec:
     where = f"{path}: [models.{show(name)}]"
     check_name(name, f"{path}: [models]")
-    _checked({k: v for k, v in t.items() if k != "description"}, where)
-    _only_keys(t, {"url", "hf", "file", "revision", "sha256", "size", "description", "track", "branch"}, where)
+    _checked({k: v for k, v in t.items() if k not in ("description", "server")}, where)  # server: never locked
+    _only_keys(t, {"url", "hf", "file", "revision", "sha256", "size", "description", "track", "branch", "role",
+                   "server"}, where)
     follow = _follow(t, where, ("track", "branch"))
+    serving = {"role": _opt(t, "role", where, str, "chat"), "server": _parse_server(t.get("server", {}), where)}
+    if serving["role"] not in MODEL_ROLES:
+        raise ConfigError(f"{where}: unknown role {show(repr(serving['role']))}",
+                          hint="Use role = \"chat\" (the default) or role = \"embedding\".")
     if ("url" in t) == ("hf" in t):
         raise ConfigError(f"{where}: give either url or hf (+ file)", hint="e.g. hf = \"org/repo\" and file = \"model.gguf\".")
     sha = _parse_hash(t["sha256"], where) if "sha256" in t else None
@@ -317,7 +374,7 @@ def _parse_model(name: str, t: dict, path) -> ModelSpec:
     desc = _opt(t, "description", where, str, "")
     if "url" in t:
         return ModelSpec(name, url=_check_url(_need(t, "url", where), where), sha256=sha, size=size, description=desc,
-                         follow=follow)
+                         follow=follow, **serving)
     hf = _need(t, "hf", where)
     if hf.count("/") != 1 or not all(_plain_segment(p) for p in hf.split("/")):
         raise ConfigError(f"{where}: hf must be 'org/repo', got {show(repr(hf))}", hint="e.g. hf = \"Qwen/Qwen2.5-0.5B-Instruct-GGUF\".")
@@ -329,7 +386,35 @@ def _parse_model(name: str, t: dict, path) -> ModelSpec:
     if not revision.strip():
         raise ConfigError(f"{where}: empty revision", hint="Use a branch, tag or commit, or leave it out (main).")
     return ModelSpec(name, hf=hf, file=file, revision=revision, sha256=sha, size=size, description=desc,
-                     follow=follow)
+                     follow=follow, **serving)
+
+
+def _parse_server(table, where: str) -> Dict[str, object]:
+    """[models.NAME.server]: llama-server options by long name without dashes (`ctx-size = 4096`,
+    `n-gpu-layers = 99`, `flash-attn = "on"`, `jinja = true`), as llama.cpp's router presets
+    spell them; one line each, nothing pylmserv sets itself."""
+    where = f"{where}.server"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table", hint="e.g. [models.NAME.server] with ctx-size = 4096.")
+    out: Dict[str, object] = {}
+    for key, value in table.items():
+        if not _SERVER_KEY.match(key):
+            raise ConfigError(f"{where}: bad option name {show(repr(key))}",
+                              hint="Use llama-server's long option without dashes, e.g. ctx-size or n-gpu-layers.")
+        if key in SERVER_KEYS_OWNED:
+            raise ConfigError(f"{where}: {key} is set by pylmserv",
+                              hint="The model file, bind address and API key come from the lock and `serve`'s own "
+                                   "options; embeddings from role = \"embedding\"; loading from --preload/--idle-unload.")
+        if isinstance(value, str):
+            if value != value.strip() or not value or re.search(r"[\x00-\x1f\x7f]|[ \t][;#]|^[;#]", value):
+                raise ConfigError(f"{where}: {key} = {show(repr(value))} cannot be carried to llama-server",
+                                  hint="One line, no surrounding spaces, no ' ;' or ' #' (a preset comment).")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{where}: {key} must be a finite number")
+        elif not isinstance(value, (bool, int, float)):
+            raise ConfigError(f"{where}: {key} must be a string, number or boolean")
+        out[key] = value
+    return out
 
 
 def _plain_segment(part: str) -> bool:

@@ -269,15 +269,6 @@ class HfPin(LockEntry):
 PIN_TYPES = {cls.TYPE: cls for cls in (FilePin, ArchivePin, GitPin, GithubPin, HfPin)}
 
 
-def is_git(entry: LockEntry) -> bool:
-    """Fetched with git (a checkout at rev), not as an archive or file."""
-    return isinstance(entry, GitPin) or (isinstance(entry, GithubPin) and entry.submodules)
-
-
-def git_url_of(entry: LockEntry) -> str:
-    return getattr(entry, "git_url", None) or entry.url
-
-
 # -- reading ---------------------------------------------------------------------------
 
 def pin_from_table(kind: str, name: str, table: dict, where: str = "pylmserv.lock") -> LockEntry:

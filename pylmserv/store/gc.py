@@ -23,9 +23,9 @@ import stat
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional, Set, Tuple
+from typing import Dict, Iterable, List, Optional, Set, Tuple
 
-from ..core.fsutil import read_state_text, remove_no_follow, walk_no_follow
+from ..core.fsutil import read_state_text, remove_no_follow, tree_size, tree_stats
 from . import layout, records, replay
 
 KINDS = ("blob", "source", "toolchain", "model", "build", "install", "partial", "staging")
@@ -70,31 +70,11 @@ class Keep:
 
 # -- sizes ------------------------------------------------------------------------------------
 
-def _files(path: Path) -> Iterator[os.stat_result]:
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return
-    if not stat.S_ISDIR(st.st_mode):
-        yield st
-        return
-    for dirpath, dirnames, filenames in walk_no_follow(path):
-        for name in filenames:  # links (to directories too) are among the files: never entered
-            try:
-                yield os.lstat(os.path.join(dirpath, name))
-            except OSError:
-                pass
-
-
-def tree_size(path: Path) -> int:
-    return sum(st.st_size for st in _files(path))
-
-
 def freed_bytes(paths: Iterable[Path]) -> int:
     """Bytes freed by deleting all `paths`: an inode counts when all its links are among them."""
     seen: Dict[Tuple[int, int], List] = {}
     for p in paths:
-        for st in _files(p):
+        for st in tree_stats(p):
             rec = seen.setdefault((st.st_dev, st.st_ino), [st.st_size, st.st_nlink, 0])
             rec[2] += 1
     return sum(size for size, nlink, count in seen.values() if count >= nlink)

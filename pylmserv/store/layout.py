@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, List, Optional
+from typing import TYPE_CHECKING, Callable, List, Mapping, Optional
 
 from ..core.errors import UsageError
 from ..core.fsutil import atomic_write_text
@@ -33,8 +33,10 @@ CACHEDIR_TAG = (
 )
 
 
-def home() -> Path:
-    env = os.environ.get("PYLMSERV_HOME")
+def home(environ: Optional[Mapping[str, str]] = None) -> Path:
+    """The store's root: $PYLMSERV_HOME (of `environ`, default this process's), else the
+    user cache directory."""
+    env = (os.environ if environ is None else environ).get("PYLMSERV_HOME")
     if env:
         root = Path(env).expanduser()
     else:

@@ -4,7 +4,7 @@ download(url, dest) fetches one URL into `dest` atomically. Over HTTP it probes 
 one-byte ranged GET (size, ETag, Accept-Ranges; HEAD is not signed for S3/CDN URLs),
 then splits the file into parts written at their offsets into one preallocated partial
 file under the store's tmp/. A sidecar JSON state (URL, ETag, size, part progress) is
-saved about twice a second, so a killed process resumes only the missing bytes.
+saved about four times a second, so a killed process resumes only the missing bytes.
 
 Never splice two versions: every ranged request carries If-Range with the ETag and its
 Content-Range start is checked; a 200 to a Range request, a changed ETag or a wrong
@@ -14,9 +14,10 @@ and size + hash are checked before the atomic rename into `dest`. Without a stro
 validator and without an expected hash, the file comes over one connection (a stitched
 file could not be caught); a stall gives up after `stall_limit` seconds without progress.
 
-The pieces: http.py (transport, probe, body decoding), partial.py (partial file and resume
-state), scheduler.py (parts to workers), hasher.py (trailing SHA-256); this module runs
-them: probe, one stream or parallel parts, retries and restarts, verification, install.
+The pieces: http.py (transport, probe, body decoding), partial.py (the persisted side: the
+partial file, its resume state and ResumeState, which keeps both up to date while a run goes
+on), scheduler.py (parts to workers, the ramp), hasher.py (trailing SHA-256); this module
+runs them: probe, one stream or parallel parts, retries and restarts, verification, install.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ from ..core.fsutil import fsync_dir, lock_file_path, unlink_missing_ok
 from ..core.progress import Progress
 from ..core.hashing import EMPTY_SHA256, Hash
 from .hasher import TrailingHasher
-from .partial import Part, PartialFile, create_fresh
+from .partial import Part, PartialFile, ResumeState, create_fresh
 from .scheduler import Demote, PartScheduler, new_parts
 from .http import (Probe, Transport, content_encoding, decoder_for, file_name, iter_raw,  # noqa: F401 - redact re-exported
                    parse_content_range, raise_http, redact, short_error, transient_errors)
@@ -54,9 +55,6 @@ RETRY_BASE = 0.2  # first backoff (seconds), doubled per failed attempt
 RETRY_CAP = 8.0
 MAX_ATTEMPTS = 8  # consecutive failed attempts of one part (reset by progress)
 MAX_RESTARTS = 4  # whole-file restarts (file changed, server misbehaving)
-STATE_INTERVAL = 0.25  # seconds between sidecar state saves (bounds what a kill re-sends)
-SYNC_EVERY = 32 << 20  # bytes between background fdatasyncs of the partial
-STATE_EVERY = 0.01  # ... or this fraction of the file, whichever comes first
 
 
 @dataclass(frozen=True)
@@ -521,62 +519,38 @@ class _Engine:
         self.final_url = probe.final_url
         self.validator = probe.validator
         self.probe_etag = probe.etag
-        parts = self._load_state(probe)
-        if parts is None:
-            parts = new_parts(size, self.connections, self.min_part_size)
-            self.file.check_space(size)
-            self.file.preallocate(size)
-            try:
-                self._save_state(parts, size)
-            except OSError as exc:
-                if exc.errno != errno.ENOSPC:
-                    raise
-                self.discard()
-                raise DiskSpaceError(f"no space left on device in {self.partial.parent}",
-                                     hint="Free some space and run the command again.") from None
-        else:
-            have = sum(p.done for p in parts)
-            log.info("resuming %s: %d of %d bytes already here", file_name(self.url), have, size)
+        state = self.state = ResumeState(self.file, self.min_part_size)
+        parts = state.open(size, probe.etag, self.validator,
+                           lambda n: new_parts(n, self.connections, self.min_part_size))
+        if state.resumed:
+            log.info("resuming %s: %d of %d bytes already here", file_name(self.url), state.done(), size)
         self.parts = parts
         self.size_total = size
+        self.fd = state.fd
         self.stop = threading.Event()
         self.sched = PartScheduler(parts, self.connections, self.stop)
-        cond = threading.Condition()
-        self.cond = cond
-        bar = _make_progress(file_name(self.url), size, self.progress, self.on_progress)
-        bar.update(sum(p.done for p in parts))
-        self.bar = bar
-        fd = os.open(self.partial, os.O_RDWR | os.O_NOFOLLOW)  # load_state dropped a link; a swapped-in one fails
-        self.fd = fd
-        hasher = TrailingHasher(fd, self.sched.contiguous, cond)
-        self.hasher = hasher
-        saver = threading.Thread(target=self._saver, daemon=True)
-        syncer = threading.Thread(target=self._syncer, daemon=True)
+        self.cond = cond = threading.Condition()
+        self.bar = bar = _make_progress(file_name(self.url), size, self.progress, self.on_progress)
+        bar.update(state.done())
+        self.hasher = hasher = TrailingHasher(state.fd, self.sched.contiguous, cond)
         hasher.start()
-        saver.start()
-        syncer.start()
+        state.start()
         try:
             self.sched.run(self._fetch_run)
             if self.sched.error is not None:
                 raise self.sched.error
             hasher.finish(size)
             got = hasher.result()
-            os.fsync(fd)
+            os.fsync(state.fd)
             return got, size
         finally:
             self.stop.set()
             with cond:
                 cond.notify_all()
             hasher.stop()
-            saver.join(5)
-            syncer.join(30)
             bar.close()
-            if self.partial.exists() and any(p.remaining for p in parts) and not isinstance(self.sched.error, (_Restart, VerificationError)):
-                try:
-                    self._save_state(parts, size)
-                except OSError as exc:  # e.g. the disk is full: the last saved state still holds
-                    log.warning("could not update the resume state of %s: %s", file_name(self.url), exc.strerror)
-            os.close(fd)
+            # A restart or bad bytes drop the partial: no state worth keeping for them.
+            state.close(keep=not isinstance(self.sched.error, (_Restart, VerificationError)))
 
     def _fetch_run(self, run: List[int]) -> None:
         """Consecutive parts (only the first may be partly done) in one ranged request, so
@@ -647,6 +621,7 @@ class _Engine:
                                          hint="Free some space and run the same command again.") from None
                 raise
             self.hasher.offer(part.start + part.done, chunk)
+            self.sched.note_chunk()
             self.last_progress = time.monotonic()
             with self.cond:
                 part.done += n
@@ -682,38 +657,3 @@ class _Engine:
         log.info("re-resolved %s", redact(self.url))
         self.final_url = probe.final_url
         return attempt + 1
-
-    # -- sidecar state -------------------------------------------------------
-    def _saver(self) -> None:
-        last_time, last_bytes = time.monotonic(), -1
-        every = max(self.min_part_size, int(self.size_total * STATE_EVERY))
-        while not self.stop.wait(0.05):
-            done = sum(p.done for p in self.parts)
-            now = time.monotonic()
-            if done != last_bytes and (now - last_time >= STATE_INTERVAL or done - last_bytes >= every):
-                try:
-                    self._save_state(self.parts, self.size_total)
-                except OSError:
-                    pass
-                last_time, last_bytes = now, done
-
-    def _syncer(self) -> None:
-        """Flush finished bytes to disk while downloading, so the fsync before the
-        install (the store trusts blobs without re-hashing) has little left to do."""
-        synced = 0
-        while not self.stop.wait(0.1):
-            done = sum(p.done for p in self.parts)
-            if done - synced >= SYNC_EVERY:
-                try:
-                    os.fdatasync(self.fd)
-                except OSError:
-                    return
-                synced = done
-
-    def _save_state(self, parts: List[Part], size: int) -> None:
-        with self._lock:
-            snapshot = [[p.start, p.end, p.done] for p in parts]  # only bytes already written
-        self.file.save_state(snapshot, size, self.probe_etag, self.validator)
-
-    def _load_state(self, probe: Probe) -> Optional[List[Part]]:
-        return self.file.load_state(probe.size, probe.etag, self.validator)

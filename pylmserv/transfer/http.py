@@ -13,6 +13,11 @@ from ..core.version import __version__
 
 CHUNK = 256 << 10  # bytes per read; memory per connection stays at about this
 CONNECT_TIMEOUT = 15.0
+CONNECT_RETRIES = 4  # connection setup failures urllib3 retries (with backoff) before giving up
+# A refused connection to this machine means nothing listens on that port: it answers at
+# once and the same way again, so the backoff (0.4 + 0.8 + 1.6 s) would only be waiting.
+# One immediate retry covers a server that is just being restarted.
+LOOPBACK_REFUSED_RETRIES = 1
 
 
 @dataclass
@@ -54,8 +59,9 @@ class Transport:
             from urllib3.util.retry import Retry
 
             s = requests.Session()
-            retry = Retry(total=None, connect=4, read=0, status=0, other=0, redirect=10,
-                          backoff_factor=self.retry_base, raise_on_status=False, respect_retry_after_header=False)
+            retry = connect_retry(Retry)(total=None, connect=CONNECT_RETRIES, read=0, status=0, other=0, redirect=10,
+                                         backoff_factor=self.retry_base, raise_on_status=False,
+                                         respect_retry_after_header=False)
             adapter = HTTPAdapter(max_retries=retry, pool_connections=4, pool_maxsize=self.pool_size)
             s.mount("http://", adapter)
             s.mount("https://", adapter)
@@ -74,6 +80,51 @@ class Transport:
                                     timeout=(CONNECT_TIMEOUT, self.read_timeout))
         except requests.exceptions.TooManyRedirects:
             raise NetworkError(f"too many redirects for {redact(url)}") from None
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost (a name, not a lookup)."""
+    import ipaddress
+
+    host = (host or "").strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def is_refused(error) -> bool:
+    """Is `error` (urllib3's wrapper, or the OS error itself) a refused connection?"""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, ConnectionRefusedError):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
+_RETRY_CLASSES: dict = {}
+
+
+def connect_retry(base):
+    """urllib3's Retry (`base`, passed in: urllib3 is imported lazily) with the loopback fast
+    path: a refused connection to this machine is retried LOOPBACK_REFUSED_RETRIES times,
+    not CONNECT_RETRIES times with backoff. Every other failure is retried as configured."""
+    cls = _RETRY_CLASSES.get(base)
+    if cls is None:
+        class LoopbackAwareRetry(base):
+            def increment(self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None):
+                if (error is not None and len(self.history) >= LOOPBACK_REFUSED_RETRIES
+                        and is_loopback(getattr(_pool, "host", "")) and is_refused(error)):
+                    spent = self.new(connect=0)  # exhausted by this failure: MaxRetryError
+                    return base.increment(spent, method, url, response, error, _pool, _stacktrace)
+                return super().increment(method, url, response, error, _pool, _stacktrace)
+
+        cls = _RETRY_CLASSES[base] = LoopbackAwareRetry
+    return cls
 
 
 _URL_PARTS = re.compile(r"(?P<scheme>[^:/?#]+:)?(?://(?P<netloc>[^/?#]*))?(?P<path>[^?#]*)", re.S)

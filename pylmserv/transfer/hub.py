@@ -3,24 +3,42 @@ and file metadata (the LFS oid is the file's sha256) without downloading.
 
 HF_ENDPOINT picks the Hub (a mirror, a test stand-in); HF_TOKEN authenticates and is sent
 to that host only, never printed. Used by `pylmserv prefetch` (resolvers/hf.py) and by
-`pylmserv fetch hf://...` (models.py), so both see the same Hub the same way.
+`pylmserv fetch hf://...` (app/fetch_models.py), so both see the same Hub the same way; `parse_hf`
+is the one reader of an `hf://` reference (fetch and `pylmserv add` use it).
 """
 from __future__ import annotations
 
 import os
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 from urllib.parse import quote, urlsplit
 
 from ..core.errors import HubNotFound, NetworkError, UsageError  # noqa: F401
 from ..core.hashing import Hash
+from ..core.names import show
 from ..core.version import __version__
 from .download import redact
 from .http import bounded_json, refuse_credentials
 
 HUB = "https://huggingface.co"
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+def parse_hf(item: str) -> Tuple[str, str, str]:
+    """hf://org/repo/path/file.gguf[@revision] -> (org/repo, path, revision); revision
+    defaults to main. Empty, `.`, `..` and backslashed path parts, and an empty revision
+    after `@`, are refused."""
+    body = item[len("hf://"):] if item.startswith("hf://") else item
+    revision = "main"
+    head, sep, tail = body.rpartition("@")
+    if sep and "/" in head:
+        body, revision = head, tail
+    parts = body.split("/")
+    if len(parts) < 3 or not revision or not all(p not in ("", ".", "..") and "\\" not in p for p in parts):
+        raise UsageError(f"bad hf:// reference {show(repr(item))}",
+                         hint="Use hf://ORG/REPO/PATH/FILE.gguf[@REVISION].")
+    return "/".join(parts[:2]), "/".join(parts[2:]), revision
 
 
 def endpoint() -> str:

@@ -13,6 +13,8 @@ import logging
 import os
 import shutil
 import stat
+import threading
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -23,6 +25,9 @@ from .http import file_name
 log = logging.getLogger("pylmserv.download")
 
 STATE_VERSION = 1
+STATE_INTERVAL = 0.25  # seconds between sidecar state saves (bounds what a kill re-sends)
+STATE_EVERY = 0.01  # ... or this fraction of the file, whichever comes first
+SYNC_EVERY = 32 << 20  # bytes between background fdatasyncs of the partial
 
 
 class Part:
@@ -135,3 +140,101 @@ class PartialFile:
         if need and free < need:
             raise DiskSpaceError(f"not enough free space in {self.path.parent}: {need} bytes needed, {free} free",
                                  hint="Free some space or point PYLMSERV_HOME at a larger disk.")
+
+
+class ResumeState:
+    """The persisted side of a ranged download: the partial file at its final size, each
+    part's progress, and the sidecar that records it.
+
+    While the run goes on, one thread saves the state about four times a second (so a
+    kill re-sends little) and another flushes finished bytes to disk (so the fsync before
+    the install has little left to do). The run only moves `Part.done` forward, after the
+    bytes are written; everything about the disk is here."""
+
+    def __init__(self, file: PartialFile, min_part_size: int):
+        self.file = file
+        self.min_part_size = max(1, min_part_size)
+        self.parts: List[Part] = []
+        self.size = 0
+        self.etag: Optional[str] = None
+        self.validator: Optional[str] = None
+        self.resumed = False
+        self._threads: List[threading.Thread] = []
+        self._stop = threading.Event()
+        self.fd: Optional[int] = None
+
+    def open(self, size: int, etag: Optional[str], validator: Optional[str], fresh_parts) -> List[Part]:
+        """The parts of this very file saved by an earlier run, else new ones from
+        `fresh_parts(size)` with the partial created (space checked) and the state saved."""
+        self.size, self.etag, self.validator = size, etag, validator
+        parts = self.file.load_state(size, etag, validator)
+        self.resumed = parts is not None
+        if parts is None:
+            parts = fresh_parts(size)
+            self.file.check_space(size)
+            self.file.preallocate(size)
+            self.parts = parts
+            try:
+                self.save()
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                self.file.discard()
+                raise DiskSpaceError(f"no space left on device in {self.file.path.parent}",
+                                     hint="Free some space and run the command again.") from None
+        self.parts = parts
+        self.fd = os.open(self.file.path, os.O_RDWR | os.O_NOFOLLOW)  # checked regular above, never a link
+        return parts
+
+    def done(self) -> int:
+        return sum(p.done for p in self.parts)
+
+    def save(self) -> None:
+        snapshot = [[p.start, p.end, p.done] for p in self.parts]  # only bytes already written
+        self.file.save_state(snapshot, self.size, self.etag, self.validator)
+
+    def start(self) -> None:
+        """Save the state and flush finished bytes in the background until close()."""
+        self._stop.clear()
+        self._threads = [threading.Thread(target=self._saver, daemon=True),
+                         threading.Thread(target=self._syncer, daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def close(self, keep: bool) -> None:
+        """Stop the background threads; with `keep`, record the progress for a resume."""
+        self._stop.set()
+        for t, wait in zip(self._threads, (5, 30)):
+            t.join(wait)
+        if keep and self.file.path.exists() and any(p.remaining for p in self.parts):
+            try:
+                self.save()
+            except OSError as exc:  # e.g. the disk is full: the last saved state still holds
+                log.warning("could not update the resume state of %s: %s", file_name(self.file.url), exc.strerror)
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def _saver(self) -> None:
+        last_time, last_bytes = time.monotonic(), -1
+        every = max(self.min_part_size, int(self.size * STATE_EVERY))
+        while not self._stop.wait(0.05):
+            done = self.done()
+            now = time.monotonic()
+            if done != last_bytes and (now - last_time >= STATE_INTERVAL or done - last_bytes >= every):
+                try:
+                    self.save()
+                except OSError:
+                    pass
+                last_time, last_bytes = now, done
+
+    def _syncer(self) -> None:
+        synced = 0
+        while not self._stop.wait(0.1):
+            done = self.done()
+            if done - synced >= SYNC_EVERY:
+                try:
+                    os.fdatasync(self.fd)
+                except OSError:
+                    return
+                synced = done

@@ -284,6 +284,7 @@ let
     "setuptools" "click" "requests" "tqdm" "tomli" "tomli-w" "filelock" "platformdirs"
     "zstandard" "zlib-ng" "pytest" "hypothesis" "gguf" "numpy" "wheel" "pip" "matplotlib" "pyyaml"
     "psutil" "setuptools-scm" "typing-extensions" "huggingface-hub" "urllib3" "certifi" "openai" "tomlkit"
+    "cryptography"
   ]);
 
   python3 = python // {

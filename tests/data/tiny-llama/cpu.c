@@ -1,0 +1,1 @@
+const char *ggml_cpu_variant(void) { return "cpu-" VARIANT; }
