@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 from ..core.errors import BuildError
+from ..core.fsutil import lock_file_path
 from ..store import records as stamps
 from ..store import layout
 from ..store.installs import install_files, point_current, real_dirs, shared_libs
@@ -137,6 +138,8 @@ class BuildSkeleton:
     def run(self, dry_run: bool = False) -> BuildResult:
         if dry_run:
             return self.dry_run()
+        if os.path.islink(self.build_dir):  # planted (pylmserv makes none): never built into nor read
+            os.unlink(self.build_dir)       # through; only the link goes, its target is untouched
         stamp = self._reusable()
         if stamp is not None:
             log.debug("up to date: %s", self.build_dir)
@@ -156,7 +159,7 @@ class BuildSkeleton:
         source = self.prepare()
         self.build_dir.mkdir(parents=True, exist_ok=True)
 
-        with FileLock(str(self.build_dir) + ".lock", timeout=LOCK_TIMEOUT):
+        with FileLock(lock_file_path(str(self.build_dir) + ".lock"), timeout=LOCK_TIMEOUT):
             stamp = self._reusable()  # another process may have just finished it
             if stamp is not None:
                 return self.finish(stamp.output_paths(), cache_hit=True, notes=("built by a concurrent run",),

@@ -438,7 +438,10 @@ def run_logged(argv: Sequence[str], log_file: Path, env: Mapping[str, str], time
     from ..core.proc import start_group, stop_group  # lazy for speed: not on the up-to-date build path
 
     last = time.monotonic()
-    with open(log_file, "ab") as fh:
+    if os.path.islink(log_file):  # planted: removed as a link, never appended through
+        os.unlink(log_file)
+    fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+    with os.fdopen(fd, "ab") as fh:
         fh.write(f"\n$ {shlex.join(argv)}\n".encode())
         fh.flush()
         try:

@@ -20,7 +20,7 @@ else:  # pragma: no cover - exercised on older Pythons only
 from ..core.errors import ConfigError, HashError, UsageError
 from ..core.hashing import Hash
 from ..core.names import check_name, check_version, show
-from .lock import LOCK_VERSION, Lock, LockEntry, check_nix_value, load_lock  # noqa: F401 (re-exported)
+from .lock import LOCK_VERSION, Lock, LockEntry, check_nix_value, load_lock, read_project_file  # noqa: F401 (re-exported)
 from ..store.roots import use_lock
 
 CONFIG_NAME = "pylmserv.toml"
@@ -169,7 +169,7 @@ def load_project(config: Optional[Path] = None, lock: Optional[Path] = None) -> 
 
 def _read_toml(path: Path, what: str, hint: str) -> dict:
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = read_project_file(path).decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{what} not found: {path}", hint=hint) from None
     except UnicodeDecodeError as exc:
