@@ -246,7 +246,7 @@ def test_real_llama_cpp_portable_round_trip(tmp_path):
         assert proc.returncode == 0, proc.stderr[-4000:]
         built = json.loads(proc.stdout)
         push = subprocess.run([sys.executable, "-m", "pylmserv", "--config", str(config), "--lock", str(lock), "push",
-                               "--to", str(cache), "--sign-key", str(key_file), "--json"],
+                               "llama.cpp", "--to", str(cache), "--sign-key", str(key_file), "--json"],
                               capture_output=True, text=True, env=builder, timeout=600)
         assert push.returncode == 0, push.stderr
         (manifest,) = json.loads(push.stdout)["pushed"]

@@ -73,14 +73,26 @@ def test_two_homes_build_bit_identical_binaries(tmp_path):
     # the session's home, its ccache on; a new home, cold (no ccache: nothing cached hides a difference)
     envs = [llama_source.build_env(), dict(llama_source.build_env(), PYLMSERV_HOME=str(fresh), CCACHE_DISABLE="1")]
     results = []
-    with llama_source.served_project(tmp_path / "w") as (config, lock, _):
-        for env in envs:
-            argv = [sys.executable, "-m", "pylmserv", "--config", str(config), "--lock", str(lock), "build", "--json",
-                    "--reproducible", "-j", os.environ.get("PYLMSERV_TEST_JOBS", "2"), "--target", "llama-gguf",
-                    "--cmake-arg", "-DLLAMA_BUILD_EXAMPLES=ON"]
-            proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=3600)
-            assert proc.returncode == 0, proc.stderr[-4000:]
-            results.append(json.loads(proc.stdout))
+    # The session's build is the session home's `current` (list, serve and pack tests read it):
+    # this build installs over it, so it is put back afterwards.
+    current = llama_source.PERSISTENT_HOME / "bin" / "llama.cpp-cpu" / "current"
+    before = os.readlink(current) if current.is_symlink() else None
+    try:
+        with llama_source.served_project(tmp_path / "w") as (config, lock, _):
+            for env in envs:
+                argv = [sys.executable, "-m", "pylmserv", "--config", str(config), "--lock", str(lock), "build",
+                        "--json", "--reproducible", "-j", os.environ.get("PYLMSERV_TEST_JOBS", "2"),
+                        "--target", "llama-gguf", "--cmake-arg", "-DLLAMA_BUILD_EXAMPLES=ON"]
+                proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=3600)
+                assert proc.returncode == 0, proc.stderr[-4000:]
+                results.append(json.loads(proc.stdout))
+    finally:
+        if before is not None and (not current.is_symlink() or os.readlink(current) != before):
+            tmp_link = current.with_name("current.test-restore")
+            if tmp_link.is_symlink():
+                tmp_link.unlink()
+            tmp_link.symlink_to(before)
+            os.replace(tmp_link, current)
     a, b = results
     assert a["build_dir"] != b["build_dir"] and not b["cache_hit"]  # the new home really compiled
     assert a["key"] == b["key"]  # same lock and options: the same build, whatever the home

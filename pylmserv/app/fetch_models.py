@@ -406,7 +406,8 @@ def _refuse_missing_offline(plans, mirrors, home: Path) -> None:
                for plan in plans for f in plan.files
                if not present(f) and not mirror_chain.offline_sources(mirrors, f.expected)]
     if missing:
-        raise UsageError(f"offline, and {len(missing)} file(s) are not in the store: " + "; ".join(missing),
+        raise UsageError(f"offline (--offline, PYLMSERV_OFFLINE or HF_HUB_OFFLINE), and {len(missing)} file(s) "
+                         "are not in the store: " + "; ".join(missing),
                          hint="Fetch them once with the network, import a bundle (`pylmserv import FILE`), "
                               "or name a file:// mirror (PYLMSERV_MIRRORS).")
 
