@@ -273,8 +273,8 @@ class LlamaCppBuild(BuildSkeleton):
         stub = self._driver_stub(tc)
         if stub is not None:
             # ggml-cuda links CUDA::cuda_driver (VMM); FindCUDAToolkit looks for it in stubs/
-            mapping = dataclasses.replace(
-                mapping, defines=mapping.defines + (("CUDA_cuda_driver_LIBRARY", str(stub)),),
+            mapping = mapping._replace(
+                defines=mapping.defines + (("CUDA_cuda_driver_LIBRARY", str(stub)),),
                 notes=mapping.notes + (f"this CUDA toolkit has no stubs/libcuda.so: linking against a generated "
                                        f"stub {stub} (SONAME libcuda.so.1, the driver's exports from cuda.h)",))
         launcher = tc.ccache.path if tc.ccache.found else None
