@@ -6,7 +6,6 @@ CMake, no hashing of the tree.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import platform as _platform
@@ -58,7 +57,7 @@ def build(what: str = "llama.cpp", backend: str = "cpu", targets: Optional[Seque
     backend, choice = resolve_backend(what, backend, source_dir=source_dir, config=config, lock=lock)
     result = _build(what, backend, targets, cuda_arch, gpu_targets, portable, jobs, prefix, cmake_args, force,
                     dry_run, source_dir, config, lock, module_only, cuda_blas, reproducible, no_build)
-    return dataclasses.replace(result, auto=choice.describe()) if choice is not None else result
+    return result.replace(auto=choice.describe()) if choice is not None else result
 
 
 def _build(what, backend, targets, cuda_arch, gpu_targets, portable, jobs, prefix, cmake_args, force, dry_run,
