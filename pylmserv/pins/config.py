@@ -104,20 +104,71 @@ class ModelSpec:
         return (self.url or self.name).rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0]
 
 
-@dataclass(frozen=True)
-class Config:
+class _Frozen:
+    """Config and Project: immutable records compared by value. Plain classes, not frozen
+    dataclasses: every up-to-date `build` imports this module (~4 M instructions a dataclass)."""
+
+    __slots__ = ()
+    _FIELDS: Tuple[str, ...] = ()
+
+    def _set(self, **values) -> None:
+        for name in self._FIELDS:
+            object.__setattr__(self, name, values[name])
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"cannot assign to field {name!r}: a {type(self).__name__} is immutable")
+
+    __delattr__ = __setattr__
+
+    def _values(self) -> tuple:
+        return tuple(getattr(self, name) for name in self._FIELDS)
+
+    def __eq__(self, other):
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._values() == other._values()
+
+    __hash__ = None  # they hold dicts
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(" + ", ".join(f"{n}={getattr(self, n)!r}" for n in self._FIELDS) + ")"
+
+    def __reduce__(self):
+        return (type(self), self._values())
+
+    def replace(self, **changes):
+        """A copy with `changes` (as dataclasses.replace)."""
+        values = dict(zip(self._FIELDS, self._values()))
+        unknown = set(changes) - set(values)
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no field(s) {', '.join(sorted(unknown))}")
+        values.update(changes)
+        return type(self)(**values)
+
+
+class Config(_Frozen):
+    __slots__ = _FIELDS = ("path", "sources", "models", "cache", "adopt_from", "mirrors")
     path: Optional[Path]
     sources: Dict[str, SourceSpec]
     models: Dict[str, ModelSpec]
-    cache: Dict[str, object] = field(default_factory=dict)  # [cache]: substituters, trusted-public-keys
-    adopt_from: Tuple[Path, ...] = ()  # `adopt-from = [...]`: folders to look in before downloading
-    mirrors: Tuple[str, ...] = ()  # tried before the origin of every locked file (transfer/mirrors.py)
+    cache: Dict[str, object]  # [cache]: substituters, trusted-public-keys
+    adopt_from: Tuple[Path, ...]  # `adopt-from = [...]`: folders to look in before downloading
+    mirrors: Tuple[str, ...]  # tried before the origin of every locked file (transfer/mirrors.py)
+
+    def __init__(self, path: Optional[Path], sources: Dict[str, SourceSpec], models: Dict[str, ModelSpec],
+                 cache: Optional[Dict[str, object]] = None, adopt_from: Tuple[Path, ...] = (),
+                 mirrors: Tuple[str, ...] = ()):
+        self._set(path=path, sources=sources, models=models, cache={} if cache is None else cache,
+                  adopt_from=adopt_from, mirrors=mirrors)
 
 
-@dataclass(frozen=True)
-class Project:
+class Project(_Frozen):
+    __slots__ = _FIELDS = ("config", "lock")
     config: Config
     lock: Lock
+
+    def __init__(self, config: Config, lock: Lock):
+        self._set(config=config, lock=lock)
 
     @property
     def config_path(self) -> Optional[Path]:
