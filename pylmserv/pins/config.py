@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 import re
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -41,71 +40,8 @@ _SERVER_KEY = re.compile(r"[a-z][a-z0-9-]*\Z")
 
 # -- intent (pylmserv.toml) -----------------------------------------------------
 
-@dataclass(frozen=True)
-class SourceSpec:
-    """A `[sources.NAME]` table: what the user wants built from."""
-
-    name: str
-    type: str  # github | git | url
-    ref: Optional[str] = None  # github, git
-    owner: Optional[str] = None  # github
-    repo: Optional[str] = None  # github
-    url: Optional[str] = None  # git, url
-    submodules: bool = False
-    unpack: bool = False  # url
-    sha256: Optional[Hash] = None  # url: a published flat pin, if any
-    meta: Dict[str, object] = field(default_factory=dict)  # other keys (e.g. version), passed through
-    follow: Dict[str, str] = field(default_factory=dict)  # track, tag-pattern: read by `update` only
-
-    @property
-    def mode(self) -> str:
-        return "flat" if self.type == "url" and not self.unpack else "nar"
-
-    def archive_url(self, rev: str) -> str:
-        """For github sources: the tarball URL fetchFromGitHub uses."""
-        return f"https://github.com/{self.owner}/{self.repo}/archive/{rev}.tar.gz"
-
-    @property
-    def git_url(self) -> str:
-        if self.type == "github":
-            return f"https://github.com/{self.owner}/{self.repo}.git"
-        return self.url or ""
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A `[models.NAME]` table: a GGUF file by URL or Hugging Face repo + file."""
-
-    name: str
-    url: Optional[str] = None
-    hf: Optional[str] = None
-    file: Optional[str] = None
-    revision: str = "main"
-    sha256: Optional[Hash] = None
-    size: Optional[int] = None
-    description: str = ""
-    follow: Dict[str, str] = field(default_factory=dict)  # track = "branch", branch: read by `update` only
-    role: str = "chat"  # `role = "embedding"`: served with llama-server's embeddings on (`serve`)
-    server: Dict[str, object] = field(default_factory=dict)  # [models.NAME.server]: llama-server options
-
-    def resolve_url(self, endpoint: Optional[str] = None, revision: Optional[str] = None) -> str:
-        if self.url:
-            return self.url
-        # lazy: the Hub client pulls in the download engine (~25 ms), which `build` and every
-        # other command that only reads the project never need
-        from ..transfer import hub
-
-        return hub.resolve_url(self.hf, revision or self.revision, self.file, endpoint or hub.HUB)
-
-    @property
-    def filename(self) -> str:
-        if self.file:
-            return self.file.rsplit("/", 1)[-1]
-        return (self.url or self.name).rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0]
-
-
 class _Frozen:
-    """Config and Project: immutable records compared by value. Plain classes, not frozen
+    """The records below: immutable records compared by value. Plain classes, not frozen
     dataclasses: every up-to-date `build` imports this module (~4 M instructions a dataclass)."""
 
     __slots__ = ()
@@ -144,6 +80,87 @@ class _Frozen:
             raise TypeError(f"{type(self).__name__} has no field(s) {', '.join(sorted(unknown))}")
         values.update(changes)
         return type(self)(**values)
+
+
+class SourceSpec(_Frozen):
+    """A `[sources.NAME]` table: what the user wants built from."""
+
+    __slots__ = _FIELDS = ("name", "type", "ref", "owner", "repo", "url", "submodules", "unpack", "sha256", "meta",
+                           "follow")
+    name: str
+    type: str  # github | git | url
+    ref: Optional[str]  # github, git
+    owner: Optional[str]  # github
+    repo: Optional[str]  # github
+    url: Optional[str]  # git, url
+    submodules: bool
+    unpack: bool  # url
+    sha256: Optional[Hash]  # url: a published flat pin, if any
+    meta: Dict[str, object]  # other keys (e.g. version), passed through
+    follow: Dict[str, str]  # track, tag-pattern: read by `update` only
+
+    def __init__(self, name: str, type: str, ref: Optional[str] = None, owner: Optional[str] = None,
+                 repo: Optional[str] = None, url: Optional[str] = None, submodules: bool = False, unpack: bool = False,
+                 sha256: Optional[Hash] = None, meta: Optional[Dict[str, object]] = None,
+                 follow: Optional[Dict[str, str]] = None):
+        self._set(name=name, type=type, ref=ref, owner=owner, repo=repo, url=url, submodules=submodules,
+                  unpack=unpack, sha256=sha256, meta={} if meta is None else meta,
+                  follow={} if follow is None else follow)
+
+    @property
+    def mode(self) -> str:
+        return "flat" if self.type == "url" and not self.unpack else "nar"
+
+    def archive_url(self, rev: str) -> str:
+        """For github sources: the tarball URL fetchFromGitHub uses."""
+        return f"https://github.com/{self.owner}/{self.repo}/archive/{rev}.tar.gz"
+
+    @property
+    def git_url(self) -> str:
+        if self.type == "github":
+            return f"https://github.com/{self.owner}/{self.repo}.git"
+        return self.url or ""
+
+
+class ModelSpec(_Frozen):
+    """A `[models.NAME]` table: a GGUF file by URL or Hugging Face repo + file."""
+
+    __slots__ = _FIELDS = ("name", "url", "hf", "file", "revision", "sha256", "size", "description", "follow", "role",
+                           "server")
+    name: str
+    url: Optional[str]
+    hf: Optional[str]
+    file: Optional[str]
+    revision: str
+    sha256: Optional[Hash]
+    size: Optional[int]
+    description: str
+    follow: Dict[str, str]  # track = "branch", branch: read by `update` only
+    role: str  # `role = "embedding"`: served with llama-server's embeddings on (`serve`)
+    server: Dict[str, object]  # [models.NAME.server]: llama-server options
+
+    def __init__(self, name: str, url: Optional[str] = None, hf: Optional[str] = None, file: Optional[str] = None,
+                 revision: str = "main", sha256: Optional[Hash] = None, size: Optional[int] = None,
+                 description: str = "", follow: Optional[Dict[str, str]] = None, role: str = "chat",
+                 server: Optional[Dict[str, object]] = None):
+        self._set(name=name, url=url, hf=hf, file=file, revision=revision, sha256=sha256, size=size,
+                  description=description, follow={} if follow is None else follow, role=role,
+                  server={} if server is None else server)
+
+    def resolve_url(self, endpoint: Optional[str] = None, revision: Optional[str] = None) -> str:
+        if self.url:
+            return self.url
+        # lazy: the Hub client pulls in the download engine (~25 ms), which `build` and every
+        # other command that only reads the project never need
+        from ..transfer import hub
+
+        return hub.resolve_url(self.hf, revision or self.revision, self.file, endpoint or hub.HUB)
+
+    @property
+    def filename(self) -> str:
+        if self.file:
+            return self.file.rsplit("/", 1)[-1]
+        return (self.url or self.name).rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0]
 
 
 class Config(_Frozen):
