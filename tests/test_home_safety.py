@@ -279,6 +279,33 @@ def test_a_process_removes_its_own_root_record(tmp_path, home):
     assert cli("gc", "--dry-run").returncode == 0
 
 
+def test_a_process_record_swapped_or_filled_is_removed_without_following(tmp_path):
+    """release_all's own deleter (no shutil on the up-to-date path): links in the record
+    go as links, a record swapped for a link is not entered, a planted tree still goes."""
+    out = tmp_path / "outside"
+    out.mkdir()
+    (out / "sentinel").write_text("keep")
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    (rec / "a.lock").write_text("x")
+    (rec / "to-outside").symlink_to(out)
+    (rec / "to-file").symlink_to(out / "sentinel")
+    roots._remove_flat(rec)
+    assert not os.path.lexists(rec)
+    # swapped for a link to a directory outside: the link goes, the target is not entered
+    rec.symlink_to(out)
+    roots._remove_flat(rec)
+    assert not os.path.lexists(rec) and (out / "sentinel").read_text() == "keep"
+    # a directory planted inside (with a link below it): the careful deleter, nothing outside followed
+    (rec / "sub").mkdir(parents=True)
+    (rec / "sub" / "to-outside").symlink_to(out)
+    (rec / "f").write_text("y")
+    roots._remove_flat(rec)
+    assert not os.path.lexists(rec)
+    assert sorted(os.listdir(out)) == ["sentinel"] and (out / "sentinel").read_text() == "keep"
+    roots._remove_flat(rec)  # already gone: fine
+
+
 def test_writers_never_write_through_a_planted_link(tmp_path, home):
     """A fetch into models/<name> and a build's install into bin/<engine>-<backend>/ where
     links were planted: the links go, the files land in the home, the outside is untouched."""

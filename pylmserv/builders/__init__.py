@@ -6,7 +6,6 @@ CMake, no hashing of the tree.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import platform as _platform
@@ -58,7 +57,7 @@ def build(what: str = "llama.cpp", backend: str = "cpu", targets: Optional[Seque
     backend, choice = resolve_backend(what, backend, source_dir=source_dir, config=config, lock=lock)
     result = _build(what, backend, targets, cuda_arch, gpu_targets, portable, jobs, prefix, cmake_args, force,
                     dry_run, source_dir, config, lock, module_only, cuda_blas, reproducible, no_build)
-    return dataclasses.replace(result, auto=choice.describe()) if choice is not None else result
+    return result.replace(auto=choice.describe()) if choice is not None else result
 
 
 def _build(what, backend, targets, cuda_arch, gpu_targets, portable, jobs, prefix, cmake_args, force, dry_run,
@@ -273,8 +272,8 @@ class LlamaCppBuild(BuildSkeleton):
         stub = self._driver_stub(tc)
         if stub is not None:
             # ggml-cuda links CUDA::cuda_driver (VMM); FindCUDAToolkit looks for it in stubs/
-            mapping = dataclasses.replace(
-                mapping, defines=mapping.defines + (("CUDA_cuda_driver_LIBRARY", str(stub)),),
+            mapping = mapping._replace(
+                defines=mapping.defines + (("CUDA_cuda_driver_LIBRARY", str(stub)),),
                 notes=mapping.notes + (f"this CUDA toolkit has no stubs/libcuda.so: linking against a generated "
                                        f"stub {stub} (SONAME libcuda.so.1, the driver's exports from cuda.h)",))
         launcher = tc.ccache.path if tc.ccache.found else None

@@ -13,7 +13,6 @@ import hashlib
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
@@ -30,14 +29,30 @@ log = logging.getLogger("pylmserv.build")
 LOCK_TIMEOUT = 6 * 3600  # a concurrent build of the same key may take this long
 
 
-@dataclass
 class Compiled:
-    """What a compile step hands back to the skeleton."""
+    """What a compile step hands back to the skeleton. A plain class, not a dataclass:
+    this module is imported by every up-to-date `build` (~4 M instructions a dataclass)."""
 
-    outputs: Dict[str, Path]
-    notes: Tuple[str, ...] = ()
-    commands: Tuple[str, ...] = ()
-    extra: Dict[str, object] = field(default_factory=dict)  # recorded in the stamp
+    __slots__ = ("outputs", "notes", "commands", "extra")
+
+    def __init__(self, outputs: Dict[str, Path], notes: Tuple[str, ...] = (), commands: Tuple[str, ...] = (),
+                 extra: Optional[Dict[str, object]] = None):
+        self.outputs = outputs
+        self.notes = notes
+        self.commands = commands
+        self.extra = {} if extra is None else extra  # recorded in the stamp
+
+    def __repr__(self) -> str:
+        return (f"Compiled(outputs={self.outputs!r}, notes={self.notes!r}, commands={self.commands!r}, "
+                f"extra={self.extra!r})")
+
+    def __eq__(self, other):
+        if type(other) is not type(self):
+            return NotImplemented
+        return (self.outputs, self.notes, self.commands, self.extra) == (other.outputs, other.notes, other.commands,
+                                                                          other.extra)
+
+    __hash__ = None  # mutable, as the dataclass was
 
 
 def output_digests(outputs: Mapping[str, Path], libs_dir: Optional[Path]) -> Dict[str, str]:

@@ -14,9 +14,8 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from ..core.errors import BuildError, ToolMissingError, UsageError
 
@@ -71,8 +70,10 @@ LLAMA_CURL AMDGPU_TARGETS
 """.split())
 
 
-@dataclass(frozen=True)
-class SourceFeatures:
+# The records below are NamedTuples, not frozen dataclasses: this module is imported by every
+# up-to-date `build`, and a dataclass costs ~4 M instructions to create at import, a NamedTuple
+# under 1 M (store/records.py does the same).
+class SourceFeatures(NamedTuple):
     """The CMake cache variables a llama.cpp tree declares, and where we learned them."""
 
     names: FrozenSet[str]
@@ -145,8 +146,7 @@ PORTABLE_DL = (("GGML_BACKEND_DL", "ON"), ("GGML_CPU_ALL_VARIANTS", "ON"),
                ("BUILD_SHARED_LIBS", "ON"),  # GGML_BACKEND_DL requires it
                ("CMAKE_BUILD_RPATH_USE_ORIGIN", "ON"))  # $ORIGIN rpath: binaries + libs relocate together
 
-@dataclass(frozen=True)
-class Request:
+class Request(NamedTuple):
     """What the user asked for, resolved once and passed down (immutable)."""
 
     backend: str = "cpu"
@@ -160,8 +160,7 @@ class Request:
     reproducible: bool = False  # same lock + options -> same bytes (path maps, fixed time, deterministic ar/ld)
 
 
-@dataclass(frozen=True)
-class Detected:
+class Detected(NamedTuple):
     """Machine facts the mapping depends on (filled by the caller; tests pass them in)."""
 
     platform: str = sys.platform
@@ -174,8 +173,7 @@ class Detected:
     cublas_wheel: Optional[Tuple[str, str]] = None  # (libcublas.so.N, include dir) of NVIDIA's PyPI wheel
 
 
-@dataclass(frozen=True)
-class Mapping_:
+class Mapping_(NamedTuple):
     defines: Tuple[Tuple[str, str], ...]
     env: Tuple[Tuple[str, str], ...] = ()
     notes: Tuple[str, ...] = ()
@@ -331,8 +329,7 @@ def portable_cache_inputs(inputs: Mapping, libc_family: str) -> Optional[dict]:
 
 # -- commands -----------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Commands:
+class Commands(NamedTuple):
     configure: Tuple[str, ...]
     build: Tuple[str, ...]
     env: Tuple[Tuple[str, str], ...] = ()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 import re
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -41,21 +40,72 @@ _SERVER_KEY = re.compile(r"[a-z][a-z0-9-]*\Z")
 
 # -- intent (pylmserv.toml) -----------------------------------------------------
 
-@dataclass(frozen=True)
-class SourceSpec:
+class _Frozen:
+    """The records below: immutable records compared by value. Plain classes, not frozen
+    dataclasses: every up-to-date `build` imports this module (~4 M instructions a dataclass)."""
+
+    __slots__ = ()
+    _FIELDS: Tuple[str, ...] = ()
+
+    def _set(self, **values) -> None:
+        for name in self._FIELDS:
+            object.__setattr__(self, name, values[name])
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"cannot assign to field {name!r}: a {type(self).__name__} is immutable")
+
+    __delattr__ = __setattr__
+
+    def _values(self) -> tuple:
+        return tuple(getattr(self, name) for name in self._FIELDS)
+
+    def __eq__(self, other):
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._values() == other._values()
+
+    __hash__ = None  # they hold dicts
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(" + ", ".join(f"{n}={getattr(self, n)!r}" for n in self._FIELDS) + ")"
+
+    def __reduce__(self):
+        return (type(self), self._values())
+
+    def replace(self, **changes):
+        """A copy with `changes` (as dataclasses.replace)."""
+        values = dict(zip(self._FIELDS, self._values()))
+        unknown = set(changes) - set(values)
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no field(s) {', '.join(sorted(unknown))}")
+        values.update(changes)
+        return type(self)(**values)
+
+
+class SourceSpec(_Frozen):
     """A `[sources.NAME]` table: what the user wants built from."""
 
+    __slots__ = _FIELDS = ("name", "type", "ref", "owner", "repo", "url", "submodules", "unpack", "sha256", "meta",
+                           "follow")
     name: str
     type: str  # github | git | url
-    ref: Optional[str] = None  # github, git
-    owner: Optional[str] = None  # github
-    repo: Optional[str] = None  # github
-    url: Optional[str] = None  # git, url
-    submodules: bool = False
-    unpack: bool = False  # url
-    sha256: Optional[Hash] = None  # url: a published flat pin, if any
-    meta: Dict[str, object] = field(default_factory=dict)  # other keys (e.g. version), passed through
-    follow: Dict[str, str] = field(default_factory=dict)  # track, tag-pattern: read by `update` only
+    ref: Optional[str]  # github, git
+    owner: Optional[str]  # github
+    repo: Optional[str]  # github
+    url: Optional[str]  # git, url
+    submodules: bool
+    unpack: bool  # url
+    sha256: Optional[Hash]  # url: a published flat pin, if any
+    meta: Dict[str, object]  # other keys (e.g. version), passed through
+    follow: Dict[str, str]  # track, tag-pattern: read by `update` only
+
+    def __init__(self, name: str, type: str, ref: Optional[str] = None, owner: Optional[str] = None,
+                 repo: Optional[str] = None, url: Optional[str] = None, submodules: bool = False, unpack: bool = False,
+                 sha256: Optional[Hash] = None, meta: Optional[Dict[str, object]] = None,
+                 follow: Optional[Dict[str, str]] = None):
+        self._set(name=name, type=type, ref=ref, owner=owner, repo=repo, url=url, submodules=submodules,
+                  unpack=unpack, sha256=sha256, meta={} if meta is None else meta,
+                  follow={} if follow is None else follow)
 
     @property
     def mode(self) -> str:
@@ -72,21 +122,30 @@ class SourceSpec:
         return self.url or ""
 
 
-@dataclass(frozen=True)
-class ModelSpec:
+class ModelSpec(_Frozen):
     """A `[models.NAME]` table: a GGUF file by URL or Hugging Face repo + file."""
 
+    __slots__ = _FIELDS = ("name", "url", "hf", "file", "revision", "sha256", "size", "description", "follow", "role",
+                           "server")
     name: str
-    url: Optional[str] = None
-    hf: Optional[str] = None
-    file: Optional[str] = None
-    revision: str = "main"
-    sha256: Optional[Hash] = None
-    size: Optional[int] = None
-    description: str = ""
-    follow: Dict[str, str] = field(default_factory=dict)  # track = "branch", branch: read by `update` only
-    role: str = "chat"  # `role = "embedding"`: served with llama-server's embeddings on (`serve`)
-    server: Dict[str, object] = field(default_factory=dict)  # [models.NAME.server]: llama-server options
+    url: Optional[str]
+    hf: Optional[str]
+    file: Optional[str]
+    revision: str
+    sha256: Optional[Hash]
+    size: Optional[int]
+    description: str
+    follow: Dict[str, str]  # track = "branch", branch: read by `update` only
+    role: str  # `role = "embedding"`: served with llama-server's embeddings on (`serve`)
+    server: Dict[str, object]  # [models.NAME.server]: llama-server options
+
+    def __init__(self, name: str, url: Optional[str] = None, hf: Optional[str] = None, file: Optional[str] = None,
+                 revision: str = "main", sha256: Optional[Hash] = None, size: Optional[int] = None,
+                 description: str = "", follow: Optional[Dict[str, str]] = None, role: str = "chat",
+                 server: Optional[Dict[str, object]] = None):
+        self._set(name=name, url=url, hf=hf, file=file, revision=revision, sha256=sha256, size=size,
+                  description=description, follow={} if follow is None else follow, role=role,
+                  server={} if server is None else server)
 
     def resolve_url(self, endpoint: Optional[str] = None, revision: Optional[str] = None) -> str:
         if self.url:
@@ -104,20 +163,29 @@ class ModelSpec:
         return (self.url or self.name).rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0]
 
 
-@dataclass(frozen=True)
-class Config:
+class Config(_Frozen):
+    __slots__ = _FIELDS = ("path", "sources", "models", "cache", "adopt_from", "mirrors")
     path: Optional[Path]
     sources: Dict[str, SourceSpec]
     models: Dict[str, ModelSpec]
-    cache: Dict[str, object] = field(default_factory=dict)  # [cache]: substituters, trusted-public-keys
-    adopt_from: Tuple[Path, ...] = ()  # `adopt-from = [...]`: folders to look in before downloading
-    mirrors: Tuple[str, ...] = ()  # tried before the origin of every locked file (transfer/mirrors.py)
+    cache: Dict[str, object]  # [cache]: substituters, trusted-public-keys
+    adopt_from: Tuple[Path, ...]  # `adopt-from = [...]`: folders to look in before downloading
+    mirrors: Tuple[str, ...]  # tried before the origin of every locked file (transfer/mirrors.py)
+
+    def __init__(self, path: Optional[Path], sources: Dict[str, SourceSpec], models: Dict[str, ModelSpec],
+                 cache: Optional[Dict[str, object]] = None, adopt_from: Tuple[Path, ...] = (),
+                 mirrors: Tuple[str, ...] = ()):
+        self._set(path=path, sources=sources, models=models, cache={} if cache is None else cache,
+                  adopt_from=adopt_from, mirrors=mirrors)
 
 
-@dataclass(frozen=True)
-class Project:
+class Project(_Frozen):
+    __slots__ = _FIELDS = ("config", "lock")
     config: Config
     lock: Lock
+
+    def __init__(self, config: Config, lock: Lock):
+        self._set(config=config, lock=lock)
 
     @property
     def config_path(self) -> Optional[Path]:
@@ -235,11 +303,13 @@ def _parse_cache(t, path) -> Dict[str, object]:
         value = t.get(key, [])
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{where} {key} must be a list of strings")
-    # lazy for speed: only a config with [cache] keys needs the signing module (a dataclass and
-    # base64 handling an up-to-date `build` of an ordinary project never uses)
-    from ..core.signing import PublicKey
-
-    for text in t.get("trusted-public-keys", []):
+    keys = t.get("trusted-public-keys", [])
+    if keys:
+        # lazy for speed: only a config with trusted keys needs the signing module (a dataclass
+        # and base64 handling an up-to-date `build` of an ordinary project never uses; ~11 M
+        # instructions)
+        from ..core.signing import PublicKey
+    for text in keys:
         try:
             PublicKey.parse(text)
         except UsageError as exc:

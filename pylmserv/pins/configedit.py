@@ -11,7 +11,6 @@ import contextlib
 import os
 import re
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 from typing import Dict, Iterator, Optional
 
@@ -98,7 +97,7 @@ def parse_config(text: str, path: Path) -> Config:
         raise ConfigError(exc.message.replace(tmp, str(path)), hint=exc.hint) from None
     finally:
         os.unlink(tmp)
-    return replace(cfg, path=path)
+    return cfg.replace(path=path)
 
 
 def write_config(path: Path, text: str) -> None:

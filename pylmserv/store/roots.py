@@ -116,7 +116,7 @@ def release_all() -> None:
     while _held:
         key, (fd, directory) = _held.popitem()
         try:
-            remove_no_follow(directory)
+            _remove_flat(directory)
             unlink_missing_ok(Path(str(directory) + ".flock"))
         except OSError:
             pass
@@ -125,6 +125,43 @@ def release_all() -> None:
                 os.close(fd)
             except OSError:
                 pass
+
+
+def _remove_flat(directory: Path) -> None:
+    """Remove this process's own directory of lock copies (flat: files only). It is opened
+    without following a link, its entries unlinked through that descriptor (a link as a
+    link) and the directory removed; anything else (a link or file in its place, a
+    directory planted in it) goes to remove_no_follow, which never follows a link either.
+    Not remove_no_follow first: its shutil import costs every `pylmserv` run ~7 M
+    instructions at exit (the up-to-date `build` budget)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return
+    except OSError:  # a link or a file where the directory was: not entered
+        remove_no_follow(directory)
+        return
+    try:
+        with os.scandir(fd) as it:
+            entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+        if any(is_dir for _, is_dir in entries):
+            entries = None
+        else:
+            for name, _ in entries:
+                try:
+                    os.unlink(name, dir_fd=fd)
+                except FileNotFoundError:
+                    pass
+    finally:
+        os.close(fd)
+    try:
+        if entries is None:
+            raise OSError("not flat")
+        os.rmdir(directory)
+    except FileNotFoundError:
+        pass
+    except OSError:  # a directory inside, filled again meanwhile, or swapped: the careful deleter
+        remove_no_follow(directory)
 
 
 def registered_locks(home: Optional[Path] = None, forget_missing: bool = True) -> List[Path]:
