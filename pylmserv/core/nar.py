@@ -142,15 +142,20 @@ class _Stream:
             raise _os_error(path, exc) from None
         got = 0
         try:
-            while got <= size:
+            while True:
                 if self.n == SEGMENT:
                     self._hand_over()
-                want = min(SEGMENT - self.n, size - got) or 1  # 1: the read that must find the end
+                # One byte more than is left: a short read then proves the end (a regular
+                # file reads short only at its end), so most files take one read, not two;
+                # a file that grew fills that byte and is refused below.
+                want = min(SEGMENT - self.n, size - got + 1)
                 k = os.readv(fd, [self.view[self.n:self.n + want]])
                 if not k:
                     break
                 self.n += k
                 got += k
+                if got > size or (k < want and got == size):
+                    break
         finally:
             os.close(fd)
         if got != size:
