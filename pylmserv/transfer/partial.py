@@ -135,8 +135,8 @@ class ResumeState:
     part's progress, and the sidecar that records it.
 
     While the run goes on, one thread saves the state about four times a second (so a
-    kill re-sends little) and another flushes finished bytes to disk (so the fsync before
-    the install has little left to do). The run only moves `Part.done` forward, after the
+    kill re-sends little) and another starts the disk writing the bytes that landed
+    (write-behind, not waiting for it), so the fsync before the install has little left. The run only moves `Part.done` forward, after the
     bytes are written; everything about the disk is here."""
 
     def __init__(self, file: PartialFile, min_part_size: int):
