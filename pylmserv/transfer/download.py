@@ -43,7 +43,7 @@ from .hasher import TrailingHasher
 from .partial import WRITEBACK_EVERY, Part, PartialFile, ResumeState
 from .scheduler import Demote, PartScheduler, new_parts
 from .http import (Probe, Transport, content_encoding, decoder_for, file_name, iter_raw,  # noqa: F401 - redact re-exported
-                   parse_content_range, raise_http, redact, short_error, transient_errors)
+                   parse_content_range, raise_http, redact, short_error, download_errors)
 
 log = logging.getLogger("pylmserv.download")
 
@@ -308,7 +308,7 @@ class _Engine:
         self._lock = threading.Lock()
         self.http = Transport(url, headers, pool_size=max(connections, 2) + 2,
                               read_timeout=self.stall_timeout, retry_base=RETRY_BASE)
-        self.transient = transient_errors()
+        self.transient = download_errors()
 
     def _count(self, n: int) -> None:
         with self._lock:

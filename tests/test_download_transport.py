@@ -1,5 +1,7 @@
-"""Write-behind (core.fsutil.start_writeback) moves a download's writeback earlier; it never
-replaces the fsync: the blob is fsynced before it is installed, with or without it."""
+"""What the download's speed work must not change: write-behind (core.fsutil.start_writeback)
+moves writeback earlier but never replaces the fsync before the install; the transport on
+urllib3 alone (no requests) keeps requests' proxy rules (its netrc logins and origin-only
+credentials: tests/test_url_secrets.py, tests/test_download.py)."""
 from __future__ import annotations
 
 import os
@@ -70,3 +72,48 @@ def test_the_partial_is_fsynced_before_it_is_installed_and_written_behind(server
     if not ranges:  # inline hints: one per MiB or more written (reads of up to 256 KiB), before the fsync
         hints = [i for i, e in enumerate(events) if e == ("writeback", partial_path)]
         assert 4 <= len(hints) <= 6 and hints[-1] < synced[-1], events
+
+
+def test_downloads_go_through_the_proxy_the_environment_names(tmp_path, monkeypatch):
+    """The download transport (urllib3, not requests) keeps requests' proxy rules: http_proxy
+    is used, NO_PROXY exempts a host. The 'proxy' is a loopback server that answers the
+    absolute-form request line for a host that does not exist."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from pylmserv.core.errors import NetworkError
+
+    data = os.urandom(300_000)
+    seen = []
+
+    class Proxy(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            seen.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY", "no_proxy", "NO_PROXY"):
+            monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{proxy.server_address[1]}")
+        url = "http://models.invalid/m.bin"
+        r = dl.download(url, tmp_path / "out.bin", expected=Hash.of_bytes(data), size=len(data),
+                        progress=False, tmp_dir=tmp_path / "tmp")
+        assert (tmp_path / "out.bin").read_bytes() == data and r.size == len(data)
+        assert seen and all(p.startswith("http://models.invalid/m.bin") for p in seen)
+        monkeypatch.setenv("no_proxy", "models.invalid")
+        seen.clear()
+        with pytest.raises(NetworkError, match="cannot reach"):
+            dl.download(url, tmp_path / "out2.bin", expected=Hash.of_bytes(data), size=len(data),
+                        progress=False, tmp_dir=tmp_path / "tmp")
+        assert seen == []
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
