@@ -35,16 +35,18 @@
       # Without any nixpkgs (flake-level `lib`): the same models and sources.
       fetchedBare = import ./nix/sources.nix { inherit lock; };
 
-      # A nixpkgs per flavour; CUDA is unfree, and nixpkgs' cudaSupport/rocmSupport make
-      # the rest of the set (e.g. BLAS, MPI) agree with the GPU backend.
+      # One nixpkgs, plus one that allows CUDA's unfree licence. GPU support is switched on
+      # per package (.override { cudaSupport = true; }), not by a global cudaSupport or
+      # rocmSupport, which would rebuild the rest of the set (BLAS, MPI, ...) and miss
+      # cache.nixos.org for all of it.
       nixpkgsFor = system: config: import nixpkgs {
         inherit system config;
         overlays = [ self.overlays.default ];
       };
-      pkgsFor = forAllSystems (system: {
+      pkgsFor = forAllSystems (system: rec {
         plain = nixpkgsFor system { };
-        cuda = nixpkgsFor system { allowUnfree = true; cudaSupport = true; };
-        rocm = nixpkgsFor system { rocmSupport = true; };
+        cuda = nixpkgsFor system { allowUnfree = true; };
+        rocm = plain;
       });
 
       cosmoccVersion =
@@ -89,6 +91,8 @@
         inherit (fetchedBare) sources models;
         inherit cosmoccVersion cosmoccPin;
       };
+
+      nixosModules.default = import ./nix/module.nix { inherit self; };
 
       overlays.default = final: prev:
         let
@@ -140,16 +144,20 @@
           default = p.plain.pylmserv;
           pylmserv = p.plain.pylmserv;
           llama-cpp = p.plain.pylmserv-llama-cpp;
+        }
+        # cosmocc and llamafile: Linux until a darwin build has been seen (nixpkgs' own
+        # cosmocc is linux-only too).
+        // when linux {
           cosmocc = p.plain.pylmserv-cosmocc;
           llamafile = p.plain.pylmserv-llamafile;
         }
-        // prefixed "cosmocc-" (builtins.listToAttrs (map (name: {
+        // when linux (prefixed "cosmocc-" (builtins.listToAttrs (map (name: {
           name = builtins.replaceStrings [ "cosmocc-" "cosmocc" ] [ "" "" ] name;
           value = p.plain.pylmserv-cosmocc.override {
             src = p.plain.pylmservSources.${name};
             version = p.plain.pylmservSources.${name}.version;
           };
-        }) (builtins.filter (n: builtins.match "cosmocc-.+" n != null) (builtins.attrNames (lock.sources or { })))))
+        }) (builtins.filter (n: builtins.match "cosmocc-.+" n != null) (builtins.attrNames (lock.sources or { }))))))
         // when linux {
           llama-cpp-cuda = p.cuda.pylmserv-llama-cpp.override { cudaSupport = true; };
           llama-cpp-vulkan = p.plain.pylmserv-llama-cpp.override { useVulkan = true; };
@@ -165,10 +173,12 @@
         pylmserv = {
           type = "app";
           program = "${self.packages.${system}.pylmserv}/bin/pylmserv";
+          meta.description = "pylmserv: build llama.cpp/llamafile from the lock, fetch hash-verified GGUF models";
         };
         llama-server = {
           type = "app";
           program = "${self.packages.${system}.llama-cpp}/bin/llama-server";
+          meta.description = "llama.cpp's OpenAI-compatible server (CPU build), pinned by pylmserv.lock";
         };
       });
 

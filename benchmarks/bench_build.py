@@ -6,10 +6,15 @@
   warm       `pylmserv build --force` into a fresh build dir with the ccache from `cold`
              (goal <= 0.2x cold)
   all        `cmake --build` of ALL targets (what a plain build does), fresh dir + empty ccache
-  uptodate   `pylmserv build` when the stamp is current vs `python3 -c pass`
-             (goal <= Python start + 100 ms): replayed from the record the build left
-             (store/replay.py), and the full command (no record: the config, lock,
-             environment or pylmserv changed since)
+  uptodate   `pylmserv build` when the stamp is current vs `python3 -c pass` (run the bench
+             with a clean venv's python for the honest baseline), measured in
+             turns in the same run (goal <= Python start + 100 ms), with pylmserv's bytecode
+             present (a copy of the package compiled first, as an installed package is) and
+             absent (a copy without __pycache__, PYTHONDONTWRITEBYTECODE=1). Without `cold`
+             in the same run, the build is stamped with stand-in outputs: the up-to-date path
+             reads the stamp and stats the outputs, never their content. With
+             --instructions (valgrind installed), each of the three is also counted in
+             instructions (callgrind), which other jobs on a shared machine do not change.
 
 The source is the real llama.cpp tree vendored in the llama-cpp-python sdist, served on
 127.0.0.1 and verified into the store once before timing (fetching is not build time).
@@ -61,12 +66,12 @@ def timed(argv, env, cwd=None, timeout=7200, check=True):
     return dt, proc
 
 
-def pylmserv_build(config, lock, env, targets, jobs, *extra):
+def pylmserv_build(config, lock, env, targets, jobs, *extra, cwd=None):
     argv = [sys.executable, "-m", "pylmserv", "--config", str(config), "--lock", str(lock), "build", "--json",
             "-j", str(jobs), *extra]
     for t in targets:
         argv += ["--target", t]
-    dt, proc = timed(argv, env)
+    dt, proc = timed(argv, env, cwd=cwd)
     return dt, json.loads(proc.stdout)
 
 
@@ -87,6 +92,34 @@ def seed_source(home: Path, lock: Path) -> Path:
     return ensure_source(load_lock(lock).entry("sources", "llama-cpp"), home)
 
 
+def code_copies(work: Path) -> dict:
+    """Two copies of the package: with its bytecode compiled (as installed) and without."""
+    import compileall
+
+    out = {}
+    for name, compiled in (("pyc", True), ("no-pyc", False)):
+        root = work / f"code-{name}"
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.copytree(REPO / "pylmserv", root / "pylmserv", ignore=shutil.ignore_patterns("__pycache__"))
+        if compiled:
+            assert compileall.compile_dir(str(root / "pylmserv"), quiet=1)
+        out[name] = root
+    return out
+
+
+def stamp_standin(home: Path, config: Path, lock: Path, targets) -> None:
+    """Stamp the build these arguments ask for with stand-in outputs (nothing compiles)."""
+    os.environ["PYLMSERV_HOME"] = str(home)
+    from pylmserv.builders import LlamaCppBuild
+    from pylmserv.builders.llama_cpp import Request
+    from tests.test_build_cli import stamp_standin_build, standin_source
+
+    b = LlamaCppBuild(Request(targets=tuple(targets)), config=config, lock=lock)
+    if not b.stamp_path.exists():
+        stamp_standin_build(b)
+    standin_source(b)  # an up-to-date build fetches a missing locked source back first
+
+
 def share_source(src_home: Path, dst_home: Path) -> None:
     """Give a fresh home the already-verified source tree (a copy: same path layout)."""
     for tree in (src_home / "sources").iterdir():
@@ -102,6 +135,8 @@ def main() -> None:
     ap.add_argument("--targets", default="llama-cli,llama-server,llama-bench")
     ap.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--runs", type=int, default=10, help="repetitions of the up-to-date measurement")
+    ap.add_argument("--instructions", action="store_true",
+                    help="uptodate: also count instructions with valgrind's callgrind (load-independent)")
     ap.add_argument("--workdir", type=Path, help="keep build trees here (default: a temp dir, removed)")
     args = ap.parse_args()
     only = [x for x in args.only.split(",") if x]
@@ -115,9 +150,10 @@ def main() -> None:
     results = {}
     with llama_source.served_project(work / "serve") as (config, lock, _):
         base_home = work / "home-seed"
-        seed_source(base_home, lock)
+        if set(only) - {"uptodate"}:  # builds need the source; an up-to-date answer alone does not
+            seed_source(base_home, lock)
 
-        if "cold" in only or "warm" in only or "uptodate" in only:
+        if "cold" in only or "warm" in only:  # (uptodate without cold: a stand-in stamp, below)
             home, cc = work / "home-cold", work / "ccache-cold"
             share_source(base_home, home)
             dt, data = pylmserv_build(config, lock, fresh_env(home, cc), targets, args.jobs)
@@ -160,31 +196,41 @@ def main() -> None:
             home = work / "home-cold"
             env = fresh_env(home, work / "ccache-cold")
             if "cold" not in results:
-                share_source(base_home, home)
-                pylmserv_build(config, lock, env, targets, args.jobs)
-            replay_dir = home / "replay"  # store/replay.py: what an up-to-date answer printed
-            base, base_cpu, full, full_cpu, upto, upto_cpu = [], [], [], [], [], []
-            for _ in range(args.runs):
-                base.append(timed([sys.executable, "-c", "pass"], env)[0])
-                base_cpu.append(LAST_CPU[0])
-                shutil.rmtree(replay_dir, ignore_errors=True)  # no record: the full command
-                dt, data = pylmserv_build(config, lock, env, targets, args.jobs)
-                assert data["cache_hit"], data
-                full.append(dt)
-                full_cpu.append(LAST_CPU[0])
-                dt, data = pylmserv_build(config, lock, env, targets, args.jobs)  # replayed from its record
-                assert data["cache_hit"], data
-                upto.append(dt)
-                upto_cpu.append(LAST_CPU[0])
-            b, f, u = statistics.median(base), statistics.median(full), statistics.median(upto)
-            bc, fc, uc = statistics.median(base_cpu), statistics.median(full_cpu), statistics.median(upto_cpu)
-            rows.append((f"python3 -c pass (median of {args.runs}, wall)", b, f"baseline; CPU {bc:.3f} s"))
-            rows.append((f"up-to-date, no record (median of {args.runs})", f,
-                         f"+{(f - b) * 1000:.0f} ms wall, +{(fc - bc) * 1000:.0f} ms CPU: the full command, "
-                         f"which records its answer"))
-            rows.append((f"up-to-date pylmserv build (median of {args.runs}, wall)", u,
-                         f"+{(u - b) * 1000:.0f} ms wall, +{(uc - bc) * 1000:.0f} ms CPU over Python start "
-                         f"(goal <= 100 ms): replayed"))
+                stamp_standin(home, config, lock, targets)
+            code = code_copies(work)
+            envs = {"pyc": dict(env, PYTHONPATH=str(code["pyc"])),
+                    "no-pyc": dict(env, PYTHONPATH=str(code["no-pyc"]), PYTHONDONTWRITEBYTECODE="1")}
+            wall = {k: [] for k in ("pass", "pyc", "no-pyc")}
+            cpu = {k: [] for k in wall}
+            for _ in range(args.runs):  # in turns: load on a shared machine hits all three alike
+                wall["pass"].append(timed([sys.executable, "-c", "pass"], env)[0])
+                cpu["pass"].append(LAST_CPU[0])
+                for name in ("pyc", "no-pyc"):
+                    # cwd outside the checkout: `python -m` would import ./pylmserv before PYTHONPATH's
+                    dt, data = pylmserv_build(config, lock, envs[name], targets, args.jobs, cwd=work)
+                    assert data["cache_hit"], data
+                    wall[name].append(dt)
+                    cpu[name].append(LAST_CPU[0])
+            assert not list((code["no-pyc"] / "pylmserv").rglob("*.pyc")), "bytecode was written"
+            assert data["paths"], data
+            med = {k: statistics.median(v) for k, v in wall.items()}
+            low = {k: min(v) for k, v in cpu.items()}
+            results["uptodate"] = {k: (med[k], statistics.median(cpu[k]), low[k]) for k in wall}
+            rows.append((f"python3 -c pass (median of {args.runs}, wall)", med["pass"],
+                         f"baseline; CPU median {statistics.median(cpu['pass']):.3f} s, min {low['pass']:.3f} s"))
+            if args.instructions:
+                argv = [sys.executable, "-m", "pylmserv", "--config", str(config), "--lock", str(lock), "build",
+                        "--json", *[a for t_ in targets for a in ("--target", t_)]]
+                ir = {"pass": instructions([sys.executable, "-c", "pass"], env, work),
+                      **{k: instructions(argv, envs[k], work) for k in ("pyc", "no-pyc")}}
+                for k in ("pyc", "no-pyc"):
+                    rows.append((f"instructions, {k} (callgrind)", ir[k] / 1e9,
+                                 f"+{(ir[k] - ir['pass']) / 1e6:.0f} M over `python3 -c pass` ({ir['pass'] / 1e6:.0f} M): "
+                                 f"{(ir[k] - ir['pass']) / ir['pass']:.2f}x Python start; seconds column = G instructions"))
+            for name, what in (("pyc", "bytecode present"), ("no-pyc", "bytecode absent")):
+                rows.append((f"up-to-date pylmserv build, {what} (median of {args.runs}, wall)", med[name],
+                             f"+{(med[name] - med['pass']) * 1000:.0f} ms wall, CPU +{(low[name] - low['pass']) * 1000:.0f} "
+                             f"ms (min) over Python start" + (" (goal <= 100 ms)" if name == "pyc" else "")))
 
         if "all" in only:
             home, cc = work / "home-all", work / "ccache-all"
@@ -208,6 +254,20 @@ def main() -> None:
         print(f"{name:<{width}}  {secs:>9.3f}  {note}")
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def instructions(argv, env, cwd) -> int:
+    """Instructions one run executes (valgrind --tool=callgrind: the whole process tree)."""
+    import re
+
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.run(["valgrind", "--tool=callgrind", "--trace-children=yes",
+                               f"--callgrind-out-file={tmp}/cg.%p", *argv], env=env, cwd=cwd, capture_output=True, text=True,
+                              timeout=600)
+    counts = [int(n) for n in re.findall(r"Collected : (\d+)", proc.stderr)]
+    if proc.returncode != 0 or not counts:
+        raise SystemExit(f"valgrind failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return sum(counts)
 
 
 def _split(line: str):

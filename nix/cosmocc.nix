@@ -47,6 +47,7 @@ stdenvNoCC.mkDerivation {
     # Exception) and third-party code under permissive licenses (MIT, BSD).
     license = with lib.licenses; [ isc gpl3Plus gpl2Plus lgpl21Plus mit bsd2 ];
     sourceProvenance = [ lib.sourceTypes.binaryNativeCode ];
-    platforms = lib.platforms.linux ++ lib.platforms.darwin;
+    # Linux until a darwin build has been seen (nixpkgs' own cosmocc is linux-only too).
+    platforms = lib.platforms.linux;
   };
 }

@@ -45,8 +45,11 @@
   # CUDA: which GPUs to compile kernels for. Defaults to nixpkgs' choice
   # (config.cudaCapabilities or its default list); override for smaller, faster builds.
   cudaCapabilities ? (cudaPackages.flags or cudaPackages.cudaFlags).cudaCapabilities,
-  # ROCm: which AMD GPU targets, ";"-separated (gfx1030;gfx1100...).
-  rocmGpuTargets ? lib.concatStringsSep ";" rocmPackages.clr.gpuTargets,
+  # ROCm: which AMD GPU targets, ";"-separated (gfx1030;gfx1100...). Like nixpkgs: the
+  # user's config.rocmGpuTargets (clr.localGpuTargets) when set, else clr's full list.
+  rocmGpuTargets ? lib.concatStringsSep ";" (
+    if (rocmPackages.clr.localGpuTargets or null) != null then rocmPackages.clr.localGpuTargets
+    else rocmPackages.clr.gpuTargets),
 
   # CUDA objects must be built with the stdenv nvcc supports (libstdc++ mismatches otherwise).
   effectiveStdenv ? if useCuda then cudaPackages.backendStdenv else stdenv,
@@ -85,7 +88,7 @@ let
 
   cudaBuildInputs = with cudaPackages; [ cuda_cudart (cudaPackages.cuda_cccl or cudaPackages.cccl) libcublas ];
   rocmBuildInputs = with rocmPackages; [ clr hipblas rocblas ];
-  vulkanBuildInputs = [ vulkan-headers vulkan-loader shaderc spirv-headers ];
+  vulkanBuildInputs = [ vulkan-headers vulkan-loader spirv-headers ];
 in
 
 assert lib.length gpuBackends <= 1
@@ -99,7 +102,9 @@ effectiveStdenv.mkDerivation {
 
   nativeBuildInputs =
     [ cmake ninja pkg-config git ]
-    ++ optionals useCuda [ cudaPackages.cuda_nvcc autoAddDriverRunpath ];
+    ++ optionals useCuda [ cudaPackages.cuda_nvcc autoAddDriverRunpath ]
+    # glslc compiles the shaders at build time: a build tool (cross builds run it here)
+    ++ optionals useVulkan [ shaderc ];
 
   buildInputs =
     [ openssl ]
@@ -137,7 +142,8 @@ effectiveStdenv.mkDerivation {
     ++ buildInfo
     ++ optionals useCuda [ (cmakeFeature "CMAKE_CUDA_ARCHITECTURES" cudaArchitectures) ]
     ++ optionals useRocm [
-      (cmakeFeature "CMAKE_HIP_COMPILER" "${rocmPackages.llvm.clang}/bin/clang")
+      # the HIP compiler nixpkgs' own ROCm packages use (clr's clang++)
+      (cmakeFeature "CMAKE_HIP_COMPILER" "${rocmPackages.clr.hipClangPath}/clang++")
       (cmakeFeature "CMAKE_HIP_ARCHITECTURES" rocmGpuTargets)
     ]
     ++ optionals useMetal [

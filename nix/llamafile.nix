@@ -20,6 +20,7 @@
   cudaPackages ? { },
   cudaSupport ? false,
   autoAddDriverRunpath ? null,
+  patchelf ? null,
   addDriverRunpath ? { driverLink = "/run/opengl-driver"; },
 
   src, # the locked source (nix/sources.nix)
@@ -61,6 +62,30 @@ let
   # real driver library is loaded at run time. No -lcublas: tinyBLAS replaces it.
   cudaStubs = "${lib.getOutput "stubs" cudaPackages.cuda_cudart}/lib/stubs";
   linkFlags = [ "-L${cudaStubs}" "-lcuda" ];
+  # nixpkgs' ld-wrapper adds an -rpath for every store -L directory that supplies a
+  # library, so the stub directory above ends up in ggml-cuda.so's RUNPATH, and the copy
+  # zipped into the llamafile is never fixed up: on a machine without the driver
+  # directory the stub libcuda.so.1 would load instead of the driver. Before zipping,
+  # drop stub entries from the RUNPATH as nixpkgs' cudaPackages.removeStubsFromRunpathHook
+  # does for installed files (pkgs/development/cuda-modules/.../removeStubsFromRunpathHook:
+  # entries ending in /lib/stubs or -stubs/lib go, the driver directory is kept once).
+  driverLib = "${addDriverRunpath.driverLink}/lib";
+  stripStubsFromRunpath = ''
+    stripStubsFromRunpath() {
+      local entry new="" seen=":"
+      local -a entries=()
+      IFS=: read -ra entries <<< "$(patchelf --print-rpath "$1")"
+      for entry in ${driverLib} "''${entries[@]}"; do
+        case "$entry" in
+          "" | */lib/stubs | */lib/stubs/ | *-stubs/lib) continue ;;
+        esac
+        case "$seen" in *":$entry:"*) continue ;; esac
+        seen="$seen$entry:"
+        new="''${new:+$new:}$entry"
+      done
+      patchelf --set-rpath "$new" "$1"
+    }
+  '';
   # Arguments llamafile reads from its own zip (`...` = the user's arguments).
   zipArgs = [ "--nocompile" "..." ];
   seedName = lib.escapeShellArg cosmoccVersion;
@@ -72,7 +97,7 @@ effectiveStdenv.mkDerivation {
   pname = "llamafile" + lib.optionalString useCuda "-cuda";
   inherit version src;
 
-  nativeBuildInputs = lib.optionals useCuda [ cudaPackages.cuda_nvcc autoAddDriverRunpath ];
+  nativeBuildInputs = lib.optionals useCuda [ cudaPackages.cuda_nvcc autoAddDriverRunpath patchelf ];
   buildInputs = lib.optionals useCuda (with cudaPackages; [ cuda_cudart libcublas ]);
 
   # Where llamafile's Makefile expects cosmocc; its download rule targets this directory
@@ -112,6 +137,8 @@ effectiveStdenv.mkDerivation {
       if [ -e "$f" ]; then cp "$f" cuda-build/; fi
     done
     (cd cuda-build && nvcc ${lib.escapeShellArgs nvccFlags} -o ggml-cuda.so ggml-cuda.cu ${lib.escapeShellArgs linkFlags})
+    ${stripStubsFromRunpath}
+    stripStubsFromRunpath cuda-build/ggml-cuda.so
   '';
 
   postInstall = lib.optionalString useCuda ''
@@ -132,6 +159,7 @@ effectiveStdenv.mkDerivation {
     nvccFlags = if useCuda then nvccFlags else [ ];
     linkFlags = if useCuda then linkFlags else [ ];
     zipArgs = if useCuda then zipArgs else [ ];
+    stripStubsFromRunpath = if useCuda then stripStubsFromRunpath else "";
   };
 
   meta = {
@@ -139,6 +167,7 @@ effectiveStdenv.mkDerivation {
     homepage = "https://github.com/Mozilla-Ocho/llamafile";
     license = lib.licenses.asl20;
     mainProgram = "llamafile";
-    platforms = if useCuda then [ "x86_64-linux" ] else lib.platforms.linux ++ lib.platforms.darwin;
+    # Linux until a darwin build has been seen (it needs cosmocc, linux-only here).
+    platforms = if useCuda then [ "x86_64-linux" ] else lib.platforms.linux;
   };
 }

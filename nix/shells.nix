@@ -35,10 +35,15 @@ let
   # Every output of every part (bin/ from .out, include/ from .dev, lib/ from .lib,
   # the driver stub from cuda_cudart.stubs): one tree, like a toolkit install.
   allOutputs = p: map (o: p.${o}) (p.outputs or [ "out" ]);
+  # The driver stub is for linking only (CMake's FindCUDAToolkit looks in lib/stubs): a
+  # libcuda.so(.1) directly in lib/ would be found at run time instead of the driver.
   cudaParts = with cudaPackages; [ cuda_nvcc cuda_cudart (cudaPackages.cuda_cccl or cudaPackages.cccl) libcublas ];
   cudaRoot = symlinkJoin {
     name = "cuda-merged-${cudaPackages.cudaVersion or "unknown"}";
     paths = lib.concatMap allOutputs cudaParts;
+    postBuild = ''
+      rm -f "$out/lib/libcuda.so" "$out/lib/libcuda.so.1"
+    '';
   };
 
   shellStdenv = if variant == "cuda" then cudaPackages.backendStdenv else stdenv;
@@ -50,17 +55,24 @@ in
 assert lib.elem variant [ "default" "cuda" "rocm" ];
 assert lib.hasPrefix "sha256-" sri || throw "shells.nix: the cosmocc pin's hash ${sri} is not an SRI sha256";
 
-(mkShell.override { stdenv = shellStdenv; }) {
+(mkShell.override { stdenv = shellStdenv; }) ({
   name = "pylmserv-${variant}";
   inputsFrom = [ llama-cpp ];
-  packages = [ python ccache unzip nix-prefetch-git cosmocc ]
+  packages = [ python ccache unzip nix-prefetch-git ]
+    ++ lib.optionals stdenv.hostPlatform.isLinux [ cosmocc ]  # linux-only (nix/cosmocc.nix)
     ++ lib.optionals (variant == "cuda") cudaParts;
 
-  CUDA_PATH = if variant == "cuda" then "${cudaRoot}" else null;
-  ROCM_PATH = if variant == "rocm" then "${rocmPackages.clr}" else null;
   PYLMSERV_COSMOCC_ZIP = "${cosmoccZip}";
 
   passthru = { inherit cudaRoot cudaParts; };
+}
+# Only the shell of that backend sets its variables: an exported empty CUDA_PATH is not
+# "no CUDA" to every tool.
+// lib.optionalAttrs (variant == "cuda") { CUDA_PATH = "${cudaRoot}"; }
+// lib.optionalAttrs (variant == "rocm") {
+  ROCM_PATH = "${rocmPackages.clr}";
+  HIP_DEVICE_LIB_PATH = "${rocmPackages.rocm-device-libs}/amdgcn/bitcode";
+} // {
 
   shellHook = ''
     export CCACHE_DIR="''${CCACHE_DIR:-$HOME/.cache/ccache}"
@@ -94,4 +106,4 @@ assert lib.hasPrefix "sha256-" sri || throw "shells.nix: the cosmocc pin's hash 
     fi
     unset pylmserv_root pylmserv_venv pylmserv_home pylmserv_blob
   '';
-}
+})

@@ -1,7 +1,5 @@
-"""`pylmserv` and `python -m pylmserv`: an up-to-date build is answered from its record
-(store/replay.py) before the command line (click) and the builders are imported; other
-commands (fetch, hash) do not even import the replay module. `pylmserv hash PATH`, the
-plain form, is answered without the command line's imports too (_hash_path)."""
+"""`pylmserv` and `python -m pylmserv`. `pylmserv hash PATH`, the plain form, is answered
+without the command line's imports (_hash_path)."""
 from __future__ import annotations
 
 import sys
@@ -11,11 +9,6 @@ def main(argv=None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if _hash_path(args):
         return
-    if "build" in args:  # only a build is replayed: other commands do not pay for the module
-        from .store import replay
-
-        if replay.replay(args):
-            return
     from .cli import main as cli_main
 
     cli_main(args)

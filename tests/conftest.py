@@ -118,3 +118,14 @@ def _uses_nix(item) -> bool:
             if names & {"nix_env", "have_nix"}:
                 return True
     return False
+
+
+@pytest.fixture
+def deep_tmp_path(tmp_path):
+    """tmp_path for a test that makes trees ~1,000 directories deep: removed after the test
+    with pylmserv's own non-recursive deleter, since pytest's later cleanup of old temp
+    directories (shutil.rmtree, recursive) hits RecursionError on them."""
+    from pylmserv.core.fsutil import remove_no_follow
+
+    yield tmp_path
+    remove_no_follow(tmp_path)

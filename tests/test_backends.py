@@ -26,6 +26,7 @@ from pylmserv.builders.auto import choose_backend
 from tests.conftest import run_cli
 from tests.support import llama_source
 from tests.support import standin_tools as st
+from tests.support.tools import missing, require  # noqa: F401
 
 NO_DRM = Path("/nonexistent/drm")
 
@@ -158,7 +159,7 @@ def _cmake_tree(dest: Path, version: str = llama_source.SDIST_VERSION) -> Path:
     llama_source.require_sdist() if version == llama_source.SDIST_VERSION else None
     sdist = llama_source.sdist_path(version)
     if not sdist.is_file():
-        pytest.skip(f"{sdist} not cached (scripts/setup-dev.sh downloads it)")
+        missing(f"{sdist}", "scripts/setup-dev.sh downloads it")
     prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
     wanted = ("CMakeLists.txt", "ggml/CMakeLists.txt", "ggml/src/ggml-hip/CMakeLists.txt",
               "ggml/src/ggml-vulkan/ggml-vulkan.cpp", "common/CMakeLists.txt")
@@ -217,7 +218,7 @@ def test_rocm_minimum_follows_the_source(tmp_path):
 def _real_headers():
     sdk = vulkan.detect_vulkan_sdk()
     if not sdk.headers:
-        pytest.skip("no Vulkan C++ headers here (apt-get install libvulkan-dev)")
+        missing("Vulkan C++ headers", "apt-get install libvulkan-dev; scripts/setup-dev.sh installs it")
     return sdk
 
 
@@ -260,8 +261,7 @@ def test_vulkan_header_gaps_derived_from_source_not_a_table(tmp_path):
 
 
 def test_doctor_vulkan_real_machine_names_devices_and_software_rasterizer(home):
-    if not shutil.which("vulkaninfo"):
-        pytest.skip("vulkaninfo not installed")
+    require(shutil.which("vulkaninfo"), "vulkaninfo", "apt-get install vulkan-tools; scripts/setup-dev.sh installs it")
     devices = vulkan.detect_vulkan_devices()
     proc = run_cli("doctor", "--backend", "vulkan", "--json")
     checks = {c["name"]: c for c in json.loads(proc.stdout)["checks"]}

@@ -16,6 +16,7 @@ from pylmserv.builders.llama_cpp import Request
 from pylmserv.pins.config import Lock, LockEntry
 from pylmserv.core.hashing import Hash
 from tests.conftest import run_cli
+from tests.support.tools import missing, require  # noqa: F401
 
 FAKE_NAR = Hash.parse("sha256-/VS3L3/j1LdGRc3eRUJVAzEr3gRjlpGZRU8dO2yOdlY=")
 
@@ -213,8 +214,7 @@ def test_step_timeout_kills_the_step_and_says_so(tmp_path):
     from pylmserv.builders.toolchain import detect_ninja
 
     ninja = detect_ninja()
-    if not ninja.found:
-        pytest.skip("ninja not installed")
+    require(ninja.found, "ninja", "the [test] extra's ninja wheel, or apt-get install ninja-build")
     # a real ninja running a silent 30 s step: ninja must pass the stop on to its child
     (tmp_path / "build.ninja").write_text("rule slow\n  command = sleep 30 && touch $out\nbuild out: slow\n")
     log = tmp_path / "build.log"

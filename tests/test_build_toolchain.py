@@ -9,6 +9,7 @@ import stat
 from pathlib import Path
 
 import pytest
+from tests.support.tools import require_module
 
 from pylmserv.builders.backends import cuda, rocm
 from pylmserv.builders import toolchain as tc
@@ -108,7 +109,7 @@ def test_nvcc_standin_release_version(bindir):
 def test_cmake_too_old_falls_back_to_the_pypi_wheel(bindir):
     standin(bindir, "cmake", "cmake version 3.10.2\n\nCMake suite maintained and supported by Kitware.\n")
     cmake = tc.detect_cmake(env_for(bindir))
-    pytest.importorskip("cmake")  # the [test] extra installs the wheel
+    require_module("cmake")  # the [test] extra installs the wheel
     assert cmake.origin == "pip-wheel" and cmake.version >= tc.MIN_CMAKE
     assert tc.detect_cmake(env_for(bindir), use_wheel=False).version == (3, 10, 2)
 

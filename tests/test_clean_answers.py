@@ -189,9 +189,9 @@ def test_build_fetches_back_a_source_verify_moved_aside(tmp_path, home):
 # -- archives 1,000 directories deep -------------------------------------------------------
 
 @pytest.mark.nix
-def test_prefetch_of_a_tar_1000_directories_deep_matches_nix(tmp_path, home, nix):
-    archive = deep_tar(tmp_path / "deep.tar.gz")
-    proj = tmp_path / "proj"
+def test_prefetch_of_a_tar_1000_directories_deep_matches_nix(deep_tmp_path, home, nix):
+    archive = deep_tar(deep_tmp_path / "deep.tar.gz")
+    proj = deep_tmp_path / "proj"
     proj.mkdir()
     (proj / "pylmserv.toml").write_text(f'[sources.deep]\ntype = "url"\nurl = "file://{archive}"\nunpack = true\n')
     proc = run_cli("prefetch", "--via", "python", cwd=proj)
@@ -203,9 +203,9 @@ def test_prefetch_of_a_tar_1000_directories_deep_matches_nix(tmp_path, home, nix
     assert Hash.parse(pinned).nix32 == oracle.stdout.strip()
 
 
-def test_fetch_verify_gc_of_a_model_archive_1000_directories_deep(tmp_path, home):
-    model = write_gguf(tmp_path / "m.gguf").read_bytes()
-    archive = deep_tar(tmp_path / "deep-model.tar.gz", leaf="m.gguf", data=model)
+def test_fetch_verify_gc_of_a_model_archive_1000_directories_deep(deep_tmp_path, home):
+    model = write_gguf(deep_tmp_path / "m.gguf").read_bytes()
+    archive = deep_tar(deep_tmp_path / "deep-model.tar.gz", leaf="m.gguf", data=model)
     h = Hash.of_bytes(archive.read_bytes())
     proc = run_cli("fetch", f"file://{archive}", "--sha256", h.hex, "--no-progress")
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr

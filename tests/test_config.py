@@ -90,8 +90,9 @@ PUBLISHED = {  # from the issue: published pins the default catalog must carry e
     ("sources", "cosmocc-4_0_2"): "85b8c37a406d862e656ad4ec14be9f6ce474c1b436b9615e91a55208aced3f44",
     ("models", "stories15m"): "6151b1929d7f5aa3385d9ddef3393e55587c0a55de661562322bc51dfda93a04",
     ("models", "mistral-7b-instruct-v0_2"): "3e0039fd0273fcbebb49228943b17831aadd55cbcbf56f0af00499be2040ccf9",
-    ("models", "phi-3-mini-4k-instruct"): "8a83c7fb9049a9b2e92266fa7ad04933bb53aa1e85136b7b30f1b8000ff2edef",
 }
+# phi-3-mini-4k-instruct's published sha256 (8a83c7fb...2edef) has no published commit: it
+# is not in the packaged lock, where nothing may move (issue 18).
 
 
 def test_default_catalog_carries_the_published_pins_in_both_copies():
@@ -103,3 +104,16 @@ def test_default_catalog_carries_the_published_pins_in_both_copies():
     config = load_config(packaged_dir() / "pylmserv.toml")
     assert set(config.sources) == set(root.sources)
     assert "gemma-2b" in config.models and "gemma-2b" not in root.models  # unpinned stays unpinned
+
+
+def test_nothing_in_the_packaged_lock_can_move():
+    """Every Hugging Face pin of the packaged catalog names a commit, never a branch such
+    as `main` (a URL at a branch serves other bytes once the branch moves)."""
+    import re
+
+    packaged = load_lock(packaged_dir() / "pylmserv.lock", missing_ok=False)
+    hf = [e for e in packaged.models.values() if e.get("type") == "hf" or "/resolve/" in e.url]
+    assert hf
+    for entry in hf:
+        assert re.fullmatch(r"[0-9a-f]{40}", entry.rev or ""), (entry.name, entry.rev)
+        assert f"/resolve/{entry.rev}/" in entry.url, (entry.name, entry.url)

@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from pylmserv.app.doctor import FAIL, OK, WARN, Machine, check_lock, check_nix, check_store, diagnose
 from tests.conftest import run_cli
 from tests.support import standin_tools as st
+from tests.support.tools import missing, require  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEM_NVCC = Path("/usr/local/cuda/bin/nvcc")  # toolchain.detect_nvcc also looks here, off PATH
@@ -200,8 +201,8 @@ def test_real_build_tools_of_this_machine(tmp_path):
 
 # -- Nix -----------------------------------------------------------------------------------
 
-@pytest.mark.skipif(shutil.which("nix") is None, reason="real Nix not installed")
 def test_nix_flakes_enabled_and_disabled(tmp_path):
+    require(shutil.which("nix"), "real Nix", "apt-get install nix-bin; scripts/setup-dev.sh installs it")
     base = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "NIX_REMOTE": ""}
     on = by_name(check_nix(Machine(environ=dict(base, NIX_CONFIG="experimental-features = nix-command flakes"))))
     assert on["nix"].status == OK and "Nix" in on["nix"].detail

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import flakeworld as fw
+from tests.support.tools import missing, require  # noqa: F401
 
 pytestmark = pytest.mark.nix
 
@@ -31,7 +32,7 @@ LLAMAFILE_FIXTURE = fw.REPO.parent / "shared" / "fixtures" / "llamafile-0.8.4.ta
 
 def _driver_calls() -> list:
     if not LLAMAFILE_FIXTURE.is_file():
-        pytest.skip(f"llamafile fixture absent ({LLAMAFILE_FIXTURE})")
+        missing(f"llamafile fixture ({LLAMAFILE_FIXTURE})", "../shared/fixtures beside the checkout")
     with tarfile.open(LLAMAFILE_FIXTURE) as tar:
         src = tar.extractfile("llamafile-0.8.4/llama.cpp/ggml-cuda.cu").read().decode()
     return sorted(set(re.findall(r"\b(cu[A-Z][A-Za-z0-9]*)\s*\(", src)))
@@ -61,8 +62,7 @@ def unresolved_driver_symbols(dso: Path, search: list) -> list:
 def flags(tmp_path_factory):
     from tests.support.nixenv import have_nix, nix_env
 
-    if not have_nix():
-        pytest.skip("real Nix not installed")
+    require(have_nix(), "real Nix", "apt-get install nix-bin; scripts/setup-dev.sh installs it")
     patch = pytest.MonkeyPatch()
     for key, value in nix_env().items():
         patch.setenv(key, value)
@@ -70,7 +70,7 @@ def flags(tmp_path_factory):
     shutil.copy2(fw.REPO / "pylmserv.lock", flake / "pylmserv.lock")
     proc = fw.nix("nix", "eval", "--json", *fw.override_nixpkgs(), f"path:{flake}#packages.x86_64-linux.llamafile-cuda",
                   "--apply", 'p: let q = p.override { cudaCapabilities = [ "8.9" ]; }; in '
-                             '{ inherit (q) nvccFlags linkFlags; }')
+                             '{ inherit (q) nvccFlags linkFlags stripStubsFromRunpath postBuild postInstall; }')
     assert proc.returncode == 0, proc.stderr
     patch.undo()
     return json.loads(proc.stdout)
@@ -115,3 +115,45 @@ def test_without_the_link_flags_driver_symbols_are_unresolved(flags, probe):
     _run("nvcc", *flags["nvccFlags"], "-o", "unlinked.so", "ggml-cuda.cu", cwd=work)
     missing = unresolved_driver_symbols(work / "unlinked.so", [str(stubs)])
     assert set(missing) == set(calls)
+
+
+def runpath(dso: Path) -> list:
+    m = re.search(r"\((?:RUNPATH|RPATH)\)\s+Library (?:runpath|rpath): \[([^\]]*)\]", _run("readelf", "-d", str(dso)))
+    return m.group(1).split(":") if m else []
+
+
+def test_the_zipped_module_has_no_stub_directory_in_its_runpath(flags, probe, tmp_path):
+    """nixpkgs' ld-wrapper adds `-rpath DIR` for every store -L directory that supplies a
+    library: here the stub directory. The flake strips it (postBuild, before postInstall
+    zips the module into the llamafile, where no fixup reaches it); the copy read back out
+    of the zip has the driver directory and no stub path."""
+    require(shutil.which("patchelf"), "patchelf", "apt-get install patchelf; scripts/setup-dev.sh installs it")
+    work, stubs, calls = probe
+    assert "stripStubsFromRunpath cuda-build/ggml-cuda.so" in flags["postBuild"]
+    assert flags["postBuild"].index("nvcc ") < flags["postBuild"].index("stripStubsFromRunpath cuda-build")
+    assert "zipalign" in flags["postInstall"] and "stripStubs" not in flags["postInstall"]
+    wrapper_rpath = f"--linker-options=-rpath,{stubs}"  # what ld-wrapper adds for -L<stubs> -lcuda
+    _run("nvcc", *flags["nvccFlags"], wrapper_rpath, "-o", "ggml-cuda.so", "ggml-cuda.cu",
+         f"-L{stubs}", "-lcuda", cwd=work)
+    dso = work / "ggml-cuda.so"
+    assert str(stubs) in runpath(dso)  # the problem, as a Nix build would have it
+    _run("bash", "-c", flags["stripStubsFromRunpath"] + '\nstripStubsFromRunpath "$1"', "strip", str(dso))
+    # what postInstall does (zipalign -j0: stored, top of the zip), then the copy read back
+    _run("zip", "-0", "-j", str(tmp_path / "llamafile.zip"), str(dso))
+    _run("unzip", "-q", str(tmp_path / "llamafile.zip"), "-d", str(tmp_path / "out"))
+    zipped = runpath(tmp_path / "out" / "ggml-cuda.so")
+    assert zipped and not [e for e in zipped if "stubs" in e], zipped
+    assert zipped[0] == "/run/opengl-driver/lib" and zipped.count("/run/opengl-driver/lib") == 1
+    assert "libcuda.so.1" in re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]",
+                                        _run("readelf", "-d", str(tmp_path / "out" / "ggml-cuda.so")))
+
+
+def test_stripping_keeps_other_entries_in_order(flags, tmp_path):
+    require(shutil.which("patchelf"), "patchelf", "apt-get install patchelf; scripts/setup-dev.sh installs it")
+    (tmp_path / "x.c").write_text("int x(void) { return 1; }\n")
+    dso = tmp_path / "x.so"
+    entries = ["/nix/store/aaa-cuda_cudart-13.0-stubs/lib", "/nix/store/bbb-libcublas-13.0/lib",
+               "/nix/store/ccc-cuda_cudart-13.0/lib/stubs", "/run/opengl-driver/lib", "/nix/store/ddd-glibc/lib"]
+    _run("gcc", "-shared", "-fPIC", f"-Wl,-rpath,{':'.join(entries)}", "-o", str(dso), str(tmp_path / "x.c"))
+    _run("bash", "-c", flags["stripStubsFromRunpath"] + '\nstripStubsFromRunpath "$1"', "strip", str(dso))
+    assert runpath(dso) == ["/run/opengl-driver/lib", "/nix/store/bbb-libcublas-13.0/lib", "/nix/store/ddd-glibc/lib"]

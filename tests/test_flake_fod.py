@@ -22,6 +22,7 @@ from pylmserv.core.hashing import Hash
 from tests.support import flakeworld as fw
 from tests.support.httpserver import serve_directory
 from tests.support.nixenv import have_nix, nix_env
+from tests.support.tools import missing, require  # noqa: F401
 
 pytestmark = pytest.mark.nix
 
@@ -39,7 +40,7 @@ def shared_world(tmp_path_factory):
     if not have_nix():
         if os.environ.get("CI"):
             pytest.fail("nix-bin is not installed; .ci/run installs it")
-        pytest.skip("real Nix not installed (apt-get install nix-bin)")
+        missing("real Nix", "apt-get install nix-bin; scripts/setup-dev.sh installs it")
     patch = pytest.MonkeyPatch()
     for key, value in nix_env().items():
         patch.setenv(key, value)

@@ -25,6 +25,7 @@ import pytest
 from tests.support import flakeworld as fw
 from tests.support import llama_source
 from tests.support.nixenv import have_nix, nix_env
+from tests.support.tools import missing, require  # noqa: F401
 
 
 # find_package name -> the nixpkgs inputs that provide it (None: the stdenv/CMake itself).
@@ -46,7 +47,7 @@ BACKEND_DIRS = {"vulkan": "ggml/src/ggml-vulkan", "rocm": "ggml/src/ggml-hip", "
 def vendored(tmp_path_factory) -> Path:
     """The CMake files and .devops/nix of the vendored llama.cpp."""
     if not llama_source.have_sdist():
-        pytest.skip(f"llama-cpp-python sdist not cached ({llama_source.SDIST}); scripts/setup-dev.sh fetches it")
+        missing(f"llama-cpp-python sdist ({llama_source.SDIST})", "scripts/setup-dev.sh fetches it")
     dest = tmp_path_factory.mktemp("vendored")
     prefix = llama_source.VENDOR_PREFIX
     with tarfile.open(llama_source.SDIST) as tar:
@@ -64,8 +65,7 @@ def vendored(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def derivations(tmp_path_factory):
-    if not have_nix():
-        pytest.skip("real Nix not installed (apt-get install nix-bin)")
+    require(have_nix(), "real Nix", "apt-get install nix-bin; scripts/setup-dev.sh installs it")
     patch = pytest.MonkeyPatch()
     for key, value in nix_env().items():
         patch.setenv(key, value)
@@ -197,7 +197,7 @@ def test_upstream_package_nix_inputs_are_all_ours(vendored, derivations):
 def vendored_tree(tmp_path_factory) -> Path:
     """The whole vendored llama.cpp tree (configure needs the sources, not only CMake files)."""
     if not llama_source.have_sdist():
-        pytest.skip(f"llama-cpp-python sdist not cached ({llama_source.SDIST})")
+        missing(f"llama-cpp-python sdist ({llama_source.SDIST})", "scripts/setup-dev.sh fetches it")
     dest = tmp_path_factory.mktemp("tree")
     prefix = llama_source.VENDOR_PREFIX
     with tarfile.open(llama_source.SDIST) as tar:
@@ -222,8 +222,7 @@ def test_cpu_flags_configure_the_vendored_llama_cpp_with_real_cmake(vendored_tre
     every x86 CPU variant is added, and the generated build info carries the lock's
     build number and commit (what `llama-server --version` prints)."""
     cmake = shutil.which("cmake")
-    if not cmake or not shutil.which("ninja"):
-        pytest.skip("cmake/ninja not on PATH")
+    require(cmake and shutil.which("ninja"), "cmake/ninja on PATH", "the [test] extra installs both")
     _, drvs = derivations
     flags = [re.sub(r"^(-DGGML_BACKEND_DIR:STRING=)/[a-z0-9]+/lib$", rf"\g<1>{tmp_path}/out/lib", f)
              for f in drvs["cpu"]["flags"]]

@@ -78,14 +78,14 @@ def test_special_files_are_refused_by_nar(tmp_path):
         nar_hash(tmp_path)
 
 
-def test_thousand_levels_deep_without_recursion(tmp_path):
+def test_thousand_levels_deep_without_recursion(deep_tmp_path):
     """The walk keeps its own stack: 1,000 levels hash under a recursion limit of 200
     (the CLI and Nix oracle check of the same depth is in test_clean_errors)."""
     import sys
 
     from tests.test_clean_errors import deep_tree
 
-    tree = deep_tree(tmp_path / "deep", 1000)
+    tree = deep_tree(deep_tmp_path / "deep", 1000)
     limit = sys.getrecursionlimit()
     sys.setrecursionlimit(200)
     try:

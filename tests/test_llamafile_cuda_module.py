@@ -25,6 +25,7 @@ from pylmserv.core.errors import BuildError
 from pylmserv.core.hashing import Hash
 from pylmserv.pins.config import Lock, LockEntry
 from tests.conftest import run_cli
+from tests.support.tools import missing, require  # noqa: F401
 
 FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "llamafile-0.8.4.tar.gz"
 if not FIXTURE.is_file():
@@ -35,7 +36,13 @@ DRIVER_SYMBOLS = {"cuDeviceGet", "cuDeviceGetAttribute", "cuGetErrorString", "cu
                   "cuMemRelease", "cuMemSetAccess", "cuMemUnmap"}
 
 needs_nvcc = pytest.mark.skipif(not cuda.detect_nvcc().found, reason="no nvcc on this machine")
-needs_binutils = pytest.mark.skipif(not (shutil.which("readelf") and shutil.which("nm")), reason="no binutils")
+
+
+@pytest.fixture
+def binutils():
+    require(shutil.which("readelf") and shutil.which("nm"), "binutils (readelf, nm)",
+            "apt-get install binutils; scripts/setup-dev.sh installs it")
+
 
 
 @pytest.fixture
@@ -43,7 +50,7 @@ def real_llamafile_lock(tmp_path, http_dir):
     """A lock pinning the real llamafile 0.8.4 tarball, served on loopback. No cosmocc pin:
     --module-only must not need one."""
     if not FIXTURE.is_file():
-        pytest.skip(f"{FIXTURE} missing")
+        missing(f"{FIXTURE}", "../shared/fixtures beside the checkout")
     www, base = http_dir
     shutil.copyfile(FIXTURE, www / FIXTURE.name)
     src = LockEntry("sources", "llamafile", f"{base}/{FIXTURE.name}", Hash.parse(PINNED), "nar", rev="0.8.4",
@@ -62,7 +69,7 @@ def _run(argv):
 
 
 @needs_nvcc
-@needs_binutils
+@pytest.mark.usefixtures("binutils")
 def test_real_ggml_cuda_module_compiles_and_links_lcuda(tmp_path, home, real_llamafile_lock, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "userhome"))  # nvcc may write caches under HOME
     cfg, lock = real_llamafile_lock
@@ -94,13 +101,12 @@ def test_real_ggml_cuda_module_compiles_and_links_lcuda(tmp_path, home, real_lla
     assert again.returncode == 0 and json.loads(again.stdout)["cache_hit"]
 
 
-@needs_binutils
+@pytest.mark.usefixtures("binutils")
 def test_module_without_lcuda_is_refused_by_the_link_check(tmp_path):
     """The failure users hit: a module linked without -lcuda leaves driver symbols with no
     NEEDED library to provide them. Real cc, real readelf/nm, a small C module."""
     cc = tc.detect_compilers()[0].path
-    if not cc:
-        pytest.skip("no C compiler")
+    require(cc, "a C compiler", "apt-get install gcc; scripts/setup-dev.sh installs it")
     src = tmp_path / "mod.c"
     src.write_text("int cuDeviceGet(int *d, int o);\nint cuMemCreate(void *h, unsigned long s, void *p, "
                    "unsigned long long f);\nint probe(void) { int d; return cuDeviceGet(&d, 0) + "
@@ -136,13 +142,14 @@ def test_module_only_needs_a_gpu_backend(home, tmp_path, real_llamafile_lock):
 
 
 @needs_nvcc
-@needs_binutils
+@pytest.mark.usefixtures("binutils")
 def test_real_ggml_cuda_module_with_cublas_links_lcublas_too(tmp_path, home, real_llamafile_lock, monkeypatch):
     """--cuda-blas cublas: upstream's other link line (`-lcublas -lcuda`). cuBLAS comes from
     the toolkit or NVIDIA's PyPI wheel (scripts/backends-check.sh installs the wheel)."""
     cublas = cuda.detect_cublas(cuda.detect_nvcc())
-    if not cublas.found:
-        pytest.skip("no cuBLAS here (pip install nvidia-cublas==<CUDA major.minor>.*)")
+    # setup-dev.sh installs NVIDIA's cuBLAS wheel for the CUDA version of the nvcc it finds
+    require(cublas.found, "cuBLAS", "pip install 'nvidia-cublas==<nvcc's CUDA major.minor>.*'; "
+                                    "scripts/setup-dev.sh installs it where nvcc is")
     monkeypatch.setenv("HOME", str(tmp_path / "userhome"))
     cfg, lock = real_llamafile_lock
     proc = run_cli("--config", cfg, "--lock", lock, "build", "llamafile", "--backend", "cuda", "--module-only",

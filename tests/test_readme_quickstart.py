@@ -217,10 +217,12 @@ def test_quickstart_main_job_offline_variant(tmp_path):
                                      size=model.stat().st_size, extra=dict(real.extra)))
     lock.write(project / "pylmserv.lock")
 
-    # A fresh home that shares only the build tree (so serve's build is a cache hit).
+    # A fresh home that shares only the build tree and the source it was built from (so
+    # serve's build is a cache hit: an up-to-date build whose source is gone fetches it back).
     home = tmp_path / "home"
     home.mkdir()
-    (home / "builds").symlink_to(llama_source.PERSISTENT_HOME / "builds")
+    for shared in ("builds", "sources"):
+        (home / shared).symlink_to(llama_source.PERSISTENT_HOME / shared)
     port = free_port()
     root_without_sudo = os.geteuid() == 0 and shutil.which("sudo") is None
 

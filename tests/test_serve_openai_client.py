@@ -19,8 +19,9 @@ from pylmserv.store.trees import store_path
 from tests.support import llama_source
 from tests.support.tinymodel import tiny_model
 from tests.test_serve import free_port, read_ready
+from tests.support.tools import require_module
 
-openai = pytest.importorskip("openai")
+openai = require_module("openai")
 pytestmark = pytest.mark.slow
 
 

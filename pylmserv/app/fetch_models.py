@@ -179,6 +179,8 @@ def _is_archive(filename: str) -> bool:
 
 
 def _plan(item: str, project: Optional[Project], sha256: Optional[Hash], tofu: bool, offline: bool) -> _Plan:
+    if "://" in item:  # any scheme, any case (HTTP://u:p@host): no credential is echoed or used
+        refuse_credentials(item, "fetch")
     if item.startswith("hf://"):
         return _plan_hf(item, project, tofu, offline)
     if _is_url(item):

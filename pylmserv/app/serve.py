@@ -19,9 +19,9 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from ..builders import binfmt, build, resolve_backend
+from ..builders import binfmt, build, resolve_backend, stored_llama_source
 from ..builders.llama_cpp import MAPPING_VERSION
 from ..builders.result import BuildResult
 from ..core import proc as proc_tools
@@ -56,6 +56,7 @@ class ServeOptions:
     offline: bool = False
     log_file: Optional[Path] = None  # None: the server's output goes to our stderr
     stop_grace: float = STOP_GRACE_S
+    router: Optional["RouterSettings"] = None  # set: many models behind one endpoint (router mode)
 
 
 @dataclass(frozen=True)
@@ -394,7 +395,8 @@ class _Stop:
 
 
 def run_server(argv: Sequence[str], opts: ServeOptions, on_ready: Callable[[ServeUrls], None],
-               env: Optional[dict] = None) -> int:
+               env: Optional[dict] = None,
+               after_health: Optional[Callable[["ServerProcess", ServeUrls, Callable[[], bool]], bool]] = None) -> int:
     """Start the server, wait for /health, call on_ready, block until it exits or we are signalled.
 
     Returns the exit status for the CLI: 130 when stopped by SIGINT/SIGTERM, else the
@@ -419,6 +421,8 @@ def run_server(argv: Sequence[str], opts: ServeOptions, on_ready: Callable[[Serv
         log.debug("started %s (pid %d)", " ".join(argv), server.pid)
         ready = wait_healthy(server, urls.health, opts.health_timeout, api_key=opts.api_key,
                              cancelled=lambda: stop.signum is not None)
+        if ready and after_health is not None:  # e.g. the router's preloaded models
+            ready = after_health(server, urls, lambda: stop.signum is not None)
         if ready:
             on_ready(urls)
         while server.poll() is None and stop.signum is None:
@@ -445,6 +449,318 @@ def default_log_file(port: int) -> Path:
     return layout.logs_dir() / f"llama-server-{port}.log"
 
 
+
+# -- the API key from a file (systemd's LoadCredential=, a secrets manager) -----------------
+
+API_KEY_FILE_MAX = 4096
+
+
+def read_api_key_file(path: Path) -> str:
+    """The one key in `path` (a trailing newline is dropped); its text never reaches argv or logs."""
+    try:
+        with open(Path(path).expanduser(), "rb") as f:
+            data = f.read(API_KEY_FILE_MAX + 1)
+    except OSError as exc:
+        raise UsageError(f"cannot read --api-key-file {path}: {exc.strerror}",
+                         hint="Point it at a readable file holding one key on one line.") from None
+    if len(data) > API_KEY_FILE_MAX:
+        raise UsageError(f"--api-key-file {path} is larger than {API_KEY_FILE_MAX} bytes: not one key",
+                         hint="The file holds exactly one key on one line.")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"--api-key-file {path} is not UTF-8 text", hint="The file holds exactly one key.") from None
+    key = text[:-1] if text.endswith("\n") else text
+    key = key[:-1] if key.endswith("\r") else key
+    if not key:
+        raise UsageError(f"--api-key-file {path} is empty", hint="Write one key into it, e.g. "
+                         "`python3 -c 'import secrets; print(secrets.token_urlsafe(32))' > FILE`.")
+    check_api_key(key)
+    return key
+
+
+# -- per-model settings from pylmserv.toml (role, [models.NAME.server]) ---------------------
+
+def _ini_value(value) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
+def settings_args(role: str, server: Dict[str, object]) -> List[str]:
+    """The llama-server arguments of a model's `role` and [models.NAME.server] (one-model mode)."""
+    argv = ["--embeddings"] if role == "embedding" else []
+    for key, value in server.items():
+        if value is True:
+            argv.append(f"--{key}")
+        elif value is False:
+            argv.append(f"--no-{key}")
+        else:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+# -- many models behind one endpoint: llama-server's router mode ------------------------------
+
+ROUTER_FLAG = "--models-preset"  # what a llama.cpp with router presets declares (common/arg.cpp)
+ROUTER_SINCE = ("llama.cpp with router presets (ggml-org/llama.cpp PR #17859, December 2025; the oldest "
+                "llama-cpp-python sdist vendoring one is 0.3.17, llama.cpp 49bfddeca)")
+# What the router of the pinned llama.cpp cannot do, said instead of emulated.
+NO_PIN_WITH_LIMIT = ("this llama.cpp's router evicts the least recently used idle model when --max-loaded is reached "
+                     "and has no setting that exempts one (tools/server/server-models.cpp, pick_victim)")
+# Flags after `--` that would replace the models pylmserv verified, or its own router settings.
+ROUTER_OWNED_FLAGS = ("-m", "--model", "-mu", "--model-url", "-hf", "-hfr", "--hf-repo", "-a", "--alias",
+                      "--models-dir", "--models-preset", "--models-max", "--models-autoload", "--no-models-autoload",
+                      "--sleep-idle-seconds")
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    """`serve NAME NAME...` / `serve --all`: the models and how the router treats them."""
+
+    names: Tuple[str, ...]
+    max_loaded: Optional[int] = None  # --models-max; None: llama.cpp's default (4); 0: no limit
+    idle_unload: Optional[int] = None  # seconds: each model's sleep-idle-seconds (weights freed)
+    pin: Tuple[str, ...] = ()  # loaded at start, never put to sleep
+    preload: Tuple[str, ...] = ()  # loaded at start (load-on-startup)
+
+
+@dataclass(frozen=True)
+class RouterModel:
+    name: str
+    path: Path
+    role: str = "chat"
+    server: Dict[str, object] = field(default_factory=dict)
+
+
+def check_router_settings(settings: RouterSettings) -> None:
+    names = settings.names
+    if not names:
+        raise UsageError("no models to serve", hint="Name models from the lock, or pass --all.")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise UsageError(f"model named twice: {', '.join(dup)}", hint="Name each model once.")
+    for n in names:
+        if os.sep in n or n.endswith((".gguf", ".llamafile")):
+            raise UsageError(f"{n}: several models are served by their catalog names only",
+                             hint="Add the file to pylmserv.toml (`pylmserv add`) and serve it by name.")
+    for flag, chosen in (("--pin", settings.pin), ("--preload", settings.preload)):
+        for n in chosen:
+            if n not in names:
+                raise UsageError(f"{flag} {n}: not one of the models served ({', '.join(names)})",
+                                 hint=f"Name it among the models too, or drop {flag}.")
+    if settings.max_loaded is not None and settings.max_loaded < 0:
+        raise UsageError(f"--max-loaded {settings.max_loaded}: must be 0 (no limit) or more")
+    if settings.idle_unload is not None and settings.idle_unload < 1:
+        raise UsageError(f"--idle-unload {settings.idle_unload}: must be at least 1 second",
+                         hint="Leave it out to keep loaded models in memory.")
+    limit = settings.max_loaded or 0
+    if settings.pin and 0 < limit < len(names):
+        raise UsageError(f"--pin cannot be kept with --max-loaded {limit}: {NO_PIN_WITH_LIMIT}",
+                         hint=f"Drop --pin (--preload loads it at start), or raise --max-loaded to {len(names)} "
+                              "(or 0) so that nothing is evicted.")
+    at_start = set(settings.pin) | set(settings.preload)
+    if 0 < limit < len(at_start):
+        raise UsageError(f"{len(at_start)} models to load at start but --max-loaded {limit}",
+                         hint="Preload fewer models or raise --max-loaded.")
+
+
+def router_support(server: Path, source: Optional[Path]) -> bool:
+    """Does this llama-server have router presets? Read from the source it was built from
+    (common/arg.cpp declares --models-preset), else from the binary itself: the option's name
+    is a string in it (or in the common library beside it, for a build with shared libraries).
+    The binary is never run for this."""
+    if source is not None and (Path(source) / "common" / "arg.cpp").is_file():
+        text = (Path(source) / "common" / "arg.cpp").read_text(encoding="utf-8", errors="replace")
+        return f'"{ROUTER_FLAG}"' in text
+    server = Path(server)
+    candidates = [server] + sorted(p for d in (server.parent, server.parent.parent / "lib") if d.is_dir()
+                                   for p in d.glob("lib*common*.so*"))
+    return any(_contains(path, ROUTER_FLAG.encode()) for path in candidates)
+
+
+def _contains(path: Path, needle: bytes) -> bool:
+    try:
+        with open(path, "rb") as f:
+            tail = b""
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                if needle in tail + chunk:
+                    return True
+                tail = chunk[-len(needle):]
+    except OSError:
+        return False
+    return False
+
+
+def check_router_support(server: Path, source: Optional[Path]) -> None:
+    if not router_support(server, source):
+        where = f"the llama.cpp source {source}" if source is not None else str(server)
+        raise UsageError(f"cannot serve several models: {where} predates llama-server's router mode; "
+                         f"it needs {ROUTER_SINCE}",
+                         hint="Pin a newer llama.cpp (`pylmserv update llama-cpp`, or edit [sources.llama-cpp]), "
+                              "or serve one model at a time.")
+
+
+def check_router_extra_args(extra_args: Sequence[str]) -> None:
+    for arg in extra_args:
+        flag = arg.split("=", 1)[0]
+        if flag in ROUTER_OWNED_FLAGS:
+            raise UsageError(f"refusing server argument {flag!r} after `--` with several models: pylmserv sets it",
+                             hint="The models come from the lock, verified; use --max-loaded, --idle-unload, "
+                                  "--pin and --preload for the router's settings.")
+
+
+def _ini_safe(text: str, what: str) -> str:
+    import re
+
+    if text != text.strip() or re.search(r"[\x00-\x1f\x7f]|[ \t][;#]|^[;#]", text):
+        raise PylmservError(f"{what} {text!r} cannot be written into llama-server's preset file",
+                            hint="Move the store (PYLMSERV_HOME) to a path without control characters, "
+                                 "' ;' or ' #'.")
+    return text
+
+
+def models_preset(models: Sequence[RouterModel], settings: RouterSettings, ngl: Optional[int] = None) -> str:
+    """The router's --models-preset INI: one section per model (its id is the pylmserv name),
+    `[*]` for what every model shares. Router command-line arguments override a preset, so
+    everything that varies per model lives here, not on the router's command line."""
+    lines = ["; written by pylmserv serve: one section per model of the lock", "version = 1", "", "[*]"]
+    if ngl is not None:
+        lines.append(f"n-gpu-layers = {ngl}")
+    if settings.idle_unload is not None:
+        lines.append(f"sleep-idle-seconds = {settings.idle_unload}")
+    for m in models:
+        lines += ["", f"[{m.name}]", f"model = {_ini_safe(str(m.path), 'model path')}"]
+        if m.role == "embedding":
+            lines.append("embeddings = true")
+        if m.name in settings.pin or m.name in settings.preload:
+            lines.append("load-on-startup = true")
+        if m.name in settings.pin and settings.idle_unload is not None:
+            lines.append("sleep-idle-seconds = -1")
+        for key, value in m.server.items():
+            lines.append(f"{key} = {_ini_safe(_ini_value(value), key)}")
+    return "\n".join(lines) + "\n"
+
+
+def router_command(server: Path, preset: Path, opts: ServeOptions) -> List[str]:
+    argv = [str(server), "--models-preset", str(preset), "--host", opts.host, "--port", str(opts.port)]
+    settings = opts.router
+    if settings is not None and settings.max_loaded is not None:
+        argv += ["--models-max", str(settings.max_loaded)]
+    return argv + list(opts.extra_args)
+
+
+def router_env(opts: ServeOptions, empty_cache: Path, base: Optional[dict] = None) -> dict:
+    """server_env, plus an empty model cache: the router lists every model of its cache
+    (LLAMA_CACHE, else the Hugging Face cache), and only the lock's models are to be served."""
+    env = server_env(opts, base)
+    for name in list(env):
+        if name.startswith("LLAMA_ARG_MODELS_") or name in ("LLAMA_ARG_SLEEP_IDLE_SECONDS",):
+            env.pop(name)
+    env["LLAMA_CACHE"] = str(empty_cache)
+    return env
+
+
+def resolve_router_models(names: Sequence[str], config: Optional[Path] = None, lock: Optional[Path] = None,
+                          offline: bool = False) -> List[RouterModel]:
+    """Every model fetched and verified into the store (before the router starts), with its
+    per-model settings from pylmserv.toml."""
+    project = load_project(config, lock)
+    known = set(project.config.models) | set(project.lock.models)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise UsageError(f"unknown model {unknown[0]!r}", hint=f"Use names of the lock: {', '.join(sorted(known))}.")
+    results = fetch(list(names), config=config, lock=lock, offline=offline)
+    out = []
+    for name, result in zip(names, results):
+        spec = project.config.models.get(name)
+        out.append(RouterModel(name, Path(result.path).resolve(), spec.role if spec else "chat",
+                               dict(spec.server) if spec else {}))
+    return out
+
+
+def all_model_names(config: Optional[Path] = None, lock: Optional[Path] = None) -> Tuple[str, ...]:
+    names = tuple(sorted(load_project(config, lock).lock.models))
+    if not names:
+        raise UsageError("--all: the lock has no models", hint="Add some (`pylmserv add`) and `pylmserv prefetch`.")
+    return names
+
+
+def wait_models_loaded(server: ServerProcess, urls: ServeUrls, names: Sequence[str], timeout: float,
+                       api_key: Optional[str] = None, cancelled: Callable[[], bool] = lambda: False) -> bool:
+    """Poll the router's GET /models until each of `names` (the preloaded ones) is loaded;
+    a model whose load failed is an error naming it."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    if not names:
+        return True
+    deadline = time.monotonic() + timeout
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    while not cancelled() and server.poll() is None:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(urls.base + "/models", headers=headers),
+                                        timeout=5) as resp:
+                data = json.load(resp).get("data", [])
+        except (urllib.error.URLError, OSError, ValueError):
+            data = []
+        status = {m.get("id"): m.get("status") or {} for m in data if isinstance(m, dict)}
+        failed = [n for n in names if status.get(n, {}).get("failed")]
+        if failed:
+            tail = server.log_tail()
+            raise PylmservError(f"model {failed[0]} failed to load" + (f"; the server's last output:\n{tail}" if tail else ""),
+                                hint=f"See {server.log_file}." if server.log_file else "Its output is above.")
+        if all(status.get(n, {}).get("value") == "loaded" for n in names):
+            return True
+        if time.monotonic() > deadline:
+            raise PylmservError(f"the preloaded models did not load within {timeout:.0f}s",
+                                hint="A large model may need longer: pass --timeout SECONDS.")
+        time.sleep(0.2)
+    return False
+
+
+def serve_router(opts: ServeOptions, on_ready: Callable[[ServeUrls], None], config: Optional[Path] = None,
+                 lock: Optional[Path] = None) -> int:
+    """Many models behind one endpoint: fetch and verify them all, write the preset, run the router."""
+    settings = opts.router
+    assert settings is not None
+    check_router_settings(settings)
+    check_router_extra_args(opts.extra_args)
+    if opts.engine != "llama.cpp":
+        raise UsageError("several models need --engine llama.cpp (llama-server's router mode)",
+                         hint="A llamafile serves one model: run one `pylmserv serve` per model.")
+    models = resolve_router_models(settings.names, config, lock, offline=opts.offline)
+    server = resolve_server(opts.engine, opts.backend, opts.server_bin, config, lock)
+    explicit = opts.server_bin or os.environ.get(SERVER_BIN_ENV)
+    check_router_support(server, None if explicit else stored_llama_source(config, lock))
+    work = Path(tempfile.mkdtemp(prefix="pylmserv-router."))  # 0700; PrivateTmp under systemd
+    try:
+        preset = work / "models.ini"
+        preset.write_text(models_preset(models, settings, opts.ngl), encoding="utf-8")
+        empty_cache = work / "no-cache"
+        empty_cache.mkdir()
+        argv = router_command(server, preset, opts)
+        log.info("serving %s with %s (router mode)", ", ".join(settings.names), server)
+        at_start = [n for n in settings.names if n in settings.pin or n in settings.preload]
+
+        def preloaded(server_process: ServerProcess, urls: ServeUrls, cancelled: Callable[[], bool]) -> bool:
+            return wait_models_loaded(server_process, urls, at_start, opts.health_timeout, opts.api_key, cancelled)
+
+        return run_server(argv, opts, on_ready, env=router_env(opts, empty_cache), after_health=preloaded)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+def with_model_settings(opts: ServeOptions, config: Optional[Path] = None, lock: Optional[Path] = None
+                        ) -> ServeOptions:
+    """One catalog model: its role and [models.NAME.server] go before the arguments after `--`."""
+    from dataclasses import replace
+
+    if os.sep in opts.model or opts.model.endswith((".gguf", ".llamafile")):
+        return opts
+    spec = load_project(config, lock).config.models.get(opts.model)
+    args = settings_args(spec.role, spec.server) if spec is not None else []
+    return replace(opts, extra_args=tuple(args) + tuple(opts.extra_args)) if args else opts
+
+
 def serve(opts: ServeOptions, on_ready: Callable[[ServeUrls], None], config: Optional[Path] = None,
           lock: Optional[Path] = None) -> int:
     """Validate, fetch the model, build/find the server, run it until stopped."""
@@ -455,8 +771,14 @@ def serve(opts: ServeOptions, on_ready: Callable[[ServeUrls], None], config: Opt
     check_bind(opts.host, opts.public, opts.api_key)
     check_extra_args(opts.extra_args)
     check_api_key(opts.api_key)
+    if opts.router is not None:
+        check_router_settings(opts.router)
+        check_router_extra_args(opts.extra_args)
+        check_port_free(opts.host, opts.port)
+        return serve_router(opts, on_ready, config, lock)
     check_port_free(opts.host, opts.port)
     model_path = resolve_model(opts.model, config, lock, offline=opts.offline)
+    opts = with_model_settings(opts, config, lock)
     server = resolve_server(opts.engine, opts.backend, opts.server_bin, config, lock)
     with api_key_file(opts) as key_file:
         argv = server_command(server, model_path, opts, key_file)

@@ -16,27 +16,29 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..core.errors import BuildError, ConfigError, ToolMissingError, UsageError
-from ..pins.config import CONFIG_NAME, load_project
-from ..store import replay
+from ..pins.config import load_project
 from ..store.layout import home
-from ..store.trees import ensure_source, store_path
-from .backends import blas, cuda, rocm
 from .base import BuildSkeleton, Compiled
 from .llama_cpp import (BACKENDS, BUILD_TIMEOUT, CONFIGURE_TIMEOUT, DEFAULT_TARGETS, LOG_NAME, MAPPING_VERSION,
                         Detected, Request, builtin_features, find_outputs, make_commands, map_options,
                         portable_cache_inputs, preflight, run_logged, scan_features)
 from .result import BuildResult
-from .substitute import cache_key, libc, push as push_to
-from ..core.signing import SecretKey
 from ..store import layout
 from ..store import records as stamps
-from ..transfer.buildcache import open_cache
-from .auto import choose_backend
-from .cudalink import check_gpu_links, cuda_header_driver_symbols, write_cuda_driver_stub
-from .probe import Tool, default_run, which
-from .toolchain import BACKEND_MODULES, detect_openssl_headers, detect_toolchain, openssl_header_paths
+# The toolchain and the backends (their probes and records), the store's trees (archive,
+# NAR, git, the download engine), the build cache and signing, auto's detection and the
+# CUDA link checks are imported where they are used: an up-to-date build reads the lock
+# and one stamp, and every module it loads counts against its budget (docs/build.md).
+# Speed only: no cycle is dodged. The stat-only detection of the key is in probes.py.
+from .probes import detect_openssl_headers
 
 log = logging.getLogger("pylmserv.build")
+
+
+def _blas():
+    from .backends import blas  # lazy for speed (see the imports above): --backend blas only
+
+    return blas
 
 ENGINES = ("llama.cpp", "llamafile")
 SOURCE_NAME = "llama-cpp"  # the [sources.llama-cpp] entry of pylmserv.lock
@@ -106,6 +108,10 @@ def push_builds(to: str, sign_key: Path, what: str = "llama.cpp", backends: Sequ
     if what != "llama.cpp":
         raise UsageError("only portable llama.cpp builds are pushed to a build cache",
                          hint="llamafile's outputs are single portable files: share them with `pylmserv pack`.")
+    from ..core.signing import SecretKey  # lazy for speed (see the imports above)
+    from ..transfer.buildcache import open_cache
+    from .substitute import cache_key, libc, push as push_to
+
     key = SecretKey.read(sign_key)
     project = load_project(config, lock)
     entry = project.lock.entry("sources", SOURCE_NAME)
@@ -135,6 +141,9 @@ def resolve_backend(what: str, backend: str, source_dir: Optional[Path] = None, 
     here (auto.choose_backend); the choice and its reasons are logged."""
     if backend != "auto":
         return backend, None
+    from .auto import choose_backend  # lazy for speed (see the imports above)
+    from .backends import rocm
+
     min_hip = rocm.DEFAULT_MIN_HIP
     tree = Path(source_dir) if source_dir else (stored_llama_source(config, lock) if what == "llama.cpp" else None)
     if tree is not None:
@@ -146,6 +155,8 @@ def resolve_backend(what: str, backend: str, source_dir: Optional[Path] = None, 
 
 def stored_llama_source(config=None, lock=None) -> Optional[Path]:
     """The locked llama.cpp tree when it is already in the store (auto reads its HIP minimum)."""
+    from ..store.trees import store_path  # lazy for speed (see the imports above)
+
     try:
         entry = load_project(config, lock).lock.entry("sources", SOURCE_NAME)
     except ConfigError:
@@ -181,9 +192,6 @@ class LlamaCppBuild(BuildSkeleton):
 
     def _lock_entry(self):
         project = load_project(self.config, self.lock).use_as_gc_root()  # a build keeps its source
-        # What the answer depends on (replay_checks): the files read, and the config the
-        # search would find instead of the packaged one
-        self.project_files = [project.config_path, project.lock_path] + ([Path(CONFIG_NAME)] if not self.config else [])
         self._cache_config = project.config.cache
         entry = project.lock.entry("sources", SOURCE_NAME)
         if entry is None:
@@ -203,6 +211,9 @@ class LlamaCppBuild(BuildSkeleton):
         gfx: Tuple[str, ...] = ()
         cublas_wheel = None
         if req.backend == "cuda":
+            from .backends import cuda  # lazy for speed (see the imports above): GPU builds only
+            from .probe import Tool, default_run, which
+
             nvcc = Tool("nvcc", which("nvcc"))  # stat only: no version probe on the fast path
             cublas = cuda.detect_cublas(nvcc)
             if cublas.origin == "pip-wheel":
@@ -212,9 +223,11 @@ class LlamaCppBuild(BuildSkeleton):
                 if not cuda_archs and nvcc.found:
                     nvcc_archs = cuda.nvcc_arches(nvcc.path, default_run) or ()
         if req.backend == "rocm" and not req.gpu_targets:
+            from .backends import rocm  # lazy for speed (see the imports above)
+
             gfx = rocm.detect_rocm().gfx_targets
         return Detected(platform=sys.platform, openssl=detect_openssl_headers(),
-                        blas_vendor=blas.detect_blas() if req.backend == "blas" else None,
+                        blas_vendor=_blas().detect_blas() if req.backend == "blas" else None,
                         cuda_archs=cuda_archs, gfx_targets=gfx,
                         source_date_epoch="SOURCE_DATE_EPOCH" in os.environ, nvcc_archs=nvcc_archs,
                         cublas_wheel=cublas_wheel)
@@ -237,19 +250,12 @@ class LlamaCppBuild(BuildSkeleton):
         }
 
     def cache_inputs(self) -> Optional[dict]:
+        from .substitute import libc  # lazy for speed (see the imports above)
+
         return portable_cache_inputs(self.inputs, libc()[0])
 
     def cache_config(self):
         return self._cache_config
-
-    def replay_checks(self) -> Optional[dict]:
-        """Replayable when the key needs stat calls only (no nvidia-smi/rocminfo/nvcc probe,
-        no local tree that changes under the same key)."""
-        if self.req.backend not in ("cpu", "blas", "vulkan", "metal") or self.entry is None or self.force:
-            return None
-        probed = openssl_header_paths() + (list(blas.BLAS_HEADERS) if self.req.backend == "blas" else [])
-        return {"files": {os.path.abspath(p): replay.file_digest(p) for p in self.project_files},
-                "probed": {str(p): p.exists() for p in probed}, "lock": os.path.abspath(self.project_files[1])}
 
     # -- the pipeline -------------------------------------------------------------------
 
@@ -274,6 +280,8 @@ class LlamaCppBuild(BuildSkeleton):
         launcher = tc.ccache.path if tc.ccache.found else None
         env = dict(mapping.env)  # reproducible builds: SOURCE_DATE_EPOCH, CCACHE_BASEDIR=""
         if self.req.backend == "rocm":
+            from .backends import rocm  # lazy for speed (see the imports above)
+
             env.update(rocm.build_env(tc.extra.get("rocm")))
         cmds = make_commands(tc.cmake.path or "cmake", tc.ninja.path, source, self.build_dir, mapping,
                              self.req.targets, self.req.jobs, launcher, self.req.backend, env)
@@ -282,7 +290,11 @@ class LlamaCppBuild(BuildSkeleton):
     def _driver_stub(self, tc) -> Optional[Path]:
         """Where the libcuda link stub goes when the toolkit has none (NVIDIA's PyPI wheels)."""
         nvcc = tc.extra.get("nvcc")
-        if self.req.backend != "cuda" or nvcc is None or not nvcc.found or cuda.find_cuda_stubs(nvcc) is not None:
+        if self.req.backend != "cuda" or nvcc is None or not nvcc.found:
+            return None
+        from .backends import cuda  # lazy for speed (see the imports above)
+
+        if cuda.find_cuda_stubs(nvcc) is not None:
             return None
         return self.build_dir / "cuda-stubs" / "libcuda.so"
 
@@ -293,12 +305,18 @@ class LlamaCppBuild(BuildSkeleton):
         cublas = tc.extra.get("cublas")
         if cublas is not None and cublas.found:
             dirs.append(Path(cublas.path).parent)
+        from .backends import cuda  # lazy for speed (see the imports above)
+        from .cudalink import check_gpu_links
+
         for root in cuda.cuda_roots(nvcc):
             dirs += [root / "lib64", root / "lib64" / "stubs", *sorted(root.glob("targets/*/lib"))]
         for name, path in sorted(outputs.items()):
             check_gpu_links(path, [d for d in dirs if d.is_dir()])
 
     def dry_run(self) -> BuildResult:
+        from ..store.trees import store_path  # lazy for speed (see the imports above)
+        from .toolchain import detect_toolchain
+
         tc = detect_toolchain(self.req.backend)
         notes: List[str] = []
         try:
@@ -323,6 +341,9 @@ class LlamaCppBuild(BuildSkeleton):
                            detected, tuple(notes) + mapping.notes, dry_run=True)
 
     def prepare(self) -> Path:
+        from ..store.trees import ensure_source  # lazy for speed (see the imports above)
+        from .toolchain import detect_toolchain
+
         tc = detect_toolchain(self.req.backend)
         self.warnings = preflight(self.req.backend, tc)
         for w in self.warnings:
@@ -339,6 +360,9 @@ class LlamaCppBuild(BuildSkeleton):
         tc, mapping, cmds = self.tc, self.mapping, self.cmds
         stub = self._driver_stub(tc)
         if stub is not None:
+            from .backends import cuda  # lazy for speed (see the imports above)
+            from .cudalink import cuda_header_driver_symbols, write_cuda_driver_stub
+
             header = cuda.find_cuda_header(tc.extra["nvcc"])
             if header is None:
                 raise ToolMissingError(f"the CUDA toolkit of {tc.extra['nvcc'].path} has neither stubs/libcuda.so "
@@ -371,6 +395,8 @@ def source_checks(backend: str, tc, source: Optional[Path], cmake_args: Sequence
     backend module's `source_check`: the HIP version ggml-hip requires, the vk:: names
     ggml-vulkan uses; source None: not fetched yet). Raises ToolMissingError (one line,
     the ways out in the hint); doctor says the same."""
+    from .toolchain import BACKEND_MODULES  # lazy for speed (see the imports above)
+
     check = getattr(BACKEND_MODULES.get(backend), "source_check", None)
     if check is not None:
         check(tc.extra, source, cmake_args)

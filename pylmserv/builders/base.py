@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 from ..core.errors import BuildError
+from ..core.fsutil import lock_file_path
 from ..store import records as stamps
 from ..store import layout
 from ..store.installs import install_files, point_current, real_dirs, shared_libs
 from ..store.layout import home
-from ..store.trees import ensure_source
 from .result import BuildResult
-from .substitute import settings, substitute
 
 log = logging.getLogger("pylmserv.build")
 
@@ -114,12 +113,6 @@ class BuildSkeleton:
         """The project's [cache] table (substituters, trusted-public-keys)."""
         return None
 
-    def replay_checks(self) -> Optional[dict]:
-        """What an up-to-date answer depends on besides the stamp, for store/replay.py:
-        {"files": {path: digest or None}, "probed": {path: exists}, "lock": path}. None (the
-        default): it depends on more (a probe that runs a tool), so it is never replayed."""
-        return None
-
     # -- the pipeline ----------------------------------------------------------------------
 
     def _reusable(self):
@@ -128,18 +121,31 @@ class BuildSkeleton:
         if self.force or self.source_dir is not None:
             return None
         stamp = stamps.read_stamp(self.stamp_path)
-        return stamp if stamps.is_up_to_date(stamp, self.wanted(), inputs=self.inputs) else None
+        if not stamps.is_up_to_date(stamp, self.wanted(), inputs=self.inputs):
+            return None
+        # A build's outputs are in its build directory; a stamp that names a file elsewhere
+        # (edited, or copied from another build) is not this build's: build again rather than
+        # install what it points at.
+        inside = os.path.realpath(self.build_dir)
+        for path in stamp.output_paths().values():
+            real = os.path.realpath(path)
+            if os.path.commonpath([inside, real]) != inside or real == inside:
+                log.warning("warning: %s names an output outside its build directory (%s): building again",
+                            self.stamp_path, path)
+                return None
+        return stamp
 
     def run(self, dry_run: bool = False) -> BuildResult:
         if dry_run:
             return self.dry_run()
+        if os.path.islink(self.build_dir):  # planted (pylmserv makes none): never built into nor read
+            os.unlink(self.build_dir)       # through; only the link goes, its target is untouched
         stamp = self._reusable()
         if stamp is not None:
             log.debug("up to date: %s", self.build_dir)
             restored = self._restore_source()
             return self.finish(stamp.output_paths(), cache_hit=True, notes=(restored or "up to date: nothing to do",),
-                               commands=tuple(stamp.extra.get("commands", ())), sha256=stamp.extra.get("sha256"),
-                               replay=self._replay_record(stamp))
+                               commands=tuple(stamp.extra.get("commands", ())), sha256=stamp.extra.get("sha256"))
         from filelock import FileLock  # lazy: ~15 ms that the up-to-date path does not need
 
         substituted = self._substitute(FileLock)
@@ -153,7 +159,7 @@ class BuildSkeleton:
         source = self.prepare()
         self.build_dir.mkdir(parents=True, exist_ok=True)
 
-        with FileLock(str(self.build_dir) + ".lock", timeout=LOCK_TIMEOUT):
+        with FileLock(lock_file_path(str(self.build_dir) + ".lock"), timeout=LOCK_TIMEOUT):
             stamp = self._reusable()  # another process may have just finished it
             if stamp is not None:
                 return self.finish(stamp.output_paths(), cache_hit=True, notes=("built by a concurrent run",),
@@ -167,7 +173,7 @@ class BuildSkeleton:
                                              "sha256": digests})
             stamps.write_stamp(self.stamp_path, stamp)
         return self.finish(done.outputs, cache_hit=False, notes=done.notes, source=source, commands=done.commands,
-                           sha256=digests, replay=self._replay_record(stamp))
+                           sha256=digests)
 
     def _restore_source(self) -> Optional[str]:
         """An up-to-date build whose locked source tree is gone from the store (`verify`
@@ -182,12 +188,17 @@ class BuildSkeleton:
             return None
         log.warning("%s: the source tree is missing from the store (moved aside by verify?): fetching it again",
                     entry.name)
+        from ..store.trees import ensure_source  # lazy for speed: only when the source went missing
+
         ensure_source(entry, self.home)
         return f"up to date; the source {entry.name}, missing from the store, was fetched again"
 
     def _substitute(self, FileLock) -> Optional[BuildResult]:
         """A signed, verified build from a substituter, installed like a compiled one (None:
         none accepted; not tried with --force or for builds that have no cache inputs)."""
+        # lazy for speed: the build cache is not on the up-to-date path (builders/__init__.py)
+        from .substitute import settings, substitute
+
         if self.force or not settings(self.cache_config())[0]:
             return None
         inputs = self.cache_inputs()
@@ -212,7 +223,7 @@ class BuildSkeleton:
         return self.prefix_dir() / "bin" if self.prefix is not None else self.prefix_dir()
 
     def finish(self, outputs: Dict[str, Path], cache_hit: bool, notes=(), source=None, commands=(),
-               sha256=None, replay=None) -> BuildResult:
+               sha256=None) -> BuildResult:
         prefix = self.prefix_dir()
         if self.prefix is None:  # the store's bin/<engine>-<backend>/<key>: never through a planted link
             real_dirs(layout.bin_dir(self.home), f"{self.engine}-{self.kind}", self.key)
@@ -220,16 +231,4 @@ class BuildSkeleton:
         current = point_current(prefix) if self.prefix is None else None
         return BuildResult(self.engine, self.backend, installed, self.build_dir, prefix,
                            time.monotonic() - self.start, cache_hit, self.key, source, tuple(commands), (),
-                           tuple(notes), current=current, sha256=dict(sha256 or {}), replay=replay)
-
-    def _replay_record(self, stamp) -> Optional[dict]:
-        """How store/replay.py answers this build again once it is up to date: the same
-        install as finish() does, after the hook's checks and the stamp's."""
-        checks = self.replay_checks()
-        if checks is None:
-            return None
-        libs = self.libs_dir()
-        return {**checks, "stamp": str(self.stamp_path), "key": self.key,
-                "install": sorted(self.select(stamp.output_paths())), "bindir": str(self.bindir()),
-                "libs": str(libs) if libs is not None else None,
-                "current": str(self.prefix_dir()) if self.prefix is None else None}
+                           tuple(notes), current=current, sha256=dict(sha256 or {}))

@@ -20,7 +20,7 @@ from typing import List, Optional, Tuple
 
 from ..core.archive import extract
 from ..core.errors import ConfigError, VerificationError
-from ..core.fsutil import atomic_write_text, remove_no_follow
+from ..core.fsutil import atomic_write_text, lock_file_path, remove_no_follow, walk_no_follow
 from ..core.hashing import Hash
 from ..pins.config import Lock, LockEntry
 from ..store.layout import ensure_home, home, subdir, toolchains_dir
@@ -91,7 +91,7 @@ def ensure_cosmocc(entry: LockEntry, root: Optional[Path] = None) -> Cosmocc:
     marker = _marker(target)
     if target.is_dir() and marker.is_file():
         return _load(entry, target, marker)
-    with FileLock(str(subdir("tmp", root) / f"{target.name}.lock"), timeout=3600):
+    with FileLock(lock_file_path(subdir("tmp", root) / f"{target.name}.lock"), timeout=3600):
         if target.is_dir() and marker.is_file():
             return _load(entry, target, marker)
 
@@ -121,7 +121,7 @@ def fix_exec_bits(tree: Path) -> List[str]:
     """Give every regular file that starts with an executable magic the exec bits its read
     bits allow (0444 -> 0555, 0644 -> 0755). Returns the relative paths changed, sorted."""
     fixed = []
-    for dirpath, _dirs, files in os.walk(tree):
+    for dirpath, _dirs, files in walk_no_follow(tree):  # iterative: a tree of any depth
         for name in files:
             path = Path(dirpath) / name
             st = path.lstat()

@@ -12,9 +12,6 @@ import json
 import logging
 import os
 import re
-import shlex
-import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -22,10 +19,6 @@ from pathlib import Path
 from typing import Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
 from ..core.errors import BuildError, ToolMissingError, UsageError
-from ..core.proc import start_group, stop_group
-from .backends import Switches
-from .probe import version_str
-from .toolchain import BACKEND_MODULES, MIN_CMAKE
 
 log = logging.getLogger("pylmserv.build")
 
@@ -197,6 +190,11 @@ def map_options(req: Request, features: SourceFeatures, det: Detected,
     """The -D switches for `req` on a tree with `features`: pure, deterministic, ordered.
     What every build gets is here; each backend's own switches are its module's table and
     `options` (builders/backends/)."""
+    # lazy for speed: the backends and the toolchain are not on the up-to-date path
+    # (builders/__init__.py); no cycle is dodged
+    from .backends import Switches
+    from .toolchain import BACKEND_MODULES
+
     if req.backend not in BACKENDS:
         raise UsageError(f"unknown backend {req.backend!r}", hint="Use one of: " + ", ".join(BACKENDS) + ".")
     sw = Switches(features)
@@ -340,6 +338,8 @@ class Commands:
     env: Tuple[Tuple[str, str], ...] = ()
 
     def lines(self) -> List[str]:
+        import shlex  # lazy: the up-to-date build path never prints commands
+
         prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env)
         return [(prefix + " " if prefix else "") + shlex.join(self.configure), shlex.join(self.build)]
 
@@ -350,6 +350,8 @@ def make_commands(cmake: str, ninja: Optional[str], source: Path, build_dir: Pat
     argv = [cmake, "-S", str(source), "-B", str(build_dir)]
     if ninja:
         argv += ["-G", "Ninja"]
+        import shutil  # lazy: not on the up-to-date build path
+
         if os.path.basename(ninja) != "ninja" or not shutil.which("ninja"):
             argv.append(f"-DCMAKE_MAKE_PROGRAM={ninja}")
     defines = dict(mapping.defines)
@@ -378,6 +380,9 @@ NIX_HINT = "or enter a shell that has it: `nix develop .#{shell}`"
 
 def preflight(backend: str, tc, platform: str = sys.platform) -> List[str]:
     """Warnings; raises ToolMissingError naming every missing tool with how to get it."""
+    from .probe import version_str  # lazy for speed: not on the up-to-date path (builders/__init__.py)
+    from .toolchain import BACKEND_MODULES, MIN_CMAKE
+
     missing: List[str] = []
     warnings: List[str] = []
     shell = {"cuda": "cuda", "rocm": "rocm", "vulkan": "vulkan"}.get(backend, "default")
@@ -426,10 +431,17 @@ def _vendor_mismatch(backend: str, want: str, vendors: Sequence[str]) -> Optiona
 def run_logged(argv: Sequence[str], log_file: Path, env: Mapping[str, str], timeout: float, what: str) -> None:
     """Run a step, appending its output to `log_file`; progress on the logger every few seconds.
     A watchdog kills the step at `timeout` even when it prints nothing."""
+    import shlex
+    import subprocess
     import threading
 
+    from ..core.proc import start_group, stop_group  # lazy for speed: not on the up-to-date build path
+
     last = time.monotonic()
-    with open(log_file, "ab") as fh:
+    if os.path.islink(log_file):  # planted: removed as a link, never appended through
+        os.unlink(log_file)
+    fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+    with os.fdopen(fd, "ab") as fh:
         fh.write(f"\n$ {shlex.join(argv)}\n".encode())
         fh.flush()
         try:

@@ -33,6 +33,7 @@ import os
 import platform as _platform
 import re
 import shlex
+import stat
 import shutil
 import sys
 import time
@@ -42,7 +43,7 @@ from typing import Dict, List, Optional, Tuple
 
 from ..core.apezip import embed_files
 from ..core.errors import BuildError, ConfigError, ToolMissingError, UsageError
-from ..core.fsutil import remove_no_follow
+from ..core.fsutil import copy_tree_no_follow, remove_no_follow, walk_no_follow
 from ..pins.config import load_project
 from ..store import layout as paths
 from ..store.trees import ensure_source, store_path
@@ -413,13 +414,8 @@ class LlamafileBuild(BuildSkeleton):
         tmp = self.build_dir / "src.tmp"
         if tmp.exists():
             remove_no_follow(tmp)
-        shutil.copytree(source, tmp, symlinks=True, ignore=shutil.ignore_patterns(".cosmocc"))
-        for dirpath, dirs, files in os.walk(tmp):
-            os.chmod(dirpath, 0o755)  # store trees are read-only; make writes o/ here
-            for name in files:
-                p = os.path.join(dirpath, name)
-                if not os.path.islink(p):
-                    os.chmod(p, os.stat(p).st_mode | 0o200)
+        # store trees are read-only; make writes o/ here (iterative: a tree of any depth)
+        copy_tree_no_follow(source, tmp, skip_names=(".cosmocc",), writable=True)
         if self.src.exists():
             remove_no_follow(self.src)
         os.replace(tmp, self.src)
@@ -490,10 +486,14 @@ def _shim_tree(store: Path, dest: Path, loader: str, is_ape) -> int:
     """Mirror `store` at `dest`: directories without APE files become one symlink, other
     files symlinks, APE files `#!/bin/sh` shims that exec the loader on the store file."""
     apes = set()
-    for dirpath, _dirs, files in os.walk(store):
+    for dirpath, _dirs, files in walk_no_follow(store):  # iterative, no link followed
         for name in files:
             p = os.path.join(dirpath, name)
-            if not os.path.islink(p) and os.access(p, os.X_OK) and is_ape(p):
+            try:
+                regular = stat.S_ISREG(os.lstat(p).st_mode)
+            except OSError:
+                continue
+            if regular and os.access(p, os.X_OK) and is_ape(p):  # never opens a FIFO
                 apes.add(p)
     has_ape = {str(store)}
     for p in apes:
@@ -502,12 +502,14 @@ def _shim_tree(store: Path, dest: Path, loader: str, is_ape) -> int:
             has_ape.add(d)
             d = os.path.dirname(d)
 
-    def mirror(src: Path, out: Path) -> None:
+    stack = [(Path(store), Path(dest))]  # a stack, not recursion: a tree of any depth
+    while stack:
+        src, out = stack.pop()
         out.mkdir(parents=True)
         for child in sorted(src.iterdir()):
             target = out / child.name
             if child.is_dir() and not child.is_symlink() and str(child) in has_ape:
-                mirror(child, target)
+                stack.append((child, target))
             elif str(child) in apes:
                 # `ape - PROG ARGV0 ...` keeps argv[0] = this shim, so tools that find their
                 # helpers relative to argv[0] (gcc -> libexec/.../cc1) find the shims too.
@@ -517,8 +519,6 @@ def _shim_tree(store: Path, dest: Path, loader: str, is_ape) -> int:
                 os.chmod(target, 0o755)
             else:
                 os.symlink(child, target)
-
-    mirror(store, dest)
     return len(apes)
 
 

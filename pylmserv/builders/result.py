@@ -24,7 +24,6 @@ class BuildResult:
     current: Optional[Path] = None  # the `current` link of this engine/backend, default prefix only
     auto: Optional[str] = None  # --backend auto: what it chose and why
     sha256: Dict[str, str] = field(default_factory=dict)  # shipped file name -> sha256 hex, as built
-    replay: Optional[dict] = field(default=None, compare=False, repr=False)  # replayable: store/replay.py's record
 
     @property
     def paths(self) -> Dict[str, Path]:

@@ -14,6 +14,8 @@ from typing import Dict, List, Optional, Tuple
 
 from .backends import blas, cuda, metal, rocm, vulkan
 from .probe import PROBE_TIMEOUT, Runner, Tool, default_run, probe_tool, which
+# the stat-only detections of a build's key live in probes.py (the up-to-date path loads it alone)
+from .probes import detect_openssl_headers, openssl_header_paths  # noqa: F401
 
 # The backends with a module of their own (cpu needs nothing beyond the common tools).
 BACKEND_MODULES = {m.NAME: m for m in (blas, cuda, rocm, vulkan, metal)}
@@ -110,20 +112,6 @@ def detect_gpu_vendors(env=None, run: Runner = default_run, sysfs: Path = Path("
     if platform == "darwin" and "apple" not in vendors:
         vendors.append("apple")
     return tuple(vendors)
-
-
-def openssl_header_paths(env=None) -> List[Path]:
-    """Where CMake finds OpenSSL's development headers by default (stat these, nothing else)."""
-    env_ = env if env is not None else os.environ
-    roots = [env_.get("OPENSSL_ROOT_DIR"), "/usr", "/usr/local", "/opt/homebrew/opt/openssl@3",
-             "/usr/local/opt/openssl@3"]
-    roots += [p.rstrip("/").rsplit("/lib/pkgconfig", 1)[0] for p in env_.get("PKG_CONFIG_PATH", "").split(":") if p]
-    return [Path(r) / "include" / "openssl" / "ssl.h" for r in roots if r]
-
-
-def detect_openssl_headers(env=None, platform: str = sys.platform) -> bool:
-    """Cheap (stat only): are OpenSSL development headers where CMake looks by default?"""
-    return any(p.exists() for p in openssl_header_paths(env))
 
 
 @dataclass(frozen=True)

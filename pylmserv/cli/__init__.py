@@ -159,6 +159,11 @@ def _os_error(exc: OSError) -> Optional[PylmservError]:
         errno.ENAMETOOLONG: "Use a shorter name or path.",
         errno.ENOTDIR: "A path component that must be a directory is a file: check PYLMSERV_HOME and the paths given.",
         errno.ELOOP: "A symlink loop is in the way: check the paths given.",
+        errno.EISDIR: "A directory is where a file belongs: check PYLMSERV_HOME and the paths given.",
+        errno.EEXIST: "Something is in the way where pylmserv makes a directory: check PYLMSERV_HOME and the "
+                      "paths given.",
+        errno.EBUSY: "The file is busy or a mount point (a file bind-mounted into a container cannot be "
+                     "replaced): write it outside the mount, or run the command where it is not mounted.",
         errno.ENOSPC: "Free some space (see `pylmserv doctor`) and run the command again.",
     }
     hint = hints.get(exc.errno)

@@ -8,7 +8,6 @@ import click
 from ..builders import build
 from ..builders.llama_cpp import BACKENDS
 from ..core.errors import UsageError
-from ..store import replay
 from .options import emit_json, json_option, project_command
 
 
@@ -76,17 +75,6 @@ def command(obj, what, backend, targets, cuda_arch, gpu_targets, portable, repro
     if data is not None:
         emit_json(data)
     click.echo(text, nl=False, err=True)
-    # A replayable build's up-to-date answer is recorded with what it depends on: the next
-    # identical `pylmserv build` repeats it without loading click or the builders
-    # (store/replay.py). After a fresh build, the library is asked once more (it reads the
-    # stamp just written), so what is recorded is the answer a rerun gives.
-    if result.replay is None or (obj and obj.verbose):
-        return
-    if not result.cache_hit:
-        result = build(**kwargs)
-    if result.cache_hit and result.replay is not None:
-        data, text = _answer(result, as_json, quiet)
-        replay.remember(result.replay, stderr=text, data=data)
 
 
 def _answer(result, as_json: bool, quiet: bool):

@@ -8,6 +8,8 @@ import stat
 from pathlib import Path
 from typing import Iterator, Union
 
+from .errors import UsageError
+
 
 def atomic_write_bytes(path: Union[str, Path], data: bytes, mode: int = 0o644, durable: bool = True) -> None:
     """Readers see the old file or the new one, never a torn one. durable=False skips the
@@ -15,9 +17,7 @@ def atomic_write_bytes(path: Union[str, Path], data: bytes, mode: int = 0o644, d
     and the cost would land on a fast path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    import tempfile  # here: ~4 ms that `build`'s replay (store/replay.py) never needs
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temp(path.parent, path.name)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -31,6 +31,20 @@ def atomic_write_bytes(path: Union[str, Path], data: bytes, mode: int = 0o644, d
         raise
     if durable:
         fsync_dir(path.parent)
+
+
+def _create_temp(directory: Path, name: str):
+    """(fd, path) of a new file `.NAME.<random>.tmp` in `directory`, as tempfile.mkstemp
+    makes it (O_EXCL, mode 0600, never through a link), without importing tempfile (with
+    shutil and random: ~5 ms on every up-to-date `build`, which writes its gc root)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+    for _ in range(100):
+        tmp = os.path.join(directory, f".{name}.{os.urandom(6).hex()}.tmp")
+        try:
+            return os.open(tmp, flags, 0o600), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name for {name} in {directory}")
 
 
 def atomic_write_text(path: Union[str, Path], text: str, mode: int = 0o644, durable: bool = True) -> None:
@@ -135,6 +149,68 @@ def remove_no_follow(path: Union[str, Path]) -> None:
         _remove_walk(Path(path))
 
 
+STATE_LIMIT = 16 << 20  # bytes: a state file pylmserv writes (record, manifest, stamp) is far smaller
+
+
+def read_regular_bytes(path: Union[str, Path], limit: int, follow: bool = True) -> bytes:
+    """The bytes of a regular file, read so that a FIFO or a device in its place cannot hang
+    or exhaust a command: O_NONBLOCK, then fstat (a regular file only: EINVAL otherwise), at
+    most `limit` bytes (EFBIG otherwise). `follow=False`: never through a link (ELOOP)."""
+    import errno
+    import stat as _stat
+
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | (0 if follow else os.O_NOFOLLOW)
+    fd = os.open(path, flags)
+    try:
+        st = os.fstat(fd)
+        if not _stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        if st.st_size > limit:
+            raise OSError(errno.EFBIG, f"larger than {limit} bytes", str(path))
+        chunks, left = [], limit + 1
+        while left > 0:
+            data = os.read(fd, min(left, 1 << 20))
+            if not data:
+                break
+            chunks.append(data)
+            left -= len(data)
+        if left <= 0:
+            raise OSError(errno.EFBIG, f"larger than {limit} bytes", str(path))
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+def read_state_text(path: Union[str, Path], limit: int = STATE_LIMIT) -> str:
+    """The text of a small state file pylmserv wrote in its home (a gc-root record, a
+    manifest, a stamp, verify's record, a resume state), read so that an edited or planted
+    one cannot hang or exhaust a command: never through a link (O_NOFOLLOW), never a FIFO
+    or device, at most `limit` bytes, strict UTF-8. Raises OSError (or UnicodeDecodeError,
+    a ValueError) for anything else: callers treat it as a missing or unreadable record."""
+    return read_regular_bytes(path, limit, follow=False).decode("utf-8")
+
+
+def lock_file_path(path: Union[str, Path]) -> str:
+    """`path`, made safe to hand to filelock.FileLock: filelock opens its file with O_TRUNC
+    (every 3.x release) and, before 3.20.1, follows a symlink there, so a link planted at a
+    lock file would truncate its target outside the home. A link there (never one pylmserv
+    makes) is removed as a link, its target untouched; anything else that is not a regular
+    file (a directory, a FIFO) is one clean error instead of a traceback or a hang."""
+    import stat as _stat
+
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return str(path)
+    if _stat.S_ISLNK(st.st_mode):
+        unlink_missing_ok(path)
+    elif not _stat.S_ISREG(st.st_mode):
+        kind = "directory" if _stat.S_ISDIR(st.st_mode) else "special file"
+        raise UsageError(f"{path}: a {kind} is where pylmserv keeps a lock file",
+                         hint="It is not pylmserv's: move it away, then run the command again.")
+    return str(path)
+
+
 def walk_no_follow(top: Union[str, Path]):
     """os.walk(top) without following links and without recursion (os.walk in Python < 3.12
     recurses once per level, so a hostile tree 1,000 levels deep raised RecursionError):
@@ -154,6 +230,45 @@ def walk_no_follow(top: Union[str, Path]):
                 files.append(e.name)
         yield d, dirs, files
         stack.extend(os.path.join(d, name) for name in reversed(dirs))
+
+
+def copy_tree_no_follow(src: Union[str, Path], dst: Union[str, Path], skip_names=(), writable: bool = False) -> None:
+    """shutil.copytree(src, dst, symlinks=True) without recursion (a tree 1,000 levels deep
+    is fine) and without opening anything but regular files: links are copied as links,
+    a FIFO, socket or device is refused (opening a FIFO would block forever). Names in
+    `skip_names` are left out at every level. `writable`: directories 0755 and files with
+    the owner's write bit (a writable copy of a read-only store tree). `dst` must not exist."""
+    import shutil
+    import stat as _stat
+
+    skip = frozenset(skip_names)
+    os.mkdir(dst)
+    stack = [(str(src), str(dst))]
+    dirs_done = []
+    while stack:
+        s, d = stack.pop()
+        for entry in sorted(os.scandir(s), key=lambda e: e.name):
+            if entry.name in skip:
+                continue
+            target = os.path.join(d, entry.name)
+            st = entry.stat(follow_symlinks=False)
+            if _stat.S_ISLNK(st.st_mode):
+                os.symlink(os.readlink(entry.path), target)
+            elif _stat.S_ISDIR(st.st_mode):
+                os.mkdir(target)
+                stack.append((entry.path, target))
+            elif _stat.S_ISREG(st.st_mode):
+                shutil.copy2(entry.path, target, follow_symlinks=False)
+                if writable:
+                    os.chmod(target, _stat.S_IMODE(st.st_mode) | 0o200)
+            else:
+                raise UsageError(f"{entry.path}: not a regular file, directory or link (a FIFO, socket or device); "
+                                 "it cannot be copied", hint="Remove it from the source tree.")
+        dirs_done.append((s, d))
+    for s, d in reversed(dirs_done):  # after their contents: a read-only directory is filled first
+        shutil.copystat(s, d, follow_symlinks=False)
+        if writable:
+            os.chmod(d, 0o755)
 
 
 @contextlib.contextmanager

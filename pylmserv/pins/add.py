@@ -22,7 +22,7 @@ from urllib.parse import unquote, urlsplit
 
 from ..core.errors import PylmservError, UsageError
 from ..core.fsutil import atomic_write_bytes, unlink_missing_ok
-from ..transfer.http import refuse_credentials
+from ..transfer.http import redact, refuse_credentials
 from ..transfer.hub import parse_hf
 from . import upstream
 from .config import ARCHIVE_SUFFIXES, CONFIG_NAME, LOCK_NAME, URL_SCHEMES, check_name, packaged_dir
@@ -68,6 +68,8 @@ def parse_spec(spec: str, unpack: bool = False) -> Addition:
     """What SPEC asks for (no network, except `github:O/R` without a ref: its newest release)."""
     if any(ord(c) < 32 or ord(c) == 127 for c in spec):
         raise UsageError("the spec contains control characters", hint="Pass a plain hf://, github: or URL spec.")
+    if "://" in spec:  # any scheme, any case (HTTP://u:p@host): no credential is echoed or pinned
+        refuse_credentials(spec, "add")
     if spec.startswith("hf://"):
         repo, path, revision = parse_hf(spec)
         if unpack:
@@ -78,7 +80,7 @@ def parse_spec(spec: str, unpack: bool = False) -> Addition:
         body, _, ref = spec[len("github:"):].partition("@")
         parts = body.split("/")
         if len(parts) != 2 or not all(re.fullmatch(r"[A-Za-z0-9_.-]+", p) for p in parts) or ".." in parts:
-            raise UsageError(f"{spec!r}: expected github:OWNER/REPO[@REF]")
+            raise UsageError(f"{redact(spec)!r}: expected github:OWNER/REPO[@REF]")
         if unpack:
             raise UsageError("--unpack applies to URL sources only")
         owner, repo = parts
@@ -105,7 +107,7 @@ def parse_spec(spec: str, unpack: bool = False) -> Addition:
         if unpack:
             table["unpack"] = True
         return Addition("sources", derive_name(filename), table)
-    raise UsageError(f"unknown spec {spec!r}",
+    raise UsageError(f"unknown spec {redact(spec)!r}",
                      hint="Use hf://ORG/REPO/FILE.gguf[@REV], github:OWNER/REPO[@REF] or an https:// URL.")
 
 

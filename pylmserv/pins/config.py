@@ -5,6 +5,7 @@ core.names' rule, values must read back through Nix 2.8's builtins.fromTOML (loc
 """
 from __future__ import annotations
 
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -19,9 +20,7 @@ else:  # pragma: no cover - exercised on older Pythons only
 from ..core.errors import ConfigError, HashError, UsageError
 from ..core.hashing import Hash
 from ..core.names import check_name, check_version, show
-from ..core.signing import PublicKey
-from ..transfer.hub import HUB, resolve_url as hf_resolve_url
-from .lock import LOCK_VERSION, Lock, LockEntry, check_nix_value, load_lock  # noqa: F401 (re-exported)
+from .lock import LOCK_VERSION, Lock, LockEntry, check_nix_value, load_lock, read_project_file  # noqa: F401 (re-exported)
 from ..store.roots import use_lock
 
 CONFIG_NAME = "pylmserv.toml"
@@ -30,6 +29,14 @@ SOURCE_TYPES = ("github", "git", "url")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2", ".tbz2", ".tar.zst", ".tzst", ".zip")
 URL_SCHEMES = ("https://", "http://", "file://")
 TRACK_KINDS = ("releases", "tags", "branch")  # `track` key: what `pylmserv update` follows
+MODEL_ROLES = ("chat", "embedding")
+# [models.NAME.server] keys pylmserv sets itself (the model file, the bind, the key, the
+# router's own settings) or that have their own spelling (role, --preload, --idle-unload).
+SERVER_KEYS_OWNED = ("model", "m", "hf-repo", "hf", "hfr", "hf-file", "hff", "model-url", "mu", "alias", "a",
+                     "host", "port", "api-key", "api-key-file", "ssl-key-file", "ssl-cert-file", "embedding",
+                     "embeddings", "load-on-startup", "sleep-idle-seconds", "models-dir", "models-preset",
+                     "models-max", "models-autoload", "no-models-autoload", "log-file")
+_SERVER_KEY = re.compile(r"[a-z][a-z0-9-]*\Z")
 
 
 # -- intent (pylmserv.toml) -----------------------------------------------------
@@ -78,11 +85,17 @@ class ModelSpec:
     size: Optional[int] = None
     description: str = ""
     follow: Dict[str, str] = field(default_factory=dict)  # track = "branch", branch: read by `update` only
+    role: str = "chat"  # `role = "embedding"`: served with llama-server's embeddings on (`serve`)
+    server: Dict[str, object] = field(default_factory=dict)  # [models.NAME.server]: llama-server options
 
-    def resolve_url(self, endpoint: str = HUB, revision: Optional[str] = None) -> str:
+    def resolve_url(self, endpoint: Optional[str] = None, revision: Optional[str] = None) -> str:
         if self.url:
             return self.url
-        return hf_resolve_url(self.hf, revision or self.revision, self.file, endpoint)
+        # lazy: the Hub client pulls in the download engine (~25 ms), which `build` and every
+        # other command that only reads the project never need
+        from ..transfer import hub
+
+        return hub.resolve_url(self.hf, revision or self.revision, self.file, endpoint or hub.HUB)
 
     @property
     def filename(self) -> str:
@@ -156,7 +169,7 @@ def load_project(config: Optional[Path] = None, lock: Optional[Path] = None) -> 
 
 def _read_toml(path: Path, what: str, hint: str) -> dict:
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = read_project_file(path).decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{what} not found: {path}", hint=hint) from None
     except UnicodeDecodeError as exc:
@@ -222,6 +235,10 @@ def _parse_cache(t, path) -> Dict[str, object]:
         value = t.get(key, [])
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{where} {key} must be a list of strings")
+    # lazy for speed: only a config with [cache] keys needs the signing module (a dataclass and
+    # base64 handling an up-to-date `build` of an ordinary project never uses)
+    from ..core.signing import PublicKey
+
     for text in t.get("trusted-public-keys", []):
         try:
             PublicKey.parse(text)
@@ -348,9 +365,14 @@ def _parse_source(name: str, t: dict, path) -> SourceSpec:
 def _parse_model(name: str, t: dict, path) -> ModelSpec:
     where = f"{path}: [models.{show(name)}]"
     check_name(name, f"{path}: [models]")
-    _checked({k: v for k, v in t.items() if k != "description"}, where)
-    _only_keys(t, {"url", "hf", "file", "revision", "sha256", "size", "description", "track", "branch"}, where)
+    _checked({k: v for k, v in t.items() if k not in ("description", "server")}, where)  # server: never locked
+    _only_keys(t, {"url", "hf", "file", "revision", "sha256", "size", "description", "track", "branch", "role",
+                   "server"}, where)
     follow = _follow(t, where, ("track", "branch"))
+    serving = {"role": _opt(t, "role", where, str, "chat"), "server": _parse_server(t.get("server", {}), where)}
+    if serving["role"] not in MODEL_ROLES:
+        raise ConfigError(f"{where}: unknown role {show(repr(serving['role']))}",
+                          hint="Use role = \"chat\" (the default) or role = \"embedding\".")
     if ("url" in t) == ("hf" in t):
         raise ConfigError(f"{where}: give either url or hf (+ file)", hint="e.g. hf = \"org/repo\" and file = \"model.gguf\".")
     sha = _parse_hash(t["sha256"], where) if "sha256" in t else None
@@ -358,7 +380,7 @@ def _parse_model(name: str, t: dict, path) -> ModelSpec:
     desc = _opt(t, "description", where, str, "")
     if "url" in t:
         return ModelSpec(name, url=_check_url(_need(t, "url", where), where), sha256=sha, size=size, description=desc,
-                         follow=follow)
+                         follow=follow, **serving)
     hf = _need(t, "hf", where)
     if hf.count("/") != 1 or not all(_plain_segment(p) for p in hf.split("/")):
         raise ConfigError(f"{where}: hf must be 'org/repo', got {show(repr(hf))}", hint="e.g. hf = \"Qwen/Qwen2.5-0.5B-Instruct-GGUF\".")
@@ -370,7 +392,35 @@ def _parse_model(name: str, t: dict, path) -> ModelSpec:
     if not revision.strip():
         raise ConfigError(f"{where}: empty revision", hint="Use a branch, tag or commit, or leave it out (main).")
     return ModelSpec(name, hf=hf, file=file, revision=revision, sha256=sha, size=size, description=desc,
-                     follow=follow)
+                     follow=follow, **serving)
+
+
+def _parse_server(table, where: str) -> Dict[str, object]:
+    """[models.NAME.server]: llama-server options by long name without dashes (`ctx-size = 4096`,
+    `n-gpu-layers = 99`, `flash-attn = "on"`, `jinja = true`), as llama.cpp's router presets
+    spell them; one line each, nothing pylmserv sets itself."""
+    where = f"{where}.server"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table", hint="e.g. [models.NAME.server] with ctx-size = 4096.")
+    out: Dict[str, object] = {}
+    for key, value in table.items():
+        if not _SERVER_KEY.match(key):
+            raise ConfigError(f"{where}: bad option name {show(repr(key))}",
+                              hint="Use llama-server's long option without dashes, e.g. ctx-size or n-gpu-layers.")
+        if key in SERVER_KEYS_OWNED:
+            raise ConfigError(f"{where}: {key} is set by pylmserv",
+                              hint="The model file, bind address and API key come from the lock and `serve`'s own "
+                                   "options; embeddings from role = \"embedding\"; loading from --preload/--idle-unload.")
+        if isinstance(value, str):
+            if value != value.strip() or not value or re.search(r"[\x00-\x1f\x7f]|[ \t][;#]|^[;#]", value):
+                raise ConfigError(f"{where}: {key} = {show(repr(value))} cannot be carried to llama-server",
+                                  hint="One line, no surrounding spaces, no ' ;' or ' #' (a preset comment).")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{where}: {key} must be a finite number")
+        elif not isinstance(value, (bool, int, float)):
+            raise ConfigError(f"{where}: {key} must be a string, number or boolean")
+        out[key] = value
+    return out
 
 
 def _plain_segment(part: str) -> bool:

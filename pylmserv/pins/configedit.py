@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Dict, Iterator, Optional
 
 from ..core.errors import ConfigError, PylmservError
-from ..core.fsutil import atomic_write_text
+from ..core.fsutil import atomic_write_text, lock_file_path
 from .config import Config, load_config
 
 LOCK_WAIT = 600  # seconds to wait for another pylmserv writing the same project
@@ -112,7 +112,7 @@ def project_lock(lock_path: Path) -> Iterator[None]:
     from filelock import FileLock, Timeout
 
     lock_path = Path(lock_path)
-    guard = FileLock(str(lock_path.with_name(f".{lock_path.name}.flock")))
+    guard = FileLock(lock_file_path(lock_path.with_name(f".{lock_path.name}.flock")))
     try:
         guard.acquire(timeout=LOCK_WAIT)
     except Timeout:

@@ -26,7 +26,7 @@ else:  # pragma: no cover - exercised on older Pythons only
     import tomli as tomllib
 
 from ..core.errors import ConfigError, HashError
-from ..core.fsutil import atomic_write_text
+from ..core.fsutil import atomic_write_text, read_regular_bytes
 from ..core.hashing import Hash
 from ..core.names import check_name, check_version
 from ..transfer.http import refuse_credentials
@@ -456,9 +456,30 @@ class Lock:
         return target
 
 
+PROJECT_FILE_LIMIT = 64 << 20  # bytes: a config or lock is kilobytes; a catalog of thousands, a few MiB
+
+
+def read_project_file(path: Path) -> bytes:
+    """A config or lock file's bytes (a link is the user's choice and followed), but never a
+    FIFO or device (a read that blocks or never ends) nor a file over PROJECT_FILE_LIMIT:
+    those are one ConfigError. Missing and other OS errors are the caller's."""
+    import errno
+
+    try:
+        return read_regular_bytes(path, PROJECT_FILE_LIMIT)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            raise ConfigError(f"{path}: not a regular file (a FIFO, a socket or a device)",
+                              hint="Point --config/--lock at the project's files.") from None
+        if exc.errno == errno.EFBIG:
+            raise ConfigError(f"{path}: larger than {PROJECT_FILE_LIMIT >> 20} MiB; no config or lock is that big",
+                              hint="Point --config/--lock at the project's files.") from None
+        raise
+
+
 def read_lock_text(path: Path) -> dict:
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = read_project_file(path).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})", hint=REGENERATE) from None
     try:

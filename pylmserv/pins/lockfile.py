@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Optional, Tuple
 
 from ..core.errors import PylmservError, UsageError
+from ..core.fsutil import lock_file_path
 from ..store.layout import subdir
 from .config import is_packaged, packaged_dir
 from .lock import Lock, load_lock
@@ -38,7 +39,7 @@ def _file_lock(path: Path):
     except OSError as exc:
         raise UsageError(f"cannot write {path}: the file lock's directory (the store's tmp/) is not writable: "
                          f"{exc.strerror or exc}", hint="Set PYLMSERV_HOME to a writable directory.") from None
-    return FileLock(str(tmp / f"lockfile-{key}.lock"), timeout=WAIT)
+    return FileLock(lock_file_path(tmp / f"lockfile-{key}.lock"), timeout=WAIT)
 
 
 def update(path: Path, change: Callable[[Lock], Lock]) -> Tuple[Lock, Lock, bool]:

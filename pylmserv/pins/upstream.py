@@ -20,7 +20,7 @@ from urllib.parse import urljoin, urlsplit
 from ..core.errors import NetworkError, UsageError
 from ..core.version import __version__
 from ..transfer.git import ls_remote
-from ..transfer.http import bounded_json
+from ..transfer.http import bounded_json, refuse_credentials
 
 log = logging.getLogger("pylmserv.update")
 
@@ -42,7 +42,7 @@ class Tag:
 
 
 def api_base() -> str:
-    return (os.environ.get("PYLMSERV_GITHUB_API") or API).rstrip("/")
+    return refuse_credentials((os.environ.get("PYLMSERV_GITHUB_API") or API).rstrip("/"), "PYLMSERV_GITHUB_API")
 
 
 def max_wait() -> float:

@@ -28,7 +28,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 from ..core.errors import UsageError
 from ..core.hashing import Hash
-from ..core.fsutil import atomic_write_text, fsync_dir, unlink_missing_ok
+from ..core.fsutil import atomic_write_text, fsync_dir, lock_file_path, read_state_text, unlink_missing_ok
 from . import layout
 from .layout import ensure_home
 
@@ -98,7 +98,7 @@ def blob_lock(h: Hash, home: Optional[Path] = None) -> Iterator[None]:
     releases it with its death, so stale locks recover by themselves."""
     from filelock import FileLock, Timeout  # lazy: a third-party import
 
-    lock = FileLock(str(tmp_dir(home) / f"{h.hex}.lock"))
+    lock = FileLock(lock_file_path(tmp_dir(home) / f"{h.hex}.lock"))
     try:
         lock.acquire(timeout=0.2)
     except Timeout:
@@ -231,7 +231,7 @@ def set_order(name: str, filenames: Sequence[str], home: Optional[Path] = None) 
     manifest = _read_manifest(directory)
     data = {"files": manifest, "order": list(filenames)}
     try:
-        if json.loads((directory / MANIFEST).read_text()) == data:
+        if json.loads(read_state_text(directory / MANIFEST)) == data:
             return  # unchanged: nothing to write
     except (OSError, ValueError):
         pass
@@ -240,29 +240,39 @@ def set_order(name: str, filenames: Sequence[str], home: Optional[Path] = None) 
 
 def _read_manifest(directory: Path) -> dict:
     try:
-        data = json.loads((directory / MANIFEST).read_text())
+        data = json.loads(read_state_text(directory / MANIFEST))
     except (OSError, ValueError):
         return {}
     files = data.get("files") if isinstance(data, dict) else None
     return dict(files) if isinstance(files, dict) else {}
 
 
+def inside_name(rel) -> bool:
+    """A manifest's file name that stays inside its entry: relative, no `..`, no NUL."""
+    if not isinstance(rel, str) or not rel or "\0" in rel or rel.startswith("/"):
+        return False
+    return all(part not in ("", ".", "..") for part in rel.split("/"))
+
+
 def lookup(name: str, home: Optional[Path] = None) -> Optional[NamedEntry]:
     """The named entry `name` if it is in the store and its files are intact, else None."""
     directory = entry_dir(name, home)
     try:
-        raw = json.loads((directory / MANIFEST).read_text())
+        raw = json.loads(read_state_text(directory / MANIFEST))
     except (OSError, ValueError):
         return None
-    files = raw.get("files") or {}
-    order = [n for n in raw.get("order") or [] if n in files] or sorted(files)
+    files = raw.get("files") if isinstance(raw, dict) else None
+    if not isinstance(files, dict) or not all(inside_name(n) for n in files):
+        return None  # an edited manifest: no path outside the entry is ever taken for the model
+    order = raw.get("order")
+    order = [n for n in order if isinstance(n, str) and n in files] if isinstance(order, list) else []
     out = []
-    for filename in order:
+    for filename in order or sorted(files):
         meta = files[filename]
         try:
             h = Hash("sha256", bytes.fromhex(meta["sha256"])) if meta.get("sha256") else None
             size = int(meta["size"])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, AttributeError):
             return None
         path = directory / filename
         if not path.is_file() or path.stat().st_size != size:

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
-from ..core.fsutil import remove_no_follow, tree_size, tree_stats
-from . import layout, records, replay
+from ..core.fsutil import read_state_text, remove_no_follow, tree_size, tree_stats
+from . import layout, records
 
 KINDS = ("blob", "source", "toolchain", "model", "build", "install", "partial", "staging")
 
@@ -181,9 +181,11 @@ def _model_kept(directory: Path, keep: Keep) -> bool:
     if allowed is None or not _real_dir(directory):  # a link in models/ is no entry of ours
         return False
     try:
-        data = json.loads((directory / ".pylmserv.json").read_text())
+        data = json.loads(read_state_text(directory / ".pylmserv.json"))
     except (OSError, ValueError):
         return False
+    if not isinstance(data, dict) or not isinstance(data.get("files") or {}, dict):
+        return False  # an edited manifest: the entry is not known to be intact
     hexes = {str(m.get("sha256")) for m in (data.get("files") or {}).values() if isinstance(m, dict) and m.get("sha256")}
     archive = (data.get("archive") or {}).get("sha256") if isinstance(data.get("archive"), dict) else None
     if archive:
@@ -336,7 +338,6 @@ def sweep(home: Path, keep: Keep, dry_run: bool = False) -> Report:
         if not dry_run:
             for item in report.garbage:
                 _remove(item.path, home)
-            replay.forget_stale(home)  # records of up-to-date answers about builds just deleted
     finally:
         locks.release()
     report.store_size = store_size(home)

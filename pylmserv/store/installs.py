@@ -19,17 +19,23 @@ def shared_libs(build_dir: Path) -> List[Path]:
 
 
 def _same_size_and_mtime(a: Path, b: Path) -> bool:
+    """b (the installed copy) is a regular file like a: a link planted there never counts as
+    installed (lstat), so it is replaced, and `current` never runs a file outside the home."""
+    import stat
+
     try:
-        sa, sb = a.stat(), b.stat()
+        sa, sb = a.stat(), b.lstat()
     except OSError:
         return False
-    return sa.st_size == sb.st_size and int(sa.st_mtime) == int(sb.st_mtime)
+    return stat.S_ISREG(sb.st_mode) and sa.st_size == sb.st_size and int(sa.st_mtime) == int(sb.st_mtime)
 
 
 def _copy_atomic(src: Path, dest: Path) -> None:
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    import shutil  # lazy: ~3 ms the up-to-date replay (only stat calls) does not need
+    import shutil  # lazy: ~3 ms an up-to-date `build` (only stat calls when unchanged) does not need
 
+    if os.path.lexists(tmp):  # a leftover, or a link planted at the predictable name: never written through
+        os.unlink(tmp) if not os.path.isdir(tmp) or os.path.islink(tmp) else os.rmdir(tmp)
     shutil.copy2(src, tmp)
     os.replace(tmp, dest)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
 from ..core.errors import PylmservError, RotFound  # noqa: F401 (RotFound: re-exported)
-from ..core.fsutil import atomic_write_text, walk_no_follow
+from ..core.fsutil import atomic_write_text, read_state_text, walk_no_follow
 from ..core.hashing import Hash, file_hash, nix32_decode
 from ..core.nar import nar_hash
 from . import blobs as store
@@ -115,7 +115,7 @@ def last_verified(home: Optional[Path] = None) -> Optional[dict]:
     """What the last `verify` recorded ({checked_at, checked, bad, names}), or None."""
     home = Path(home) if home else ensure_home()
     try:
-        data = json.loads((home / RECORD).read_text())
+        data = json.loads(read_state_text(home / RECORD))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) and "checked_at" in data else None
@@ -148,10 +148,14 @@ def _archive_blobs(entries, home: Path) -> set:
 
 def _manifest(directory: Path) -> dict:
     try:
-        data = json.loads((directory / store.MANIFEST).read_text())
+        data = json.loads(read_state_text(directory / store.MANIFEST))
     except (OSError, ValueError):
         return {}
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        return {}
+    if not isinstance(data.get("files", {}), dict):  # an edited manifest: no files known
+        data = dict(data, files={})
+    return data
 
 
 _SOURCE = re.compile(r"^([0-9a-df-np-sv-z]{52})-(.+)$")
@@ -232,6 +236,10 @@ def _check_model(name: str, directory: Path, files: Dict[str, Optional[str]], ba
         return bad("no manifest: the entry is incomplete")
     sizes = {rel: meta.get("size") for rel, meta in manifest.get("files", {}).items() if isinstance(meta, dict)}
     for rel, hexd in files.items():
+        if not store.inside_name(rel):  # an edited manifest: never read a file outside the entry
+            return bad("the manifest names a file outside the entry")
+        if hexd is not None and not (isinstance(hexd, str) and re.fullmatch(r"[0-9a-f]{64}", hexd)):
+            return bad(f"the manifest's sha256 of {rel} is not 64 hex digits")
         path = directory / rel
         try:
             st = os.stat(path)  # a symlink entry (link mode symlink) is judged by its target

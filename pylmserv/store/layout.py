@@ -7,7 +7,6 @@ Layout (this module is the only one that spells these names; everyone else asks 
   toolchains/<name>-<ver>   unpacked toolchains (cosmocc)
   builds/<key>              build directories, keyed by (source hash, backend, options)
   bin/<engine>-<backend>    installed binaries (`current` links per backend)
-  replay/<hash>.json        what an up-to-date `build` printed, and what to re-check first (replay.py)
   tmp/                      partial downloads and staging (same filesystem: os.replace)
   logs/                     server logs
   quarantine/               entries `pylmserv verify` found bad, moved aside (never deleted)
@@ -23,7 +22,7 @@ from typing import TYPE_CHECKING, Callable, List, Mapping, Optional
 from ..core.errors import UsageError
 from ..core.fsutil import atomic_write_text
 
-if TYPE_CHECKING:  # annotations only: `build`'s replay imports this module, not the hashing types
+if TYPE_CHECKING:  # annotations only: the up-to-date `build` path imports this module, not the hashing types
     from ..core.hashing import Hash
 
 CACHEDIR_TAG = (

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Dict, Iterable, Mapping, NamedTuple, Optional
 
-from ..core.fsutil import atomic_write_text, unlink_missing_ok
+from ..core.fsutil import atomic_write_text, read_state_text, unlink_missing_ok
 
 STAMP_VERSION = 1
 STAMP_NAME = "pylmserv-stamp.json"
@@ -33,7 +33,7 @@ def build_key(inputs: Mapping, length: int = 16) -> str:
     return hashlib.sha256(canonical_json(inputs).encode()).hexdigest()[:length]
 
 
-class OutputRecord(NamedTuple):  # not a dataclass: `build`'s replay imports this module (store/replay.py)
+class OutputRecord(NamedTuple):  # not a dataclass: cheaper to create on the up-to-date `build` path
     path: str
     size: int
     mtime_ns: int
@@ -101,7 +101,7 @@ def make_stamp(inputs: Mapping, outputs: Mapping[str, Path], seconds: float = 0.
 def read_stamp(path: Path) -> Optional[Stamp]:
     """The stamp at `path`, or None when it is missing, unreadable or from another format."""
     try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        doc = json.loads(read_state_text(path))
         if doc.get("version") != STAMP_VERSION:
             return None
         outputs = {n: OutputRecord(str(r["path"]), int(r["size"]), int(r["mtime_ns"]))

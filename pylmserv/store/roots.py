@@ -19,11 +19,12 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from ..core.fsutil import atomic_write_bytes, atomic_write_text, remove_no_follow, unlink_missing_ok
+from ..core.fsutil import atomic_write_bytes, atomic_write_text, read_state_text, remove_no_follow, unlink_missing_ok
 from .layout import home as store_home
 from .layout import on_home_ready
 
 ROOTS = "gcroots"
+PATH_LIMIT = 1 << 16  # bytes: a record holds one path (PATH_MAX is 4096)
 _held: Dict[str, Tuple[int, Path]] = {}  # home -> (the flocked fd held by this process, its directory)
 _pending: Dict[Tuple[str, str], bytes] = {}  # (home, lock path) -> lock text, until the store exists
 
@@ -56,7 +57,7 @@ def _record(path: Path, text: bytes, home: Path) -> None:
         register_lock(path, home)
         _hold(path, text, home)
     except OSError as exc:
-        import logging  # here: `build`'s replay (store/replay.py) imports this module and not logging
+        import logging  # lazy: only this rare failure logs; the up-to-date `build` path stays light
 
         logging.getLogger("pylmserv.store").debug("gc root for %s not recorded: %s", path, exc)
 
@@ -78,10 +79,10 @@ def register_lock(lock_path: Path, home: Optional[Path] = None) -> Path:
     path = Path(lock_path).resolve()
     entry = roots_dir(home) / "locks" / _key(path)
     try:
-        if entry.read_text(encoding="utf-8", errors="surrogateescape") == str(path):
+        if read_state_text(entry) == str(path):
             return entry
-    except OSError:
-        pass
+    except (OSError, ValueError):
+        remove_no_follow(entry)  # a link, FIFO or garbage at our own record: not ours, replaced
     entry.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(entry, str(path))
     return entry
@@ -131,14 +132,17 @@ def registered_locks(home: Optional[Path] = None, forget_missing: bool = True) -
     base = roots_dir(home) / "locks"
     out = []
     for entry in sorted(base.glob("*")) if base.is_dir() else []:
-        try:
-            path = Path(entry.read_text(encoding="utf-8", errors="surrogateescape"))
-        except OSError:
-            continue
-        if path.is_file():
+        try:  # never a FIFO or a link to /dev/zero (a hang, a read without end)
+            text = read_state_text(entry, limit=PATH_LIMIT)
+            path = Path(text)
+            usable = path.is_absolute() and "\0" not in text  # pylmserv writes absolute paths only
+            present = usable and path.is_file()
+        except (OSError, ValueError):  # not a record pylmserv wrote
+            usable = present = False
+        if present:
             out.append(path)
         elif forget_missing:
-            unlink_missing_ok(entry)
+            remove_no_follow(entry)  # a link is removed as a link
     return out
 
 

@@ -17,11 +17,12 @@ from typing import Optional, Tuple
 
 from ..core.archive import extract
 from ..core.errors import PylmservError, UsageError, VerificationError
-from ..core.fsutil import temp_dir
+from ..core.fsutil import lock_file_path, temp_dir
 from ..core.hashing import Hash, file_hash
 from ..core.nar import nar_hash
 from ..transfer import git as gitutil
 from ..transfer.download import download as engine
+from ..transfer.http import refuse_credentials
 from . import layout
 from .blobs import install_blob
 from .layout import ensure_home
@@ -52,7 +53,7 @@ LOCK_TIMEOUT = 3600  # seconds to wait for another process fetching the same ent
 
 def github_base() -> str:
     """https://github.com, or PYLMSERV_GITHUB_URL (a mirror; tests use a loopback server)."""
-    return (os.environ.get("PYLMSERV_GITHUB_URL") or GITHUB).rstrip("/")
+    return refuse_credentials((os.environ.get("PYLMSERV_GITHUB_URL") or GITHUB).rstrip("/"), "PYLMSERV_GITHUB_URL")
 
 
 def mirror_url(url: str) -> str:
@@ -84,7 +85,7 @@ def ensure_source(entry: SourcePin, root: Optional[Path] = None) -> Path:
     if os.path.lexists(target):
         return target
     tmp = layout.tmp_dir(root)
-    lock = FileLock(str(tmp / f"{target.name}.lock"))
+    lock = FileLock(lock_file_path(tmp / f"{target.name}.lock"))
     try:
         lock.acquire(timeout=LOCK_TIMEOUT)
     except Timeout:

@@ -36,11 +36,11 @@ from typing import Callable, List, Optional
 from urllib.parse import unquote, urlsplit
 
 from ..core.errors import DiskSpaceError, NetworkError, UsageError, VerificationError  # noqa: F401 - DiskSpaceError re-exported
-from ..core.fsutil import fsync_dir, start_writeback, unlink_missing_ok
+from ..core.fsutil import fsync_dir, lock_file_path, start_writeback, unlink_missing_ok
 from ..core.progress import Progress
 from ..core.hashing import EMPTY_SHA256, Hash
 from .hasher import TrailingHasher
-from .partial import WRITEBACK_EVERY, Part, PartialFile, ResumeState
+from .partial import WRITEBACK_EVERY, Part, PartialFile, ResumeState, create_fresh
 from .scheduler import Demote, PartScheduler, new_parts
 from .http import (Probe, Transport, content_encoding, decoder_for, file_name, iter_raw,  # noqa: F401 - redact re-exported
                    parse_content_range, raise_http, redact, short_error, download_errors)
@@ -112,7 +112,7 @@ def download(url: str, dest: Path, *, expected: Optional[Hash] = None, size: Opt
 
         # One writer per partial; flock dies with its process, so a SIGKILLed owner
         # leaves no stale lock behind (the file stays, harmlessly).
-        lock = FileLock(str(base) + ".lock")
+        lock = FileLock(lock_file_path(str(base) + ".lock"))
         _acquire(lock, url)
         try:
             engine = _Engine(url, base, expected=expected, size=size, connections=connections,
@@ -212,7 +212,7 @@ def _copy_file_url(url: str, dest: Path, expected, size, progress) -> tuple:
     total = 0
     bar = _make_progress(src.name, src.stat().st_size, progress, None)
     try:
-        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+        with open(src, "rb") as fin, os.fdopen(create_fresh(tmp, os.O_WRONLY), "wb") as fout:
             buf = bytearray(1 << 20)
             view = memoryview(buf)
             while True:
@@ -479,7 +479,7 @@ class _Engine:
             written = wire = flushed = 0
             bar = _make_progress(file_name(self.url), total, self.progress, self.on_progress)
             try:
-                with r, open(self.partial, "wb") as f:
+                with r, self.file.open_fresh() as f:
                     try:
                         for chunk in iter_raw(r):
                             self._count(len(chunk))

@@ -7,7 +7,7 @@ import re
 import threading
 from dataclasses import dataclass
 from typing import Dict, Optional
-from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
 from ..core.errors import ConfigError, NetworkError, VerificationError
 from ..core.version import __version__
@@ -242,13 +242,30 @@ def connect_retry(base):
     return cls
 
 
+_URL_PARTS = re.compile(r"(?P<scheme>[^:/?#]+:)?(?://(?P<netloc>[^/?#]*))?(?P<path>[^?#]*)", re.S)
+
+
 def redact(url: str) -> str:
-    """The URL without query string or credentials (signed URLs carry secrets)."""
-    parts = urlsplit(url)
-    netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    """The URL without query string, fragment or credentials (signed URLs carry secrets).
+    Never raises: a URL urllib refuses (a bad port, a broken IPv6 host) is cut by the
+    RFC 3986 pattern instead, so an error about a bad URL cannot itself crash or leak."""
+    m = _URL_PARTS.match(str(url))
+    scheme, netloc, path = m.group("scheme") or "", m.group("netloc"), m.group("path")
+    if netloc is None:
+        return scheme + path
+    return f"{scheme}//{netloc.rpartition('@')[2]}{path}"
+
+
+def check_url(url: str, where: str) -> str:
+    """`url` when urllib can take it apart (host, port): else ConfigError naming it redacted,
+    instead of a ValueError traceback from deep inside a download."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number in 0-65535)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {redact(url)} is not a valid URL ({exc})",
+                          hint="Fix the host (an IPv6 address goes in [brackets]) or the port (1-65535).") from None
+    return url
 
 
 MAX_API_ANSWER = 16 << 20  # bytes: a page of tags, a release, a Hub file listing is far smaller
@@ -297,12 +314,13 @@ def refuse_credentials(url: str, where: str) -> str:
     A password in a URL would be written into pylmserv.toml, pylmserv.lock, logs and --json
     in clear, so no URL with userinfo is taken at all (http, https, file, git); only an ssh
     URL may name its user (ssh://git@host/..., no password: that is no secret)."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    userinfo = parts.netloc.rpartition("@")[0]
-    if parts.scheme.lower() in ("ssh", "git+ssh", "ssh+git") and ":" not in userinfo:
-        return url
+    m = _URL_PARTS.match(str(url))
+    netloc = m.group("netloc") or ""
+    if "@" not in netloc:
+        return check_url(url, where)
+    userinfo = netloc.rpartition("@")[0]
+    if (m.group("scheme") or "").lower() in ("ssh:", "git+ssh:", "ssh+git:") and ":" not in userinfo:
+        return check_url(url, where)
     raise ConfigError(f"{where}: the URL {redact(url)} carries credentials (a user or password before the @); pylmserv never "
                       "writes them into the config, the lock or its output", hint=CREDENTIALS_HINT)
 
@@ -429,6 +447,9 @@ def file_name(url: str) -> str:
 
 
 def origin_of(url: str) -> str:
-    parts = urlsplit(url)
-    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    try:
+        parts = urlsplit(url)
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    except ValueError:  # a redirect to a broken host or port: matches no other origin (never printed)
+        return f"invalid {url}"
     return f"{parts.scheme}://{(parts.hostname or '').lower()}:{port}"

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from ..core.errors import DiskSpaceError
-from ..core.fsutil import start_writeback, unlink_missing_ok
+from ..core.fsutil import read_state_text, start_writeback, unlink_missing_ok
 from .http import file_name
 
 log = logging.getLogger("pylmserv.download")
@@ -41,6 +41,15 @@ class Part:
         return self.end - self.start - self.done
 
 
+def create_fresh(path: Path, flags: int) -> int:
+    """A new file at `path` (fd, mode 0644): whatever is at that predictable name - a stale
+    file, a symlink or a hard link planted there - is unlinked first (only the name goes,
+    never what it points at), then O_CREAT|O_EXCL|O_NOFOLLOW: nothing is ever written
+    through a name in tmp/ into a file outside the home."""
+    unlink_missing_ok(path)
+    return os.open(path, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+
+
 class PartialFile:
     def __init__(self, base: Path, url: str):
         self.path = Path(str(base) + ".part")
@@ -50,6 +59,10 @@ class PartialFile:
     def discard(self) -> None:
         unlink_missing_ok(self.state_path)
         unlink_missing_ok(self.path)
+
+    def open_fresh(self):
+        """The partial, created anew for a single stream (see create_fresh)."""
+        return os.fdopen(create_fresh(self.path, os.O_WRONLY), "wb")
 
     def cleanup_state(self) -> None:
         unlink_missing_ok(self.state_path)
@@ -65,7 +78,8 @@ class PartialFile:
                 "validator": validator, "size": size, "parts": snapshot}
         tmp = self.state_path.with_name(f"{self.state_path.name}.{os.getpid()}.tmp")
         try:
-            tmp.write_text(json.dumps(data))
+            with os.fdopen(create_fresh(tmp, os.O_WRONLY), "w") as f:
+                f.write(json.dumps(data))
             os.replace(tmp, self.state_path)
         except OSError:
             unlink_missing_ok(tmp)  # the previous state stays valid: it only undercounts
@@ -74,7 +88,7 @@ class PartialFile:
     def load_state(self, size: Optional[int], etag: Optional[str], validator: Optional[str]) -> Optional[List[Part]]:
         """The saved parts when they are of this very file, else None (the partial is dropped)."""
         try:
-            data = json.loads(self.state_path.read_text())
+            data = json.loads(read_state_text(self.state_path))
             st = os.lstat(self.path)  # a link is no partial of ours: never written through
         except (OSError, ValueError):
             self.discard()
@@ -107,9 +121,7 @@ class PartialFile:
         Not posix_fallocate: on ext4 every write into fallocated (unwritten) extents
         pays an extent conversion, measured 10x slower here. Free space is checked up
         front instead, and ENOSPC while writing keeps the partial for resume."""
-        if os.path.islink(self.path):
-            unlink_missing_ok(self.path)  # planted: removed as a link, its target untouched
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        fd = create_fresh(self.path, os.O_RDWR)
         try:
             os.ftruncate(fd, size)
         except OSError as exc:

@@ -249,6 +249,9 @@ let
 
   rocmPackages = {
     clr = rocmLeaf "clr" // {
+      # nixpkgs: clr's LLVM bin/ (clang++ for HIP); localGpuTargets only where the user's
+      # config names rocmGpuTargets (absent here: the full list applies)
+      hipClangPath = "${rocmLeaf "clang"}/bin";
       gpuTargets = [ "gfx900" "gfx906" "gfx908" "gfx90a" "gfx942" "gfx1010" "gfx1012" "gfx1030" "gfx1100" "gfx1101" "gfx1102" "gfx1200" "gfx1201" ];
     };
     hipblas = rocmLeaf "hipblas";
@@ -284,6 +287,7 @@ let
     "setuptools" "click" "requests" "tqdm" "tomli" "tomli-w" "filelock" "platformdirs"
     "zstandard" "zlib-ng" "pytest" "hypothesis" "gguf" "numpy" "wheel" "pip" "matplotlib" "pyyaml"
     "psutil" "setuptools-scm" "typing-extensions" "huggingface-hub" "urllib3" "certifi" "openai" "tomlkit"
+    "cryptography"
   ]);
 
   python3 = python // {
@@ -347,6 +351,7 @@ in
   nix-prefetch-git = leaf "nix-prefetch-git" { };
   blas = leaf "blas" { meta.available = true; };
   autoAddDriverRunpath = leaf "auto-add-driver-runpath-hook" { };
+  patchelf = leaf "patchelf" { version = "0.15.2"; };
   addDriverRunpath = { driverLink = "/run/opengl-driver"; };
   vulkan-headers = leaf "vulkan-headers" { version = "1.4.313.0"; };
   vulkan-loader = leaf "vulkan-loader" { version = "1.4.313.0"; };

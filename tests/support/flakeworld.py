@@ -34,14 +34,16 @@ _standin_dir: List[Path] = []
 
 def standin() -> Path:
     """The nixpkgs stand-in with nixpkgs' real lib in ./lib (prepared once per process).
-    Skips the calling test when the lib fixture is absent."""
-    import pytest
+    Skips the calling test when the lib fixture is absent (fails it under CI)."""
     import tempfile
 
     if _standin_dir:
         return _standin_dir[0]
     if not NIXPKGS_LIB_FIXTURE.is_file():
-        pytest.skip(f"nixpkgs lib fixture absent ({NIXPKGS_LIB_FIXTURE}): the stand-in uses the real lib")
+        from tests.support.tools import missing
+
+        missing(f"nixpkgs lib fixture ({NIXPKGS_LIB_FIXTURE}): the stand-in uses the real lib",
+                "../shared/fixtures beside the checkout")
     dest = Path(tempfile.mkdtemp(prefix="pylmserv-standin-")) / "nixpkgs-standin"
     shutil.copytree(STANDIN_SRC, dest, ignore=shutil.ignore_patterns("lib", ".gitignore"))
     with tarfile.open(NIXPKGS_LIB_FIXTURE) as tar:

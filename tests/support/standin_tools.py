@@ -272,6 +272,11 @@ def llama_server(bin_dir: Path) -> Path:
       STANDIN_SPAWN_CHILD=1     start a child process (to prove the whole group is stopped)
       STANDIN_IGNORE_TERM=1     ignore SIGINT/SIGTERM (to prove SIGKILL escalation)
       STANDIN_EXIT_EARLY=N      print a load error and exit N before listening
+
+    Router mode (no -m, `--models-preset FILE`, as llama-server since Dec 2025): the preset's
+    text and the environment's LLAMA_CACHE are recorded ("preset", "llama_cache"), and
+    GET /models lists the preset's sections, those with load-on-startup = true as loaded
+    (STANDIN_FAIL_MODEL=NAME: that one as failed, exit code 1).
     """
     return _write(bin_dir, "llama-server", '''
         import json, os, signal, subprocess, sys, threading, time
@@ -309,6 +314,20 @@ def llama_server(bin_dir: Path) -> Path:
             signal.signal(signal.SIGINT, stop)
             signal.signal(signal.SIGTERM, stop)
         ready_at = time.monotonic() + float(os.environ.get("STANDIN_LOAD_SECONDS", "0"))
+        preset = opt("--models-preset")
+        sections = {}
+        if preset:
+            state["preset"] = open(preset).read()
+            state["llama_cache"] = os.environ.get("LLAMA_CACHE")
+            name = None
+            for line in state["preset"].splitlines():
+                line = line.strip()
+                if line.startswith("[") and line.endswith("]"):
+                    name = line[1:-1]
+                    sections[name] = {}
+                elif "=" in line and name and not line.startswith(";"):
+                    k, v = (x.strip() for x in line.split("=", 1))
+                    sections[name][k] = v
         key = opt("--api-key") or os.environ.get("LLAMA_API_KEY")  # the real server reads both
 
         class Handler(BaseHTTPRequestHandler):
@@ -329,6 +348,13 @@ def llama_server(bin_dir: Path) -> Path:
                         return self.reply(503, {"error": {"code": 503, "message": "Loading model",
                                                           "type": "unavailable_error"}})
                     return self.reply(200, {"status": "ok"})
+                if self.path in ("/models", "/v1/models") and preset:
+                    return self.reply(200, {"object": "list", "data": [
+                        {"id": n, "object": "model", "path": opts.get("model"),
+                         "status": {"value": "unloaded", "failed": True, "exit_code": 1}
+                         if n == os.environ.get("STANDIN_FAIL_MODEL") else
+                         {"value": "loaded" if opts.get("load-on-startup") == "true" else "unloaded"}}
+                        for n, opts in sections.items() if n != "*"]})
                 self.reply(404, {"error": {"code": 404, "message": "File Not Found", "type": "not_found_error"}})
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)) or 0)
