@@ -15,7 +15,8 @@ server (tests/support/faultserver.py; the table says which; no capped aria2c row
   1. Unthrottled: verified `pylmserv fetch` (sha256 + size, fsynced blob) with -c 1 and
      the default (no -c), vs unverified `curl -o FILE` (the baseline of the goals), curl
      to /dev/null and curl + `sync FILE` (where the time goes, see docs/fetch.md), curl +
-     sha256sum, and `aria2c --checksum=sha-256=...` with -x1 and -x8.
+     sha256sum, and `aria2c --checksum=sha-256=...` with -x1 and -x8; for reference,
+     `python3 -c pass` and `python3 -c 'import requests'` (pylmserv's fixed start-up cost).
         goals: -c 1 and the default each <= 1.5x curl -o; the default <= -c 1;
                -c 1 ahead of aria2c -x1, the default ahead of aria2c -x8
   2. A per-connection cap (--cap-mbps): the default vs -c 1 (>= 5x) and vs aria2c -x8
@@ -108,6 +109,10 @@ def clients(url: str, sha: str, work: Path) -> dict:
         "pylmserv fetch (default)": pylmserv_cmd(url, sha, None),
         "aria2c -x1 --checksum": aria + ["-x1", "-s1", url],
         "aria2c -x8 -s8 --checksum": aria + ["-x8", "-s8", "-k1M", url],
+        # where pylmserv's fixed cost goes (no download): the interpreter's start, and with
+        # the HTTP library's import (requests, urllib3, charset_normalizer, idna, ...)
+        "python3 -c pass (start-up only)": [sys.executable, "-c", "pass"],
+        "python3 -c 'import requests' (start-up only)": [sys.executable, "-c", "import requests"],
     }
 
 
@@ -265,8 +270,9 @@ def main(argv=None) -> int:
              "", "| scenario | client | wall s (median) | min-max s | MiB/s | vs curl -o FILE |",
              "|---|---|---:|---:|---:|---:|"]
     for name, ts in plain.items():
+        rate = "" if "start-up only" in name else f"{mb / med[name]:.0f}"
         lines.append(f"| unthrottled | {name} | {med[name]:.3f} | {min(ts):.2f}-{max(ts):.2f} | "
-                     f"{mb / med[name]:.0f} | {med[name] / curl:.2f}x |")
+                     f"{rate} | {med[name] / curl:.2f}x |")
     for name, ts in capped.items():
         lines.append(f"| capped {args.cap_mbps:g} MiB/s per connection | {name} | {cmed[name]:.3f} | "
                      f"{min(ts):.2f}-{max(ts):.2f} | {mb / cmed[name]:.0f} | |")

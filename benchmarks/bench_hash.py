@@ -133,6 +133,19 @@ def paired(tree: Path, repeat: int):
     return nix_t, py_t, ratios
 
 
+def python_start(repeat: int, *flags: str) -> float:
+    """Median wall seconds of `python3 [flags] -c pass` with pylmserv's environment: the part
+    of every `pylmserv` process that is the interpreter's own start (with -S: without site
+    and the .pth files of the site-packages, which differ from machine to machine)."""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, *flags, "-c", "pass"], check=True, env=env, timeout=60)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sdist", type=Path, default=DEFAULT_SDIST)
@@ -154,6 +167,7 @@ def main() -> int:
         nix_t, py_t, ratios = paired(tree, args.repeat)
         paired_row = (what, statistics.median(nix_t), statistics.median(py_t), statistics.median(ratios),
                       min(ratios), max(ratios))
+        t_start, t_bare = python_start(args.repeat), python_start(args.repeat, "-S")
         t_py, h_py = best_of(args.repeat, lambda: nar_hash(tree))
         t_nh, out = best_of(args.repeat, lambda: run(["nix-hash", "--type", "sha256", "--base32", str(tree)]))
         assert Hash.parse(out, algo="sha256") == h_py, "pylmserv and nix-hash disagree"
@@ -177,6 +191,8 @@ def main() -> int:
              f"| {paired_row[0]}: whole processes, {args.repeat} pairs | `nix hash path` | {paired_row[1]:.3f} | "
              f"{paired_row[2]:.3f} | {paired_row[3]:.2f}x | {paired_row[4]:.2f}-{paired_row[5]:.2f}x | <= 1.0x | "
              f"{'yes' if paired_row[3] <= 1.0 else 'NO'} |",
+             f"(of pylmserv's time, Python's own start: `python3 -c pass` took {t_start:.3f} s, median of "
+             f"{args.repeat}, same run; without site and its .pth files, `python3 -S -c pass`: {t_bare:.3f} s)",
              "", "| what | baseline | baseline s | candidate s | ratio |", "|---|---|---:|---:|---:|"]
     for what, base, tb, tp in rows:
         lines.append(f"| {what} | {base} | {tb:.3f} | {tp:.3f} | {tp / tb:.2f}x |")

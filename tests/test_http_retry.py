@@ -82,7 +82,7 @@ def test_other_loopback_failures_keep_all_retries():
 
 def test_transport_uses_the_fast_path():
     t = http.Transport("http://127.0.0.1:9/x", {}, pool_size=2, read_timeout=5, retry_base=0.2)
-    policy = t.session.get_adapter("http://127.0.0.1:9/x").max_retries
+    policy = t.retry  # what every request of the transport is sent with
     assert isinstance(policy, http.connect_retry(Retry))
     assert policy.connect == http.CONNECT_RETRIES
 

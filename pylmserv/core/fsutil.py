@@ -64,6 +64,33 @@ def fsync_dir(path: Union[str, Path]) -> None:
         os.close(fd)
 
 
+_SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h: start writeback of the range's dirty pages, do not wait
+_sync_file_range = None  # libc's sync_file_range, looked up on first use; False where there is none
+
+
+def start_writeback(fd: int, offset: int = 0, nbytes: int = 0) -> bool:
+    """Ask the kernel to start writing the file's dirty pages in [offset, offset+nbytes)
+    (nbytes 0: to the end) to disk now, without waiting for them (Linux sync_file_range
+    with SYNC_FILE_RANGE_WRITE). A write-behind hint, never a durability guarantee: a
+    file must still be fsynced before it is trusted; the fsync then has little left to
+    write. False where the call is not available (other systems); errors are ignored."""
+    global _sync_file_range
+    if _sync_file_range is None:
+        _sync_file_range = False
+        try:
+            import ctypes  # only here: a download's background thread pays for it, no command's start
+
+            fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+            fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+            fn.restype = ctypes.c_int
+            _sync_file_range = fn
+        except (ImportError, OSError, AttributeError):
+            pass
+    if not _sync_file_range:
+        return False
+    return _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE) == 0
+
+
 def unlink_missing_ok(path: Union[str, Path]) -> None:
     """Remove a file; one that is already gone is fine (cleanup after a failure)."""
     try:

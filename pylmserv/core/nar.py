@@ -48,51 +48,63 @@ _LINK_HEAD = _S["("] + _S["type"] + _S["symlink"] + _S["target"]
 _ENTRY_HEAD = _S["entry"] + _S["("] + _S["name"]
 
 
+_REG_HEAD = _FILE_HEAD + _S["contents"]
+_EXE_HEAD = _FILE_HEAD + _EXEC + _S["contents"]
+_CLOSE = _S[")"]
+_NODE = _S["node"]
+_PACK = struct.Struct("<Q").pack
+_IFMT, _IFREG, _IFDIR, _IFLNK = stat.S_IFMT(0o170000), stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK
+_PENDING_MAX = 1 << 16  # headers held back to be put with the next file's (bounded)
+
+
 def dump(path: PathLike, write: Callable[[bytes], object]) -> None:
     """Serialise `path` as a NAR, calling `write` (from one thread, in order) with
     successive chunks: memoryviews valid only during the call (hashlib and io copy them).
 
     Iterative (an explicit stack of open directories), so a tree of any depth is as
-    fine as it is for Nix, which handles thousands of levels."""
+    fine as it is for Nix, which handles thousands of levels. The small strings between
+    two files' contents are gathered and put once (one call, not one per token)."""
     with _Stream(write) as out:
-        out.put(_S["nix-archive-1"])
         stack: list = []  # (directory path, iterator over its sorted entry names)
-        _node(os.fsencode(path), out, stack)
+        pend = _node(os.fsencode(path), _S["nix-archive-1"], out, stack)
         while stack:
             directory, names = stack[-1]
             name = next(names, None)
             if name is None:
                 stack.pop()
-                out.put(_S[")"])  # the directory node
+                pend += _CLOSE  # the directory node
                 if stack:
-                    out.put(_S[")"])  # the entry that held it in its parent
+                    pend += _CLOSE  # the entry that held it in its parent
                 continue
-            out.put(_ENTRY_HEAD + _str(name) + _S["node"])
-            if not _node(directory + b"/" + name, out, stack):
-                out.put(_S[")"])
+            depth = len(stack)
+            pend = _node(directory + b"/" + name, pend + _ENTRY_HEAD + _str(name) + _NODE, out, stack)
+            if len(stack) == depth:  # not a directory: its entry ends here
+                pend += _CLOSE
+        out.put(pend)
 
 
-def _node(path: bytes, out: "_Stream", stack: list) -> bool:
-    """Lay out one node; a directory is only opened (pushed on `stack`): returns True."""
+def _node(path: bytes, pend: bytes, out: "_Stream", stack: list) -> bytes:
+    """Lay out one node after the bytes `pend`; returns what is still to be put. A
+    directory is only opened (pushed on `stack`)."""
     try:
         st = os.lstat(path)
         mode = st.st_mode
-        if stat.S_ISREG(mode):
-            head = _FILE_HEAD + (_EXEC if mode & stat.S_IXUSR else b"") + _S["contents"]
+        kind = mode & _IFMT
+        if kind == _IFREG:
             size = st.st_size
-            out.put(head + struct.pack("<Q", size))
+            out.put(pend + (_EXE_HEAD if mode & stat.S_IXUSR else _REG_HEAD) + _PACK(size))
             out.file(path, size)
-            out.put(_ZEROS[: (-size) % 8] + _S[")"])
-            return False
-        if stat.S_ISDIR(mode):
-            out.put(_DIR_HEAD)
+            return _ZEROS[: (-size) % 8] + _CLOSE
+        if len(pend) > _PENDING_MAX:
+            out.put(pend)
+            pend = b""
+        if kind == _IFDIR:
             with os.scandir(path) as it:
-                names = sorted(e.name for e in it)
+                names = sorted([e.name for e in it])
             stack.append((path, iter(names)))
-            return True
-        if stat.S_ISLNK(mode):
-            out.put(_LINK_HEAD + _str(os.readlink(path)) + _S[")"])
-            return False
+            return pend + _DIR_HEAD
+        if kind == _IFLNK:
+            return pend + _LINK_HEAD + _str(os.readlink(path)) + _CLOSE
     except OSError as exc:
         raise _os_error(path, exc) from None
     raise NarError(f"cannot put {os.fsdecode(path)!r} in a NAR: not a file, directory or symlink",
@@ -142,15 +154,20 @@ class _Stream:
             raise _os_error(path, exc) from None
         got = 0
         try:
-            while got <= size:
+            while True:
                 if self.n == SEGMENT:
                     self._hand_over()
-                want = min(SEGMENT - self.n, size - got) or 1  # 1: the read that must find the end
+                # One byte more than is left: a short read then proves the end (a regular
+                # file reads short only at its end), so most files take one read, not two;
+                # a file that grew fills that byte and is refused below.
+                want = min(SEGMENT - self.n, size - got + 1)
                 k = os.readv(fd, [self.view[self.n:self.n + want]])
                 if not k:
                     break
                 self.n += k
                 got += k
+                if got > size or (k < want and got == size):
+                    break
         finally:
             os.close(fd)
         if got != size:

@@ -36,14 +36,14 @@ from typing import Callable, List, Optional
 from urllib.parse import unquote, urlsplit
 
 from ..core.errors import DiskSpaceError, NetworkError, UsageError, VerificationError  # noqa: F401 - DiskSpaceError re-exported
-from ..core.fsutil import fsync_dir, lock_file_path, unlink_missing_ok
+from ..core.fsutil import fsync_dir, lock_file_path, start_writeback, unlink_missing_ok
 from ..core.progress import Progress
 from ..core.hashing import EMPTY_SHA256, Hash
 from .hasher import TrailingHasher
-from .partial import Part, PartialFile, ResumeState, create_fresh
+from .partial import WRITEBACK_EVERY, Part, PartialFile, ResumeState, create_fresh
 from .scheduler import Demote, PartScheduler, new_parts
 from .http import (Probe, Transport, content_encoding, decoder_for, file_name, iter_raw,  # noqa: F401 - redact re-exported
-                   parse_content_range, raise_http, redact, short_error, transient_errors)
+                   parse_content_range, raise_http, redact, short_error, download_errors)
 
 log = logging.getLogger("pylmserv.download")
 
@@ -308,7 +308,7 @@ class _Engine:
         self._lock = threading.Lock()
         self.http = Transport(url, headers, pool_size=max(connections, 2) + 2,
                               read_timeout=self.stall_timeout, retry_base=RETRY_BASE)
-        self.transient = transient_errors()
+        self.transient = download_errors()
 
     def _count(self, n: int) -> None:
         with self._lock:
@@ -476,7 +476,7 @@ class _Engine:
             total = self.size if encoding else (wire_total if wire_total is not None else probe.size)
             self.file.check_space(total or wire_total or 0)
             h = hashlib.sha256()
-            written = wire = 0
+            written = wire = flushed = 0
             bar = _make_progress(file_name(self.url), total, self.progress, self.on_progress)
             try:
                 with r, self.file.open_fresh() as f:
@@ -488,6 +488,10 @@ class _Engine:
                             h.update(data)
                             _write_all(f, data, self.partial)
                             written += len(data)
+                            if written - flushed >= WRITEBACK_EVERY:  # write-behind (the fsync below stays)
+                                f.flush()
+                                start_writeback(f.fileno())
+                                flushed = written
                             if written > best:
                                 best = written
                                 self.last_progress = time.monotonic()

@@ -1,12 +1,13 @@
-"""HTTP transport for downloads: one requests session per download, credentials only to
+"""HTTP transport for downloads: one urllib3 pool per download, credentials only to
 the origin host, raw bodies (decoded only for a Content-Encoding, as Nix does), and the
 small parsers the engine needs (Content-Range, errors, names)."""
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass
 from typing import Dict, Optional
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
 from ..core.errors import ConfigError, NetworkError, VerificationError
 from ..core.version import __version__
@@ -38,8 +39,44 @@ class Probe:
         return self.last_modified or None
 
 
+MAX_REDIRECTS = 10
+_REDIRECTS = (301, 302, 303, 307, 308)
+
+
+class Response:
+    """One answer, under the names the engine reads (those of requests' Response):
+    status_code, reason, headers (case-insensitive), url (after redirects), raw (urllib3's
+    streaming response: read1, read); a context manager that closes it."""
+
+    __slots__ = ("raw", "url", "status_code", "reason", "headers")
+
+    def __init__(self, raw, url: str):
+        self.raw = raw
+        self.url = url
+        self.status_code = raw.status
+        self.reason = raw.reason
+        self.headers = raw.headers
+
+    def close(self) -> None:
+        self.raw.close()
+        self.raw.release_conn()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
 class Transport:
-    """A pooled session for one download. urllib3 retries connection setup only; cuts
+    """Pooled connections for one download, on urllib3 alone (requests, with its
+    charset detection, idna and cookie modules, costs a download's start about as much
+    again as urllib3 and is not needed for GETs of bytes). What requests did for a
+    download is kept: proxies and NO_PROXY from the environment, ~/.netrc logins,
+    REQUESTS_CA_BUNDLE/CURL_CA_BUNDLE else certifi's CAs, redirects followed (at most
+    MAX_REDIRECTS), the given headers (credentials) sent to the origin host only, and a
+    netrc login only to the host it names. urllib3 retries connection setup only; cuts
     mid-body are the engine's to retry (it knows where to resume)."""
 
     def __init__(self, url: str, headers: Dict[str, str], pool_size: int, read_timeout: float,
@@ -49,37 +86,115 @@ class Transport:
         self.pool_size = pool_size
         self.read_timeout = read_timeout
         self.retry_base = retry_base
-        self._session = None
+        self._managers: Dict[Optional[str], object] = {}  # proxy URL (None: direct) -> pool manager
+        self._retry = None
+        self._lock = threading.Lock()
 
     @property
-    def session(self):
-        if self._session is None:
-            import requests
-            from requests.adapters import HTTPAdapter
+    def retry(self):
+        if self._retry is None:
             from urllib3.util.retry import Retry
 
-            s = requests.Session()
-            retry = connect_retry(Retry)(total=None, connect=CONNECT_RETRIES, read=0, status=0, other=0, redirect=10,
-                                         backoff_factor=self.retry_base, raise_on_status=False,
-                                         respect_retry_after_header=False)
-            adapter = HTTPAdapter(max_retries=retry, pool_connections=4, pool_maxsize=self.pool_size)
-            s.mount("http://", adapter)
-            s.mount("https://", adapter)
-            s.headers.update({"User-Agent": f"pylmserv/{__version__}", "Accept-Encoding": "identity"})
-            self._session = s
-        return self._session
+            self._retry = connect_retry(Retry)(total=None, connect=CONNECT_RETRIES, read=0, status=0, other=0,
+                                               redirect=0, backoff_factor=self.retry_base, raise_on_status=False,
+                                               respect_retry_after_header=False)
+        return self._retry
 
-    def get(self, url: str, extra: Dict[str, str]):
-        headers = dict(extra)
-        if origin_of(url) == self.origin:
-            headers.update(self.headers)  # credentials only to the host we were given
-        import requests
+    def manager(self, url: str):
+        """The pool manager for `url`: direct, or through the proxy the environment names."""
+        proxy = _proxy_for(url)
+        with self._lock:
+            m = self._managers.get(proxy)
+            if m is None:
+                import urllib3
+
+                kw = dict(num_pools=4, maxsize=self.pool_size, block=False, ca_certs=_ca_bundle(),
+                          cert_reqs="CERT_REQUIRED")
+                m = urllib3.ProxyManager(proxy, **kw) if proxy else urllib3.PoolManager(**kw)
+                self._managers[proxy] = m
+        return m
+
+    def get(self, url: str, extra: Dict[str, str]) -> Response:
+        import urllib3
+
+        timeout = urllib3.Timeout(connect=CONNECT_TIMEOUT, read=self.read_timeout)
+        for _ in range(MAX_REDIRECTS + 1):
+            headers = {"User-Agent": f"pylmserv/{__version__}", "Accept-Encoding": "identity", **extra}
+            if origin_of(url) == self.origin:
+                headers.update(self.headers)  # credentials only to the host we were given
+            if not any(k.lower() == "authorization" for k in headers):
+                login = _netrc_auth(url)
+                if login:
+                    headers["Authorization"] = login
+            raw = self.manager(url).urlopen("GET", url, headers=headers, redirect=False, retries=self.retry,
+                                            timeout=timeout, preload_content=False, decode_content=False,
+                                            assert_same_host=False)
+            location = raw.get_redirect_location() if raw.status in _REDIRECTS else None
+            if not location:
+                return Response(raw, url)
+            raw.drain_conn()
+            raw.release_conn()
+            url = urljoin(url, location)
+        raise NetworkError(f"too many redirects for {redact(url)}")
+
+
+def _proxy_for(url: str) -> Optional[str]:
+    """The proxy the environment names for `url` (http_proxy, https_proxy, all_proxy), None
+    when there is none or NO_PROXY exempts the host (urllib.request's rules, as requests')."""
+    import urllib.request
+
+    parts = urlsplit(url)
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if not proxy:
+        return None
+    host = parts.hostname or ""
+    if urllib.request.proxy_bypass(f"{host}:{parts.port}" if parts.port else host) or urllib.request.proxy_bypass(host):
+        return None
+    return proxy if "://" in proxy else "http://" + proxy
+
+
+def _ca_bundle() -> Optional[str]:
+    """REQUESTS_CA_BUNDLE, else CURL_CA_BUNDLE, else certifi's bundle (requests' order)."""
+    import os
+
+    for var in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        if os.environ.get(var):
+            return os.environ[var]
+    try:
+        import certifi
+    except ImportError:
+        return None
+    return certifi.where()
+
+
+def _netrc_auth(url: str) -> Optional[str]:
+    """A Basic Authorization header from $NETRC or ~/.netrc (~/_netrc) for the URL's host,
+    as requests reads it; None when there is no file or no entry."""
+    import os
+
+    host = urlsplit(url).hostname
+    if not host:
+        return None
+    candidates = [os.environ["NETRC"]] if os.environ.get("NETRC") else ["~/.netrc", "~/_netrc"]
+    for name in candidates:
+        path = os.path.expanduser(name)
+        if not os.path.exists(path):
+            continue
+        import netrc
 
         try:
-            return self.session.get(url, headers=headers, stream=True, allow_redirects=True,
-                                    timeout=(CONNECT_TIMEOUT, self.read_timeout))
-        except requests.exceptions.TooManyRedirects:
-            raise NetworkError(f"too many redirects for {redact(url)}") from None
+            found = netrc.netrc(path).authenticators(host)
+        except (netrc.NetrcParseError, OSError):
+            return None
+        if not found:
+            return None
+        import base64
+
+        login, _, password = found
+        token = base64.b64encode(f"{login or ''}:{password or ''}".encode("latin-1", "replace")).decode()
+        return f"Basic {token}"
+    return None
 
 
 def is_loopback(host: str) -> bool:
@@ -211,20 +326,27 @@ def refuse_credentials(url: str, where: str) -> str:
 
 
 def load() -> None:
-    """Import the HTTP library now (about 0.15 s, kept out of commands that need no network)."""
-    transient_errors()
+    """Import the download's HTTP library now (urllib3: kept out of commands that need no
+    network, and loaded before a transfer's clock starts)."""
+    download_errors()
 
 
-def transient_errors() -> tuple:
-    """Errors worth a retry: cuts, timeouts, protocol errors (requests loaded lazily)."""
+def download_errors() -> tuple:
+    """Errors worth a retry in a download (urllib3 alone): cuts, timeouts, protocol errors."""
     import http.client
     import socket
 
-    import requests
     import urllib3.exceptions
 
-    return (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, http.client.HTTPException,
-            ConnectionError, TimeoutError, socket.timeout)
+    return (urllib3.exceptions.HTTPError, http.client.HTTPException, ConnectionError, TimeoutError, socket.timeout)
+
+
+def transient_errors() -> tuple:
+    """Errors worth a retry: cuts, timeouts, protocol errors (requests loaded lazily), for
+    the clients that use requests (the build cache, registries, APIs)."""
+    import requests
+
+    return (requests.exceptions.RequestException,) + download_errors()
 
 
 def iter_raw(r, limit: Optional[int] = None):
