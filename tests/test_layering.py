@@ -232,3 +232,9 @@ def test_every_error_class_lives_in_core_errors():
                     for b in node.bases):
                 bad.append(f"{module_name(path)}.{node.name}")
     assert not bad, f"exception classes outside core/errors.py: {bad}"
+
+
+def test_the_record_base_imports_nothing_from_pylmserv():
+    """core/record.py, the base of every immutable record, is the bottom of the package."""
+    assert "pylmserv.core.record" in ALL_MODULES
+    assert [t for i, t, _, _ in EDGES if i == "pylmserv.core.record"] == []

@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -67,7 +66,7 @@ def project(tmp_path_factory):
             lock = lock.with_entry(LockEntry("models", name, f"{base}/{name}.gguf", file_hash(model), "flat",
                                              size=model.stat().st_size))
         (proj / "pylmserv.toml").write_text(toml)
-        replace(lock, path=proj / "pylmserv.lock").write()
+        lock.replace(path=proj / "pylmserv.lock").write()
         yield proj, llama_source.build_env()
 
 

@@ -4,16 +4,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
-
-_FIELDS = ("what", "backend", "binaries", "build_dir", "prefix", "seconds", "cache_hit", "key", "source", "commands",
-           "detected", "notes", "dry_run", "current", "auto", "sha256")
+from ..core.record import Factory, Record
 
 
-class BuildResult:
-    """Immutable. A plain class, not a frozen dataclass: every up-to-date `build` imports it
-    (a dataclass of this size costs ~5 M instructions to create)."""
+class BuildResult(Record):
+    """Immutable (a Record: every up-to-date `build` imports it)."""
 
-    __slots__ = _FIELDS
+    __slots__ = ("what", "backend", "binaries", "build_dir", "prefix", "seconds", "cache_hit", "key", "source",
+                 "commands", "detected", "notes", "dry_run", "current", "auto", "sha256")
+    _defaults = {"key": "", "source": None, "commands": (), "detected": (), "notes": (), "dry_run": False,
+                 "current": None, "auto": None, "sha256": Factory(dict)}
     what: str
     backend: str
     binaries: Dict[str, Path]  # target -> installed path
@@ -30,43 +30,6 @@ class BuildResult:
     current: Optional[Path]  # the `current` link of this engine/backend, default prefix only
     auto: Optional[str]  # --backend auto: what it chose and why
     sha256: Dict[str, str]  # shipped file name -> sha256 hex, as built
-
-    def __init__(self, what: str, backend: str, binaries: Dict[str, Path], build_dir: Path, prefix: Path,
-                 seconds: float, cache_hit: bool, key: str = "", source: Optional[Path] = None,
-                 commands: Tuple[str, ...] = (), detected: Tuple[str, ...] = (), notes: Tuple[str, ...] = (),
-                 dry_run: bool = False, current: Optional[Path] = None, auto: Optional[str] = None,
-                 sha256: Optional[Dict[str, str]] = None):
-        values = (what, backend, binaries, build_dir, prefix, seconds, cache_hit, key, source, commands, detected,
-                  notes, dry_run, current, auto, {} if sha256 is None else sha256)
-        for name, value in zip(_FIELDS, values):
-            object.__setattr__(self, name, value)
-
-    def __setattr__(self, name, value):
-        raise AttributeError(f"cannot assign to field {name!r}: a BuildResult is immutable")
-
-    __delattr__ = __setattr__
-
-    def _values(self) -> tuple:
-        return tuple(getattr(self, name) for name in _FIELDS)
-
-    def replace(self, **changes) -> "BuildResult":
-        """A copy with `changes` (as dataclasses.replace)."""
-        values = dict(zip(_FIELDS, self._values()))
-        unknown = set(changes) - set(values)
-        if unknown:
-            raise TypeError(f"BuildResult has no field(s) {', '.join(sorted(unknown))}")
-        values.update(changes)
-        return BuildResult(**values)
-
-    def __eq__(self, other):
-        if type(other) is not type(self):
-            return NotImplemented
-        return self._values() == other._values()
-
-    __hash__ = None  # holds dicts: unhashable, as the dataclass was in practice
-
-    def __repr__(self) -> str:
-        return "BuildResult(" + ", ".join(f"{name}={getattr(self, name)!r}" for name in _FIELDS) + ")"
 
     @property
     def paths(self) -> Dict[str, Path]:

@@ -6,6 +6,9 @@ import binascii
 import hashlib
 
 from .errors import HashError
+from .record import Record
+
+_set = object.__setattr__
 
 SIZES = {"md5": 16, "sha1": 20, "sha256": 32, "sha512": 64}
 NIX32_ALPHABET = "0123456789abcdfghijklmnpqrsvwxyz"
@@ -37,37 +40,20 @@ def nix32_decode(text: str, size: int) -> bytes:
     return value.to_bytes(size, "little")
 
 
-class Hash:
-    """An algorithm and a digest; immutable, compared and hashed by value. A plain class, not
-    a frozen dataclass: every up-to-date `build` imports it (~4 M instructions a dataclass)."""
+class Hash(Record):
+    """An algorithm and a digest; immutable, compared and hashed by value (a Record)."""
 
     __slots__ = ("algo", "digest")
     algo: str
     digest: bytes
 
-    def __init__(self, algo: str, digest: bytes):
-        object.__setattr__(self, "algo", algo)
-        object.__setattr__(self, "digest", digest)
+    def __init__(self, algo: str, digest: bytes):  # not Record's: positional, checked, often made
+        _set(self, "algo", algo)
+        _set(self, "digest", digest)
         self._check()
-
-    def __setattr__(self, name, value):
-        raise AttributeError(f"cannot assign to field {name!r}: a Hash is immutable")
-
-    __delattr__ = __setattr__
-
-    def __eq__(self, other):
-        if type(other) is not type(self):
-            return NotImplemented
-        return (self.algo, self.digest) == (other.algo, other.digest)
 
     def __hash__(self):
         return hash((self.algo, self.digest))
-
-    def __repr__(self) -> str:
-        return f"Hash(algo={self.algo!r}, digest={self.digest!r})"
-
-    def __reduce__(self):
-        return (Hash, (self.algo, self.digest))
 
     def _check(self) -> None:
         if self.algo not in SIZES:

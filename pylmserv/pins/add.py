@@ -15,7 +15,6 @@ from __future__ import annotations
 import errno
 import re
 from dataclasses import dataclass, field
-from dataclasses import replace as dataclass_replace
 from pathlib import Path
 from typing import Dict, Optional
 from urllib.parse import unquote, urlsplit
@@ -154,8 +153,8 @@ def add(spec: str, name: Optional[str] = None, unpack: bool = False, force: bool
             result = prefetch(names=[addition.name], config=cfg, lock=lock_path, via=via)
             if replaced:  # a name that moves between sources and models leaves no pin behind
                 other = "models" if addition.kind == "sources" else "sources"
-                lockfile.update(lock_path, lambda found: dataclass_replace(
-                    found, **{other: {n: e for n, e in getattr(found, other).items() if n != addition.name}}))
+                lockfile.update(lock_path, lambda found: found.replace(
+                    **{other: {n: e for n, e in getattr(found, other).items() if n != addition.name}}))
             failed = config_path
             write_config(config_path, new_text)
         except OSError as exc:  # both or neither: a lock pinning what the config lacks is undone

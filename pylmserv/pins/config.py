@@ -19,6 +19,7 @@ else:  # pragma: no cover - exercised on older Pythons only
 from ..core.errors import ConfigError, HashError, UsageError
 from ..core.hashing import Hash
 from ..core.names import check_name, check_version, show
+from ..core.record import Factory, Record
 from .lock import LOCK_VERSION, Lock, LockEntry, check_nix_value, load_lock, read_project_file  # noqa: F401 (re-exported)
 from ..store.roots import use_lock
 
@@ -40,53 +41,12 @@ _SERVER_KEY = re.compile(r"[a-z][a-z0-9-]*\Z")
 
 # -- intent (pylmserv.toml) -----------------------------------------------------
 
-class _Frozen:
-    """The records below: immutable records compared by value. Plain classes, not frozen
-    dataclasses: every up-to-date `build` imports this module (~4 M instructions a dataclass)."""
-
-    __slots__ = ()
-    _FIELDS: Tuple[str, ...] = ()
-
-    def _set(self, **values) -> None:
-        for name in self._FIELDS:
-            object.__setattr__(self, name, values[name])
-
-    def __setattr__(self, name, value):
-        raise AttributeError(f"cannot assign to field {name!r}: a {type(self).__name__} is immutable")
-
-    __delattr__ = __setattr__
-
-    def _values(self) -> tuple:
-        return tuple(getattr(self, name) for name in self._FIELDS)
-
-    def __eq__(self, other):
-        if type(other) is not type(self):
-            return NotImplemented
-        return self._values() == other._values()
-
-    __hash__ = None  # they hold dicts
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(" + ", ".join(f"{n}={getattr(self, n)!r}" for n in self._FIELDS) + ")"
-
-    def __reduce__(self):
-        return (type(self), self._values())
-
-    def replace(self, **changes):
-        """A copy with `changes` (as dataclasses.replace)."""
-        values = dict(zip(self._FIELDS, self._values()))
-        unknown = set(changes) - set(values)
-        if unknown:
-            raise TypeError(f"{type(self).__name__} has no field(s) {', '.join(sorted(unknown))}")
-        values.update(changes)
-        return type(self)(**values)
-
-
-class SourceSpec(_Frozen):
+class SourceSpec(Record):
     """A `[sources.NAME]` table: what the user wants built from."""
 
-    __slots__ = _FIELDS = ("name", "type", "ref", "owner", "repo", "url", "submodules", "unpack", "sha256", "meta",
-                           "follow")
+    __slots__ = ("name", "type", "ref", "owner", "repo", "url", "submodules", "unpack", "sha256", "meta", "follow")
+    _defaults = {"ref": None, "owner": None, "repo": None, "url": None, "submodules": False, "unpack": False,
+                 "sha256": None, "meta": Factory(dict), "follow": Factory(dict)}
     name: str
     type: str  # github | git | url
     ref: Optional[str]  # github, git
@@ -98,14 +58,6 @@ class SourceSpec(_Frozen):
     sha256: Optional[Hash]  # url: a published flat pin, if any
     meta: Dict[str, object]  # other keys (e.g. version), passed through
     follow: Dict[str, str]  # track, tag-pattern: read by `update` only
-
-    def __init__(self, name: str, type: str, ref: Optional[str] = None, owner: Optional[str] = None,
-                 repo: Optional[str] = None, url: Optional[str] = None, submodules: bool = False, unpack: bool = False,
-                 sha256: Optional[Hash] = None, meta: Optional[Dict[str, object]] = None,
-                 follow: Optional[Dict[str, str]] = None):
-        self._set(name=name, type=type, ref=ref, owner=owner, repo=repo, url=url, submodules=submodules,
-                  unpack=unpack, sha256=sha256, meta={} if meta is None else meta,
-                  follow={} if follow is None else follow)
 
     @property
     def mode(self) -> str:
@@ -122,11 +74,12 @@ class SourceSpec(_Frozen):
         return self.url or ""
 
 
-class ModelSpec(_Frozen):
+class ModelSpec(Record):
     """A `[models.NAME]` table: a GGUF file by URL or Hugging Face repo + file."""
 
-    __slots__ = _FIELDS = ("name", "url", "hf", "file", "revision", "sha256", "size", "description", "follow", "role",
-                           "server")
+    __slots__ = ("name", "url", "hf", "file", "revision", "sha256", "size", "description", "follow", "role", "server")
+    _defaults = {"url": None, "hf": None, "file": None, "revision": "main", "sha256": None, "size": None,
+                 "description": "", "follow": Factory(dict), "role": "chat", "server": Factory(dict)}
     name: str
     url: Optional[str]
     hf: Optional[str]
@@ -138,14 +91,6 @@ class ModelSpec(_Frozen):
     follow: Dict[str, str]  # track = "branch", branch: read by `update` only
     role: str  # `role = "embedding"`: served with llama-server's embeddings on (`serve`)
     server: Dict[str, object]  # [models.NAME.server]: llama-server options
-
-    def __init__(self, name: str, url: Optional[str] = None, hf: Optional[str] = None, file: Optional[str] = None,
-                 revision: str = "main", sha256: Optional[Hash] = None, size: Optional[int] = None,
-                 description: str = "", follow: Optional[Dict[str, str]] = None, role: str = "chat",
-                 server: Optional[Dict[str, object]] = None):
-        self._set(name=name, url=url, hf=hf, file=file, revision=revision, sha256=sha256, size=size,
-                  description=description, follow={} if follow is None else follow, role=role,
-                  server={} if server is None else server)
 
     def resolve_url(self, endpoint: Optional[str] = None, revision: Optional[str] = None) -> str:
         if self.url:
@@ -163,8 +108,9 @@ class ModelSpec(_Frozen):
         return (self.url or self.name).rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0]
 
 
-class Config(_Frozen):
-    __slots__ = _FIELDS = ("path", "sources", "models", "cache", "adopt_from", "mirrors")
+class Config(Record):
+    __slots__ = ("path", "sources", "models", "cache", "adopt_from", "mirrors")
+    _defaults = {"cache": Factory(dict), "adopt_from": (), "mirrors": ()}
     path: Optional[Path]
     sources: Dict[str, SourceSpec]
     models: Dict[str, ModelSpec]
@@ -172,20 +118,11 @@ class Config(_Frozen):
     adopt_from: Tuple[Path, ...]  # `adopt-from = [...]`: folders to look in before downloading
     mirrors: Tuple[str, ...]  # tried before the origin of every locked file (transfer/mirrors.py)
 
-    def __init__(self, path: Optional[Path], sources: Dict[str, SourceSpec], models: Dict[str, ModelSpec],
-                 cache: Optional[Dict[str, object]] = None, adopt_from: Tuple[Path, ...] = (),
-                 mirrors: Tuple[str, ...] = ()):
-        self._set(path=path, sources=sources, models=models, cache={} if cache is None else cache,
-                  adopt_from=adopt_from, mirrors=mirrors)
 
-
-class Project(_Frozen):
-    __slots__ = _FIELDS = ("config", "lock")
+class Project(Record):
+    __slots__ = ("config", "lock")
     config: Config
     lock: Lock
-
-    def __init__(self, config: Config, lock: Lock):
-        self._set(config=config, lock=lock)
 
     @property
     def config_path(self) -> Optional[Path]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime
 import re
 import sys
-from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import ClassVar, Dict, Optional, Tuple
 
@@ -29,6 +28,7 @@ from ..core.errors import ConfigError, HashError
 from ..core.fsutil import atomic_write_text, read_regular_bytes
 from ..core.hashing import Hash
 from ..core.names import check_name, check_version
+from ..core.record import Factory, Record, field_names
 from ..transfer.http import refuse_credentials
 
 LOCK_VERSION = 2
@@ -81,14 +81,18 @@ def check_nix_value(value, where: str, url: bool = False) -> None:
                       hint="Use a string (or an integer where a number is meant).")
 
 
-@dataclass(frozen=True)
-class Shard:
+class Shard(Record):
     """Another file of a GGUF split set, pinned with the first one."""
 
+    __slots__ = ("file", "url", "hash", "size")
+    _defaults = {"size": None}
     file: str
     url: str
     hash: Hash
-    size: Optional[int] = None
+    size: Optional[int]
+
+    def __hash__(self):  # hashable values only, as the frozen dataclass was
+        return hash(self._values())
 
     def to_table(self) -> dict:
         t = {"file": self.file, "hash": self.hash.sri, "url": self.url}
@@ -107,20 +111,24 @@ class _LegacyCall(type):
         return super().__call__(*args, **kwargs)
 
 
-@dataclass(frozen=True)
-class LockEntry(metaclass=_LegacyCall):
+class LockEntry(Record, metaclass=_LegacyCall):
     """What every pin has. Use one of the typed kinds below."""
 
+    __slots__ = ("kind", "name", "url", "hash", "mode", "rev", "size")
+    _defaults = {"rev": None, "size": None}
     kind: str  # "sources" | "models"
     name: str
     url: str
     hash: Hash
     mode: str  # flat | nar
-    rev: Optional[str] = None
-    size: Optional[int] = None
+    rev: Optional[str]
+    size: Optional[int]
 
     TYPE: ClassVar[str] = ""
     MODE: ClassVar[str] = ""
+
+    def __hash__(self):  # hashable values only, as the frozen dataclass was
+        return hash(self._values())
 
     @property
     def type(self) -> str:
@@ -132,13 +140,13 @@ class LockEntry(metaclass=_LegacyCall):
             table["rev"] = self.rev
         if self.size is not None:
             table["size"] = self.size
-        for f in fields(self):
-            if f.name in _COMMON:
+        for name in field_names(self):
+            if name in _COMMON:
                 continue
-            value = getattr(self, f.name)
+            value = getattr(self, name)
             if value is None or value == ():
                 continue
-            table[f.name] = [s.to_table() for s in value] if f.name == "shards" else value
+            table[name] = [s.to_table() for s in value] if name == "shards" else value
         return {k: table[k] for k in sorted(table)}
 
     @property
@@ -175,15 +183,15 @@ class LockEntry(metaclass=_LegacyCall):
 _COMMON = {"kind", "name", "url", "hash", "mode", "rev", "size"}
 
 
-@dataclass(frozen=True)
 class FilePin(LockEntry):
     """A flat file by URL (`fetchurl`): a url source without unpack, or a model by URL."""
 
-    mode: str = "flat"
-    version: Optional[str] = None
-    cosmocc: Optional[str] = None
-    shards: Tuple[Shard, ...] = ()
-    fetcher: Optional[str] = None
+    __slots__ = ("version", "cosmocc", "shards", "fetcher")
+    _defaults = {"mode": "flat", "version": None, "cosmocc": None, "shards": (), "fetcher": None}
+    version: Optional[str]
+    cosmocc: Optional[str]
+    shards: Tuple[Shard, ...]
+    fetcher: Optional[str]
 
     TYPE: ClassVar[str] = "file"
     MODE: ClassVar[str] = "flat"
@@ -192,14 +200,14 @@ class FilePin(LockEntry):
         return ("fetchurl",)
 
 
-@dataclass(frozen=True)
 class ArchivePin(LockEntry):
     """An archive by URL, NAR hash of the tree unpacked like `fetchzip`."""
 
-    mode: str = "nar"
-    version: Optional[str] = None
-    cosmocc: Optional[str] = None
-    fetcher: Optional[str] = None
+    __slots__ = ("version", "cosmocc", "fetcher")
+    _defaults = {"mode": "nar", "version": None, "cosmocc": None, "fetcher": None}
+    version: Optional[str]
+    cosmocc: Optional[str]
+    fetcher: Optional[str]
 
     TYPE: ClassVar[str] = "archive"
     MODE: ClassVar[str] = "nar"
@@ -208,17 +216,18 @@ class ArchivePin(LockEntry):
         return ("fetchzip",)
 
 
-@dataclass(frozen=True)
 class GitPin(LockEntry):
     """A git checkout at `rev`; `fetcher` says which Nix fetcher the NAR hash is for."""
 
-    mode: str = "nar"
-    ref: Optional[str] = None
-    git_url: Optional[str] = None
-    submodules: bool = False
-    fetcher: str = "builtins.fetchGit"
-    version: Optional[str] = None
-    cosmocc: Optional[str] = None
+    __slots__ = ("ref", "git_url", "submodules", "fetcher", "version", "cosmocc")
+    _defaults = {"mode": "nar", "ref": None, "git_url": None, "submodules": False, "fetcher": "builtins.fetchGit",
+                 "version": None, "cosmocc": None}
+    ref: Optional[str]
+    git_url: Optional[str]
+    submodules: bool
+    fetcher: str
+    version: Optional[str]
+    cosmocc: Optional[str]
 
     TYPE: ClassVar[str] = "git"
     MODE: ClassVar[str] = "nar"
@@ -227,19 +236,20 @@ class GitPin(LockEntry):
         return GIT_FETCHERS
 
 
-@dataclass(frozen=True)
 class GithubPin(LockEntry):
     """fetchFromGitHub: the archive tarball (url), or a git checkout when `submodules`."""
 
-    mode: str = "nar"
-    owner: str = ""
-    repo: str = ""
-    ref: Optional[str] = None
-    git_url: Optional[str] = None
-    submodules: bool = False
-    fetcher: Optional[str] = None  # only when fetched with git (submodules)
-    version: Optional[str] = None
-    cosmocc: Optional[str] = None
+    __slots__ = ("owner", "repo", "ref", "git_url", "submodules", "fetcher", "version", "cosmocc")
+    _defaults = {"mode": "nar", "owner": "", "repo": "", "ref": None, "git_url": None, "submodules": False,
+                 "fetcher": None, "version": None, "cosmocc": None}
+    owner: str
+    repo: str
+    ref: Optional[str]
+    git_url: Optional[str]
+    submodules: bool
+    fetcher: Optional[str]  # only when fetched with git (submodules)
+    version: Optional[str]
+    cosmocc: Optional[str]
 
     TYPE: ClassVar[str] = "github"
     MODE: ClassVar[str] = "nar"
@@ -248,16 +258,16 @@ class GithubPin(LockEntry):
         return GIT_FETCHERS + ("fetchFromGitHub",) if self.submodules else ("fetchzip", "fetchFromGitHub")
 
 
-@dataclass(frozen=True)
 class HfPin(LockEntry):
     """A file on the Hugging Face Hub at commit `rev` (+ the rest of its split set)."""
 
-    mode: str = "flat"
-    hf: str = ""
-    file: str = ""
-    revision: Optional[str] = None  # as asked in the config (rev: the commit it resolved to)
-    shards: Tuple[Shard, ...] = ()
-    fetcher: Optional[str] = None
+    __slots__ = ("hf", "file", "revision", "shards", "fetcher")
+    _defaults = {"mode": "flat", "hf": "", "file": "", "revision": None, "shards": (), "fetcher": None}
+    hf: str
+    file: str
+    revision: Optional[str]  # as asked in the config (rev: the commit it resolved to)
+    shards: Tuple[Shard, ...]
+    fetcher: Optional[str]
 
     def fetchers(self) -> Tuple[str, ...]:
         return ("fetchurl",)
@@ -280,7 +290,7 @@ def pin_from_table(kind: str, name: str, table: dict, where: str = "pylmserv.loc
     cls = PIN_TYPES.get(ptype) if isinstance(ptype, str) else None
     if cls is None:
         raise ConfigError(f"{w}: unknown pin type {ptype!r}", hint="Known: " + ", ".join(PIN_TYPES) + ". " + REGENERATE)
-    allowed = {f.name: f for f in fields(cls) if f.name not in ("kind", "name")}
+    allowed = [name for name in field_names(cls) if name not in ("kind", "name")]
     unknown = sorted(set(t) - set(allowed))
     if unknown:
         raise ConfigError(f"{w}: unknown key(s) {', '.join(unknown)} for a {ptype} pin", hint=REGENERATE)
@@ -410,12 +420,13 @@ def _from_legacy_args(kind, name, url, hash, mode, rev=None, size=None, extra=No
 
 # -- the whole lock --------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Lock:
+class Lock(Record):
+    __slots__ = ("path", "sources", "models", "version")
+    _defaults = {"sources": Factory(dict), "models": Factory(dict), "version": LOCK_VERSION}
     path: Optional[Path]
-    sources: Dict[str, LockEntry] = field(default_factory=dict)
-    models: Dict[str, LockEntry] = field(default_factory=dict)
-    version: int = LOCK_VERSION  # as read (an upgraded lock says 1 until it is written)
+    sources: Dict[str, LockEntry]
+    models: Dict[str, LockEntry]
+    version: int  # as read (an upgraded lock says 1 until it is written)
 
     def entry(self, kind: str, name: str) -> Optional[LockEntry]:
         return getattr(self, kind).get(name)
@@ -423,10 +434,10 @@ class Lock:
     def with_entry(self, entry: LockEntry) -> "Lock":
         table = dict(getattr(self, entry.kind))
         table[entry.name] = entry
-        return replace(self, **{entry.kind: table})
+        return self.replace(**{entry.kind: table})
 
     def without(self, kind: str, name: str) -> "Lock":
-        return replace(self, **{kind: {n: e for n, e in getattr(self, kind).items() if n != name}})
+        return self.replace(**{kind: {n: e for n, e in getattr(self, kind).items() if n != name}})
 
     @property
     def needs_upgrade(self) -> bool:

@@ -42,7 +42,7 @@ from ..core.hashing import EMPTY_SHA256, Hash
 from .hasher import TrailingHasher
 from .partial import WRITEBACK_EVERY, Part, PartialFile, ResumeState, create_fresh
 from .scheduler import Demote, PartScheduler, new_parts
-from .http import (Probe, Transport, content_encoding, decoder_for, file_name, iter_raw,  # noqa: F401 - redact re-exported
+from .http import (Transport, content_encoding, decoder_for, file_name, iter_raw,  # noqa: F401 - redact re-exported
                    parse_content_range, raise_http, redact, short_error, download_errors)
 
 log = logging.getLogger("pylmserv.download")
@@ -55,6 +55,24 @@ RETRY_BASE = 0.2  # first backoff (seconds), doubled per failed attempt
 RETRY_CAP = 8.0
 MAX_ATTEMPTS = 8  # consecutive failed attempts of one part (reset by progress)
 MAX_RESTARTS = 4  # whole-file restarts (file changed, server misbehaving)
+
+
+@dataclass
+class Probe:  # here, not in http.py: the up-to-date `build` imports http.py, never dataclasses
+    final_url: str
+    size: Optional[int]
+    etag: Optional[str]
+    last_modified: Optional[str]
+    ranges: bool
+    response: object = None  # an open 200 response, reused as the single stream
+    encoded: bool = False  # a Content-Encoding (gzip): sizes and ranges are of the encoded body
+
+    @property
+    def validator(self) -> Optional[str]:
+        """A strong validator for If-Range: a strong ETag, else Last-Modified, else None."""
+        if self.etag and not self.etag.startswith("W/"):
+            return self.etag
+        return self.last_modified or None
 
 
 @dataclass(frozen=True)

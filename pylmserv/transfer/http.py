@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import threading
-from dataclasses import dataclass
 from typing import Dict, Optional
 from urllib.parse import unquote, urljoin, urlsplit
 
@@ -19,24 +18,6 @@ CONNECT_RETRIES = 4  # connection setup failures urllib3 retries (with backoff) 
 # once and the same way again, so the backoff (0.4 + 0.8 + 1.6 s) would only be waiting.
 # One immediate retry covers a server that is just being restarted.
 LOOPBACK_REFUSED_RETRIES = 1
-
-
-@dataclass
-class Probe:
-    final_url: str
-    size: Optional[int]
-    etag: Optional[str]
-    last_modified: Optional[str]
-    ranges: bool
-    response: object = None  # an open 200 response, reused as the single stream
-    encoded: bool = False  # a Content-Encoding (gzip): sizes and ranges are of the encoded body
-
-    @property
-    def validator(self) -> Optional[str]:
-        """A strong validator for If-Range: a strong ETag, else Last-Modified, else None."""
-        if self.etag and not self.etag.startswith("W/"):
-            return self.etag
-        return self.last_modified or None
 
 
 MAX_REDIRECTS = 10
