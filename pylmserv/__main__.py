@@ -22,11 +22,10 @@ def _hash_path(args) -> bool:
     if len(args) != 2 or args[0] != "hash" or args[1].startswith("-"):
         return False
     import os
-    from pathlib import Path
 
     from .core.nar import hash_path
 
-    path = Path(args[1])  # as cli/hash.py: the same normalisation of the argument
+    path = _as_path_names_it(args[1])
     try:
         if not os.path.lexists(path):
             return False
@@ -38,6 +37,19 @@ def _hash_path(args) -> bool:
         return False
     sys.stdout.write(text + "\n")
     return True
+
+
+def _as_path_names_it(arg: str) -> str:
+    """The file `Path(arg)` (cli/hash.py) names, without importing pathlib (a fifth of this
+    path's start): Path drops a trailing '/' or '/.', which would make lstat follow a link
+    in the last place; '//' and '/./' elsewhere name the same file either way."""
+    while True:
+        if len(arg) > 1 and arg.endswith("/"):
+            arg = arg[:-1]
+        elif len(arg) > 2 and arg.endswith("/."):
+            arg = arg[:-2]
+        else:
+            return arg
 
 
 if __name__ == "__main__":

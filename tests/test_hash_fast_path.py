@@ -30,13 +30,15 @@ def make_tree(root: Path) -> Path:
     (root / "d" / "empty").write_bytes(b"")
     os.symlink("f.txt", root / "d" / "link")
     os.symlink("nowhere", root / "dangling")
+    os.symlink("d", root / "dirlink")  # with a trailing '/' or '/.', only pathlib's reading keeps it a link
     return root
 
 
 def test_plain_hash_skips_the_command_line_and_prints_what_it_prints(tmp_path):
     root = make_tree(tmp_path / "t")
     for target in (root, root / "d", root / "d" / "f.txt", root / "d" / "link", root / "dangling",
-                   str(root) + "/"):
+                   str(root) + "/", str(root / "dirlink") + "/", str(root / "dirlink") + "/./.",
+                   str(root / "d") + "//./f.txt"):
         fast, full = run(MAIN, "hash", target), run(FULL, "hash", target)
         assert fast.returncode == 0 == full.returncode, (fast.stderr, full.stderr)
         assert "click loaded: False" in fast.stderr

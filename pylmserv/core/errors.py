@@ -1,7 +1,6 @@
 """One exception family: a user-facing message, a hint, an exit code."""
 from __future__ import annotations
 
-from typing import List, Optional
 
 
 class PylmservError(Exception):
@@ -9,7 +8,7 @@ class PylmservError(Exception):
 
     exit_code = 1
 
-    def __init__(self, message: str, hint: Optional[str] = None, exit_code: Optional[int] = None):
+    def __init__(self, message: str, hint: str | None = None, exit_code: int | None = None):
         super().__init__(message)
         self.message = message
         self.hint = hint
@@ -93,7 +92,7 @@ class HubNotFound(NetworkError):
 class GitError(NetworkError):
     """A git command failed; the message quotes git's own fatal/error line."""
 
-    def __init__(self, args: List[str], stderr: str):
+    def __init__(self, args: list[str], stderr: str):
         lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
         last = next((ln for ln in reversed(lines) if ln.startswith(("fatal:", "error:"))), lines[-1] if lines else "")
         super().__init__(f"git {args[0]} failed: {last}", hint="Check the git URL, the ref and your network access.")

@@ -16,7 +16,7 @@ Instances are immutable, compared by value and type, unhashable unless a subclas
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Tuple
+from collections.abc import Callable
 
 # Why not frozen dataclasses: the up-to-date `build` path imports these records, and creating
 # a dataclass costs ~4 M instructions at import (generated code, exec'd); a Record subclass
@@ -30,7 +30,7 @@ class Factory:
 
     __slots__ = ("make",)
 
-    def __init__(self, make: Callable[[], Any]):
+    def __init__(self, make: Callable[[], object]):
         self.make = make
 
     def __repr__(self) -> str:
@@ -41,8 +41,8 @@ class Record:
     """Immutable, `__slots__`-based, compared by value. See the module docstring."""
 
     __slots__ = ()
-    _fields: Tuple[str, ...] = ()  # all fields in order, parents' first (set per class)
-    _defaults: Dict[str, Any] = {}  # declared: this class's; after creation: merged with the parents'
+    _fields: tuple[str, ...] = ()  # all fields in order, parents' first (set per class)
+    _defaults: dict[str, object] = {}  # declared: this class's; after creation: merged with the parents'
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -122,6 +122,6 @@ class Record:
         return type(self)(**changes)
 
 
-def field_names(record) -> Tuple[str, ...]:
+def field_names(record) -> tuple[str, ...]:
     """The fields of a Record class or instance, in order (dataclasses.fields, names only)."""
     return record._fields
