@@ -9,7 +9,7 @@ fetched whole; archives are verified, then unpacked with the data policy.
 """
 from __future__ import annotations
 
-import logging
+from ..core.log import get_logger
 import os
 import shutil
 import time
@@ -33,7 +33,7 @@ from ..transfer import http, hub, mirrors as mirror_chain
 from ..transfer.download import redact, resolve_stall_limit
 from ..transfer.http import refuse_credentials
 
-log = logging.getLogger("pylmserv.models")
+log = get_logger("pylmserv.models")
 
 OFFLINE_ENV = ("HF_HUB_OFFLINE", "PYLMSERV_OFFLINE")
 

@@ -5,7 +5,6 @@ checks the inputs, builds `.args` and reports.
 """
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,9 +14,10 @@ from ..core import gguf
 from ..core.apezip import (DEFAULT_ALIGN, U32, PackedEntry, check_align, check_readable,  # noqa: F401
                            read_central_directory, verify_packed, write_archive)
 from ..core.errors import UsageError, VerificationError
+from ..core.log import get_logger
 from ..core.names import show
 
-log = logging.getLogger("pylmserv.pack")
+log = get_logger("pylmserv.pack")
 
 WINDOWS_EXE_LIMIT = 1 << 32  # Windows refuses to run executables of 4 GiB or more
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import logging
 import os
 import shutil
 import signal
@@ -26,12 +25,13 @@ from ..builders.llama_cpp import MAPPING_VERSION
 from ..builders.result import BuildResult
 from ..core import proc as proc_tools
 from ..core.errors import PylmservError, UsageError
+from ..core.log import get_logger
 from ..pins.config import load_project
 from ..store import records as stamps
 from ..store import layout
 from .fetch_models import fetch
 
-log = logging.getLogger("pylmserv.serve")
+log = get_logger("pylmserv.serve")
 
 ENGINES = ("llama.cpp", "llamafile")
 SERVER_BIN_ENV = "PYLMSERV_SERVER_BIN"  # an explicit llama-server (or llamafile) to run

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import re
 import shutil
@@ -45,6 +44,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from ..core.errors import UsageError, VerificationError
 from ..core.fsutil import fsync_dir, unlink_missing_ok
 from ..core.hashing import Hash
+from ..core.log import get_logger
 from ..core.names import show
 from ..core.progress import Progress
 from ..pins.config import Project, load_project
@@ -52,7 +52,7 @@ from ..pins.lock import LockEntry
 from ..store import blobs as store
 from ..transfer import oci
 
-log = logging.getLogger("pylmserv.share")
+log = get_logger("pylmserv.share")
 
 ARTIFACT_TYPE = "application/vnd.cncf.model.manifest.v1+json"
 CONFIG_TYPE = "application/vnd.cncf.model.config.v1+json"

@@ -6,7 +6,6 @@ CMake, no hashing of the tree.
 """
 from __future__ import annotations
 
-import logging
 import os
 import platform as _platform
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..core.errors import BuildError, ConfigError, ToolMissingError, UsageError
+from ..core.log import get_logger
 from ..pins.config import load_project
 from ..store.layout import home
 from .base import BuildSkeleton, Compiled
@@ -31,7 +31,7 @@ from ..store import records as stamps
 # Speed only: no cycle is dodged. The stat-only detection of the key is in probes.py.
 from .probes import detect_openssl_headers
 
-log = logging.getLogger("pylmserv.build")
+log = get_logger("pylmserv.build")
 
 
 def _blas():

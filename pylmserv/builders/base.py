@@ -10,7 +10,6 @@ prepared and compiled, which outputs are installed.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import time
 from pathlib import Path
@@ -18,13 +17,14 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 from ..core.errors import BuildError
 from ..core.fsutil import lock_file_path
+from ..core.log import get_logger
 from ..store import records as stamps
 from ..store import layout
 from ..store.installs import install_files, point_current, real_dirs, shared_libs
 from ..store.layout import home
 from .result import BuildResult
 
-log = logging.getLogger("pylmserv.build")
+log = get_logger("pylmserv.build")
 
 LOCK_TIMEOUT = 6 * 3600  # a concurrent build of the same key may take this long
 

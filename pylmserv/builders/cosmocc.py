@@ -9,7 +9,6 @@ zip lacks (4.0.2 ships bin/cosmoranlib as 0444). Nothing is ever stripped or pat
 from __future__ import annotations
 
 import json
-import logging
 import os
 import platform
 import stat
@@ -22,11 +21,12 @@ from ..core.archive import extract
 from ..core.errors import ConfigError, VerificationError
 from ..core.fsutil import atomic_write_text, lock_file_path, remove_no_follow, walk_no_follow
 from ..core.hashing import Hash
+from ..core.log import get_logger
 from ..pins.config import Lock, LockEntry
 from ..store.layout import ensure_home, home, subdir, toolchains_dir
 from ..store.trees import ensure_source
 
-log = logging.getLogger("pylmserv.cosmocc")
+log = get_logger("pylmserv.cosmocc")
 
 # Magic numbers of files that are meant to be run: APE, ELF, Mach-O, scripts.
 EXEC_MAGICS = (b"MZqFpD", b"jartsr", b"\x7fELF", b"#!", b"\xcf\xfa\xed\xfe", b"\xca\xfe\xba\xbe")

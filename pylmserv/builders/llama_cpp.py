@@ -9,7 +9,6 @@ vs ..._WEBUI, LLAMA_OPENSSL vs LLAMA_CURL) is read from the pinned tree itself.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import sys
@@ -18,8 +17,9 @@ from pathlib import Path
 from typing import Dict, FrozenSet, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from ..core.errors import BuildError, ToolMissingError, UsageError
+from ..core.log import DEBUG, get_logger
 
-log = logging.getLogger("pylmserv.build")
+log = get_logger("pylmserv.build")
 
 BACKENDS = ("cpu", "blas", "cuda", "rocm", "vulkan", "metal")
 DEFAULT_TARGETS = ("llama-cli", "llama-server", "llama-bench")
@@ -462,7 +462,7 @@ def run_logged(argv: Sequence[str], log_file: Path, env: Mapping[str, str], time
                 fh.write(line)
                 fh.flush()  # the log is where a user looks while a long step runs
                 now = time.monotonic()
-                if now - last >= 5 or log.isEnabledFor(logging.DEBUG):
+                if now - last >= 5 or log.isEnabledFor(DEBUG):
                     text = line.decode("utf-8", "replace").rstrip()
                     if text:
                         log.info("%s: %s", what, text[:200])

@@ -28,7 +28,6 @@ Pipeline (each step named in --dry-run output):
 from __future__ import annotations
 
 import json
-import logging
 import os
 import platform as _platform
 import re
@@ -44,6 +43,7 @@ from typing import Dict, List, Optional, Tuple
 from ..core.apezip import embed_files
 from ..core.errors import BuildError, ConfigError, ToolMissingError, UsageError
 from ..core.fsutil import copy_tree_no_follow, remove_no_follow, walk_no_follow
+from ..core.log import get_logger
 from ..pins.config import load_project
 from ..store import layout as paths
 from ..store.trees import ensure_source, store_path
@@ -57,7 +57,7 @@ from .cudalink import check_gpu_links, elf_symbols_of_object, write_cuda_driver_
 from .llama_cpp import run_logged
 from .result import BuildResult
 
-log = logging.getLogger("pylmserv.build")
+log = get_logger("pylmserv.build")
 
 ENGINE = "llamafile"
 SOURCE_NAME = "llamafile"

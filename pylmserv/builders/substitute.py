@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import re
 import time
@@ -26,12 +25,13 @@ from pathlib import Path
 from typing import List, Mapping, Optional, Sequence, Tuple
 
 from ..core.errors import PylmservError, UsageError, VerificationError
+from ..core.log import get_logger
 from ..core.signing import PublicKey, SecretKey, check_signatures, parse_public_keys
 from ..store import records as stamps
 from ..store.installs import shared_libs
 from ..transfer.buildcache import open_cache
 
-log = logging.getLogger("pylmserv.build")
+log = get_logger("pylmserv.build")
 
 SCHEMA = "pylmserv-build/1"
 FINGERPRINT = "pylmserv-build;1;"

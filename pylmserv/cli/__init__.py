@@ -6,7 +6,6 @@ so `pylmserv --help` stays fast.
 from __future__ import annotations
 
 import importlib
-import logging
 import sys
 from pathlib import Path
 from typing import Optional
@@ -15,6 +14,7 @@ import click
 
 from ..core.version import __version__
 from ..core.errors import EXIT_CODES, PylmservError
+from ..core.log import DEBUG, INFO, WARNING, configure
 from ..core.names import show
 from .options import GlobalOptions
 
@@ -91,21 +91,10 @@ def cli(ctx, verbose, quiet, config, lock):
     ctx.obj = GlobalOptions(verbose=verbose, quiet=quiet, config=config, lock=lock)
 
 
-class _SafeFormatter(logging.Formatter):
-    """Log lines carry names, URLs and server answers: control characters escaped."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return show(super().format(record), lines=True)
-
-
 def _setup_logging(verbose: int, quiet: bool) -> None:
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_SafeFormatter("%(message)s"))
-    root = logging.getLogger("pylmserv")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
+    # Lines on stderr, control characters escaped (core/log.py); logging itself is imported
+    # only when a line must be written: an up-to-date build writes none (issue 18).
+    configure(WARNING if quiet else (DEBUG if verbose else INFO))
 
 
 def main(argv=None) -> None:

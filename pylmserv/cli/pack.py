@@ -1,14 +1,16 @@
 """`pylmserv pack`: embed a model (and args) into a llamafile, aligned, without zipalign."""
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import click
 
 from ..app.pack import pack
 from ..builders.llamafile import default_llamafile
+from ..core.log import get_logger
 from .options import emit_json, json_option
+
+log = get_logger("pylmserv.pack")
 
 
 @click.command("pack")
@@ -41,5 +43,5 @@ def command(model, extra_files, llamafile, output, args, align, verify, as_json)
         })
     else:
         names = ", ".join(e.name for e in result.entries)
-        logging.getLogger("pylmserv.pack").info("packed %s into %s (%.1f MiB, aligned to %d)", names, result.output,
-                                                 result.size / 2**20, result.align)
+        log.info("packed %s into %s (%.1f MiB, aligned to %d)", names, result.output, result.size / 2**20,
+                 result.align)

@@ -15,7 +15,6 @@ reopened and verified: a failure leaves nothing at the output path.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import stat
 import struct
@@ -25,8 +24,9 @@ from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 from .errors import DiskSpaceError, PylmservError, UsageError, VerificationError, ZipFormatError
 from .fsutil import remove_stale, stamped_name, unlink_missing_ok
+from .log import get_logger
 
-log = logging.getLogger("pylmserv.pack")
+log = get_logger("pylmserv.pack")
 
 try:  # zlib-ng's CRC-32 uses PCLMULQDQ/VPCLMULQDQ: ~20x zlib's, so the checksum is ~free
     from zlib_ng.zlib_ng import crc32

@@ -13,7 +13,6 @@ then SIGKILLs whatever of the group is left.
 """
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import signal
@@ -22,8 +21,9 @@ import time
 from typing import Callable, Iterator, Mapping, Optional, Sequence, Type
 
 from .errors import PylmservError, ToolMissingError
+from .log import get_logger
 
-log = logging.getLogger("pylmserv.proc")
+log = get_logger("pylmserv.proc")
 
 STOP_GRACE_S = 10.0
 

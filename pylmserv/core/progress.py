@@ -4,13 +4,14 @@ Thread-safe: several download connections update one bar (the aggregate per file
 """
 from __future__ import annotations
 
-import logging
 import sys
 import threading
 import time
 from typing import Callable, Optional
 
-log = logging.getLogger("pylmserv.progress")
+from .log import INFO, get_logger
+
+log = get_logger("pylmserv.progress")
 
 LOG_INTERVAL = 5.0  # seconds between log lines when stderr is not a terminal
 
@@ -30,7 +31,7 @@ class Progress:
         self._started = time.monotonic()
         self._last_log = self._started
         stream = stream if stream is not None else sys.stderr
-        if enabled and _isatty(stream) and log.isEnabledFor(logging.INFO):
+        if enabled and _isatty(stream) and log.isEnabledFor(INFO):
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,

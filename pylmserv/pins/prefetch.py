@@ -5,13 +5,13 @@ when all of them succeeded, so any error leaves the old lock byte-for-byte in pl
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, List, Optional, Union
 
 from ..core.errors import UsageError
 from ..core.fsutil import temp_dir
+from ..core.log import get_logger
 from .config import LOCK_NAME, Config, default_config_path, load_config
 from .drift import pin_drift
 from .lock import Lock, LockEntry, load_lock
@@ -19,7 +19,7 @@ from .lockfile import refuse_packaged, update
 from .resolvers import git, github, hf, url
 from .resolvers.base import BACKENDS, Options
 
-log = logging.getLogger("pylmserv.prefetch")
+log = get_logger("pylmserv.prefetch")
 
 
 @dataclass(frozen=True)

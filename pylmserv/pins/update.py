@@ -18,7 +18,6 @@ never moves a pin silently.
 """
 from __future__ import annotations
 
-import logging
 import re
 import subprocess
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Union
 
 from ..core.errors import PylmservError, RetaggedError, ToolMissingError, UsageError
+from ..core.log import get_logger
 from ..store.trees import mirror_url
 from ..transfer import hub
 from . import upstream
@@ -34,7 +34,7 @@ from .configedit import parse_config, project_lock, read_text, set_values, write
 from .prefetch import prefetch
 from ..transfer.git import resolve_ref
 
-log = logging.getLogger("pylmserv.update")
+log = get_logger("pylmserv.update")
 
 EXIT_UPDATED = 10  # `update` exit status when something was (or, with --dry-run, would be) updated
 _SHA = re.compile(r"^[0-9a-f]{40}$")

@@ -9,7 +9,6 @@ short (PYLMSERV_RATE_LIMIT_WAIT seconds, default 60) and fail with one clear lin
 """
 from __future__ import annotations
 
-import logging
 import os
 import re
 import time
@@ -18,11 +17,12 @@ from typing import Callable, List, Optional, Sequence, Tuple
 from urllib.parse import urljoin, urlsplit
 
 from ..core.errors import NetworkError, UsageError
+from ..core.log import get_logger
 from ..core.version import __version__
 from ..transfer.git import ls_remote
 from ..transfer.http import bounded_json, refuse_credentials
 
-log = logging.getLogger("pylmserv.update")
+log = get_logger("pylmserv.update")
 
 API = "https://api.github.com"
 MAX_PAGES = 50

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextvars
 import errno
 import hashlib
-import logging
+from ..core.log import get_logger
 import os
 import stat
 from dataclasses import dataclass, field
@@ -39,7 +39,7 @@ from ..core.fsutil import fsync_dir, unlink_missing_ok
 from ..core.hashing import Hash
 from . import blobs as store
 
-log = logging.getLogger("pylmserv.adopt")
+log = get_logger("pylmserv.adopt")
 
 TOOLS = ("hf", "ollama", "lmstudio", "llama.cpp", "user")
 ADOPT_FROM_ENV = "PYLMSERV_ADOPT_FROM"

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import logging
 import os
 import re
 import shutil
@@ -29,10 +28,11 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 from ..core.errors import UsageError
 from ..core.hashing import Hash
 from ..core.fsutil import atomic_write_text, fsync_dir, lock_file_path, read_state_text, unlink_missing_ok
+from ..core.log import get_logger
 from . import layout
 from .layout import ensure_home
 
-log = logging.getLogger("pylmserv.store")
+log = get_logger("pylmserv.store")
 
 MANIFEST = ".pylmserv.json"
 LINK_MODES = ("auto", "hardlink", "symlink", "copy")

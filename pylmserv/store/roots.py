@@ -20,8 +20,11 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from ..core.fsutil import atomic_write_bytes, atomic_write_text, read_state_text, remove_no_follow, unlink_missing_ok
+from ..core.log import get_logger
 from .layout import home as store_home
 from .layout import on_home_ready
+
+log = get_logger("pylmserv.store")
 
 ROOTS = "gcroots"
 PATH_LIMIT = 1 << 16  # bytes: a record holds one path (PATH_MAX is 4096)
@@ -57,9 +60,7 @@ def _record(path: Path, text: bytes, home: Path) -> None:
         register_lock(path, home)
         _hold(path, text, home)
     except OSError as exc:
-        import logging  # lazy: only this rare failure logs; the up-to-date `build` path stays light
-
-        logging.getLogger("pylmserv.store").debug("gc root for %s not recorded: %s", path, exc)
+        log.debug("gc root for %s not recorded: %s", path, exc)
 
 
 def _flush(home: Path) -> None:

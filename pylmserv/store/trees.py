@@ -10,7 +10,6 @@ without touching the network. A file lock per entry makes concurrent calls safe.
 """
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Optional, Tuple
@@ -19,6 +18,7 @@ from ..core.archive import extract
 from ..core.errors import PylmservError, UsageError, VerificationError
 from ..core.fsutil import lock_file_path, temp_dir
 from ..core.hashing import Hash, file_hash
+from ..core.log import get_logger
 from ..core.nar import nar_hash
 from ..transfer import git as gitutil
 from ..transfer.download import download as engine
@@ -45,7 +45,7 @@ class SourcePin(Protocol):
 
     def get(self, key: str, default=None): ...
 
-log = logging.getLogger("pylmserv.sources")
+log = get_logger("pylmserv.sources")
 
 GITHUB = "https://github.com"
 LOCK_TIMEOUT = 3600  # seconds to wait for another process fetching the same entry

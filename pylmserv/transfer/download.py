@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import logging
+from ..core.log import get_logger
 import os
 import random
 import re
@@ -45,7 +45,7 @@ from .scheduler import Demote, PartScheduler, new_parts
 from .http import (Transport, content_encoding, decoder_for, file_name, iter_raw,  # noqa: F401 - redact re-exported
                    parse_content_range, raise_http, redact, short_error, download_errors)
 
-log = logging.getLogger("pylmserv.download")
+log = get_logger("pylmserv.download")
 
 MIN_PART_SIZE = 1 << 20  # parts smaller than this are not worth a request
 STALL_TIMEOUT = 30.0  # seconds without a byte before a part is restarted

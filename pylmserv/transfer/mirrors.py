@@ -23,7 +23,7 @@ each with its reason, and nothing was kept. Offline, only file:// mirrors are tr
 from __future__ import annotations
 
 import hashlib
-import logging
+from ..core.log import get_logger
 import os
 import time
 from dataclasses import dataclass
@@ -38,7 +38,7 @@ from ..core.progress import Progress
 from .download import DownloadResult, download, redact, resolve_stall_limit
 from .oci import OciRef, Registry
 
-log = logging.getLogger("pylmserv.mirrors")
+log = get_logger("pylmserv.mirrors")
 
 MIRRORS_ENV = "PYLMSERV_MIRRORS"
 

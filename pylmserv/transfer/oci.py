@@ -30,7 +30,6 @@ import base64
 import hashlib
 import ipaddress
 import json
-import logging
 import os
 import re
 from dataclasses import dataclass
@@ -41,10 +40,11 @@ from urllib.parse import quote, urlencode, urljoin, urlsplit
 from ..core.errors import NetworkError, UsageError, VerificationError
 from ..core.fsutil import unlink_missing_ok
 from ..core.hashing import Hash
+from ..core.log import get_logger
 from ..core.version import __version__
 from .http import CHUNK, CONNECT_TIMEOUT, short_error
 
-log = logging.getLogger("pylmserv.oci")
+log = get_logger("pylmserv.oci")
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import json
-import logging
 import os
 import shutil
 import stat
@@ -20,9 +19,10 @@ from typing import List, Optional
 
 from ..core.errors import DiskSpaceError
 from ..core.fsutil import read_state_text, start_writeback, unlink_missing_ok
+from ..core.log import get_logger
 from .http import file_name
 
-log = logging.getLogger("pylmserv.download")
+log = get_logger("pylmserv.download")
 
 STATE_VERSION = 1
 STATE_INTERVAL = 0.25  # seconds between sidecar state saves (bounds what a kill re-sends)

@@ -13,13 +13,12 @@ refs, reading the Hub API); one module per backend decides *how* to hash it:
 """
 from __future__ import annotations
 
-import logging
-
 from ...core.errors import PylmservError, ToolMissingError, VerificationError
+from ...core.log import get_logger
 from . import fod, nix, python
 from .base import BACKENDS, Fetch, Hashed, Options  # noqa: F401 - the package's names
 
-log = logging.getLogger("pylmserv.prefetch")
+log = get_logger("pylmserv.prefetch")
 
 
 def hash_fetch(fetch: Fetch, opts: Options) -> Hashed:

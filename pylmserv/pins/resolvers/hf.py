@@ -9,10 +9,9 @@ sent only to that endpoint and never printed.
 """
 from __future__ import annotations
 
-import logging
-
 from ...core.errors import VerificationError
 from ...core.gguf import split_names
+from ...core.log import get_logger
 from ...transfer import hub
 from ..drift import reusable
 from ..lock import HfPin, LockEntry, Shard
@@ -20,7 +19,7 @@ from . import hash_fetch
 from .base import Fetch, Hashed
 from .url import check_published
 
-log = logging.getLogger("pylmserv.prefetch")
+log = get_logger("pylmserv.prefetch")
 
 
 def resolve(spec, locked, opts) -> LockEntry:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import shutil
@@ -11,10 +10,11 @@ from typing import List, Optional
 
 from ...core.errors import NetworkError, ToolMissingError, VerificationError
 from ...core.hashing import Hash
+from ...core.log import get_logger
 from ...core.proc import run_tool
 from .base import Fetch, Hashed
 
-log = logging.getLogger("pylmserv.prefetch")
+log = get_logger("pylmserv.prefetch")
 TIMEOUT = 3600
 
 
