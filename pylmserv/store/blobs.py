@@ -22,13 +22,13 @@ import re
 import shutil
 import stat
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 from ..core.errors import UsageError
 from ..core.hashing import Hash
 from ..core.fsutil import atomic_write_text, fsync_dir, lock_file_path, read_state_text, unlink_missing_ok
+from ..core.record import Record, hash_by_value
 from . import layout
 from .layout import ensure_home
 
@@ -39,18 +39,23 @@ LINK_MODES = ("auto", "hardlink", "symlink", "copy")
 LINK_MODE_ENV = "PYLMSERV_LINK_MODE"
 
 
-@dataclass(frozen=True)
-class StoredFile:
+# Records, not dataclasses: `fetch` imports this module (~4 M instructions a dataclass).
+class StoredFile(Record):
+    __slots__ = ("path", "sha256", "size")
     path: Path  # the named file (models/<name>/<filename>)
     sha256: Optional[Hash]  # None for files unpacked from an archive (the archive is pinned)
     size: int
 
+    __hash__ = hash_by_value
 
-@dataclass(frozen=True)
-class NamedEntry:
+
+class NamedEntry(Record):
+    __slots__ = ("name", "files", "directory")
     name: str
     files: Tuple[StoredFile, ...]
     directory: Path
+
+    __hash__ = hash_by_value
 
     @property
     def path(self) -> Path:

@@ -26,7 +26,6 @@ import hashlib
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 from urllib.parse import urlsplit
@@ -35,6 +34,7 @@ from ..core.errors import ConfigError, DiskSpaceError, NetworkError, PylmservErr
 from ..core.fsutil import unlink_missing_ok
 from ..core.hashing import Hash
 from ..core.progress import Progress
+from ..core.record import Record, hash_by_value
 from .download import DownloadResult, download, redact, resolve_stall_limit
 from .oci import OciRef, Registry
 
@@ -43,10 +43,12 @@ log = logging.getLogger("pylmserv.mirrors")
 MIRRORS_ENV = "PYLMSERV_MIRRORS"
 
 
-@dataclass(frozen=True)
-class Mirror:
+class Mirror(Record):  # a Record, not a dataclass: `fetch` imports this module (~4 M instructions a dataclass)
+    __slots__ = ("spec", "kind")
     spec: str
     kind: str  # "http" (http, https, file) or "oci"
+
+    __hash__ = hash_by_value
 
     def __str__(self) -> str:
         return str(OciRef.parse(self.spec)) if self.kind == "oci" else redact(self.spec)
