@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 from urllib.parse import quote, unquote, urlsplit
 
-from ..core.archive import extract
 from ..core.errors import UsageError, VerificationError
 from ..core.fsutil import remove_no_follow, unlink_missing_ok, walk_no_follow
 from ..core.gguf import check_split_set, read_header, split_info, split_names
@@ -437,6 +435,10 @@ def _unpack(name: str, archive_hash: Hash, home: Path) -> Tuple[Path, List[Path]
     if existing is not None and _manifest_archive(manifest) == archive_hash.hex:
         files = [f.path for f in existing.files]
         return _entry_path(target, files), files
+    # lazy for speed: the archive engine (and tempfile) only when an archive is unpacked, not on
+    # every fetch of a model file
+    from ..core.archive import extract
+
     staging = store.tmp_dir(home) / f"unpack-{name}.{os.getpid()}"
     _remove(staging)
     try:
@@ -512,6 +514,7 @@ def _copy_contained(src: Path, out: Path, name: str) -> None:
     files are copied, symlinks are recreated as symlinks (never followed, so a link to
     an ancestor is no endless tree) and only when they resolve inside `src`. `out` is
     replaced whole (a symlink there is removed, never followed)."""
+    import shutil  # lazy for speed: only --dest of an archive copies files
     import stat
 
     root = os.path.realpath(src)

@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import stat
 import uuid
 from pathlib import Path
@@ -203,6 +202,8 @@ def place(blob: Path, target: Path, mode: Optional[str] = None) -> str:
             elif method == "symlink":
                 os.symlink(os.path.abspath(blob), tmp)
             else:
+                import shutil  # lazy for speed: only the copy link mode copies (fetch from the store: no shutil)
+
                 shutil.copyfile(blob, tmp)
             os.replace(tmp, target)
             return method

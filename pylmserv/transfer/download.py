@@ -27,7 +27,6 @@ import logging
 import os
 import random
 import re
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -288,6 +287,8 @@ def _install(partial: Path, dest: Path) -> None:
         if exc.errno != errno.EXDEV:
             raise
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+        import shutil  # lazy for speed: only a move across filesystems copies
+
         try:
             shutil.copyfile(partial, tmp)
             with open(tmp, "rb+") as f:

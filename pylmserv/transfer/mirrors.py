@@ -36,7 +36,6 @@ from ..core.hashing import Hash
 from ..core.progress import Progress
 from ..core.record import Record, hash_by_value
 from .download import DownloadResult, download, redact, resolve_stall_limit
-from .oci import OciRef, Registry
 
 log = logging.getLogger("pylmserv.mirrors")
 
@@ -51,10 +50,18 @@ class Mirror(Record):  # a Record, not a dataclass: `fetch` imports this module 
     __hash__ = hash_by_value
 
     def __str__(self) -> str:
-        return str(OciRef.parse(self.spec)) if self.kind == "oci" else redact(self.spec)
+        return str(_oci().OciRef.parse(self.spec)) if self.kind == "oci" else redact(self.spec)
 
     def blob_url(self, h: Hash) -> str:
         return self.spec.rstrip("/") + f"/sha256/{h.hex}"
+
+
+def _oci():
+    """transfer/oci.py, imported where an oci:// mirror is named: lazy for speed, as most fetches
+    name none and the registry client is ~1 ms to import."""
+    from . import oci
+
+    return oci
 
 
 def parse_mirror(spec: str, where: str = "mirrors") -> Mirror:
@@ -64,7 +71,7 @@ def parse_mirror(spec: str, where: str = "mirrors") -> Mirror:
     scheme = urlsplit(spec).scheme.lower()
     if scheme == "oci":
         try:
-            OciRef.parse(spec)
+            _oci().OciRef.parse(spec)
         except PylmservError as exc:
             raise ConfigError(f"{where}: {exc.message}", hint=exc.hint) from None
         return Mirror(spec, "oci")
@@ -181,7 +188,9 @@ def _pull_oci(mirror: Mirror, expected: Hash, size: Optional[int], dest: Path, t
               on_progress, stall_limit: float) -> DownloadResult:
     started = time.monotonic()
     partial = _tmp_for(tmp_dir, mirror) / f"{expected.hex}.part"  # kept across runs: the next one resumes
-    client = Registry(OciRef.parse(mirror.spec), read_timeout=stall_limit)  # one stream: a silent read is a stall
+    oci = _oci()
+    # one stream: a silent read is a stall
+    client = oci.Registry(oci.OciRef.parse(mirror.spec), read_timeout=stall_limit)
     bar = Progress(dest.name, size, enabled=progress, callback=on_progress)
     try:
         received = client.pull_blob(expected, partial, size=size, on_progress=bar.update)
