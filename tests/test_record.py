@@ -168,3 +168,44 @@ def test_the_up_to_date_build_path_imports_no_dataclasses():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root,
                           env={**os.environ, "PYTHONPATH": root})
     assert proc.stdout.strip() == "False"
+
+
+def test_the_fetch_path_imports_no_dataclasses():
+    """`pylmserv fetch` of a small file is mostly start-up: its modules' records are Records
+    (or plain slotted classes), not dataclasses. (filelock, taken once a blob is locked,
+    still brings in dataclasses: a third-party cost, not an import-time one.)"""
+    code = ("import sys, pylmserv.cli, pylmserv.cli.fetch, pylmserv.app.fetch_models\n"
+            "print('dataclasses' in sys.modules)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root,
+                          env={**os.environ, "PYTHONPATH": root})
+    assert proc.stdout.strip() == "False"
+
+
+def test_the_fetch_records_keep_their_dataclass_behaviour():
+    """Value equality, a frozen dataclass's hash, keyword defaults, to_json and a readable repr."""
+    from pathlib import Path
+
+    from pylmserv.app.fetch_models import FetchResult, _Plan
+    from pylmserv.core.gguf import GGUFHeader
+    from pylmserv.core.hashing import Hash
+    from pylmserv.store.adopt import Found, Outcome, Place, Want
+    from pylmserv.transfer.download import Probe
+
+    h = Hash.of_bytes(b"x")
+    r = FetchResult("m", Path("/s/m"), 1, h, 0.5, 1)
+    assert r.files == () and r.dest is None and r == FetchResult("m", Path("/s/m"), 1, h, 0.5, 1, ())
+    assert hash(r) == hash(copy.copy(r)) and r.to_json()["sha256"] == h.hex
+    assert repr(r).startswith("FetchResult(name='m', path=")
+    with pytest.raises(AttributeError):
+        r.size = 2
+    assert {Place("hf", Path("/a")), Place("hf", Path("/a"))} == {Place("hf", Path("/a"))}
+    assert Want(h, 1, "m.gguf").repo is None and Found(Path("/f"), "hf", 1).bytes_copied == 0
+    assert Outcome().skipped == [] and Outcome().skipped is not Outcome().skipped and Outcome() == Outcome()
+    assert GGUFHeader(3, 0, 0).metadata == {} and GGUFHeader(3, 0, 0).metadata is not GGUFHeader(3, 0, 0).metadata
+    plan = _Plan("m", [])
+    plan.name = "n"  # mutable, as the dataclass was
+    assert (plan.name, plan.archive, plan.record) == ("n", False, None)
+    probe = Probe("u", None, 'W/"e"', "Mon", False)
+    probe.response = None
+    assert probe.validator == "Mon" and probe.encoded is False

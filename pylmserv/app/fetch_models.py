@@ -11,19 +11,17 @@ from __future__ import annotations
 
 from ..core.log import get_logger
 import os
-import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 from urllib.parse import quote, unquote, urlsplit
 
-from ..core.archive import extract
 from ..core.errors import UsageError, VerificationError
 from ..core.fsutil import remove_no_follow, unlink_missing_ok, walk_no_follow
 from ..core.gguf import check_split_set, read_header, split_info, split_names
 from ..core.hashing import Hash
 from ..core.names import pin_name
+from ..core.record import Record, hash_by_value
 from ..pins.config import ARCHIVE_SUFFIXES, Project, load_project
 from ..pins.lock import FilePin, HfPin, LockEntry, Shard
 from ..pins.lockfile import refuse_packaged, update
@@ -38,16 +36,21 @@ log = get_logger("pylmserv.models")
 OFFLINE_ENV = ("HF_HUB_OFFLINE", "PYLMSERV_OFFLINE")
 
 
-@dataclass(frozen=True)
-class FetchResult:
+# Records and a plain class, not dataclasses: every `fetch` imports this module, and a dataclass
+# costs ~4 M instructions to create at import.
+class FetchResult(Record):
+    __slots__ = ("name", "path", "size", "sha256", "seconds", "bytes_downloaded", "files", "dest")
+    _defaults = {"files": (), "dest": None}
     name: str
     path: Path  # the named entry: the file (first shard of a split set) or unpacked directory
     size: int  # bytes of all files of the item
     sha256: Hash  # of the file (first shard; the archive for archives)
     seconds: float
     bytes_downloaded: int  # 0 when everything was already in the store
-    files: Tuple[Path, ...] = ()
-    dest: Optional[Path] = None  # the copy/link placed in --dest
+    files: Tuple[Path, ...]
+    dest: Optional[Path]  # the copy/link placed in --dest
+
+    __hash__ = hash_by_value
 
     def to_json(self) -> dict:
         return {"name": self.name, "path": str(self.path), "size": self.size, "sha256": self.sha256.hex,
@@ -55,20 +58,28 @@ class FetchResult:
                 "files": [str(p) for p in self.files], "dest": str(self.dest) if self.dest else None}
 
 
-@dataclass
-class _File:
+class _File(Record):  # never changed after planning
+    __slots__ = ("url", "filename", "expected", "size")
     url: str
     filename: str
     expected: Optional[Hash]
     size: Optional[int]
 
 
-@dataclass
 class _Plan:
-    name: str
-    files: List[_File]
-    archive: bool = False
-    record: Optional["_Draft"] = None  # the lock entry to write once hashes are known (TOFU)
+    """What to fetch for one item. Mutable: a config name planned through its hf:// URL
+    takes the item's name (and so does its TOFU record)."""
+
+    __slots__ = ("name", "files", "archive", "record")
+
+    def __init__(self, name: str, files: List[_File], archive: bool = False, record: Optional[_Draft] = None):
+        self.name = name
+        self.files = files
+        self.archive = archive
+        self.record = record  # the lock entry to write once hashes are known (TOFU)
+
+    def __repr__(self) -> str:
+        return f"_Plan(name={self.name!r}, files={self.files!r}, archive={self.archive!r}, record={self.record!r})"
 
 
 # -- public API ------------------------------------------------------------------------
@@ -123,10 +134,10 @@ def download_models(names: Iterable[str], target_dir: Union[str, Path]) -> List[
 
 # -- planning: item -> files with known (or to-be-trusted) hashes --------------------------
 
-@dataclass(frozen=True)
-class _Draft:
+class _Draft(Record):
     """A pin still without its hash (trust on first use): its kind and fields."""
 
+    __slots__ = ("cls", "fields")
     cls: type
     fields: dict
 
@@ -424,6 +435,10 @@ def _unpack(name: str, archive_hash: Hash, home: Path) -> Tuple[Path, List[Path]
     if existing is not None and _manifest_archive(manifest) == archive_hash.hex:
         files = [f.path for f in existing.files]
         return _entry_path(target, files), files
+    # lazy for speed: the archive engine (and tempfile) only when an archive is unpacked, not on
+    # every fetch of a model file
+    from ..core.archive import extract
+
     staging = store.tmp_dir(home) / f"unpack-{name}.{os.getpid()}"
     _remove(staging)
     try:
@@ -499,6 +514,7 @@ def _copy_contained(src: Path, out: Path, name: str) -> None:
     files are copied, symlinks are recreated as symlinks (never followed, so a link to
     an ancestor is no endless tree) and only when they resolve inside `src`. `out` is
     replaced whole (a symlink there is removed, never followed)."""
+    import shutil  # lazy for speed: only --dest of an archive copies files
     import stat
 
     root = os.path.realpath(src)

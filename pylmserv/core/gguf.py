@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import re
 import struct
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from .errors import VerificationError
+from .record import Factory, Record
 
 MAGIC = b"GGUF"
 VERSIONS = (1, 2, 3)
@@ -28,12 +28,13 @@ _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: 
 _STRING, _ARRAY = 8, 9
 
 
-@dataclass(frozen=True)
-class GGUFHeader:
+class GGUFHeader(Record):  # a Record, not a dataclass: `fetch` imports it (~4 M instructions a dataclass)
+    __slots__ = ("version", "tensor_count", "kv_count", "metadata")
+    _defaults = {"metadata": Factory(dict)}
     version: int
     tensor_count: int
     kv_count: int
-    metadata: Dict[str, object] = field(default_factory=dict)  # scalars and strings; arrays as None
+    metadata: Dict[str, object]  # scalars and strings; arrays as None
 
     @property
     def architecture(self) -> Optional[str]:

@@ -11,7 +11,8 @@
         _defaults = {"sources": Factory(dict)}        # a fresh dict for every instance
 
 Instances are immutable, compared by value and type, unhashable unless a subclass defines
-`__hash__`, pickle and copy by value; `replace(**changes)` is dataclasses.replace and
+`__hash__` (`__hash__ = hash_by_value` for records of hashable values, as a frozen dataclass
+hashed), pickle and copy by value; `replace(**changes)` is dataclasses.replace and
 `field_names(cls_or_record)` lists the fields in order.
 """
 from __future__ import annotations
@@ -125,3 +126,8 @@ class Record:
 def field_names(record) -> tuple[str, ...]:
     """The fields of a Record class or instance, in order (dataclasses.fields, names only)."""
     return record._fields
+
+
+def hash_by_value(record) -> int:
+    """`__hash__ = hash_by_value` in a Record of hashable values: what a frozen dataclass gave."""
+    return hash(record._values())

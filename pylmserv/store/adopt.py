@@ -31,12 +31,12 @@ import hashlib
 from ..core.log import get_logger
 import os
 import stat
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from ..core.fsutil import fsync_dir, unlink_missing_ok
 from ..core.hashing import Hash
+from ..core.record import Record, hash_by_value
 from . import blobs as store
 
 log = get_logger("pylmserv.adopt")
@@ -49,51 +49,77 @@ FICLONE = 0x40049409  # _IOW(0x94, 9, int), linux/fs.h
 CHUNK = 1 << 20
 
 
-@dataclass(frozen=True)
-class Place:
+# Records and a plain class, not dataclasses: `fetch` imports this module (~4 M instructions a
+# dataclass).
+class Place(Record):
+    __slots__ = ("tool", "root")
     tool: str  # one of TOOLS
     root: Path
 
+    __hash__ = hash_by_value
 
-@dataclass(frozen=True)
-class Want:
+
+class Want(Record):
     """A locked file: its hash, size (None: unknown), file name and Hub repo if it has one."""
 
+    __slots__ = ("hash", "size", "filename", "repo")
+    _defaults = {"repo": None}
     hash: Hash
     size: Optional[int]
     filename: str
-    repo: Optional[str] = None  # org/repo on the Hub, when the URL or pin says so
+    repo: Optional[str]  # org/repo on the Hub, when the URL or pin says so
+
+    __hash__ = hash_by_value
 
 
-@dataclass(frozen=True)
-class Skipped:
+class Skipped(Record):
+    __slots__ = ("path", "tool", "reason")
     path: Path
     tool: str
     reason: str
+
+    __hash__ = hash_by_value
 
     def to_json(self) -> dict:
         return {"path": str(self.path), "tool": self.tool, "reason": self.reason}
 
 
-@dataclass(frozen=True)
-class Found:
+class Found(Record):
     """A verified copy: where it is, and (once adopted) how it entered the store."""
 
+    __slots__ = ("path", "tool", "size", "method", "bytes_copied")
+    _defaults = {"method": None, "bytes_copied": 0}
     path: Path
     tool: str
     size: int
-    method: Optional[str] = None  # hardlink | reflink | copy; None: verified only (dry run)
-    bytes_copied: int = 0
+    method: Optional[str]  # hardlink | reflink | copy; None: verified only (dry run)
+    bytes_copied: int
+
+    __hash__ = hash_by_value
 
     def to_json(self) -> dict:
         return {"path": str(self.path), "tool": self.tool, "size": self.size, "method": self.method,
                 "bytes_copied": self.bytes_copied}
 
 
-@dataclass
 class Outcome:
-    found: Optional[Found] = None
-    skipped: List[Skipped] = field(default_factory=list)
+    """What `find` saw: the copy it took (or None) and every candidate it skipped, with why."""
+
+    __slots__ = ("found", "skipped")
+
+    def __init__(self, found: Optional[Found] = None, skipped: Optional[List[Skipped]] = None):
+        self.found = found
+        self.skipped = [] if skipped is None else skipped
+
+    def __repr__(self) -> str:
+        return f"Outcome(found={self.found!r}, skipped={self.skipped!r})"
+
+    def __eq__(self, other):
+        if type(other) is not type(self):
+            return NotImplemented
+        return (self.found, self.skipped) == (other.found, other.skipped)
+
+    __hash__ = None  # mutable, as the dataclass was
 
 
 # -- where to look ------------------------------------------------------------------------------

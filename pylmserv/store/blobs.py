@@ -18,10 +18,8 @@ import errno
 import json
 import os
 import re
-import shutil
 import stat
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -29,6 +27,7 @@ from ..core.errors import UsageError
 from ..core.hashing import Hash
 from ..core.fsutil import atomic_write_text, fsync_dir, lock_file_path, read_state_text, unlink_missing_ok
 from ..core.log import get_logger
+from ..core.record import Record, hash_by_value
 from . import layout
 from .layout import ensure_home
 
@@ -39,18 +38,23 @@ LINK_MODES = ("auto", "hardlink", "symlink", "copy")
 LINK_MODE_ENV = "PYLMSERV_LINK_MODE"
 
 
-@dataclass(frozen=True)
-class StoredFile:
+# Records, not dataclasses: `fetch` imports this module (~4 M instructions a dataclass).
+class StoredFile(Record):
+    __slots__ = ("path", "sha256", "size")
     path: Path  # the named file (models/<name>/<filename>)
     sha256: Optional[Hash]  # None for files unpacked from an archive (the archive is pinned)
     size: int
 
+    __hash__ = hash_by_value
 
-@dataclass(frozen=True)
-class NamedEntry:
+
+class NamedEntry(Record):
+    __slots__ = ("name", "files", "directory")
     name: str
     files: Tuple[StoredFile, ...]
     directory: Path
+
+    __hash__ = hash_by_value
 
     @property
     def path(self) -> Path:
@@ -198,6 +202,8 @@ def place(blob: Path, target: Path, mode: Optional[str] = None) -> str:
             elif method == "symlink":
                 os.symlink(os.path.abspath(blob), tmp)
             else:
+                import shutil  # lazy for speed: only the copy link mode copies (fetch from the store: no shutil)
+
                 shutil.copyfile(blob, tmp)
             os.replace(tmp, target)
             return method

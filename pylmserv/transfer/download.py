@@ -27,10 +27,8 @@ from ..core.log import get_logger
 import os
 import random
 import re
-import shutil
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
 from urllib.parse import unquote, urlsplit
@@ -39,6 +37,7 @@ from ..core.errors import DiskSpaceError, NetworkError, UsageError, Verification
 from ..core.fsutil import fsync_dir, lock_file_path, start_writeback, unlink_missing_ok
 from ..core.progress import Progress
 from ..core.hashing import EMPTY_SHA256, Hash
+from ..core.record import Record, hash_by_value
 from .hasher import TrailingHasher
 from .partial import WRITEBACK_EVERY, Part, PartialFile, ResumeState, create_fresh
 from .scheduler import Demote, PartScheduler, new_parts
@@ -57,15 +56,27 @@ MAX_ATTEMPTS = 8  # consecutive failed attempts of one part (reset by progress)
 MAX_RESTARTS = 4  # whole-file restarts (file changed, server misbehaving)
 
 
-@dataclass
-class Probe:  # here, not in http.py: the up-to-date `build` imports http.py, never dataclasses
-    final_url: str
-    size: Optional[int]
-    etag: Optional[str]
-    last_modified: Optional[str]
-    ranges: bool
-    response: object = None  # an open 200 response, reused as the single stream
-    encoded: bool = False  # a Content-Encoding (gzip): sizes and ranges are of the encoded body
+class Probe:
+    """What the first request learned. Here, not in http.py: the up-to-date `build` imports
+    http.py. A plain class, not a dataclass: `fetch` imports this module (~4 M instructions
+    a dataclass); mutable (`response` is dropped once used)."""
+
+    __slots__ = ("final_url", "size", "etag", "last_modified", "ranges", "response", "encoded")
+
+    def __init__(self, final_url: str, size: Optional[int], etag: Optional[str], last_modified: Optional[str],
+                 ranges: bool, response: object = None, encoded: bool = False):
+        self.final_url = final_url
+        self.size = size
+        self.etag = etag
+        self.last_modified = last_modified
+        self.ranges = ranges
+        self.response = response  # an open 200 response, reused as the single stream
+        self.encoded = encoded  # a Content-Encoding (gzip): sizes and ranges are of the encoded body
+
+    def __repr__(self) -> str:
+        return (f"Probe(final_url={self.final_url!r}, size={self.size!r}, etag={self.etag!r}, "
+                f"last_modified={self.last_modified!r}, ranges={self.ranges!r}, response={self.response!r}, "
+                f"encoded={self.encoded!r})")
 
     @property
     def validator(self) -> Optional[str]:
@@ -75,13 +86,15 @@ class Probe:  # here, not in http.py: the up-to-date `build` imports http.py, ne
         return self.last_modified or None
 
 
-@dataclass(frozen=True)
-class DownloadResult:
+class DownloadResult(Record):  # a Record, not a dataclass (see Probe)
+    __slots__ = ("path", "sha256", "size", "bytes_downloaded", "seconds")
     path: Path
     sha256: Hash
     size: int
     bytes_downloaded: int  # body bytes received by this call (0 when nothing was needed)
     seconds: float
+
+    __hash__ = hash_by_value
 
 
 class _Restart(Exception):
@@ -274,6 +287,8 @@ def _install(partial: Path, dest: Path) -> None:
         if exc.errno != errno.EXDEV:
             raise
         tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+        import shutil  # lazy for speed: only a move across filesystems copies
+
         try:
             shutil.copyfile(partial, tmp)
             with open(tmp, "rb+") as f:

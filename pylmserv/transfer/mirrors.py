@@ -26,7 +26,6 @@ import hashlib
 from ..core.log import get_logger
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 from urllib.parse import urlsplit
@@ -35,24 +34,34 @@ from ..core.errors import ConfigError, DiskSpaceError, NetworkError, PylmservErr
 from ..core.fsutil import unlink_missing_ok
 from ..core.hashing import Hash
 from ..core.progress import Progress
+from ..core.record import Record, hash_by_value
 from .download import DownloadResult, download, redact, resolve_stall_limit
-from .oci import OciRef, Registry
 
 log = get_logger("pylmserv.mirrors")
 
 MIRRORS_ENV = "PYLMSERV_MIRRORS"
 
 
-@dataclass(frozen=True)
-class Mirror:
+class Mirror(Record):  # a Record, not a dataclass: `fetch` imports this module (~4 M instructions a dataclass)
+    __slots__ = ("spec", "kind")
     spec: str
     kind: str  # "http" (http, https, file) or "oci"
 
+    __hash__ = hash_by_value
+
     def __str__(self) -> str:
-        return str(OciRef.parse(self.spec)) if self.kind == "oci" else redact(self.spec)
+        return str(_oci().OciRef.parse(self.spec)) if self.kind == "oci" else redact(self.spec)
 
     def blob_url(self, h: Hash) -> str:
         return self.spec.rstrip("/") + f"/sha256/{h.hex}"
+
+
+def _oci():
+    """transfer/oci.py, imported where an oci:// mirror is named: lazy for speed, as most fetches
+    name none and the registry client is ~1 ms to import."""
+    from . import oci
+
+    return oci
 
 
 def parse_mirror(spec: str, where: str = "mirrors") -> Mirror:
@@ -62,7 +71,7 @@ def parse_mirror(spec: str, where: str = "mirrors") -> Mirror:
     scheme = urlsplit(spec).scheme.lower()
     if scheme == "oci":
         try:
-            OciRef.parse(spec)
+            _oci().OciRef.parse(spec)
         except PylmservError as exc:
             raise ConfigError(f"{where}: {exc.message}", hint=exc.hint) from None
         return Mirror(spec, "oci")
@@ -179,7 +188,9 @@ def _pull_oci(mirror: Mirror, expected: Hash, size: Optional[int], dest: Path, t
               on_progress, stall_limit: float) -> DownloadResult:
     started = time.monotonic()
     partial = _tmp_for(tmp_dir, mirror) / f"{expected.hex}.part"  # kept across runs: the next one resumes
-    client = Registry(OciRef.parse(mirror.spec), read_timeout=stall_limit)  # one stream: a silent read is a stall
+    oci = _oci()
+    # one stream: a silent read is a stall
+    client = oci.Registry(oci.OciRef.parse(mirror.spec), read_timeout=stall_limit)
     bar = Progress(dest.name, size, enabled=progress, callback=on_progress)
     try:
         received = client.pull_blob(expected, partial, size=size, on_progress=bar.update)

@@ -32,7 +32,6 @@ import ipaddress
 import json
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 from urllib.parse import quote, urlencode, urljoin, urlsplit
@@ -41,6 +40,7 @@ from ..core.errors import NetworkError, UsageError, VerificationError
 from ..core.fsutil import unlink_missing_ok
 from ..core.hashing import Hash
 from ..core.log import get_logger
+from ..core.record import Record, hash_by_value
 from ..core.version import __version__
 from .http import CHUNK, CONNECT_TIMEOUT, short_error
 
@@ -62,12 +62,14 @@ _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 # -- references ----------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class OciRef:
+class OciRef(Record):  # a Record, not a dataclass: `fetch` imports this module (~4 M instructions a dataclass)
     """oci://HOST[:PORT]/REPO: a repository on a registry (no tag: pulls go by digest)."""
 
+    __slots__ = ("host", "repo")
     host: str  # hostname[:port], as written (lower-cased)
     repo: str
+
+    __hash__ = hash_by_value
 
     @classmethod
     def parse(cls, text: str) -> "OciRef":
@@ -240,8 +242,8 @@ def parse_challenge(header: str) -> Tuple[str, Dict[str, str]]:
 
 # -- the client ------------------------------------------------------------------------------
 
-@dataclass
-class BlobInfo:
+class BlobInfo(Record):  # a Record (never changed after creation), not a dataclass: see OciRef
+    __slots__ = ("digest", "size")
     digest: Hash
     size: Optional[int]
 

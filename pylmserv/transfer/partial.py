@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import stat
 import threading
 import time
@@ -133,6 +132,8 @@ class PartialFile:
             os.close(fd)
 
     def check_space(self, need: int) -> None:
+        import shutil  # lazy for speed: only a download checks space; a fetch the store answers never does
+
         try:
             free = shutil.disk_usage(self.path.parent).free
         except OSError:

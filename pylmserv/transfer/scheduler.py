@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 from ..core.errors import Demote
+from ..core.record import Record, hash_by_value
 from .partial import Part
 
 MAX_PART_SIZE = 64 << 20
@@ -43,13 +43,15 @@ def _thread_busy_seconds(tid: int) -> Optional[float]:
         return None
 
 
-@dataclass(frozen=True)
-class Sample:
+class Sample(Record):  # a Record, not a dataclass: `fetch` imports this module (~4 M instructions a dataclass)
     """What the ramp measured over one interval with `size` workers."""
 
+    __slots__ = ("size", "rate", "busy")
     size: int
     rate: float  # bytes of the file per second, all workers together
     busy: float  # the workers' time on or waiting for a CPU / (interval x size): 1.0 = never waiting on the link
+
+    __hash__ = hash_by_value
 
 
 def ramp_step(now: Sample, paid: Optional[Sample], allowed: int, queued: int) -> int:
