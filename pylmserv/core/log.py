@@ -108,43 +108,33 @@ class Logger:
             return level >= pending[0]
         return self._real().isEnabledFor(level)
 
-    # Each method calls the real one directly (exception through error, as logging does),
-    # so that stacklevel + 1 names the caller of this proxy on every supported Python.
-    def debug(self, msg, *args, **kwargs) -> None:
-        pending = _pending
-        if pending is None or not self._ours or pending[0] <= DEBUG:
-            self._real().debug(msg, *args, stacklevel=kwargs.pop("stacklevel", 1) + 1, **kwargs)
-
-    def info(self, msg, *args, **kwargs) -> None:
-        pending = _pending
-        if pending is None or not self._ours or pending[0] <= INFO:
-            self._real().info(msg, *args, stacklevel=kwargs.pop("stacklevel", 1) + 1, **kwargs)
-
-    def warning(self, msg, *args, **kwargs) -> None:
-        pending = _pending
-        if pending is None or not self._ours or pending[0] <= WARNING:
-            self._real().warning(msg, *args, stacklevel=kwargs.pop("stacklevel", 1) + 1, **kwargs)
-
-    def error(self, msg, *args, **kwargs) -> None:
-        pending = _pending
-        if pending is None or not self._ours or pending[0] <= ERROR:
-            self._real().error(msg, *args, stacklevel=kwargs.pop("stacklevel", 1) + 1, **kwargs)
-
-    def exception(self, msg, *args, exc_info=True, **kwargs) -> None:
-        pending = _pending
-        if pending is None or not self._ours or pending[0] <= ERROR:
-            self._real().error(msg, *args, exc_info=exc_info, stacklevel=kwargs.pop("stacklevel", 1) + 1,
-                               **kwargs)
-
-    def critical(self, msg, *args, **kwargs) -> None:
-        pending = _pending
-        if pending is None or not self._ours or pending[0] <= CRITICAL:
-            self._real().critical(msg, *args, stacklevel=kwargs.pop("stacklevel", 1) + 1, **kwargs)
-
-    def log(self, level: int, msg, *args, **kwargs) -> None:
+    def _emit(self, level: int, msg, args, kwargs) -> None:
         pending = _pending
         if pending is None or not self._ours or pending[0] <= level:
-            self._real().log(level, msg, *args, stacklevel=kwargs.pop("stacklevel", 1) + 1, **kwargs)
+            # +2: the record names the caller of debug()/info()/..., not this proxy
+            kwargs["stacklevel"] = kwargs.get("stacklevel", 1) + 2
+            self._real().log(level, msg, *args, **kwargs)
+
+    def debug(self, msg, *args, **kwargs) -> None:
+        self._emit(DEBUG, msg, args, kwargs)
+
+    def info(self, msg, *args, **kwargs) -> None:
+        self._emit(INFO, msg, args, kwargs)
+
+    def warning(self, msg, *args, **kwargs) -> None:
+        self._emit(WARNING, msg, args, kwargs)
+
+    def error(self, msg, *args, **kwargs) -> None:
+        self._emit(ERROR, msg, args, kwargs)
+
+    def exception(self, msg, *args, exc_info=True, **kwargs) -> None:
+        self._emit(ERROR, msg, args, dict(kwargs, exc_info=exc_info))
+
+    def critical(self, msg, *args, **kwargs) -> None:
+        self._emit(CRITICAL, msg, args, kwargs)
+
+    def log(self, level: int, msg, *args, **kwargs) -> None:
+        self._emit(level, msg, args, kwargs)
 
     def __getattr__(self, attr):
         return getattr(self._real(), attr)
