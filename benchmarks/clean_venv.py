@@ -6,6 +6,8 @@ as `pipx install pylmserv` or a Nix wrapper would give it, without this machine'
     /tmp/pylmserv-venv/bin/python benchmarks/bench_build.py --only uptodate
 
 The benchmarks put the checkout on PYTHONPATH themselves, so pylmserv is not installed here.
+pytest is: the benchmarks reuse the test suite's fixtures (it adds no .pth file, so no start
+of Python imports it).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ def main() -> int:
         print(__doc__.strip(), file=sys.stderr)
         return 2
     venv = Path(sys.argv[1])
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"] + ["pytest"]
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
     subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", *deps], check=True)
     print(venv / "bin" / "python")
