@@ -7,7 +7,7 @@
              (goal <= 0.2x cold)
   all        `cmake --build` of ALL targets (what a plain build does), fresh dir + empty ccache
   uptodate   `pylmserv build` when the stamp is current vs `python3 -c pass` (run the bench
-             with a clean venv's python for the honest baseline), measured in
+             with a clean venv's python for the honest baseline: benchmarks/clean_venv.py), measured in
              turns in the same run (goal <= Python start + 100 ms), with pylmserv's bytecode
              present (a copy of the package compiled first, as an installed package is) and
              absent (a copy without __pycache__, PYTHONDONTWRITEBYTECODE=1). Without `cold`

@@ -27,6 +27,9 @@ server (tests/support/faultserver.py; the table says which; no capped aria2c row
 Usage: python benchmarks/bench_fetch.py [--size-mb 256] [--cap-mbps 12] [--reps 7]
                                         [--capped-reps 3] [--resume-mb 64] [--big-mb 1024]
                                         [--out benchmarks/out]
+
+Run it with the Python an installed pylmserv runs under: a clean venv
+(`python3 benchmarks/clean_venv.py DIR`, then `DIR/bin/python benchmarks/bench_fetch.py`).
 """
 from __future__ import annotations
 

@@ -12,6 +12,9 @@
 Warm page cache (a first unmeasured run warms it).
 
     python3 benchmarks/bench_hash.py [--sdist PATH] [--repeat 9] [--flat-gib 1]
+
+Run it with the Python an installed pylmserv runs under: a clean venv
+(`python3 benchmarks/clean_venv.py DIR`, then `DIR/bin/python benchmarks/bench_hash.py`).
 """
 from __future__ import annotations
 
