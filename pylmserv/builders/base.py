@@ -18,6 +18,7 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 from ..core.errors import BuildError
 from ..core.fsutil import lock_file_path
 from ..core.log import get_logger
+from ..core.record import Factory, Record
 from ..store import records as stamps
 from ..store import layout
 from ..store.installs import install_files, point_current, real_dirs, shared_libs
@@ -29,30 +30,16 @@ log = get_logger("pylmserv.build")
 LOCK_TIMEOUT = 6 * 3600  # a concurrent build of the same key may take this long
 
 
-class Compiled:
-    """What a compile step hands back to the skeleton. A plain class, not a dataclass:
-    this module is imported by every up-to-date `build` (~4 M instructions a dataclass)."""
+class Compiled(Record):
+    """What a compile step hands back to the skeleton (a Record: every up-to-date `build`
+    imports this module)."""
 
     __slots__ = ("outputs", "notes", "commands", "extra")
-
-    def __init__(self, outputs: Dict[str, Path], notes: Tuple[str, ...] = (), commands: Tuple[str, ...] = (),
-                 extra: Optional[Dict[str, object]] = None):
-        self.outputs = outputs
-        self.notes = notes
-        self.commands = commands
-        self.extra = {} if extra is None else extra  # recorded in the stamp
-
-    def __repr__(self) -> str:
-        return (f"Compiled(outputs={self.outputs!r}, notes={self.notes!r}, commands={self.commands!r}, "
-                f"extra={self.extra!r})")
-
-    def __eq__(self, other):
-        if type(other) is not type(self):
-            return NotImplemented
-        return (self.outputs, self.notes, self.commands, self.extra) == (other.outputs, other.notes, other.commands,
-                                                                          other.extra)
-
-    __hash__ = None  # mutable, as the dataclass was
+    _defaults = {"notes": (), "commands": (), "extra": Factory(dict)}
+    outputs: Dict[str, Path]
+    notes: Tuple[str, ...]
+    commands: Tuple[str, ...]
+    extra: Dict[str, object]  # recorded in the stamp
 
 
 def output_digests(outputs: Mapping[str, Path], libs_dir: Optional[Path]) -> Dict[str, str]:

@@ -28,7 +28,7 @@ from ..core.errors import ConfigError, HashError
 from ..core.fsutil import atomic_write_text, read_regular_bytes
 from ..core.hashing import Hash
 from ..core.names import check_name, check_version
-from ..core.record import Factory, Record, field_names
+from ..core.record import Factory, Record, field_names, hash_by_value
 from ..transfer.http import refuse_credentials
 
 LOCK_VERSION = 2
@@ -91,8 +91,7 @@ class Shard(Record):
     hash: Hash
     size: Optional[int]
 
-    def __hash__(self):  # hashable values only, as the frozen dataclass was
-        return hash(self._values())
+    __hash__ = hash_by_value  # hashable values only, as the frozen dataclass was
 
     def to_table(self) -> dict:
         t = {"file": self.file, "hash": self.hash.sri, "url": self.url}
@@ -127,8 +126,7 @@ class LockEntry(Record, metaclass=_LegacyCall):
     TYPE: ClassVar[str] = ""
     MODE: ClassVar[str] = ""
 
-    def __hash__(self):  # hashable values only, as the frozen dataclass was
-        return hash(self._values())
+    __hash__ = hash_by_value  # hashable values only, as the frozen dataclass was
 
     @property
     def type(self) -> str:

@@ -36,7 +36,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from ..core.fsutil import fsync_dir, unlink_missing_ok
 from ..core.hashing import Hash
-from ..core.record import Record, hash_by_value
+from ..core.record import Factory, Record, hash_by_value
 from . import blobs as store
 
 log = get_logger("pylmserv.adopt")
@@ -49,7 +49,7 @@ FICLONE = 0x40049409  # _IOW(0x94, 9, int), linux/fs.h
 CHUNK = 1 << 20
 
 
-# Records and a plain class, not dataclasses: `fetch` imports this module (~4 M instructions a
+# Records, not dataclasses: `fetch` imports this module (~4 M instructions a
 # dataclass).
 class Place(Record):
     __slots__ = ("tool", "root")
@@ -102,24 +102,14 @@ class Found(Record):
                 "bytes_copied": self.bytes_copied}
 
 
-class Outcome:
-    """What `find` saw: the copy it took (or None) and every candidate it skipped, with why."""
+class Outcome(Record):
+    """What `find` saw: the copy it took (or None) and every candidate it skipped, with why
+    (a list `find` appends to)."""
 
     __slots__ = ("found", "skipped")
-
-    def __init__(self, found: Optional[Found] = None, skipped: Optional[List[Skipped]] = None):
-        self.found = found
-        self.skipped = [] if skipped is None else skipped
-
-    def __repr__(self) -> str:
-        return f"Outcome(found={self.found!r}, skipped={self.skipped!r})"
-
-    def __eq__(self, other):
-        if type(other) is not type(self):
-            return NotImplemented
-        return (self.found, self.skipped) == (other.found, other.skipped)
-
-    __hash__ = None  # mutable, as the dataclass was
+    _defaults = {"found": None, "skipped": Factory(list)}
+    found: Optional[Found]
+    skipped: List[Skipped]
 
 
 # -- where to look ------------------------------------------------------------------------------
