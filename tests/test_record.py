@@ -159,23 +159,17 @@ def test_the_pins_are_records_with_dataclass_behaviour():
     assert lock.with_entry(legacy).models == {"m": legacy} and lock.models == {}
 
 
-def test_the_up_to_date_build_path_imports_no_dataclasses():
-    """What Record is for: `build`'s modules load without the dataclasses module (~4 M
-    instructions a dataclass on Python 3.11, and the module itself)."""
-    code = ("import sys, pylmserv.cli, pylmserv.cli.build, pylmserv.pins.config, pylmserv.builders\n"
-            "print('dataclasses' in sys.modules)")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root,
-                          env={**os.environ, "PYTHONPATH": root})
-    assert proc.stdout.strip() == "False"
-
-
-def test_the_fetch_path_imports_no_dataclasses():
-    """`pylmserv fetch` of a small file is mostly start-up: its modules' records are Records
-    (or plain slotted classes), not dataclasses. (filelock, taken once a blob is locked,
-    still brings in dataclasses: a third-party cost, not an import-time one.)"""
-    code = ("import sys, pylmserv.cli, pylmserv.cli.fetch, pylmserv.app.fetch_models\n"
-            "print('dataclasses' in sys.modules)")
+@pytest.mark.parametrize("modules", [
+    # What Record is for: `build`'s modules load without the dataclasses module (~4 M
+    # instructions a dataclass on Python 3.11, and the module itself).
+    "pylmserv.cli, pylmserv.cli.build, pylmserv.pins.config, pylmserv.builders",
+    # `pylmserv fetch` of a small file is mostly start-up: its modules' records are Records (or
+    # plain slotted classes). (filelock, taken once a blob is locked, still brings in
+    # dataclasses: a third-party cost, not an import-time one.)
+    "pylmserv.cli, pylmserv.cli.fetch, pylmserv.app.fetch_models",
+], ids=["build", "fetch"])
+def test_the_start_up_paths_import_no_dataclasses(modules):
+    code = f"import sys, {modules}\nprint('dataclasses' in sys.modules)"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root,
                           env={**os.environ, "PYTHONPATH": root})
