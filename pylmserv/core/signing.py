@@ -19,7 +19,7 @@ import binascii
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, List, Sequence, Tuple
+from typing import ClassVar, Iterable, List, Sequence, Tuple
 
 from .errors import UsageError, VerificationError
 
@@ -50,17 +50,30 @@ def _split(text: str, what: str, size: int) -> Tuple[str, bytes]:
     return name, raw
 
 
+def _text(name: str, raw: bytes) -> str:
+    """(name, bytes) -> Nix's NAME:BASE64."""
+    return f"{name}:{base64.b64encode(raw).decode()}"
+
+
 @dataclass(frozen=True)
-class PublicKey:
+class _Named:
+    """A public key or a signature: NAME and bytes of a fixed size, NAME:BASE64 as text."""
+
     name: str
-    raw: bytes  # 32 bytes
+    raw: bytes
+    WHAT: ClassVar[str] = ""
+    SIZE: ClassVar[int] = 0
 
     @classmethod
-    def parse(cls, text: str) -> "PublicKey":
-        return cls(*_split(text, "public key", PUBLIC_BYTES))
+    def parse(cls, text: str):
+        return cls(*_split(text, cls.WHAT, cls.SIZE))
 
     def __str__(self) -> str:
-        return f"{self.name}:{base64.b64encode(self.raw).decode()}"
+        return _text(self.name, self.raw)
+
+
+class PublicKey(_Named):
+    WHAT, SIZE = "public key", PUBLIC_BYTES  # raw: 32 bytes
 
     def verify(self, signature: "Signature", message: bytes) -> bool:
         if signature.name != self.name:
@@ -74,17 +87,8 @@ class PublicKey:
         return True
 
 
-@dataclass(frozen=True)
-class Signature:
-    name: str
-    raw: bytes  # 64 bytes
-
-    @classmethod
-    def parse(cls, text: str) -> "Signature":
-        return cls(*_split(text, "signature", SIGNATURE_BYTES))
-
-    def __str__(self) -> str:
-        return f"{self.name}:{base64.b64encode(self.raw).decode()}"
+class Signature(_Named):
+    WHAT, SIZE = "signature", SIGNATURE_BYTES  # raw: 64 bytes
 
 
 @dataclass(frozen=True)
@@ -129,7 +133,7 @@ class SecretKey:
 
     def to_text(self) -> str:
         """The secret key file's content (no newline, as Nix writes it)."""
-        return f"{self.name}:{base64.b64encode(self.raw).decode()}"
+        return _text(self.name, self.raw)
 
     @property
     def public(self) -> PublicKey:
