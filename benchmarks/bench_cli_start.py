@@ -19,7 +19,7 @@ CASES = [
     ("pylmserv --version", [sys.executable, "-m", "pylmserv", "--version"]),
     ("pylmserv prefetch --help", [sys.executable, "-m", "pylmserv", "prefetch", "--help"]),
 ]
-HEAVY = ("requests", "tqdm", "urllib3", "zstandard", "filelock", "hypothesis")
+HEAVY = ("requests", "tqdm", "urllib3", "zstandard", "hypothesis")
 
 
 def timed(cmd, repeat):

@@ -250,8 +250,6 @@ def as_nobody():
 
 
 def test_an_unreadable_directory_is_skipped_and_the_search_goes_on(tmp_path):
-    import filelock  # noqa: F401  (imported before the uid drops: the package lives under /root)
-
     base = Path(tempfile.mkdtemp(prefix="pylmserv-adopt-"))
     try:
         os.chmod(base, 0o755)

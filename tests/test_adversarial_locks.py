@@ -1,7 +1,8 @@
 """Links, directories and FIFOs planted where pylmserv keeps its lock files (issue 18).
-filelock opens a lock file with O_TRUNC and, before 3.20.1, follows a link there: a link
-planted at tmp/<hex>.lock would truncate a file outside the home. Every lock site removes
-such a link as a link (the command then works) and names anything else in one line."""
+The filelock package opened a lock file with O_TRUNC and, before 3.20.1, through a link:
+a link planted at tmp/<hex>.lock would have truncated a file outside the home. pylmserv's
+own lock (core/flock.py) removes such a link as a link (the command then works), never
+opens through one or truncates, and names anything else in one line. Every lock site."""
 from __future__ import annotations
 
 import base64
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pylmserv.core.errors import UsageError
-from pylmserv.core.fsutil import lock_file_path
+from pylmserv.core.flock import FileLock
 from tests.conftest import run_cli
 from tests.test_clean_errors import one_clean_line
 from tests.test_gguf import write_gguf
@@ -29,52 +30,47 @@ def victim(tmp_path):
     return path
 
 
-@pytest.fixture
-def old_filelock(monkeypatch):
-    """filelock as every release before 3.20.1 opens its file: O_CREAT|O_TRUNC, links followed."""
-    import fcntl
-
-    import filelock
-
-    class OldFileLock:
-        def __init__(self, path, timeout=-1, **kw):
-            self.lock_file, self.fd = str(path), None
-
-        def acquire(self, timeout=None, **kw):
-            self.fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
-            return self
-
-        def release(self, **kw):
-            if self.fd is not None:
-                os.close(self.fd)
-                self.fd = None
-
-        def __enter__(self):
-            return self.acquire()
-
-        def __exit__(self, *a):
-            self.release()
-
-    monkeypatch.setattr(filelock, "FileLock", OldFileLock)
-
-
-def test_lock_file_path_removes_a_link_and_refuses_a_directory_or_fifo(tmp_path, victim):
+def test_the_lock_removes_a_planted_link_and_refuses_a_directory_or_fifo(tmp_path, victim):
     link = tmp_path / "a.lock"
     os.symlink(victim, link)
-    assert lock_file_path(link) == str(link)
-    assert not os.path.lexists(link) and victim.read_text() == PRECIOUS
+    with FileLock(link):
+        assert os.path.isfile(link) and not os.path.islink(link)
+    assert victim.read_text() == PRECIOUS
     (tmp_path / "d.lock").mkdir()
     with pytest.raises(UsageError, match="a directory is where pylmserv keeps a lock file"):
-        lock_file_path(tmp_path / "d.lock")
+        FileLock(tmp_path / "d.lock").acquire(timeout=0)
     os.mkfifo(tmp_path / "f.lock")
     with pytest.raises(UsageError, match="special file"):
-        lock_file_path(tmp_path / "f.lock")
-    (tmp_path / "r.lock").write_text("")
-    assert lock_file_path(tmp_path / "r.lock") == str(tmp_path / "r.lock")
+        FileLock(tmp_path / "f.lock").acquire(timeout=0)
+    (tmp_path / "r.lock").write_text("left by someone")
+    with FileLock(tmp_path / "r.lock"):
+        pass
+    assert (tmp_path / "r.lock").read_text() == "left by someone"  # never truncated
 
 
-def test_blob_lock_never_truncates_through_a_planted_link(tmp_path, home, victim, old_filelock):
+def test_a_link_swapped_in_after_the_look_is_refused_not_followed(tmp_path, victim, monkeypatch):
+    """The race the lstat cannot close: the open itself never follows a link (O_NOFOLLOW)."""
+    from pylmserv.core import flock
+
+    path = tmp_path / "race.lock"
+    real_lstat = os.lstat
+
+    planted = []
+
+    def lstat_then_swap(p, *a, **kw):
+        try:
+            return real_lstat(p, *a, **kw)
+        finally:
+            if str(p) == str(path) and not planted:
+                planted.append(os.symlink(victim, path))  # between the look and the open
+
+    monkeypatch.setattr(flock.os, "lstat", lstat_then_swap)
+    with pytest.raises(OSError):
+        FileLock(path).acquire(timeout=0)
+    assert planted and os.path.islink(path) and victim.read_text() == PRECIOUS
+
+
+def test_blob_lock_never_truncates_through_a_planted_link(tmp_path, home, victim):
     from pylmserv.core.hashing import Hash
     from pylmserv.store.blobs import blob_lock
     from pylmserv.store.layout import tmp_dir
@@ -86,7 +82,7 @@ def test_blob_lock_never_truncates_through_a_planted_link(tmp_path, home, victim
     assert victim.read_text() == PRECIOUS
 
 
-def test_lock_writer_and_project_lock_never_truncate_through_a_planted_link(tmp_path, home, victim, old_filelock):
+def test_lock_writer_and_project_lock_never_truncate_through_a_planted_link(tmp_path, home, victim):
     from pylmserv.pins import lockfile
     from pylmserv.pins.configedit import project_lock
     from pylmserv.store.layout import tmp_dir

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import pytest
-from filelock import FileLock
 
 from pylmserv.builders.base import BuildSkeleton, Compiled
+from pylmserv.core.flock import FileLock
 from pylmserv.builders.llamafile import LlamafileBuild
 from pylmserv.builders import LlamaCppBuild
 from pylmserv.store import records as stamps

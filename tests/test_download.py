@@ -371,13 +371,13 @@ def test_file_url(tmp_path, data):
 
 
 def test_free_space_check_with_mocked_disk_usage(server, data, tmp_path, monkeypatch):
-    """Mock: a full disk cannot be made here without root; disk_usage reports 1 KiB free."""
-    import shutil
-    from collections import namedtuple
+    """Mock: a full disk cannot be made here without root; statvfs (what shutil.disk_usage
+    reads) reports 1 KiB free to the partial's directory."""
+    import os
+    from types import SimpleNamespace
 
     url = server.add("f.bin", data)
-    usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 * MB, 10 * MB, 1024))
+    monkeypatch.setattr(os, "statvfs", lambda p: SimpleNamespace(f_bavail=1, f_frsize=1024))
     with pytest.raises(DiskSpaceError, match="not enough free space"):
         fetch(url, tmp_path, data)
     assert server.bytes_sent <= 1

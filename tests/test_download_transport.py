@@ -117,3 +117,35 @@ def test_downloads_go_through_the_proxy_the_environment_names(tmp_path, monkeypa
     finally:
         proxy.shutdown()
         proxy.server_close()
+
+
+@pytest.mark.parametrize("env", [
+    {},
+    {"HTTP_PROXY": "http://127.0.0.1:3128"},
+    {"Http_Proxy": "127.0.0.1:3128"},
+    {"all_proxy": "http://127.0.0.1:3128"},
+    {"ALL_PROXY": "http://127.0.0.1:3128", "NO_PROXY": "models.invalid"},
+    {"no_proxy": "*"},
+    {"HTTPS_PROXY": "http://127.0.0.1:3128", "PATH_PROXYISH": "x"},
+], ids=["none", "upper", "mixed-case-no-scheme", "all", "all+no_proxy", "no_proxy-only", "https-only"])
+def test_the_proxy_choice_without_urllib_request_agrees_with_it(monkeypatch, env):
+    """_proxy_for skips importing urllib.request when no *_proxy variable is set (Linux):
+    it must choose exactly what urllib.request's rules choose, with or without them."""
+    import urllib.request
+
+    from pylmserv.transfer.http import _proxy_for
+
+    for k in list(os.environ):
+        if k.lower().endswith("_proxy"):
+            monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    for url in ("http://models.invalid/m.gguf", "https://models.invalid:8443/m.gguf"):
+        proxies = urllib.request.getproxies()
+        scheme = url.split(":")[0]
+        want = proxies.get(scheme) or proxies.get("all")
+        if want and urllib.request.proxy_bypass("models.invalid"):
+            want = None
+        if want and "://" not in want:
+            want = "http://" + want
+        assert _proxy_for(url) == want

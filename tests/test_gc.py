@@ -9,7 +9,6 @@ import os
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -40,7 +39,7 @@ def fetch(cfg: Path, home: Path, *names: str) -> None:
 def holder(home: Path, cfg: Path = None, locks=()) -> subprocess.Popen:
     """A second, real process: loads a project as fetch and build do (a gc root) and holds locks."""
     code = ("import sys, time\n"
-            "from filelock import FileLock\n"
+            "from pylmserv.core.flock import FileLock\n"
             "from pylmserv.pins.config import load_project\n"
             f"cfg = {str(cfg)!r} if {cfg is not None!r} else None\n"
             "if cfg: load_project(cfg).use_as_gc_root()\n"

@@ -164,8 +164,7 @@ def test_the_pins_are_records_with_dataclass_behaviour():
     # instructions a dataclass on Python 3.11, and the module itself).
     "pylmserv.cli, pylmserv.cli.build, pylmserv.pins.config, pylmserv.builders",
     # `pylmserv fetch` of a small file is mostly start-up: its modules' records are Records (or
-    # plain slotted classes). (filelock, taken once a blob is locked, still brings in
-    # dataclasses: a third-party cost, not an import-time one.)
+    # plain slotted classes), and the lock it takes is its own (tests/test_flock.py).
     "pylmserv.cli, pylmserv.cli.fetch, pylmserv.app.fetch_models",
 ], ids=["build", "fetch"])
 def test_the_start_up_paths_import_no_dataclasses(modules):

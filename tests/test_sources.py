@@ -151,7 +151,7 @@ def test_git_export_ignore_follows_builtins_fetchgit(home, tmp_path, nix, gitenv
 
 
 def test_lock_held_too_long_is_a_clean_error(home, http_dir, monkeypatch):
-    from filelock import FileLock
+    from pylmserv.core.flock import FileLock
 
     import pylmserv.store.trees as sources
     from pylmserv.core.errors import PylmservError

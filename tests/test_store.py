@@ -94,9 +94,9 @@ def test_blob_lock_from_a_killed_process_is_recovered(home):
                             env={**os.environ, "PYLMSERV_HOME": str(home)})
     try:
         assert proc.stdout.readline().strip() == "held"
-        from filelock import FileLock, Timeout
+        from pylmserv.core.flock import FileLock, LockTimeout
 
-        with pytest.raises(Timeout):  # really held by the other process
+        with pytest.raises(LockTimeout):  # really held by the other process
             FileLock(str(home / "tmp" / f"{h.hex}.lock")).acquire(timeout=0.3)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)

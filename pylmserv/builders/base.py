@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 from ..core.errors import BuildError
-from ..core.fsutil import lock_file_path
+from ..core.flock import FileLock
 from ..core.log import get_logger
 from ..core.record import Factory, Record
 from ..store import records as stamps
@@ -148,9 +148,7 @@ class BuildSkeleton:
             restored = self._restore_source()
             return self.finish(stamp.output_paths(), cache_hit=True, notes=(restored or "up to date: nothing to do",),
                                commands=tuple(stamp.extra.get("commands", ())), sha256=stamp.extra.get("sha256"))
-        from filelock import FileLock  # lazy: ~15 ms that the up-to-date path does not need
-
-        substituted = self._substitute(FileLock)
+        substituted = self._substitute()
         if substituted is not None:
             return substituted
         if self.no_build:
@@ -161,7 +159,7 @@ class BuildSkeleton:
         source = self.prepare()
         self.build_dir.mkdir(parents=True, exist_ok=True)
 
-        with FileLock(lock_file_path(str(self.build_dir) + ".lock"), timeout=LOCK_TIMEOUT):
+        with FileLock(str(self.build_dir) + ".lock", timeout=LOCK_TIMEOUT):
             stamp = self._reusable()  # another process may have just finished it
             if stamp is not None:
                 return self.finish(stamp.output_paths(), cache_hit=True, notes=("built by a concurrent run",),
@@ -195,7 +193,7 @@ class BuildSkeleton:
         ensure_source(entry, self.home)
         return f"up to date; the source {entry.name}, missing from the store, was fetched again"
 
-    def _substitute(self, FileLock) -> Optional[BuildResult]:
+    def _substitute(self) -> Optional[BuildResult]:
         """A signed, verified build from a substituter, installed like a compiled one (None:
         none accepted; not tried with --force or for builds that have no cache inputs)."""
         # lazy for speed: the build cache is not on the up-to-date path (builders/__init__.py)

@@ -19,7 +19,8 @@ from typing import List, Optional, Tuple
 
 from ..core.archive import extract
 from ..core.errors import ConfigError, VerificationError
-from ..core.fsutil import atomic_write_text, lock_file_path, remove_no_follow, walk_no_follow
+from ..core.flock import FileLock
+from ..core.fsutil import atomic_write_text, remove_no_follow, walk_no_follow
 from ..core.hashing import Hash
 from ..core.log import get_logger
 from ..pins.config import Lock, LockEntry
@@ -79,9 +80,6 @@ def toolchain_dir(entry: LockEntry, root: Optional[Path] = None) -> Path:
 
 def ensure_cosmocc(entry: LockEntry, root: Optional[Path] = None) -> Cosmocc:
     """Download + verify the zip (once), unzip it (once per version), fix exec bits."""
-    from filelock import FileLock
-
-
     root = Path(root) if root else ensure_home()
     if entry.mode != "flat":
         raise ConfigError(f"[sources.{entry.name}] must be a flat (unpack = false) pin of the cosmocc zip",
@@ -91,7 +89,7 @@ def ensure_cosmocc(entry: LockEntry, root: Optional[Path] = None) -> Cosmocc:
     marker = _marker(target)
     if target.is_dir() and marker.is_file():
         return _load(entry, target, marker)
-    with FileLock(lock_file_path(subdir("tmp", root) / f"{target.name}.lock"), timeout=3600):
+    with FileLock(subdir("tmp", root) / f"{target.name}.lock", timeout=3600):
         if target.is_dir() and marker.is_file():
             return _load(entry, target, marker)
 

@@ -109,7 +109,6 @@ def remove_no_follow(path: Union[str, Path]) -> None:
     not followed either. Read-only directories inside (a build's, an unpacked archive's)
     are made writable first; only real directories are chmod'ed, never a link's target.
     Already gone is fine."""
-    import shutil
     import stat as _stat
 
     try:
@@ -119,6 +118,7 @@ def remove_no_follow(path: Union[str, Path]) -> None:
     if not _stat.S_ISDIR(st.st_mode):  # a file, a link (to anything), a fifo: one unlink
         unlink_missing_ok(path)
         return
+    import shutil  # only for a tree: most calls remove one file, or nothing (~8 M instructions)
 
     def onerror(func, p, exc_info):
         if isinstance(exc_info[1], FileNotFoundError):
@@ -188,27 +188,6 @@ def read_state_text(path: Union[str, Path], limit: int = STATE_LIMIT) -> str:
     or device, at most `limit` bytes, strict UTF-8. Raises OSError (or UnicodeDecodeError,
     a ValueError) for anything else: callers treat it as a missing or unreadable record."""
     return read_regular_bytes(path, limit, follow=False).decode("utf-8")
-
-
-def lock_file_path(path: Union[str, Path]) -> str:
-    """`path`, made safe to hand to filelock.FileLock: filelock opens its file with O_TRUNC
-    (every 3.x release) and, before 3.20.1, follows a symlink there, so a link planted at a
-    lock file would truncate its target outside the home. A link there (never one pylmserv
-    makes) is removed as a link, its target untouched; anything else that is not a regular
-    file (a directory, a FIFO) is one clean error instead of a traceback or a hang."""
-    import stat as _stat
-
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return str(path)
-    if _stat.S_ISLNK(st.st_mode):
-        unlink_missing_ok(path)
-    elif not _stat.S_ISREG(st.st_mode):
-        kind = "directory" if _stat.S_ISDIR(st.st_mode) else "special file"
-        raise UsageError(f"{path}: a {kind} is where pylmserv keeps a lock file",
-                         hint="It is not pylmserv's: move it away, then run the command again.")
-    return str(path)
 
 
 def walk_no_follow(top: Union[str, Path]):

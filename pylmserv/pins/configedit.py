@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Dict, Iterator, Optional
 
 from ..core.errors import ConfigError, PylmservError
-from ..core.fsutil import atomic_write_text, lock_file_path
+from ..core.flock import FileLock, LockTimeout
+from ..core.fsutil import atomic_write_text
 from .config import Config, load_config
 
 LOCK_WAIT = 600  # seconds to wait for another pylmserv writing the same project
@@ -108,13 +109,11 @@ def write_config(path: Path, text: str) -> None:
 def project_lock(lock_path: Path) -> Iterator[None]:
     """One writer per project (config + lock) at a time, across processes: an flock on a
     hidden file beside the lock (dies with its holder, so never stale)."""
-    from filelock import FileLock, Timeout
-
     lock_path = Path(lock_path)
-    guard = FileLock(lock_file_path(lock_path.with_name(f".{lock_path.name}.flock")))
+    guard = FileLock(lock_path.with_name(f".{lock_path.name}.flock"))
     try:
         guard.acquire(timeout=LOCK_WAIT)
-    except Timeout:
+    except LockTimeout:
         raise PylmservError(f"another pylmserv has been writing {lock_path} for {LOCK_WAIT}s",
                             hint="Wait for it to finish, then rerun.") from None
     try:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, Optional, Tuple
 
 from ..core.errors import PylmservError, UsageError
-from ..core.fsutil import lock_file_path
+from ..core.flock import FileLock, LockTimeout
 from ..store.layout import subdir
 from .config import is_packaged, packaged_dir
 from .lock import Lock, load_lock
@@ -30,29 +30,25 @@ def refuse_packaged(path: Optional[Path]) -> None:
                               "or pass --config/--lock.")
 
 
-def _file_lock(path: Path):
-    from filelock import FileLock
-
+def _file_lock(path: Path) -> FileLock:
     key = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:16]
     try:
         tmp = subdir("tmp")
     except OSError as exc:
         raise UsageError(f"cannot write {path}: the file lock's directory (the store's tmp/) is not writable: "
                          f"{exc.strerror or exc}", hint="Set PYLMSERV_HOME to a writable directory.") from None
-    return FileLock(lock_file_path(tmp / f"lockfile-{key}.lock"), timeout=WAIT)
+    return FileLock(tmp / f"lockfile-{key}.lock", timeout=WAIT)
 
 
 def update(path: Path, change: Callable[[Lock], Lock]) -> Tuple[Lock, Lock, bool]:
     """Apply `change` to the lock at `path` as it is now, under the file lock; write the
     result if it differs. Returns (the lock as found, the lock as left, written)."""
-    from filelock import Timeout
-
     path = Path(path)
     refuse_packaged(path)
     lock = _file_lock(path)
     try:
         lock.acquire()
-    except Timeout:
+    except LockTimeout:
         raise PylmservError(f"another pylmserv process has held the lock of {path} for {WAIT}s",
                             hint=f"Wait for it, or stop it (and delete {lock.lock_file}).") from None
     try:

@@ -25,7 +25,8 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 from ..core.errors import UsageError
 from ..core.hashing import Hash
-from ..core.fsutil import atomic_write_text, fsync_dir, lock_file_path, read_state_text, unlink_missing_ok
+from ..core.flock import FileLock, LockTimeout
+from ..core.fsutil import atomic_write_text, fsync_dir, read_state_text, unlink_missing_ok
 from ..core.log import get_logger
 from ..core.record import Record, hash_by_value
 from . import layout
@@ -100,12 +101,10 @@ def temp_path(hint: str, home: Optional[Path] = None) -> Path:
 def blob_lock(h: Hash, home: Optional[Path] = None) -> Iterator[None]:
     """Exclusive per-blob lock across processes. It is an flock: a killed holder
     releases it with its death, so stale locks recover by themselves."""
-    from filelock import FileLock, Timeout  # lazy: a third-party import
-
-    lock = FileLock(lock_file_path(tmp_dir(home) / f"{h.hex}.lock"))
+    lock = FileLock(tmp_dir(home) / f"{h.hex}.lock")
     try:
         lock.acquire(timeout=0.2)
-    except Timeout:
+    except LockTimeout:
         log.info("waiting for another pylmserv process fetching sha256 %s...", h.hex[:12])
         lock.acquire()
     try:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
+from ..core.flock import FileLock, LockTimeout
 from ..core.fsutil import read_state_text, remove_no_follow, tree_size, tree_stats
 from . import layout, records
 
@@ -287,8 +288,6 @@ class _Locks:
         self.dry_run = dry_run
 
     def take(self, lock_file: Path) -> bool:
-        from filelock import FileLock, Timeout
-
         key = str(lock_file)
         if key in self.held:
             return True
@@ -310,7 +309,7 @@ class _Locks:
         lock = FileLock(key)
         try:
             lock.acquire(timeout=0)
-        except Timeout:
+        except LockTimeout:
             self.busy.add(key)
             return False
         self.held[key] = lock

@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from ..core.flock import FileLock, LockTimeout
 from ..core.fsutil import atomic_write_bytes, atomic_write_text, read_state_text, remove_no_follow, unlink_missing_ok
 from ..core.log import get_logger
 from .layout import home as store_home
@@ -28,7 +29,7 @@ log = get_logger("pylmserv.store")
 
 ROOTS = "gcroots"
 PATH_LIMIT = 1 << 16  # bytes: a record holds one path (PATH_MAX is 4096)
-_held: Dict[str, Tuple[int, Path]] = {}  # home -> (the flocked fd held by this process, its directory)
+_held: Dict[str, Tuple[FileLock, Path]] = {}  # home -> (the flock held by this process, its directory)
 _pending: Dict[Tuple[str, str], bytes] = {}  # (home, lock path) -> lock text, until the store exists
 
 
@@ -82,6 +83,8 @@ def register_lock(lock_path: Path, home: Optional[Path] = None) -> Path:
     try:
         if read_state_text(entry) == str(path):
             return entry
+    except FileNotFoundError:
+        pass
     except (OSError, ValueError):
         remove_no_follow(entry)  # a link, FIFO or garbage at our own record: not ours, replaced
     entry.parent.mkdir(parents=True, exist_ok=True)
@@ -93,15 +96,10 @@ def _hold(lock_path: Path, text: bytes, home: Optional[Path]) -> None:
     base = roots_dir(home) / "procs"
     key = str(Path(home or store_home()).resolve())
     if key not in _held:
-        try:
-            import fcntl  # flock, as filelock uses on Unix; importing filelock here would cost
-        except ImportError:  # the up-to-date `build` fast path ~0.1 s. Windows: no process roots.
-            return
         base.mkdir(parents=True, exist_ok=True)
         name = f"{os.getpid()}-{os.urandom(4).hex()}"
-        fd = os.open(base / f"{name}.flock", os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by children
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh name: never contended
-        _held[key] = (fd, base / name)
+        flock = FileLock(base / f"{name}.flock").acquire(timeout=0)  # a fresh name: never contended
+        _held[key] = (flock, base / name)
         if len(_held) == 1:
             import atexit
 
@@ -115,17 +113,14 @@ def release_all() -> None:
     """Remove this process's own records (at exit): its lock copies, then its flock file.
     A process killed before it could does not matter: its flock is free, and gc drops it."""
     while _held:
-        key, (fd, directory) = _held.popitem()
+        key, (flock, directory) = _held.popitem()
         try:
             _remove_flat(directory)
             unlink_missing_ok(Path(str(directory) + ".flock"))
         except OSError:
             pass
         finally:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            flock.release()
 
 
 def _remove_flat(directory: Path) -> None:
@@ -189,8 +184,6 @@ def live_process_locks(home: Optional[Path] = None, cleanup: bool = True) -> Lis
     registered ones). Records of dead processes are removed when `cleanup`."""
     import stat
 
-    from filelock import FileLock, Timeout
-
     base = roots_dir(home) / "procs"
     out: List[Path] = []
     mine = {str(d) for _, d in _held.values()}
@@ -209,7 +202,7 @@ def live_process_locks(home: Optional[Path] = None, cleanup: bool = True) -> Lis
         probe = FileLock(str(flock_path))
         try:
             probe.acquire(timeout=0)
-        except Timeout:
+        except LockTimeout:
             out.extend(sorted(directory.glob("*.lock")))  # alive: its locks are roots
             continue
         try:

@@ -16,7 +16,8 @@ from typing import Optional, Tuple
 
 from ..core.archive import extract
 from ..core.errors import PylmservError, UsageError, VerificationError
-from ..core.fsutil import lock_file_path, temp_dir
+from ..core.flock import FileLock, LockTimeout
+from ..core.fsutil import temp_dir
 from ..core.hashing import Hash, file_hash
 from ..core.log import get_logger
 from ..core.nar import nar_hash
@@ -78,17 +79,15 @@ def is_git_entry(entry: SourcePin) -> bool:
 
 def ensure_source(entry: SourcePin, root: Optional[Path] = None) -> Path:
     """Return the store path of `entry`, fetching and verifying it first if needed."""
-    from filelock import FileLock, Timeout
-
     root = Path(root) if root else ensure_home()
     target = store_path(entry, root)
     if os.path.lexists(target):
         return target
     tmp = layout.tmp_dir(root)
-    lock = FileLock(lock_file_path(tmp / f"{target.name}.lock"))
+    lock = FileLock(tmp / f"{target.name}.lock")
     try:
         lock.acquire(timeout=LOCK_TIMEOUT)
-    except Timeout:
+    except LockTimeout:
         raise PylmservError(f"{entry.name}: another pylmserv process has been fetching it for {LOCK_TIMEOUT}s",
                             hint=f"Wait for it, or stop it and delete {lock.lock_file}.") from None
     try:

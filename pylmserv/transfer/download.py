@@ -34,7 +34,8 @@ from typing import Callable, List, Optional
 from urllib.parse import unquote, urlsplit
 
 from ..core.errors import DiskSpaceError, NetworkError, UsageError, VerificationError  # noqa: F401 - DiskSpaceError re-exported
-from ..core.fsutil import fsync_dir, lock_file_path, start_writeback, unlink_missing_ok
+from ..core.flock import FileLock, LockTimeout
+from ..core.fsutil import fsync_dir, start_writeback, unlink_missing_ok
 from ..core.progress import Progress
 from ..core.hashing import EMPTY_SHA256, Hash
 from ..core.record import Record, hash_by_value
@@ -139,11 +140,9 @@ def download(url: str, dest: Path, *, expected: Optional[Hash] = None, size: Opt
         tmp_dir.mkdir(parents=True, exist_ok=True)
         key = hashlib.sha256((expected.hex if expected else url).encode()).hexdigest()[:32]
         base = tmp_dir / f"dl-{key}"
-        from filelock import FileLock
-
         # One writer per partial; flock dies with its process, so a SIGKILLed owner
         # leaves no stale lock behind (the file stays, harmlessly).
-        lock = FileLock(lock_file_path(str(base) + ".lock"))
+        lock = FileLock(str(base) + ".lock")
         _acquire(lock, url)
         try:
             engine = _Engine(url, base, expected=expected, size=size, connections=connections,
@@ -178,12 +177,10 @@ def resolve_stall_limit(value: Optional[float] = None) -> float:
     return float(value)
 
 
-def _acquire(lock, url: str) -> None:
-    from filelock import Timeout
-
+def _acquire(lock: FileLock, url: str) -> None:
     try:
         lock.acquire(timeout=0.2)
-    except Timeout:
+    except LockTimeout:
         log.info("waiting for another pylmserv process downloading %s", redact(url))
         lock.acquire()
 

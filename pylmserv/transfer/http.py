@@ -3,7 +3,9 @@ the origin host, raw bodies (decoded only for a Content-Encoding, as Nix does), 
 small parsers the engine needs (Content-Range, errors, names)."""
 from __future__ import annotations
 
+import os
 import re
+import sys
 import threading
 from typing import Dict, Optional
 from urllib.parse import unquote, urljoin, urlsplit
@@ -122,6 +124,8 @@ class Transport:
 def _proxy_for(url: str) -> Optional[str]:
     """The proxy the environment names for `url` (http_proxy, https_proxy, all_proxy), None
     when there is none or NO_PROXY exempts the host (urllib.request's rules, as requests')."""
+    if sys.platform.startswith("linux") and not any(k[-6:].lower() == "_proxy" for k in os.environ):
+        return None  # what getproxies() finds on Linux then, without urllib.request's import
     import urllib.request
 
     parts = urlsplit(url)
@@ -137,8 +141,6 @@ def _proxy_for(url: str) -> Optional[str]:
 
 def _ca_bundle() -> Optional[str]:
     """REQUESTS_CA_BUNDLE, else CURL_CA_BUNDLE, else certifi's bundle (requests' order)."""
-    import os
-
     for var in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
         if os.environ.get(var):
             return os.environ[var]
@@ -152,8 +154,6 @@ def _ca_bundle() -> Optional[str]:
 def _netrc_auth(url: str) -> Optional[str]:
     """A Basic Authorization header from $NETRC or ~/.netrc (~/_netrc) for the URL's host,
     as requests reads it; None when there is no file or no entry."""
-    import os
-
     host = urlsplit(url).hostname
     if not host:
         return None

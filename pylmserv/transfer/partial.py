@@ -132,12 +132,11 @@ class PartialFile:
             os.close(fd)
 
     def check_space(self, need: int) -> None:
-        import shutil  # lazy for speed: only a download checks space; a fetch the store answers never does
-
         try:
-            free = shutil.disk_usage(self.path.parent).free
+            st = os.statvfs(self.path.parent)  # what shutil.disk_usage reads, without its import
         except OSError:
             return
+        free = st.f_bavail * st.f_frsize
         if need and free < need:
             raise DiskSpaceError(f"not enough free space in {self.path.parent}: {need} bytes needed, {free} free",
                                  hint="Free some space or point PYLMSERV_HOME at a larger disk.")
