@@ -145,9 +145,7 @@ class BuildSkeleton:
         stamp = self._reusable()
         if stamp is not None:
             log.debug("up to date: %s", self.build_dir)
-            restored = self._restore_source()
-            return self.finish(stamp.output_paths(), cache_hit=True, notes=(restored or "up to date: nothing to do",),
-                               commands=tuple(stamp.extra.get("commands", ())), sha256=stamp.extra.get("sha256"))
+            return self._from_stamp(stamp, self._restore_source() or "up to date: nothing to do")
         substituted = self._substitute()
         if substituted is not None:
             return substituted
@@ -159,11 +157,10 @@ class BuildSkeleton:
         source = self.prepare()
         self.build_dir.mkdir(parents=True, exist_ok=True)
 
-        with FileLock(str(self.build_dir) + ".lock", timeout=LOCK_TIMEOUT):
+        with self._build_lock():
             stamp = self._reusable()  # another process may have just finished it
             if stamp is not None:
-                return self.finish(stamp.output_paths(), cache_hit=True, notes=("built by a concurrent run",),
-                                   commands=tuple(stamp.extra.get("commands", ())), sha256=stamp.extra.get("sha256"))
+                return self._from_stamp(stamp, "built by a concurrent run")
             stamps.remove_stamp(self.stamp_path)  # a failed build must not look done
             t0 = time.monotonic()
             done = self.compile(source)
@@ -174,6 +171,15 @@ class BuildSkeleton:
             stamps.write_stamp(self.stamp_path, stamp)
         return self.finish(done.outputs, cache_hit=False, notes=done.notes, source=source, commands=done.commands,
                            sha256=digests)
+
+    def _build_lock(self) -> FileLock:
+        """One process builds (or substitutes) this build dir at a time."""
+        return FileLock(str(self.build_dir) + ".lock", timeout=LOCK_TIMEOUT)
+
+    def _from_stamp(self, stamp, note: str) -> BuildResult:
+        """The result of a build its stamp says is done: nothing compiled."""
+        return self.finish(stamp.output_paths(), cache_hit=True, notes=(note,),
+                           commands=tuple(stamp.extra.get("commands", ())), sha256=stamp.extra.get("sha256"))
 
     def _restore_source(self) -> Optional[str]:
         """An up-to-date build whose locked source tree is gone from the store (`verify`
@@ -205,11 +211,10 @@ class BuildSkeleton:
         if inputs is None:
             return None
         self.build_dir.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.build_dir) + ".lock", timeout=LOCK_TIMEOUT):
+        with self._build_lock():
             stamp = self._reusable()  # another process may have just finished it
             if stamp is not None:
-                return self.finish(stamp.output_paths(), cache_hit=True, notes=("built by a concurrent run",),
-                                   commands=tuple(stamp.extra.get("commands", ())), sha256=stamp.extra.get("sha256"))
+                return self._from_stamp(stamp, "built by a concurrent run")
             return substitute(self, inputs, self.cache_config())
 
     # -- install ---------------------------------------------------------------------------
