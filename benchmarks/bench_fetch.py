@@ -16,7 +16,9 @@ server (tests/support/faultserver.py; the table says which; no capped aria2c row
      the default (no -c), vs unverified `curl -o FILE` (the baseline of the goals), curl
      to /dev/null and curl + `sync FILE` (where the time goes, see docs/fetch.md), curl +
      sha256sum, and `aria2c --checksum=sha-256=...` with -x1 and -x8; for reference,
-     `python3 -c pass` and `python3 -c 'import requests'` (pylmserv's fixed start-up cost).
+     `python3 -c pass` and `python3 -c 'import requests'` (pylmserv's fixed start-up cost)
+     and `dd if=/dev/zero conv=fdatasync` of the same size (no network: the time this disk
+     takes to make the bytes durable, below which no fsyncing client can finish).
         goals: -c 1 and the default each <= 1.5x curl -o; the default <= -c 1;
                -c 1 ahead of aria2c -x1, the default ahead of aria2c -x8
   2. A per-connection cap (--cap-mbps): the default vs -c 1 (>= 5x) and vs aria2c -x8
@@ -97,7 +99,10 @@ def pylmserv_env(work: Path) -> dict:
     return env
 
 
-def clients(url: str, sha: str, work: Path) -> dict:
+DD_FLOOR = "dd conv=fdatasync (no network: the disk's floor)"
+
+
+def clients(url: str, sha: str, work: Path, size_mb: int) -> dict:
     """name -> argv of one whole process, all writing under `work`."""
     out = str(work / "out.bin")
     aria = ["aria2c", "-q", "--allow-overwrite=true", "--auto-file-renaming=false", "--file-allocation=none",
@@ -108,6 +113,8 @@ def clients(url: str, sha: str, work: Path) -> dict:
         "curl -o FILE && sync FILE": ["sh", "-c", 'curl -sSf -o "$1" "$2" && sync "$1"', "sh", out, url],
         "curl -o FILE && sha256sum FILE": ["sh", "-c", 'curl -sSf -o "$1" "$2" && sha256sum "$1" >/dev/null',
                                            "sh", out, url],
+        # the same bytes made durable from memory: no client that fsyncs can finish sooner
+        DD_FLOOR: ["dd", "if=/dev/zero", f"of={out}", "bs=1M", f"count={size_mb}", "conv=fdatasync", "status=none"],
         "pylmserv fetch -c 1": pylmserv_cmd(url, sha, 1),
         "pylmserv fetch (default)": pylmserv_cmd(url, sha, None),
         "aria2c -x1 --checksum": aria + ["-x1", "-s1", url],
@@ -224,13 +231,13 @@ def main(argv=None) -> int:
                 capped_url, server_name = plain_url, "fault server (tests/support)"
 
             # 1. unthrottled, interleaved
-            cmds = clients(plain_url, big_sha, work)
+            cmds = clients(plain_url, big_sha, work, args.size_mb)
             plain = interleaved(list(cmds), cmds, args.reps, work)
 
             # 2. per-connection cap
             if not use_nginx:
                 fault.faults.rate = args.cap_mbps * MB
-            capped_cmds = clients(capped_url, big_sha, work)
+            capped_cmds = clients(capped_url, big_sha, work, args.size_mb)
             names = ["pylmserv fetch (default)", "pylmserv fetch -c 1"] + (["aria2c -x8 -s8 --checksum"] if use_nginx else [])
             capped = interleaved(names[:1] + names[2:], capped_cmds, args.capped_reps, work)
             capped.update(interleaved(names[1:2], capped_cmds, 1, work))  # 20 s a run: once
@@ -288,6 +295,7 @@ def main(argv=None) -> int:
               f"| verified -c 1 vs unverified curl -o FILE | {c1 / curl:.2f}x the time | <= 1.5x | {yes(c1 <= 1.5 * curl)} |",
               f"| verified default vs unverified curl -o FILE | {dflt / curl:.2f}x the time | <= 1.5x | "
               f"{yes(dflt <= 1.5 * curl)} |",
+              f"| (the floor of a durable write: {DD_FLOOR} vs curl -o FILE) | {med[DD_FLOOR] / curl:.2f}x the time | | |",
               f"| default vs -c 1, unthrottled | {dflt / c1:.2f}x the time | <= 1.0x | {yes(dflt <= c1)} |",
               f"| -c 1 vs aria2c -x1 --checksum, unthrottled | {c1 / a1:.2f}x the time | < 1.0x | {yes(c1 < a1)} |",
               f"| default vs aria2c -x8 --checksum, unthrottled | {dflt / a8:.2f}x the time | < 1.0x | "
