@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from pylmserv.core.flock import FileLock, LockTimeout
+from tests.test_clean_errors import read_only_home  # noqa: F401 (a fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -145,3 +146,19 @@ def test_a_missing_directory_is_made_as_filelock_made_it(tmp_path):
     path = tmp_path / "gone" / "deeper" / "x.lock"
     with FileLock(path):
         assert path.is_file()
+
+
+def test_on_a_read_only_store_an_existing_lock_file_is_still_taken(read_only_home):
+    """A read-only bind mount (tests/test_clean_errors.py): flock needs no write access, so a
+    lock file already there is opened read-only and locked (another process sees it held);
+    one that is not there cannot be made, and says so (EROFS), never a hang or a traceback."""
+    import errno
+
+    ro, _, h = read_only_home
+    existing = ro / "tmp" / f"{h.hex}.lock"  # left by the fetch that filled the store
+    assert existing.is_file()
+    with FileLock(existing, timeout=0):
+        assert _other_process_sees(ro.parent / "home" / "tmp" / existing.name) == "busy"  # the writable view
+    with pytest.raises(OSError) as err:
+        FileLock(ro / "tmp" / "new.lock").acquire(timeout=0)
+    assert err.value.errno == errno.EROFS
