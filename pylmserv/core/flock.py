@@ -97,7 +97,10 @@ def _open(path: str) -> int:
         pass
     else:
         if stat.S_ISLNK(st.st_mode):
-            os.unlink(path)  # a planted link: removed as a link, its target untouched
+            try:
+                os.unlink(path)  # a planted link: removed as a link, its target untouched
+            except FileNotFoundError:
+                pass  # another pylmserv removed it first
         elif not stat.S_ISREG(st.st_mode):  # looked at first: opening a device can act
             raise _not_a_lock_file(path, "directory" if stat.S_ISDIR(st.st_mode) else "special file")
     try:
