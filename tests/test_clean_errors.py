@@ -77,6 +77,25 @@ def test_home_that_is_a_file(tmp_path):
     assert "not a directory" in below
 
 
+def test_a_home_made_by_another_thread_between_the_look_and_the_mkdir_is_fine(tmp_path, monkeypatch):
+    """The race four threads of ensure_source hit at once: one sees no home, another makes
+    it, the first must use it (it raised "is not a directory" before)."""
+    from pylmserv.store import layout
+
+    root = tmp_path / "home"
+    root.mkdir()
+    real_isdir, looks = os.path.isdir, []
+
+    def first_look_misses(p):
+        if str(p) == str(root) and not looks:
+            looks.append(p)
+            return False  # the home appears right after this look
+        return real_isdir(p)
+
+    monkeypatch.setattr(layout.os.path, "isdir", first_look_misses)
+    assert layout.ensure_home(root) == root and looks
+
+
 def test_deeply_nested_config_value(tmp_path):
     config = tmp_path / "pylmserv.toml"
     for depth in (40, 5000):  # one the parser reads, one that exhausts its recursion

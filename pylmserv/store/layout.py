@@ -56,15 +56,14 @@ def ensure_home(root: Optional[Path] = None) -> Path:
     """The home, created if missing. A populated home on a read-only filesystem is fine:
     nothing is written when nothing is missing."""
     root = root or home()
-    if os.path.isdir(root):
-        pass
-    elif os.path.lexists(root):
-        raise UsageError(f"PYLMSERV_HOME {root} is not a directory",
-                         hint="Point PYLMSERV_HOME at a directory (it is created if missing), or remove that file.")
-    else:
-        try:
+    if not os.path.isdir(root):
+        try:  # no look-then-act: another thread or process may be making it right now
             root.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
+            if os.path.lexists(root) and not os.path.isdir(root):
+                raise UsageError(f"PYLMSERV_HOME {root} is not a directory",
+                                 hint="Point PYLMSERV_HOME at a directory (it is created if missing), "
+                                      "or remove that file.") from None
             raise UsageError(f"cannot create the pylmserv home {root}: a parent is not a directory",
                              hint="Point PYLMSERV_HOME at a directory path.") from None
     tag = root / "CACHEDIR.TAG"
